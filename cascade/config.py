@@ -1,0 +1,445 @@
+"""Configuration: the ladder, its verifiers, the policy, cache and reliability settings.
+
+Loaded from TOML (``cascade.toml``, ``$CASCADE_CONFIG`` or an explicit path) or built from dicts.
+Every error names the source, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from cascade.errors import ConfigError
+from cascade.prices import lookup_price
+
+__all__ = [
+    "PROVIDERS",
+    "BreakerConfig",
+    "BudgetConfig",
+    "CacheConfig",
+    "CascadeConfig",
+    "PolicyConfig",
+    "RetryConfig",
+    "RungConfig",
+    "VerifierConfig",
+    "find_config_file",
+    "load_config",
+    "parse_config",
+    "parse_rung",
+]
+
+ProviderKind = Literal["openai", "anthropic", "openai-compatible", "local", "replay"]
+PROVIDERS: tuple[str, ...] = ("openai", "anthropic", "openai-compatible", "local", "replay")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RungConfig:
+    """One model endpoint of the ladder (or a failover alternative for one)."""
+
+    model: str
+    """The model name sent to the provider."""
+    provider: ProviderKind = "openai"
+    base_url: str | None = None
+    """Required for ``openai-compatible``; optional override for the others."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the key. The key itself never enters config."""
+    input_usd_per_mtok: float = 0.0
+    output_usd_per_mtok: float = 0.0
+    max_tokens: int = 512
+    temperature: float = 0.0
+    timeout_s: float = 60.0
+    logprobs: bool = False
+    """Ask for token log-probabilities (OpenAI-style); the confidence verifier reads them."""
+    name: str = ""
+    """A label for traces and per-rung settings; defaults to the model name."""
+    verifiers: tuple[str, ...] | None = None
+    """Ids of the verifiers that judge this rung; None means every configured verifier."""
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    """Per-verifier score thresholds for this rung, overriding the verifier's own."""
+    max_retries: int | None = None
+    """Overrides ``[retry] max_attempts - 1`` for this rung."""
+    fallbacks: tuple[RungConfig, ...] = ()
+    """Alternative endpoints for the same rung (e.g. the same model at another provider)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Extra request fields passed to the provider unchanged."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
+
+    @property
+    def endpoint(self) -> str:
+        """Identifies the endpoint for circuit breaking: provider, base URL and model."""
+        return f"{self.provider}|{self.base_url or ''}|{self.model}"
+
+    def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
+        return (
+            input_tokens * self.input_usd_per_mtok + output_tokens * self.output_usd_per_mtok
+        ) / 1e6
+
+    def identity(self) -> dict[str, Any]:
+        """What changes this rung's answers: part of the cache key. Excludes secrets and labels."""
+        return {
+            "model": self.model,
+            "provider": self.provider,
+            "base_url": self.base_url,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "logprobs": self.logprobs,
+            "verifiers": list(self.verifiers) if self.verifiers is not None else None,
+            "thresholds": dict(sorted(self.thresholds.items())),
+            "extra": dict(self.extra),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifierConfig:
+    """One verifier of the ladder: which plugin, its id, its threshold and its settings."""
+
+    name: str
+    """Built-in short name, entry-point name, or ``package.module:factory``."""
+    id: str = ""
+    """How rungs and thresholds refer to it; defaults to ``name``."""
+    threshold: float | None = None
+    """Score threshold applied by the policy; None uses the verifier's own pass/fail."""
+    timeout_s: float = 30.0
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.id or self.name
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "id": self.key,
+            "threshold": self.threshold,
+            "settings": _jsonable(self.settings),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyConfig:
+    """How verdicts become a decision."""
+
+    on_unverified: Literal["return", "raise"] = "return"
+    """When the top rung is rejected too: return it with ``verified=False``, or raise."""
+    short_circuit: bool = True
+    """Skip expensive verifiers once a cheap one has rejected the candidate."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    enabled: bool = True
+    directory: str | None = None
+    """Default: ``$CASCADE_CACHE_DIR`` or the user cache dir."""
+    ttl_s: float | None = None
+    size_limit_mb: float = 1024.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryConfig:
+    max_attempts: int = 3
+    """Calls per endpoint, first try included. The SDKs' own retries are switched off."""
+    base_delay_s: float = 0.5
+    max_delay_s: float = 20.0
+    jitter: float = 0.5
+    """Full jitter fraction: each delay is drawn from [d·(1-jitter), d]."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreakerConfig:
+    failure_threshold: int = 5
+    """Consecutive transport failures that open an endpoint's circuit."""
+    cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetConfig:
+    """A spending cap per key (user, tenant, session) and period, shared in the process."""
+
+    limit_usd: float | None = None
+    period_s: float = 86400.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CascadeConfig:
+    """A whole ladder with its verifiers and settings."""
+
+    rungs: tuple[RungConfig, ...]
+    verifiers: tuple[VerifierConfig, ...] = ()
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    max_cost_usd: float | None = None
+    """Per-request cap; rungs whose estimated cost exceeds what is left are skipped."""
+    timeout_s: float | None = None
+    """Per-request deadline over the whole climb."""
+    source: str = "<config>"
+
+    def verifiers_for(self, rung: RungConfig) -> tuple[VerifierConfig, ...]:
+        if rung.verifiers is None:
+            return self.verifiers
+        by_key = {v.key: v for v in self.verifiers}
+        return tuple(by_key[k] for k in rung.verifiers)
+
+    def threshold(self, rung: RungConfig, verifier: VerifierConfig) -> float | None:
+        return rung.thresholds.get(verifier.key, verifier.threshold)
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes which answer is returned: the cache key's config part."""
+        return {
+            "rungs": [r.identity() for r in self.rungs],
+            "verifiers": [v.identity() for v in self.verifiers],
+        }
+
+    def replace(self, **changes: Any) -> CascadeConfig:
+        return replace(self, **changes)
+
+
+# ---------------------------------------------------------------- parsing
+
+_RUNG_KEYS = {f for f in RungConfig.__dataclass_fields__}
+_TOP_KEYS = {
+    "rungs", "verifiers", "policy", "cache", "retry", "breaker", "budget", "max_cost_usd",
+    "timeout_s",
+}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], what: str, source: str, key: str) -> Any:
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ConfigError(f"must be {what}, not a boolean", source=source, key=key)
+    if not isinstance(value, kind):
+        raise ConfigError(
+            f"must be {what}, not {type(value).__name__} {value!r}", source=source, key=key
+        )
+    return value
+
+
+def _number(d: Mapping[str, Any], k: str, source: str, prefix: str, *, minimum: float = 0.0,
+            integer: bool = False) -> Any:
+    key = f"{prefix}{k}"
+    v = _expect(d[k], int if integer else (int, float), "an integer" if integer else "a number",
+                source, key)
+    if v < minimum:
+        raise ConfigError(f"must be >= {minimum}, got {v}", source=source, key=key)
+    return v if integer else float(v)
+
+
+def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = "rungs[0].",
+               inherit: RungConfig | None = None) -> RungConfig:
+    """Build a rung from a TOML table, validating every key."""
+    _expect(d, Mapping, "a table", source, prefix.rstrip("."))
+    unknown = set(d) - _RUNG_KEYS
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_RUNG_KEYS)}",
+            source=source, key=prefix + sorted(unknown)[0],
+        )
+    if inherit is None and "model" not in d:
+        raise ConfigError("is required (the model name to call)", source=source,
+                          key=prefix + "model")
+    kw: dict[str, Any] = {}
+    for k in ("model", "base_url", "api_key_env", "name"):
+        if k in d:
+            kw[k] = _expect(d[k], str, "a string", source, prefix + k)
+            if k == "model" and not kw[k].strip():
+                raise ConfigError("must not be empty", source=source, key=prefix + k)
+    if "provider" in d:
+        p = d["provider"]
+        if p not in PROVIDERS:
+            raise ConfigError(f"is {p!r}; allowed: {', '.join(PROVIDERS)}", source=source,
+                              key=prefix + "provider")
+        kw["provider"] = p
+    for k in ("input_usd_per_mtok", "output_usd_per_mtok", "temperature"):
+        if k in d:
+            kw[k] = _number(d, k, source, prefix)
+    if "timeout_s" in d:
+        kw["timeout_s"] = _number(d, "timeout_s", source, prefix, minimum=0.001)
+    if "max_tokens" in d:
+        kw["max_tokens"] = _number(d, "max_tokens", source, prefix, minimum=1, integer=True)
+    if "max_retries" in d:
+        kw["max_retries"] = _number(d, "max_retries", source, prefix, integer=True)
+    if "logprobs" in d:
+        kw["logprobs"] = _expect(d["logprobs"], bool, "true or false", source, prefix + "logprobs")
+    if "verifiers" in d:
+        vs = _expect(d["verifiers"], list, "a list of verifier ids", source, prefix + "verifiers")
+        kw["verifiers"] = tuple(
+            _expect(v, str, "a verifier id", source, f"{prefix}verifiers[{i}]")
+            for i, v in enumerate(vs)
+        )
+    if "thresholds" in d:
+        th = _expect(d["thresholds"], Mapping, "a table of verifier id = number", source,
+                     prefix + "thresholds")
+        kw["thresholds"] = {
+            str(k): float(_expect(v, (int, float), "a number", source, f"{prefix}thresholds.{k}"))
+            for k, v in th.items()
+        }
+    if "extra" in d:
+        kw["extra"] = dict(_expect(d["extra"], Mapping, "a table", source, prefix + "extra"))
+    rung = replace(inherit, fallbacks=(), **kw) if inherit is not None else RungConfig(**kw)
+    if "fallbacks" in d:
+        fbs = _expect(d["fallbacks"], list, "a list of tables", source, prefix + "fallbacks")
+        rung = replace(rung, fallbacks=tuple(
+            parse_rung(fb, source=source, prefix=f"{prefix}fallbacks[{i}].", inherit=rung)
+            for i, fb in enumerate(fbs)
+        ))
+    if rung.provider == "openai-compatible" and not rung.base_url:
+        raise ConfigError("is required when provider = 'openai-compatible'", source=source,
+                          key=prefix + "base_url")
+    if inherit is None and "input_usd_per_mtok" not in d and "output_usd_per_mtok" not in d:
+        price = lookup_price(rung.model)
+        if price is not None:
+            rung = replace(rung, input_usd_per_mtok=price[0], output_usd_per_mtok=price[1])
+    return rung
+
+
+def _parse_verifier(d: Any, i: int, source: str) -> VerifierConfig:
+    prefix = f"verifiers[{i}]."
+    if isinstance(d, str):
+        return VerifierConfig(name=d)
+    _expect(d, Mapping, "a table with at least 'name'", source, f"verifiers[{i}]")
+    if "name" not in d:
+        raise ConfigError("is required (built-in short name, entry-point name, or "
+                          "'package.module:factory')", source=source, key=prefix + "name")
+    name = _expect(d["name"], str, "a string", source, prefix + "name")
+    vid = _expect(d.get("id", ""), str, "a string", source, prefix + "id")
+    threshold = None
+    if d.get("threshold") is not None:
+        threshold = _number(d, "threshold", source, prefix)
+        if threshold > 1.0:
+            raise ConfigError(f"must be in [0, 1], got {threshold}", source=source,
+                              key=prefix + "threshold")
+    timeout = _number(d, "timeout_s", source, prefix, minimum=0.001) if "timeout_s" in d else 30.0
+    settings = {k: v for k, v in d.items() if k not in {"name", "id", "threshold", "timeout_s"}}
+    return VerifierConfig(name=name, id=vid, threshold=threshold, timeout_s=timeout,
+                          settings=settings)
+
+
+def _section(d: Mapping[str, Any], name: str, cls: type, source: str) -> Any:
+    raw = d.get(name, {})
+    _expect(raw, Mapping, "a table", source, name)
+    allowed = set(cls.__dataclass_fields__)
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}",
+                          source=source, key=f"{name}.{sorted(unknown)[0]}")
+    kw: dict[str, Any] = {}
+    defaults = cls()
+    for k, v in raw.items():
+        default = getattr(defaults, k)
+        key = f"{name}.{k}"
+        if isinstance(default, bool):
+            kw[k] = _expect(v, bool, "true or false", source, key)
+        elif isinstance(default, int) and not isinstance(default, bool):
+            kw[k] = _number(raw, k, source, f"{name}.", integer=True)
+        elif isinstance(default, float) or (default is None and k not in {"directory"}):
+            kw[k] = None if v is None else _number(raw, k, source, f"{name}.")
+        elif isinstance(default, str) or k == "directory":
+            kw[k] = _expect(v, str, "a string", source, key)
+        else:
+            kw[k] = v
+    if cls is PolicyConfig and "on_unverified" in kw and kw["on_unverified"] not in (
+        "return", "raise"
+    ):
+        raise ConfigError(f"is {kw['on_unverified']!r}; allowed: return, raise", source=source,
+                          key="policy.on_unverified")
+    return cls(**kw)
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> CascadeConfig:
+    """Validate a config mapping (as read from TOML) into a :class:`CascadeConfig`."""
+    _expect(data, Mapping, "a table", source, "<top level>")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}",
+                          source=source, key=sorted(unknown)[0])
+    raw_rungs = data.get("rungs")
+    if not raw_rungs:
+        raise ConfigError("the ladder needs at least one [[rungs]] table", source=source,
+                          key="rungs")
+    _expect(raw_rungs, list, "a list of [[rungs]] tables", source, "rungs")
+    rungs = tuple(parse_rung(r, source=source, prefix=f"rungs[{i}].")
+                  for i, r in enumerate(raw_rungs))
+    labels = [r.label for r in rungs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"rung labels must be unique, got {labels}; set 'name' to tell "
+                          "apart rungs that use the same model", source=source, key="rungs")
+    raw_vs = data.get("verifiers", [])
+    _expect(raw_vs, list, "a list of [[verifiers]] tables", source, "verifiers")
+    verifiers = tuple(_parse_verifier(v, i, source) for i, v in enumerate(raw_vs))
+    keys = [v.key for v in verifiers]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"verifier ids must be unique, got {keys}; set 'id' to tell them apart",
+                          source=source, key="verifiers")
+    for i, r in enumerate(rungs):
+        for vid in list(r.verifiers or ()) + list(r.thresholds):
+            if vid not in keys:
+                raise ConfigError(f"names verifier {vid!r}, which is not configured; "
+                                  f"configured: {keys or 'none'}", source=source,
+                                  key=f"rungs[{i}].verifiers")
+    kw: dict[str, Any] = {}
+    for k in ("max_cost_usd", "timeout_s"):
+        if data.get(k) is not None:
+            kw[k] = _number(data, k, source, "")
+    return CascadeConfig(
+        rungs=rungs,
+        verifiers=verifiers,
+        policy=_section(data, "policy", PolicyConfig, source),
+        cache=_section(data, "cache", CacheConfig, source),
+        retry=_section(data, "retry", RetryConfig, source),
+        breaker=_section(data, "breaker", BreakerConfig, source),
+        budget=_section(data, "budget", BudgetConfig, source),
+        source=source,
+        **kw,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> CascadeConfig:
+    """Read and validate a TOML config file."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", source=str(p)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file: {e.strerror}", source=str(p)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML: {e}", source=str(p)) from None
+    return parse_config(data, source=str(p))
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config to use: explicit path, else ``$CASCADE_CONFIG``, else ``./cascade.toml``."""
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get("CASCADE_CONFIG")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "cascade.toml"
+    return local if local.is_file() else None
+
+
+def rungs_from(values: Sequence[RungConfig | Mapping[str, Any]]) -> tuple[RungConfig, ...]:
+    """Accept rungs given in code as configs or plain dicts."""
+    return tuple(
+        r if isinstance(r, RungConfig)
+        else parse_rung(cast(Mapping[str, Any], r), source="<code>", prefix=f"rungs[{i}].")
+        for i, r in enumerate(values)
+    )

@@ -1,0 +1,171 @@
+"""The exception tree of verified-cascade.
+
+Every error a user can meet is one of these, and each message names what to fix::
+
+    CascadeError
+    ├── ConfigError            you configured it wrong (file, key, allowed values)
+    │   └── UnknownVerifierError   a verifier name that is neither built in nor installed
+    ├── ProviderError          one model call failed (translated once, at the provider boundary)
+    │   ├── TransportError         connection refused/reset, timeout: worth a retry or failover
+    │   │   └── ProviderTimeout
+    │   ├── RateLimited            HTTP 429 (carries ``retry_after_s``)
+    │   ├── ServerError            HTTP 5xx
+    │   ├── ClientRequestError     HTTP 4xx other than 429: retrying will not help
+    │   │   └── AuthenticationError
+    │   ├── MalformedReply         the reply is not what the wire protocol promises
+    │   └── CircuitOpen            the endpoint's breaker is open; the call was not made
+    ├── CacheError             the answer cache is corrupt, locked or unwritable
+    ├── BudgetExceeded         a spending cap would be broken
+    ├── DeadlineExceeded       the request's overall ``timeout_s`` ran out
+    ├── NoAnswerError          every rung failed or was skipped: nothing to return
+    └── UnverifiedAnswerError  the top rung's answer was rejected and the config says raise
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cascade.trace import Answer
+
+__all__ = [
+    "AuthenticationError",
+    "BudgetExceeded",
+    "CacheError",
+    "CascadeError",
+    "CircuitOpen",
+    "ClientRequestError",
+    "ConfigError",
+    "DeadlineExceeded",
+    "MalformedReply",
+    "NoAnswerError",
+    "ProviderError",
+    "ProviderTimeout",
+    "RateLimited",
+    "ServerError",
+    "TransportError",
+    "UnknownVerifierError",
+    "UnverifiedAnswerError",
+]
+
+
+class CascadeError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(CascadeError, ValueError):
+    """A configuration value is wrong; the message names the source, the key and what is allowed."""
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None) -> None:
+        where = ", ".join(p for p in (source, f"key '{key}'" if key else None) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.source = source
+        self.key = key
+
+
+class UnknownVerifierError(ConfigError):
+    """A verifier name resolved to nothing; the message lists the known names."""
+
+
+class ProviderError(CascadeError):
+    """A model call failed. ``retryable`` says whether the same call may succeed later."""
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        model: str = "",
+        status_code: int | None = None,
+    ) -> None:
+        prefix = f"{provider}:{model}: " if provider or model else ""
+        super().__init__(prefix + message)
+        self.provider = provider
+        self.model = model
+        self.status_code = status_code
+
+    @property
+    def kind(self) -> str:
+        """A stable short name for traces and JSON output."""
+        return type(self).__name__
+
+
+class TransportError(ProviderError):
+    """The request or reply did not get through (refused, reset, dropped)."""
+
+    retryable = True
+
+
+class ProviderTimeout(TransportError):
+    """The provider did not answer within the rung's ``timeout_s``."""
+
+
+class RateLimited(ProviderError):
+    """HTTP 429. ``retry_after_s`` is the server's ``Retry-After`` when it sent one."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after_s = retry_after_s
+
+
+class ServerError(ProviderError):
+    """HTTP 5xx."""
+
+    retryable = True
+
+
+class ClientRequestError(ProviderError):
+    """HTTP 4xx (not 429): the request itself is wrong, retrying will not help."""
+
+
+class AuthenticationError(ClientRequestError):
+    """HTTP 401/403, or the API key environment variable is unset."""
+
+
+class MalformedReply(ProviderError):
+    """The reply broke the wire protocol: invalid JSON, missing fields, empty choices."""
+
+    retryable = True
+
+
+class CircuitOpen(ProviderError):
+    """The endpoint's circuit breaker is open: the call was skipped without waiting."""
+
+
+class CacheError(CascadeError):
+    """The answer cache cannot be used (corrupt, locked, unwritable); names the directory."""
+
+
+class BudgetExceeded(CascadeError):
+    """A spending cap (per request or per key and period) would be exceeded."""
+
+    def __init__(self, message: str, *, key: str | None = None, spent_usd: float = 0.0,
+                 limit_usd: float = 0.0) -> None:
+        super().__init__(message)
+        self.key = key
+        self.spent_usd = spent_usd
+        self.limit_usd = limit_usd
+
+
+class DeadlineExceeded(CascadeError):
+    """The request's overall deadline ran out before a verified answer."""
+
+
+class NoAnswerError(CascadeError):
+    """No rung produced an answer at all (all failed or were skipped); ``answer`` has the trace."""
+
+    def __init__(self, message: str, answer: Answer) -> None:
+        super().__init__(message)
+        self.answer = answer
+
+
+class UnverifiedAnswerError(CascadeError):
+    """Raised instead of returning ``verified=False`` when ``on_unverified = "raise"``."""
+
+    def __init__(self, message: str, answer: Answer) -> None:
+        super().__init__(message)
+        self.answer = answer

@@ -1,0 +1,121 @@
+"""Requests: a prompt or OpenAI-style messages, normalised once so cache keys and providers agree."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cascade.errors import ConfigError
+
+__all__ = ["Message", "Request", "Role", "normalise_messages"]
+
+Role = Literal["system", "user", "assistant"]
+_ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat turn. Content is plain text: the cascade verifies text answers."""
+
+    role: Role
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """What the user asked, independent of any rung.
+
+    ``schema`` is a JSON Schema the answer must satisfy (derived from ``output_type`` when a
+    pydantic model is given); ``metadata`` travels into the trace and never into the cache key.
+    """
+
+    messages: tuple[Message, ...]
+    schema: Mapping[str, Any] | None = None
+    output_type: type[Any] | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def system(self) -> str | None:
+        """All system turns joined: Anthropic wants them apart from the conversation."""
+        parts = [m.content for m in self.messages if m.role == "system"]
+        return "\n\n".join(parts) if parts else None
+
+    @property
+    def last_user(self) -> str:
+        for m in reversed(self.messages):
+            if m.role == "user":
+                return m.content
+        return ""
+
+
+def _content_text(content: object, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    # OpenAI content parts: [{"type": "text", "text": "..."}]; only text parts are supported.
+    if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        texts: list[str] = []
+        for part in content:
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(
+                part.get("text"), str
+            ):
+                raise ConfigError(
+                    f"messages[{index}].content: only text parts "
+                    '({"type": "text", "text": ...}) are supported',
+                    source="request",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ConfigError(
+        f"messages[{index}].content must be a string or a list of text parts, "
+        f"not {type(content).__name__}",
+        source="request",
+    )
+
+
+def normalise_messages(
+    prompt: str | None = None,
+    messages: Sequence[Mapping[str, Any] | Message] | None = None,
+) -> tuple[Message, ...]:
+    """Turn a prompt string or OpenAI-style messages into an immutable, validated tuple.
+
+    Line endings are unified and surrounding white space of each turn stripped, so requests
+    that differ only in formatting share a cache entry.
+    """
+    if (prompt is None) == (messages is None):
+        raise ConfigError("give exactly one of a prompt string or messages", source="request")
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError("the prompt must be a non-empty string", source="request")
+        return (Message("user", _clean(prompt)),)
+    assert messages is not None
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ConfigError("messages must be a list of {role, content} objects", source="request")
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            out.append(Message(m.role, _clean(m.content)))
+            continue
+        if not isinstance(m, Mapping):
+            raise ConfigError(
+                f"messages[{i}] must be an object with 'role' and 'content'", source="request"
+            )
+        role = m.get("role")
+        if role not in _ROLES:
+            raise ConfigError(
+                f"messages[{i}].role is {role!r}; allowed: system, user, assistant",
+                source="request",
+            )
+        if "content" not in m:
+            raise ConfigError(f"messages[{i}] has no 'content'", source="request")
+        out.append(Message(role, _clean(_content_text(m["content"], i))))
+    if not any(m.role == "user" for m in out):
+        raise ConfigError("messages must contain at least one user turn", source="request")
+    return tuple(out)
+
+
+def _clean(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()

@@ -1,0 +1,139 @@
+"""The answer and its trace: every rung tried, each verdict with its reason, tokens, cost, time.
+
+These are plain data, serialisable to JSON and back, so a cache hit can return the original trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Answer", "Attempt", "Verdict"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """A verifier's judgement of one candidate answer.
+
+    ``score`` is in [0, 1] where the verifier has one (a confidence, a judge grade); the policy
+    compares it with the configured threshold. Verifiers that call a model report what it cost.
+    """
+
+    passed: bool
+    reason: str
+    score: float | None = None
+    verifier: str = ""
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    skipped: bool = False
+    """Not run: a cheaper verifier had already rejected the candidate."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
+        return cls(**{k: d[k] for k in _VERDICT_FIELDS if k in d})
+
+
+@dataclass(kw_only=True)
+class Attempt:
+    """One rung of the climb: the call, its verdicts, and what it cost.
+
+    ``status`` is ``accepted``, ``rejected`` (verifiers said no), ``error`` (the call failed after
+    retries), or ``skipped`` (budget, deadline or an open circuit; ``error`` says why).
+    """
+
+    rung: int
+    model: str
+    provider: str
+    endpoint: str = ""
+    status: str = "rejected"
+    text: str | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    """The model call plus every verifier call made for this rung."""
+    latency_ms: float = 0.0
+    error: str | None = None
+    error_type: str | None = None
+    tries: int = 0
+    """Model calls made for this rung, retries and failover included."""
+    finish_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["verdicts"] = [v.to_dict() for v in self.verdicts]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Attempt:
+        kw = {k: d[k] for k in _ATTEMPT_FIELDS if k in d}
+        kw["verdicts"] = [Verdict.from_dict(v) for v in d.get("verdicts", [])]
+        return cls(**kw)
+
+
+@dataclass(kw_only=True)
+class Answer:
+    """What ``cascade.answer`` returns: the chosen text, whether it was verified, and the trace."""
+
+    text: str
+    model: str
+    verified: bool
+    attempts: list[Attempt]
+    parsed: Any = None
+    cost_usd: float = 0.0
+    """Everything this request spent: every rung climbed and every paid verifier call."""
+    cache_hit: bool = False
+    latency_ms: float = 0.0
+    cache_key: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(a.input_tokens for a in self.attempts)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(a.output_tokens for a in self.attempts)
+
+    def to_dict(self) -> dict[str, Any]:
+        parsed = self.parsed
+        if hasattr(parsed, "model_dump"):
+            parsed = parsed.model_dump(mode="json")
+        return {
+            "text": self.text,
+            "parsed": parsed,
+            "model": self.model,
+            "verified": self.verified,
+            "cost_usd": self.cost_usd,
+            "cache_hit": self.cache_hit,
+            "latency_ms": self.latency_ms,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_key": self.cache_key,
+            "metadata": dict(self.metadata),
+            "attempts": [a.to_dict() for a in self.attempts],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Answer:
+        return cls(
+            text=d["text"],
+            model=d["model"],
+            verified=bool(d["verified"]),
+            attempts=[Attempt.from_dict(a) for a in d.get("attempts", [])],
+            parsed=d.get("parsed"),
+            cost_usd=float(d.get("cost_usd", 0.0)),
+            cache_hit=bool(d.get("cache_hit", False)),
+            latency_ms=float(d.get("latency_ms", 0.0)),
+            cache_key=d.get("cache_key"),
+            metadata=d.get("metadata") or {},
+        )
+
+
+_VERDICT_FIELDS = tuple(Verdict.__dataclass_fields__)
+_ATTEMPT_FIELDS = tuple(k for k in Attempt.__dataclass_fields__ if k != "verdicts")
