@@ -1,0 +1,601 @@
+"""The climb: request → cache → rung → verifiers → policy → trace → cache store.
+
+A :class:`Cascade` owns a config, its verifiers, provider clients (one set per event loop), the
+answer cache, circuit breakers and budget store. ``aanswer`` is the one implementation; the sync
+``answer`` runs it on a private event-loop thread so SDK clients stay bound to one loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+from cascade.breaker import CircuitBreakers
+from cascade.budget import BudgetStore, InMemoryBudgetStore
+from cascade.cache import AnswerCache, cache_key
+from cascade.config import (
+    CascadeConfig,
+    RungConfig,
+    VerifierConfig,
+    find_config_file,
+    load_config,
+    parse_config,
+)
+from cascade.errors import (
+    BudgetExceeded,
+    CascadeError,
+    CircuitOpen,
+    ConfigError,
+    DeadlineExceeded,
+    NoAnswerError,
+    ProviderError,
+    UnverifiedAnswerError,
+)
+from cascade.messages import Message, Request, normalise_messages
+from cascade.plugins import load_verifier
+from cascade.policy import accepts, rejection_reason
+from cascade.providers import make_provider
+from cascade.providers.base import Completion, ModelCall, Provider
+from cascade.retry import call_with_retry
+from cascade.tokens import estimate_cost
+from cascade.trace import Answer, Attempt, Verdict
+from cascade.verify import BoundVerifier, Candidate, Verifier, VerifyContext, as_verifier, run_verifiers
+
+__all__ = ["Cascade", "CacheMode", "health"]
+
+log = logging.getLogger("cascade")
+
+CacheMode = bool | Literal["refresh"]
+_BREAKERS: dict[tuple[int, float], CircuitBreakers] = {}
+_BREAKERS_LOCK = threading.Lock()
+_LATENCY: dict[str, _Latency] = {}
+
+
+@dataclass
+class _Latency:
+    """An exponentially weighted mean of an endpoint's observed call latency."""
+
+    mean_s: float = 0.0
+    calls: int = 0
+    failures: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.calls += 1
+        a = 0.2 if self.calls > 1 else 1.0
+        self.mean_s += a * (seconds - self.mean_s)
+
+
+def _breakers_for(config: CascadeConfig) -> CircuitBreakers:
+    """Breakers are per process and shared by every Cascade with the same breaker settings."""
+    k = (config.breaker.failure_threshold, config.breaker.cooldown_s)
+    with _BREAKERS_LOCK:
+        if k not in _BREAKERS:
+            _BREAKERS[k] = CircuitBreakers(failure_threshold=k[0], cooldown_s=k[1])
+        return _BREAKERS[k]
+
+
+def health() -> dict[str, Any]:
+    """A snapshot of every endpoint this process has called: circuit state and latency."""
+    endpoints: dict[str, Any] = {}
+    for breakers in list(_BREAKERS.values()):
+        for ep, snap in breakers.snapshot().items():
+            endpoints.setdefault(ep, {}).update(circuit=snap)
+    for ep, lat in list(_LATENCY.items()):
+        endpoints.setdefault(ep, {}).update(
+            calls=lat.calls, failures=lat.failures, mean_latency_ms=round(lat.mean_s * 1000, 3)
+        )
+    return {"endpoints": endpoints}
+
+
+def _schema_parts(schema: Any) -> tuple[Mapping[str, Any] | None, type[Any] | None]:
+    if schema is None:
+        return None, None
+    if isinstance(schema, Mapping):
+        return schema, None
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        return schema.model_json_schema(), schema
+    raise ConfigError(
+        f"schema must be a JSON Schema dict or a pydantic model class, not {schema!r}",
+        source="request", key="schema",
+    )
+
+
+@dataclass
+class _Climb:
+    """Mutable state of one request's climb."""
+
+    request: Request
+    config: CascadeConfig
+    deadline: float | None
+    max_cost_usd: float | None
+    budget_key: str | None
+    attempts: list[Attempt] = field(default_factory=list)
+    spent_usd: float = 0.0
+    candidate: tuple[Attempt, Any] | None = None
+    """The latest answer that came back (attempt, parsed): returned unverified if none passes."""
+    skip_reasons: list[str] = field(default_factory=list)
+
+    def remaining_s(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+class Cascade:
+    """A configured ladder. Reuse one object: it holds connections, breakers and the cache."""
+
+    def __init__(
+        self,
+        config: CascadeConfig,
+        *,
+        verifiers: Sequence[Any] | None = None,
+        provider_factory: Callable[[RungConfig], Provider] | None = None,
+        cache: AnswerCache | None = None,
+        budget_store: BudgetStore | None = None,
+    ) -> None:
+        self.config = config
+        self._provider_factory = provider_factory or make_provider
+        self._providers: dict[tuple[Any, str], Provider] = {}
+        self._providers_lock = threading.Lock()
+        self._cache = cache
+        self._budget = budget_store or InMemoryBudgetStore()
+        self._breakers = _breakers_for(config)
+        self._portal_cm: Any = None
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._portal_lock = threading.Lock()
+        self._verifiers = self._build_verifiers(config, verifiers)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **kw: Any) -> Cascade:
+        """Load a TOML config file."""
+        return cls(load_config(path), **kw)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], **kw: Any) -> Cascade:
+        """Build from a mapping shaped like the TOML file."""
+        return cls(parse_config(data, source="<dict>"), **kw)
+
+    @classmethod
+    def default(cls, config_path: str | os.PathLike[str] | None = None, **kw: Any) -> Cascade:
+        """The configured ladder (explicit path, ``$CASCADE_CONFIG``, ``./cascade.toml``), else
+        the embedded local ladder that needs no API key."""
+        path = find_config_file(config_path)
+        if path is not None:
+            return cls.from_file(path, **kw)
+        from cascade.defaults import default_config
+
+        return cls(default_config(), **kw)
+
+    @staticmethod
+    def _build_verifiers(config: CascadeConfig, extra: Sequence[Any] | None
+                         ) -> dict[str, tuple[VerifierConfig, Verifier]]:
+        out: dict[str, tuple[VerifierConfig, Verifier]] = {}
+        for vc in config.verifiers:
+            out[vc.key] = (vc, load_verifier(vc))
+        for obj in extra or ():
+            v = as_verifier(obj)
+            vc = VerifierConfig(name=f"<code>:{v.name}", id=v.name)
+            out[vc.key] = (vc, v)
+        return out
+
+    @property
+    def cache(self) -> AnswerCache:
+        if self._cache is None:
+            c = self.config.cache
+            self._cache = AnswerCache(c.directory, ttl_s=c.ttl_s, size_limit_mb=c.size_limit_mb)
+        return self._cache
+
+    # ------------------------------------------------------------------ providers
+
+    def _provider(self, rung: RungConfig) -> Provider:
+        # SDK clients hold connection pools bound to one event loop: one provider per loop.
+        key = (anyio.lowlevel.current_token(), rung.endpoint + "|" + (rung.api_key_env or ""))
+        with self._providers_lock:
+            p = self._providers.get(key)
+            if p is None:
+                p = self._providers[key] = self._provider_factory(rung)
+            return p
+
+    async def _call_endpoint(self, call: ModelCall, rung: RungConfig, climb: _Climb | None
+                             ) -> tuple[Completion, int]:
+        """One endpoint: breaker check, retries with backoff, breaker bookkeeping."""
+        self._breakers.check(rung.endpoint)
+        provider = self._provider(rung)
+        retry = self.config.retry
+        attempts = retry.max_attempts if rung.max_retries is None else rung.max_retries + 1
+        deadline = climb.deadline if climb else None
+        lat = _LATENCY.setdefault(rung.endpoint, _Latency())
+
+        async def once() -> Completion:
+            t0 = time.monotonic()
+            timeout = call.timeout_s
+            if deadline is not None:
+                timeout = max(0.001, min(timeout, deadline - time.monotonic()))
+            c = await provider.complete(replace(call, timeout_s=timeout))
+            lat.observe(time.monotonic() - t0)
+            return c
+
+        try:
+            completion, tries = await call_with_retry(
+                once, max_attempts=max(1, attempts), base_delay_s=retry.base_delay_s,
+                max_delay_s=retry.max_delay_s, jitter=retry.jitter, deadline=deadline,
+            )
+        except ProviderError as e:
+            lat.failures += 1
+            if e.retryable:
+                self._breakers.record_failure(rung.endpoint)
+            raise
+        self._breakers.record_success(rung.endpoint)
+        return completion, tries
+
+    async def _call_rung(self, call: ModelCall, rung: RungConfig, climb: _Climb | None
+                         ) -> tuple[Completion, RungConfig, int, list[str]]:
+        """Call a rung, failing over to its configured alternative endpoints in order."""
+        errors: list[str] = []
+        tries = 0
+        last: ProviderError | None = None
+        for ep in (rung, *rung.fallbacks):
+            try:
+                c, n = await self._call_endpoint(replace(call, model=ep.model), ep, climb)
+                return c, ep, tries + n, errors
+            except ProviderError as e:
+                tries += int(getattr(e, "tries", 0 if isinstance(e, CircuitOpen) else 1))
+                errors.append(f"{ep.provider}:{ep.model}: {type(e).__name__}: {_short(e)}")
+                last = e
+                if not e.retryable and not isinstance(e, CircuitOpen) and not rung.fallbacks:
+                    break
+        assert last is not None
+        last.tries = tries  # type: ignore[attr-defined]
+        last.failover_errors = errors  # type: ignore[attr-defined]
+        raise last
+
+    async def _verifier_call(self, call: ModelCall, rung: RungConfig) -> Completion:
+        c, _ep, _n, _errs = await self._call_rung(call, rung, None)
+        return c
+
+    # ------------------------------------------------------------------ the climb
+
+    async def aanswer(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, Any] | Message] | None = None,
+        schema: Any = None,
+        config: CascadeConfig | None = None,
+        verifiers: Sequence[Any] | None = None,
+        max_cost_usd: float | None = None,
+        timeout_s: float | None = None,
+        cache: CacheMode = True,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Answer:
+        """Answer one request, climbing the ladder only as far as the verifiers require."""
+        if config is not None or verifiers is not None:
+            other = Cascade(config or self.config, verifiers=verifiers,
+                            provider_factory=self._provider_factory, cache=self._cache,
+                            budget_store=self._budget)
+            try:
+                return await other.aanswer(prompt, messages=messages, schema=schema,
+                                           max_cost_usd=max_cost_usd, timeout_s=timeout_s,
+                                           cache=cache, metadata=metadata)
+            finally:
+                await other.aclose()
+        t0 = time.monotonic()
+        json_schema, output_type = _schema_parts(schema)
+        request = Request(messages=normalise_messages(prompt, messages), schema=json_schema,
+                          output_type=output_type, metadata=dict(metadata or {}))
+        cfg = self.config
+        if cache not in (True, False, "refresh"):
+            raise ConfigError("cache must be True, False or 'refresh'", source="request",
+                              key="cache")
+        use_cache = cache is not False and cfg.cache.enabled
+        key = self._cache_key(request) if use_cache else None
+        if key is not None and cache is True:
+            hit = await anyio.to_thread.run_sync(self.cache.get, key)
+            if hit is not None:
+                hit.cache_hit = True
+                hit.cost_usd = 0.0
+                hit.latency_ms = (time.monotonic() - t0) * 1000
+                hit.metadata = request.metadata
+                hit.parsed = _revive(hit.parsed, output_type)
+                return hit
+
+        timeout = timeout_s if timeout_s is not None else cfg.timeout_s
+        climb = _Climb(
+            request=request, config=cfg,
+            deadline=None if timeout is None else t0 + timeout,
+            max_cost_usd=max_cost_usd if max_cost_usd is not None else cfg.max_cost_usd,
+            budget_key=_budget_key(request.metadata),
+        )
+        accepted: tuple[Attempt, Any] | None = None
+        deadline_hit = False
+        try:
+            with anyio.fail_after(None if timeout is None else max(0.0, climb.remaining_s() or 0)):
+                for i, rung in enumerate(cfg.rungs):
+                    accepted = await self._climb_rung(climb, i, rung)
+                    if accepted is not None:
+                        break
+        except TimeoutError:
+            deadline_hit = True
+            climb.skip_reasons.append(f"deadline of {timeout:g}s reached")
+            if climb.attempts and climb.attempts[-1].status == "running":
+                a = climb.attempts[-1]
+                a.status, a.error_type = "error", "DeadlineExceeded"
+                a.error = f"the request's deadline of {timeout:g}s ran out during this rung"
+
+        answer = self._finish(climb, accepted, t0, key)
+        if answer is None:
+            msg = "; ".join(climb.skip_reasons) or "every rung failed"
+            empty = Answer(text="", model="", verified=False, attempts=climb.attempts,
+                           cost_usd=climb.spent_usd, latency_ms=(time.monotonic() - t0) * 1000,
+                           metadata=request.metadata)
+            if deadline_hit:
+                raise DeadlineExceeded(f"no answer within {timeout:g}s: {msg}")
+            if any("budget" in r for r in climb.skip_reasons) and not any(
+                a.status == "error" for a in climb.attempts
+            ):
+                raise BudgetExceeded(f"no rung fits the budget: {msg}", key=climb.budget_key,
+                                     spent_usd=climb.spent_usd)
+            raise NoAnswerError(f"no rung produced an answer: {msg}", empty)
+        if answer.verified and key is not None:
+            await anyio.to_thread.run_sync(self.cache.set, key, answer)
+        if not answer.verified and cfg.policy.on_unverified == "raise":
+            raise UnverifiedAnswerError(
+                f"the top answer ({answer.model}) was rejected: "
+                f"{rejection_reason(climb.attempts[-1].verdicts) if climb.attempts else ''}",
+                answer,
+            )
+        return answer
+
+    async def _climb_rung(self, climb: _Climb, i: int, rung: RungConfig
+                          ) -> tuple[Attempt, Any] | None:
+        """Try one rung. Returns (attempt, parsed) when its answer is accepted."""
+        cfg = climb.config
+        attempt = Attempt(rung=i, model=rung.model, provider=rung.provider,
+                          endpoint=rung.base_url or "", status="running")
+        climb.attempts.append(attempt)
+        estimate = estimate_cost(rung, climb.request.messages)
+        remaining = climb.remaining_s()
+        expected = _LATENCY.get(rung.endpoint)
+        if remaining is not None and expected is not None and expected.mean_s > remaining:
+            return self._skip(climb, attempt, f"deadline: {remaining:.2f}s left, this rung "
+                              f"usually takes {expected.mean_s:.2f}s")
+        if climb.max_cost_usd is not None and climb.spent_usd + estimate > climb.max_cost_usd:
+            return self._skip(climb, attempt, f"budget: estimated cost ${estimate:.6f} exceeds "
+                              f"the ${climb.max_cost_usd - climb.spent_usd:.6f} left of "
+                              f"max_cost_usd=${climb.max_cost_usd:g}")
+        reservation = None
+        if climb.budget_key is not None and cfg.budget.limit_usd is not None:
+            try:
+                reservation = self._budget.reserve(climb.budget_key, estimate,
+                                                   cfg.budget.limit_usd, cfg.budget.period_s)
+            except BudgetExceeded as e:
+                if climb.candidate is None and not climb.attempts[:-1]:
+                    climb.attempts.pop()
+                    raise
+                return self._skip(climb, attempt, f"budget: {e}")
+        t0 = time.monotonic()
+        call = ModelCall(
+            model=rung.model, messages=climb.request.messages, max_tokens=rung.max_tokens,
+            temperature=rung.temperature, timeout_s=rung.timeout_s, logprobs=rung.logprobs,
+            top_logprobs=5 if rung.logprobs else 0,
+            json_schema=climb.request.schema if climb.request.output_type is None else None,
+            output_type=climb.request.output_type, extra=rung.extra,
+        )
+        actual = 0.0
+        try:
+            try:
+                completion, used, tries, errors = await self._call_rung(call, rung, climb)
+            except ProviderError as e:
+                attempt.status, attempt.error_type = "error", type(e).__name__
+                fo = getattr(e, "failover_errors", [])
+                attempt.error = " | ".join(fo) if len(fo) > 1 else _short(e)
+                attempt.tries = int(getattr(e, "tries", 1))
+                attempt.latency_ms = (time.monotonic() - t0) * 1000
+                climb.skip_reasons.append(f"rung {i} ({rung.label}): {type(e).__name__}")
+                return None
+            attempt.model, attempt.provider = used.model, used.provider
+            attempt.endpoint = used.base_url or ""
+            attempt.tries = tries
+            if errors:
+                attempt.error = "failed over: " + " | ".join(errors)
+            attempt.text = completion.text
+            attempt.finish_reason = completion.finish_reason
+            attempt.input_tokens, attempt.output_tokens = (completion.input_tokens,
+                                                           completion.output_tokens)
+            model_cost = used.cost_usd(completion.input_tokens, completion.output_tokens)
+            candidate = Candidate(text=completion.text, rung=used, rung_index=i,
+                                  completion=completion, parsed=completion.parsed)
+            verdicts, parsed = await self._verify(climb, candidate)
+            attempt.verdicts = verdicts
+            verifier_cost = sum(v.cost_usd for v in verdicts)
+            actual = model_cost + verifier_cost
+            attempt.cost_usd = actual
+            climb.spent_usd += actual
+            attempt.latency_ms = (time.monotonic() - t0) * 1000
+            ok = accepts(verdicts)
+            attempt.status = "accepted" if ok else "rejected"
+            climb.candidate = (attempt, parsed)
+            return (attempt, parsed) if ok else None
+        finally:
+            if reservation is not None:
+                self._budget.settle(reservation, actual)
+
+    def _skip(self, climb: _Climb, attempt: Attempt, why: str) -> None:
+        attempt.status, attempt.error, attempt.error_type = "skipped", why, "Skipped"
+        climb.skip_reasons.append(f"rung {attempt.rung} ({attempt.model}) skipped: {why}")
+        return None
+
+    async def _verify(self, climb: _Climb, candidate: Candidate) -> tuple[list[Verdict], Any]:
+        cfg = climb.config
+        bound: list[BoundVerifier] = []
+        rung_cfg = cfg.rungs[candidate.rung_index]
+        ids = rung_cfg.verifiers if rung_cfg.verifiers is not None else list(self._verifiers)
+        for vid in ids:
+            vc, v = self._verifiers[vid]
+            bound.append(BoundVerifier(id=vid, verifier=v, settings=dict(vc.settings),
+                                       threshold=rung_cfg.thresholds.get(vid, vc.threshold),
+                                       timeout_s=vc.timeout_s))
+        if climb.request.schema is not None and not any(
+            vc.name == "schema" for vc, _ in self._verifiers.values()
+        ):
+            schema_v = self._schema_verifier()
+            bound.insert(0, BoundVerifier(id="schema", verifier=schema_v))
+        shared: dict[str, Any] = {}
+        prior = [a for a in climb.attempts if a.rung != candidate.rung_index]
+
+        def make_ctx(bv: BoundVerifier) -> VerifyContext:
+            return VerifyContext(request=climb.request, candidate=candidate, attempts=prior,
+                                 settings=bv.settings, threshold=bv.threshold,
+                                 _caller=self._verifier_call, shared=shared)
+
+        verdicts = await run_verifiers(bound, make_ctx, short_circuit=cfg.policy.short_circuit)
+        parsed = shared.get("parsed", candidate.parsed)
+        return verdicts, parsed
+
+    def _schema_verifier(self) -> Verifier:
+        v = getattr(self, "_auto_schema", None)
+        if v is None:
+            v = self._auto_schema = load_verifier(VerifierConfig(name="schema"))
+        return v
+
+    def _finish(self, climb: _Climb, accepted: tuple[Attempt, Any] | None, t0: float,
+                key: str | None) -> Answer | None:
+        chosen = accepted or climb.candidate
+        if chosen is None:
+            return None
+        attempt, parsed = chosen
+        return Answer(
+            text=attempt.text or "", model=attempt.model, verified=accepted is not None,
+            attempts=climb.attempts, parsed=parsed, cost_usd=climb.spent_usd,
+            latency_ms=(time.monotonic() - t0) * 1000, cache_key=key,
+            metadata=climb.request.metadata,
+        )
+
+    def _cache_key(self, request: Request) -> str:
+        cfg = self.config
+        verifiers = []
+        for vid, (vc, v) in self._verifiers.items():
+            ident = vc.identity()
+            if vc.name.startswith("<code>"):
+                ident["code"] = getattr(v, "identity", lambda: _qualname(v))()
+            verifiers.append(ident)
+        return cache_key({
+            "messages": [m.to_dict() for m in request.messages],
+            "schema": request.schema,
+            "output_type": _qualname(request.output_type) if request.output_type else None,
+            "rungs": [r.identity() for r in cfg.rungs],
+            "verifiers": verifiers,
+        })
+
+    # ------------------------------------------------------------------ many, sync, close
+
+    async def aanswer_many(self, requests: Sequence[str | Mapping[str, Any]], *,
+                           concurrency: int = 8) -> list[Answer | CascadeError]:
+        """Answer many requests with bounded concurrency; results in input order.
+
+        Each item is a prompt string or a dict of ``aanswer`` keyword arguments. A request that
+        fails yields its typed error in place; it never takes the others down.
+        """
+        if concurrency < 1:
+            raise ConfigError("concurrency must be >= 1", source="request", key="concurrency")
+        results: list[Answer | CascadeError | None] = [None] * len(requests)
+        limiter = anyio.CapacityLimiter(concurrency)
+
+        async def one(i: int, item: str | Mapping[str, Any]) -> None:
+            async with limiter:
+                try:
+                    if isinstance(item, str):
+                        results[i] = await self.aanswer(item)
+                    else:
+                        results[i] = await self.aanswer(**item)
+                except CascadeError as e:
+                    results[i] = e
+
+        async with anyio.create_task_group() as tg:
+            for i, item in enumerate(requests):
+                tg.start_soon(one, i, item)
+        return [r for r in results if r is not None]
+
+    def _blocking_portal(self) -> anyio.from_thread.BlockingPortal:
+        with self._portal_lock:
+            if self._portal is None:
+                self._portal_cm = anyio.from_thread.start_blocking_portal()
+                self._portal = self._portal_cm.__enter__()
+            return self._portal
+
+    def answer(self, prompt: str | None = None, **kw: Any) -> Answer:
+        """The sync twin of :meth:`aanswer` (runs it on this object's event-loop thread)."""
+        return self._blocking_portal().call(lambda: self.aanswer(prompt, **kw))
+
+    def answer_many(self, requests: Sequence[str | Mapping[str, Any]], *,
+                    concurrency: int = 8) -> list[Answer | CascadeError]:
+        """The sync twin of :meth:`aanswer_many`."""
+        return self._blocking_portal().call(
+            lambda: self.aanswer_many(requests, concurrency=concurrency))
+
+    async def aclose(self) -> None:
+        with self._providers_lock:
+            providers = list(self._providers.values())
+            self._providers.clear()
+        for p in providers:
+            await p.aclose()
+
+    def close(self) -> None:
+        """Close connections, the event-loop thread and the cache."""
+        with ExitStack() as stack:
+            if self._cache is not None:
+                stack.callback(self._cache.close)
+            if self._portal is not None:
+                portal, portal_cm = self._portal, self._portal_cm
+                self._portal = self._portal_cm = None
+                stack.callback(portal_cm.__exit__, None, None, None)
+                portal.call(self.aclose)  # providers made on that loop close on it
+
+    def __enter__(self) -> Cascade:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Cascade:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    s = str(e)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _qualname(obj: Any) -> str:
+    t = obj if isinstance(obj, type) else type(obj)
+    if callable(obj) and not isinstance(obj, type) and hasattr(obj, "__qualname__"):
+        t = obj
+    return f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}"
+
+
+def _budget_key(metadata: Mapping[str, Any]) -> str | None:
+    for k in ("budget_key", "tenant", "user", "session"):
+        v = metadata.get(k)
+        if isinstance(v, str) and v:
+            return f"{k}:{v}" if k != "budget_key" else v
+    return None
+
+
+def _revive(parsed: Any, output_type: type[Any] | None) -> Any:
+    if parsed is None or output_type is None or not hasattr(output_type, "model_validate"):
+        return parsed
+    return output_type.model_validate(parsed)
+

@@ -1,0 +1,191 @@
+"""The climb: early exit, escalation, verdicts in the trace, costs, the cache, failover."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cascade import (
+    Answer,
+    Cascade,
+    NoAnswerError,
+    ServerError,
+    UnverifiedAnswerError,
+    Verdict,
+    VerifyContext,
+    parse_config,
+)
+from tests.fakes import Script
+
+pytestmark = pytest.mark.anyio
+
+
+def _config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "rungs": [
+            {"model": "small", "provider": "openai-compatible", "base_url": "http://x/v1",
+             "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0},
+            {"model": "big", "provider": "openai-compatible", "base_url": "http://x/v1",
+             "input_usd_per_mtok": 10.0, "output_usd_per_mtok": 20.0},
+        ],
+        "cache": {"directory": str(tmp_path / "cache")},
+        "retry": {"max_attempts": 2, "base_delay_s": 0.0, "max_delay_s": 0.0},
+        **extra,
+    }
+
+
+def not_idk(ctx: VerifyContext) -> Verdict:
+    ok = "don't know" not in ctx.candidate.text
+    return Verdict(passed=ok, reason="has an answer" if ok else "the model does not know")
+
+
+async def test_early_exit_at_the_cheapest_rung(tmp_path: Path) -> None:
+    s = Script({"small": ["Canberra"], "big": ["Canberra (big)"]})
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    ans = await c.aanswer("Capital of Australia?")
+    assert (ans.text, ans.model, ans.verified, ans.cache_hit) == ("Canberra", "small", True, False)
+    assert [a.status for a in ans.attempts] == ["accepted"]
+    assert s.count("big") == 0
+    assert ans.attempts[0].verdicts[0].verifier == "not_idk"
+    assert ans.cost_usd == pytest.approx((10 * 1.0 + 1 * 2.0) / 1e6)
+
+
+async def test_escalates_when_rejected_and_sums_every_rung(tmp_path: Path) -> None:
+    s = Script({"small": ["I don't know"], "big": ["Canberra"]})
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    ans = await c.aanswer("Capital of Australia?")
+    assert ans.model == "big" and ans.verified
+    assert [a.status for a in ans.attempts] == ["rejected", "accepted"]
+    assert ans.attempts[0].verdicts[0].reason == "the model does not know"
+    small = (10 * 1.0 + 3 * 2.0) / 1e6
+    big = (10 * 10.0 + 1 * 20.0) / 1e6
+    assert ans.cost_usd == pytest.approx(small + big)
+    assert ans.attempts[1].text == "Canberra"
+
+
+async def test_top_rung_rejected_returns_unverified_or_raises(tmp_path: Path) -> None:
+    s = Script({"small": ["I don't know"], "big": ["I don't know either"]})
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    ans = await c.aanswer("Hard question")
+    assert not ans.verified and ans.model == "big" and len(ans.attempts) == 2
+    # an unverified answer is never cached: the repeat calls the models again
+    await c.aanswer("Hard question")
+    assert s.count("small") == 2
+
+    raising = Cascade.from_dict(_config(tmp_path, policy={"on_unverified": "raise"}),
+                                verifiers=[not_idk], provider_factory=s.factory)
+    with pytest.raises(UnverifiedAnswerError) as ei:
+        await raising.aanswer("Hard question")
+    assert ei.value.answer.attempts[-1].status == "rejected"
+
+
+async def test_cache_hit_costs_nothing_and_keeps_the_trace(tmp_path: Path) -> None:
+    s = Script({"small": ["I don't know"], "big": ["Canberra"]})
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    first = await c.aanswer("Capital of Australia?")
+    calls = len(s.calls)
+    again = await c.aanswer("  Capital of Australia?\r\n")  # same after normalisation
+    assert len(s.calls) == calls
+    assert again.cache_hit and again.cost_usd == 0.0 and again.text == "Canberra"
+    assert [a.to_dict() for a in again.attempts] == [a.to_dict() for a in first.attempts]
+    # refresh skips the lookup; False bypasses the cache entirely
+    await c.aanswer("Capital of Australia?", cache="refresh")
+    assert len(s.calls) > calls
+    n = len(s.calls)
+    ans = await c.aanswer("Capital of Australia?", cache=False)
+    assert not ans.cache_hit and len(s.calls) > n
+
+
+async def test_cache_key_covers_thresholds_and_ladder(tmp_path: Path) -> None:
+    s = Script({"small": ["Canberra"], "big": ["Canberra"]})
+    a = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    cfg = _config(tmp_path)
+    cfg["rungs"][0]["temperature"] = 0.7
+    b = Cascade.from_dict(cfg, verifiers=[not_idk], provider_factory=s.factory)
+    r = parse_config(_config(tmp_path))
+    assert a._cache_key(_req("q")) != b._cache_key(_req("q"))
+    assert a._cache_key(_req("q")) == Cascade(r, verifiers=[not_idk],
+                                              provider_factory=s.factory)._cache_key(_req("q"))
+
+
+def _req(text: str) -> Any:
+    from cascade.messages import Request, normalise_messages
+
+    return Request(messages=normalise_messages(text))
+
+
+async def test_transport_failure_fails_over_to_next_rung(tmp_path: Path) -> None:
+    s = Script({"small": [ServerError("boom", provider="x", model="small")], "big": ["Canberra"]})
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    ans = await c.aanswer("Capital?")
+    assert ans.verified and ans.model == "big"
+    assert ans.attempts[0].status == "error" and ans.attempts[0].error_type == "ServerError"
+    assert ans.attempts[0].tries == 2  # retried once (max_attempts = 2), then failed over
+    assert s.count("small") == 2
+
+
+async def test_fallback_endpoint_for_the_same_rung(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    cfg["rungs"][0]["fallbacks"] = [{"model": "small-mirror"}]
+    s = Script({"small": [ServerError("down", provider="x", model="small")],
+                "small-mirror": ["Canberra"], "big": ["nope"]})
+    c = Cascade.from_dict(cfg, verifiers=[not_idk], provider_factory=s.factory)
+    ans = await c.aanswer("Capital?")
+    assert ans.model == "small-mirror" and ans.verified and s.count("big") == 0
+    assert "ServerError" in (ans.attempts[0].error or "")
+
+
+async def test_every_rung_failing_raises_no_answer_with_trace(tmp_path: Path) -> None:
+    err = ServerError("down", provider="x", model="m")
+    s = Script({"small": [err], "big": [err]})
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    with pytest.raises(NoAnswerError) as ei:
+        await c.aanswer("Capital?")
+    assert [a.status for a in ei.value.answer.attempts] == ["error", "error"]
+
+
+async def test_max_cost_skips_rungs_that_would_exceed(tmp_path: Path) -> None:
+    s = Script({"small": ["I don't know"], "big": ["Canberra"]})
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    # big costs at least 512 output tokens x $20/Mtok = $0.01 by estimate
+    ans = await c.aanswer("Capital?", max_cost_usd=0.005, cache=False)
+    assert not ans.verified and ans.model == "small"
+    assert ans.attempts[1].status == "skipped" and "budget" in (ans.attempts[1].error or "")
+    assert s.count("big") == 0
+
+
+async def test_answer_many_keeps_order_and_isolates_failures(tmp_path: Path) -> None:
+    def echo(call: Any) -> str:
+        q = call.messages[-1].content
+        if q == "q3":
+            raise ServerError("bad", provider="x", model=call.model)
+        return f"answer to {q}"
+
+    s = Script({"small": [echo], "big": [echo]})
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    out = await c.aanswer_many([f"q{i}" for i in range(6)], concurrency=3)
+    assert isinstance(out[3], NoAnswerError)
+    for i in (0, 1, 2, 4, 5):
+        a = out[i]
+        assert isinstance(a, Answer) and a.text == f"answer to q{i}"
+
+
+def test_sync_answer_and_from_file(tmp_path: Path) -> None:
+    p = tmp_path / "cascade.toml"
+    p.write_text(
+        f'''
+[[rungs]]
+model = "small"
+provider = "openai-compatible"
+base_url = "http://127.0.0.1:9/v1"
+
+[cache]
+directory = "{tmp_path / 'c'}"
+''')
+    s = Script({"small": ["hello"]})
+    with Cascade.from_file(p, provider_factory=s.factory) as c:
+        ans = c.answer("hi")
+        assert ans.text == "hello" and ans.verified
+        assert c.answer("hi").cache_hit
