@@ -6,12 +6,13 @@ Every error names the source, the key and what is allowed.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from cascade.errors import ConfigError
 from cascade.prices import lookup_price
@@ -235,8 +236,9 @@ def _number(d: Mapping[str, Any], k: str, source: str, prefix: str, *, minimum: 
     key = f"{prefix}{k}"
     v = _expect(d[k], int if integer else (int, float), "an integer" if integer else "a number",
                 source, key)
-    if v < minimum:
-        raise ConfigError(f"must be >= {minimum}, got {v}", source=source, key=key)
+    if not math.isfinite(v) or v < minimum:
+        raise ConfigError(f"must be a finite number >= {minimum}, got {v}", source=source,
+                          key=key)
     return v if integer else float(v)
 
 
@@ -333,7 +335,7 @@ def _parse_verifier(d: Any, i: int, source: str) -> VerifierConfig:
 def _section(d: Mapping[str, Any], name: str, cls: type, source: str) -> Any:
     raw = d.get(name, {})
     _expect(raw, Mapping, "a table", source, name)
-    allowed = set(cls.__dataclass_fields__)
+    allowed = set(getattr(cls, "__dataclass_fields__", {}))
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}",
@@ -440,6 +442,6 @@ def rungs_from(values: Sequence[RungConfig | Mapping[str, Any]]) -> tuple[RungCo
     """Accept rungs given in code as configs or plain dicts."""
     return tuple(
         r if isinstance(r, RungConfig)
-        else parse_rung(cast(Mapping[str, Any], r), source="<code>", prefix=f"rungs[{i}].")
+        else parse_rung(r, source="<code>", prefix=f"rungs[{i}].")
         for i, r in enumerate(values)
     )

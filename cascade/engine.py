@@ -49,9 +49,16 @@ from cascade.providers.base import Completion, ModelCall, Provider
 from cascade.retry import call_with_retry
 from cascade.tokens import estimate_cost
 from cascade.trace import Answer, Attempt, Verdict
-from cascade.verify import BoundVerifier, Candidate, Verifier, VerifyContext, as_verifier, run_verifiers
+from cascade.verify import (
+    BoundVerifier,
+    Candidate,
+    Verifier,
+    VerifyContext,
+    as_verifier,
+    run_verifiers,
+)
 
-__all__ = ["Cascade", "CacheMode", "health"]
+__all__ = ["CacheMode", "Cascade", "health"]
 
 log = logging.getLogger("cascade")
 
@@ -430,7 +437,9 @@ class Cascade:
             if reservation is not None:
                 self._budget.settle(reservation, actual)
 
-    def _skip(self, climb: _Climb, attempt: Attempt, why: str) -> None:
+    @staticmethod
+    def _skip(climb: _Climb, attempt: Attempt, why: str) -> tuple[Attempt, Any] | None:
+        """Record a rung that was not called; the climb goes on to the next one."""
         attempt.status, attempt.error, attempt.error_type = "skipped", why, "Skipped"
         climb.skip_reasons.append(f"rung {attempt.rung} ({attempt.model}) skipped: {why}")
         return None
@@ -484,10 +493,10 @@ class Cascade:
     def _cache_key(self, request: Request) -> str:
         cfg = self.config
         verifiers = []
-        for vid, (vc, v) in self._verifiers.items():
+        for vc, v in self._verifiers.values():
             ident = vc.identity()
             if vc.name.startswith("<code>"):
-                ident["code"] = getattr(v, "identity", lambda: _qualname(v))()
+                ident["code"] = _qualname(v)
             verifiers.append(ident)
         return cache_key({
             "messages": [m.to_dict() for m in request.messages],

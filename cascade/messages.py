@@ -1,4 +1,5 @@
-"""Requests: a prompt or OpenAI-style messages, normalised once so cache keys and providers agree."""
+"""Requests: a prompt or OpenAI-style messages, normalised once so cache keys and providers
+agree."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ class FunctionVerifier:
 
     def __init__(self, fn: VerifyFn, *, name: str | None = None, expensive: bool = False) -> None:
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "function")
+        self.name: str = name or str(getattr(fn, "__name__", "function"))
         self.expensive = expensive
 
     async def verify(self, ctx: VerifyContext) -> Verdict:
