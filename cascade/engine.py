@@ -20,8 +20,8 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-from cascade.breaker import CircuitBreakers
-from cascade.budget import BudgetStore, InMemoryBudgetStore
+from cascade.breaker import all_breaker_snapshots, breakers_for
+from cascade.budget import Budget, BudgetStore
 from cascade.cache import AnswerCache, cache_key
 from cascade.config import (
     CascadeConfig,
@@ -63,8 +63,6 @@ __all__ = ["CacheMode", "Cascade", "health"]
 log = logging.getLogger("cascade")
 
 CacheMode = bool | Literal["refresh"]
-_BREAKERS: dict[tuple[int, float], CircuitBreakers] = {}
-_BREAKERS_LOCK = threading.Lock()
 _LATENCY: dict[str, _Latency] = {}
 
 
@@ -82,21 +80,11 @@ class _Latency:
         self.mean_s += a * (seconds - self.mean_s)
 
 
-def _breakers_for(config: CascadeConfig) -> CircuitBreakers:
-    """Breakers are per process and shared by every Cascade with the same breaker settings."""
-    k = (config.breaker.failure_threshold, config.breaker.cooldown_s)
-    with _BREAKERS_LOCK:
-        if k not in _BREAKERS:
-            _BREAKERS[k] = CircuitBreakers(failure_threshold=k[0], cooldown_s=k[1])
-        return _BREAKERS[k]
-
-
 def health() -> dict[str, Any]:
     """A snapshot of every endpoint this process has called: circuit state and latency."""
     endpoints: dict[str, Any] = {}
-    for breakers in list(_BREAKERS.values()):
-        for ep, snap in breakers.snapshot().items():
-            endpoints.setdefault(ep, {}).update(circuit=snap)
+    for ep, snap in all_breaker_snapshots().items():
+        endpoints.setdefault(ep, {})["circuit"] = snap
     for ep, lat in list(_LATENCY.items()):
         endpoints.setdefault(ep, {}).update(
             calls=lat.calls, failures=lat.failures, mean_latency_ms=round(lat.mean_s * 1000, 3)
@@ -153,8 +141,9 @@ class Cascade:
         self._providers: dict[tuple[Any, str], Provider] = {}
         self._providers_lock = threading.Lock()
         self._cache = cache
-        self._budget = budget_store or InMemoryBudgetStore()
-        self._breakers = _breakers_for(config)
+        self._budget_store = budget_store
+        self._budget = Budget(config.budget, budget_store)
+        self._breakers = breakers_for(config.breaker)
         self._portal_cm: Any = None
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._portal_lock = threading.Lock()
@@ -232,18 +221,22 @@ class Cascade:
             lat.observe(time.monotonic() - t0)
             return c
 
+        err: BaseException | None = None
         try:
             completion, tries = await call_with_retry(
                 once, max_attempts=max(1, attempts), base_delay_s=retry.base_delay_s,
                 max_delay_s=retry.max_delay_s, jitter=retry.jitter, deadline=deadline,
             )
+            return completion, tries
         except ProviderError as e:
             lat.failures += 1
-            if e.retryable:
-                self._breakers.record_failure(rung.endpoint)
+            err = e
             raise
-        self._breakers.record_success(rung.endpoint)
-        return completion, tries
+        except BaseException as e:  # cancelled mid-call: tells nothing about the endpoint
+            err = e
+            raise
+        finally:
+            self._breakers.record(rung.endpoint, err)
 
     async def _call_rung(self, call: ModelCall, rung: RungConfig, climb: _Climb | None
                          ) -> tuple[Completion, RungConfig, int, list[str]]:
@@ -256,13 +249,13 @@ class Cascade:
                 c, n = await self._call_endpoint(replace(call, model=ep.model), ep, climb)
                 return c, ep, tries + n, errors
             except ProviderError as e:
-                tries += int(getattr(e, "tries", 0 if isinstance(e, CircuitOpen) else 1))
+                tries += 0 if isinstance(e, CircuitOpen) else e.tries
                 errors.append(f"{ep.provider}:{ep.model}: {type(e).__name__}: {_short(e)}")
                 last = e
                 if not e.retryable and not isinstance(e, CircuitOpen) and not rung.fallbacks:
                     break
         assert last is not None
-        last.tries = tries  # type: ignore[attr-defined]
+        last.tries = tries
         last.failover_errors = errors  # type: ignore[attr-defined]
         raise last
 
@@ -289,7 +282,7 @@ class Cascade:
         if config is not None or verifiers is not None:
             other = Cascade(config or self.config, verifiers=verifiers,
                             provider_factory=self._provider_factory, cache=self._cache,
-                            budget_store=self._budget)
+                            budget_store=self._budget_store)
             try:
                 return await other.aanswer(prompt, messages=messages, schema=schema,
                                            max_cost_usd=max_cost_usd, timeout_s=timeout_s,
@@ -321,7 +314,7 @@ class Cascade:
             request=request, config=cfg,
             deadline=None if timeout is None else t0 + timeout,
             max_cost_usd=max_cost_usd if max_cost_usd is not None else cfg.max_cost_usd,
-            budget_key=_budget_key(request.metadata),
+            budget_key=self._budget.key_for(request.metadata) if self._budget.enabled else None,
         )
         accepted: tuple[Attempt, Any] | None = None
         deadline_hit = False
@@ -366,7 +359,6 @@ class Cascade:
     async def _climb_rung(self, climb: _Climb, i: int, rung: RungConfig
                           ) -> tuple[Attempt, Any] | None:
         """Try one rung. Returns (attempt, parsed) when its answer is accepted."""
-        cfg = climb.config
         attempt = Attempt(rung=i, model=rung.model, provider=rung.provider,
                           endpoint=rung.base_url or "", status="running")
         climb.attempts.append(attempt)
@@ -380,16 +372,13 @@ class Cascade:
             return self._skip(climb, attempt, f"budget: estimated cost ${estimate:.6f} exceeds "
                               f"the ${climb.max_cost_usd - climb.spent_usd:.6f} left of "
                               f"max_cost_usd=${climb.max_cost_usd:g}")
-        reservation = None
-        if climb.budget_key is not None and cfg.budget.limit_usd is not None:
-            try:
-                reservation = self._budget.reserve(climb.budget_key, estimate,
-                                                   cfg.budget.limit_usd, cfg.budget.period_s)
-            except BudgetExceeded as e:
-                if climb.candidate is None and not climb.attempts[:-1]:
-                    climb.attempts.pop()
-                    raise
-                return self._skip(climb, attempt, f"budget: {e}")
+        try:
+            reservation = await self._budget.areserve(climb.request.metadata, estimate)
+        except BudgetExceeded as e:
+            if climb.candidate is None and not climb.attempts[:-1]:
+                climb.attempts.pop()
+                raise
+            return self._skip(climb, attempt, f"budget: {e}")
         t0 = time.monotonic()
         call = ModelCall(
             model=rung.model, messages=climb.request.messages, max_tokens=rung.max_tokens,
@@ -406,7 +395,7 @@ class Cascade:
                 attempt.status, attempt.error_type = "error", type(e).__name__
                 fo = getattr(e, "failover_errors", [])
                 attempt.error = " | ".join(fo) if len(fo) > 1 else _short(e)
-                attempt.tries = int(getattr(e, "tries", 1))
+                attempt.tries = e.tries
                 attempt.latency_ms = (time.monotonic() - t0) * 1000
                 climb.skip_reasons.append(f"rung {i} ({rung.label}): {type(e).__name__}")
                 return None
@@ -434,8 +423,7 @@ class Cascade:
             climb.candidate = (attempt, parsed)
             return (attempt, parsed) if ok else None
         finally:
-            if reservation is not None:
-                self._budget.settle(reservation, actual)
+            await self._budget.asettle(reservation, actual)
 
     @staticmethod
     def _skip(climb: _Climb, attempt: Attempt, why: str) -> tuple[Attempt, Any] | None:
@@ -593,14 +581,6 @@ def _qualname(obj: Any) -> str:
     if callable(obj) and not isinstance(obj, type) and hasattr(obj, "__qualname__"):
         t = obj
     return f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}"
-
-
-def _budget_key(metadata: Mapping[str, Any]) -> str | None:
-    for k in ("budget_key", "tenant", "user", "session"):
-        v = metadata.get(k)
-        if isinstance(v, str) and v:
-            return f"{k}:{v}" if k != "budget_key" else v
-    return None
 
 
 def _revive(parsed: Any, output_type: type[Any] | None) -> Any:

@@ -16,6 +16,7 @@ Every error a user can meet is one of these, and each message names what to fix:
     │   └── CircuitOpen            the endpoint's breaker is open; the call was not made
     ├── CacheError             the answer cache is corrupt, locked or unwritable
     ├── BudgetExceeded         a spending cap would be broken
+    ├── BudgetStoreError       the shared budget store cannot be used
     ├── DeadlineExceeded       the request's overall ``timeout_s`` ran out
     ├── NoAnswerError          every rung failed or was skipped: nothing to return
     └── UnverifiedAnswerError  the top rung's answer was rejected and the config says raise
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AuthenticationError",
     "BudgetExceeded",
+    "BudgetStoreError",
     "CacheError",
     "CascadeError",
     "CircuitOpen",
@@ -71,6 +73,8 @@ class ProviderError(CascadeError):
     """A model call failed. ``retryable`` says whether the same call may succeed later."""
 
     retryable: bool = False
+    tries: int = 1
+    """Calls made before giving up (set by the retry loop)."""
 
     def __init__(
         self,
@@ -149,6 +153,10 @@ class BudgetExceeded(CascadeError):
         self.key = key
         self.spent_usd = spent_usd
         self.limit_usd = limit_usd
+
+
+class BudgetStoreError(CascadeError):
+    """The budget store cannot be used (unreadable, locked for too long); names the store."""
 
 
 class DeadlineExceeded(CascadeError):

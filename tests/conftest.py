@@ -1,0 +1,39 @@
+"""Shared test setup: the anyio backend, and tiktoken's encodings from the shared offline cache."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.loopback import LoopbackServer
+
+# tiktoken must never reach for the network in tests: point it at the encodings shipped beside
+# the repo (CI sets this too). setdefault keeps an explicit setting.
+_SHARED_TIKTOKEN = Path(__file__).resolve().parents[2] / "shared" / "tiktoken"
+if _SHARED_TIKTOKEN.is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_SHARED_TIKTOKEN))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# ---------------------------------------------------------------- loopback wire-protocol servers
+
+
+@pytest.fixture
+def openai_server() -> Iterator[LoopbackServer]:
+    """A real HTTP server on 127.0.0.1 speaking OpenAI chat completions; see tests/loopback.py."""
+    with LoopbackServer("openai") as server:
+        yield server
+
+
+@pytest.fixture
+def anthropic_server() -> Iterator[LoopbackServer]:
+    """A real HTTP server on 127.0.0.1 speaking the Anthropic messages API."""
+    with LoopbackServer("anthropic") as server:
+        yield server
