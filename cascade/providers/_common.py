@@ -1,0 +1,265 @@
+"""What the OpenAI and Anthropic providers share: SDK error translation, keys, finish reasons.
+
+The OpenAI and Anthropic SDKs share one exception layout (``APITimeoutError`` under
+``APIConnectionError``, ``APIStatusError`` with ``status_code`` and ``response``), so one
+translator serves both; the caller passes the SDK module. Messages are scrubbed of the API key
+(servers echo keys back in 401 bodies) and cut short.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypedDict
+
+from cascade.config import RungConfig
+from cascade.errors import (
+    AuthenticationError,
+    ClientRequestError,
+    MalformedReply,
+    ProviderError,
+    ProviderTimeout,
+    RateLimited,
+    ServerError,
+    TransportError,
+)
+
+__all__ = [
+    "Structured",
+    "Where",
+    "attr",
+    "count",
+    "normalise_finish",
+    "parse_retry_after",
+    "resolve_api_key",
+    "run_instructor",
+    "scrub",
+    "translate_error",
+]
+
+_MAX_DETAIL = 300
+_QUIET = logging.NullHandler()
+
+
+class Where(TypedDict):
+    """Which provider and model an error belongs to (every ProviderError carries both)."""
+
+    provider: str
+    model: str
+
+
+_FINISH = {
+    "stop": "stop",
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "eos": "stop",
+    "length": "length",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "content_filter": "content_filter",
+    "refusal": "content_filter",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "tool_use": "tool_calls",
+}
+
+
+def normalise_finish(reason: object) -> str | None:
+    """One vocabulary for both APIs: stop, length, content_filter, tool_calls (else None)."""
+    return _FINISH.get(reason) if isinstance(reason, str) else None
+
+
+def resolve_api_key(rung: RungConfig, *, default_env: str | None, dummy: str | None) -> str:
+    """The key from ``rung.api_key_env`` (or ``default_env``); AuthenticationError names a
+    missing variable. ``dummy`` is used when no variable is named at all (local servers)."""
+    env = rung.api_key_env or default_env
+    if env is None:
+        if dummy is None:
+            raise AuthenticationError("no api_key_env configured", provider=rung.provider,
+                                      model=rung.model)
+        return dummy
+    key = os.environ.get(env)
+    if not key:
+        raise AuthenticationError(
+            f"the environment variable {env} is not set (api_key_env); set it to the API key",
+            provider=rung.provider, model=rung.model,
+        )
+    return key
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """Remove ``secret`` from ``text`` and keep it short enough for a trace line."""
+    if secret and len(secret) >= 4:
+        text = text.replace(secret, "***")
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, *, now: float | None = None
+                      ) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, else ``Retry-After`` (seconds or an HTTP date)."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000.0
+        except ValueError:
+            value = -1.0
+        if 0.0 <= value < float("inf"):
+            return value
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        value = max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return value if 0.0 <= value < float("inf") else None
+
+
+def _detail(body: object, fallback: str) -> str:
+    """The server's own error message, from either SDK's body shape."""
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+        if isinstance(inner, str):
+            return inner
+    if isinstance(body, str) and body:
+        return body
+    return fallback
+
+
+def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model: str,
+                    secret: str | None) -> ProviderError | None:
+    """The :class:`ProviderError` for ``exc``, or None when it is not a provider failure."""
+    kw: dict[str, Any] = {"provider": provider, "model": model}
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, sdk.APITimeoutError):
+        return ProviderTimeout("the request timed out", **kw)
+    if isinstance(exc, sdk.APIConnectionError):
+        cause = exc.__cause__ or exc.__context__
+        why = f" ({type(cause).__name__}: {scrub(str(cause), secret)})" if cause else ""
+        return TransportError(f"connection failed{why}", **kw)
+    if isinstance(exc, sdk.APIStatusError):
+        status: int = exc.status_code
+        kw["status_code"] = status
+        msg = f"HTTP {status}: " + scrub(_detail(exc.body, exc.response.reason_phrase), secret)
+        if status == 429:
+            return RateLimited(msg, retry_after_s=parse_retry_after(exc.response.headers), **kw)
+        if status in (401, 403):
+            return AuthenticationError(msg, **kw)
+        if status == 408:
+            return ProviderTimeout(msg, **kw)
+        if status >= 500:
+            return ServerError(msg, **kw)
+        return ClientRequestError(msg, **kw)
+    if isinstance(exc, sdk.APIResponseValidationError):
+        return MalformedReply(f"reply does not match the API schema: {scrub(str(exc), secret)}",
+                              **kw)
+    if isinstance(exc, json.JSONDecodeError):
+        return MalformedReply(f"reply body is not valid JSON ({exc.msg} at char {exc.pos})", **kw)
+    if isinstance(exc, sdk.APIError):
+        return TransportError(scrub(str(exc), secret), **kw)
+    return None
+
+
+def attr(obj: object, name: str) -> Any:
+    """A field of an SDK object built without validation (or of a plain dict), else None.
+
+    The SDKs build replies leniently, so a server can hand us a wrong-typed or missing field;
+    callers check types themselves and raise :class:`MalformedReply`.
+    """
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def count(value: object) -> int | None:
+    """A token count, or None when it is not a non-negative integer."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Structured:
+    """What an instructor call left us: the last raw reply, and the object or why it failed."""
+
+    raw: Any
+    parsed: Any
+    error: str | None
+    total_usage: Any
+    """instructor's usage summed over its re-asks, when it kept one."""
+
+
+async def run_instructor(
+    create: Callable[..., Awaitable[Any]],
+    *,
+    mode: Any,
+    provider: Any,
+    output_type: type[Any],
+    reasks: int,
+    kwargs: Mapping[str, Any],
+    where: Where,
+) -> Structured:
+    """Ask through instructor, whose ``create`` is ours (so errors are already translated).
+
+    Validation failures come back as a :class:`Structured` with ``parsed=None``: the schema
+    verifier rejects the candidate and the cascade escalates, which is the point of a cascade.
+    """
+    import instructor
+    from instructor.core.exceptions import IncompleteOutputException, InstructorRetryException
+
+    # instructor logs every failed validation at ERROR; for a cascade that is routine (the
+    # next rung is tried), so keep it off stderr unless the application configures logging.
+    logging.getLogger("instructor").addHandler(_QUIET)
+
+    patched = instructor.patch(create=create, mode=mode, provider=provider)
+    client = instructor.AsyncInstructor(client=None, create=patched, mode=mode,
+                                        provider=provider)
+    try:
+        parsed, raw = await client.create_with_completion(
+            response_model=output_type, max_retries=reasks, **kwargs
+        )
+    except IncompleteOutputException as e:
+        return Structured(raw=e.last_completion, parsed=None, total_usage=None,
+                          error="the output was cut at max_tokens before it was complete")
+    except InstructorRetryException as e:
+        if e.failed_attempts and e.last_completion is not None:
+            why = str(e.failed_attempts[-1].exception)
+            return Structured(raw=e.last_completion, parsed=None, error=why,
+                              total_usage=e.total_usage)
+        cause = e.__cause__
+        if isinstance(cause, ProviderError):
+            raise cause from None
+        raise MalformedReply(
+            f"structured reply could not be read ({type(cause).__name__}: {cause})", **where
+        ) from None
+    return Structured(raw=raw, parsed=_plain(parsed, output_type), error=None,
+                      total_usage=getattr(parsed, "_total_usage", None))
+
+
+def _plain(parsed: Any, output_type: type[Any]) -> Any:
+    """instructor hands back a dynamic subclass carrying the raw reply; give the user's type."""
+    fields = getattr(output_type, "model_fields", None)
+    if type(parsed) is output_type or not isinstance(parsed, output_type) or fields is None:
+        return parsed
+    return output_type.model_construct(  # already validated: copy the field values over
+        _fields_set=set(parsed.model_fields_set),
+        **{name: getattr(parsed, name) for name in fields},
+    )
