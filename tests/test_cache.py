@@ -1,4 +1,5 @@
-"""The verified-answer cache: only verified answers, damaged entries never served, safe in parallel."""
+"""The verified-answer cache: only verified answers, damaged entries never served, safe in
+parallel."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_tampered_or_misplaced_entry_is_dropped_not_served(tmp_path: Path) -> No
 
 def test_corrupt_database_file_gives_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "cache.db").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(CacheError, match="corrupt.*cascade cache clear"):
+    with pytest.raises(CacheError, match=r"corrupt.*cascade cache clear"):
         AnswerCache(tmp_path).get("k")
 
 

@@ -105,7 +105,7 @@ def test_unverified_answer_exits_1(openai_server: LoopbackServer, tmp_path: Path
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOOPBACK_KEY", SECRET)
     openai_server.script(lambda req: openai_reply("I cannot help with that request."))
-    code, out, err = _run(["answer", "q", "--config", str(_ladder(openai_server, tmp_path))])
+    code, _out, err = _run(["answer", "q", "--config", str(_ladder(openai_server, tmp_path))])
     assert code == 1 and "NOT verified" in err
 
 

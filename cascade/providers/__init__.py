@@ -36,6 +36,8 @@ _BUILTIN: dict[str, str] = {
     "openai": "cascade.providers.openai:OpenAIProvider",
     "openai-compatible": "cascade.providers.openai:OpenAIProvider",
     "anthropic": "cascade.providers.anthropic:AnthropicProvider",
+    "local": "cascade.providers.local:LocalProvider",
+    "replay": "cascade.replay:replay_provider",
 }
 
 

@@ -1,0 +1,174 @@
+"""Does tuning keep its promise on questions it never saw? Cross-validation on real answers.
+
+For each recorded-outcomes file in ``../shared/data/cascades`` (relative to the repo): k-fold
+cross-validation (tune on k-1 folds, answer the held-out fold with the tuned setting), repeated
+over a few fold seeds. Printed per file, for our tuner and for the plain grid-search baseline run
+on the same folds: held-out accuracy change and cost saving against the best single rung (the
+rung most accurate on the tuning folds, measured on the same held-out cases), and whether the
+promise (a drop of at most ``--max-accuracy-drop``) held. Then the time to tune 10,000 cases ×
+5 rungs.
+
+    python bench/tuning.py [--folds 5] [--seeds 3] [--max-accuracy-drop 0.01]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cascade.suite import OutcomeTable, load_shared_outcomes  # noqa: E402
+from cascade.tune import (  # noqa: E402
+    _chains,
+    _path,
+    _simulate_many,
+    drop_pvalue,
+    grid_search_baseline,
+    select,
+    simulate,
+    tune,
+)
+
+DATA = REPO.parent / "shared" / "data" / "cascades"
+
+
+def _cv(table: OutcomeTable, method: str, *, folds: int, seed: int, drop: float,
+        delta: float) -> tuple[float, float, int]:
+    """Held-out accuracy change, cost saving, and number of folds that chose a cascade."""
+    rng = np.random.default_rng(seed)
+    fold = rng.permutation(table.n) % folds
+    right = np.zeros(table.n, dtype=bool)
+    ref_right = np.zeros(table.n, dtype=bool)
+    cost = np.zeros(table.n)
+    ref_cost = np.zeros(table.n)
+    cascades = 0
+    for f in range(folds):
+        tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
+        ttr, tte = table.take(tr), table.take(te)
+        if method == "ours":
+            setting, ref = select(ttr, max_accuracy_drop=drop, delta=delta, seed=seed)
+        else:
+            setting = grid_search_baseline(ttr, max_drop=drop)
+            mc, acc = ttr.cost.mean(0), ttr.correct.mean(0)
+            ref = int(np.lexsort((mc, -acc))[0])
+        cascades += len(setting.chain) > 1
+        r, c, _ = simulate(tte, setting)
+        right[te], cost[te] = r, c
+        ref_right[te], ref_cost[te] = tte.correct[:, ref], tte.cost[:, ref]
+    change = float(right.mean() - ref_right.mean())
+    saving = 1.0 - float(cost.sum() / ref_cost.sum())
+    return change, saving, cascades
+
+
+def _ceiling(table: OutcomeTable, drop: float, delta: float) -> float | None:
+    """With hindsight (path learnt and tested on every case: not a valid procedure, only an
+    upper bound on what any tuner could certify), the largest saving whose drop the paired test
+    certifies; None when no cascade setting can be certified at all."""
+    mc, acc = table.cost.mean(0), table.correct.mean(0)
+    ref = int(np.lexsort((mc, -acc))[0])
+    keys = tuple(sorted(table.scores))
+    order = [int(j) for j in np.argsort(mc, kind="stable")]
+    rr = table.correct[:, ref]
+    best: float | None = None
+    for chain in _chains(order, ref, mc):
+        if len(chain) < 2:
+            continue
+        th = _path(table, chain, ref, keys)
+        right, cost, _ = _simulate_many(table, chain, keys, th)
+        for g in range(1, th.shape[0]):
+            w, b = int(np.sum(rr & ~right[g])), int(np.sum(~rr & right[g]))
+            save = 1 - float(cost[g].mean()) / float(mc[ref])
+            if save > 0 and drop_pvalue(table.n, w, b, drop) <= delta:
+                best = save if best is None else max(best, save)
+    return best
+
+
+def _timing(table: OutcomeTable, n: int = 10_000) -> tuple[float, float, int]:
+    """Seconds to tune (choice only, and the full report) on ``n`` resampled cases."""
+    rng = np.random.default_rng(1)
+    big = table.take(rng.integers(0, table.n, size=n))
+    t0 = time.perf_counter()
+    select(big)
+    t1 = time.perf_counter()
+    tune(big, shift=False, bootstrap=200)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, len(big.rungs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--max-accuracy-drop", type=float, default=0.01)
+    ap.add_argument("--delta", type=float, default=0.1)
+    ap.add_argument("--files", nargs="*", help="only these file names")
+    ns = ap.parse_args(argv)
+    if not ns.data.is_dir():
+        print(f"no shared data at {ns.data}: nothing to benchmark", file=sys.stderr)
+        return 0
+    files = sorted(ns.data.glob("*_train.jsonl"))
+    if ns.files:
+        files = [f for f in files if f.name in ns.files]
+    drop = ns.max_accuracy_drop
+    print(f"k={ns.folds}-fold CV × {ns.seeds} seeds, max accuracy drop {drop:g}, "
+          f"delta {ns.delta:g}; held-out change vs the best single rung (points), saving (%)")
+    head = (f"{'file':<31} {'n':>4} | {'ours Δacc':>9} {'save':>6} {'casc':>5} {'ok':>3} | "
+            f"{'grid Δacc':>9} {'save':>6} {'ok':>3} | {'ceiling':>7}")
+    print(head)
+    print("-" * len(head))
+    ours_ok = grid_ok = 0
+    ours_save: list[float] = []
+    grid_save: list[float] = []
+    t0 = time.perf_counter()
+    largest: OutcomeTable | None = None
+    for f in files:
+        table = load_shared_outcomes([f])
+        if largest is None or len(table.rungs) > len(largest.rungs):
+            largest = table
+        res: dict[str, list[tuple[float, float, int]]] = {"ours": [], "grid": []}
+        for seed in range(ns.seeds):
+            for method in res:
+                res[method].append(_cv(table, method, folds=ns.folds, seed=seed, drop=drop,
+                                       delta=ns.delta))
+        o_ch = statistics.mean(x[0] for x in res["ours"])
+        o_sv = statistics.mean(x[1] for x in res["ours"])
+        o_cas = sum(x[2] for x in res["ours"]) / (ns.folds * ns.seeds)
+        g_ch = statistics.mean(x[0] for x in res["grid"])
+        g_sv = statistics.mean(x[1] for x in res["grid"])
+        o_ok, g_ok = o_ch >= -drop, g_ch >= -drop
+        ours_ok += o_ok
+        grid_ok += g_ok
+        ours_save.append(o_sv)
+        grid_save.append(g_sv)
+        ceil = _ceiling(table, drop, ns.delta)
+        ceiling = "none" if ceil is None else f"{ceil * 100:.0f}%"
+        print(f"{f.name:<31} {table.n:>4} | {o_ch * 100:>+9.2f} {o_sv * 100:>5.1f}% "
+              f"{o_cas:>5.0%} {'yes' if o_ok else 'NO':>3} | {g_ch * 100:>+9.2f} "
+              f"{g_sv * 100:>5.1f}% {'yes' if g_ok else 'NO':>3} | {ceiling:>7}")
+    print("-" * len(head))
+    n = len(files)
+    print(f"promise held (held-out drop <= {drop * 100:g} pt): ours {ours_ok}/{n}, "
+          f"grid search {grid_ok}/{n}")
+    if n:
+        print(f"median cost saving: ours {statistics.median(ours_save) * 100:.1f}%, "
+              f"grid search {statistics.median(grid_save) * 100:.1f}%")
+    print(f"(casc = share of folds where our tuner recommended a cascade; ceiling = the largest "
+          f"saving any tuner could certify on the file even with hindsight, i.e. path learnt and "
+          f"tested on all its cases; cross-validation took {time.perf_counter() - t0:.1f}s)")
+    if largest is not None:
+        sel_s, full_s, r = _timing(largest)
+        print(f"timing on 10,000 resampled cases × {r} rungs: choice {sel_s:.2f}s, "
+              f"full tune with report {full_s:.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

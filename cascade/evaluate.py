@@ -1,0 +1,157 @@
+"""``cascade eval``: replay suites through a config and report what it would have done.
+
+The climb is simulated from the recordings: at each rung of the config, the answer is accepted
+when every verifier of that rung passes (score >= the configured threshold, or the verifier's
+own recorded verdict where no threshold is set); the last rung's answer is returned either way
+(unverified when rejected). This is the engine's policy applied to recorded verdicts, so it is
+exact for everything but cost when a short-circuit would have skipped an expensive verifier
+(here every recorded verifier call is charged: the reported cost is an upper bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cascade.config import CascadeConfig, load_config
+from cascade.errors import ConfigError
+from cascade.suite import OutcomeTable, load_outcome_table
+
+__all__ = ["add_arguments", "evaluate", "format_report", "run"]
+
+
+def _columns(table: OutcomeTable, config: CascadeConfig) -> list[int]:
+    by_label = {r.label: j for j, r in enumerate(table.rungs)}
+    by_model = {r.model: j for j, r in enumerate(table.rungs)}
+    cols = []
+    for i, rung in enumerate(config.rungs):
+        j = by_label.get(rung.label, by_model.get(rung.model))
+        if j is None:
+            raise ConfigError(f"rung {rung.label!r} was not recorded in the suite; recorded: "
+                              f"{', '.join(by_label)}", source=config.source,
+                              key=f"rungs[{i}]")
+        cols.append(j)
+    return cols
+
+
+def _accepts(table: OutcomeTable, config: CascadeConfig, cols: list[int]
+             ) -> npt.NDArray[np.bool_]:
+    acc = np.ones((table.n, len(cols)), dtype=bool)
+    for p, (rung, j) in enumerate(zip(config.rungs, cols, strict=True)):
+        for vc in config.verifiers_for(rung):
+            key = vc.key
+            th = config.threshold(rung, vc)
+            if key in table.scores:
+                s = table.scores[key][:, j]
+                if th is not None:
+                    with np.errstate(invalid="ignore"):
+                        acc[:, p] &= s >= th
+                elif key in table.own_passed:
+                    acc[:, p] &= table.own_passed[key][:, j]
+                elif p == len(cols) - 1:
+                    continue  # the last rung answers anyway; only "verified" is unknown
+                else:
+                    raise ConfigError(f"verifier {key!r} has no threshold for rung "
+                                      f"{rung.label!r} and the suite holds only its scores; "
+                                      "set one", source=config.source, key="thresholds")
+            elif key in table.passed:
+                acc[:, p] &= table.passed[key][:, j]
+    return acc
+
+
+def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
+    """Accuracy, mean cost, savings against every single rung, escalation per rung, and each
+    rung's verifier precision/recall, for ``config`` replayed on ``table``."""
+    cols = _columns(table, config)
+    acc = _accepts(table, config, cols)
+    k, n = len(cols), table.n
+    forced = np.concatenate([acc[:, :-1], np.ones((n, 1), dtype=bool)], axis=1)
+    exit_pos = np.argmax(forced, axis=1)
+    right_k = table.correct[:, cols]
+    cum = np.cumsum(table.cost[:, cols], axis=1)
+    rows = np.arange(n)
+    right = right_k[rows, exit_pos]
+    cost = cum[rows, exit_pos]
+    verified = acc[rows, exit_pos]
+    mean_cost = float(cost.mean()) if n else 0.0
+    per_rung = []
+    for p, rung in enumerate(config.rungs):
+        reached = exit_pos >= p
+        a = acc[reached, p]
+        r = right_k[reached, p]
+        n_reached = int(reached.sum())
+        per_rung.append({
+            "rung": rung.label,
+            "reached": n_reached,
+            "accepted": int(a.sum()),
+            "escalation_rate": (float(1 - a.mean()) if p < k - 1 and n_reached else 0.0),
+            "unverified_rate": (float(1 - a.mean()) if p == k - 1 and n_reached else 0.0),
+            "precision": float(r[a].mean()) if a.any() else None,
+            "recall": float(a[r].mean()) if r.any() else None,
+            "rejected_right_rate": float((~a[r]).mean()) if r.any() else None,
+            "accuracy_here": float(r.mean()) if n_reached else None,
+        })
+    singles = []
+    for j, r in enumerate(table.rungs):
+        mc = float(table.cost[:, j].mean())
+        singles.append({"rung": r.label, "accuracy": float(table.correct[:, j].mean()),
+                        "mean_cost_usd": mc,
+                        "cost_saving": (1 - mean_cost / mc) if mc > 0 else None,
+                        "accuracy_change": float(right.mean() - table.correct[:, j].mean())})
+    return {
+        "source": table.source,
+        "config": config.source,
+        "cases": n,
+        "accuracy": float(right.mean()) if n else math.nan,
+        "mean_cost_usd": mean_cost,
+        "verified_rate": float(verified.mean()) if n else math.nan,
+        "rungs": per_rung,
+        "vs_single_rungs": singles,
+        "oracle_accuracy": float(table.correct.any(axis=1).mean()) if n else math.nan,
+    }
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    """A short table for people."""
+    lines = [f"cases {rep['cases']}  accuracy {rep['accuracy'] * 100:.1f}%  mean cost "
+             f"${rep['mean_cost_usd']:.3g}  verified {rep['verified_rate'] * 100:.1f}%", "",
+             f"{'rung':<28} {'reached':>7} {'accept':>6} {'escal.':>6} {'prec.':>6} "
+             f"{'recall':>6}"]
+    for r in rep["rungs"]:
+        def pct(x: float | None) -> str:
+            return "-" if x is None else f"{x * 100:.0f}%"
+        lines.append(f"{r['rung']:<28} {r['reached']:>7} {r['accepted']:>6} "
+                     f"{pct(r['escalation_rate']):>6} {pct(r['precision']):>6} "
+                     f"{pct(r['recall']):>6}")
+    lines += ["", f"{'vs single rung':<28} {'accuracy':>8} {'Δacc':>7} {'saving':>7}"]
+    for s in rep["vs_single_rungs"]:
+        save = "-" if s["cost_saving"] is None else f"{s['cost_saving'] * 100:.0f}%"
+        lines.append(f"{s['rung']:<28} {s['accuracy'] * 100:>7.1f}% "
+                     f"{s['accuracy_change'] * 100:>+6.1f} {save:>7}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cascade eval SUITE... --config FILE [--json]``."""
+    parser.add_argument("suites", nargs="+", metavar="SUITE",
+                        help="recorded suite folders/files, or shared outcome JSONL files")
+    parser.add_argument("--config", required=True, help="the cascade to evaluate (TUNED.toml)")
+    parser.add_argument("--recorded-with",
+                        help="the ladder the suites were recorded with, when --config holds "
+                             "only some of its rungs (default: --config)")
+    parser.add_argument("--json", action="store_true")
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Evaluate and print."""
+    config = load_config(ns.config)
+    recorded = load_config(ns.recorded_with) if ns.recorded_with else config
+    table = load_outcome_table(ns.suites, recorded)
+    rep = evaluate(table, config)
+    print(json.dumps(rep, indent=2) if ns.json else format_report(rep))
+    return 0

@@ -1,0 +1,147 @@
+"""``cascade record``: run every case of a suite through EVERY rung and store what came back.
+
+Each rung answers each case once; the rung's verifiers then judge that answer with no threshold
+applied (raw scores and pass/fail), all of them (no short-circuit), and every model call they
+make (a self-check, a judge) is recorded too, through the same providers. The tuner re-thresholds
+the recorded scores offline; a replay serves the recorded calls, so verifiers see exactly what
+they saw when recording. Re-recording fills only what is missing. Agreement-style verifiers that
+compare with earlier rungs of a climb see no earlier rungs here (each rung is recorded alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from cascade.config import CascadeConfig, RungConfig, load_config
+from cascade.errors import ProviderError
+from cascade.messages import Request
+from cascade.providers.base import Completion, ModelCall, Provider
+from cascade.suite import Case, Recording, RecordingStore, answer_call, load_cases
+from cascade.trace import Verdict
+from cascade.verify import BoundVerifier, Candidate, VerifyContext, run_verifiers
+
+__all__ = ["add_arguments", "record", "run"]
+
+ProviderFactory = Callable[[RungConfig], Provider]
+
+
+async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, provider: Provider,
+                      store: RecordingStore, bound: Sequence[BoundVerifier],
+                      providers: dict[str, Provider], factory: ProviderFactory) -> None:
+    call = answer_call(rung, case.messages)
+    t0 = time.perf_counter()
+    completion = await provider.complete(call)
+    if not completion.latency_ms:
+        completion = replace(completion, latency_ms=(time.perf_counter() - t0) * 1000)
+    cost = rung.cost_usd(completion.input_tokens, completion.output_tokens)
+
+    async def caller(vcall: ModelCall, target: RungConfig) -> Completion:
+        hit = store.get(vcall)
+        if hit is not None:
+            return hit.completion()
+        prov = providers.get(target.endpoint)
+        if prov is None:
+            prov = providers[target.endpoint] = factory(target)
+        c = await prov.complete(vcall)
+        store.add(Recording.of(vcall, c, case_id=case.id, kind="verifier",
+                               cost_usd=target.cost_usd(c.input_tokens, c.output_tokens),
+                               endpoint=target.endpoint))
+        return c
+
+    request = Request(messages=case.messages)
+    candidate = Candidate(text=completion.text, rung=rung, rung_index=config.rungs.index(rung),
+                          completion=completion, parsed=completion.parsed)
+
+    def make_ctx(bv: BoundVerifier) -> VerifyContext:
+        return VerifyContext(request=request, candidate=candidate, attempts=[],
+                             settings=bv.settings, threshold=None, _caller=caller)
+
+    verdicts: list[Verdict] = (await run_verifiers(bound, make_ctx, short_circuit=False)
+                               if bound else [])
+    store.add(Recording.of(call, completion, case_id=case.id, kind="answer", cost_usd=cost,
+                           endpoint=rung.endpoint, verdicts=verdicts))
+
+
+async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingStore, *,
+                 concurrency: int = 4, factory: ProviderFactory | None = None,
+                 progress: bool = True) -> dict[str, int]:
+    """Record what is missing; returns counts of ``recorded``, ``skipped`` and ``failed``."""
+    from cascade.plugins import load_verifier
+
+    if factory is None:
+        from cascade.providers import make_provider
+
+        factory = make_provider
+    providers: dict[str, Provider] = {}
+    bound_by_rung: dict[str, list[BoundVerifier]] = {}
+    for rung in config.rungs:
+        providers.setdefault(rung.endpoint, factory(rung))
+        bound_by_rung[rung.label] = [
+            BoundVerifier(id=vc.key, verifier=load_verifier(vc), settings=dict(vc.settings),
+                          threshold=None, timeout_s=vc.timeout_s)
+            for vc in config.verifiers_for(rung)
+        ]
+    todo = [(c, r) for c in cases for r in config.rungs
+            if store.get(answer_call(r, c.messages)) is None]
+    counts = {"recorded": 0, "skipped": len(cases) * len(config.rungs) - len(todo), "failed": 0}
+    limiter = anyio.CapacityLimiter(max(1, concurrency))
+    bar: Any = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), file=sys.stderr, unit="call", desc="recording")
+    errors: list[str] = []
+
+    async def one(case: Case, rung: RungConfig) -> None:
+        async with limiter:
+            try:
+                await _record_one(case, rung, config, providers[rung.endpoint], store,
+                                  bound_by_rung[rung.label], providers, factory)
+                counts["recorded"] += 1
+            except ProviderError as e:
+                counts["failed"] += 1
+                errors.append(f"case {case.id!r} × {rung.label}: {e}")
+            if bar is not None:
+                bar.update(1)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for case, rung in todo:
+                tg.start_soon(one, case, rung)
+    finally:
+        if bar is not None:
+            bar.close()
+        for p in providers.values():
+            await p.aclose()
+    for e in errors[:10]:
+        print(f"cascade record: {e}", file=sys.stderr)
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cascade record SUITE --config FILE [--concurrency N]``."""
+    parser.add_argument("suite", help="a suite folder (recordings go inside) or JSONL file")
+    parser.add_argument("--config", required=True, help="the ladder to record")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--out", help="recordings file (default: SUITE/recordings.jsonl)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Record a suite; exit 1 when some calls failed (re-run to fill them in)."""
+    config = load_config(ns.config)
+    cases = load_cases(ns.suite)
+    store = RecordingStore(ns.out) if ns.out else RecordingStore.for_suite(Path(ns.suite))
+    counts = anyio.run(lambda: record(cases, config, store, concurrency=ns.concurrency,
+                                      progress=not ns.no_progress))
+    print(f"recorded {counts['recorded']}, already there {counts['skipped']}, "
+          f"failed {counts['failed']} → {store.path}")
+    return 1 if counts["failed"] else 0

@@ -1,0 +1,979 @@
+"""The tuner: the cheapest rungs and thresholds whose accuracy holds on questions it never saw.
+
+Why not a grid search: choosing the cheapest of thousands of threshold settings that look fine
+on a few hundred cases picks the setting that was luckiest on those cases, and its accuracy
+drops on new ones. Per-setting bootstrap guards do not fix the selection itself.
+
+What we do instead (learn, then test):
+
+1. The best single rung (``reference``) is the most accurate rung on the suite (ties: cheaper).
+   A cascade ends at it and may start at any subset of the rungs that cost less.
+2. The suite is split once. On the *selection* part, per candidate rung and scoring verifier,
+   an antitonic (isotonic) fit of ``d = right(reference) - right(rung)`` against the score says
+   how much accuracy accepting that score risks. One parameter, the allowed risk ``rho``, then
+   gives every threshold at once: a 1-D path from "accept nothing early" (the reference alone)
+   to "accept everything". The rung subset whose path is cheapest on the selection part is kept.
+3. On the *calibration* part, which the path never saw, the path is walked from conservative to
+   aggressive with fixed-sequence testing: each setting must reject ``H0: mean(d) > drop`` at
+   level ``delta`` (a paired, exact test on the discordant cases, see :func:`drop_pvalue`);
+   the walk stops at the first failure. Fixed-sequence testing needs no multiplicity
+   correction, so with probability >= 1 - delta every setting passed keeps its promise on
+   new questions from the same mix. The cheapest passed setting is recommended; when none
+   passes, the reference alone is, and the report says so.
+
+Simulation is vectorised: for a setting, each case exits at the first rung whose every
+verifier passes (score >= threshold), the last rung of the cascade accepting everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cascade.config import CascadeConfig, RungConfig, load_config, parse_config
+from cascade.errors import ConfigError
+from cascade.suite import OutcomeTable, load_outcome_table
+
+__all__ = [
+    "Setting",
+    "TuneResult",
+    "add_arguments",
+    "drop_pvalue",
+    "grid_search_baseline",
+    "run",
+    "select",
+    "simulate",
+    "to_config",
+    "to_toml",
+    "tune",
+]
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+
+Z90 = 1.6448536269514722
+
+
+# ---------------------------------------------------------------- settings and simulation
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A cascade over some rungs of a table: thresholds for every rung but the last.
+
+    ``thresholds[p][v]`` is the threshold of scoring verifier ``keys[v]`` at ``chain[p]``.
+    """
+
+    chain: tuple[int, ...]
+    keys: tuple[str, ...] = ()
+    thresholds: tuple[tuple[float, ...], ...] = ()
+
+    def describe(self, table: OutcomeTable) -> str:
+        parts = []
+        for p, j in enumerate(self.chain):
+            label = table.rungs[j].label
+            if p < len(self.thresholds):
+                th = ", ".join(f"{k}>={t:.3g}" for k, t in zip(self.keys, self.thresholds[p],
+                                                              strict=True) if math.isfinite(t))
+                label += f" [{th or 'never accepts'}]"
+            parts.append(label)
+        return " → ".join(parts)
+
+
+def _scoring_keys(table: OutcomeTable) -> tuple[str, ...]:
+    return tuple(sorted(table.scores))
+
+
+def _gates(table: OutcomeTable, chain: Sequence[int]) -> BoolArray:
+    """Where the non-scoring verifiers pass, per case and early rung of ``chain``."""
+    early = list(chain[:-1])
+    g = np.ones((table.n, len(early)), dtype=bool)
+    for flags in table.passed.values():
+        g &= flags[:, early]
+    return g
+
+
+def _simulate_many(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str],
+                   th: FloatArray) -> tuple[BoolArray, FloatArray, IntArray]:
+    """Right/cost/exit position of ``m`` settings of one chain; ``th`` is (m, k-1, V)."""
+    ch = list(chain)
+    m, k = th.shape[0], len(ch)
+    n = table.n
+    cum = np.cumsum(table.cost[:, ch], axis=1)
+    if k == 1:
+        right = np.broadcast_to(table.correct[:, ch[0]], (m, n)).copy()
+        return right, np.broadcast_to(cum[:, 0], (m, n)).copy(), np.zeros((m, n), np.int64)
+    acc = np.broadcast_to(_gates(table, ch)[None], (m, n, k - 1)).copy()
+    for v, key in enumerate(keys):
+        s = table.scores[key][:, ch[:-1]]  # (n, k-1); NaN compares False: no score, no accept
+        with np.errstate(invalid="ignore"):
+            acc &= s[None, :, :] >= th[:, None, :, v]
+    acc = np.concatenate([acc, np.ones((m, n, 1), dtype=bool)], axis=2)
+    exit_pos = np.argmax(acc, axis=2).astype(np.int64)
+    right = table.correct[:, ch][np.arange(n)[None, :], exit_pos]
+    cost = cum[np.arange(n)[None, :], exit_pos]
+    return right, cost, exit_pos
+
+
+def _prune(setting: Setting) -> Setting:
+    """Drop early rungs that can never accept: they would only add cost."""
+    keep = [p for p, row in enumerate(setting.thresholds) if not any(t == math.inf for t in row)]
+    return Setting(tuple(setting.chain[p] for p in keep) + setting.chain[-1:], setting.keys,
+                   tuple(setting.thresholds[p] for p in keep))
+
+
+def simulate(table: OutcomeTable, setting: Setting) -> tuple[BoolArray, FloatArray, IntArray]:
+    """Per case: was the cascade's answer right, what did it cost, at which chain position it
+    stopped."""
+    th = np.array(setting.thresholds, dtype=float).reshape(1, len(setting.chain) - 1,
+                                                          len(setting.keys))
+    right, cost, ex = _simulate_many(table, setting.chain, setting.keys, th)
+    return right[0], cost[0], ex[0]
+
+
+# ---------------------------------------------------------------- the paired test
+
+
+def _log_binom_cdf(k: int, m: int, q: float) -> float:
+    """log P(Binomial(m, q) <= k), exactly (m is at most the number of cases)."""
+    if k < 0:
+        return -math.inf
+    if k >= m or q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return -math.inf
+    i = np.arange(k + 1, dtype=float)
+    lf = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, m + 1, dtype=float)))])
+    terms = (lf[m] - lf[: k + 1] - lf[m - np.arange(k + 1)] + i * math.log(q)
+             + (m - i) * math.log1p(-q))
+    top = float(terms.max())
+    return top + math.log(float(np.exp(terms - top).sum()))
+
+
+def _clopper_pearson_upper(x: int, n: int, alpha: float) -> float:
+    """One-sided upper 1-alpha bound on a binomial proportion (bisection on the exact tail)."""
+    if x >= n:
+        return 1.0
+    lo, hi = x / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if math.exp(_log_binom_cdf(x, n, mid)) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@lru_cache(maxsize=65536)
+def drop_pvalue(n: int, worse: int, better: int, max_drop: float, beta: float = 0.02) -> float:
+    """A valid p-value for ``H0: P(ref right, cascade wrong) - P(cascade right, ref wrong) >
+    max_drop`` from ``n`` paired cases, ``worse``/``better`` of them discordant each way.
+
+    Under H0 the discordance rate ``pi`` is at least ``max_drop`` and, given ``m`` discordant
+    cases, ``worse ~ Binomial(m, q)`` with ``q = 1/2 + max_drop / (2 pi)``. ``pi`` is unknown:
+    Berger and Boos' device bounds it by an exact upper limit at level ``beta`` and adds
+    ``beta`` to the p-value. Exact for any n; no normal approximation.
+    """
+    m = worse + better
+    pi_u = _clopper_pearson_upper(m, n, beta)
+    if max_drop > 0 and pi_u < max_drop:
+        return beta  # H0 needs at least max_drop of the cases discordant; they are not
+    q0 = 0.5 + max(max_drop, 0.0) / (2 * pi_u) if pi_u > 0 else 1.0
+    return min(1.0, beta + math.exp(_log_binom_cdf(worse, m, min(q0, 1.0))))
+
+
+def certified_drop(n: int, worse: int, better: int, delta: float) -> float:
+    """The smallest accuracy drop the paired test can certify at level ``delta`` (>= 0)."""
+    if drop_pvalue(n, worse, better, 0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    if drop_pvalue(n, worse, better, hi) > delta:
+        return 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if drop_pvalue(n, worse, better, mid) <= delta:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+# ---------------------------------------------------------------- the path
+
+
+def _isotonic(x: FloatArray, y: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Non-decreasing least-squares fit of y on x (pool adjacent violators); returns the
+    distinct x values and the fitted level at each."""
+    order = np.argsort(x, kind="stable")
+    xs, ys = x[order], y[order]
+    ux, inv = np.unique(xs, return_inverse=True)
+    sums = np.bincount(inv, weights=ys)
+    wts = np.bincount(inv).astype(float)
+    lv: list[float] = []
+    lw: list[float] = []
+    ln: list[int] = []
+    for s, w in zip(sums, wts, strict=True):
+        lv.append(s / w)
+        lw.append(w)
+        ln.append(1)
+        while len(lv) > 1 and lv[-2] > lv[-1]:
+            w2 = lw[-2] + lw[-1]
+            lv[-2] = (lv[-2] * lw[-2] + lv[-1] * lw[-1]) / w2
+            lw[-2] = w2
+            ln[-2] += ln[-1]
+            lv.pop()
+            lw.pop()
+            ln.pop()
+    fitted = np.repeat(np.array(lv), np.array(ln))
+    return ux, fitted
+
+
+@dataclass(frozen=True)
+class _RiskCurve:
+    """Estimated accuracy risk of accepting rung answers scoring >= x (non-increasing in x)."""
+
+    x: FloatArray
+    risk: FloatArray
+
+    def threshold(self, rho: float) -> float:
+        ok = np.nonzero(self.risk <= rho)[0]
+        return float(self.x[ok[0]]) if ok.size else math.inf
+
+
+def _risk_curve(scores: FloatArray, d: FloatArray) -> _RiskCurve | None:
+    ok = np.isfinite(scores)
+    if ok.sum() < 2:
+        return None
+    ux, fitted = _isotonic(scores[ok], -d[ok])
+    return _RiskCurve(ux, -fitted)
+
+
+def _path(table: OutcomeTable, chain: Sequence[int], ref: int, keys: Sequence[str],
+          max_points: int = 64) -> FloatArray:
+    """Threshold settings of one chain, conservative first, learnt from ``table``'s labels.
+
+    Returns (m, k-1, V); row 0 accepts nothing early.
+    """
+    early = list(chain[:-1])
+    k1, nv = len(early), len(keys)
+    d = table.correct[:, ref].astype(float)
+    curves: list[list[_RiskCurve | None]] = []
+    rhos: list[float] = []
+    for j in early:
+        row: list[_RiskCurve | None] = []
+        for key in keys:
+            s = table.scores[key][:, j]
+            c = None if np.all(np.isinf(s)) else _risk_curve(s, d - table.correct[:, j])
+            row.append(c)
+            if c is not None:
+                rhos.extend(c.risk.tolist())
+        curves.append(row)
+    grid = np.unique(np.array(rhos)) if rhos else np.array([0.0])
+    if grid.size > max_points:
+        grid = np.unique(np.quantile(grid, np.linspace(0, 1, max_points)))
+    out = np.full((grid.size + 1, k1, nv), math.inf)
+    for g, rho in enumerate(grid, 1):
+        for p in range(k1):
+            for v, key in enumerate(keys):
+                c = curves[p][v]
+                if c is not None:
+                    out[g, p, v] = c.threshold(float(rho))
+                elif np.all(np.isinf(table.scores[key][:, early[p]])):
+                    out[g, p, v] = -math.inf  # this verifier does not judge this rung
+    return out
+
+
+def _chains(order: Sequence[int], ref: int, mean_cost: FloatArray) -> list[tuple[int, ...]]:
+    """Every subset of the rungs clearly cheaper than the reference (at most half its mean cost:
+    a rung nearly as dear cannot save much), in cost order, ending at the reference."""
+    cheaper = [j for j in order if j != ref and mean_cost[j] <= _CHEAPER * mean_cost[ref]]
+    out: list[tuple[int, ...]] = []
+    for r in range(len(cheaper) + 1):
+        for sub in combinations(cheaper, r):
+            out.append((*sub, ref))
+    return out
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class TuneResult:
+    """The recommendation, the config that carries it, and the report behind it."""
+
+    setting: Setting
+    config: CascadeConfig
+    report: dict[str, Any]
+    frontier: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def is_cascade(self) -> bool:
+        return len(self.setting.chain) > 1
+
+
+def _interval(samples: FloatArray) -> list[float]:
+    lo, hi = np.quantile(samples, [0.05, 0.95])
+    return [float(lo), float(hi)]
+
+
+def _bootstrap_stats(right: BoolArray, cost: FloatArray, ref_right: BoolArray,
+                     ref_cost: FloatArray, rng: np.random.Generator, b: int = 1000
+                     ) -> dict[str, list[float]]:
+    n = right.size
+    chunk = max(1, min(b, 4_000_000 // max(n, 1)))
+    acc, cst, dacc, save = [], [], [], []
+    for start in range(0, b, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, b - start), n))
+        a = right[idx].mean(1)
+        c = cost[idx].mean(1)
+        ra = ref_right[idx].mean(1)
+        rc = ref_cost[idx].mean(1)
+        acc.append(a)
+        cst.append(c)
+        dacc.append(a - ra)
+        save.append(1 - c / np.where(rc > 0, rc, np.nan))
+    return {
+        "accuracy": _interval(np.concatenate(acc)),
+        "mean_cost_usd": _interval(np.concatenate(cst)),
+        "accuracy_change": _interval(np.concatenate(dacc)),
+        "cost_saving": _interval(np.nan_to_num(np.concatenate(save))),
+    }
+
+
+def _pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    pts = sorted(points, key=lambda p: (p["mean_cost_usd"], -p["accuracy"]))
+    out: list[dict[str, Any]] = []
+    best = -1.0
+    for p in pts:
+        if p["accuracy"] > best + 1e-12:
+            out.append(p)
+            best = p["accuracy"]
+    return out
+
+
+# ---------------------------------------------------------------- the tuner
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Choice:
+    setting: Setting
+    passed: bool
+    tested: int
+    reason: str
+
+
+_PREDICT_MARGIN = 0.5
+_CHEAPER = 0.5
+_START = "min_p"
+
+
+def _min_p_start(ts: OutcomeTable, chain: tuple[int, ...], keys: Sequence[str], th: FloatArray,
+                 ref: int, n_cal: int, scale: float, max_drop: float, upto: int) -> int:
+    right, _, _ = _simulate_many(ts, chain, keys, th)
+    r = ts.correct[:, ref]
+    ps = [drop_pvalue(n_cal, round(float(np.sum(r & ~right[g])) * scale),
+                      round(float(np.sum(~r & right[g])) * scale), max_drop)
+          for g in range(1, upto + 1)]
+    return 1 + int(np.argmin(ps))
+
+
+def _choose(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: float,
+            rng: np.random.Generator) -> tuple[_Choice, int, IntArray, IntArray]:
+    """Learn the path on one split, walk it with fixed-sequence tests on the other."""
+    n = table.n
+    mean_cost = table.cost.mean(axis=0)
+    acc = table.correct.mean(axis=0)
+    order = [int(j) for j in np.lexsort((mean_cost, -acc))]
+    ref = order[0]
+    keys = _scoring_keys(table)
+    perm = rng.permutation(n)
+    n_sel = round(n * select_frac)
+    sel, cal = np.sort(perm[:n_sel]), np.sort(perm[n_sel:])
+    alone = Setting((ref,))
+    if not keys or n_sel < 10 or cal.size < 10:
+        why = "no scoring verifier to tune" if not keys else "too few cases to tune on"
+        return _Choice(setting=alone, passed=False, tested=0, reason=why), ref, sel, cal
+    ts, tc = table.take(sel), table.take(cal)
+    # On the selection split: for every rung subset and point of its path, predict the
+    # calibration test's p-value from the selection split's discordance rates. The walk will
+    # start at the most promising point (the cheapest predicted to pass, else the one most
+    # likely to) of the most promising subset, and go on towards more aggressive settings.
+    scale = cal.size / n_sel
+    cost_order = [int(j) for j in np.argsort(mean_cost, kind="stable")]
+    ref_s = ts.correct[:, ref]
+    best: tuple[tuple[int, float, float], tuple[int, ...], FloatArray, int] | None = None
+    for chain in _chains(cost_order, ref, mean_cost):
+        if len(chain) == 1:
+            continue
+        th = _path(ts, chain, ref, keys)
+        right, cost, _ = _simulate_many(ts, chain, keys, th)
+        worse = np.sum(ref_s[None, :] & ~right, axis=1)
+        better = np.sum(~ref_s[None, :] & right, axis=1)
+        mc_s = cost.mean(1)
+        ref_cost_s = float(ts.cost[:, ref].mean())
+        for g in range(1, th.shape[0]):
+            if mc_s[g] >= ref_cost_s:
+                continue  # no saving to be had
+            p = drop_pvalue(int(cal.size), round(float(worse[g]) * scale),
+                            round(float(better[g]) * scale), max_drop)
+            ok = p <= delta * _PREDICT_MARGIN
+            key = (0, float(mc_s[g]), p) if ok else (1, p, float(mc_s[g]))
+            if best is None or key < best[0]:
+                best = (key, chain, th, g)
+    if best is None:
+        return (_Choice(setting=alone, passed=False, tested=0,
+                        reason="no cascade setting to test"), ref, sel, cal)
+    _k, chain, th, start = best
+    if _START == "min_p":
+        start = _min_p_start(ts, chain, keys, th, ref, cal.size, scale, max_drop, start)
+    right, cost, _ = _simulate_many(tc, chain, keys, th)
+    ref_right = tc.correct[:, ref]
+    chosen: Setting | None = None
+    chosen_cost = math.inf
+    tested = 0
+    prev: BoolArray | None = None
+    for g in range(start, th.shape[0]):
+        if prev is not None and np.array_equal(right[g], prev):
+            continue  # same answers on the calibration split: same test, same outcome
+        prev = right[g]
+        worse_c = int(np.sum(ref_right & ~right[g]))
+        better_c = int(np.sum(~ref_right & right[g]))
+        tested += 1
+        if drop_pvalue(int(cal.size), worse_c, better_c, max_drop) > delta:
+            break
+        mc = float(cost[g].mean())
+        if mc < chosen_cost:
+            chosen_cost = mc
+            chosen = _prune(Setting(chain, keys,
+                                    tuple(tuple(float(t) for t in row) for row in th[g])))
+    if chosen is None:
+        return (_Choice(setting=alone, passed=False, tested=tested,
+                        reason=f"no cascade setting passed the held-out test (H0: accuracy "
+                               f"drop > {max_drop:g}, level {delta:g}) on "
+                               f"{cal.size} calibration cases"), ref, sel, cal)
+    return _Choice(setting=chosen, passed=True, tested=tested, reason="passed"), ref, sel, cal
+
+
+def _choose_budget(table: OutcomeTable, *, max_cost: float, select_frac: float,
+                   rng: np.random.Generator) -> tuple[_Choice, int, IntArray, IntArray]:
+    """The most accurate setting whose mean cost stays under ``max_cost`` (90% upper bound)."""
+    n = table.n
+    mean_cost = table.cost.mean(axis=0)
+    acc = table.correct.mean(axis=0)
+    ref = int(np.lexsort((mean_cost, -acc))[0])
+    keys = _scoring_keys(table)
+    perm = rng.permutation(n)
+    n_sel = round(n * select_frac)
+    sel, cal = np.sort(perm[:n_sel]), np.sort(perm[n_sel:])
+    ts, tc = table.take(sel), table.take(cal)
+    best: tuple[float, float, Setting] | None = None
+    order = [int(j) for j in np.argsort(mean_cost, kind="stable")]
+    for top in order:
+        for chain in _chains(order, top, mean_cost):
+            if len(chain) > 1 and not keys:
+                continue
+            th = (_path(ts, chain, top, keys) if len(chain) > 1
+                  else np.zeros((1, 0, len(keys))))
+            _, cost_all, _ = _simulate_many(table, chain, keys, th)
+            right_c, _, _ = _simulate_many(tc, chain, keys, th)
+            ucb = cost_all.mean(1) + Z90 * cost_all.std(1) / math.sqrt(n)
+            for g in np.nonzero(ucb <= max_cost)[0]:
+                a, c = float(right_c[g].mean()), float(cost_all[g].mean())
+                if best is None or (a, -c) > (best[0], -best[1]):
+                    s = _prune(Setting(chain, keys if len(chain) > 1 else (),
+                                       tuple(tuple(float(t) for t in row) for row in th[g])))
+                    best = (a, c, s)
+    if best is None:
+        cheapest = int(np.argmin(mean_cost))
+        return (_Choice(setting=Setting((cheapest,)), passed=False, tested=0,
+                        reason=f"nothing costs under ${max_cost:g} per case; the cheapest "
+                               "rung is recommended"), ref, sel, cal)
+    return _Choice(setting=best[2], passed=True, tested=0, reason="fits the budget"), ref, sel, cal
+
+
+def _dominating_rung(table: OutcomeTable, right: BoolArray, cost: FloatArray) -> int | None:
+    """A single rung at least as accurate and no dearer than the cascade (one strictly)."""
+    a, c = float(right.mean()), float(cost.mean())
+    acc = table.correct.mean(axis=0)
+    mc = table.cost.mean(axis=0)
+    best: int | None = None
+    for j in range(len(table.rungs)):
+        dominates = acc[j] >= a and mc[j] <= c and (acc[j] > a or mc[j] < c)
+        if dominates and (best is None or mc[j] < mc[best]):
+            best = j
+    return best
+
+
+def _shift(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: float,
+           seed: int, folds: int = 5) -> dict[str, Any]:
+    """Tune on some groups of cases, evaluate on the others: how the promise holds up when the
+    mix of questions changes (subjects, benchmarks, or the first tag of each case)."""
+    top = [g.split("/")[0] for g in table.groups]
+    groups = top if len(set(top)) >= 3 else list(table.groups)
+    names = sorted(set(groups))
+    if len(names) < 3:
+        return {"available": False,
+                "reason": "the cases carry fewer than 3 groups; tag them (first tag = group) "
+                          "to measure how tuning holds on an unseen mix"}
+    rng = np.random.default_rng(seed)
+    k = min(folds, len(names))
+    fold_of = {g: i % k for i, g in enumerate(rng.permutation(names).tolist())}
+    gi = np.array([fold_of[g] for g in groups])
+    changes: list[float] = []
+    savings: list[float] = []
+    held: list[bool] = []
+    for f in range(k):
+        tr, te = np.nonzero(gi != f)[0], np.nonzero(gi == f)[0]
+        if tr.size < 20 or te.size < 5:
+            continue
+        ttr, tte = table.take(tr), table.take(te)
+        choice, ref, _s, _c = _choose(ttr, max_drop=max_drop, delta=delta,
+                                      select_frac=select_frac, rng=np.random.default_rng(seed))
+        right, cost, _ = simulate(tte, choice.setting)
+        ch = float(right.mean() - tte.correct[:, ref].mean())
+        rc = float(tte.cost[:, ref].mean())
+        changes.append(ch)
+        savings.append(1 - float(cost.mean()) / rc if rc > 0 else 0.0)
+        held.append(ch >= -max_drop)
+    if not changes:
+        return {"available": False, "reason": "groups too small to hold any out"}
+    arr = np.array(changes)
+    return {
+        "available": True,
+        "by": "benchmark" if groups is top else "group",
+        "folds": len(changes),
+        "groups": len(names),
+        "accuracy_change_by_fold": [round(x, 4) for x in changes],
+        "cost_saving_by_fold": [round(x, 4) for x in savings],
+        "accuracy_change_mean": float(arr.mean()),
+        "accuracy_change_worst": float(arr.min()),
+        "promise_held_fraction": float(np.mean(held)),
+    }
+
+
+def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = 0.1,
+           select_frac: float = 0.4, seed: int = 0) -> tuple[Setting, int]:
+    """Only the choice of :func:`tune` (setting, reference rung index), for cross-validation."""
+    choice, ref, _s, _c = _choose(table, max_drop=max_accuracy_drop, delta=delta,
+                                  select_frac=select_frac, rng=np.random.default_rng(seed))
+    setting = choice.setting
+    if len(setting.chain) > 1:
+        right, cost, _ = simulate(table, setting)
+        dom = _dominating_rung(table, right, cost)
+        if dom is not None:
+            setting = Setting((dom,))
+    return setting, ref
+
+
+def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
+         max_cost_usd: float | None = None, delta: float = 0.1, select_frac: float = 0.4,
+         seed: int = 0, shift: bool = True, bootstrap: int = 1000) -> TuneResult:
+    """Tune ``table``; see the module docstring for the method.
+
+    ``max_accuracy_drop`` (default) asks for the cheapest setting whose accuracy stays within
+    that much of the best single rung with probability ``1 - delta``; ``max_cost_usd`` instead
+    asks for the most accurate setting whose mean cost per case stays under it.
+    """
+    if table.n == 0:
+        raise ConfigError("the outcome table is empty")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    if max_cost_usd is not None:
+        choice, ref, _sel, cal = _choose_budget(table, max_cost=max_cost_usd,
+                                               select_frac=select_frac, rng=rng)
+    else:
+        drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
+        choice, ref, _sel, cal = _choose(table, max_drop=drop, delta=delta,
+                                         select_frac=select_frac, rng=rng)
+    setting = choice.setting
+    notes: list[str] = []
+    if not choice.passed:
+        notes.append(f"No cascade is recommended: {choice.reason}. Use "
+                     f"{table.rungs[setting.chain[0]].label} alone.")
+    right, cost, exit_pos = simulate(table, setting)
+    dom = _dominating_rung(table, right, cost)
+    if dom is not None and len(setting.chain) > 1:
+        notes.append(f"The tuned cascade was dearer and no more accurate than "
+                     f"{table.rungs[dom].label} alone on the suite; recommending that rung.")
+        setting = Setting((dom,))
+        right, cost, exit_pos = simulate(table, setting)
+    took = time.perf_counter() - t0
+
+    report = _report(table, setting, ref, right, cost, exit_pos, cal, choice, rng, notes,
+                     max_accuracy_drop=max_accuracy_drop, max_cost_usd=max_cost_usd,
+                     delta=delta, bootstrap=bootstrap)
+    report["timing_s"] = round(took, 4)
+    if shift and max_cost_usd is None:
+        drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
+        sh = _shift(table, max_drop=drop, delta=delta, select_frac=select_frac, seed=seed)
+        if sh.get("available"):
+            iid = report["expected"]["accuracy_change"]["interval_90"]
+            worst = sh["accuracy_change_worst"]
+            sh["accuracy_change_interval_90_under_shift"] = [min(iid[0], worst), iid[1]]
+            if worst < -drop:
+                report["notes"].append(
+                    f"Under a shift of the question mix ({sh['by']}s held out), the accuracy "
+                    f"change reached {worst:+.3f} on one fold: the promise holds for questions "
+                    "like the suite's; watch production with a shadow check of the top rung.")
+        report["shift"] = sh
+    frontier = _frontier(table, ref)
+    report["frontier"] = frontier
+    return TuneResult(setting=setting, config=to_config(table, setting), report=report,
+                      frontier=frontier)
+
+
+def _report(table: OutcomeTable, setting: Setting, ref: int, right: BoolArray,
+            cost: FloatArray, exit_pos: IntArray, cal: IntArray, choice: _Choice,
+            rng: np.random.Generator, notes: list[str], *, max_accuracy_drop: float | None,
+            max_cost_usd: float | None, delta: float, bootstrap: int) -> dict[str, Any]:
+    ref_right = table.correct[:, ref]
+    ref_cost = table.cost[:, ref]
+    # Accuracy on the calibration split (the path never saw it); cost needs no labels.
+    ci = _bootstrap_stats(right[cal], cost[cal], ref_right[cal], ref_cost[cal], rng,
+                          b=bootstrap) if cal.size else _bootstrap_stats(
+        right, cost, ref_right, ref_cost, rng, b=bootstrap)
+    cost_ci = _bootstrap_stats(right, cost, ref_right, ref_cost, rng, b=bootstrap)
+    worse = int(np.sum(ref_right[cal] & ~right[cal]))
+    better = int(np.sum(~ref_right[cal] & right[cal]))
+    chain_labels = [table.rungs[j].label for j in setting.chain]
+    rc = float(ref_cost.mean())
+    exits = np.bincount(exit_pos, minlength=len(setting.chain)) / max(table.n, 1)
+    acc = table.correct.mean(axis=0)
+    mc = table.cost.mean(axis=0)
+    oracle_pos = np.where(table.correct.any(axis=1),
+                          np.argmax(table.correct[:, np.argsort(mc, kind="stable")], axis=1), -1)
+    order = np.argsort(mc, kind="stable")
+    ocost = np.where(oracle_pos >= 0,
+                     table.cost[np.arange(table.n), order[np.maximum(oracle_pos, 0)]],
+                     table.cost[:, order[-1]])
+    return {
+        "source": table.source,
+        "cases": table.n,
+        "rungs": list(table.labels),
+        "objective": ({"max_cost_usd": max_cost_usd} if max_cost_usd is not None else
+                      {"max_accuracy_drop": max_accuracy_drop, "delta": delta}),
+        "method": "learn-then-test: isotonic risk path on a selection split, fixed-sequence "
+                  "exact paired tests on a calibration split",
+        "split": {"selection": int(table.n - cal.size), "calibration": int(cal.size)},
+        "reference": {"rung": table.rungs[ref].label, "accuracy": float(acc[ref]),
+                      "mean_cost_usd": float(mc[ref])},
+        "recommendation": {
+            "kind": "cascade" if len(setting.chain) > 1 else "single_rung",
+            "rungs": chain_labels,
+            "thresholds": {table.rungs[j].label: {k: float(t) for k, t in
+                                                  zip(setting.keys, setting.thresholds[p],
+                                                      strict=True) if math.isfinite(t)}
+                           for p, j in enumerate(setting.chain[:-1])},
+            "describe": setting.describe(table),
+            "exit_rate": {lab: float(x) for lab, x in zip(chain_labels, exits, strict=True)},
+            "tested_settings": choice.tested,
+            "passed_test": choice.passed,
+        },
+        "expected": {
+            "confidence": 0.9,
+            "accuracy": {"estimate": float(right[cal].mean() if cal.size else right.mean()),
+                         "interval_90": ci["accuracy"]},
+            "mean_cost_usd": {"estimate": float(cost.mean()),
+                              "interval_90": cost_ci["mean_cost_usd"]},
+            "accuracy_change": {
+                "estimate": float((right[cal].astype(float) - ref_right[cal]).mean()
+                                  if cal.size else 0.0),
+                "interval_90": ci["accuracy_change"]},
+            "cost_saving": {"estimate": 1 - float(cost.mean()) / rc if rc > 0 else 0.0,
+                            "interval_90": cost_ci["cost_saving"]},
+            "certified_max_drop": (certified_drop(int(cal.size), worse, better, delta)
+                                   if len(setting.chain) > 1 and cal.size else 0.0),
+        },
+        "single_rungs": [{"rung": r.label, "accuracy": float(acc[j]),
+                          "mean_cost_usd": float(mc[j])} for j, r in enumerate(table.rungs)],
+        "oracle": {"accuracy": float(table.correct.any(axis=1).mean()),
+                   "mean_cost_usd": float(ocost.mean())},
+        "notes": notes,
+    }
+
+
+def _frontier(table: OutcomeTable, ref: int, max_chains: int = 64) -> list[dict[str, Any]]:
+    """In-sample cost/accuracy frontier of cascades ending at the reference, with every single
+    rung and the oracle for scale. In-sample: it shows the room, not a promise."""
+    keys = _scoring_keys(table)
+    mc = table.cost.mean(axis=0)
+    order = [int(j) for j in np.argsort(mc, kind="stable")]
+    pts: list[dict[str, Any]] = []
+    if keys:
+        for chain in _chains(order, ref, mc)[:max_chains]:
+            if len(chain) == 1:
+                continue
+            th = _path(table, chain, ref, keys, max_points=24)
+            right, cost, _ = _simulate_many(table, chain, keys, th)
+            for g in range(1, th.shape[0]):
+                pts.append({"kind": "cascade", "rungs": [table.rungs[j].label for j in chain],
+                            "accuracy": float(right[g].mean()),
+                            "mean_cost_usd": float(cost[g].mean())})
+    out = _pareto(pts)
+    for j, r in enumerate(table.rungs):
+        out.append({"kind": "single_rung", "rungs": [r.label],
+                    "accuracy": float(table.correct[:, j].mean()), "mean_cost_usd": float(mc[j])})
+    o_acc = float(table.correct.any(axis=1).mean())
+    pos = np.argmax(table.correct[:, order], axis=1)
+    cost = np.where(table.correct.any(axis=1),
+                    table.cost[np.arange(table.n), np.array(order)[pos]], table.cost[:, order[-1]])
+    out.append({"kind": "oracle", "rungs": [], "accuracy": o_acc,
+                "mean_cost_usd": float(cost.mean())})
+    return sorted(out, key=lambda p: p["mean_cost_usd"])
+
+
+# ---------------------------------------------------------------- the plain baseline
+
+
+def grid_search_baseline(table: OutcomeTable, *, max_drop: float = 0.01,
+                         grid: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+                         ) -> Setting:
+    """What everyone does: every rung subset × a grid of per-rung thresholds; keep those whose
+    accuracy on the suite is within ``max_drop`` of the best rung, take the cheapest.
+    Only the first scoring verifier is tuned. For comparison in benchmarks, not for use."""
+    keys = _scoring_keys(table)[:1]
+    mc = table.cost.mean(axis=0)
+    acc = table.correct.mean(axis=0)
+    ref = int(np.lexsort((mc, -acc))[0])
+    best = Setting((ref,))
+    best_cost = float(mc[ref])
+    if not keys:
+        return best
+    order = [int(j) for j in np.argsort(mc, kind="stable")]
+    g = np.array(grid, dtype=float)
+    for chain in _chains(order, ref, mc):
+        k1 = len(chain) - 1
+        if k1 == 0:
+            continue
+        mesh = np.stack(np.meshgrid(*([g] * k1), indexing="ij"), axis=-1).reshape(-1, k1, 1)
+        right, cost, _ = _simulate_many(table, chain, keys, mesh)
+        ok = right.mean(1) >= acc[ref] - max_drop - 1e-12
+        if ok.any():
+            c = cost.mean(1)
+            c[~ok] = np.inf
+            i = int(np.argmin(c))
+            if c[i] < best_cost:
+                best_cost = float(c[i])
+                best = Setting(chain, keys, tuple((float(t),) for t in mesh[i, :, 0]))
+    return best
+
+
+# ---------------------------------------------------------------- output
+
+
+def to_config(table: OutcomeTable, setting: Setting) -> CascadeConfig:
+    """A complete cascade config for ``setting``: the chosen rungs with their thresholds."""
+    rungs: list[RungConfig] = []
+    for p, j in enumerate(setting.chain):
+        r = table.rungs[j]
+        th = dict(r.thresholds)
+        if p < len(setting.thresholds):
+            for k, t in zip(setting.keys, setting.thresholds[p], strict=True):
+                if math.isfinite(t):
+                    th[k] = t
+        rungs.append(replace(r, thresholds=th, fallbacks=()))
+    base = table.base
+    if base is not None:
+        return base.replace(rungs=tuple(rungs))
+    return CascadeConfig(rungs=tuple(rungs), verifiers=table.verifiers, source="<tuned>")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            raise ValueError("TOML cannot hold inf/nan here")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, Mapping):
+        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items())
+        return "{ " + inner + " }" if inner else "{}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
+def _rung_table(r: RungConfig) -> dict[str, Any]:
+    d: dict[str, Any] = {"model": r.model, "provider": r.provider}
+    if r.name:
+        d["name"] = r.name
+    for k in ("base_url", "api_key_env", "max_retries"):
+        if getattr(r, k) is not None:
+            d[k] = getattr(r, k)
+    d.update(input_usd_per_mtok=r.input_usd_per_mtok, output_usd_per_mtok=r.output_usd_per_mtok,
+             max_tokens=r.max_tokens, temperature=r.temperature, timeout_s=r.timeout_s,
+             logprobs=r.logprobs)
+    if r.verifiers is not None:
+        d["verifiers"] = list(r.verifiers)
+    if r.thresholds:
+        d["thresholds"] = dict(r.thresholds)
+    if r.extra:
+        d["extra"] = dict(r.extra)
+    return d
+
+
+def to_toml(config: CascadeConfig, *, header: str = "") -> str:
+    """Write a config as TOML that :func:`cascade.config.load_config` reads back the same."""
+    lines = [f"# {h}" for h in header.splitlines()]
+    if config.max_cost_usd is not None:
+        lines.append(f"max_cost_usd = {_toml_value(config.max_cost_usd)}")
+    if config.timeout_s is not None:
+        lines.append(f"timeout_s = {_toml_value(config.timeout_s)}")
+    for r in config.rungs:
+        lines += ["", "[[rungs]]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in _rung_table(r).items()]
+    for v in config.verifiers:
+        lines += ["", "[[verifiers]]", f"name = {_toml_value(v.name)}"]
+        if v.id:
+            lines.append(f"id = {_toml_value(v.id)}")
+        if v.threshold is not None:
+            lines.append(f"threshold = {_toml_value(v.threshold)}")
+        lines.append(f"timeout_s = {_toml_value(v.timeout_s)}")
+        lines += [f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.settings.items()]
+    for name in ("policy", "cache", "retry", "breaker", "budget"):
+        section = getattr(config, name)
+        default = type(section)()
+        items = {k: getattr(section, k) for k in type(section).__dataclass_fields__
+                 if getattr(section, k) != getattr(default, k) and getattr(section, k) is not None}
+        if items:
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(x)}" for k, x in items.items()]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def plot_frontier(frontier: Sequence[Mapping[str, Any]], report: Mapping[str, Any],
+                  path: str | Path) -> bool:
+    """Draw the frontier to a PNG; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, style in (("cascade", "-o"), ("single_rung", "s"), ("oracle", "*")):
+        pts = [p for p in frontier if p["kind"] == kind]
+        if pts:
+            ax.plot([p["mean_cost_usd"] for p in pts], [p["accuracy"] for p in pts], style,
+                    label=kind.replace("_", " "), markersize=5)
+        if kind == "single_rung":
+            for p in pts:
+                ax.annotate(p["rungs"][0], (p["mean_cost_usd"], p["accuracy"]), fontsize=7)
+    exp = report.get("expected", {})
+    if exp:
+        ax.plot([exp["mean_cost_usd"]["estimate"]], [exp["accuracy"]["estimate"]], "rX",
+                markersize=10, label="recommended")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean cost per case (USD)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The human summary printed by ``cascade tune``."""
+    e = report["expected"]
+    rec = report["recommendation"]
+    ref = report["reference"]
+
+    def iv(x: Mapping[str, Any], pct: bool = False, usd: bool = False) -> str:
+        lo, hi = x["interval_90"]
+        if pct:
+            return f"{x['estimate'] * 100:+.1f} pts (90%: {lo * 100:+.1f} … {hi * 100:+.1f})"
+        if usd:
+            return f"${x['estimate']:.3g} (90%: ${lo:.3g} … ${hi:.3g})"
+        return f"{x['estimate'] * 100:.1f}% (90%: {lo * 100:.1f} … {hi * 100:.1f})"
+
+    lines = [
+        f"cases: {report['cases']}   best single rung: {ref['rung']} "
+        f"({ref['accuracy'] * 100:.1f}%, ${ref['mean_cost_usd']:.3g}/case)",
+        f"recommended: {rec['describe']}",
+        f"  accuracy        {iv(e['accuracy'])}",
+        f"  accuracy change {iv(e['accuracy_change'], pct=True)}",
+        f"  mean cost       {iv(e['mean_cost_usd'], usd=True)}",
+        f"  cost saving     {e['cost_saving']['estimate'] * 100:.1f}% (90%: "
+        f"{e['cost_saving']['interval_90'][0] * 100:.1f} … "
+        f"{e['cost_saving']['interval_90'][1] * 100:.1f})",
+    ]
+    if rec["kind"] == "cascade" and "delta" in report["objective"]:
+        lines.append(f"  certified: with {100 * (1 - report['objective']['delta']):.0f}% "
+                     f"confidence the drop on new questions of this mix is at most "
+                     f"{e['certified_max_drop'] * 100:.2f} pts")
+    sh = report.get("shift")
+    if sh and sh.get("available"):
+        lines.append(f"  under shift ({sh['folds']} held-out {sh['by']} folds): accuracy change "
+                     f"mean {sh['accuracy_change_mean'] * 100:+.1f} pts, worst "
+                     f"{sh['accuracy_change_worst'] * 100:+.1f} pts")
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cascade tune SUITE... [--config FILE] [--max-accuracy-drop X | --max-cost-usd X]``."""
+    parser.add_argument("suites", nargs="+", metavar="SUITE",
+                        help="recorded suite folders/files, or shared outcome JSONL files")
+    parser.add_argument("--config", help="the ladder the suites were recorded with (not needed "
+                                         "for shared outcome files)")
+    goal = parser.add_mutually_exclusive_group()
+    goal.add_argument("--max-accuracy-drop", type=float, default=None,
+                      help="cheapest setting within this accuracy of the best rung (default "
+                           "0.01)")
+    goal.add_argument("--max-cost-usd", type=float, default=None,
+                      help="most accurate setting under this mean cost per case")
+    parser.add_argument("--delta", type=float, default=0.1,
+                        help="allowed chance that the accuracy promise fails (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="where to write TUNED.toml")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--plot", help="write the frontier as a PNG (needs matplotlib)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Tune, write TUNED.toml, print the report."""
+    config = load_config(ns.config) if ns.config else None
+    table = load_outcome_table(ns.suites, config)
+    result = tune(table, max_accuracy_drop=ns.max_accuracy_drop, max_cost_usd=ns.max_cost_usd,
+                  delta=ns.delta, seed=ns.seed)
+    header = (f"Tuned by `cascade tune` on {table.n} cases ({table.source}).\n"
+              f"Recommendation: {result.report['recommendation']['describe']}")
+    text = to_toml(result.config, header=header)
+    parse_config(__import__("tomllib").loads(text), source=ns.out)  # never write what won't load
+    Path(ns.out).write_text(text, encoding="utf-8")
+    if ns.plot and not plot_frontier(result.frontier, result.report, ns.plot):
+        print("cascade: --plot needs matplotlib (pip install 'verified-cascade[plot]'); "
+              "skipped", file=sys.stderr)
+    if ns.json:
+        print(json.dumps(result.report, indent=2))
+    else:
+        print(format_report(result.report))
+        print(f"wrote {ns.out}")
+    return 0
+

@@ -1,0 +1,193 @@
+"""Suites, graders, recordings and the outcome tables built from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cascade.config import RungConfig, parse_config
+from cascade.errors import ConfigError
+from cascade.messages import Message
+from cascade.providers.base import Completion, ModelCall, TokenLogprob
+from cascade.suite import (
+    Case,
+    Recording,
+    RecordingStore,
+    answer_call,
+    grade,
+    is_shared_outcomes,
+    load_cases,
+    load_outcome_table,
+    load_shared_outcomes,
+    table_from_recordings,
+)
+from cascade.trace import Verdict
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data" / "cascades"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(),
+                                  reason=f"shared recorded outcomes not found at {SHARED}")
+
+
+def _case(grader: str, expected: object, cid: str = "c") -> Case:
+    return Case(id=cid, messages=(Message("user", "q?"),), expected=expected, grader=grader)
+
+
+@pytest.mark.parametrize(("grader", "expected", "text", "ok"), [
+    ("numeric", 20, "so he buys 60 / 3 = 20 dolls.\n#### 20", True),
+    ("numeric", 20, "#### 15", False),
+    ("numeric", "1234.5", "It costs $1,234.50.", True),
+    ("choice", "B", "The answer is (B).", True),
+    ("choice", "B", "A", False),
+    ("normalised", ["Pacific", "Pacific Ocean"], "The Pacific ocean.", True),
+    ("normalised", "Paris", "Lyon", False),
+    ("exact", "Au", " Au ", True),
+    ("exact", "Au", "au", False),
+])
+def test_graders(grader: str, expected: object, text: str, ok: bool) -> None:
+    assert grade(_case(grader, expected), text) is ok
+
+
+def test_json_schema_grader() -> None:
+    schema = {"type": "object", "required": ["x"], "properties": {"x": {"type": "number"}}}
+    c = _case("json_schema", schema)
+    assert grade(c, 'Here: ```json\n{"x": 3}\n```')
+    assert not grade(c, '{"y": 3}')
+    assert not grade(c, "no json at all")
+
+
+def test_dotted_grader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mygrader.py").write_text(
+        "def shouty(text, case):\n    return text.isupper() and case.id == 'c'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert grade(_case("mygrader:shouty", None), "YES")
+    assert not grade(_case("mygrader:shouty", None), "yes")
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        grade(_case("mygrader:missing", None), "YES")
+
+
+def test_load_cases_folder_skips_recordings_and_checks(tmp_path: Path) -> None:
+    lines = [{"id": "a", "messages": [{"role": "user", "content": "2+2?"}], "expected": 4,
+              "grader": "numeric", "tags": ["arith"]},
+             {"id": "b", "messages": [{"role": "user", "content": "Capital of France?"}],
+              "expected": "Paris"}]
+    (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (tmp_path / "recordings.jsonl").write_text('{"not": "a case"}\n')
+    cases = load_cases(tmp_path)
+    assert [c.id for c in cases] == ["a", "b"]
+    assert cases[0].group == "arith" and cases[1].grader == "normalised"
+    (tmp_path / "more.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(ConfigError, match="repeats"):
+        load_cases(tmp_path)
+
+
+@pytest.mark.parametrize(("obj", "match"), [
+    ({"id": "x", "messages": [{"role": "user", "content": "q"}], "grader": "fuzzy"}, "grader"),
+    ({"id": "x"}, "messages"),
+    ({"id": "x", "messages": [{"role": "user", "content": "q"}], "grader": "json_schema",
+      "expected": "not a schema"}, "schema"),
+    ({"id": "x", "messages": [{"role": "robot", "content": "q"}]}, "role"),
+])
+def test_bad_cases_are_named(tmp_path: Path, obj: dict[str, object], match: str) -> None:
+    f = tmp_path / "s.jsonl"
+    f.write_text(json.dumps(obj) + "\n")
+    with pytest.raises(ConfigError, match=match) as e:
+        load_cases(f)
+    assert "s.jsonl:1" in str(e.value)
+
+
+def test_our_fixture_suite_loads_and_grades_its_own_answers() -> None:
+    cases = load_cases(REPO / "fixtures" / "suite")
+    assert 40 <= len(cases) <= 60
+    assert {c.grader for c in cases} >= {"numeric", "normalised", "choice", "json_schema"}
+    for c in cases:
+        if c.grader in ("numeric", "normalised", "choice"):
+            exp = c.expected[0] if isinstance(c.expected, list) else c.expected
+            assert grade(c, str(exp)), c.id
+
+
+def test_recording_store_round_trip(tmp_path: Path) -> None:
+    rung = RungConfig(model="m1", logprobs=True)
+    msgs = (Message("user", "2+2?"),)
+    call = answer_call(rung, msgs)
+    comp = Completion(text="4", model="m1", input_tokens=5, output_tokens=1,
+                      logprobs=(TokenLogprob("4", -0.1, {"4": -0.1, "5": -3.0}),),
+                      latency_ms=12.0, finish_reason="stop")
+    store = RecordingStore(tmp_path / "recordings.jsonl")
+    store.add(Recording.of(call, comp, case_id="a", kind="answer", cost_usd=1e-6,
+                           verdicts=[Verdict(passed=True, reason="ok", score=0.9,
+                                             verifier="confidence")]))
+    again = RecordingStore.for_suite(tmp_path)
+    rec = again.get(call)
+    assert rec is not None and rec.text == "4" and rec.verdicts[0].score == 0.9
+    assert rec.completion().logprobs == comp.logprobs
+    assert again.case_for(msgs) == "a"
+    # same model and messages but other sampling settings: the loose match still serves it
+    assert again.get(ModelCall(model="m1", messages=msgs, max_tokens=7)) is not None
+    assert again.get(ModelCall(model="m2", messages=msgs)) is None
+
+
+def _recorded_suite(tmp_path: Path, *, skip: tuple[str, str] | None = None) -> Path:
+    cases = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"{i}+{i}?"}],
+              "expected": 2 * i, "grader": "numeric", "tags": ["arith"]} for i in range(4)]
+    (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(c) for c in cases) + "\n")
+    cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}],
+                        "verifiers": [{"name": "confidence"}]})
+    store = RecordingStore(tmp_path / "recordings.jsonl")
+    for c in load_cases(tmp_path):
+        i = int(c.id[1:])
+        for rung in cfg.rungs:
+            if skip == (c.id, rung.model):
+                continue
+            right = rung.model == "big" or i % 2 == 0
+            text = str(2 * i) if right else "wrong"
+            score = 0.9 if right else 0.2
+            store.add(Recording.of(
+                answer_call(rung, c.messages),
+                Completion(text=text, model=rung.model, input_tokens=10, output_tokens=2),
+                case_id=c.id, kind="answer", cost_usd=0.001 if rung.model == "small" else 0.01,
+                verdicts=[Verdict(passed=score > 0.5, reason="", score=score,
+                                  verifier="confidence", cost_usd=0.0005)]))
+    return tmp_path
+
+
+def test_table_from_recordings(tmp_path: Path) -> None:
+    suite = _recorded_suite(tmp_path)
+    cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}],
+                        "verifiers": [{"name": "confidence"}]})
+    t = load_outcome_table([suite], cfg)
+    assert t.n == 4 and t.labels == ("small", "big")
+    assert t.correct[:, 0].tolist() == [True, False, True, False]
+    assert t.correct[:, 1].all()
+    assert t.scores["confidence"][:, 0].tolist() == [0.9, 0.2, 0.9, 0.2]
+    assert np.allclose(t.cost[:, 0], 0.0015)  # answer plus the verifier's call
+    assert t.own_passed["confidence"][:, 0].tolist() == [True, False, True, False]
+
+
+def test_missing_recording_names_case_and_model(tmp_path: Path) -> None:
+    suite = _recorded_suite(tmp_path, skip=("q2", "big"))
+    cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}]})
+    with pytest.raises(ConfigError, match=r"case 'q2' × model 'big'"):
+        table_from_recordings(load_cases(suite), RecordingStore.for_suite(suite), cfg)
+    with pytest.raises(ConfigError, match="--config"):
+        load_outcome_table([suite])
+
+
+@needs_shared
+def test_shared_outcomes_loader() -> None:
+    f = SHARED / "mmlu_qwen_oai_train.jsonl"
+    assert is_shared_outcomes(f)
+    t = load_shared_outcomes([f])
+    assert t.n == 285 and len(t.rungs) == 4
+    mc = t.cost.mean(axis=0)
+    assert np.all(np.diff(mc) >= 0), "rungs must be ordered by mean cost"
+    assert t.rungs[0].model == "gpt-4o-mini" and t.rungs[-1].model == "gpt-4o"
+    assert t.rungs[1].provider == "openai-compatible" and t.rungs[1].base_url
+    assert 0.7 < t.correct[:, 0].mean() < 0.76
+    assert t.groups[0].startswith("mmlu/") and len(set(t.groups)) == 57
+    assert t.verifiers[0].settings["source"] == "logprobs" and t.rungs[0].logprobs
+    with pytest.raises(ConfigError, match="different ladders"):
+        load_shared_outcomes([f, SHARED / "mmlu_llama_train.jsonl"])

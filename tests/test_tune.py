@@ -1,0 +1,196 @@
+"""The tuner: simulation, the paired test, refusing to over-promise, and its output."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cascade.config import RungConfig, VerifierConfig, load_config
+from cascade.evaluate import evaluate
+from cascade.suite import OutcomeTable
+from cascade.tune import (
+    Setting,
+    drop_pvalue,
+    grid_search_baseline,
+    select,
+    simulate,
+    to_toml,
+    tune,
+)
+
+
+def _table(correct: np.ndarray, cost: np.ndarray, scores: np.ndarray,
+           groups: list[str] | None = None, passed: np.ndarray | None = None) -> OutcomeTable:
+    n, r = correct.shape
+    return OutcomeTable(
+        case_ids=tuple(f"c{i}" for i in range(n)),
+        rungs=tuple(RungConfig(model=m, input_usd_per_mtok=float(k))
+                    for m, k in zip("abcdefg"[:r], range(1, r + 1), strict=True)),
+        correct=correct.astype(bool), cost=cost.astype(float),
+        scores={"confidence": scores.astype(float)},
+        passed={} if passed is None else {"format": passed.astype(bool)},
+        groups=tuple(groups or [""] * n),
+        verifiers=(VerifierConfig(name="confidence", id="confidence"),),
+        source="synthetic",
+    )
+
+
+def test_simulation_matches_hand_computation() -> None:
+    correct = np.array([[1, 0, 1], [0, 1, 1], [0, 0, 1], [1, 1, 0], [1, 1, 1]])
+    cost = np.tile([1.0, 2.0, 10.0], (5, 1))
+    scores = np.array([[0.9, 0.0, 0.0], [0.4, 0.9, 0.0], [0.6, 0.1, 0.0], [0.1, 0.5, 0.0],
+                       [math.nan, 0.95, 0.0]])
+    t = _table(correct, cost, scores)
+    s = Setting((0, 1, 2), ("confidence",), ((0.5,), (0.8,)))
+    right, c, exit_pos = simulate(t, s)
+    # case 0 exits at a (0.9>=0.5); 1 at b (0.4<0.5, 0.9>=0.8); 2 at a (wrong);
+    # 3 climbs to c (0.5<0.8); 4: no score at a (NaN never passes), b accepts 0.95
+    assert exit_pos.tolist() == [0, 1, 0, 2, 1]
+    assert right.tolist() == [True, True, False, False, True]
+    assert c.tolist() == [1.0, 3.0, 1.0, 13.0, 3.0]
+    # a non-scoring verifier's failure blocks acceptance whatever the score
+    gated = _table(correct, cost, scores, passed=np.array([[0, 1, 1]] + [[1, 1, 1]] * 4))
+    assert simulate(gated, s)[2].tolist() == [2, 1, 0, 2, 1]  # case 0: b scored it 0.0
+    # skipping a rung: the chain (a, c)
+    assert simulate(t, Setting((0, 2), ("confidence",), ((0.5,),)))[1].tolist() == [
+        1.0, 11.0, 1.0, 11.0, 11.0]
+
+
+def test_paired_test_direction_and_evidence() -> None:
+    assert drop_pvalue(1000, 0, 30, 0.01) <= 0.05  # clearly better than the reference
+    assert drop_pvalue(200, 5, 5, 0.01) > 0.1      # a tie is no evidence of a small drop
+    assert drop_pvalue(300, 0, 0, 0.01) > 0.1      # nothing discordant: not enough cases yet
+    assert drop_pvalue(300, 0, 0, 0.03) <= 0.1     # ... but enough to rule out a 3-point drop
+    assert drop_pvalue(300, 2, 8, 0.01) < drop_pvalue(300, 4, 8, 0.01)
+    assert drop_pvalue(300, 2, 8, 0.01) > drop_pvalue(300, 2, 12, 0.01)
+
+
+def test_paired_test_is_valid_at_the_null_boundary() -> None:
+    # True drop exactly 0.01 (p+ = .03, p- = .02): rejections must stay within delta.
+    rng = np.random.default_rng(7)
+    draws = rng.multinomial(300, [0.03, 0.02, 0.95], size=2000)
+    rejected = np.mean([drop_pvalue(300, int(w), int(b), 0.01) <= 0.1 for w, b, _ in draws])
+    assert rejected <= 0.1
+
+
+def _uninformative(n: int, seed: int) -> OutcomeTable:
+    rng = np.random.default_rng(seed)
+    correct = np.stack([rng.random(n) < 0.6, rng.random(n) < 0.9], axis=1)
+    scores = np.stack([rng.random(n), rng.random(n)], axis=1)
+    return _table(correct, np.tile([0.1, 1.0], (n, 1)), scores)
+
+
+def test_refuses_to_over_promise_when_no_cascade_holds() -> None:
+    t = _uninformative(3000, 1)
+    res = tune(t, max_accuracy_drop=0.01, shift=False, bootstrap=200)
+    assert res.report["recommendation"]["kind"] == "single_rung"
+    assert res.report["recommendation"]["rungs"] == ["b"]
+    # either nothing passed the test, or what passed accepts so little it is dearer than b
+    assert any("No cascade is recommended" in n or "dearer and no more accurate" in n
+               for n in res.report["notes"])
+    assert len(res.config.rungs) == 1 and res.config.rungs[0].model == "b"
+
+
+def _calibrated(n: int, rng: np.random.Generator) -> OutcomeTable:
+    """Cheap rung right with probability = its confidence; the top rung right 85% of the time."""
+    s = rng.random(n)
+    correct = np.stack([rng.random(n) < s, rng.random(n) < 0.85], axis=1)
+    return _table(correct, np.tile([0.05, 1.0], (n, 1)), np.stack([s, np.zeros(n)], axis=1))
+
+
+def _true_drop(setting: Setting) -> float:
+    if len(setting.chain) == 1:
+        return 0.0 if setting.chain[0] == 1 else 0.85 - 0.5
+    t = setting.thresholds[0][0]
+    return 0.85 * (1 - t) - (1 - t * t) / 2  # ∫_t^1 (0.85 - s) ds
+
+
+def test_held_out_guard_with_known_truth() -> None:
+    ours_fail = grid_fail = cascades = 0
+    runs = 20
+    for seed in range(runs):
+        t = _calibrated(300, np.random.default_rng(seed))
+        setting, _ = select(t, max_accuracy_drop=0.01, delta=0.1, seed=seed)
+        cascades += len(setting.chain) > 1
+        ours_fail += _true_drop(setting) > 0.01
+        grid_fail += _true_drop(grid_search_baseline(t, max_drop=0.01)) > 0.01
+    assert ours_fail <= 0.1 * runs + 2
+    assert grid_fail >= ours_fail + 3  # the plain grid search breaks it on these very data
+
+
+def _easy(n: int = 3000, groups: int = 6) -> OutcomeTable:
+    """Cheap rung's confidence separates right from wrong: a cascade is safe and saves a lot."""
+    rng = np.random.default_rng(3)
+    right0 = rng.random(n) < 0.7
+    s0 = np.where(right0, rng.uniform(0.6, 1.0, n), rng.uniform(0.0, 0.4, n))
+    correct = np.stack([right0, rng.random(n) < 0.8], axis=1)
+    return _table(correct, np.tile([0.001, 0.02], (n, 1)), np.stack([s0, np.zeros(n)], axis=1),
+                  groups=[f"g{i % groups}" for i in range(n)])
+
+
+def test_recommends_a_cascade_when_it_is_safe_and_reports(tmp_path: Path) -> None:
+    t = _easy()
+    res = tune(t, max_accuracy_drop=0.01, bootstrap=200)
+    rep = res.report
+    assert rep["recommendation"]["kind"] == "cascade"
+    assert rep["recommendation"]["rungs"] == ["a", "b"]
+    e = rep["expected"]
+    assert e["cost_saving"]["estimate"] > 0.5
+    lo, hi = e["accuracy"]["interval_90"]
+    assert lo <= e["accuracy"]["estimate"] <= hi
+    assert e["accuracy_change"]["estimate"] > 0  # the cheap rung's confident answers help
+    assert 0 <= e["certified_max_drop"] <= 0.01
+    assert {"accuracy", "mean_cost_usd", "accuracy_change", "cost_saving"} <= set(e)
+    kinds = {p["kind"] for p in rep["frontier"]}
+    assert kinds == {"cascade", "single_rung", "oracle"}
+    assert rep["shift"]["available"] and rep["shift"]["folds"] >= 3
+    assert "accuracy_change_interval_90_under_shift" in rep["shift"]
+    json.dumps(rep)  # the report is plain JSON
+    # TUNED.toml is a complete config that loads back with the same thresholds
+    path = tmp_path / "TUNED.toml"
+    path.write_text(to_toml(res.config, header="test"))
+    cfg = load_config(path)
+    assert [r.model for r in cfg.rungs] == ["a", "b"]
+    th = cfg.rungs[0].thresholds["confidence"]
+    assert th == res.setting.thresholds[0][0]
+    assert [v.key for v in cfg.verifiers] == ["confidence"]
+    # evaluating the written config replays exactly what the tuner simulated
+    right, cost, _ = simulate(t, res.setting)
+    ev = evaluate(t, cfg)
+    assert ev["accuracy"] == pytest.approx(right.mean())
+    assert ev["mean_cost_usd"] == pytest.approx(cost.mean())
+
+
+def test_never_recommends_dearer_and_worse_than_a_single_rung() -> None:
+    for seed in range(5):
+        t = _calibrated(400, np.random.default_rng(100 + seed))
+        res = tune(t, max_accuracy_drop=0.05, shift=False, bootstrap=100)
+        right, cost, _ = simulate(t, res.setting)
+        for j in range(len(t.rungs)):
+            a, c = t.correct[:, j].mean(), t.cost[:, j].mean()
+            assert not (a >= right.mean() and c <= cost.mean()
+                        and (a > right.mean() or c < cost.mean()))
+
+
+def test_budget_objective() -> None:
+    t = _easy(1000)
+    res = tune(t, max_accuracy_drop=None, max_cost_usd=0.01, bootstrap=100)
+    assert res.report["expected"]["mean_cost_usd"]["estimate"] <= 0.01
+    assert res.report["expected"]["accuracy"]["estimate"] > t.correct[:, 0].mean()
+
+
+def test_fast_on_ten_thousand_cases() -> None:
+    rng = np.random.default_rng(0)
+    n, r = 10_000, 5
+    acc = np.linspace(0.5, 0.9, r)
+    s = rng.random((n, r))
+    correct = rng.random((n, r)) < (acc + (s - 0.5) * 0.2)
+    t = _table(correct, np.tile(np.geomspace(0.01, 1.0, r), (n, 1)), s)
+    t0 = time.perf_counter()
+    select(t)
+    assert time.perf_counter() - t0 < 10.0
