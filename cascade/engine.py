@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -144,8 +143,8 @@ class Cascade:
         self._budget_store = budget_store
         self._budget = Budget(config.budget, budget_store)
         self._breakers = breakers_for(config.breaker)
-        self._portal_cm: Any = None
         self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._portal_thread: threading.Thread | None = None
         self._portal_lock = threading.Lock()
         self._verifiers = self._build_verifiers(config, verifiers)
 
@@ -408,15 +407,19 @@ class Cascade:
             attempt.finish_reason = completion.finish_reason
             attempt.input_tokens, attempt.output_tokens = (completion.input_tokens,
                                                            completion.output_tokens)
-            model_cost = used.cost_usd(completion.input_tokens, completion.output_tokens)
+            # Charged before verifying: if the deadline cuts verification short, the model
+            # call has still been paid for.
+            actual = used.cost_usd(completion.input_tokens, completion.output_tokens)
+            attempt.cost_usd = actual
+            climb.spent_usd += actual
             candidate = Candidate(text=completion.text, rung=used, rung_index=i,
                                   completion=completion, parsed=completion.parsed)
             verdicts, parsed = await self._verify(climb, candidate)
             attempt.verdicts = verdicts
             verifier_cost = sum(v.cost_usd for v in verdicts)
-            actual = model_cost + verifier_cost
+            actual += verifier_cost
             attempt.cost_usd = actual
-            climb.spent_usd += actual
+            climb.spent_usd += verifier_cost
             attempt.latency_ms = (time.monotonic() - t0) * 1000
             ok = accepts(verdicts)
             attempt.status = "accepted" if ok else "rejected"
@@ -524,10 +527,27 @@ class Cascade:
         return [r for r in results if r is not None]
 
     def _blocking_portal(self) -> anyio.from_thread.BlockingPortal:
+        """A private event loop on a daemon thread for the sync API.
+
+        Not ``anyio.from_thread.start_blocking_portal``: its executor thread is joined at
+        interpreter exit, so a program that never called ``close()`` would hang there.
+        """
         with self._portal_lock:
             if self._portal is None:
-                self._portal_cm = anyio.from_thread.start_blocking_portal()
-                self._portal = self._portal_cm.__enter__()
+                ready = threading.Event()
+                box: list[anyio.from_thread.BlockingPortal] = []
+
+                async def serve() -> None:
+                    async with anyio.from_thread.BlockingPortal() as portal:
+                        box.append(portal)
+                        ready.set()
+                        await portal.sleep_until_stopped()
+
+                thread = threading.Thread(target=anyio.run, args=(serve,), daemon=True,
+                                          name="cascade-sync")
+                thread.start()
+                ready.wait()
+                self._portal, self._portal_thread = box[0], thread
             return self._portal
 
     def answer(self, prompt: str | None = None, **kw: Any) -> Answer:
@@ -548,15 +568,18 @@ class Cascade:
             await p.aclose()
 
     def close(self) -> None:
-        """Close connections, the event-loop thread and the cache."""
-        with ExitStack() as stack:
-            if self._cache is not None:
-                stack.callback(self._cache.close)
-            if self._portal is not None:
-                portal, portal_cm = self._portal, self._portal_cm
-                self._portal = self._portal_cm = None
-                stack.callback(portal_cm.__exit__, None, None, None)
+        """Close connections, the sync API's event-loop thread and the cache."""
+        portal, thread = self._portal, self._portal_thread
+        self._portal = self._portal_thread = None
+        try:
+            if portal is not None:
                 portal.call(self.aclose)  # providers made on that loop close on it
+                portal.call(portal.stop)
+        finally:
+            if thread is not None:
+                thread.join(10)
+            if self._cache is not None:
+                self._cache.close()
 
     def __enter__(self) -> Cascade:
         return self

@@ -148,5 +148,11 @@ def estimate_tokens(messages: Sequence[Message], model: str) -> int:
 
 
 def estimate_cost(rung: RungConfig, messages: Sequence[Message]) -> float:
-    """The most a call to ``rung`` can cost in USD: estimated input plus ``max_tokens`` output."""
-    return rung.cost_usd(estimate_tokens(messages, rung.model), rung.max_tokens)
+    """The most a call to ``rung`` can cost in USD: estimated input plus ``max_tokens`` output.
+
+    Local GGUF models use their own tokenizers, which no tiktoken encoding matches: for them the
+    documented character estimate is used directly, with nothing to warn about.
+    """
+    tokens = (fallback_tokens(messages) if rung.provider == "local"
+              else estimate_tokens(messages, rung.model))
+    return rung.cost_usd(tokens, rung.max_tokens)

@@ -22,11 +22,13 @@ from cascade.providers.base import Completion, ModelCall
 from cascade.trace import Attempt, Verdict
 
 __all__ = [
+    "BoundVerifier",
     "Candidate",
     "FunctionVerifier",
     "ModelCaller",
     "Verifier",
     "VerifyContext",
+    "apply_threshold",
     "as_verifier",
     "run_verifiers",
 ]

@@ -189,3 +189,23 @@ directory = "{tmp_path / 'c'}"
         ans = c.answer("hi")
         assert ans.text == "hello" and ans.verified
         assert c.answer("hi").cache_hit
+
+
+def test_a_program_that_never_closes_still_exits(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "prog.py"
+    script.write_text(
+        "from tests.fakes import Script\n"
+        "from cascade import Cascade\n"
+        "s = Script({'m': ['hello']})\n"
+        "c = Cascade.from_dict({'rungs': [{'model': 'm', 'provider': 'openai-compatible', "
+        "'base_url': 'http://x/v1'}], 'cache': {'enabled': False}}, provider_factory=s.factory)\n"
+        "print(c.answer('hi').text)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=root, env={**__import__("os").environ,
+                                                     "PYTHONPATH": str(root)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "hello", proc.stderr

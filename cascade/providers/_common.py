@@ -173,6 +173,9 @@ def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model
                               **kw)
     if isinstance(exc, json.JSONDecodeError):
         return MalformedReply(f"reply body is not valid JSON ({exc.msg} at char {exc.pos})", **kw)
+    if isinstance(exc, UnicodeDecodeError):
+        return MalformedReply(f"reply body is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                              **kw)
     if isinstance(exc, sdk.APIError):
         return TransportError(scrub(str(exc), secret), **kw)
     return None

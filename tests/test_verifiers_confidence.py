@@ -1,0 +1,134 @@
+"""The confidence verifier: logprobs, self-check through the model caller, and a JSON field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cascade.errors import ConfigError
+from tests.verifier_kit import FakeCaller, completion, logprobs, make_ctx
+from verifiers.confidence import ConfidenceVerifier, yes_probability
+
+LN = math.log
+
+
+def ctx_with_logprobs(text: str, *pairs: tuple[str, float]):  # type: ignore[no-untyped-def]
+    return make_ctx(text, comp=completion(text, logprobs=logprobs(*pairs)))
+
+
+@pytest.mark.anyio
+async def test_short_answer_uses_the_choice_token_probability_not_the_period() -> None:
+    # "B." — P("B") = 0.49, the period is certain. A geometric mean would report 0.7.
+    ctx = ctx_with_logprobs("B.", ("B", LN(0.49)), (".", LN(0.999)))
+    v = await ConfidenceVerifier(source="logprobs").verify(ctx)
+    assert v.score == pytest.approx(0.49)
+    assert not v.passed
+    assert "product over 1 content tokens" in v.reason
+
+
+@pytest.mark.anyio
+async def test_long_answer_uses_the_geometric_mean() -> None:
+    pairs = [(f" w{i}", LN(0.9)) for i in range(20)]
+    ctx = ctx_with_logprobs("a long answer", *pairs)
+    v = await ConfidenceVerifier(source="logprobs").verify(ctx)
+    assert v.score == pytest.approx(0.9)
+    assert v.passed
+    product = await ConfidenceVerifier(source="logprobs", aggregate="product").verify(ctx)
+    assert product.score == pytest.approx(0.9 ** 20)
+
+
+@pytest.mark.anyio
+async def test_threshold_comes_from_the_context_when_configured() -> None:
+    ctx = ctx_with_logprobs("Canberra", ("Canberra", LN(0.8)))
+    assert (await ConfidenceVerifier(source="logprobs").verify(ctx)).passed
+    ctx.threshold = 0.85
+    assert not (await ConfidenceVerifier(source="logprobs").verify(ctx)).passed
+
+
+@pytest.mark.anyio
+async def test_logprobs_source_without_logprobs_fails_with_advice() -> None:
+    v = await ConfidenceVerifier(source="logprobs").verify(make_ctx("Canberra"))
+    assert not v.passed
+    assert "logprobs = true" in v.reason
+
+
+@pytest.mark.anyio
+async def test_self_check_reads_p_yes_from_top_logprobs_and_charges_the_call() -> None:
+    reply = completion("Yes", input_tokens=1000, output_tokens=1, logprobs=logprobs(
+        ("Yes", LN(0.6)), top=[{"Yes": LN(0.6), " yes": LN(0.2), "No": LN(0.15), "Maybe": -5}]))
+    caller = FakeCaller(reply)
+    ctx = make_ctx("Canberra", caller=caller)
+    verifier = ConfidenceVerifier(source="self_check")
+    assert verifier.expensive
+    v = await verifier.verify(ctx)
+    assert v.score == pytest.approx(0.8 / 0.95)
+    assert v.passed
+    call, rung = caller.calls[0]
+    assert call.max_tokens == 1 and call.logprobs and call.top_logprobs > 0
+    assert "Canberra" in call.messages[0].content
+    assert "What is the capital of Australia?" in call.messages[0].content
+    assert rung.model == "small-model"
+    assert ctx.input_tokens == 1000 and ctx.cost_usd == pytest.approx(1000 * 1.0 / 1e6 + 2 / 1e6)
+
+
+@pytest.mark.anyio
+async def test_self_check_falls_back_to_the_text_without_logprobs() -> None:
+    v = await ConfidenceVerifier(source="self_check").verify(
+        make_ctx("Sydney", caller=FakeCaller("No.")))
+    assert v.score == 0.0 and not v.passed
+    odd = await ConfidenceVerifier(source="self_check").verify(
+        make_ctx("Sydney", caller=FakeCaller("Perhaps")))
+    assert not odd.passed and "neither yes nor no" in odd.reason
+
+
+def test_yes_probability_pools_variants_and_skips_blank_tokens() -> None:
+    lp = logprobs((" ", -0.01), ("oui", LN(0.5)), top=[{}, {"oui": LN(0.5), "non": LN(0.5)}])
+    assert yes_probability(lp) == pytest.approx(0.5)
+    assert yes_probability(logprobs(("Paris", -0.1))) is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("text", "score"), [
+    ('{"answer": "Canberra", "confidence": 0.92}', 0.92),
+    ('```json\n{"answer": "Canberra", "confidence": "85%"}\n```', 0.85),
+    ('{"answer": "Canberra", "confidence": 40}', 0.40),
+])
+async def test_field_source_reads_the_structured_answer(text: str, score: float) -> None:
+    v = await ConfidenceVerifier(source="field").verify(make_ctx(text))
+    assert v.score == pytest.approx(score)
+
+
+@pytest.mark.anyio
+async def test_field_source_supports_dotted_paths_and_rejects_nonsense() -> None:
+    nested = make_ctx('{"meta": {"certainty": 0.75}}')
+    v = await ConfidenceVerifier(source="field", field="meta.certainty").verify(nested)
+    assert v.score == pytest.approx(0.75)
+    bad = await ConfidenceVerifier(source="field").verify(make_ctx('{"confidence": "high"}'))
+    assert not bad.passed and "'high'" in bad.reason
+
+
+@pytest.mark.anyio
+async def test_auto_prefers_logprobs_then_field_then_self_check() -> None:
+    auto = ConfidenceVerifier()
+    caller = FakeCaller("yes")
+    with_lp = make_ctx("Canberra", caller=caller,
+                       comp=completion("Canberra", logprobs=logprobs(("Canberra", LN(0.9)))))
+    assert "logprobs" in (await auto.verify(with_lp)).reason
+    assert "field" in (await auto.verify(make_ctx('{"confidence": 0.9}', caller=caller))).reason
+    assert caller.calls == []
+    assert "self-check" in (await auto.verify(make_ctx("Canberra", caller=caller))).reason
+    assert len(caller.calls) == 1
+
+
+def test_expensive_reflects_whether_a_model_may_be_called() -> None:
+    assert not ConfidenceVerifier(source="logprobs").expensive
+    assert not ConfidenceVerifier(source="field").expensive
+    assert ConfidenceVerifier(source="self_check").expensive
+    assert ConfidenceVerifier(source="auto").expensive
+    assert not ConfidenceVerifier(source="auto", self_check_fallback=False).expensive
+
+
+def test_bad_source_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="allowed: logprobs"):
+        ConfidenceVerifier(source="vibes")  # type: ignore[arg-type]

@@ -1,0 +1,196 @@
+"""Plugin discovery: built-in names, an installed entry point, dotted paths, helpful errors.
+
+The example plugin in ``tests/plugin_pkg`` is installed for real into a temporary directory that
+goes on ``sys.path``: by pip from a wheel built here (pip needs no build backend for a wheel), and,
+fast, by writing its ``.dist-info`` by hand. ``importlib.metadata`` then finds its entry point.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import subprocess
+import sys
+import tomllib
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cascade.config import VerifierConfig
+from cascade.errors import ConfigError, UnknownVerifierError
+from cascade.plugins import BUILTINS, known_verifiers, load_verifier
+from cascade.trace import Verdict
+from cascade.verify import VerifyContext
+from tests.verifier_kit import make_ctx
+from verifiers import (
+    AgreementVerifier,
+    ConfidenceVerifier,
+    JudgeVerifier,
+    RefusalVerifier,
+    SchemaVerifier,
+)
+
+PLUGIN_DIR = Path(__file__).parent / "plugin_pkg"
+MODULE = "cascade_plugin_example"
+
+
+def _dist_files() -> dict[str, bytes]:
+    """The files an installer would put on sys.path for tests/plugin_pkg (from its pyproject)."""
+    project = tomllib.loads((PLUGIN_DIR / "pyproject.toml").read_text())["project"]
+    name, version = project["name"].replace("-", "_"), project["version"]
+    info = f"{name}-{version}.dist-info"
+    eps = "".join(
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in table.items()) + "\n"
+        for group, table in project["entry-points"].items()
+    )
+    return {
+        f"{MODULE}.py": (PLUGIN_DIR / f"{MODULE}.py").read_bytes(),
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {project['name']}\n"
+                            f"Version: {version}\n".encode(),
+        f"{info}/entry_points.txt": eps.encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
+                         b"Tag: py3-none-any\n",
+    }
+
+
+def _wheel(dest: Path) -> Path:
+    files = _dist_files()
+    info = next(k.split("/")[0] for k in files if k.endswith("/METADATA"))
+    record = "".join(
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+        f"{len(data)}\n" for path, data in files.items()
+    ) + f"{info}/RECORD,,\n"
+    wheel = dest / f"{info.removesuffix('.dist-info')}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+        zf.writestr(f"{info}/RECORD", record)
+    return wheel
+
+
+@pytest.fixture
+def on_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delitem(sys.modules, MODULE, raising=False)
+    yield
+    sys.modules.pop(MODULE, None)
+
+
+@pytest.fixture
+def hand_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_path: None) -> Path:
+    site = tmp_path / "site"
+    for rel, data in _dist_files().items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(data)
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def _check_min_length_plugin() -> None:
+    assert known_verifiers()["min_length"] == f"{MODULE}:MinLengthVerifier"
+    v = load_verifier(VerifierConfig(name="min_length", settings={"min_words": 2}))
+    assert type(v).__name__ == "MinLengthVerifier"
+    verdict = v.verify(make_ctx("Canberra"))
+    assert isinstance(verdict, Verdict)
+    assert not verdict.passed and verdict.score == 0.5
+    assert v.verify(make_ctx("It is Canberra")).passed  # type: ignore[union-attr]
+
+
+def test_entry_point_plugin_written_by_hand(hand_installed: Path) -> None:
+    _check_min_length_plugin()
+
+
+def test_entry_point_plugin_installed_by_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             on_path: None) -> None:
+    site = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
+         "--disable-pip-version-check", "--target", str(site), str(_wheel(tmp_path))],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (site / f"{MODULE}.py").is_file()
+    monkeypatch.syspath_prepend(str(site))
+    _check_min_length_plugin()
+
+
+def test_dotted_path_loads_the_same_plugin(hand_installed: Path) -> None:
+    v = load_verifier(VerifierConfig(name=f"{MODULE}:MinLengthVerifier",
+                                     settings={"min_words": 1}))
+    assert v.verify(make_ctx("Canberra")).passed  # type: ignore[union-attr]
+
+
+def test_plugin_setting_typo_names_the_key(hand_installed: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_verifier(VerifierConfig(name="min_length", id="long_enough",
+                                     settings={"min_word": 2}))
+    assert info.value.key == "min_word"
+    assert "long_enough" in str(info.value) and "min_words" in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "settings", "cls"), [
+    ("schema", {"schema": {"type": "object"}}, SchemaVerifier),
+    ("confidence", {"source": "logprobs", "threshold": 0.6}, ConfidenceVerifier),
+    ("judge", {"model": "gpt-4o-mini"}, JudgeVerifier),
+    ("refusal", {}, RefusalVerifier),
+    ("agreement", {"normaliser": "numeric"}, AgreementVerifier),
+])
+def test_builtins_load_by_short_name(name: str, settings: dict[str, object], cls: type) -> None:
+    assert isinstance(load_verifier(VerifierConfig(name=name, settings=settings)), cls)
+    assert known_verifiers()[name] == BUILTINS[name]
+
+
+def test_bad_builtin_settings_are_config_errors_naming_verifier_and_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_verifier(VerifierConfig(name="refusal", id="no_refusals",
+                                     settings={"min_char": 3}))
+    assert info.value.key == "min_char" and "no_refusals" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_verifier(VerifierConfig(name="judge"))
+    assert info.value.key == "model"
+    with pytest.raises(ConfigError, match="allowed: logprobs"):
+        load_verifier(VerifierConfig(name="confidence", settings={"source": "vibes"}))
+
+
+def test_unknown_name_lists_known_verifiers(hand_installed: Path) -> None:
+    with pytest.raises(UnknownVerifierError) as info:
+        load_verifier(VerifierConfig(name="refusals"))
+    message = str(info.value)
+    for known in (*BUILTINS, "min_length"):
+        assert known in message
+
+
+@pytest.mark.parametrize(("name", "fragment"), [
+    ("no_such_pkg_xyz.mod:Verifier", "not importable"),
+    ("tests.test_verifiers_plugins:NoSuchThing", "no attribute 'NoSuchThing'"),
+    ("no_colon.here", "not a built-in or installed"),
+    (":Thing", "not of the form"),
+])
+def test_bad_dotted_paths(name: str, fragment: str) -> None:
+    with pytest.raises(UnknownVerifierError, match=fragment):
+        load_verifier(VerifierConfig(name=name))
+
+
+def shouty(ctx: VerifyContext) -> bool:
+    """A verify function: settings arrive through ctx.settings at run time."""
+    return ctx.candidate.text.isupper() or bool(ctx.settings.get("allow_lower"))
+
+
+def make_prefix_check(prefix: str) -> object:
+    """A factory function returning a verify function."""
+    def check(ctx: VerifyContext) -> Verdict:
+        ok = ctx.candidate.text.startswith(prefix)
+        return Verdict(passed=ok, reason=f"starts with {prefix!r}: {ok}")
+    return check
+
+
+@pytest.mark.anyio
+async def test_functions_are_verifiers_or_factories() -> None:
+    fn = load_verifier(VerifierConfig(name="tests.test_verifiers_plugins:shouty", id="caps"))
+    assert fn.name == "caps" and not fn.expensive
+    assert (await fn.verify(make_ctx("CANBERRA"))).passed  # type: ignore[misc]
+    assert not (await fn.verify(make_ctx("Canberra"))).passed  # type: ignore[misc]
+    built = load_verifier(VerifierConfig(name="tests.test_verifiers_plugins:make_prefix_check",
+                                         settings={"prefix": "Can"}))
+    assert (await built.verify(make_ctx("Canberra"))).passed  # type: ignore[misc]

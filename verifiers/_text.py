@@ -1,0 +1,221 @@
+"""Text helpers shared by the built-in verifiers: JSON extraction, answer normalisers, imports.
+
+Models wrap answers in prose and code fences and write numbers and choices in many ways; these
+helpers pull out the part a verifier compares, in one place, so every verifier reads answers alike.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+import string
+import unicodedata
+from collections.abc import Callable, Hashable
+from typing import Any
+
+__all__ = [
+    "NORMALISERS",
+    "JSONExtractError",
+    "extract_choice",
+    "extract_json",
+    "extract_number",
+    "import_object",
+    "json_path",
+    "normalise_exact",
+    "normalise_text",
+    "same_answer",
+]
+
+
+class JSONExtractError(ValueError):
+    """The text holds no JSON value, or more than one candidate and no way to choose."""
+
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\r?\n(.*?)```", re.DOTALL)
+
+
+def extract_json(text: str) -> Any:
+    """The JSON value an answer carries: whole text, a fenced block, or one object/array in prose.
+
+    Order: the whole text; fenced blocks (```json first); then every ``{``/``[`` that starts a
+    complete JSON value. Prose around a single value is ignored; two different values are
+    ambiguous and rejected rather than guessed.
+    """
+    stripped = text.strip().lstrip("\ufeff")
+    if not stripped:
+        raise JSONExtractError("the answer is empty")
+    try:
+        return json.loads(stripped)
+    except ValueError:
+        pass
+    fences = _FENCE.findall(stripped)
+    fences.sort(key=lambda f: f[0].lower() != "json")  # stable: ```json blocks first
+    fence_errors: list[str] = []
+    for _lang, body in fences:
+        try:
+            return json.loads(body.strip())
+        except ValueError as e:
+            fence_errors.append(str(e))
+    found = _scan_values(stripped)
+    objects = [v for v in found if isinstance(v, dict)]
+    if objects:  # "see [1]" in prose is a citation; an object is what structured answers are
+        found = objects
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        first = found[0]
+        if all(v == first for v in found[1:]):
+            return first
+        raise JSONExtractError(
+            f"found {len(found)} different JSON values in the text; expected exactly one"
+        )
+    if fence_errors:
+        raise JSONExtractError(f"the code block is not valid JSON: {fence_errors[0]}")
+    raise JSONExtractError("no JSON object or array found in the text")
+
+
+def _scan_values(text: str) -> list[Any]:
+    """Top-level JSON objects/arrays embedded in prose, left to right, not nested in each other."""
+    decoder = json.JSONDecoder()
+    out: list[Any] = []
+    i = 0
+    while i < len(text):
+        if text[i] in "{[":
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except ValueError:
+                i += 1
+                continue
+            if isinstance(value, (dict, list)):
+                out.append(value)
+            i = end  # skip past the whole value, so nested ones do not count
+        else:
+            i += 1
+    return out
+
+
+def json_path(parts: Any) -> str:
+    """``$.items[2].price`` from a sequence of keys and indices (jsonschema, pydantic locations)."""
+    path = "$"
+    for p in parts:
+        if isinstance(p, int):
+            path += f"[{p}]"
+        elif isinstance(p, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p):
+            path += f".{p}"
+        else:
+            path += f"[{json.dumps(str(p))}]"
+    return path
+
+
+# ---------------------------------------------------------------- normalisers
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "«", "»", "—", "–", "…", "。", "、", "，"}
+
+
+def normalise_exact(text: str) -> str:
+    """Exact comparison, forgiving only surrounding white space."""
+    return text.strip()
+
+
+def normalise_text(text: str) -> str:
+    """SQuAD-style: Unicode NFKC, case-folded, punctuation and English articles dropped."""
+    t = unicodedata.normalize("NFKC", text).casefold()
+    t = "".join(" " if ch in _PUNCT else ch for ch in t)
+    t = _ARTICLES.sub(" ", t)
+    return " ".join(t.split())
+
+
+_NUMBER = re.compile(
+    r"(?<![\w.])[-−+]?\s?[$€£¥]?\s?"
+    r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+)"
+)
+_FINAL_MARKERS = re.compile(
+    r"(?:\\boxed\{|####|final answer\s*(?:is|:)|answer\s*(?:is|:)|=)", re.IGNORECASE
+)
+
+
+def _to_float(token: str) -> float:
+    t = token.replace("−", "-").replace(" ", "")
+    t = re.sub(r"[$€£¥,]", "", t)
+    return float(t)
+
+
+def extract_number(text: str) -> float | None:
+    """The answer's number: the first after the last answer marker, else the last in the text.
+
+    Markers are ``\\boxed{``, ``####``, ``answer is``/``answer:`` and ``=``, so "The answer is 42
+    (found in 3 steps)" gives 42, not 3. Thousands separators and currency signs are ignored:
+    "$1,234.50" is 1234.5. A trailing sentence period is not a decimal point.
+    """
+    marker = None
+    for marker in _FINAL_MARKERS.finditer(text):  # noqa: B007 - the last one is wanted
+        pass
+    if marker is not None:
+        m = _NUMBER.search(text, marker.end())
+        if m is not None:
+            return _to_float(m.group())
+    matches = _NUMBER.findall(text)
+    return _to_float(matches[-1]) if matches else None
+
+
+def extract_choice(text: str, letters: str = "ABCDE") -> str | None:
+    """A multiple-choice letter from a reply, or None when there is no unambiguous one.
+
+    Recognises "B", "(B)", "B) Paris", "**B**", "The answer is (B).", "Answer: b", "option C".
+    A capital "A" opening a sentence ("A good question…") is not taken for a choice.
+    """
+    L = re.escape(letters)
+    t = text.strip()
+    whole = re.fullmatch(rf"[\(\[*\s]*([{L}{L.lower()}])[\)\]*.:\s]*", t)
+    if whole:
+        return whole.group(1).upper()
+    marked = list(re.finditer(
+        rf"(?i:answer|choice|option|correct one)(?:\s+(?i:is|would be|should be|:))?\s*[:\-]?\s*"
+        rf"(?:\*\*)?[\(\[]?([{L}])(?![\w'])", t))
+    if marked:
+        return marked[-1].group(1)
+    marked_lower = list(re.finditer(
+        rf"(?i:answer)\s*(?i:is|:)\s*(?:\(([{L.lower()}])\)|([{L.lower()}])[.)]?\s*$)", t))
+    if marked_lower:
+        return next(g for g in marked_lower[-1].groups() if g).upper()
+    opening = re.match(rf"[\(\[]([{L}])[\)\]]|([{L}])[\).:](?:\s|$)|\*\*([{L}])\*\*", t)
+    if opening:
+        return next(g for g in opening.groups() if g)
+    boxed = {next(g for g in m.groups() if g)
+             for m in re.finditer(rf"[\(\[]([{L}])[\)\]]|\*\*([{L}])\*\*", t)}
+    if len(boxed) == 1:
+        return boxed.pop()
+    return None
+
+
+Normaliser = Callable[[str], Hashable | None]
+
+NORMALISERS: dict[str, Normaliser] = {
+    "exact": normalise_exact,
+    "normalised": normalise_text,
+    "numeric": extract_number,
+    "choice": extract_choice,
+}
+
+
+def same_answer(a: Hashable | None, b: Hashable | None, *, tolerance: float = 1e-6) -> bool:
+    """Two normalised answers agree; numbers agree within ``tolerance`` (relative and absolute)."""
+    if a is None or b is None:
+        return False
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=tolerance, abs_tol=tolerance)
+    return a == b
+
+
+def import_object(path: str) -> Any:
+    """Import ``package.module:attr`` (dotted ``attr`` allowed), or raise ImportError."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ImportError(f"{path!r} is not of the form 'package.module:name'")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj

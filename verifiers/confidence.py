@@ -1,0 +1,256 @@
+"""The confidence verifier: accept an answer only when the model is confident enough in it.
+
+Three sources of a confidence in [0, 1]:
+
+``logprobs``
+    The candidate's own token log-probabilities (rungs with ``logprobs = true``). Only *content*
+    tokens count (those with a letter or digit): white space and punctuation are near-certain and
+    would inflate any average. Aggregation (``aggregate``):
+
+    * ``product`` — P(whole answer) = exp(sum of logprobs). Right for short answers: for "B." it
+      is P("B"), the probability of the choice itself. It sinks towards 0 for long answers.
+    * ``mean`` — exp(mean logprob), the geometric mean per token. Length-fair, so usable on
+      long answers, but there it is dominated by easy tokens and is a weak signal.
+    * ``first`` — the first content token only (a multiple-choice letter, "yes"/"no").
+    * ``auto`` (default) — ``product`` when the answer has at most ``short_tokens`` content
+      tokens, else ``mean``.
+
+``self_check``
+    Ask the same model, one token, "Is the proposed answer correct? Answer yes or no." and read
+    P(yes) / (P(yes) + P(no)) from the top log-probabilities (yes/no variants and languages
+    pooled). Without log-probabilities (e.g. Anthropic) the text "yes" scores 1 and "no" 0.
+    This costs a model call, charged to the verdict.
+
+``field``
+    A number in the structured answer (``{"answer": ..., "confidence": 0.8}``); percentages
+    (``85`` or ``"85%"``) are read as 0.85.
+
+``auto`` uses logprobs when the completion has them, else the field when present, else
+self-check (unless ``self_check_fallback = false``, then it fails for lack of a signal).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from cascade.errors import ConfigError
+from cascade.messages import Message
+from cascade.providers.base import ModelCall, TokenLogprob
+from cascade.trace import Verdict
+from cascade.verify import VerifyContext
+from verifiers._text import JSONExtractError, extract_json
+
+__all__ = ["ConfidenceVerifier", "yes_probability"]
+
+Source = Literal["logprobs", "self_check", "field", "auto"]
+Aggregate = Literal["auto", "product", "mean", "first"]
+
+SELF_CHECK_PROMPT = (
+    "Question:\n{question}\n\nProposed answer:\n{answer}\n\n"
+    "Is the proposed answer correct? Answer yes or no."
+)
+
+_YES = {"yes", "y", "true", "correct", "oui", "ja", "si", "sí", "sim", "да", "是", "はい"}
+_NO = {"no", "n", "false", "incorrect", "wrong", "non", "nein", "não", "nao", "нет", "否", "不",
+       "いいえ"}
+_CONTENT = re.compile(r"\w")
+
+
+def _norm_token(token: str) -> str:
+    return token.strip().strip(".,!?:;\"'*`()[]").casefold()
+
+
+def yes_probability(logprobs: Sequence[TokenLogprob]) -> float | None:
+    """P(yes) / (P(yes) + P(no)) at the first non-blank token, or None when neither appears."""
+    for tok in logprobs:
+        if not tok.token.strip():
+            continue
+        alternatives = dict(tok.top)
+        alternatives.setdefault(tok.token, tok.logprob)
+        p_yes = p_no = 0.0
+        for t, lp in alternatives.items():
+            n = _norm_token(t)
+            if n in _YES:
+                p_yes += math.exp(lp)
+            elif n in _NO:
+                p_no += math.exp(lp)
+        if p_yes + p_no == 0.0:
+            return None
+        return p_yes / (p_yes + p_no)
+    return None
+
+
+def _text_yes_no(text: str) -> float | None:
+    words = text.strip().split()
+    first = _norm_token(words[0]) if words else ""
+    if first in _YES:
+        return 1.0
+    if first in _NO:
+        return 0.0
+    return None
+
+
+class ConfidenceVerifier:
+    """Scores the candidate's confidence in [0, 1]; passes at or above ``threshold``."""
+
+    def __init__(
+        self,
+        source: Source = "auto",
+        threshold: float = 0.7,
+        field: str = "confidence",
+        *,
+        aggregate: Aggregate = "auto",
+        short_tokens: int = 4,
+        self_check_fallback: bool = True,
+        prompt: str = SELF_CHECK_PROMPT,
+        top_logprobs: int = 10,
+        name: str = "confidence",
+    ) -> None:
+        where = f"verifier {name!r}"
+        if source not in ("logprobs", "self_check", "field", "auto"):
+            raise ConfigError(f"is {source!r}; allowed: logprobs, self_check, field, auto",
+                              source=where, key="source")
+        if aggregate not in ("auto", "product", "mean", "first"):
+            raise ConfigError(f"is {aggregate!r}; allowed: auto, product, mean, first",
+                              source=where, key="aggregate")
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"must be in [0, 1], got {threshold}", source=where,
+                              key="threshold")
+        if "{question}" not in prompt or "{answer}" not in prompt:
+            raise ConfigError("must contain {question} and {answer}", source=where, key="prompt")
+        self.name = name
+        self.source: Source = source
+        self.threshold = threshold
+        self.field = field
+        self.aggregate: Aggregate = aggregate
+        self.short_tokens = short_tokens
+        self.self_check_fallback = self_check_fallback
+        self.prompt = prompt
+        self.top_logprobs = top_logprobs
+        # Only a configuration that may call a model is expensive: it then runs after the cheap
+        # verifiers and is skipped when one of them has already rejected the candidate.
+        self.expensive = source == "self_check" or (source == "auto" and self_check_fallback)
+
+    async def verify(self, ctx: VerifyContext) -> Verdict:
+        threshold = ctx.threshold if ctx.threshold is not None else self.threshold
+        source = self.source
+        logprobs = ctx.candidate.completion.logprobs
+        if source == "auto":
+            if logprobs:
+                source = "logprobs"
+            elif self._field_value(ctx) is not None:
+                source = "field"
+            elif self.self_check_fallback:
+                source = "self_check"
+            else:
+                return Verdict(passed=False, reason="no confidence signal: no logprobs and no "
+                               f"{self.field!r} field, and self-check is off")
+        if source == "logprobs":
+            if not logprobs:
+                return Verdict(passed=False, reason="no logprobs in the completion (set "
+                               "logprobs = true on the rung, or use another source)")
+            score, detail = self._from_logprobs(logprobs)
+        elif source == "field":
+            value = self._field_value(ctx)
+            if value is None:
+                return Verdict(passed=False,
+                               reason=f"no {self.field!r} field in the structured answer")
+            prob = _as_probability(value)
+            if prob is None:
+                return Verdict(passed=False, reason=f"field {self.field!r} is {value!r}, not a "
+                               "confidence in [0, 1] or a percentage")
+            score, detail = prob, f"field {self.field!r}"
+        else:
+            got = await self._self_check(ctx)
+            if isinstance(got, str):
+                return Verdict(passed=False, reason=got)
+            score, detail = got
+        passed = score >= threshold
+        return Verdict(passed=passed, score=score,
+                       reason=f"confidence {score:.3f} from {detail}")
+
+    def _from_logprobs(self, logprobs: Sequence[TokenLogprob]) -> tuple[float, str]:
+        content = [t.logprob for t in logprobs if _CONTENT.search(t.token)]
+        if not content:
+            content = [t.logprob for t in logprobs]
+        how = self.aggregate
+        if how == "auto":
+            how = "product" if len(content) <= self.short_tokens else "mean"
+        if how == "first":
+            lp = content[0]
+        elif how == "product":
+            lp = sum(content)
+        else:
+            lp = sum(content) / len(content)
+        return min(1.0, math.exp(lp)), f"logprobs ({how} over {len(content)} content tokens)"
+
+    def _field_value(self, ctx: VerifyContext) -> Any:
+        parsed = ctx.candidate.completion.parsed
+        if parsed is None:
+            parsed = ctx.candidate.parsed
+        if parsed is None:
+            parsed = ctx.shared.get("parsed")
+        if parsed is None:
+            try:
+                parsed = extract_json(ctx.candidate.text)
+            except JSONExtractError:
+                return None
+        value: Any = parsed
+        for part in self.field.split("."):
+            if isinstance(value, BaseModel):
+                value = getattr(value, part, None)
+            elif isinstance(value, Mapping):
+                value = value.get(part)
+            else:
+                return None
+            if value is None:
+                return None
+        return value
+
+    async def _self_check(self, ctx: VerifyContext) -> tuple[float, str] | str:
+        rung = ctx.candidate.rung
+        content = self.prompt.format(question=ctx.request.last_user, answer=ctx.candidate.text)
+        call = ModelCall(
+            model=rung.model,
+            messages=(Message("user", content),),
+            max_tokens=1,
+            temperature=0.0,
+            timeout_s=rung.timeout_s,
+            logprobs=True,
+            top_logprobs=self.top_logprobs,
+            extra=rung.extra,
+        )
+        reply = await ctx.call_model(call)
+        if reply.logprobs:
+            p = yes_probability(reply.logprobs)
+            if p is not None:
+                return p, "self-check P(yes)"
+        p = _text_yes_no(reply.text)
+        if p is None:
+            return f"self-check reply is neither yes nor no: {reply.text[:80]!r}"
+        return p, "self-check text answer (no logprobs)"
+
+
+def _as_probability(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        s = value.strip()
+        percent = s.endswith("%")
+        try:
+            number = float(s.rstrip("%").strip())
+        except ValueError:
+            return None
+        value = number / 100 if percent else number
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    if 0.0 <= value <= 1.0:
+        return float(value)
+    if 1.0 < value <= 100.0:
+        return float(value) / 100
+    return None
