@@ -36,7 +36,8 @@ def format_climb(answer: Answer) -> str:
     lines = []
     for a in answer.attempts:
         cost = f"${a.cost_usd:.6f}" if a.cost_usd else "$0"
-        head = (f"  {a.rung + 1}. {a.model} ({a.provider})  {a.status.upper():8s} "
+        label = a.model if a.name in ("", a.model) else f"{a.name} [{a.model}]"
+        head = (f"  {a.rung + 1}. {label} ({a.provider})  {a.status.upper():8s} "
                 f"tokens {a.input_tokens}→{a.output_tokens}  {cost}  {a.latency_ms:.0f} ms")
         if a.tries > 1:
             head += f"  ({a.tries} tries)"

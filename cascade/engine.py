@@ -358,7 +358,7 @@ class Cascade:
     async def _climb_rung(self, climb: _Climb, i: int, rung: RungConfig
                           ) -> tuple[Attempt, Any] | None:
         """Try one rung. Returns (attempt, parsed) when its answer is accepted."""
-        attempt = Attempt(rung=i, model=rung.model, provider=rung.provider,
+        attempt = Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
                           endpoint=rung.base_url or "", status="running")
         climb.attempts.append(attempt)
         estimate = estimate_cost(rung, climb.request.messages)

@@ -49,6 +49,8 @@ class Attempt:
     rung: int
     model: str
     provider: str
+    name: str = ""
+    """The rung's label (``name`` in config, else the model)."""
     endpoint: str = ""
     status: str = "rejected"
     text: str | None = None
