@@ -15,12 +15,16 @@ from cascade.evaluate import evaluate
 from cascade.suite import OutcomeTable
 from cascade.tune import (
     Setting,
+    _guard,
+    _mesh,
+    _mesh_stats,
     drop_pvalue,
     grid_search_baseline,
     select,
     simulate,
     to_toml,
     tune,
+    z_value,
 )
 
 
@@ -145,6 +149,10 @@ def test_recommends_a_cascade_when_it_is_safe_and_reports(tmp_path: Path) -> Non
     assert lo <= e["accuracy"]["estimate"] <= hi
     assert e["accuracy_change"]["estimate"] > 0  # the cheap rung's confident answers help
     assert 0 <= e["certified_max_drop"] <= 0.01
+    g = e["guard"]
+    assert g["lower_bound"] >= -0.01
+    assert g["lower_bound"] == pytest.approx(g["accuracy_change"] - g["z"] * g["standard_error"])
+    assert e["certified_max_drop"] == pytest.approx(max(0.0, -g["lower_bound"]))
     assert {"accuracy", "mean_cost_usd", "accuracy_change", "cost_saving"} <= set(e)
     kinds = {p["kind"] for p in rep["frontier"]}
     assert kinds == {"cascade", "single_rung", "oracle"}
@@ -194,3 +202,71 @@ def test_fast_on_ten_thousand_cases() -> None:
     t0 = time.perf_counter()
     select(t)
     assert time.perf_counter() - t0 < 10.0
+
+
+def test_guard_arithmetic() -> None:
+    # 240 cases, 6 better and 3 worse: change +3/240, paired variance (9 + 1 pseudo)/240 - c²
+    change, se, lower = _guard(np.array([6.0]), np.array([3.0]), 240, 1.5)
+    c = 3 / 240
+    assert change[0] == pytest.approx(c)
+    assert se[0] == pytest.approx(math.sqrt((10 / 240 - c * c) / 240))
+    assert lower[0] == pytest.approx(c - 1.5 * se[0])
+    # nothing discordant is still not certainty: the pseudo-case keeps a margin
+    assert _guard(np.array([0.0]), np.array([0.0]), 100, 1.0)[1][0] == pytest.approx(0.01)
+    assert z_value(0.1) == pytest.approx(1.2815515655)
+
+
+def test_block_statistics_match_the_simulation() -> None:
+    rng = np.random.default_rng(5)
+    n, r = 400, 4
+    s = rng.random((n, r))
+    s[rng.random((n, r)) < 0.05] = math.nan
+    correct = rng.random((n, r)) < np.linspace(0.5, 0.9, r) + (s - 0.5) * 0.3
+    t = _table(correct, np.tile([0.01, 0.05, 0.2, 1.0], (n, 1)) * rng.uniform(0.5, 1.5, (n, r)),
+               s, passed=rng.random((n, r)) < 0.9)
+    chain = (0, 2, 3)
+    th = _mesh(t, chain, ("confidence",))
+    assert th.shape == (81, 2, 1)  # 9 fixed levels per early rung, labels never consulted
+    cost, better, worse = _mesh_stats(t, chain, ("confidence",), th, 3)
+    rr = t.correct[:, 3]
+    for g in (0, 17, 40, 80):
+        right, c, _ = simulate(t, Setting(chain, ("confidence",),
+                                          tuple(tuple(row) for row in th[g].tolist())))
+        assert cost[g] == pytest.approx(c.mean())
+        assert better[g] == np.sum(right & ~rr) and worse[g] == np.sum(~right & rr)
+
+
+def test_a_tiny_suite_earns_no_cascade() -> None:
+    # The cheap rung is never wrong where the top one is right, but 60 cases cannot show
+    # that a 1-point promise holds: the guard keeps the reference alone.
+    rng = np.random.default_rng(2)
+    n = 60
+    top = rng.random(n) < 0.8
+    correct = np.stack([top & (rng.random(n) < 0.9), top], axis=1)
+    scores = np.stack([np.where(correct[:, 0], 0.99, 0.2), np.zeros(n)], axis=1)
+    t = _table(correct, np.tile([0.01, 1.0], (n, 1)), scores)
+    assert select(t, max_accuracy_drop=0.01)[0] == Setting((1,))
+    # ... while ten times as many such cases earn it
+    t10 = t.take(np.tile(np.arange(n), 10))
+    chosen, _ = select(t10, max_accuracy_drop=0.01)
+    assert chosen.chain == (0, 1)
+
+
+def test_gains_offset_losses() -> None:
+    """Where the confident cheap rung is right and the top rung wrong, the net change counts
+    those gains: a cascade that loses a few cases but wins more is accepted, and the true
+    accuracy of what it recommends is no worse than the top rung's."""
+    fails = 0
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        n = 2000
+        s = rng.random(n)
+        cheap = rng.random(n) < s  # calibrated: right with probability = confidence
+        top = rng.random(n) < 0.8
+        t = _table(np.stack([cheap, top], axis=1), np.tile([0.02, 1.0], (n, 1)),
+                   np.stack([s, np.zeros(n)], axis=1))
+        setting, _ = select(t, max_accuracy_drop=0.0)
+        assert setting.chain == (0, 1)
+        th = setting.thresholds[0][0]
+        fails += 0.8 * (1 - th) - (1 - th * th) / 2 > 0  # the true change is ∫_th^1 (s - .8)
+    assert fails <= 2
