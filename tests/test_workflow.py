@@ -1,0 +1,122 @@
+"""Record → tune → eval on our own fixture suite, through the real SDK and a loopback server,
+then the tuned config answers live."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cascade import Cascade
+from cascade.cli import main
+from cascade.suite import load_cases
+from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_reply
+
+SUITE = Path(__file__).resolve().parents[1] / "fixtures" / "suite"
+
+
+def _expected_by_question() -> dict[str, str]:
+    out = {}
+    for case in load_cases(SUITE):
+        raw = json.loads(json.dumps(case.expected)) if case.expected is not None else ""
+        out[case.messages[-1].content] = raw if isinstance(raw, str) else json.dumps(raw)
+    return out
+
+
+def _server(server: LoopbackServer) -> dict[str, int]:
+    """big always answers right; small is right on every other question and knows when."""
+    answers = _expected_by_question()
+    order = {q: i for i, q in enumerate(answers)}
+    calls = {"small": 0, "big": 0}
+
+    def handle(req: RecordedRequest) -> Reply:
+        body = req.json
+        question = body["messages"][-1]["content"]
+        model = body["model"]
+        calls[model] += 1
+        right = answers.get(question, "yes")
+        if model == "big":
+            return openai_reply(right, model="big", prompt_tokens=40, completion_tokens=8,
+                                logprobs=[(right[:4] or "x", -0.01, {})])
+        good = order.get(question, 0) % 2 == 0
+        text = right if good else "I am not sure, maybe 7"
+        lp = math.log(0.97 if good else 0.35)
+        return openai_reply(text, model="small", prompt_tokens=40, completion_tokens=8,
+                            logprobs=[(text[:4] or "x", lp, {text[:4] or "x": lp})])
+
+    server.script(handle)
+    return calls
+
+
+def _ladder(tmp_path: Path, base_url: str) -> Path:
+    p = tmp_path / "ladder.toml"
+    p.write_text(f'''
+[[rungs]]
+model = "small"
+provider = "openai-compatible"
+base_url = "{base_url}"
+logprobs = true
+input_usd_per_mtok = 0.1
+output_usd_per_mtok = 0.4
+
+[[rungs]]
+model = "big"
+provider = "openai-compatible"
+base_url = "{base_url}"
+logprobs = true
+input_usd_per_mtok = 5.0
+output_usd_per_mtok = 15.0
+
+[[verifiers]]
+name = "refusal"
+
+[[verifiers]]
+name = "confidence"
+source = "logprobs"
+
+[cache]
+directory = "{tmp_path / 'cache'}"
+''')
+    return p
+
+
+def test_record_tune_eval_then_answer_live(openai_server: LoopbackServer, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    suite = tmp_path / "suite"
+    shutil.copytree(SUITE, suite)
+    (suite / "recordings.jsonl").unlink(missing_ok=True)
+    calls = _server(openai_server)
+    ladder = _ladder(tmp_path, openai_server.base_url)
+    n = len(load_cases(suite))
+
+    assert main(["record", str(suite), "--config", str(ladder), "--no-progress"]) == 0
+    assert calls == {"small": n, "big": n}  # every case through every rung
+    assert main(["record", str(suite), "--config", str(ladder), "--no-progress"]) == 0
+    assert calls == {"small": n, "big": n}  # re-recording fills only what is missing
+    capsys.readouterr()
+
+    tuned = tmp_path / "TUNED.toml"
+    assert main(["tune", str(suite), "--config", str(ladder), "--max-accuracy-drop", "0.05",
+                 "--out", str(tuned), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert tuned.is_file()
+    before = len(openai_server.requests)
+
+    assert main(["eval", str(suite), "--config", str(tuned), "--recorded-with", str(ladder),
+                 "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["cases"] == n and 0.0 <= ev["accuracy"] <= 1.0 and ev["mean_cost_usd"] > 0
+    assert len(openai_server.requests) == before  # evaluation is replayed: no model call
+    single = {r["rung"]: r for r in ev["vs_single_rungs"]}
+    # the promise: within the allowed 5 points of the best single rung, and cheaper than it
+    assert ev["accuracy"] >= single["big"]["accuracy"] - 0.05, (report, ev)
+    assert ev["mean_cost_usd"] <= single["big"]["mean_cost_usd"]
+    assert single["small"]["accuracy"] < single["big"]["accuracy"]
+
+    with Cascade.from_file(tuned) as c:
+        question = load_cases(suite)[0].messages
+        ans = c.answer(messages=[m.to_dict() for m in question], cache=False)
+    assert ans.verified and ans.attempts
