@@ -104,12 +104,12 @@ async def aanswer(prompt: str | None = None, **kw: Any) -> Answer:
 
 
 def answer_many(requests: Sequence[str | Mapping[str, Any]], *, concurrency: int = 8
-                ) -> list[Answer | CascadeError]:
+                ) -> list[Answer | Exception]:
     """Answer many requests in input order with bounded concurrency."""
     return _default_cascade().answer_many(requests, concurrency=concurrency)
 
 
 async def aanswer_many(requests: Sequence[str | Mapping[str, Any]], *, concurrency: int = 8
-                       ) -> list[Answer | CascadeError]:
+                       ) -> list[Answer | Exception]:
     """Async twin of :func:`answer_many`."""
     return await _default_cascade().aanswer_many(requests, concurrency=concurrency)

@@ -32,12 +32,12 @@ from cascade.config import (
 )
 from cascade.errors import (
     BudgetExceeded,
-    CascadeError,
     CircuitOpen,
     ConfigError,
     DeadlineExceeded,
     NoAnswerError,
     ProviderError,
+    ProviderTimeout,
     UnverifiedAnswerError,
 )
 from cascade.messages import Message, Request, normalise_messages
@@ -85,7 +85,8 @@ def health() -> dict[str, Any]:
     for ep, snap in all_breaker_snapshots().items():
         endpoints.setdefault(ep, {})["circuit"] = snap
     for ep, lat in list(_LATENCY.items()):
-        endpoints.setdefault(ep, {}).update(
+        endpoints.setdefault(ep, {}).setdefault("circuit", {"state": "closed"})
+        endpoints[ep].update(
             calls=lat.calls, failures=lat.failures, mean_latency_ms=round(lat.mean_s * 1000, 3)
         )
     return {"endpoints": endpoints}
@@ -216,7 +217,14 @@ class Cascade:
             timeout = call.timeout_s
             if deadline is not None:
                 timeout = max(0.001, min(timeout, deadline - time.monotonic()))
-            c = await provider.complete(replace(call, timeout_s=timeout))
+            # The SDK's timeout bounds each read, not the whole call: a server trickling
+            # bytes could hold it far longer, so the whole call is bounded here too.
+            try:
+                with anyio.fail_after(timeout + 0.05):
+                    c = await provider.complete(replace(call, timeout_s=timeout))
+            except TimeoutError:
+                raise ProviderTimeout(f"no complete reply within {timeout:g}s",
+                                      provider=rung.provider, model=call.model) from None
             lat.observe(time.monotonic() - t0)
             return c
 
@@ -394,6 +402,9 @@ class Cascade:
                 attempt.status, attempt.error_type = "error", type(e).__name__
                 fo = getattr(e, "failover_errors", [])
                 attempt.error = " | ".join(fo) if len(fo) > 1 else _short(e)
+                notes = getattr(e, "__notes__", None)
+                if notes:
+                    attempt.error += " (" + "; ".join(notes) + ")"
                 attempt.tries = e.tries
                 attempt.latency_ms = (time.monotonic() - t0) * 1000
                 climb.skip_reasons.append(f"rung {i} ({rung.label}): {type(e).__name__}")
@@ -500,15 +511,16 @@ class Cascade:
     # ------------------------------------------------------------------ many, sync, close
 
     async def aanswer_many(self, requests: Sequence[str | Mapping[str, Any]], *,
-                           concurrency: int = 8) -> list[Answer | CascadeError]:
+                           concurrency: int = 8) -> list[Answer | Exception]:
         """Answer many requests with bounded concurrency; results in input order.
 
         Each item is a prompt string or a dict of ``aanswer`` keyword arguments. A request that
-        fails yields its typed error in place; it never takes the others down.
+        fails yields its error in place (a typed CascadeError, or whatever a plugin raised);
+        it never takes the others down.
         """
         if concurrency < 1:
             raise ConfigError("concurrency must be >= 1", source="request", key="concurrency")
-        results: list[Answer | CascadeError | None] = [None] * len(requests)
+        results: list[Answer | Exception | None] = [None] * len(requests)
         limiter = anyio.CapacityLimiter(concurrency)
 
         async def one(i: int, item: str | Mapping[str, Any]) -> None:
@@ -518,7 +530,7 @@ class Cascade:
                         results[i] = await self.aanswer(item)
                     else:
                         results[i] = await self.aanswer(**item)
-                except CascadeError as e:
+                except Exception as e:
                     results[i] = e
 
         async with anyio.create_task_group() as tg:
@@ -555,7 +567,7 @@ class Cascade:
         return self._blocking_portal().call(lambda: self.aanswer(prompt, **kw))
 
     def answer_many(self, requests: Sequence[str | Mapping[str, Any]], *,
-                    concurrency: int = 8) -> list[Answer | CascadeError]:
+                    concurrency: int = 8) -> list[Answer | Exception]:
         """The sync twin of :meth:`aanswer_many`."""
         return self._blocking_portal().call(
             lambda: self.aanswer_many(requests, concurrency=concurrency))
