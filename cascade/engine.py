@@ -7,6 +7,8 @@ answer cache, circuit breakers and budget store. ``aanswer`` is the one implemen
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import threading
@@ -221,7 +223,8 @@ class Cascade:
             # bytes could hold it far longer, so the whole call is bounded here too.
             try:
                 with anyio.fail_after(timeout + 0.05):
-                    c = await provider.complete(replace(call, timeout_s=timeout))
+                    c = await provider.complete(
+                        call if timeout == call.timeout_s else replace(call, timeout_s=timeout))
             except TimeoutError:
                 raise ProviderTimeout(f"no complete reply within {timeout:g}s",
                                       provider=rung.provider, model=call.model) from None
@@ -253,7 +256,8 @@ class Cascade:
         last: ProviderError | None = None
         for ep in (rung, *rung.fallbacks):
             try:
-                c, n = await self._call_endpoint(replace(call, model=ep.model), ep, climb)
+                ep_call = call if ep.model == call.model else replace(call, model=ep.model)
+                c, n = await self._call_endpoint(ep_call, ep, climb)
                 return c, ep, tries + n, errors
             except ProviderError as e:
                 tries += 0 if isinstance(e, CircuitOpen) else e.tries
@@ -326,7 +330,8 @@ class Cascade:
         accepted: tuple[Attempt, Any] | None = None
         deadline_hit = False
         try:
-            with anyio.fail_after(None if timeout is None else max(0.0, climb.remaining_s() or 0)):
+            with (contextlib.nullcontext() if timeout is None
+                  else anyio.fail_after(max(0.0, climb.remaining_s() or 0))):
                 for i, rung in enumerate(cfg.rungs):
                     accepted = await self._climb_rung(climb, i, rung)
                     if accepted is not None:
@@ -369,7 +374,9 @@ class Cascade:
         attempt = Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
                           endpoint=rung.base_url or "", status="running")
         climb.attempts.append(attempt)
-        estimate = estimate_cost(rung, climb.request.messages)
+        # Token counting only serves a cost cap; without one, skip it (and tiktoken's load).
+        estimate = (estimate_cost(rung, climb.request.messages)
+                    if climb.max_cost_usd is not None or self._budget.enabled else 0.0)
         remaining = climb.remaining_s()
         expected = _LATENCY.get(rung.endpoint)
         if remaining is not None and expected is not None and expected.mean_s > remaining:
@@ -492,20 +499,24 @@ class Cascade:
             metadata=climb.request.metadata,
         )
 
-    def _cache_key(self, request: Request) -> str:
-        cfg = self.config
+    @functools.cached_property
+    def _ladder_key(self) -> str:
+        """The config's part of every cache key: the ladder and verifiers, hashed once."""
         verifiers = []
         for vc, v in self._verifiers.values():
             ident = vc.identity()
             if vc.name.startswith("<code>"):
                 ident["code"] = _qualname(v)
             verifiers.append(ident)
+        return cache_key({"rungs": [r.identity() for r in self.config.rungs],
+                          "verifiers": verifiers})
+
+    def _cache_key(self, request: Request) -> str:
         return cache_key({
             "messages": [m.to_dict() for m in request.messages],
             "schema": request.schema,
             "output_type": _qualname(request.output_type) if request.output_type else None,
-            "rungs": [r.identity() for r in cfg.rungs],
-            "verifiers": verifiers,
+            "ladder": self._ladder_key,
         })
 
     # ------------------------------------------------------------------ many, sync, close

@@ -157,9 +157,9 @@ async def _run_one(bv: BoundVerifier, make_ctx: Callable[[BoundVerifier], Verify
                    ) -> Verdict:
     ctx = make_ctx(bv)
     try:
-        with anyio.fail_after(bv.timeout_s):
-            result = bv.verifier.verify(ctx)
-            if inspect.isawaitable(result):
+        result = bv.verifier.verify(ctx)
+        if inspect.isawaitable(result):  # a sync verifier cannot be interrupted anyway
+            with anyio.fail_after(bv.timeout_s):
                 result = await result
         if isinstance(result, bool):
             result = Verdict(passed=result, reason="passed" if result else "rejected")
@@ -195,6 +195,10 @@ async def run_verifiers(
     results: dict[int, Verdict] = {}
 
     async def stage(indices: list[int]) -> None:
+        if len(indices) == 1:  # no task group (and no task) for a lone verifier
+            results[indices[0]] = await _run_one(bound[indices[0]], make_ctx)
+            return
+
         async def one(i: int) -> None:
             results[i] = await _run_one(bound[i], make_ctx)
 
