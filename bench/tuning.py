@@ -6,9 +6,10 @@ over a few fold seeds. Printed per file, for our tuner and for the plain grid-se
 on the same folds: held-out accuracy change and cost saving against the best single rung (the
 rung most accurate on the tuning folds, measured on the same held-out cases), and whether the
 promise (a drop of at most ``--max-accuracy-drop``) held. Then the time to tune 10,000 cases ×
-5 rungs.
+5 rungs. ``--agreement off|all`` switches the agreement gate (a rung must also agree with the
+previous one) off or on (default); ``--z-gate`` overrides its guard's z, to measure over-fit.
 
-    python bench/tuning.py [--folds 5] [--seeds 3] [--max-accuracy-drop 0.01]
+    python bench/tuning.py [--folds 5] [--seeds 3] [--max-accuracy-drop 0.01] [--agreement all]
 """
 
 from __future__ import annotations
@@ -39,31 +40,35 @@ DATA = REPO.parent / "shared" / "data" / "cascades"
 
 
 def _cv(table: OutcomeTable, method: str, *, folds: int, seed: int, drop: float,
-        delta: float) -> tuple[float, float, int]:
-    """Held-out accuracy change, cost saving, and number of folds that chose a cascade."""
+        delta: float, agreement: str = "all", z_gate: float | None = None
+        ) -> tuple[float, float, int, int]:
+    """Held-out accuracy change, cost saving, and numbers of folds that chose a cascade and
+    that used the agreement gate."""
     rng = np.random.default_rng(seed)
     fold = rng.permutation(table.n) % folds
     right = np.zeros(table.n, dtype=bool)
     ref_right = np.zeros(table.n, dtype=bool)
     cost = np.zeros(table.n)
     ref_cost = np.zeros(table.n)
-    cascades = 0
+    cascades = gated = 0
     for f in range(folds):
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
         ttr, tte = table.take(tr), table.take(te)
         if method == "ours":
-            setting, ref = select(ttr, max_accuracy_drop=drop, delta=delta, seed=seed)
+            setting, ref = select(ttr, max_accuracy_drop=drop, delta=delta, seed=seed,
+                                  agreement=agreement, z_gate=z_gate)
         else:
             setting = grid_search_baseline(ttr, max_drop=drop)
             mc, acc = ttr.cost.mean(0), ttr.correct.mean(0)
             ref = int(np.lexsort((mc, -acc))[0])
         cascades += len(setting.chain) > 1
+        gated += bool(setting.agree)
         r, c, _ = simulate(tte, setting)
         right[te], cost[te] = r, c
         ref_right[te], ref_cost[te] = tte.correct[:, ref], tte.cost[:, ref]
     change = float(right.mean() - ref_right.mean())
     saving = 1.0 - float(cost.sum() / ref_cost.sum())
-    return change, saving, cascades
+    return change, saving, cascades, gated
 
 
 def _ceiling(table: OutcomeTable, drop: float) -> float:
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-accuracy-drop", type=float, default=0.01)
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--files", nargs="*", help="only these file names")
+    ap.add_argument("--agreement", choices=("off", "all"), default="all")
+    ap.add_argument("--z-gate", type=float, default=None)
     ns = ap.parse_args(argv)
     if not ns.data.is_dir():
         print(f"no shared data at {ns.data}: nothing to benchmark", file=sys.stderr)
@@ -115,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         files = [f for f in files if f.name in ns.files]
     drop = ns.max_accuracy_drop
     print(f"k={ns.folds}-fold CV × {ns.seeds} seeds, max accuracy drop {drop:g}, "
-          f"delta {ns.delta:g}; held-out change vs the best single rung (points), saving (%)")
-    head = (f"{'file':<31} {'n':>4} | {'ours Δacc':>9} {'save':>6} {'casc':>5} {'ok':>3} | "
+          f"delta {ns.delta:g}, agreement gate {ns.agreement}; held-out change vs the best "
+          "single rung (points), saving (%)")
+    head = (f"{'file':<31} {'n':>4} | {'ours Δacc':>9} {'save':>6} {'casc':>5} {'gate':>5} "
+            f"{'ok':>3} | "
             f"{'grid Δacc':>9} {'save':>6} {'ok':>3} | {'ceiling':>7}")
     print(head)
     print("-" * len(head))
@@ -129,14 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         table = load_shared_outcomes([f])
         if largest is None or len(table.rungs) > len(largest.rungs):
             largest = table
-        res: dict[str, list[tuple[float, float, int]]] = {"ours": [], "grid": []}
+        res: dict[str, list[tuple[float, float, int, int]]] = {"ours": [], "grid": []}
         for seed in range(ns.seeds):
             for method in res:
                 res[method].append(_cv(table, method, folds=ns.folds, seed=seed, drop=drop,
-                                       delta=ns.delta))
+                                       delta=ns.delta, agreement=ns.agreement,
+                                       z_gate=ns.z_gate))
         o_ch = statistics.mean(x[0] for x in res["ours"])
         o_sv = statistics.mean(x[1] for x in res["ours"])
         o_cas = sum(x[2] for x in res["ours"]) / (ns.folds * ns.seeds)
+        o_gate = sum(x[3] for x in res["ours"]) / (ns.folds * ns.seeds)
         g_ch = statistics.mean(x[0] for x in res["grid"])
         g_sv = statistics.mean(x[1] for x in res["grid"])
         o_ok, g_ok = o_ch >= -drop, g_ch >= -drop
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         grid_save.append(g_sv)
         ceiling = f"{_ceiling(table, drop) * 100:.0f}%"
         print(f"{f.name:<31} {table.n:>4} | {o_ch * 100:>+9.2f} {o_sv * 100:>5.1f}% "
-              f"{o_cas:>5.0%} {'yes' if o_ok else 'NO':>3} | {g_ch * 100:>+9.2f} "
+              f"{o_cas:>5.0%} {o_gate:>5.0%} {'yes' if o_ok else 'NO':>3} | {g_ch * 100:>+9.2f} "
               f"{g_sv * 100:>5.1f}% {'yes' if g_ok else 'NO':>3} | {ceiling:>7}")
     print("-" * len(head))
     n = len(files)
@@ -155,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if n:
         print(f"median cost saving: ours {statistics.median(ours_save) * 100:.1f}%, "
               f"grid search {statistics.median(grid_save) * 100:.1f}%")
-    print(f"(casc = share of folds where our tuner recommended a cascade; ceiling = the largest "
+    print(f"(casc = share of folds where our tuner recommended a cascade, gate = where it also "
+          f"used the agreement gate; ceiling = the largest "
           f"saving of the same threshold grid whose accuracy drop on the whole file is within "
           f"the limit, chosen with hindsight on all its cases: what no honest tuner can show; "
           f"cross-validation took {time.perf_counter() - t0:.1f}s)")

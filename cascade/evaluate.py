@@ -6,6 +6,11 @@ own recorded verdict where no threshold is set); the last rung's answer is retur
 (unverified when rejected). This is the engine's policy applied to recorded verdicts, so it is
 exact for everything but cost when a short-circuit would have skipped an expensive verifier
 (here every recorded verifier call is charged: the reported cost is an upper bound).
+
+The ``agreement`` verifier in mode ``previous`` is replayed from the climb, not from a
+recording: its verdict depends on which rung answered before it in *this* config (the
+previous rung of the config, not of the recorded ladder), so it is recomputed from the
+suite's answer texts; at the first rung it abstains (passes) as the engine's does.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cascade.config import CascadeConfig, load_config
+from cascade.config import CascadeConfig, VerifierConfig, load_config
 from cascade.errors import ConfigError
 from cascade.suite import OutcomeTable, load_outcome_table
 
@@ -39,6 +44,27 @@ def _columns(table: OutcomeTable, config: CascadeConfig) -> list[int]:
     return cols
 
 
+def _is_previous_agreement(vc: VerifierConfig) -> bool:
+    return vc.name == "agreement" and vc.settings.get("mode", "previous") == "previous"
+
+
+def _agreement(table: OutcomeTable, config: CascadeConfig, vc: VerifierConfig,
+               cols: list[int], p: int, th: float | None) -> npt.NDArray[np.bool_]:
+    """The agreement verifier's verdict at config position ``p``, as the engine reaches it."""
+    if p == 0:  # nothing answered before: abstain (pass) or fail, as configured
+        return np.full(table.n, vc.settings.get("no_previous", "abstain") != "fail")
+    norm = str(vc.settings.get("normaliser", "normalised"))
+    tol = float(vc.settings.get("tolerance", 1e-6))
+    agree = table.agrees(cols[p], cols[p - 1], norm)
+    if agree is None or (norm == "numeric" and tol != 1e-6):
+        raise ConfigError(f"verifier {vc.key!r}: the suite holds no {norm!r} agreement of its "
+                          "answers (built-in normalisers, default tolerance only)",
+                          source=config.source, key="verifiers")
+    if th is None:
+        return agree
+    return np.where(agree, 1.0, 0.0) >= th
+
+
 def _accepts(table: OutcomeTable, config: CascadeConfig, cols: list[int]
              ) -> npt.NDArray[np.bool_]:
     acc = np.ones((table.n, len(cols)), dtype=bool)
@@ -46,7 +72,9 @@ def _accepts(table: OutcomeTable, config: CascadeConfig, cols: list[int]
         for vc in config.verifiers_for(rung):
             key = vc.key
             th = config.threshold(rung, vc)
-            if key in table.scores:
+            if _is_previous_agreement(vc):
+                acc[:, p] &= _agreement(table, config, vc, cols, p, th)
+            elif key in table.scores:
                 s = table.scores[key][:, j]
                 if th is not None:
                     with np.errstate(invalid="ignore"):

@@ -14,6 +14,10 @@ the tuner can re-threshold scores without calling anything.
 
 The shared recorded-outcomes format (``<benchmark>_<chain>_train.jsonl`` with a
 ``ladder-<chain>.json`` beside it) loads straight into an :class:`OutcomeTable`.
+
+Both carry the answer texts, so the table also holds which rungs agree with each other (under
+each built-in normaliser of ``verifiers._text``): the signal the ``agreement`` verifier reads
+in a live climb, replayable without calling anything.
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ from cascade.providers.base import Completion, ModelCall, TokenLogprob
 from cascade.trace import Verdict
 
 __all__ = [
+    "AGREEMENT_NORMALISERS",
     "GRADERS",
     "RECORDINGS_FILE",
     "Case",
     "OutcomeTable",
     "Recording",
     "RecordingStore",
+    "agreement_arrays",
     "answer_call",
     "grade",
     "is_shared_outcomes",
@@ -375,11 +381,25 @@ class OutcomeTable:
     source: str = ""
     base: CascadeConfig | None = None
     """The config the table was built under (sections other than rungs carry into TUNED.toml)."""
+    agreement: Mapping[str, BoolArray] = field(default_factory=dict)
+    """``agreement[norm][i, a, b]``: rungs ``a`` and ``b`` gave case ``i`` the same answer under
+    normaliser ``norm`` (both had one), as :class:`verifiers.agreement.AgreementVerifier`
+    decides; the diagonal says whether the rung's answer normalises at all."""
+    agreement_normaliser: str | None = None
+    """The normaliser that suits the cases' graders (most cases' when they differ): the one the
+    tuner's agreement gate uses and writes into TUNED.toml."""
 
     def __post_init__(self) -> None:
         n, r = self.correct.shape
         if self.cost.shape != (n, r) or len(self.case_ids) != n or len(self.rungs) != r:
             raise ValueError("outcome table arrays disagree in shape")
+        if any(a.shape != (n, r, r) for a in self.agreement.values()):
+            raise ValueError("agreement arrays must be cases × rungs × rungs")
+
+    def agrees(self, a: int, b: int, normaliser: str | None = None) -> BoolArray | None:
+        """Per case, whether rungs ``a`` and ``b`` agree; None when the table cannot say."""
+        arr = self.agreement.get(normaliser or self.agreement_normaliser or "")
+        return None if arr is None else arr[:, a, b]
 
     @property
     def n(self) -> int:
@@ -400,7 +420,61 @@ class OutcomeTable:
             passed={k: v[ix] for k, v in self.passed.items()},
             own_passed={k: v[ix] for k, v in self.own_passed.items()},
             groups=tuple(self.groups[i] for i in ix),
+            agreement={k: v[ix] for k, v in self.agreement.items()},
         )
+
+
+AGREEMENT_NORMALISERS: tuple[str, ...] = ("exact", "normalised", "numeric", "choice")
+"""The built-in normalisers whose agreement an outcome table precomputes."""
+_GRADER_NORMALISER = {"exact": "exact", "normalised": "normalised", "numeric": "numeric",
+                      "choice": "choice", "json_schema": "exact"}
+"""Which normaliser compares two answers the way a grader compares one with the expected."""
+_BENCH_NORMALISER = {"mmlu": "choice", "medmcqa": "choice", "gsm8k": "numeric",
+                     "triviaqa": "normalised", "truthfulqa": "normalised"}
+_TOLERANCE = 1e-6
+"""The agreement verifier's default numeric tolerance (relative and absolute)."""
+
+
+def agreement_arrays(texts: Sequence[Sequence[str | None]],
+                     normalisers: Sequence[str] = AGREEMENT_NORMALISERS
+                     ) -> dict[str, BoolArray]:
+    """Cases × rungs × rungs agreement of answer ``texts`` (None: no answer) per normaliser.
+
+    Same rule as the agreement verifier: both answers must normalise (not None) and be equal
+    (numbers within a relative and absolute 1e-6). Booleans, so 10,000 cases × 5 rungs take
+    250 kB a normaliser.
+    """
+    from verifiers._text import NORMALISERS
+
+    n = len(texts)
+    r = len(texts[0]) if n else 0
+    out: dict[str, BoolArray] = {}
+    for name in normalisers:
+        norm = NORMALISERS[name]
+        vals = [[None if t is None else norm(t) for t in row] for row in texts]
+        if name == "numeric":
+            nums: list[list[float]] = [[math.nan if not isinstance(v, (int, float)) else float(v)
+                                        for v in row] for row in vals]
+            x: FloatArray = np.array(nums, dtype=np.float64).reshape(n, r)
+            a, b = x[:, :, None], x[:, None, :]
+            with np.errstate(invalid="ignore"):
+                tol = np.maximum(_TOLERANCE * np.maximum(np.abs(a), np.abs(b)), _TOLERANCE)
+                eq = (a == b) | (np.abs(a - b) <= tol)
+            out[name] = eq & ~np.isnan(a) & ~np.isnan(b)
+        else:
+            codes: dict[Any, int] = {}
+            c = np.array([[-1 if v is None else codes.setdefault(v, len(codes)) for v in row]
+                          for row in vals], dtype=np.int64).reshape(n, r)
+            has = c >= 0
+            out[name] = (c[:, :, None] == c[:, None, :]) & has[:, :, None] & has[:, None, :]
+    return out
+
+
+def _most_common(names: Iterable[str]) -> str | None:
+    counts: dict[str, int] = {}
+    for x in names:
+        counts[x] = counts.get(x, 0) + 1
+    return max(counts, key=lambda k: counts[k]) if counts else None
 
 
 _SHARED = re.compile(r"^(?P<bench>[a-z0-9]+)_(?P<chain>.+)_(?:train|test|val)\.jsonl$")
@@ -483,12 +557,16 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
     correct = np.zeros((n, r), dtype=bool)
     cost = np.zeros((n, r))
     score = np.full((n, r), np.nan)
+    texts: list[list[str | None]] = []
     for i, (_b, row) in enumerate(rows):
+        texts.append([])
         for j, model in enumerate(models):
             o = row["outcomes"].get(model)
             if o is None:
                 raise ConfigError(f"case {row.get('id')!r} has no outcome for {model!r}",
                                   source=str(paths[0]))
+            t = o.get("text")
+            texts[i].append(t if isinstance(t, str) else None)
             correct[i, j] = bool(o["correct"])
             cost[i, j] = float(o["cost_usd"])
             c = o.get("confidence")
@@ -496,6 +574,7 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
     order = np.argsort(cost.mean(axis=0), kind="stable")
     source = "logprobs" if logprobs else "self_check" if sources == {"self_check"} else "auto"
     verifier = VerifierConfig(name="confidence", id="confidence", settings={"source": source})
+    agree = agreement_arrays(texts)
     return OutcomeTable(
         case_ids=tuple(str(row["id"]) for _b, row in rows),
         rungs=tuple(by_model[models[j]] for j in order),
@@ -503,6 +582,9 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
         scores={"confidence": score[:, order]}, passed={},
         groups=tuple(_group_of(b, row) for b, row in rows),
         verifiers=(verifier,), source=", ".join(str(p) for p in paths),
+        agreement={k: v[:, order][:, :, order] for k, v in agree.items()},
+        agreement_normaliser=_most_common(_BENCH_NORMALISER.get(b, "normalised")
+                                          for b, _row in rows),
     )
 
 
@@ -521,6 +603,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
     scoring: dict[str, FloatArray] = {}
     flags: dict[str, BoolArray] = {}
     own: dict[str, BoolArray] = {}
+    texts: list[list[str | None]] = [[None] * r for _ in cases]
     missing: list[str] = []
     for i, case in enumerate(cases):
         for j, rung in enumerate(rungs):
@@ -528,6 +611,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
             if rec is None:
                 missing.append(f"case {case.id!r} × model {rung.model!r}")
                 continue
+            texts[i][j] = rec.text
             correct[i, j] = grade(case, rec.text)
             verdicts = {v.verifier: v for v in rec.verdicts}
             cost[i, j] = rec.cost_usd + sum(v.cost_usd for v in rec.verdicts)
@@ -556,6 +640,9 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
         groups=tuple(c.group for c in cases), verifiers=config.verifiers,
         own_passed={k: v for k, v in own.items() if k in scoring},
         source=source, base=config,
+        agreement=agreement_arrays(texts) if n and r else {},
+        agreement_normaliser=_most_common(_GRADER_NORMALISER.get(c.grader, "normalised")
+                                          for c in cases),
     )
 
 

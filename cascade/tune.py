@@ -20,13 +20,28 @@ What we do instead:
    -max_accuracy_drop``. The cheapest candidate that passes is recommended; when none does,
    the reference alone is, and the report says so.
 
-What ``delta`` means: each candidate's bound is a one-sided ``1 - delta`` normal-approximation
-bound; it is not a family-wise guarantee over the selection. The margin is sized by the
-standard error of the chosen setting itself, which is what keeps the selection from
-over-fitting in practice: cross-validated on the shared recorded data the promise held on every
-benchmark (``bench/tuning.py`` prints the table). Model-based estimates (logistic fits of the
-discordance rates on the confidences) were measured too; with a margin they saved less for the
-same safety, so the plain paired estimate is used.
+4. A rung after the first may also be *gated on agreement*: it accepts only when its
+   confidence passes AND its normalised answer agrees with the previous rung's in the chain
+   (the engine's ``agreement`` verifier, mode ``previous``; TUNED.toml lists it on that rung).
+   A rung that never accepts may stay as the witness the next rung agrees with. Gated
+   settings double the candidates and are held to a stricter guard: two pseudo-discordant
+   cases instead of one, and z at ``delta / F`` where F counts the gate patterns examined
+   (Bonferroni over families; within a family thresholds are nested and nearly collinear).
+
+What the promise means: an *estimate*, not a guarantee. The guard is a one-sided ``1 - delta``
+normal-approximation bound for the one setting chosen, not a family-wise guarantee over the
+selection; choosing the cheapest of thousands makes the in-sample estimate optimistic, and
+the margin (z standard errors plus pseudo-cases, larger for gated settings) is sized to absorb
+that, which cross-validation on the shared recorded data checks (``bench/tuning.py``: the
+promise held on 10 of 10 benchmarks). What is exact: the simulated accuracy and cost of a
+setting on the suite (the engine's policy replayed), and that the recommendation is never
+dearer and no more accurate than a single rung on the suite. What is not covered: questions
+unlike the suite's (the report's ``shift`` section measures held-out groups), and suites of a
+few hundred cases cannot certify settings whose only evidence is zero observed disagreement
+with the reference; such suites get small savings or the reference alone. Measured, not
+shipped: the same gate under the plain guard saved more (median 31%) but broke the 1-point
+promise on 2 of 10 benchmarks; an OR rule (confidence OR agreement, which the engine's
+all-verdicts policy cannot run) saved less than AND on these data.
 
 Simulation is vectorised: for a setting, each case exits at the first rung whose every
 verifier passes (score >= threshold), the last rung of the cascade accepting everything.
@@ -50,7 +65,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cascade.config import CascadeConfig, RungConfig, load_config, parse_config
+from cascade.config import (
+    CascadeConfig,
+    RungConfig,
+    VerifierConfig,
+    load_config,
+    parse_config,
+)
 from cascade.errors import ConfigError
 from cascade.suite import OutcomeTable, load_outcome_table
 
@@ -82,12 +103,24 @@ Z90 = 1.6448536269514722
 class Setting:
     """A cascade over some rungs of a table: thresholds for every rung but the last.
 
-    ``thresholds[p][v]`` is the threshold of scoring verifier ``keys[v]`` at ``chain[p]``.
+    ``thresholds[p][v]`` is the threshold of scoring verifier ``keys[v]`` at ``chain[p]``;
+    ``agree[p]`` (when given) also requires ``chain[p]``'s answer to agree with
+    ``chain[p - 1]``'s under ``normaliser`` (the engine's ``agreement`` verifier in mode
+    ``previous``: the previous rung that answered in this climb). With ``accept = "any"`` a
+    gated rung accepts when its scores pass *or* it agrees: measured for comparison only, the
+    engine's policy needs every verdict to pass.
     """
 
     chain: tuple[int, ...]
     keys: tuple[str, ...] = ()
     thresholds: tuple[tuple[float, ...], ...] = ()
+    agree: tuple[bool, ...] = ()
+    normaliser: str = ""
+    accept: str = "all"
+
+    def gated(self, p: int) -> bool:
+        """Whether early position ``p`` uses the agreement gate (never the first rung)."""
+        return 0 < p < len(self.agree) and self.agree[p]
 
     def describe(self, table: OutcomeTable) -> str:
         parts = []
@@ -95,7 +128,15 @@ class Setting:
             label = table.rungs[j].label
             if p < len(self.thresholds):
                 th = ", ".join(f"{k}>={t:.3g}" for k, t in zip(self.keys, self.thresholds[p],
-                                                              strict=True) if math.isfinite(t))
+                                                              strict=True)
+                               if math.isfinite(t) and not (self.gated(p) and t <= 0.0))
+                if self.thresholds[p] and all(t == math.inf for t in self.thresholds[p]):
+                    th = "never accepts"
+                if self.gated(p):
+                    prev = table.rungs[self.chain[p - 1]].label
+                    joint = " or " if self.accept == "any" else ", "
+                    th = (th + joint if th and th != "never accepts" else "") + \
+                        f"agrees with {prev}"
                 label += f" [{th or 'never accepts'}]"
             parts.append(label)
         return " → ".join(parts)
@@ -114,9 +155,24 @@ def _gates(table: OutcomeTable, chain: Sequence[int]) -> BoolArray:
     return g
 
 
+def _agree_cols(table: OutcomeTable, chain: Sequence[int], normaliser: str) -> BoolArray:
+    """Per case and early position p of ``chain``: does ``chain[p]`` agree with ``chain[p-1]``
+    (True at p = 0, where the engine's agreement verifier abstains)."""
+    early = list(chain[:-1])
+    out = np.ones((table.n, len(early)), dtype=bool)
+    for p in range(1, len(early)):
+        a = table.agrees(chain[p], chain[p - 1], normaliser)
+        if a is None:
+            raise ConfigError(f"the suite holds no {normaliser!r} agreement of its answers")
+        out[:, p] = a
+    return out
+
+
 def _simulate_many(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str],
-                   th: FloatArray) -> tuple[BoolArray, FloatArray, IntArray]:
-    """Right/cost/exit position of ``m`` settings of one chain; ``th`` is (m, k-1, V)."""
+                   th: FloatArray, ag: BoolArray | None = None, normaliser: str = "",
+                   any_: bool = False) -> tuple[BoolArray, FloatArray, IntArray]:
+    """Right/cost/exit position of ``m`` settings of one chain; ``th`` is (m, k-1, V), ``ag``
+    (m, k-1) the agreement gates."""
     ch = list(chain)
     m, k = th.shape[0], len(ch)
     n = table.n
@@ -124,11 +180,16 @@ def _simulate_many(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str
     if k == 1:
         right = np.broadcast_to(table.correct[:, ch[0]], (m, n)).copy()
         return right, np.broadcast_to(cum[:, 0], (m, n)).copy(), np.zeros((m, n), np.int64)
-    acc = np.broadcast_to(_gates(table, ch)[None], (m, n, k - 1)).copy()
+    sc = np.ones((m, n, k - 1), dtype=bool)
     for v, key in enumerate(keys):
         s = table.scores[key][:, ch[:-1]]  # (n, k-1); NaN compares False: no score, no accept
         with np.errstate(invalid="ignore"):
-            acc &= s[None, :, :] >= th[:, None, :, v]
+            sc &= s[None, :, :] >= th[:, None, :, v]
+    if ag is not None and ag.any():
+        agree = _agree_cols(table, ch, normaliser)[None]
+        on = ag[:, None, :]
+        sc = (sc | (on & agree)) if any_ else (sc & (~on | agree))
+    acc = _gates(table, ch)[None] & sc
     acc = np.concatenate([acc, np.ones((m, n, 1), dtype=bool)], axis=2)
     exit_pos = np.argmax(acc, axis=2).astype(np.int64)
     right = table.correct[:, ch][np.arange(n)[None, :], exit_pos]
@@ -137,18 +198,26 @@ def _simulate_many(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str
 
 
 def _prune(setting: Setting) -> Setting:
-    """Drop early rungs that can never accept: they would only add cost."""
-    keep = [p for p, row in enumerate(setting.thresholds) if not any(t == math.inf for t in row)]
-    return Setting(tuple(setting.chain[p] for p in keep) + setting.chain[-1:], setting.keys,
-                   tuple(setting.thresholds[p] for p in keep))
+    """Drop early rungs that can never accept: they would only add cost. A rung whose answer
+    the next rung's agreement gate compares with is a witness and stays."""
+    rows = setting.thresholds
+    keep = [p for p, row in enumerate(rows)
+            if not any(t == math.inf for t in row) or setting.gated(p + 1)]
+    agree = tuple(setting.gated(p) and p - 1 in keep for p in keep) if setting.agree else ()
+    return replace(setting, chain=tuple(setting.chain[p] for p in keep) + setting.chain[-1:],
+                   thresholds=tuple(rows[p] for p in keep),
+                   agree=agree if any(agree) else ())
 
 
 def simulate(table: OutcomeTable, setting: Setting) -> tuple[BoolArray, FloatArray, IntArray]:
     """Per case: was the cascade's answer right, what did it cost, at which chain position it
     stopped."""
-    th = np.array(setting.thresholds, dtype=float).reshape(1, len(setting.chain) - 1,
-                                                          len(setting.keys))
-    right, cost, ex = _simulate_many(table, setting.chain, setting.keys, th)
+    k1 = len(setting.chain) - 1
+    th = np.array(setting.thresholds, dtype=float).reshape(1, k1, len(setting.keys))
+    ag = (np.array([[setting.gated(p) for p in range(k1)]], dtype=bool)
+          if setting.agree else None)
+    right, cost, ex = _simulate_many(table, setting.chain, setting.keys, th, ag,
+                                     setting.normaliser, setting.accept == "any")
     return right[0], cost[0], ex[0]
 
 
@@ -371,12 +440,16 @@ class _Choice:
     """Its estimated standard error (paired, with one pseudo-discordant case)."""
     lower: float = 0.0
     """The guard's bound: ``change - z * stderr``."""
+    z: float = 0.0
+    """The guard's z for this setting (larger for settings that use the agreement gate)."""
 
 
 _CHEAPER = 0.5
 _LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 """Candidate thresholds of a [0, 1] score (a confidence), fixed in advance: not fitted to labels,
 so the candidate set itself carries no over-fit; they are also coarse, so there are few."""
+_GATED_LEVELS = (0.0, 0.5, 0.7, 0.9, 0.99)
+"""Candidate thresholds of a confidence on a rung that must also agree with the previous one."""
 _QUANTILES = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.99)
 """For scores outside [0, 1]: thresholds at these quantiles of the scores (labels unused)."""
 _MAX_SETTINGS = 6561
@@ -384,6 +457,10 @@ _MAX_SETTINGS = 6561
 _CELLS = 4_000_000
 """Settings × cases per vectorised block (bounds memory)."""
 _PSEUDO = 1.0
+_PSEUDO_GATE = 2.0
+"""Settings that use the agreement gate are held to a stricter guard: two pseudo-discordant
+cases (zero observed disagreements with the reference can then not pass on a few hundred
+cases) and a Bonferroni z over the gate patterns examined (see :func:`_choose`)."""
 
 
 def z_value(delta: float) -> float:
@@ -403,21 +480,82 @@ def _levels(scores: FloatArray) -> FloatArray:
     return np.unique(np.quantile(fin, _QUANTILES))
 
 
+def _gated_levels(scores: FloatArray) -> FloatArray:
+    """Candidate thresholds of a score when the rung must also agree with the previous one:
+    agreement already screens out many errors, so lower thresholds (0: agreement alone) are
+    worth trying; fewer of them, to keep the candidate set small."""
+    lv = _levels(scores)
+    if lv.size == 1:
+        return lv
+    if np.array_equal(lv, np.array(_LEVELS)):
+        return np.array(_GATED_LEVELS)
+    return lv[:: max(1, lv.size // 4)]
+
+
+def _subsample(x: FloatArray, g: int) -> FloatArray:
+    return x if x.size <= g else x[np.unique(np.linspace(0, x.size - 1, g).round().astype(int))]
+
+
+def _candidates(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str],
+                gate: bool = False, max_settings: int = _MAX_SETTINGS, any_: bool = False
+                ) -> tuple[FloatArray, BoolArray]:
+    """Every combination of candidate thresholds of ``chain``'s early rungs, each rung after
+    the first either on its own or also gated on agreeing with the previous one (``gate``).
+
+    Returns thresholds (m, k-1, V) and gates (m, k-1). Levels never come from labels.
+    """
+    early = list(chain[:-1])
+    k1, nv = len(early), len(keys)
+    plain = [[_levels(table.scores[key][:, j]) for key in keys] for j in early]
+    gated = [[(np.append(_levels(table.scores[key][:, j]), math.inf) if any_ else
+                _gated_levels(table.scores[key][:, j])) for key in keys] if gate and p else None
+             for p, j in enumerate(early)]
+    if gate:  # a rung that never accepts may still be the witness the next rung agrees with
+        for p in range(k1 - 1):
+            plain[p] = [np.append(d, math.inf) if np.isfinite(d).any() else d for d in plain[p]]
+
+    def count(g: int) -> int:
+        total = 1
+        for p in range(k1):
+            o = math.prod(min(d.size, g) for d in plain[p])
+            gp = gated[p]
+            if gp is not None:
+                o += math.prod(min(d.size, g) for d in gp)
+            total *= o
+        return total
+
+    g = max(d.size for row in plain for d in row) if k1 and nv else 1
+    while g > 2 and count(g) > max_settings:
+        g -= 1
+    per_pos: list[tuple[FloatArray, BoolArray]] = []
+    for p in range(k1):
+        opts = [np.stack(np.meshgrid(*[_subsample(d, g) for d in plain[p]], indexing="ij"),
+                         axis=-1).reshape(-1, nv)]
+        flags = [np.zeros(opts[0].shape[0], dtype=bool)]
+        gp = gated[p]
+        if gp is not None:
+            go = np.stack(np.meshgrid(*[_subsample(d, g) for d in gp], indexing="ij"),
+                          axis=-1).reshape(-1, nv)
+            opts.append(go)
+            flags.append(np.ones(go.shape[0], dtype=bool))
+        per_pos.append((np.concatenate(opts), np.concatenate(flags)))
+    if k1 == 0:
+        return np.zeros((1, 0, nv)), np.zeros((1, 0), dtype=bool)
+    idx = np.stack(np.meshgrid(*[np.arange(o.shape[0]) for o, _ in per_pos], indexing="ij"),
+                   axis=-1).reshape(-1, k1)
+    th = np.stack([per_pos[p][0][idx[:, p]] for p in range(k1)], axis=1)
+    ag = np.stack([per_pos[p][1][idx[:, p]] for p in range(k1)], axis=1)
+    return th, ag
+
+
 def _mesh(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str]) -> FloatArray:
     """Every combination of candidate thresholds of ``chain``'s early rungs: (m, k-1, V)."""
-    early = list(chain[:-1])
-    dims = [_levels(table.scores[key][:, j]) for j in early for key in keys]
-    free = sum(d.size > 1 for d in dims)
-    if free and math.prod(d.size for d in dims) > _MAX_SETTINGS:
-        g = max(2, int(_MAX_SETTINGS ** (1.0 / free)))
-        dims = [d if d.size <= g else d[np.unique(np.linspace(0, d.size - 1, g).round()
-                                                  .astype(int))] for d in dims]
-    grids = np.meshgrid(*dims, indexing="ij")
-    return np.stack(grids, axis=-1).reshape(-1, len(early), len(keys))
+    return _candidates(table, chain, keys)[0]
 
 
 def _mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], th: FloatArray,
-                ref: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+                ref: int, ag: BoolArray | None = None, normaliser: str = "",
+                any_: bool = False) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Mean cost and the counts of cases the cascade gets right where the reference is wrong
     (``better``) and wrong where it is right (``worse``), for each of ``m`` settings.
 
@@ -431,6 +569,8 @@ def _mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], 
     good = (table.correct[:, ch] & ~rr[:, None]).astype(float)
     bad = (~table.correct[:, ch] & rr[:, None]).astype(float)
     gates = _gates(table, ch)
+    use_ag = ag is not None and bool(ag.any())
+    agree = _agree_cols(table, ch, normaliser) if use_ag else None
     cost = np.empty(m)
     better = np.empty(m)
     worse = np.empty(m)
@@ -442,11 +582,16 @@ def _mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], 
         b = np.zeros(t.shape[0])
         w = np.zeros(t.shape[0])
         for p in range(k1):
-            acc = np.broadcast_to(gates[None, :, p], reach.shape).copy()
+            acc = np.ones(reach.shape, dtype=bool)
             for v, key in enumerate(keys):
                 s = table.scores[key][:, ch[p]]
                 with np.errstate(invalid="ignore"):
                     acc &= s[None, :] >= t[:, p, v][:, None]
+            if agree is not None and ag is not None and p > 0:
+                on = ag[a:a + step, p][:, None]
+                acc = (acc | (on & agree[None, :, p])) if any_ else (
+                    acc & (~on | agree[None, :, p]))
+            acc &= gates[None, :, p]
             out = reach & acc
             reach &= ~acc
             f = out.astype(float)
@@ -461,8 +606,8 @@ def _mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], 
     return cost, better, worse
 
 
-def _guard(better: FloatArray, worse: FloatArray, n: int, z: float
-           ) -> tuple[FloatArray, FloatArray, FloatArray]:
+def _guard(better: FloatArray, worse: FloatArray, n: int, z: float | FloatArray,
+           pseudo: float | FloatArray = _PSEUDO) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Net accuracy change, its standard error and the guard's lower bound, per setting.
 
     The change is (better - worse) / n: gains where the cascade is right and the reference is
@@ -472,17 +617,21 @@ def _guard(better: FloatArray, worse: FloatArray, n: int, z: float
     """
     nn = max(n, 1)
     change = (better - worse) / nn
-    var = np.maximum((better + worse + _PSEUDO) / nn - change**2, 0.0)
+    var = np.maximum((better + worse + pseudo) / nn - change**2, 0.0)
     se = np.sqrt(var / nn)
     return change, se, change - z * se
 
 
 def _choose(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: float = 0.0,
-            rng: np.random.Generator | None = None
-            ) -> tuple[_Choice, int, IntArray, IntArray]:
+            rng: np.random.Generator | None = None, agreement: str = "all",
+            z_gate: float | None = None) -> tuple[_Choice, int, IntArray, IntArray]:
     """The cheapest candidate setting whose guarded net accuracy change stays above
     ``-max_drop``; the reference alone when none does. ``select_frac`` and ``rng`` are kept for
     the call signature (this tuner uses every case and draws nothing at random).
+
+    ``agreement``: ``"off"`` (scores only), ``"all"`` (a rung may also have to agree with the
+    previous one: runnable by the engine) or ``"any"`` (scores pass *or* it agrees: for
+    measurement). Settings that use the gate are held to ``z_gate`` standard errors.
 
     Returns the choice, the reference, and the cases used to choose and (none) held apart.
     """
@@ -499,20 +648,28 @@ def _choose(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: 
         return (_Choice(setting=alone, passed=False, tested=0,
                         reason="no scoring verifier to tune"), ref, every, none)
     z = z_value(delta)
+    norm = table.agreement_normaliser or ""
+    gate = agreement != "off" and norm in table.agreement
+    any_ = agreement == "any"
     cost_order = [int(j) for j in np.argsort(mean_cost, kind="stable")]
+    chains = _chains(cost_order, ref, mean_cost)
+    families = sum(2 ** max(len(c) - 2, 0) - 1 for c in chains)
+    zg = z_value(delta / max(families, 1)) if z_gate is None else z_gate
     ref_cost = float(mean_cost[ref])
     best: tuple[float, float] | None = None
     chosen = alone
-    stats = (0.0, 0.0, 0.0)
+    stats = (0.0, 0.0, 0.0, z)
     tested = 0
-    for chain in _chains(cost_order, ref, mean_cost):
+    for chain in chains:
         if len(chain) == 1:
             continue
-        th = _mesh(table, chain, keys)
-        cost, better, worse = _mesh_stats(table, chain, keys, th, ref)
-        change, se, lower = _guard(better, worse, n, z)
+        th, ag = _candidates(table, chain, keys, gate=gate and len(chain) > 2, any_=any_)
+        cost, better, worse = _mesh_stats(table, chain, keys, th, ref, ag, norm, any_)
+        used: BoolArray = np.asarray(ag.any(axis=1), dtype=bool)
+        change, se, lower = _guard(better, worse, n, np.where(used, zg, z),
+                                   np.where(used, _PSEUDO_GATE, _PSEUDO))
         tested += th.shape[0]
-        ok = (lower >= -max_drop - 1e-12) & (cost < ref_cost)
+        ok: BoolArray = (lower >= -max_drop - 1e-12) & (cost < ref_cost)
         if not ok.any():
             continue
         masked = np.where(ok, cost, math.inf)
@@ -521,15 +678,20 @@ def _choose(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: 
         if best is None or key < best:
             best = key
             chosen = _prune(Setting(chain, keys, tuple(tuple(float(t) for t in row)
-                                                       for row in th[g])))
-            stats = (float(change[g]), float(se[g]), float(lower[g]))
+                                                       for row in th[g]),
+                                    tuple(bool(x) for x in ag[g]) if used[g] else (),
+                                    norm if used[g] else "",
+                                    "any" if any_ and used[g] else "all"))
+            stats = (float(change[g]), float(se[g]), float(lower[g]),
+                     float(zg if used[g] else z))
     if best is None:
         return (_Choice(setting=alone, passed=False, tested=tested,
                         reason=f"no cascade setting kept the guarded accuracy change (estimate "
                                f"- {z:.2f} standard errors) above -{max_drop:g} on "
                                f"{n} cases"), ref, every, none)
     return (_Choice(setting=chosen, passed=True, tested=tested, reason="passed",
-                    change=stats[0], stderr=stats[1], lower=stats[2]), ref, every, none)
+                    change=stats[0], stderr=stats[1], lower=stats[2], z=stats[3]),
+            ref, every, none)
 
 
 def _choose_budget(table: OutcomeTable, *, max_cost: float, select_frac: float,
@@ -630,13 +792,15 @@ def _shift(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: f
 
 
 def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = 0.1,
-           select_frac: float = 0.4, seed: int = 0) -> tuple[Setting, int]:
+           select_frac: float = 0.4, seed: int = 0, agreement: str = "all",
+           z_gate: float | None = None) -> tuple[Setting, int]:
     """Only the choice of :func:`tune` (setting, reference rung index), for cross-validation.
 
     ``select_frac`` and ``seed`` are accepted for compatibility; the accuracy objective uses
     every case and no randomness."""
     choice, ref, _s, _c = _choose(table, max_drop=max_accuracy_drop, delta=delta,
-                                  select_frac=select_frac, rng=np.random.default_rng(seed))
+                                  select_frac=select_frac, rng=np.random.default_rng(seed),
+                                  agreement=agreement, z_gate=z_gate)
     setting = choice.setting
     if len(setting.chain) > 1:
         right, cost, _ = simulate(table, setting)
@@ -648,7 +812,8 @@ def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float
 
 def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
          max_cost_usd: float | None = None, delta: float = 0.1, select_frac: float = 0.4,
-         seed: int = 0, shift: bool = True, bootstrap: int = 1000) -> TuneResult:
+         seed: int = 0, shift: bool = True, bootstrap: int = 1000,
+         agreement: str = "all") -> TuneResult:
     """Tune ``table``; see the module docstring for the method.
 
     ``max_accuracy_drop`` (default) asks for the cheapest setting whose net accuracy change,
@@ -666,7 +831,8 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
     else:
         drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
         choice, ref, _sel, cal = _choose(table, max_drop=drop, delta=delta,
-                                         select_frac=select_frac, rng=rng)
+                                         select_frac=select_frac, rng=rng,
+                                         agreement=agreement)
     setting = choice.setting
     notes: list[str] = []
     if not choice.passed:
@@ -723,8 +889,11 @@ def _report(table: OutcomeTable, setting: Setting, ref: int, right: BoolArray,
     if max_cost_usd is None and is_cascade:
         worse = float(np.sum(ref_right & ~right))
         better = float(np.sum(~ref_right & right))
+        if setting.agree:
+            z = choice.z or z
         g_change, g_se, g_lower = (float(x[0]) for x in _guard(
-            np.array([better]), np.array([worse]), table.n, z))
+            np.array([better]), np.array([worse]), table.n, z,
+            _PSEUDO_GATE if setting.agree else _PSEUDO))
     else:
         g_change, g_se, g_lower = change, 0.0, change
     chain_labels = [table.rungs[j].label for j in setting.chain]
@@ -746,8 +915,9 @@ def _report(table: OutcomeTable, setting: Setting, ref: int, right: BoolArray,
                       {"max_accuracy_drop": max_accuracy_drop, "delta": delta}),
         "method": ("most accurate setting under the cost cap: isotonic risk path on a selection "
                    "split, accuracy measured on a calibration split" if max_cost_usd is not None
-                   else "cheapest setting on a fixed label-free grid of per-rung thresholds whose "
-                        "net accuracy change minus z(1-delta) paired standard errors stays above "
+                   else "cheapest setting on a fixed label-free grid of per-rung thresholds "
+                        "(optionally gated on agreeing with the previous rung) whose net "
+                        "accuracy change minus z paired standard errors stays above "
                         "-max_accuracy_drop"),
         "split": {"selection": int(table.n - cal.size), "calibration": int(cal.size)},
         "reference": {"rung": table.rungs[ref].label, "accuracy": float(acc[ref]),
@@ -861,21 +1031,46 @@ def grid_search_baseline(table: OutcomeTable, *, max_drop: float = 0.01,
 # ---------------------------------------------------------------- output
 
 
+_WITNESS = 2.0
+"""Written for a threshold of +inf: no verifier score (all are in [0, 1]) reaches it, so the
+rung never accepts and only answers for the next rung's agreement check."""
+
+
 def to_config(table: OutcomeTable, setting: Setting) -> CascadeConfig:
-    """A complete cascade config for ``setting``: the chosen rungs with their thresholds."""
+    """A complete cascade config for ``setting``: the chosen rungs with their thresholds, and an
+    ``agreement`` verifier (mode ``previous``) on the rungs that must agree with the one before.
+    """
+    base = table.base
+    verifiers = base.verifiers if base is not None else table.verifiers
+    k1 = len(setting.thresholds)
+    gated = [setting.gated(p) for p in range(k1)]
+    agree_id = ""
+    if any(gated):
+        taken = {v.key for v in verifiers}
+        agree_id = next(x for x in ("agreement", "agreement_previous", "agreement_tuned")
+                        if x not in taken)
+        verifiers = (*verifiers, VerifierConfig(
+            name="agreement", id=agree_id,
+            settings={"mode": "previous", "normaliser": setting.normaliser}))
     rungs: list[RungConfig] = []
     for p, j in enumerate(setting.chain):
         r = table.rungs[j]
         th = dict(r.thresholds)
-        if p < len(setting.thresholds):
+        if p < k1:
             for k, t in zip(setting.keys, setting.thresholds[p], strict=True):
                 if math.isfinite(t):
                     th[k] = t
-        rungs.append(replace(r, thresholds=th, fallbacks=()))
-    base = table.base
+                elif t == math.inf:
+                    th[k] = _WITNESS
+        own = r.verifiers
+        if agree_id:
+            ids = tuple(own) if own is not None else tuple(v.key for v in verifiers
+                                                            if v.key != agree_id)
+            own = (*ids, agree_id) if p < k1 and gated[p] else ids
+        rungs.append(replace(r, thresholds=th, fallbacks=(), verifiers=own))
     if base is not None:
-        return base.replace(rungs=tuple(rungs))
-    return CascadeConfig(rungs=tuple(rungs), verifiers=table.verifiers, source="<tuned>")
+        return base.replace(rungs=tuple(rungs), verifiers=verifiers)
+    return CascadeConfig(rungs=tuple(rungs), verifiers=verifiers, source="<tuned>")
 
 
 def _toml_value(v: Any) -> str:

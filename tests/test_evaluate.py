@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,34 @@ def test_cli_tune_then_eval_on_shared_data(tmp_path: Path, capsys: pytest.Captur
     assert evaluate_mod.run(_ns(evaluate_mod, [data, "--config", str(out), "--json"])) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["cases"] == 285 and 0.0 <= ev["accuracy"] <= 1.0 and ev["mean_cost_usd"] > 0
+
+
+def test_agreement_verifier_is_replayed_against_the_previous_rung_of_the_config() -> None:
+    t = _table()
+    agree = np.zeros((4, 3, 3), dtype=bool)
+    agree[:, 0, 2] = agree[:, 2, 0] = [True, True, False, False]   # s and l
+    agree[:, 1, 2] = agree[:, 2, 1] = [False, True, False, False]  # m and l
+    t = replace(t, agreement={"choice": agree}, agreement_normaliser="choice")
+    verifiers = [{"name": "confidence"},
+                 {"name": "agreement", "id": "agree", "mode": "previous", "normaliser": "choice"}]
+    # s never accepts (witness, threshold above any score); l must agree with s, the rung
+    # before it in this config (m is not in it), and s abstains-free: it has no predecessor
+    cfg = parse_config({"rungs": [{"model": "s", "thresholds": {"confidence": 2.0}},
+                                  {"model": "l", "verifiers": ["confidence", "agree"],
+                                   "thresholds": {"confidence": 0.0}}],
+                        "verifiers": verifiers})
+    rep = evaluate(t, cfg)
+    assert rep["verified_rate"] == pytest.approx(0.5)  # l agrees with s on a and b only
+    cfg2 = parse_config({"rungs": [{"model": "s", "verifiers": ["confidence", "agree"],
+                                    "thresholds": {"confidence": 0.5}},
+                                   {"model": "m", "thresholds": {"confidence": 2.0}},
+                                   {"model": "l", "verifiers": ["agree"]}],
+                         "verifiers": verifiers})
+    rep2 = evaluate(t, cfg2)
+    # at s the agreement verifier abstains: s accepts on confidence alone (a 0.9, d 0.7)
+    assert rep2["rungs"][0]["accepted"] == 2
+    # b and c climb to l, which agrees with m (not s) on b only: c is returned unverified
+    assert rep2["verified_rate"] == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="no 'numeric' agreement"):
+        evaluate(t, parse_config({"rungs": [{"model": "s"}, {"model": "l"}],
+                                  "verifiers": [{"name": "agreement", "normaliser": "numeric"}]}))

@@ -191,3 +191,29 @@ def test_shared_outcomes_loader() -> None:
     assert t.verifiers[0].settings["source"] == "logprobs" and t.rungs[0].logprobs
     with pytest.raises(ConfigError, match="different ladders"):
         load_shared_outcomes([f, SHARED / "mmlu_llama_train.jsonl"])
+
+
+def test_agreement_arrays_follow_the_agreement_verifier() -> None:
+    from cascade.suite import agreement_arrays
+
+    texts: list[list[str | None]] = [["The answer is (B).", "B", "C", None],
+                                     ["#### 1,000", "so 1000.0000001", "999", "no number"]]
+    a = agreement_arrays(texts)
+    assert a["choice"][0, 0, 1] and not a["choice"][0, 0, 2] and not a["choice"][0, 0, 3]
+    assert a["choice"][0, 1, 0]  # symmetric
+    assert not a["choice"][0, 3, 3]  # no answer: agrees with nothing, itself included
+    assert a["numeric"][1, 0, 1] and not a["numeric"][1, 0, 2]  # within 1e-6, not 999
+    assert not a["numeric"][1, 3, 3]
+    assert a["normalised"].shape == (2, 4, 4) and not a["normalised"][0, 0, 1]
+
+
+@needs_shared
+def test_shared_outcomes_carry_agreement() -> None:
+    t = load_shared_outcomes([SHARED / "gsm8k_qwen_oai_train.jsonl"])
+    assert t.agreement_normaliser == "numeric"
+    ag = t.agrees(0, 3)
+    assert ag is not None and 0.5 < ag.mean() < 1.0
+    # answers that agree with the strongest rung are right more often than those that do not
+    assert t.correct[ag, 0].mean() > t.correct[~ag, 0].mean()
+    sub = t.take([5, 5, 7])
+    assert sub.agreement["numeric"].shape == (3, 4, 4)

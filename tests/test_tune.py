@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from cascade.evaluate import evaluate
 from cascade.suite import OutcomeTable
 from cascade.tune import (
     Setting,
+    _candidates,
     _guard,
     _mesh,
     _mesh_stats,
@@ -270,3 +272,78 @@ def test_gains_offset_losses() -> None:
         th = setting.thresholds[0][0]
         fails += 0.8 * (1 - th) - (1 - th * th) / 2 > 0  # the true change is ∫_th^1 (s - .8)
     assert fails <= 2
+
+
+def _witness_table(n: int, seed: int, informative: bool = True) -> OutcomeTable:
+    """Rungs a, b (cheap, uninformative confidences) and c (the reference). With
+    ``informative``, b agreeing with a means both are right (two different wrong answers
+    rarely coincide); otherwise agreement is a coin flip that says nothing."""
+    rng = np.random.default_rng(seed)
+    a = rng.random(n) < 0.5
+    b = rng.random(n) < 0.6
+    c = rng.random(n) < 0.85
+    noise = rng.random(n)
+    ab = ((a & b) | (~a & ~b & (noise < 0.1))) if informative else noise < 0.5
+    agree = np.zeros((n, 3, 3), dtype=bool)
+    for j in range(3):
+        agree[:, j, j] = True
+    agree[:, 0, 1] = agree[:, 1, 0] = ab
+    t = _table(np.stack([a, b, c], axis=1), np.tile([0.01, 0.05, 1.0], (n, 1)),
+               rng.random((n, 3)))
+    return replace(t, agreement={"choice": agree}, agreement_normaliser="choice")
+
+
+def test_agreement_gate_is_simulated_as_the_engine_runs_it() -> None:
+    t = _witness_table(200, 0)
+    s = Setting((0, 1, 2), ("confidence",), ((math.inf,), (0.0,)), (False, True), "choice")
+    right, cost, ex = simulate(t, s)
+    ab = t.agreement["choice"][:, 0, 1]
+    # a never accepts (it only answers for b to agree with); b accepts exactly when it agrees
+    assert np.array_equal(ex, np.where(ab, 1, 2))
+    assert np.allclose(cost, np.where(ab, 0.06, 1.06))
+    assert np.array_equal(right, np.where(ab, t.correct[:, 1], t.correct[:, 2]))
+    # "any" (score OR agreement) accepts more than "all" (score AND agreement)
+    s_all = Setting((0, 1, 2), ("confidence",), ((2.0,), (0.5,)), (False, True), "choice")
+    s_any = replace(s_all, accept="any")
+    assert (simulate(t, s_any)[2] == 1).sum() > (simulate(t, s_all)[2] == 1).sum()
+    # block statistics agree with the simulation, gates included
+    th, ag = _candidates(t, (0, 1, 2), ("confidence",), gate=True)
+    assert ag[:, 1].any() and not ag[:, 0].any()  # the first rung has nothing to agree with
+    cst, better, worse = _mesh_stats(t, (0, 1, 2), ("confidence",), th, 2, ag, "choice")
+    rr = t.correct[:, 2]
+    for g in (0, len(th) // 3, len(th) - 1):
+        sg = Setting((0, 1, 2), ("confidence",), tuple(tuple(r) for r in th[g].tolist()),
+                     tuple(bool(x) for x in ag[g]), "choice")
+        r, c, _ = simulate(t, sg)
+        assert cst[g] == pytest.approx(c.mean())
+        assert better[g] == np.sum(r & ~rr) and worse[g] == np.sum(~r & rr)
+
+
+def test_agreement_gate_chosen_when_it_truly_helps_and_written_runnable(tmp_path: Path) -> None:
+    t = _witness_table(3000, 1)
+    assert select(t, agreement="off")[0] == Setting((2,))  # confidences alone say nothing
+    res = tune(t, max_accuracy_drop=0.01, shift=False, bootstrap=100)
+    s = res.setting
+    assert s.chain == (0, 1, 2) and s.agree == (False, True)
+    # the truth: accepted b answers are right with P = .3 / .32 against the reference's .85
+    assert res.report["expected"]["cost_saving"]["estimate"] > 0.2
+    path = tmp_path / "TUNED.toml"
+    path.write_text(to_toml(res.config, header="gate"))
+    cfg = load_config(path)
+    agree = [v for v in cfg.verifiers if v.name == "agreement"]
+    assert len(agree) == 1 and agree[0].settings == {"mode": "previous", "normaliser": "choice"}
+    assert cfg.rungs[1].verifiers == ("confidence", agree[0].key)
+    assert cfg.rungs[0].verifiers == ("confidence",)
+    assert cfg.rungs[0].thresholds["confidence"] >= 0.9  # a mostly answers as a witness
+    right, cost, _ = simulate(t, s)
+    ev = evaluate(t, cfg)
+    assert ev["accuracy"] == pytest.approx(right.mean())
+    assert ev["mean_cost_usd"] == pytest.approx(cost.mean())
+
+
+def test_guard_keeps_noise_agreement_out() -> None:
+    """Agreement that says nothing must not earn a cascade on a few hundred cases, however
+    many gate patterns are tried."""
+    gated = sum(bool(select(_witness_table(300, seed, informative=False))[0].agree)
+                for seed in range(10))
+    assert gated <= 1
