@@ -20,7 +20,16 @@ the same price because they run the same model.
 
 from __future__ import annotations
 
-from cascade.config import CacheConfig, CascadeConfig, RungConfig, VerifierConfig
+import os
+
+from cascade.config import (
+    CacheConfig,
+    CascadeConfig,
+    RungConfig,
+    VerifierConfig,
+    find_config_file,
+    load_config,
+)
 
 __all__ = [
     "DEFAULT_CONFIDENCE_THRESHOLD",
@@ -28,6 +37,7 @@ __all__ = [
     "NOMINAL_INPUT_USD_PER_MTOK",
     "NOMINAL_OUTPUT_USD_PER_MTOK",
     "default_config",
+    "resolve_config",
 ]
 
 DEFAULT_LOCAL_MODEL = "smollm2-135m"
@@ -68,3 +78,10 @@ def default_config() -> CascadeConfig:
         cache=CacheConfig(),
         source="<embedded default: local SmolLM2-135M ladder>",
     )
+
+
+def resolve_config(path: str | os.PathLike[str] | None = None) -> CascadeConfig:
+    """The ladder to use: ``path``, else ``$CASCADE_CONFIG``, else ``./cascade.toml``, else the
+    embedded local ladder."""
+    found = find_config_file(path)
+    return load_config(found) if found is not None else default_config()

@@ -7,15 +7,16 @@ answer cache, circuit breakers and budget store. ``aanswer`` is the one implemen
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -28,7 +29,6 @@ from cascade.config import (
     CascadeConfig,
     RungConfig,
     VerifierConfig,
-    find_config_file,
     load_config,
     parse_config,
 )
@@ -64,6 +64,7 @@ __all__ = ["CacheMode", "Cascade", "health"]
 log = logging.getLogger("cascade")
 
 CacheMode = bool | Literal["refresh"]
+_T = TypeVar("_T")
 _LATENCY: dict[str, _Latency] = {}
 
 
@@ -167,12 +168,9 @@ class Cascade:
     def default(cls, config_path: str | os.PathLike[str] | None = None, **kw: Any) -> Cascade:
         """The configured ladder (explicit path, ``$CASCADE_CONFIG``, ``./cascade.toml``), else
         the embedded local ladder that needs no API key."""
-        path = find_config_file(config_path)
-        if path is not None:
-            return cls.from_file(path, **kw)
-        from cascade.defaults import default_config
+        from cascade.defaults import resolve_config
 
-        return cls(default_config(), **kw)
+        return cls(resolve_config(config_path), **kw)
 
     @staticmethod
     def _build_verifiers(config: CascadeConfig, extra: Sequence[Any] | None
@@ -573,15 +571,24 @@ class Cascade:
                 self._portal, self._portal_thread = box[0], thread
             return self._portal
 
+    def _run_sync(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``fn`` on this object's loop; Ctrl-C cancels it there (no task left behind)."""
+        future = self._blocking_portal().start_task_soon(fn)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            concurrent.futures.wait([future], timeout=5)
+            raise
+
     def answer(self, prompt: str | None = None, **kw: Any) -> Answer:
         """The sync twin of :meth:`aanswer` (runs it on this object's event-loop thread)."""
-        return self._blocking_portal().call(lambda: self.aanswer(prompt, **kw))
+        return self._run_sync(lambda: self.aanswer(prompt, **kw))
 
     def answer_many(self, requests: Sequence[str | Mapping[str, Any]], *,
                     concurrency: int = 8) -> list[Answer | Exception]:
         """The sync twin of :meth:`aanswer_many`."""
-        return self._blocking_portal().call(
-            lambda: self.aanswer_many(requests, concurrency=concurrency))
+        return self._run_sync(lambda: self.aanswer_many(requests, concurrency=concurrency))
 
     async def aclose(self) -> None:
         with self._providers_lock:

@@ -20,7 +20,8 @@ from typing import Any
 
 import anyio
 
-from cascade.config import CascadeConfig, RungConfig, load_config
+from cascade.config import CascadeConfig, RungConfig
+from cascade.defaults import resolve_config
 from cascade.errors import ProviderError
 from cascade.messages import Request
 from cascade.providers.base import Completion, ModelCall, Provider
@@ -129,7 +130,8 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``cascade record SUITE --config FILE [--concurrency N]``."""
     parser.add_argument("suite", help="a suite folder (recordings go inside) or JSONL file")
-    parser.add_argument("--config", required=True, help="the ladder to record")
+    parser.add_argument("--config", help="the ladder to record (default: $CASCADE_CONFIG, "
+                        "./cascade.toml, else the embedded local ladder)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", help="recordings file (default: SUITE/recordings.jsonl)")
     parser.add_argument("--no-progress", action="store_true")
@@ -137,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     """Record a suite; exit 1 when some calls failed (re-run to fill them in)."""
-    config = load_config(ns.config)
+    config = resolve_config(ns.config)
     cases = load_cases(ns.suite)
     store = RecordingStore(ns.out) if ns.out else RecordingStore.for_suite(Path(ns.suite))
     counts = anyio.run(lambda: record(cases, config, store, concurrency=ns.concurrency,

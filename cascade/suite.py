@@ -655,8 +655,9 @@ def load_outcome_table(paths: Iterable[str | os.PathLike[str]],
     if all(is_shared_outcomes(p) for p in ps):
         return load_shared_outcomes(ps)
     if config is None:
-        raise ConfigError("recorded suites need --config (the ladder they were recorded with)",
-                          source=", ".join(map(str, ps)))
+        from cascade.defaults import resolve_config
+
+        config = resolve_config()  # the ladder `cascade record` used when given no --config
     cases: list[Case] = []
     recs = RecordingStore()
     for p in ps:

@@ -135,3 +135,28 @@ def test_console_script_runs(openai_server: LoopbackServer, tmp_path: Path) -> N
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "Canberra is the capital of Australia."
+
+
+def test_ctrl_c_stops_the_climb_at_once(openai_server: LoopbackServer, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    openai_server.script(lambda req: openai_reply("late", delay_s=20))
+    env = {**os.environ, "LOOPBACK_KEY": SECRET}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cascade.cli", "answer", "q", "--config",
+         str(_ladder(openai_server, tmp_path))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 30
+    while not openai_server.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert openai_server.requests, "the request never reached the server"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert time.monotonic() - t0 < 5
+    from cascade.cache import AnswerCache
+
+    assert AnswerCache(tmp_path / "cache").stats()["entries"] == 0  # nothing half-stored

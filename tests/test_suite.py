@@ -167,12 +167,16 @@ def test_table_from_recordings(tmp_path: Path) -> None:
     assert t.own_passed["confidence"][:, 0].tolist() == [True, False, True, False]
 
 
-def test_missing_recording_names_case_and_model(tmp_path: Path) -> None:
+def test_missing_recording_names_case_and_model(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     suite = _recorded_suite(tmp_path, skip=("q2", "big"))
     cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}]})
     with pytest.raises(ConfigError, match=r"case 'q2' × model 'big'"):
         table_from_recordings(load_cases(suite), RecordingStore.for_suite(suite), cfg)
-    with pytest.raises(ConfigError, match="--config"):
+    # without a config, the ladder is the one `cascade record` would have used: the embedded one
+    monkeypatch.delenv("CASCADE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"model 'smollm2-135m"):
         load_outcome_table([suite])
 
 
