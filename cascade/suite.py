@@ -5,8 +5,10 @@ A suite is a folder of JSONL files (or one JSONL file); one case a line::
     {"id": "q1", "messages": [{"role": "user", "content": "2+2?"}], "expected": "4",
      "grader": "numeric", "tags": ["arith"], "metadata": {}}
 
-``grader`` is ``exact``, ``normalised``, ``numeric``, ``choice``, ``json_schema`` (``expected`` is
-the schema) or ``package.module:function`` (called with ``(text, case)``, returns a bool).
+``grader`` is ``exact``, ``normalised``, ``contains`` (an expected answer appears, word for
+word after normalising, inside a free-text answer: "The capital is Canberra."), ``numeric``,
+``choice``, ``json_schema`` (``expected`` is the schema) or ``package.module:function`` (called
+with ``(text, case)``, returns a bool).
 
 Recordings (``recordings.jsonl`` beside the cases) hold every model call made while recording,
 keyed by a hash of the call, with the verdicts of the rung's verifiers, so a replay is exact and
@@ -62,7 +64,8 @@ __all__ = [
 ]
 
 RECORDINGS_FILE = "recordings.jsonl"
-GRADERS: tuple[str, ...] = ("exact", "normalised", "numeric", "choice", "json_schema")
+GRADERS: tuple[str, ...] = ("exact", "normalised", "contains", "numeric", "choice",
+                             "json_schema")
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -162,7 +165,7 @@ def load_cases(path: str | os.PathLike[str]) -> list[Case]:
 
 def grade(case: Case, text: str) -> bool:
     """Whether ``text`` answers ``case`` rightly. Grades never reach verifiers."""
-    from verifiers._text import NORMALISERS, import_object, same_answer
+    from verifiers._text import NORMALISERS, import_object, normalise_text, same_answer
 
     g = case.grader
     if g == "json_schema":
@@ -185,8 +188,11 @@ def grade(case: Case, text: str) -> bool:
     if case.expected is None:
         raise ConfigError("has no 'expected' answer to grade against", source=case.source,
                           key="expected")
-    norm = NORMALISERS[g]
     expected = case.expected if isinstance(case.expected, list) else [case.expected]
+    if g == "contains":
+        padded = f" {normalise_text(text)} "
+        return any(f" {normalise_text(str(exp))} " in padded for exp in expected)
+    norm = NORMALISERS[g]
     got = norm(text)
     for exp in expected:
         want: Any = (float(exp) if g == "numeric" and isinstance(exp, (int, float))
@@ -426,7 +432,8 @@ class OutcomeTable:
 
 AGREEMENT_NORMALISERS: tuple[str, ...] = ("exact", "normalised", "numeric", "choice")
 """The built-in normalisers whose agreement an outcome table precomputes."""
-_GRADER_NORMALISER = {"exact": "exact", "normalised": "normalised", "numeric": "numeric",
+_GRADER_NORMALISER = {"exact": "exact", "normalised": "normalised", "contains": "normalised",
+                      "numeric": "numeric",
                       "choice": "choice", "json_schema": "exact"}
 """Which normaliser compares two answers the way a grader compares one with the expected."""
 _BENCH_NORMALISER = {"mmlu": "choice", "medmcqa": "choice", "gsm8k": "numeric",

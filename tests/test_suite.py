@@ -102,11 +102,26 @@ def test_bad_cases_are_named(tmp_path: Path, obj: dict[str, object], match: str)
 def test_our_fixture_suite_loads_and_grades_its_own_answers() -> None:
     cases = load_cases(REPO / "fixtures" / "suite")
     assert 40 <= len(cases) <= 60
-    assert {c.grader for c in cases} >= {"numeric", "normalised", "choice", "json_schema"}
+    assert {c.grader for c in cases} >= {"numeric", "contains", "choice", "json_schema"}
     for c in cases:
-        if c.grader in ("numeric", "normalised", "choice"):
+        if c.grader in ("numeric", "contains", "choice"):
             exp = c.expected[0] if isinstance(c.expected, list) else c.expected
             assert grade(c, str(exp)), c.id
+            assert grade(c, f"I think the answer is {exp}."), c.id
+
+
+@pytest.mark.parametrize(("text", "ok"), [
+    ("The capital of Australia is Canberra.", True),
+    ("canberra", True),
+    ("Canberrans live there.", False),  # whole words only
+    ("Sydney", False),
+])
+def test_contains_grader(text: str, ok: bool) -> None:
+    from cascade.suite import Case
+
+    case = Case(id="c", messages=(Message("user", "Capital of Australia?"),),
+                expected=["Canberra"], grader="contains")
+    assert grade(case, text) is ok
 
 
 def test_recording_store_round_trip(tmp_path: Path) -> None:

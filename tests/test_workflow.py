@@ -120,3 +120,48 @@ def test_record_tune_eval_then_answer_live(openai_server: LoopbackServer, tmp_pa
         question = load_cases(suite)[0].messages
         ans = c.answer(messages=[m.to_dict() for m in question], cache=False)
     assert ans.verified and ans.attempts
+
+
+def test_shipped_local_recordings_tune_and_eval_offline(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """fixtures/suite carries real recordings of the embedded local ladder: tuning and
+    evaluation replay them with no model, no key and no config."""
+    monkeypatch.delenv("CASCADE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tuned = tmp_path / "TUNED.toml"
+    assert main(["tune", str(SUITE), "--max-accuracy-drop", "0.05", "--out", str(tuned),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cases"] == len(load_cases(SUITE))
+    assert main(["eval", str(SUITE), "--config", str(tuned), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    single = {r["rung"]: r["accuracy"] for r in ev["vs_single_rungs"]}
+    assert ev["accuracy"] >= max(single.values()) - 0.05
+    assert 0.0 < ev["accuracy"] < 1.0  # a 135M model: right sometimes, not always
+
+
+@pytest.mark.slow
+@pytest.mark.local
+def test_record_over_the_local_ladder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("llama_cpp", reason="needs the [local] extra (llama-cpp-python)")
+    monkeypatch.delenv("CASCADE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    picked = [c for c in (SUITE / "cases.jsonl").read_text().splitlines()
+              if '"fact-0' in c][:3]
+    (suite / "cases.jsonl").write_text("\n".join(picked) + "\n")
+    assert main(["record", str(suite), "--no-progress"]) == 0
+    recs = [json.loads(line) for line in (suite / "recordings.jsonl").read_text().splitlines()]
+    answers = [r for r in recs if r["kind"] == "answer"]
+    assert len(answers) == 3 * 2  # every case through both rungs
+    assert all(r["logprobs"] and r["output_tokens"] > 0 for r in answers)
+    capsys.readouterr()
+    tuned = tmp_path / "TUNED.toml"
+    assert main(["tune", str(suite), "--max-accuracy-drop", "0.05", "--out", str(tuned)]) == 0
+    assert "recommended" in capsys.readouterr().out
+    assert main(["eval", str(suite), "--config", str(tuned), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cases"] == 3
