@@ -570,38 +570,68 @@ def _mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], 
     bad = (~table.correct[:, ch] & rr[:, None]).astype(float)
     gates = _gates(table, ch)
     use_ag = ag is not None and bool(ag.any())
-    agree = _agree_cols(table, ch, normaliser) if use_ag else None
+    agree = _agree_cols(table, ch, normaliser) if use_ag else np.ones((n, k1), dtype=bool)
+    # Whether a case is accepted at position p depends only on which candidate thresholds its
+    # score reaches: replace each score by that level and each threshold by its rank, then merge
+    # cases with the same levels, gates and agreement into one weighted row. Exactly the same
+    # sums, over far fewer rows.
+    levels = np.zeros((n, k1, len(keys)), dtype=np.int64)
+    ranks = np.zeros(th.shape, dtype=np.int64)
+    for p in range(k1):
+        for v, key in enumerate(keys):
+            s = table.scores[key][:, ch[p]]
+            grid = np.unique(th[:, p, v][~np.isnan(th[:, p, v])])
+            lv = np.searchsorted(grid, s, side="right")
+            lv[np.isnan(s)] = 0
+            levels[:, p, v] = lv
+            # s >= t  <=>  level(s) >= rank(t) + 1; a NaN threshold accepts nothing.
+            rk = np.searchsorted(grid, th[:, p, v], side="left") + 1
+            rk[np.isnan(th[:, p, v])] = np.iinfo(np.int64).max
+            ranks[:, p, v] = rk
+    key_rows = np.concatenate([levels.reshape(n, -1), gates.astype(np.int64),
+                               agree.astype(np.int64)], axis=1)
+    rows, inverse = np.unique(key_rows, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    g = rows.shape[0]
+
+    def pool(x: FloatArray) -> FloatArray:
+        out = np.zeros((g, x.shape[1]))
+        np.add.at(out, inverse, x)
+        return out
+
+    cum_g, good_g, bad_g = pool(cum), pool(good), pool(bad)
+    lev_g = rows[:, : k1 * len(keys)].reshape(g, k1, len(keys))
+    gates_g = rows[:, k1 * len(keys): k1 * len(keys) + k1].astype(bool)
+    agree_g = rows[:, k1 * len(keys) + k1:].astype(bool)
     cost = np.empty(m)
     better = np.empty(m)
     worse = np.empty(m)
-    step = max(1, _CELLS // max(n, 1))
+    step = max(1, _CELLS // max(g, 1))
     for a in range(0, m, step):
-        t = th[a:a + step]
-        reach = np.ones((t.shape[0], n), dtype=bool)
-        c = np.zeros(t.shape[0])
-        b = np.zeros(t.shape[0])
-        w = np.zeros(t.shape[0])
+        r = ranks[a:a + step]
+        reach = np.ones((r.shape[0], g), dtype=bool)
+        c = np.zeros(r.shape[0])
+        b = np.zeros(r.shape[0])
+        w = np.zeros(r.shape[0])
         for p in range(k1):
             acc = np.ones(reach.shape, dtype=bool)
-            for v, key in enumerate(keys):
-                s = table.scores[key][:, ch[p]]
-                with np.errstate(invalid="ignore"):
-                    acc &= s[None, :] >= t[:, p, v][:, None]
-            if agree is not None and ag is not None and p > 0:
+            for v in range(len(keys)):
+                acc &= lev_g[None, :, p, v] >= r[:, p, v][:, None]
+            if use_ag and ag is not None and p > 0:
                 on = ag[a:a + step, p][:, None]
-                acc = (acc | (on & agree[None, :, p])) if any_ else (
-                    acc & (~on | agree[None, :, p]))
-            acc &= gates[None, :, p]
+                acc = (acc | (on & agree_g[None, :, p])) if any_ else (
+                    acc & (~on | agree_g[None, :, p]))
+            acc &= gates_g[None, :, p]
             out = reach & acc
             reach &= ~acc
             f = out.astype(float)
-            c += f @ cum[:, p]
-            b += f @ good[:, p]
-            w += f @ bad[:, p]
+            c += f @ cum_g[:, p]
+            b += f @ good_g[:, p]
+            w += f @ bad_g[:, p]
         f = reach.astype(float)
-        c += f @ cum[:, k1]
-        b += f @ good[:, k1]
-        w += f @ bad[:, k1]
+        c += f @ cum_g[:, k1]
+        b += f @ good_g[:, k1]
+        w += f @ bad_g[:, k1]
         cost[a:a + step], better[a:a + step], worse[a:a + step] = c / max(n, 1), b, w
     return cost, better, worse
 
