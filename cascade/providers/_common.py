@@ -181,6 +181,25 @@ def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model
     return None
 
 
+def guarded(create: Callable[..., Awaitable[Any]], sdk: ModuleType, *, secret: str | None,
+            where: Where, check: Callable[[Any, Where], object]) -> Callable[..., Awaitable[Any]]:
+    """Wrap an SDK ``create`` so its errors become ours and its reply is checked against the
+    wire protocol before anyone (instructor included) touches it."""
+
+    async def call(**kw: Any) -> Any:
+        try:
+            reply = await create(**kw)
+        except Exception as exc:
+            err = translate_error(exc, sdk, secret=secret, **where)
+            if err is None:
+                raise
+            raise err from None
+        check(reply, where)
+        return reply
+
+    return call
+
+
 def attr(obj: object, name: str) -> Any:
     """A field of an SDK object built without validation (or of a plain dict), else None.
 

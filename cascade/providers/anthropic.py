@@ -19,10 +19,10 @@ from cascade.providers._common import (
     Where,
     attr,
     count,
+    guarded,
     normalise_finish,
     resolve_api_key,
     run_instructor,
-    translate_error,
 )
 from cascade.providers.base import Completion, ModelCall, Provider
 
@@ -54,16 +54,8 @@ class AnthropicProvider(Provider):
         where = Where(provider=self.name, model=call.model)
         kwargs = _request(call)
 
-        async def create(**kw: Any) -> Any:
-            try:
-                reply = await client.messages.create(**kw)
-            except Exception as exc:
-                err = translate_error(exc, anthropic, secret=self._key, **where)
-                if err is None:
-                    raise
-                raise err from None
-            _read(reply, where)
-            return reply
+        create = guarded(client.messages.create, anthropic, secret=self._key, where=where,
+                         check=_read)
 
         start = time.perf_counter()
         if call.output_type is None:

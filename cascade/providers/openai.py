@@ -21,10 +21,10 @@ from cascade.providers._common import (
     Where,
     attr,
     count,
+    guarded,
     normalise_finish,
     resolve_api_key,
     run_instructor,
-    translate_error,
 )
 from cascade.providers.base import Completion, ModelCall, Provider, TokenLogprob
 
@@ -68,16 +68,8 @@ class OpenAIProvider(Provider):
         where = self._where(call)
         kwargs = _request(call)
 
-        async def create(**kw: Any) -> Any:
-            try:
-                reply = await client.chat.completions.create(**kw)
-            except Exception as exc:
-                err = translate_error(exc, openai, secret=self._key, **where)
-                if err is None:
-                    raise
-                raise err from None
-            _read(reply, where)  # protocol check before anyone else touches the reply
-            return reply
+        create = guarded(client.chat.completions.create, openai, secret=self._key,
+                         where=where, check=_read)
 
         start = time.perf_counter()
         if call.output_type is None:
