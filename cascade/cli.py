@@ -202,6 +202,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=err)
+    if not ns.verbose:
+        # instructor logs each failed validation at ERROR; here that is a routine rejection,
+        # already in the trace with its reason.
+        logging.getLogger("instructor").setLevel(logging.CRITICAL)
     try:
         return int(ns.func(ns, out, err))
     except ConfigError as e:

@@ -73,10 +73,13 @@ class SchemaVerifier:
 
     def verify(self, ctx: VerifyContext) -> Verdict:
         completion = ctx.candidate.completion
-        if completion.parse_error:
+        # When structured output failed (instructor's parse_error), the text is still judged
+        # here: a reply in a ```json fence, say, is valid once extracted, and a real failure
+        # gets a reason that names the JSON path.
+        model, schema = self._target(ctx)
+        if completion.parse_error and model is None and schema is None:
             return Verdict(passed=False,
                            reason=f"structured output did not validate: {completion.parse_error}")
-        model, schema = self._target(ctx)
         ready = completion.parsed if completion.parsed is not None else ctx.candidate.parsed
         if ready is not None:
             obj: Any = ready
