@@ -142,6 +142,17 @@ def test_shipped_local_recordings_tune_and_eval_offline(tmp_path: Path,
     assert 0.0 < ev["accuracy"] < 1.0  # a 135M model: right sometimes, not always
 
 
+def test_tune_plots_the_frontier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib", reason="the plot needs the [plot] extra")
+    monkeypatch.delenv("CASCADE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    png = tmp_path / "frontier.png"
+    assert main(["tune", str(SUITE), "--max-accuracy-drop", "0.05", "--out",
+                 str(tmp_path / "T.toml"), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+
+
 @pytest.mark.slow
 @pytest.mark.local
 def test_record_over_the_local_ladder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
