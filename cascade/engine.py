@@ -119,6 +119,8 @@ class _Climb:
     budget_key: str | None
     attempts: list[Attempt] = field(default_factory=list)
     spent_usd: float = 0.0
+    reserved_usd: float = 0.0
+    """Estimates of verifier calls in flight, held against ``max_cost_usd``."""
     candidate: tuple[Attempt, Any] | None = None
     """The latest answer that came back (attempt, parsed): returned unverified if none passes."""
     skip_reasons: list[str] = field(default_factory=list)
@@ -268,9 +270,30 @@ class Cascade:
         last.failover_errors = errors  # type: ignore[attr-defined]
         raise last
 
-    async def _verifier_call(self, call: ModelCall, rung: RungConfig) -> Completion:
-        c, _ep, _n, _errs = await self._call_rung(call, rung, None)
-        return c
+    async def _verifier_call(self, call: ModelCall, rung: RungConfig, climb: _Climb
+                             ) -> Completion:
+        """A verifier's model call: the same retries, breakers, deadline and money guards as a
+        rung's, and charged to the request as soon as it returns."""
+        estimate = 0.0
+        if climb.max_cost_usd is not None or self._budget.enabled:
+            estimate = estimate_cost(replace(rung, max_tokens=call.max_tokens), call.messages)
+        if (climb.max_cost_usd is not None
+                and climb.spent_usd + climb.reserved_usd + estimate > climb.max_cost_usd):
+            raise BudgetExceeded(
+                f"a verifier call to {rung.label} (estimated ${estimate:.6f}) would exceed "
+                f"max_cost_usd=${climb.max_cost_usd:g} (${climb.spent_usd:.6f} spent)",
+                spent_usd=climb.spent_usd, limit_usd=climb.max_cost_usd)
+        reservation = await self._budget.areserve(climb.request.metadata, estimate)
+        climb.reserved_usd += estimate
+        actual = 0.0
+        try:
+            c, _ep, _n, _errs = await self._call_rung(call, rung, climb)
+            actual = rung.cost_usd(c.input_tokens, c.output_tokens)
+            return c
+        finally:
+            climb.reserved_usd -= estimate
+            climb.spent_usd += actual
+            await self._budget.asettle(reservation, actual)
 
     # ------------------------------------------------------------------ the climb
 
@@ -430,12 +453,16 @@ class Cascade:
             climb.spent_usd += actual
             candidate = Candidate(text=completion.text, rung=used, rung_index=i,
                                   completion=completion, parsed=completion.parsed)
+            before = climb.spent_usd
             verdicts, parsed = await self._verify(climb, candidate)
             attempt.verdicts = verdicts
             verifier_cost = sum(v.cost_usd for v in verdicts)
-            actual += verifier_cost
-            attempt.cost_usd = actual
-            climb.spent_usd += verifier_cost
+            attempt.cost_usd = actual + verifier_cost
+            # Model calls of verifiers were charged (and settled) as they returned; a plugin
+            # may also report a cost of its own in its verdict.
+            unsettled = max(0.0, verifier_cost - (climb.spent_usd - before))
+            climb.spent_usd += unsettled
+            actual += unsettled
             attempt.latency_ms = (time.monotonic() - t0) * 1000
             ok = accepts(verdicts)
             attempt.status = "accepted" if ok else "rejected"
@@ -469,10 +496,13 @@ class Cascade:
         shared: dict[str, Any] = {}
         prior = [a for a in climb.attempts if a.rung != candidate.rung_index]
 
+        async def caller(call: ModelCall, rung: RungConfig) -> Completion:
+            return await self._verifier_call(call, rung, climb)
+
         def make_ctx(bv: BoundVerifier) -> VerifyContext:
             return VerifyContext(request=climb.request, candidate=candidate, attempts=prior,
                                  settings=bv.settings, threshold=bv.threshold,
-                                 _caller=self._verifier_call, shared=shared)
+                                 _caller=caller, shared=shared)
 
         verdicts = await run_verifiers(bound, make_ctx, short_circuit=cfg.policy.short_circuit)
         parsed = shared.get("parsed", candidate.parsed)

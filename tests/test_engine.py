@@ -209,3 +209,39 @@ def test_a_program_that_never_closes_still_exits(tmp_path: Path) -> None:
                           timeout=60, cwd=root, env={**__import__("os").environ,
                                                      "PYTHONPATH": str(root)})
     assert proc.returncode == 0 and proc.stdout.strip() == "hello", proc.stderr
+
+
+class PaidCheck:
+    """Asks a 'judge' model (priced like big) whether the answer is fine."""
+
+    name = "paid_check"
+    expensive = True
+
+    async def verify(self, ctx: VerifyContext) -> Verdict:
+        from cascade import ModelCall, RungConfig
+
+        judge = RungConfig(model="judge", provider="openai-compatible", base_url="http://x/v1",
+                           input_usd_per_mtok=10.0, output_usd_per_mtok=20.0)
+        c = await ctx.call_model(ModelCall(model="judge", messages=ctx.request.messages,
+                                           max_tokens=100), judge)
+        return Verdict(passed=c.text == "yes", reason=f"judge said {c.text}")
+
+
+async def test_paid_verifier_cost_counts_once_and_respects_max_cost(tmp_path: Path) -> None:
+    s = Script({"small": ["Canberra"], "big": ["Canberra"], "judge": ["yes"]})
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[PaidCheck()], provider_factory=s.factory)
+    ans = await c.aanswer("Capital?", cache=False)
+    judge_cost = (10 * 10.0 + 1 * 20.0) / 1e6
+    small_cost = (10 * 1.0 + 1 * 2.0) / 1e6
+    assert ans.verified and ans.model == "small"
+    assert ans.attempts[0].verdicts[0].cost_usd == pytest.approx(judge_cost)
+    assert ans.cost_usd == pytest.approx(small_cost + judge_cost)  # counted once
+
+    # room for small's call ($0.0010 by estimate) but not for the judge's as well ($0.0021)
+    calls = s.count("judge")
+    capped = await c.aanswer("Capital?", cache=False, max_cost_usd=0.002)
+    assert s.count("judge") == calls  # the judge was never called
+    v = capped.attempts[0].verdicts[0]
+    assert not v.passed and "BudgetExceeded" in v.reason and "max_cost_usd" in v.reason
+    assert capped.cost_usd <= 0.002 and not capped.verified
+    assert capped.attempts[1].status == "skipped"  # big does not fit either
