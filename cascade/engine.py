@@ -303,7 +303,7 @@ class Cascade:
         *,
         messages: Sequence[Mapping[str, Any] | Message] | None = None,
         schema: Any = None,
-        config: CascadeConfig | None = None,
+        config: CascadeConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
         verifiers: Sequence[Any] | None = None,
         max_cost_usd: float | None = None,
         timeout_s: float | None = None,
@@ -312,6 +312,10 @@ class Cascade:
     ) -> Answer:
         """Answer one request, climbing the ladder only as far as the verifiers require."""
         if config is not None or verifiers is not None:
+            if isinstance(config, Mapping):
+                config = parse_config(config, source="<config argument>")
+            elif config is not None and not isinstance(config, CascadeConfig):
+                config = load_config(config)
             other = Cascade(config or self.config, verifiers=verifiers,
                             provider_factory=self._provider_factory, cache=self._cache,
                             budget_store=self._budget_store)

@@ -245,3 +245,16 @@ async def test_paid_verifier_cost_counts_once_and_respects_max_cost(tmp_path: Pa
     assert not v.passed and "BudgetExceeded" in v.reason and "max_cost_usd" in v.reason
     assert capped.cost_usd <= 0.002 and not capped.verified
     assert capped.attempts[1].status == "skipped"  # big does not fit either
+
+
+async def test_per_call_config_as_dict_or_path(tmp_path: Path) -> None:
+    s = Script({"small": ["from small"], "other": ["from other"]})
+    c = Cascade.from_dict(_config(tmp_path), provider_factory=s.factory)
+    other = {"rungs": [{"model": "other", "provider": "openai-compatible",
+                        "base_url": "http://x/v1"}], "cache": {"enabled": False}}
+    assert (await c.aanswer("q", config=other)).text == "from other"
+    p = tmp_path / "other.toml"
+    p.write_text('[[rungs]]\nmodel = "other"\nprovider = "openai-compatible"\n'
+                 'base_url = "http://x/v1"\n[cache]\nenabled = false\n')
+    assert (await c.aanswer("q", config=p)).text == "from other"
+    assert (await c.aanswer("q", cache=False)).text == "from small"
