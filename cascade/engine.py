@@ -263,8 +263,6 @@ class Cascade:
                 tries += 0 if isinstance(e, CircuitOpen) else e.tries
                 errors.append(f"{ep.provider}:{ep.model}: {type(e).__name__}: {_short(e)}")
                 last = e
-                if not e.retryable and not isinstance(e, CircuitOpen) and not rung.fallbacks:
-                    break
         assert last is not None
         last.tries = tries
         last.failover_errors = errors  # type: ignore[attr-defined]
@@ -325,6 +323,8 @@ class Cascade:
                                            cache=cache, metadata=metadata)
             finally:
                 await other.aclose()
+                if other._cache is not None and other._cache is not self._cache:
+                    other._cache.close()
         t0 = time.monotonic()
         json_schema, output_type = _schema_parts(schema)
         request = Request(messages=normalise_messages(prompt, messages), schema=json_schema,
