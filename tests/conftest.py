@@ -37,3 +37,15 @@ def anthropic_server() -> Iterator[LoopbackServer]:
     """A real HTTP server on 127.0.0.1 speaking the Anthropic messages API."""
     with LoopbackServer("anthropic") as server:
         yield server
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """llama-cpp-python opens /dev/null twice at import and never closes it; close them so the
+    interpreter's exit does not print ResourceWarnings that are not ours."""
+    import sys
+
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        f = getattr(utils, name, None)
+        if f is not None and not f.closed:
+            f.close()
