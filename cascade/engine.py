@@ -178,8 +178,12 @@ class Cascade:
     def _build_verifiers(config: CascadeConfig, extra: Sequence[Any] | None
                          ) -> dict[str, tuple[VerifierConfig, Verifier]]:
         out: dict[str, tuple[VerifierConfig, Verifier]] = {}
-        for vc in config.verifiers:
-            out[vc.key] = (vc, load_verifier(vc))
+        for i, vc in enumerate(config.verifiers):
+            try:
+                out[vc.key] = (vc, load_verifier(vc))
+            except ConfigError as e:  # say which file and table, not only which verifier
+                key = f"verifiers[{i}]" + (f".{e.key}" if e.key else "")
+                raise type(e)(e.detail, source=config.source, key=key) from None
         for obj in extra or ():
             v = as_verifier(obj)
             vc = VerifierConfig(name=f"<code>:{v.name}", id=v.name)

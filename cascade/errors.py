@@ -61,6 +61,7 @@ class ConfigError(CascadeError, ValueError):
     def __init__(self, message: str, *, source: str | None = None, key: str | None = None) -> None:
         where = ", ".join(p for p in (source, f"key '{key}'" if key else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
+        self.detail = message
         self.source = source
         self.key = key
 
