@@ -8,8 +8,10 @@ rung most accurate on the tuning folds, measured on the same held-out cases), an
 promise (a drop of at most ``--max-accuracy-drop``) held. Then the time to tune 10,000 cases ×
 5 rungs. ``--agreement off|all`` switches the agreement gate (a rung must also agree with the
 previous one) off or on (default); ``--z-gate`` overrides its guard's z, to measure over-fit.
+``--seed-offset`` shifts the fold seeds, for a second run on independent folds.
 
-    python bench/tuning.py [--folds 5] [--seeds 3] [--max-accuracy-drop 0.01] [--agreement all]
+    python bench/tuning.py [--folds 5] [--seeds 3] [--seed-offset 0] [--max-accuracy-drop 0.01]
+                           [--agreement all]
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-offset", type=int, default=0,
+                    help="fold seeds are offset, offset + 1, ...: a second, independent run")
     ap.add_argument("--max-accuracy-drop", type=float, default=0.01)
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--files", nargs="*", help="only these file names")
@@ -121,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.files:
         files = [f for f in files if f.name in ns.files]
     drop = ns.max_accuracy_drop
-    print(f"k={ns.folds}-fold CV × {ns.seeds} seeds, max accuracy drop {drop:g}, "
-          f"delta {ns.delta:g}, agreement gate {ns.agreement}; held-out change vs the best "
-          "single rung (points), saving (%)")
+    print(f"k={ns.folds}-fold CV × {ns.seeds} seeds (from {ns.seed_offset}), max accuracy "
+          f"drop {drop:g}, delta {ns.delta:g}, agreement gate {ns.agreement}; held-out change "
+          "vs the best single rung (points), saving (%)")
     head = (f"{'file':<31} {'n':>4} | {'ours Δacc':>9} {'save':>6} {'casc':>5} {'gate':>5} "
             f"{'ok':>3} | "
             f"{'grid Δacc':>9} {'save':>6} {'ok':>3} | {'ceiling':>7}")
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if largest is None or len(table.rungs) > len(largest.rungs):
             largest = table
         res: dict[str, list[tuple[float, float, int, int]]] = {"ours": [], "grid": []}
-        for seed in range(ns.seeds):
+        for seed in range(ns.seed_offset, ns.seed_offset + ns.seeds):
             for method in res:
                 res[method].append(_cv(table, method, folds=ns.folds, seed=seed, drop=drop,
                                        delta=ns.delta, agreement=ns.agreement,
