@@ -46,7 +46,7 @@ from cascade.messages import Message, Request, normalise_messages
 from cascade.plugins import load_verifier
 from cascade.policy import accepts, rejection_reason
 from cascade.providers import make_provider
-from cascade.providers.base import Completion, ModelCall, Provider
+from cascade.providers.base import Completion, ModelCall, Provider, rung_call
 from cascade.retry import call_with_retry
 from cascade.tokens import estimate_cost
 from cascade.trace import Answer, Attempt, Verdict
@@ -423,12 +423,9 @@ class Cascade:
                 raise
             return self._skip(climb, attempt, f"budget: {e}")
         t0 = time.monotonic()
-        call = ModelCall(
-            model=rung.model, messages=climb.request.messages, max_tokens=rung.max_tokens,
-            temperature=rung.temperature, timeout_s=rung.timeout_s, logprobs=rung.logprobs,
-            top_logprobs=5 if rung.logprobs else 0,
+        call = rung_call(
+            rung, climb.request.messages, output_type=climb.request.output_type,
             json_schema=climb.request.schema if climb.request.output_type is None else None,
-            output_type=climb.request.output_type, extra=rung.extra,
         )
         actual = 0.0
         try:

@@ -40,7 +40,7 @@ import numpy.typing as npt
 from cascade.config import CascadeConfig, RungConfig, VerifierConfig
 from cascade.errors import ConfigError
 from cascade.messages import Message, normalise_messages
-from cascade.providers.base import Completion, ModelCall, TokenLogprob
+from cascade.providers.base import Completion, ModelCall, TokenLogprob, rung_call
 from cascade.trace import Verdict
 
 __all__ = [
@@ -235,10 +235,7 @@ def _loose_hash(model: str, messages: Sequence[Message]) -> str:
 
 def answer_call(rung: RungConfig, messages: Sequence[Message]) -> ModelCall:
     """The call a rung makes for a question: what record sends and replay looks up."""
-    return ModelCall(model=rung.model, messages=tuple(messages), max_tokens=rung.max_tokens,
-                     temperature=rung.temperature, timeout_s=rung.timeout_s,
-                     logprobs=rung.logprobs, top_logprobs=5 if rung.logprobs else 0,
-                     extra=dict(rung.extra))
+    return rung_call(rung, messages)
 
 
 @dataclass(frozen=True, kw_only=True)

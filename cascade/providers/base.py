@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cascade.config import RungConfig
 from cascade.messages import Message
 
-__all__ = ["Completion", "ModelCall", "Provider", "TokenLogprob"]
+__all__ = ["Completion", "ModelCall", "Provider", "TokenLogprob", "rung_call"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,19 @@ class ModelCall:
     stop: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Provider-specific request fields passed through unchanged (``extra_body``)."""
+
+
+def rung_call(rung: RungConfig, messages: Sequence[Message], *,
+              json_schema: Mapping[str, Any] | None = None,
+              output_type: type[Any] | None = None) -> ModelCall:
+    """The call a rung makes for a request: built in one place, so what the engine sends, what
+    ``cascade record`` stores and what a replay looks up are the same call."""
+    return ModelCall(
+        model=rung.model, messages=tuple(messages), max_tokens=rung.max_tokens,
+        temperature=rung.temperature, timeout_s=rung.timeout_s, logprobs=rung.logprobs,
+        top_logprobs=5 if rung.logprobs else 0, json_schema=json_schema,
+        output_type=output_type, extra=dict(rung.extra),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
