@@ -131,6 +131,11 @@ class PolicyConfig:
     """When the top rung is rejected too: return it with ``verified=False``, or raise."""
     short_circuit: bool = True
     """Skip expensive verifiers once a cheap one has rejected the candidate."""
+    shadow_rate: float = 0.0
+    """Share of answers accepted below the top rung that are also sent to the top rung, to
+    watch in production whether the tuned thresholds still hold (``cascade.health()``)."""
+    shadow_normaliser: str = "normalised"
+    """How a shadow answer is compared with the accepted one (as the agreement verifier)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -360,6 +365,9 @@ def _section(d: Mapping[str, Any], name: str, cls: type, source: str) -> Any:
     ):
         raise ConfigError(f"is {kw['on_unverified']!r}; allowed: return, raise", source=source,
                           key="policy.on_unverified")
+    if cls is PolicyConfig and kw.get("shadow_rate", 0.0) > 1.0:
+        raise ConfigError(f"must be in [0, 1], got {kw['shadow_rate']}", source=source,
+                          key="policy.shadow_rate")
     return cls(**kw)
 
 

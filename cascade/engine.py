@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -66,6 +67,9 @@ log = logging.getLogger("cascade")
 CacheMode = bool | Literal["refresh"]
 _T = TypeVar("_T")
 _LATENCY: dict[str, _Latency] = {}
+_SHADOW: dict[str, dict[str, int]] = {}
+"""Per endpoint of an accepting rung: shadow checks against the top rung, and disagreements."""
+_random = random.Random()
 
 
 @dataclass
@@ -87,6 +91,9 @@ def health() -> dict[str, Any]:
     endpoints: dict[str, Any] = {}
     for ep, snap in all_breaker_snapshots().items():
         endpoints.setdefault(ep, {})["circuit"] = snap
+    for ep, sh in list(_SHADOW.items()):
+        endpoints.setdefault(ep, {})["shadow"] = {
+            **sh, "disagreement_rate": sh["disagreements"] / max(1, sh["samples"])}
     for ep, lat in list(_LATENCY.items()):
         endpoints.setdefault(ep, {}).setdefault("circuit", {"state": "closed"})
         endpoints[ep].update(
@@ -365,6 +372,10 @@ class Cascade:
                     accepted = await self._climb_rung(climb, i, rung)
                     if accepted is not None:
                         break
+                if (accepted is not None and accepted[0].rung < len(cfg.rungs) - 1
+                        and cfg.policy.shadow_rate > 0
+                        and _random.random() < cfg.policy.shadow_rate):
+                    await self._shadow(climb, accepted[0])
         except TimeoutError:
             deadline_hit = True
             climb.skip_reasons.append(f"deadline of {timeout:g}s reached")
@@ -475,6 +486,55 @@ class Cascade:
             return (attempt, parsed) if ok else None
         finally:
             await self._budget.asettle(reservation, actual)
+
+    async def _shadow(self, climb: _Climb, accepted: Attempt) -> None:
+        """Ask the top rung too and record whether it agrees with the accepted answer.
+
+        Monitoring only: the accepted answer is still the one returned. Disagreement rates per
+        rung show in ``cascade.health()``; when they climb above what tuning saw, traffic has
+        drifted and the thresholds need re-tuning.
+        """
+        cfg = climb.config
+        top = cfg.rungs[-1]
+        attempt = Attempt(rung=len(cfg.rungs) - 1, model=top.model, provider=top.provider,
+                          name=top.label, endpoint=top.base_url or "", status="shadow")
+        estimate = (estimate_cost(top, climb.request.messages)
+                    if climb.max_cost_usd is not None else 0.0)
+        if climb.max_cost_usd is not None and climb.spent_usd + estimate > climb.max_cost_usd:
+            return  # a shadow check never breaks the request's cap
+        climb.attempts.append(attempt)
+        t0 = time.monotonic()
+        try:
+            completion, used, tries, _errors = await self._call_rung(
+                rung_call(top, climb.request.messages), top, climb)
+        except ProviderError as e:
+            attempt.error, attempt.error_type, attempt.tries = _short(e), type(e).__name__, e.tries
+            return
+        finally:
+            attempt.latency_ms = (time.monotonic() - t0) * 1000
+        attempt.tries, attempt.text = tries, completion.text
+        attempt.input_tokens, attempt.output_tokens = (completion.input_tokens,
+                                                       completion.output_tokens)
+        attempt.cost_usd = used.cost_usd(completion.input_tokens, completion.output_tokens)
+        climb.spent_usd += attempt.cost_usd
+        agree = self._shadow_verifier(cfg.policy.shadow_normaliser)
+        ctx = VerifyContext(request=climb.request, attempts=[accepted], candidate=Candidate(
+            text=completion.text, rung=used, rung_index=len(cfg.rungs) - 1,
+            completion=completion))
+        [verdict] = await run_verifiers([BoundVerifier(id="shadow", verifier=agree)],
+                                        lambda bv: ctx)
+        attempt.verdicts = [verdict]
+        stats = _SHADOW.setdefault(cfg.rungs[accepted.rung].endpoint, {"samples": 0,
+                                                                      "disagreements": 0})
+        stats["samples"] += 1
+        stats["disagreements"] += 0 if verdict.passed else 1
+
+    def _shadow_verifier(self, normaliser: str) -> Verifier:
+        cached: Verifier | None = getattr(self, "_shadow_v", None)
+        if cached is None:
+            cached = self._shadow_v = load_verifier(VerifierConfig(
+                name="agreement", settings={"mode": "previous", "normaliser": normaliser}))
+        return cached
 
     @staticmethod
     def _skip(climb: _Climb, attempt: Attempt, why: str) -> tuple[Attempt, Any] | None:

@@ -94,6 +94,7 @@ def test_full_example_parses(tmp_path: Path) -> None:
         ("[[rungs]]\nmodel='m'\n[cache]\nttl=3", "cache.ttl", "allowed"),
         ("[[rungs]]\nmodel='m'\n[policy]\non_unverified='shrug'", "policy.on_unverified",
          "allowed: return, raise"),
+        ("[[rungs]]\nmodel='m'\n[policy]\nshadow_rate=2", "policy.shadow_rate", "[0, 1]"),
         ("rungs = []", "rungs", "at least one"),
         ("[[rungs]]\nmodel='m'\n[[rungs]]\nmodel='m'", "rungs", "unique"),
     ],

@@ -258,3 +258,27 @@ async def test_per_call_config_as_dict_or_path(tmp_path: Path) -> None:
                  'base_url = "http://x/v1"\n[cache]\nenabled = false\n')
     assert (await c.aanswer("q", config=p)).text == "from other"
     assert (await c.aanswer("q", cache=False)).text == "from small"
+
+
+async def test_shadow_checks_sample_the_top_rung_without_changing_the_answer(
+        tmp_path: Path) -> None:
+    from cascade import health
+
+    s = Script({"small": ["Canberra", "Sydney"], "big": ["Canberra"]})
+    cfg = _config(tmp_path, policy={"shadow_rate": 1.0})
+    c = Cascade.from_dict(cfg, verifiers=[not_idk], provider_factory=s.factory)
+    agree = await c.aanswer("Capital of Australia?", cache=False)
+    differ = await c.aanswer("Capital of Australia?", cache=False)
+    assert (agree.text, differ.text) == ("Canberra", "Sydney")  # monitoring only
+    assert [a.status for a in differ.attempts] == ["accepted", "shadow"]
+    assert agree.attempts[1].verdicts[0].passed and not differ.attempts[1].verdicts[0].passed
+    big_cost = (10 * 10.0 + 1 * 20.0) / 1e6
+    assert differ.cost_usd == pytest.approx((10 * 1.0 + 1 * 2.0) / 1e6 + big_cost)
+    small_ep = c.config.rungs[0].endpoint
+    shadow = health()["endpoints"][small_ep]["shadow"]
+    assert shadow["samples"] >= 2 and shadow["disagreements"] >= 1
+
+    quiet = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    n = s.count("big")
+    await quiet.aanswer("Capital of Australia?", cache=False)
+    assert s.count("big") == n  # shadow_rate defaults to 0
