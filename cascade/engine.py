@@ -279,6 +279,12 @@ class Cascade:
         last.failover_errors = errors  # type: ignore[attr-defined]
         raise last
 
+    async def call_model(self, call: ModelCall, rung: RungConfig) -> Completion:
+        """One model call through this ladder's retries, circuit breakers and failover, with no
+        verification and no cache (``cascade record`` uses it)."""
+        completion, _ep, _tries, _errors = await self._call_rung(call, rung, None)
+        return completion
+
     async def _verifier_call(self, call: ModelCall, rung: RungConfig, climb: _Climb
                              ) -> Completion:
         """A verifier's model call: the same retries, breakers, deadline and money guards as a

@@ -22,6 +22,7 @@ import anyio
 
 from cascade.config import CascadeConfig, RungConfig
 from cascade.defaults import resolve_config
+from cascade.engine import Cascade
 from cascade.errors import ProviderError
 from cascade.messages import Request
 from cascade.providers.base import Completion, ModelCall, Provider
@@ -34,12 +35,11 @@ __all__ = ["add_arguments", "record", "run"]
 ProviderFactory = Callable[[RungConfig], Provider]
 
 
-async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, provider: Provider,
-                      store: RecordingStore, bound: Sequence[BoundVerifier],
-                      providers: dict[str, Provider], factory: ProviderFactory) -> None:
+async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, engine: Cascade,
+                      store: RecordingStore, bound: Sequence[BoundVerifier]) -> None:
     call = answer_call(rung, case.messages)
     t0 = time.perf_counter()
-    completion = await provider.complete(call)
+    completion = await engine.call_model(call, rung)
     if not completion.latency_ms:
         completion = replace(completion, latency_ms=(time.perf_counter() - t0) * 1000)
     cost = rung.cost_usd(completion.input_tokens, completion.output_tokens)
@@ -48,10 +48,7 @@ async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, provi
         hit = store.get(vcall)
         if hit is not None:
             return hit.completion()
-        prov = providers.get(target.endpoint)
-        if prov is None:
-            prov = providers[target.endpoint] = factory(target)
-        c = await prov.complete(vcall)
+        c = await engine.call_model(vcall, target)
         store.add(Recording.of(vcall, c, case_id=case.id, kind="verifier",
                                cost_usd=target.cost_usd(c.input_tokens, c.output_tokens),
                                endpoint=target.endpoint))
@@ -81,10 +78,10 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
         from cascade.providers import make_provider
 
         factory = make_provider
-    providers: dict[str, Provider] = {}
+    # Calls go through the engine: the ladder's retries, breakers and failover apply.
+    engine = Cascade(config, provider_factory=factory)
     bound_by_rung: dict[str, list[BoundVerifier]] = {}
     for rung in config.rungs:
-        providers.setdefault(rung.endpoint, factory(rung))
         bound_by_rung[rung.label] = [
             BoundVerifier(id=vc.key, verifier=load_verifier(vc), settings=dict(vc.settings),
                           threshold=None, timeout_s=vc.timeout_s)
@@ -104,8 +101,8 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
     async def one(case: Case, rung: RungConfig) -> None:
         async with limiter:
             try:
-                await _record_one(case, rung, config, providers[rung.endpoint], store,
-                                  bound_by_rung[rung.label], providers, factory)
+                await _record_one(case, rung, config, engine, store,
+                                  bound_by_rung[rung.label])
                 counts["recorded"] += 1
             except ProviderError as e:
                 counts["failed"] += 1
@@ -120,8 +117,7 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
     finally:
         if bar is not None:
             bar.close()
-        for p in providers.values():
-            await p.aclose()
+        await engine.aclose()
     for e in errors[:10]:
         print(f"cascade record: {e}", file=sys.stderr)
     return counts

@@ -176,3 +176,30 @@ def test_record_over_the_local_ladder(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "recommended" in capsys.readouterr().out
     assert main(["eval", str(suite), "--config", str(tuned), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cases"] == 3
+
+
+def test_record_retries_transient_errors(openai_server: LoopbackServer, tmp_path: Path) -> None:
+    from tests.loopback import openai_error
+
+    seen: set[str] = set()
+
+    def flaky(req: RecordedRequest) -> Reply:
+        q = req.json["model"] + req.json["messages"][-1]["content"]
+        if q not in seen:  # every call fails once with a 500, then succeeds
+            seen.add(q)
+            return openai_error(500, "try again", type="server_error")
+        return openai_reply("42", prompt_tokens=5, completion_tokens=1)
+
+    openai_server.script(flaky)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "cases.jsonl").write_text(json.dumps(
+        {"id": "q", "messages": [{"role": "user", "content": "6*7?"}], "expected": 42,
+         "grader": "numeric"}) + "\n")
+    ladder = tmp_path / "ladder.toml"
+    ladder.write_text(f'[[rungs]]\nmodel = "m"\nprovider = "openai-compatible"\n'
+                      f'base_url = "{openai_server.base_url}"\n'
+                      '[retry]\nbase_delay_s = 0.0\nmax_delay_s = 0.0\n')
+    assert main(["record", str(suite), "--config", str(ladder), "--no-progress"]) == 0
+    assert len(openai_server.requests) == 2  # one failure, one retry
+    assert "42" in (suite / "recordings.jsonl").read_text()
