@@ -135,6 +135,11 @@ class _Climb:
     def remaining_s(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
+    def over_cap(self, estimate: float) -> bool:
+        """Whether a call estimated at ``estimate`` would break ``max_cost_usd``."""
+        return (self.max_cost_usd is not None
+                and self.spent_usd + self.reserved_usd + estimate > self.max_cost_usd)
+
 
 class Cascade:
     """A configured ladder. Reuse one object: it holds connections, breakers and the cache."""
@@ -160,6 +165,7 @@ class Cascade:
         self._portal_thread: threading.Thread | None = None
         self._portal_lock = threading.Lock()
         self._verifiers = self._build_verifiers(config, verifiers)
+        self._engine_verifiers: dict[tuple[str, tuple[tuple[str, Any], ...]], Verifier] = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -279,6 +285,13 @@ class Cascade:
         last.failover_errors = errors  # type: ignore[attr-defined]
         raise last
 
+    def _estimate(self, rung: RungConfig, messages: Sequence[Message], climb: _Climb) -> float:
+        """A call's most likely cost; token counting only serves a cap, so without one, 0
+        (and tiktoken's encoding is never loaded)."""
+        if climb.max_cost_usd is None and not self._budget.enabled:
+            return 0.0
+        return estimate_cost(rung, messages)
+
     async def call_model(self, call: ModelCall, rung: RungConfig) -> Completion:
         """One model call through this ladder's retries, circuit breakers and failover, with no
         verification and no cache (``cascade record`` uses it)."""
@@ -289,11 +302,9 @@ class Cascade:
                              ) -> Completion:
         """A verifier's model call: the same retries, breakers, deadline and money guards as a
         rung's, and charged to the request as soon as it returns."""
-        estimate = 0.0
-        if climb.max_cost_usd is not None or self._budget.enabled:
-            estimate = estimate_cost(replace(rung, max_tokens=call.max_tokens), call.messages)
-        if (climb.max_cost_usd is not None
-                and climb.spent_usd + climb.reserved_usd + estimate > climb.max_cost_usd):
+        estimate = self._estimate(replace(rung, max_tokens=call.max_tokens), call.messages, climb)
+        if climb.over_cap(estimate):
+            assert climb.max_cost_usd is not None
             raise BudgetExceeded(
                 f"a verifier call to {rung.label} (estimated ${estimate:.6f}) would exceed "
                 f"max_cost_usd=${climb.max_cost_usd:g} (${climb.spent_usd:.6f} spent)",
@@ -420,15 +431,14 @@ class Cascade:
         attempt = Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
                           endpoint=rung.base_url or "", status="running")
         climb.attempts.append(attempt)
-        # Token counting only serves a cost cap; without one, skip it (and tiktoken's load).
-        estimate = (estimate_cost(rung, climb.request.messages)
-                    if climb.max_cost_usd is not None or self._budget.enabled else 0.0)
+        estimate = self._estimate(rung, climb.request.messages, climb)
         remaining = climb.remaining_s()
         expected = _LATENCY.get(rung.endpoint)
         if remaining is not None and expected is not None and expected.mean_s > remaining:
             return self._skip(climb, attempt, f"deadline: {remaining:.2f}s left, this rung "
                               f"usually takes {expected.mean_s:.2f}s")
-        if climb.max_cost_usd is not None and climb.spent_usd + estimate > climb.max_cost_usd:
+        if climb.over_cap(estimate):
+            assert climb.max_cost_usd is not None
             return self._skip(climb, attempt, f"budget: estimated cost ${estimate:.6f} exceeds "
                               f"the ${climb.max_cost_usd - climb.spent_usd:.6f} left of "
                               f"max_cost_usd=${climb.max_cost_usd:g}")
@@ -449,29 +459,15 @@ class Cascade:
             try:
                 completion, used, tries, errors = await self._call_rung(call, rung, climb)
             except ProviderError as e:
-                attempt.status, attempt.error_type = "error", type(e).__name__
-                fo = getattr(e, "failover_errors", [])
-                attempt.error = " | ".join(fo) if len(fo) > 1 else _short(e)
-                notes = getattr(e, "__notes__", None)
-                if notes:
-                    attempt.error += " (" + "; ".join(notes) + ")"
-                attempt.tries = e.tries
+                attempt.status = "error"
+                _record_error(attempt, e)
                 attempt.latency_ms = (time.monotonic() - t0) * 1000
                 climb.skip_reasons.append(f"rung {i} ({rung.label}): {type(e).__name__}")
                 return None
-            attempt.model, attempt.provider = used.model, used.provider
-            attempt.endpoint = used.base_url or ""
-            attempt.tries = tries
-            if errors:
-                attempt.error = "failed over: " + " | ".join(errors)
-            attempt.text = completion.text
-            attempt.finish_reason = completion.finish_reason
-            attempt.input_tokens, attempt.output_tokens = (completion.input_tokens,
-                                                           completion.output_tokens)
+            _record_call(attempt, completion, used, tries, errors)
             # Charged before verifying: if the deadline cuts verification short, the model
             # call has still been paid for.
-            actual = used.cost_usd(completion.input_tokens, completion.output_tokens)
-            attempt.cost_usd = actual
+            actual = attempt.cost_usd
             climb.spent_usd += actual
             candidate = Candidate(text=completion.text, rung=used, rung_index=i,
                                   completion=completion, parsed=completion.parsed)
@@ -504,26 +500,22 @@ class Cascade:
         top = cfg.rungs[-1]
         attempt = Attempt(rung=len(cfg.rungs) - 1, model=top.model, provider=top.provider,
                           name=top.label, endpoint=top.base_url or "", status="shadow")
-        estimate = (estimate_cost(top, climb.request.messages)
-                    if climb.max_cost_usd is not None else 0.0)
-        if climb.max_cost_usd is not None and climb.spent_usd + estimate > climb.max_cost_usd:
+        if climb.over_cap(self._estimate(top, climb.request.messages, climb)):
             return  # a shadow check never breaks the request's cap
         climb.attempts.append(attempt)
         t0 = time.monotonic()
         try:
-            completion, used, tries, _errors = await self._call_rung(
+            completion, used, tries, errors = await self._call_rung(
                 rung_call(top, climb.request.messages), top, climb)
         except ProviderError as e:
-            attempt.error, attempt.error_type, attempt.tries = _short(e), type(e).__name__, e.tries
+            _record_error(attempt, e)
             return
         finally:
             attempt.latency_ms = (time.monotonic() - t0) * 1000
-        attempt.tries, attempt.text = tries, completion.text
-        attempt.input_tokens, attempt.output_tokens = (completion.input_tokens,
-                                                       completion.output_tokens)
-        attempt.cost_usd = used.cost_usd(completion.input_tokens, completion.output_tokens)
+        _record_call(attempt, completion, used, tries, errors)
         climb.spent_usd += attempt.cost_usd
-        agree = self._shadow_verifier(cfg.policy.shadow_normaliser)
+        agree = self._builtin("agreement", mode="previous",
+                              normaliser=cfg.policy.shadow_normaliser)
         ctx = VerifyContext(request=climb.request, attempts=[accepted], candidate=Candidate(
             text=completion.text, rung=used, rung_index=len(cfg.rungs) - 1,
             completion=completion))
@@ -534,13 +526,6 @@ class Cascade:
                                                                       "disagreements": 0})
         stats["samples"] += 1
         stats["disagreements"] += 0 if verdict.passed else 1
-
-    def _shadow_verifier(self, normaliser: str) -> Verifier:
-        cached: Verifier | None = getattr(self, "_shadow_v", None)
-        if cached is None:
-            cached = self._shadow_v = load_verifier(VerifierConfig(
-                name="agreement", settings={"mode": "previous", "normaliser": normaliser}))
-        return cached
 
     @staticmethod
     def _skip(climb: _Climb, attempt: Attempt, why: str) -> tuple[Attempt, Any] | None:
@@ -557,13 +542,12 @@ class Cascade:
         for vid in ids:
             vc, v = self._verifiers[vid]
             bound.append(BoundVerifier(id=vid, verifier=v, settings=dict(vc.settings),
-                                       threshold=rung_cfg.thresholds.get(vid, vc.threshold),
+                                       threshold=cfg.threshold(rung_cfg, vc),
                                        timeout_s=vc.timeout_s))
         if climb.request.schema is not None and not any(
             vc.name == "schema" for vc, _ in self._verifiers.values()
         ):
-            schema_v = self._schema_verifier()
-            bound.insert(0, BoundVerifier(id="schema", verifier=schema_v))
+            bound.insert(0, BoundVerifier(id="schema", verifier=self._builtin("schema")))
         shared: dict[str, Any] = {}
         prior = [a for a in climb.attempts if a.rung != candidate.rung_index]
 
@@ -579,11 +563,14 @@ class Cascade:
         parsed = shared.get("parsed", candidate.parsed)
         return verdicts, parsed
 
-    def _schema_verifier(self) -> Verifier:
-        v = getattr(self, "_auto_schema", None)
-        if v is None:
-            v = self._auto_schema = load_verifier(VerifierConfig(name="schema"))
-        return v
+    def _builtin(self, name: str, **settings: Any) -> Verifier:
+        """A built-in verifier the engine adds itself (schema for ``schema=``, agreement for
+        shadow checks), loaded once per Cascade."""
+        key = (name, tuple(sorted(settings.items())))
+        if key not in self._engine_verifiers:
+            self._engine_verifiers[key] = load_verifier(VerifierConfig(name=name,
+                                                                        settings=settings))
+        return self._engine_verifiers[key]
 
     def _finish(self, climb: _Climb, accepted: tuple[Attempt, Any] | None, t0: float,
                 key: str | None) -> Answer | None:
@@ -723,6 +710,31 @@ class Cascade:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _record_call(attempt: Attempt, completion: Completion, used: RungConfig, tries: int,
+                 failover_errors: Sequence[str]) -> None:
+    """Write a model call's outcome into its attempt: who answered, what, and what it cost."""
+    attempt.model, attempt.provider = used.model, used.provider
+    attempt.endpoint = used.base_url or ""
+    attempt.tries = tries
+    if failover_errors:
+        attempt.error = "failed over: " + " | ".join(failover_errors)
+    attempt.text = completion.text
+    attempt.finish_reason = completion.finish_reason
+    attempt.input_tokens, attempt.output_tokens = completion.input_tokens, completion.output_tokens
+    attempt.cost_usd = used.cost_usd(completion.input_tokens, completion.output_tokens)
+
+
+def _record_error(attempt: Attempt, e: ProviderError) -> None:
+    """Write why a call failed into its attempt: each endpoint tried, and why retries stopped."""
+    attempt.error_type = type(e).__name__
+    fo = getattr(e, "failover_errors", [])
+    attempt.error = " | ".join(fo) if len(fo) > 1 else _short(e)
+    notes = getattr(e, "__notes__", None)
+    if notes:
+        attempt.error += " (" + "; ".join(notes) + ")"
+    attempt.tries = e.tries
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
