@@ -108,12 +108,17 @@ class FunctionVerifier:
         result = self.fn(ctx)
         if inspect.isawaitable(result):
             result = await result
-        if isinstance(result, bool):
-            return Verdict(passed=result, reason="passed" if result else "rejected")
-        if not isinstance(result, Verdict):
-            raise TypeError(f"verifier {self.name!r} returned {type(result).__name__}, "
-                            "expected a Verdict or a bool")
-        return result
+        return _as_verdict(result, self.name)
+
+
+def _as_verdict(result: object, name: str) -> Verdict:
+    """A verifier's return value as a Verdict: a bool is accepted, anything else is a bug."""
+    if isinstance(result, bool):
+        return Verdict(passed=result, reason="passed" if result else "rejected")
+    if not isinstance(result, Verdict):
+        raise TypeError(f"verifier {name!r} returned {type(result).__name__}, "
+                        "expected a Verdict or a bool")
+    return result
 
 
 def as_verifier(obj: Any, *, name: str | None = None) -> Verifier:
@@ -161,10 +166,7 @@ async def _run_one(bv: BoundVerifier, make_ctx: Callable[[BoundVerifier], Verify
         if inspect.isawaitable(result):  # a sync verifier cannot be interrupted anyway
             with anyio.fail_after(bv.timeout_s):
                 result = await result
-        if isinstance(result, bool):
-            result = Verdict(passed=result, reason="passed" if result else "rejected")
-        if not isinstance(result, Verdict):
-            raise TypeError(f"returned {type(result).__name__}, expected a Verdict")
+        result = _as_verdict(result, bv.id)
         if result.score is not None and not (0.0 <= result.score <= 1.0):
             raise ValueError(f"score {result.score} is outside [0, 1]")
         verdict = result
