@@ -13,7 +13,7 @@ import logging
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from cascade.errors import (
     BudgetExceeded,
@@ -25,6 +25,10 @@ from cascade.errors import (
     UnverifiedAnswerError,
 )
 from cascade.trace import Answer
+
+if TYPE_CHECKING:
+    from cascade.cache import AnswerCache
+    from cascade.config import CascadeConfig
 
 __all__ = ["format_climb", "main"]
 
@@ -55,19 +59,20 @@ def format_climb(answer: Answer) -> str:
     return "\n".join(lines)
 
 
-def _open_cascade(ns: argparse.Namespace) -> Any:
-    from cascade.engine import Cascade
+def _answer_cache(ns: argparse.Namespace, config: CascadeConfig) -> AnswerCache:
+    """The cache the config names, or the one ``--cache-dir`` points at instead."""
+    from cascade.cache import AnswerCache
 
-    return Cascade.default(ns.config)
+    c = config.cache
+    return AnswerCache(ns.cache_dir or c.directory, ttl_s=c.ttl_s, size_limit_mb=c.size_limit_mb)
 
 
 def _cmd_answer(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from cascade.cache import AnswerCache
+    from cascade.defaults import resolve_config
+    from cascade.engine import Cascade
 
-    c = _open_cascade(ns)
-    if ns.cache_dir:
-        c._cache = AnswerCache(ns.cache_dir, ttl_s=c.config.cache.ttl_s,
-                               size_limit_mb=c.config.cache.size_limit_mb)
+    config = resolve_config(ns.config)
+    c = Cascade(config, cache=_answer_cache(ns, config))
     prompt = ns.prompt if ns.prompt != "-" else sys.stdin.read()
     cache: bool | str = False if ns.no_cache else ("refresh" if ns.refresh else True)
     code = EXIT_OK
@@ -98,15 +103,9 @@ def _cmd_answer(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_cache(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from cascade.cache import AnswerCache, default_cache_dir
-    from cascade.config import find_config_file, load_config
+    from cascade.defaults import resolve_config
 
-    directory = ns.cache_dir
-    if directory is None:
-        path = find_config_file(ns.config)
-        if path is not None:
-            directory = load_config(path).cache.directory
-    cache = AnswerCache(directory or default_cache_dir())
+    cache = _answer_cache(ns, resolve_config(ns.config))
     try:
         if ns.cache_command == "stats":
             stats = cache.stats()
