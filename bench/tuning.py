@@ -57,7 +57,7 @@ def _cv(table: OutcomeTable, method: str, *, folds: int, seed: int, drop: float,
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
         ttr, tte = table.take(tr), table.take(te)
         if method == "ours":
-            setting, ref = select(ttr, max_accuracy_drop=drop, delta=delta, seed=seed,
+            setting, ref = select(ttr, max_accuracy_drop=drop, delta=delta,
                                   agreement=agreement, z_gate=z_gate)
         else:
             setting = grid_search_baseline(ttr, max_drop=drop)

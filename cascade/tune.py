@@ -56,7 +56,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from itertools import combinations
 from pathlib import Path
 from statistics import NormalDist
@@ -79,7 +78,6 @@ __all__ = [
     "Setting",
     "TuneResult",
     "add_arguments",
-    "drop_pvalue",
     "grid_search_baseline",
     "run",
     "select",
@@ -219,57 +217,6 @@ def simulate(table: OutcomeTable, setting: Setting) -> tuple[BoolArray, FloatArr
     right, cost, ex = _simulate_many(table, setting.chain, setting.keys, th, ag,
                                      setting.normaliser, setting.accept == "any")
     return right[0], cost[0], ex[0]
-
-
-# ---------------------------------------------------------------- the paired test
-
-
-def _log_binom_cdf(k: int, m: int, q: float) -> float:
-    """log P(Binomial(m, q) <= k), exactly (m is at most the number of cases)."""
-    if k < 0:
-        return -math.inf
-    if k >= m or q <= 0.0:
-        return 0.0
-    if q >= 1.0:
-        return -math.inf
-    i = np.arange(k + 1, dtype=float)
-    lf = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, m + 1, dtype=float)))])
-    terms = (lf[m] - lf[: k + 1] - lf[m - np.arange(k + 1)] + i * math.log(q)
-             + (m - i) * math.log1p(-q))
-    top = float(terms.max())
-    return top + math.log(float(np.exp(terms - top).sum()))
-
-
-def _clopper_pearson_upper(x: int, n: int, alpha: float) -> float:
-    """One-sided upper 1-alpha bound on a binomial proportion (bisection on the exact tail)."""
-    if x >= n:
-        return 1.0
-    lo, hi = x / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if math.exp(_log_binom_cdf(x, n, mid)) > alpha:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-@lru_cache(maxsize=65536)
-def drop_pvalue(n: int, worse: int, better: int, max_drop: float, beta: float = 0.02) -> float:
-    """A valid p-value for ``H0: P(ref right, cascade wrong) - P(cascade right, ref wrong) >
-    max_drop`` from ``n`` paired cases, ``worse``/``better`` of them discordant each way.
-
-    Under H0 the discordance rate ``pi`` is at least ``max_drop`` and, given ``m`` discordant
-    cases, ``worse ~ Binomial(m, q)`` with ``q = 1/2 + max_drop / (2 pi)``. ``pi`` is unknown:
-    Berger and Boos' device bounds it by an exact upper limit at level ``beta`` and adds
-    ``beta`` to the p-value. Exact for any n; no normal approximation.
-    """
-    m = worse + better
-    pi_u = _clopper_pearson_upper(m, n, beta)
-    if max_drop > 0 and pi_u < max_drop:
-        return beta  # H0 needs at least max_drop of the cases discordant; they are not
-    q0 = 0.5 + max(max_drop, 0.0) / (2 * pi_u) if pi_u > 0 else 1.0
-    return min(1.0, beta + math.exp(_log_binom_cdf(worse, m, min(q0, 1.0))))
 
 
 # ---------------------------------------------------------------- the path
@@ -652,12 +599,11 @@ def _guard(better: FloatArray, worse: FloatArray, n: int, z: float | FloatArray,
     return change, se, change - z * se
 
 
-def _choose(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: float = 0.0,
-            rng: np.random.Generator | None = None, agreement: str = "all",
+def _choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str = "all",
             z_gate: float | None = None) -> tuple[_Choice, int, IntArray, IntArray]:
     """The cheapest candidate setting whose guarded net accuracy change stays above
-    ``-max_drop``; the reference alone when none does. ``select_frac`` and ``rng`` are kept for
-    the call signature (this tuner uses every case and draws nothing at random).
+    ``-max_drop``; the reference alone when none does. It uses every case and draws nothing
+    at random.
 
     ``agreement``: ``"off"`` (scores only), ``"all"`` (a rung may also have to agree with the
     previous one: runnable by the engine) or ``"any"`` (scores pass *or* it agrees: for
@@ -665,7 +611,6 @@ def _choose(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: 
 
     Returns the choice, the reference, and the cases used to choose and (none) held apart.
     """
-    del select_frac, rng
     n = table.n
     mean_cost = table.cost.mean(axis=0)
     acc = table.correct.mean(axis=0)
@@ -774,8 +719,8 @@ def _dominating_rung(table: OutcomeTable, right: BoolArray, cost: FloatArray) ->
     return best
 
 
-def _shift(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: float,
-           seed: int, folds: int = 5) -> dict[str, Any]:
+def _shift(table: OutcomeTable, *, max_drop: float, delta: float, seed: int,
+           folds: int = 5) -> dict[str, Any]:
     """Tune on some groups of cases, evaluate on the others: how the promise holds up when the
     mix of questions changes (subjects, benchmarks, or the first tag of each case)."""
     top = [g.split("/")[0] for g in table.groups]
@@ -797,8 +742,7 @@ def _shift(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: f
         if tr.size < 20 or te.size < 5:
             continue
         ttr, tte = table.take(tr), table.take(te)
-        choice, ref, _s, _c = _choose(ttr, max_drop=max_drop, delta=delta,
-                                      select_frac=select_frac, rng=np.random.default_rng(seed))
+        choice, ref, _s, _c = _choose(ttr, max_drop=max_drop, delta=delta)
         right, cost, _ = simulate(tte, choice.setting)
         ch = float(right.mean() - tte.correct[:, ref].mean())
         rc = float(tte.cost[:, ref].mean())
@@ -822,14 +766,10 @@ def _shift(table: OutcomeTable, *, max_drop: float, delta: float, select_frac: f
 
 
 def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = 0.1,
-           select_frac: float = 0.4, seed: int = 0, agreement: str = "all",
-           z_gate: float | None = None) -> tuple[Setting, int]:
+           agreement: str = "all", z_gate: float | None = None) -> tuple[Setting, int]:
     """Only the choice of :func:`tune` (setting, reference rung index), for cross-validation.
-
-    ``select_frac`` and ``seed`` are accepted for compatibility; the accuracy objective uses
-    every case and no randomness."""
+    Deterministic: it uses every case and no randomness."""
     choice, ref, _s, _c = _choose(table, max_drop=max_accuracy_drop, delta=delta,
-                                  select_frac=select_frac, rng=np.random.default_rng(seed),
                                   agreement=agreement, z_gate=z_gate)
     setting = choice.setting
     if len(setting.chain) > 1:
@@ -861,7 +801,6 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
     else:
         drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
         choice, ref, _sel, cal = _choose(table, max_drop=drop, delta=delta,
-                                         select_frac=select_frac, rng=rng,
                                          agreement=agreement)
     setting = choice.setting
     notes: list[str] = []
@@ -883,7 +822,7 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
     report["timing_s"] = round(took, 4)
     if shift and max_cost_usd is None:
         drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
-        sh = _shift(table, max_drop=drop, delta=delta, select_frac=select_frac, seed=seed)
+        sh = _shift(table, max_drop=drop, delta=delta, seed=seed)
         if sh.get("available"):
             iid = report["expected"]["accuracy_change"]["interval_90"]
             worst = sh["accuracy_change_worst"]
