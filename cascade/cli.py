@@ -8,12 +8,13 @@ Exit codes: 0 verified answer (or command succeeded); 1 an answer was returned b
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from cascade.errors import (
     BudgetExceeded,
@@ -136,7 +137,7 @@ def _cmd_health(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cascade",
         description="Answer through a ladder of LLMs, climbing only as far as verifiers require.",
@@ -170,35 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="circuit breaker and latency snapshot of this process")
     h.set_defaults(func=_cmd_health)
 
+    # Only the chosen suite command's module is imported: the tuner's numpy stack need not
+    # load for `cascade answer`.
+    wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     for name, module, helptext in (
         ("record", "cascade.record", "run a suite through every rung and store the responses"),
         ("tune", "cascade.tune", "tune rungs and thresholds on recorded suites"),
         ("eval", "cascade.evaluate", "replay suites through a config and report quality/cost"),
     ):
         sp = sub.add_parser(name, help=helptext)
-        sp.set_defaults(module=module)
-        mod = _suite_module(module)
-        if mod is not None:
+        if name == wanted:
+            mod = importlib.import_module(module)
             mod.add_arguments(sp)
             sp.set_defaults(func=lambda ns, out, err, m=mod: m.run(ns))
     return p
-
-
-def _suite_module(name: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError:  # pragma: no cover - only while a module is missing
-        return None
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
          err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args)
+    ns = parser.parse_args(args)
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=err)
     if not ns.verbose:

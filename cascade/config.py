@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -445,11 +445,3 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
     local = Path.cwd() / "cascade.toml"
     return local if local.is_file() else None
 
-
-def rungs_from(values: Sequence[RungConfig | Mapping[str, Any]]) -> tuple[RungConfig, ...]:
-    """Accept rungs given in code as configs or plain dicts."""
-    return tuple(
-        r if isinstance(r, RungConfig)
-        else parse_rung(r, source="<code>", prefix=f"rungs[{i}].")
-        for i, r in enumerate(values)
-    )
