@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from cascade.suite import OutcomeTable, load_shared_outcomes  # noqa: E402
 from cascade.tune import (  # noqa: E402
+    _candidates,
     _chains,
-    _mesh,
     _mesh_stats,
     grid_search_baseline,
     select,
@@ -73,23 +73,33 @@ def _cv(table: OutcomeTable, method: str, *, folds: int, seed: int, drop: float,
     return change, saving, cascades, gated
 
 
-def _ceiling(table: OutcomeTable, drop: float) -> float:
-    """With hindsight (chosen and measured on every case, no margin: not a valid procedure,
-    only a bound on what a tuner of these thresholds could show), the largest saving whose
-    in-sample accuracy change stays within ``drop``."""
+MARGINS = (0.0, 0.005, 0.01)
+"""In-sample safety margins of the hindsight ceiling (points of accuracy, as fractions)."""
+
+
+def _ceiling(table: OutcomeTable, drop: float, gate: bool) -> list[float]:
+    """With hindsight (chosen and measured on every case: not a valid procedure, only a bound
+    on what a tuner of these settings could show), the largest saving whose in-sample accuracy
+    change stays within ``drop`` less each of :data:`MARGINS`. A tuner that must hold the
+    promise on unseen cases needs some margin: the held-out noise of a change on 300 cases is
+    itself 0.5–1 point."""
     mc, acc = table.cost.mean(0), table.correct.mean(0)
     ref = int(np.lexsort((mc, -acc))[0])
     keys = tuple(sorted(table.scores))
+    norm = table.agreement_normaliser or ""
+    gate = gate and norm in table.agreement
     order = [int(j) for j in np.argsort(mc, kind="stable")]
-    best = 0.0
+    best = [0.0] * len(MARGINS)
     for chain in _chains(order, ref, mc):
         if len(chain) < 2:
             continue
-        th = _mesh(table, chain, keys)
-        cost, better, worse = _mesh_stats(table, chain, keys, th, ref)
-        ok = (better - worse) / table.n >= -drop - 1e-12
-        if ok.any():
-            best = max(best, 1 - float(cost[ok].min()) / float(mc[ref]))
+        th, ag = _candidates(table, chain, keys, gate=gate and len(chain) > 2)
+        cost, better, worse = _mesh_stats(table, chain, keys, th, ref, ag, norm)
+        change = (better - worse) / table.n
+        for i, margin in enumerate(MARGINS):
+            ok = change >= -drop + margin - 1e-12
+            if ok.any():
+                best[i] = max(best[i], 1 - float(cost[ok].min()) / float(mc[ref]))
     return best
 
 
@@ -130,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
           "vs the best single rung (points), saving (%)")
     head = (f"{'file':<31} {'n':>4} | {'ours Δacc':>9} {'save':>6} {'casc':>5} {'gate':>5} "
             f"{'ok':>3} | "
-            f"{'grid Δacc':>9} {'save':>6} {'ok':>3} | {'ceiling':>7}")
+            f"{'grid Δacc':>9} {'save':>6} {'ok':>3} | {'ceiling at margin 0/0.5/1 pt':>29}")
     print(head)
     print("-" * len(head))
     ours_ok = grid_ok = 0
+    ceilings: list[list[float]] = []
     ours_save: list[float] = []
     grid_save: list[float] = []
     t0 = time.perf_counter()
@@ -154,27 +165,32 @@ def main(argv: list[str] | None = None) -> int:
         o_gate = sum(x[3] for x in res["ours"]) / (ns.folds * ns.seeds)
         g_ch = statistics.mean(x[0] for x in res["grid"])
         g_sv = statistics.mean(x[1] for x in res["grid"])
-        o_ok, g_ok = o_ch >= -drop, g_ch >= -drop
+        o_ok, g_ok = o_ch >= -drop - 1e-9, g_ch >= -drop - 1e-9  # exactly 1 point is within
         ours_ok += o_ok
         grid_ok += g_ok
         ours_save.append(o_sv)
         grid_save.append(g_sv)
-        ceiling = f"{_ceiling(table, drop) * 100:.0f}%"
+        ceilings.append(_ceiling(table, drop, gate=ns.agreement != "off"))
+        ceiling = " / ".join(f"{c * 100:.0f}%" for c in ceilings[-1])
         print(f"{f.name:<31} {table.n:>4} | {o_ch * 100:>+9.2f} {o_sv * 100:>5.1f}% "
               f"{o_cas:>5.0%} {o_gate:>5.0%} {'yes' if o_ok else 'NO':>3} | {g_ch * 100:>+9.2f} "
-              f"{g_sv * 100:>5.1f}% {'yes' if g_ok else 'NO':>3} | {ceiling:>7}")
+              f"{g_sv * 100:>5.1f}% {'yes' if g_ok else 'NO':>3} | {ceiling:>29}")
     print("-" * len(head))
     n = len(files)
     print(f"promise held (held-out drop <= {drop * 100:g} pt): ours {ours_ok}/{n}, "
           f"grid search {grid_ok}/{n}")
     if n:
         print(f"median cost saving: ours {statistics.median(ours_save) * 100:.1f}%, "
-              f"grid search {statistics.median(grid_save) * 100:.1f}%")
+              f"grid search {statistics.median(grid_save) * 100:.1f}%; hindsight ceiling at "
+              "margin 0 / 0.5 / 1 pt: " + " / ".join(
+                  f"{statistics.median(c[i] for c in ceilings) * 100:.1f}%"
+                  for i in range(len(MARGINS))))
     print(f"(casc = share of folds where our tuner recommended a cascade, gate = where it also "
-          f"used the agreement gate; ceiling = the largest "
-          f"saving of the same threshold grid whose accuracy drop on the whole file is within "
-          f"the limit, chosen with hindsight on all its cases: what no honest tuner can show; "
-          f"cross-validation took {time.perf_counter() - t0:.1f}s)")
+          f"used the agreement gate; ceiling = the largest saving among the same candidate "
+          f"settings whose accuracy change on the whole file is at least the margin above "
+          f"-{drop * 100:g} pt, chosen with hindsight on all its cases: no honest tuner can show "
+          f"it, and one that holds the promise on unseen cases needs a margin about the size of "
+          f"the held-out noise; cross-validation took {time.perf_counter() - t0:.1f}s)")
     if largest is not None:
         sel_s, full_s, r = _timing(largest)
         print(f"timing on 10,000 resampled cases × {r} rungs: choice {sel_s:.2f}s, "

@@ -39,8 +39,10 @@ dearer and no more accurate than a single rung on the suite. What is not covered
 unlike the suite's (the report's ``shift`` section measures held-out groups), and suites of a
 few hundred cases cannot certify settings whose only evidence is zero observed disagreement
 with the reference; such suites get small savings or the reference alone. Measured, not
-shipped: the same gate under the plain guard saved more (median 31%) but broke the 1-point
-promise on 2 of 10 benchmarks; an OR rule (confidence OR agreement, which the engine's
+shipped: the same gate under the plain guard saved more (median 30%) but broke the 1-point
+promise on mmlu_llama (-1.5 points) and sat exactly at -1 on gsm8k_llama; fixed-sequence
+testing along a label-free path (ordered by the rungs' own confidences) held everywhere but
+stopped at the first noisy step (median 3%); an OR rule (confidence OR agreement, which the engine's
 all-verdicts policy cannot run) saved less than AND on these data.
 
 Simulation is vectorised: for a setting, each case exits at the first rung whose every
