@@ -13,37 +13,45 @@ What we do instead:
    [0, 1], ``0.5 … 0.999, 1.0``; for other scores, quantiles of the scores. Every rung subset ×
    every combination of its rungs' levels is one candidate (coarser levels when that would
    exceed a few thousand per subset).
-3. Each candidate gets its *net* accuracy change against the reference on the suite,
+3. A model ranks them: per rung, the expected net loss against the reference of accepting its
+   answer, as a non-increasing step function of its score (isotonic, fitted on every case).
+   Summed over the cases a candidate accepts early, that is its expected loss; only the
+   model's frontier (from the safest up, each candidate cheaper than every safer one: some
+   tens of the thousands) goes on. A handful of steps per rung stand in for one noisy count
+   per candidate, so a candidate that only looks good because of a few lucky cases does not
+   reach the frontier.
+4. Each frontier candidate gets its *net* accuracy change against the reference on the suite,
    ``(better - worse) / n`` (cases it gets right where the reference is wrong offset those it
    gets wrong where the reference is right: cheap rungs are often right where the top one is
    not), and that change's paired standard error. The guard: ``change - z(1 - delta) × se >=
-   -max_accuracy_drop``. The cheapest candidate that passes is recommended; when none does,
-   the reference alone is, and the report says so.
-
-4. A rung after the first may also be *gated on agreement*: it accepts only when its
-   confidence passes AND its normalised answer agrees with the previous rung's in the chain
-   (the engine's ``agreement`` verifier, mode ``previous``; TUNED.toml lists it on that rung).
-   A rung that never accepts may stay as the witness the next rung agrees with. Gated
-   settings double the candidates and are held to a stricter guard: two pseudo-discordant
-   cases instead of one, and z at ``delta / F`` where F counts the gate patterns examined
-   (Bonferroni over families; within a family thresholds are nested and nearly collinear).
+   -max_accuracy_drop``. The cheapest frontier candidate that passes is recommended; when none
+   does, the reference alone is, and the report says so.
+5. With ``agreement="all"`` (off by default) a rung after the first may also be *gated on
+   agreement*: it accepts only when its confidence passes AND its normalised answer agrees with
+   the previous rung's in the chain (the engine's ``agreement`` verifier, mode ``previous``;
+   TUNED.toml lists it on that rung). A rung that never accepts may stay as the witness the
+   next rung agrees with. Gated candidates have their own frontier (the model fitted on the
+   cases that agree) and a stricter guard: two pseudo-discordant cases instead of one, and z
+   at ``delta / F`` where F counts the gate patterns examined.
 
 What the promise means: an *estimate*, not a guarantee. The guard is a one-sided ``1 - delta``
 normal-approximation bound for the one setting chosen, not a family-wise guarantee over the
-selection; choosing the cheapest of thousands makes the in-sample estimate optimistic, and
-the margin (z standard errors plus pseudo-cases, larger for gated settings) is sized to absorb
-that, which cross-validation on the shared recorded data checks (``bench/tuning.py``: the
-promise held on 10 of 10 benchmarks). What is exact: the simulated accuracy and cost of a
-setting on the suite (the engine's policy replayed), and that the recommendation is never
-dearer and no more accurate than a single rung on the suite. What is not covered: questions
-unlike the suite's (the report's ``shift`` section measures held-out groups), and suites of a
-few hundred cases cannot certify settings whose only evidence is zero observed disagreement
-with the reference; such suites get small savings or the reference alone. Measured, not
-shipped: the same gate under the plain guard saved more (median 30%) but broke the 1-point
-promise on mmlu_llama (-1.5 points) and sat exactly at -1 on gsm8k_llama; fixed-sequence
-testing along a label-free path (ordered by the rungs' own confidences) held everywhere but
-stopped at the first noisy step (median 3%); an OR rule (confidence OR agreement, which the engine's
-all-verdicts policy cannot run) saved less than AND on these data.
+selection; choosing the cheapest of the frontier still makes the in-sample estimate somewhat
+optimistic, and the margin (z standard errors plus pseudo-cases) is sized to absorb that, which
+cross-validation on the shared recorded data checks (``bench/tuning.py``: the promise held on
+10 of 10 benchmarks at 1, 2 and 3 points, on two independent sets of folds). What is exact:
+the simulated accuracy and cost of a setting on the suite (the engine's policy replayed), and
+that the recommendation is never dearer and no more accurate than a single rung on the suite.
+What is not covered: questions unlike the suite's (the report's ``shift`` section measures
+held-out groups), and suites of a few hundred cases cannot certify settings whose only evidence
+is zero observed disagreement with the reference; such suites get small savings or the
+reference alone. Measured, not shipped (same cross-validation): choosing among *all* candidates
+rather than the frontier saved a little more but broke a 2-point promise on mmlu_llama (-2.3 to
+-2.9 points); the agreement gate, even on its own frontier and guard, broke it there too
+(llama models agree on the same wrong letter); fixed-sequence testing along a label-free path
+ordered by the rungs' own confidences held everywhere but stopped at the first noisy step
+(median saving 3%); an OR rule (confidence OR agreement, which the engine's all-verdicts policy
+cannot run) saved less than AND.
 
 Simulation is vectorised: for a setting, each case exits at the first rung whose every
 verifier passes (score >= threshold), the last rung of the cascade accepting everything.
@@ -269,6 +277,56 @@ def _risk_curve(scores: FloatArray, d: FloatArray) -> _RiskCurve | None:
         return None
     ux, fitted = _isotonic(scores[ok], -d[ok])
     return _RiskCurve(ux, -fitted)
+
+
+def _rung_score(table: OutcomeTable, keys: Sequence[str], j: int) -> FloatArray:
+    """One score per case for rung ``j``: its scoring verifier's, or with several the lowest
+    of their empirical quantiles (labels unused; a case passes only where all of them pass).
+    A verifier that does not judge the rung (+inf) constrains nothing."""
+    cols = [table.scores[k][:, j] for k in keys]
+    if len(cols) == 1:
+        return cols[0]
+    qs = []
+    for c in cols:
+        fin = np.sort(c[np.isfinite(c)])
+        q = np.where(np.isposinf(c), 1.0, np.nan)
+        ok = np.isfinite(c)
+        q[ok] = np.searchsorted(fin, c[ok], side="right") / max(fin.size, 1)
+        qs.append(q)
+    return np.asarray(np.min(np.stack(qs), axis=0), dtype=float)
+
+
+def _loss_at(curve: _RiskCurve | None, s: FloatArray, fallback: float) -> FloatArray:
+    if curve is None:
+        return np.full(s.shape, fallback)
+    idx = np.searchsorted(curve.x, s, side="right") - 1
+    return np.asarray(curve.risk[np.clip(idx, 0, None)], dtype=float)
+
+
+def _expected_loss(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], ref: int,
+                   normaliser: str = "") -> tuple[FloatArray, FloatArray]:
+    """The model the frontier is drawn from: per case and chain position, the expected net
+    accuracy loss against the reference of accepting that rung's answer, a non-increasing
+    step function of its score fitted on every case (isotonic). A handful of steps per rung
+    stand in for one noisy count per setting, so settings that only look good by luck on
+    these cases do not reach the frontier. ``normaliser``: also fit, on the cases that agree
+    with the previous rung in the chain, the loss of a gated acceptance."""
+    ch = list(chain)
+    n = table.n
+    plain = np.zeros((n, len(ch)))
+    gated = np.zeros((n, len(ch)))
+    ref_right = table.correct[:, ref].astype(float)
+    for p, j in enumerate(ch):
+        if j == ref:
+            continue
+        d = ref_right - table.correct[:, j]
+        s = _rung_score(table, keys, j)
+        plain[:, p] = _loss_at(_risk_curve(s, d), s, float(d.mean()))
+        agree = table.agrees(j, ch[p - 1], normaliser) if normaliser and p > 0 else None
+        if agree is not None:
+            fallback = float(d[agree].mean()) if agree.any() else 1.0
+            gated[:, p] = _loss_at(_risk_curve(np.where(agree, s, np.nan), d), s, fallback)
+    return plain, gated
 
 
 def _path(table: OutcomeTable, chain: Sequence[int], ref: int, keys: Sequence[str],
@@ -504,9 +562,13 @@ def _mesh(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str]) -> Flo
 
 def _mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], th: FloatArray,
                 ref: int, ag: BoolArray | None = None, normaliser: str = "",
-                any_: bool = False) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Mean cost and the counts of cases the cascade gets right where the reference is wrong
-    (``better``) and wrong where it is right (``worse``), for each of ``m`` settings.
+                any_: bool = False, risk: tuple[FloatArray, FloatArray] | None = None
+                ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Mean cost, the counts of cases the cascade gets right where the reference is wrong
+    (``better``) and wrong where it is right (``worse``), and the model's expected net loss
+    (the sum of ``risk`` at each case's exit, over n; zeros without ``risk``), for each of
+    ``m`` settings. ``risk`` is (plain, gated): per case and chain position, the expected loss
+    of accepting there on the rung's own verdicts, and when gated on agreement.
 
     Same semantics as :func:`simulate`, but by blocks of settings and matrix products, so that
     thousands of settings over 10,000 cases take a second.
@@ -548,13 +610,16 @@ def _mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], 
         np.add.at(out, inverse, x)
         return out
 
+    plain_risk, gated_risk = risk if risk is not None else (np.zeros((n, k1 + 1)),) * 2
     cum_g, good_g, bad_g = pool(cum), pool(good), pool(bad)
+    risk_g, risk_gated_g = pool(plain_risk), pool(gated_risk)
     lev_g = rows[:, : k1 * len(keys)].reshape(g, k1, len(keys))
     gates_g = rows[:, k1 * len(keys): k1 * len(keys) + k1].astype(bool)
     agree_g = rows[:, k1 * len(keys) + k1:].astype(bool)
     cost = np.empty(m)
     better = np.empty(m)
     worse = np.empty(m)
+    loss = np.empty(m)
     step = max(1, _CELLS // max(g, 1))
     for a in range(0, m, step):
         r = ranks[a:a + step]
@@ -562,6 +627,7 @@ def _mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], 
         c = np.zeros(r.shape[0])
         b = np.zeros(r.shape[0])
         w = np.zeros(r.shape[0])
+        lo = np.zeros(r.shape[0])
         for p in range(k1):
             acc = np.ones(reach.shape, dtype=bool)
             for v in range(len(keys)):
@@ -577,12 +643,19 @@ def _mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], 
             c += f @ cum_g[:, p]
             b += f @ good_g[:, p]
             w += f @ bad_g[:, p]
+            if use_ag and ag is not None and p > 0:
+                lo += np.where(ag[a:a + step, p], f @ risk_gated_g[:, p], f @ risk_g[:, p])
+            else:
+                lo += f @ risk_g[:, p]
         f = reach.astype(float)
         c += f @ cum_g[:, k1]
         b += f @ good_g[:, k1]
         w += f @ bad_g[:, k1]
-        cost[a:a + step], better[a:a + step], worse[a:a + step] = c / max(n, 1), b, w
-    return cost, better, worse
+        lo += f @ risk_g[:, k1]
+        nn = max(n, 1)
+        cost[a:a + step], better[a:a + step], worse[a:a + step] = c / nn, b, w
+        loss[a:a + step] = lo / nn
+    return cost, better, worse, loss
 
 
 def _guard(better: FloatArray, worse: FloatArray, n: int, z: float | FloatArray,
@@ -601,15 +674,23 @@ def _guard(better: FloatArray, worse: FloatArray, n: int, z: float | FloatArray,
     return change, se, change - z * se
 
 
-def _choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str = "all",
+def _frontier_of_model(loss: FloatArray, cost: FloatArray, ref_cost: float) -> IntArray:
+    """Indices of the settings on the model's frontier: from the lowest expected loss up, each
+    one strictly cheaper than every setting the model rated safer."""
+    order = np.lexsort((cost, loss))
+    cheapest = np.minimum.accumulate(np.concatenate([[ref_cost], cost[order]]))
+    return order[cost[order] < cheapest[:-1]]
+
+
+def _choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str = "off",
             z_gate: float | None = None) -> tuple[_Choice, int, IntArray, IntArray]:
-    """The cheapest candidate setting whose guarded net accuracy change stays above
-    ``-max_drop``; the reference alone when none does. It uses every case and draws nothing
-    at random.
+    """The cheapest setting on the model's frontier whose guarded net accuracy change stays
+    above ``-max_drop``; the reference alone when none does. It uses every case and draws
+    nothing at random.
 
     ``agreement``: ``"off"`` (scores only), ``"all"`` (a rung may also have to agree with the
     previous one: runnable by the engine) or ``"any"`` (scores pass *or* it agrees: for
-    measurement). Settings that use the gate are held to ``z_gate`` standard errors.
+    measurement). Gated settings form their own frontier, held to ``z_gate`` standard errors.
 
     Returns the choice, the reference, and the cases used to choose and (none) held apart.
     """
@@ -629,46 +710,48 @@ def _choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: st
     gate = agreement != "off" and norm in table.agreement
     any_ = agreement == "any"
     cost_order = [int(j) for j in np.argsort(mean_cost, kind="stable")]
-    chains = _chains(cost_order, ref, mean_cost)
+    chains = [c for c in _chains(cost_order, ref, mean_cost) if len(c) > 1]
     families = sum(2 ** max(len(c) - 2, 0) - 1 for c in chains)
     zg = z_value(delta / max(families, 1)) if z_gate is None else z_gate
     ref_cost = float(mean_cost[ref])
-    best: tuple[float, float] | None = None
-    chosen = alone
-    stats = (0.0, 0.0, 0.0, z)
-    tested = 0
+    blocks: list[tuple[tuple[int, ...], FloatArray, BoolArray]] = []
+    stats: list[tuple[FloatArray, ...]] = []
     for chain in chains:
-        if len(chain) == 1:
-            continue
         th, ag = _candidates(table, chain, keys, gate=gate and len(chain) > 2, any_=any_)
-        cost, better, worse = _mesh_stats(table, chain, keys, th, ref, ag, norm, any_)
-        used: BoolArray = np.asarray(ag.any(axis=1), dtype=bool)
-        change, se, lower = _guard(better, worse, n, np.where(used, zg, z),
-                                   np.where(used, _PSEUDO_GATE, _PSEUDO))
-        tested += th.shape[0]
-        ok: BoolArray = (lower >= -max_drop - 1e-12) & (cost < ref_cost)
-        if not ok.any():
-            continue
-        masked = np.where(ok, cost, math.inf)
-        g = int(np.lexsort((-lower, masked))[0])
-        key = (float(cost[g]), -float(lower[g]))
-        if best is None or key < best:
-            best = key
-            chosen = _prune(Setting(chain, keys, tuple(tuple(float(t) for t in row)
-                                                       for row in th[g]),
-                                    tuple(bool(x) for x in ag[g]) if used[g] else (),
-                                    norm if used[g] else "",
-                                    "any" if any_ and used[g] else "all"))
-            stats = (float(change[g]), float(se[g]), float(lower[g]),
-                     float(zg if used[g] else z))
-    if best is None:
-        return (_Choice(setting=alone, passed=False, tested=tested,
+        risk = _expected_loss(table, chain, keys, ref, norm if gate else "")
+        cost, better, worse, loss = _mesh_stats(table, chain, keys, th, ref, ag, norm, any_,
+                                                risk)
+        blocks.append((chain, th, ag))
+        stats.append((cost, better, worse, loss, ag.any(axis=1).astype(float),
+                      np.full(th.shape[0], len(blocks) - 1.0), np.arange(th.shape[0],
+                                                                        dtype=float)))
+    if not blocks:
+        return (_Choice(setting=alone, passed=False, tested=0,
+                        reason="no rung is cheap enough to cascade from"), ref, every, none)
+    cost, better, worse, loss, used_f, block, row = (np.concatenate(x) for x in zip(*stats,
+                                                                                     strict=True))
+    used: BoolArray = used_f > 0
+    front = np.concatenate([np.nonzero(used == fam)[0][
+        _frontier_of_model(loss[used == fam], cost[used == fam], ref_cost)]
+        for fam in (False, True)])
+    change, se, lower = _guard(better[front], worse[front], n, np.where(used[front], zg, z),
+                               np.where(used[front], _PSEUDO_GATE, _PSEUDO))
+    ok: BoolArray = lower >= -max_drop - 1e-12
+    if not ok.any():
+        return (_Choice(setting=alone, passed=False, tested=int(front.size),
                         reason=f"no cascade setting kept the guarded accuracy change (estimate "
                                f"- {z:.2f} standard errors) above -{max_drop:g} on "
                                f"{n} cases"), ref, every, none)
-    return (_Choice(setting=chosen, passed=True, tested=tested, reason="passed",
-                    change=stats[0], stderr=stats[1], lower=stats[2], z=stats[3]),
-            ref, every, none)
+    g = int(np.lexsort((-lower, np.where(ok, cost[front], math.inf)))[0])
+    i = int(front[g])
+    chain, th, ag = blocks[int(block[i])]
+    r = int(row[i])
+    chosen = _prune(Setting(chain, keys, tuple(tuple(float(t) for t in rw) for rw in th[r]),
+                            tuple(bool(x) for x in ag[r]) if used[i] else (),
+                            norm if used[i] else "", "any" if any_ and used[i] else "all"))
+    return (_Choice(setting=chosen, passed=True, tested=int(front.size), reason="passed",
+                    change=float(change[g]), stderr=float(se[g]), lower=float(lower[g]),
+                    z=float(zg if used[i] else z)), ref, every, none)
 
 
 def _choose_budget(table: OutcomeTable, *, max_cost: float, select_frac: float,
@@ -768,7 +851,7 @@ def _shift(table: OutcomeTable, *, max_drop: float, delta: float, seed: int,
 
 
 def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = 0.1,
-           agreement: str = "all", z_gate: float | None = None) -> tuple[Setting, int]:
+           agreement: str = "off", z_gate: float | None = None) -> tuple[Setting, int]:
     """Only the choice of :func:`tune` (setting, reference rung index), for cross-validation.
     Deterministic: it uses every case and no randomness."""
     choice, ref, _s, _c = _choose(table, max_drop=max_accuracy_drop, delta=delta,
@@ -785,7 +868,7 @@ def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float
 def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
          max_cost_usd: float | None = None, delta: float = 0.1, select_frac: float = 0.4,
          seed: int = 0, shift: bool = True, bootstrap: int = 1000,
-         agreement: str = "all") -> TuneResult:
+         agreement: str = "off") -> TuneResult:
     """Tune ``table``; see the module docstring for the method.
 
     ``max_accuracy_drop`` (default) asks for the cheapest setting whose net accuracy change,
@@ -886,10 +969,10 @@ def _report(table: OutcomeTable, setting: Setting, ref: int, right: BoolArray,
                       {"max_accuracy_drop": max_accuracy_drop, "delta": delta}),
         "method": ("most accurate setting under the cost cap: isotonic risk path on a selection "
                    "split, accuracy measured on a calibration split" if max_cost_usd is not None
-                   else "cheapest setting on a fixed label-free grid of per-rung thresholds "
-                        "(optionally gated on agreeing with the previous rung) whose net "
-                        "accuracy change minus z paired standard errors stays above "
-                        "-max_accuracy_drop"),
+                   else "cheapest setting on the frontier of an isotonic loss model over a "
+                        "fixed label-free grid of per-rung thresholds (optionally gated on "
+                        "agreeing with the previous rung) whose net accuracy change minus z "
+                        "paired standard errors stays above -max_accuracy_drop"),
         "split": {"selection": int(table.n - cal.size), "calibration": int(cal.size)},
         "reference": {"rung": table.rungs[ref].label, "accuracy": float(acc[ref]),
                       "mean_cost_usd": float(mc[ref])},
@@ -921,8 +1004,8 @@ def _report(table: OutcomeTable, setting: Setting, ref: int, right: BoolArray,
                 "meaning": "an estimate, not a guarantee: the drop on new questions of the "
                            "suite's mix is at most certified_max_drop at about 1 - delta "
                            "confidence by a normal approximation for this one setting; choosing "
-                           "it among many makes the in-sample estimate optimistic, which the "
-                           "margin is sized to absorb (checked by cross-validation in "
+                           "it among the frontier makes the in-sample estimate optimistic, which "
+                           "the margin is sized to absorb (checked by cross-validation in "
                            "bench/tuning.py)"},
         },
         "single_rungs": [{"rung": r.label, "accuracy": float(acc[j]),
@@ -1207,6 +1290,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=float, default=0.1,
                         help="the guard's one-sided level: the margin is z(1 - delta) standard "
                              "errors of the accuracy change (default 0.1)")
+    parser.add_argument("--agreement", choices=("off", "all"), default="off",
+                        help="all: a rung may also have to agree with the previous one (the "
+                             "agreement gate; riskier on small suites, see the README)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="where to write TUNED.toml")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -1218,7 +1304,7 @@ def run(ns: argparse.Namespace) -> int:
     config = load_config(ns.config) if ns.config else None
     table = load_outcome_table(ns.suites, config)
     result = tune(table, max_accuracy_drop=ns.max_accuracy_drop, max_cost_usd=ns.max_cost_usd,
-                  delta=ns.delta, seed=ns.seed)
+                  delta=ns.delta, seed=ns.seed, agreement=ns.agreement)
     header = (f"Tuned by `cascade tune` on {table.n} cases ({table.source}).\n"
               f"Recommendation: {result.report['recommendation']['describe']}")
     text = to_toml(result.config, header=header)

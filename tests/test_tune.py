@@ -17,6 +17,8 @@ from cascade.suite import OutcomeTable
 from cascade.tune import (
     Setting,
     _candidates,
+    _expected_loss,
+    _frontier_of_model,
     _guard,
     _mesh,
     _mesh_stats,
@@ -211,7 +213,7 @@ def test_block_statistics_match_the_simulation() -> None:
     chain = (0, 2, 3)
     th = _mesh(t, chain, ("confidence",))
     assert th.shape == (81, 2, 1)  # 9 fixed levels per early rung, labels never consulted
-    cost, better, worse = _mesh_stats(t, chain, ("confidence",), th, 3)
+    cost, better, worse, _ = _mesh_stats(t, chain, ("confidence",), th, 3)
     rr = t.correct[:, 3]
     for g in (0, 17, 40, 80):
         right, c, _ = simulate(t, Setting(chain, ("confidence",),
@@ -291,7 +293,7 @@ def test_agreement_gate_is_simulated_as_the_engine_runs_it() -> None:
     # block statistics agree with the simulation, gates included
     th, ag = _candidates(t, (0, 1, 2), ("confidence",), gate=True)
     assert ag[:, 1].any() and not ag[:, 0].any()  # the first rung has nothing to agree with
-    cst, better, worse = _mesh_stats(t, (0, 1, 2), ("confidence",), th, 2, ag, "choice")
+    cst, better, worse, _ = _mesh_stats(t, (0, 1, 2), ("confidence",), th, 2, ag, "choice")
     rr = t.correct[:, 2]
     for g in (0, len(th) // 3, len(th) - 1):
         sg = Setting((0, 1, 2), ("confidence",), tuple(tuple(r) for r in th[g].tolist()),
@@ -303,8 +305,8 @@ def test_agreement_gate_is_simulated_as_the_engine_runs_it() -> None:
 
 def test_agreement_gate_chosen_when_it_truly_helps_and_written_runnable(tmp_path: Path) -> None:
     t = _witness_table(3000, 1)
-    assert select(t, agreement="off")[0] == Setting((2,))  # confidences alone say nothing
-    res = tune(t, max_accuracy_drop=0.01, shift=False, bootstrap=100)
+    assert select(t)[0] == Setting((2,))  # by default the gate is off: confidences say nothing
+    res = tune(t, max_accuracy_drop=0.01, shift=False, bootstrap=100, agreement="all")
     s = res.setting
     assert s.chain == (0, 1, 2) and s.agree == (False, True)
     # the truth: accepted b answers are right with P = .3 / .32 against the reference's .85
@@ -326,7 +328,7 @@ def test_agreement_gate_chosen_when_it_truly_helps_and_written_runnable(tmp_path
 def test_guard_keeps_noise_agreement_out() -> None:
     """Agreement that says nothing must not earn a cascade on a few hundred cases, however
     many gate patterns are tried."""
-    gated = sum(bool(select(_witness_table(300, seed, informative=False))[0].agree)
+    gated = sum(bool(select(_witness_table(300, seed, informative=False), agreement="all")[0].agree)
                 for seed in range(10))
     assert gated <= 1
 
@@ -354,3 +356,57 @@ def test_tuning_benchmark_prints_its_table() -> None:
     ours = row.split("|")[1].split()
     assert ours[-1] == "yes" and float(ours[1].rstrip("%")) > 0
     assert "promise held" in out and "timing on 10,000" in out
+
+
+def _many_rungs(n: int, seed: int) -> OutcomeTable:
+    """Three cheap rungs, each right with probability equal to its confidence, and a top rung
+    right 85% of the time, all independent: many threshold combinations, few of them safe."""
+    rng = np.random.default_rng(seed)
+    s = rng.random((n, 4))
+    s[:, 3] = 0.0
+    correct = rng.random((n, 4)) < np.column_stack([s[:, :3], np.full(n, 0.85)])
+    return _table(correct, np.tile([0.01, 0.02, 0.05, 1.0], (n, 1)), s)
+
+
+def test_promise_holds_on_fresh_cases_with_many_rungs() -> None:
+    """Tuned on 300 cases, measured on 100,000 fresh ones from the same source: the tuned
+    setting keeps the 1-point promise nearly always, where the plain grid search (the cheapest
+    of many combinations that kept it on the 300) breaks it most of the time."""
+    fresh = _many_rungs(100_000, 999)
+    top = fresh.correct[:, 3].mean()
+    ours_fail = grid_fail = cascades = 0
+    runs = 12
+    for seed in range(runs):
+        t = _many_rungs(300, seed)
+        setting, _ = select(t, max_accuracy_drop=0.01)
+        cascades += len(setting.chain) > 1
+        ours_fail += simulate(fresh, setting)[0].mean() - top < -0.01
+        grid = grid_search_baseline(t, max_drop=0.01)
+        grid_fail += simulate(fresh, grid)[0].mean() - top < -0.01
+    assert ours_fail <= 2
+    assert grid_fail >= ours_fail + 4
+    assert cascades >= runs // 2  # and it still cascades: the gains pay for some losses
+
+
+def test_model_loss_and_frontier() -> None:
+    """The block statistics' expected loss is the model's risk at each case's exit, and the
+    frontier keeps exactly the settings cheaper than every one the model rates safer."""
+    t = _many_rungs(400, 5)
+    chain = (0, 1, 3)
+    th = _mesh(t, chain, ("confidence",))
+    risk = _expected_loss(t, chain, ("confidence",), 3)
+    assert np.all(risk[0][:, -1] == 0)  # the reference itself loses nothing against itself
+    s0 = t.scores["confidence"][:, 0]
+    hi, lo = risk[0][s0 > 0.9, 0].mean(), risk[0][s0 < 0.3, 0].mean()
+    assert hi < lo  # a confident cheap answer is expected to lose less
+    cost, _b, _w, loss = _mesh_stats(t, chain, ("confidence",), th, 3, risk=risk)
+    for g in (0, len(th) // 2, len(th) - 1):
+        sg = Setting(chain, ("confidence",), tuple(tuple(r) for r in th[g].tolist()))
+        _r, _c, ex = simulate(t, sg)
+        assert loss[g] == pytest.approx(risk[0][np.arange(t.n), ex].mean())
+    front = _frontier_of_model(loss, cost, 1.0)
+    on = np.zeros(len(cost), dtype=bool)
+    on[front] = True
+    for i in range(len(cost)):
+        safer = (loss < loss[i]) | ((loss == loss[i]) & (cost < cost[i]))
+        assert on[i] == bool(cost[i] < min(1.0, cost[safer].min(initial=math.inf)))
