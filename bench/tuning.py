@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from cascade.suite import OutcomeTable, load_shared_outcomes  # noqa: E402
 from cascade.tune import (  # noqa: E402
+    Setting,
     _candidates,
     _chains,
     _mesh_stats,
@@ -40,6 +41,17 @@ from cascade.tune import (  # noqa: E402
 )
 
 DATA = REPO.parent / "shared" / "data" / "cascades"
+
+
+def fit(table: OutcomeTable, method: str, *, drop: float, delta: float = 0.1,
+        agreement: str = "off", z_gate: float | None = None) -> tuple[Setting, int]:
+    """The setting ``method`` (``"ours"`` or ``"grid"``) tunes on ``table``, and the reference
+    rung (the most accurate on ``table``) its promise is measured against."""
+    if method == "ours":
+        return select(table, max_accuracy_drop=drop, delta=delta, agreement=agreement,
+                      z_gate=z_gate)
+    mc, acc = table.cost.mean(0), table.correct.mean(0)
+    return grid_search_baseline(table, max_drop=drop), int(np.lexsort((mc, -acc))[0])
 
 
 def _cv(table: OutcomeTable, method: str, *, folds: int, seed: int, drop: float,
@@ -57,13 +69,8 @@ def _cv(table: OutcomeTable, method: str, *, folds: int, seed: int, drop: float,
     for f in range(folds):
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
         ttr, tte = table.take(tr), table.take(te)
-        if method == "ours":
-            setting, ref = select(ttr, max_accuracy_drop=drop, delta=delta,
-                                  agreement=agreement, z_gate=z_gate)
-        else:
-            setting = grid_search_baseline(ttr, max_drop=drop)
-            mc, acc = ttr.cost.mean(0), ttr.correct.mean(0)
-            ref = int(np.lexsort((mc, -acc))[0])
+        setting, ref = fit(ttr, method, drop=drop, delta=delta, agreement=agreement,
+                           z_gate=z_gate)
         cascades += len(setting.chain) > 1
         gated += bool(setting.agree)
         r, c, _ = simulate(tte, setting)

@@ -410,3 +410,21 @@ def test_model_loss_and_frontier() -> None:
     for i in range(len(cost)):
         safer = (loss < loss[i]) | ((loss == loss[i]) & (cost < cost[i]))
         assert on[i] == bool(cost[i] < min(1.0, cost[safer].min(initial=math.inf)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared recorded outcomes not found at {SHARED}")
+def test_shift_benchmark_prints_its_table() -> None:
+    """``bench/tuning_shift.py`` runs all three shifts for both methods and counts the rows."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "bench" / "tuning_shift.py"), "--seeds", "1"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = [line for line in out.splitlines() if " | " in line and "shift" not in line[:30]]
+    kinds = {k: sum(k in r for r in rows) for k in ("unseen subjects", "skewed traffic",
+                                                    "unseen benchmark")}
+    assert kinds == {"unseen subjects": 2, "skewed traffic": 2, "unseen benchmark": 10}
+    total = sum(kinds.values())
+    assert "promise held under shift: ours " in out and f"/{total}, grid search " in out
