@@ -714,23 +714,19 @@ def _choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: st
     families = sum(2 ** max(len(c) - 2, 0) - 1 for c in chains)
     zg = z_value(delta / max(families, 1)) if z_gate is None else z_gate
     ref_cost = float(mean_cost[ref])
-    blocks: list[tuple[tuple[int, ...], FloatArray, BoolArray]] = []
-    stats: list[tuple[FloatArray, ...]] = []
+    blocks = []
     for chain in chains:
         th, ag = _candidates(table, chain, keys, gate=gate and len(chain) > 2, any_=any_)
         risk = _expected_loss(table, chain, keys, ref, norm if gate else "")
-        cost, better, worse, loss = _mesh_stats(table, chain, keys, th, ref, ag, norm, any_,
-                                                risk)
-        blocks.append((chain, th, ag))
-        stats.append((cost, better, worse, loss, ag.any(axis=1).astype(float),
-                      np.full(th.shape[0], len(blocks) - 1.0), np.arange(th.shape[0],
-                                                                        dtype=float)))
+        blocks.append((chain, th, ag,
+                       _mesh_stats(table, chain, keys, th, ref, ag, norm, any_, risk)))
     if not blocks:
         return (_Choice(setting=alone, passed=False, tested=0,
                         reason="no rung is cheap enough to cascade from"), ref, every, none)
-    cost, better, worse, loss, used_f, block, row = (np.concatenate(x) for x in zip(*stats,
-                                                                                     strict=True))
-    used: BoolArray = used_f > 0
+    # every candidate of every chain in one row; ``start`` maps a row back to its chain
+    cost, better, worse, loss = (np.concatenate([b[3][k] for b in blocks]) for k in range(4))
+    used: BoolArray = np.concatenate([b[2].any(axis=1) for b in blocks])
+    start = np.cumsum([0] + [b[1].shape[0] for b in blocks])
     front = np.concatenate([np.nonzero(used == fam)[0][
         _frontier_of_model(loss[used == fam], cost[used == fam], ref_cost)]
         for fam in (False, True)])
@@ -744,8 +740,9 @@ def _choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: st
                                f"{n} cases"), ref, every, none)
     g = int(np.lexsort((-lower, np.where(ok, cost[front], math.inf)))[0])
     i = int(front[g])
-    chain, th, ag = blocks[int(block[i])]
-    r = int(row[i])
+    k = int(np.searchsorted(start, i, side="right")) - 1
+    chain, th, ag, _stats = blocks[k]
+    r = i - int(start[k])
     chosen = _prune(Setting(chain, keys, tuple(tuple(float(t) for t in rw) for rw in th[r]),
                             tuple(bool(x) for x in ag[r]) if used[i] else (),
                             norm if used[i] else "", "any" if any_ and used[i] else "all"))
