@@ -112,7 +112,7 @@ async def test_sends_request_and_maps_reply(openai_server: LoopbackServer) -> No
     assert req.json["model"] == "gpt-test"
     assert req.json["messages"] == [{"role": "system", "content": "Be brief."},
                                     {"role": "user", "content": "What is 2+2?"}]
-    assert req.json["max_tokens"] == 64
+    assert req.json["max_completion_tokens"] == 64 and "max_tokens" not in req.json
     assert req.json["temperature"] == 0.3
     assert req.json["stop"] == ["\n\n"]
     assert "logprobs" not in req.json and "response_format" not in req.json
@@ -212,6 +212,23 @@ async def test_concurrent_calls_share_one_provider(openai_server: LoopbackServer
 # ---------------------------------------------------------------- structured output (instructor)
 
 
+async def test_token_limit_and_temperature_by_server_and_model(
+    openai_server: LoopbackServer,
+) -> None:
+    """Compatible servers get ``max_tokens``; OpenAI's reasoning models get no temperature
+    (they refuse any but the default) while its other models keep theirs."""
+    for _ in range(3):
+        openai_server.queue(Reply(json=openai_chat("4")))
+    await complete(openai_server, call(temperature=0.2), provider="openai-compatible")
+    await complete(openai_server, call(model="o4-mini", temperature=0.2))
+    await complete(openai_server, call(model="gpt-4o-mini", temperature=0.2))
+    compatible, reasoning, chat = (r.json for r in openai_server.requests)
+    assert compatible["max_tokens"] == 64 and "max_completion_tokens" not in compatible
+    assert compatible["temperature"] == 0.2
+    assert reasoning["max_completion_tokens"] == 64 and "temperature" not in reasoning
+    assert chat["max_completion_tokens"] == 64 and chat["temperature"] == 0.2
+
+
 async def test_structured_output_valid(openai_server: LoopbackServer) -> None:
     openai_server.queue(Reply(json=openai_tool_chat(
         "Pet", json.dumps({"name": "Rex", "age": 3}), prompt_tokens=30, completion_tokens=9
@@ -224,7 +241,7 @@ async def test_structured_output_valid(openai_server: LoopbackServer) -> None:
     assert (done.input_tokens, done.output_tokens) == (30, 9)
     sent = openai_server.requests[0].json
     assert sent["tools"][0]["function"]["name"] == "Pet"
-    assert sent["max_tokens"] == 64
+    assert sent["max_completion_tokens"] == 64
     assert len(openai_server.requests) == 1
 
 

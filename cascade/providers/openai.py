@@ -66,7 +66,7 @@ class OpenAIProvider(Provider):
     async def complete(self, call: ModelCall) -> Completion:
         client = self._get_client()
         where = self._where(call)
-        kwargs = _request(call)
+        kwargs = _request(call, official=self.rung.provider == "openai")
 
         create = guarded(client.chat.completions.create, openai, secret=self._key,
                          where=where, check=_read)
@@ -97,14 +97,22 @@ class OpenAIProvider(Provider):
             await client.close()
 
 
-def _request(call: ModelCall) -> dict[str, Any]:
+_REASONING = re.compile(r"^(o\d+(-|$)|gpt-5(?!-chat))")
+"""OpenAI models that take only the default temperature (o1, o3, o4-mini, gpt-5 ...)."""
+
+
+def _request(call: ModelCall, *, official: bool) -> dict[str, Any]:
+    """The request body. OpenAI's own API takes ``max_completion_tokens`` (its reasoning models
+    refuse ``max_tokens``, and they refuse any but the default temperature); compatible servers
+    (vLLM, Ollama, llama.cpp, LM Studio) all know ``max_tokens``."""
     kwargs: dict[str, Any] = {
         "model": call.model,
         "messages": [m.to_dict() for m in call.messages],
-        "max_tokens": call.max_tokens,
-        "temperature": call.temperature,
+        "max_completion_tokens" if official else "max_tokens": call.max_tokens,
         "timeout": call.timeout_s,
     }
+    if not (official and _REASONING.match(call.model)):
+        kwargs["temperature"] = call.temperature
     if call.stop:
         kwargs["stop"] = list(call.stop)
     if call.logprobs:
