@@ -440,7 +440,10 @@ class _Choice:
     setting: Setting
     passed: bool
     tested: int
+    """Settings the guard judged (the model's frontier)."""
     reason: str
+    candidates: int = 0
+    """Settings the model ranked."""
     change: float = 0.0
     """Net accuracy change against the reference on the suite (estimate)."""
     stderr: float = 0.0
@@ -735,6 +738,7 @@ def _choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: st
     ok: BoolArray = lower >= -max_drop - 1e-12
     if not ok.any():
         return (_Choice(setting=alone, passed=False, tested=int(front.size),
+                        candidates=int(cost.size),
                         reason=f"no cascade setting kept the guarded accuracy change (estimate "
                                f"- {z:.2f} standard errors) above -{max_drop:g} on "
                                f"{n} cases"), ref, every, none)
@@ -746,7 +750,8 @@ def _choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: st
     chosen = _prune(Setting(chain, keys, tuple(tuple(float(t) for t in rw) for rw in th[r]),
                             tuple(bool(x) for x in ag[r]) if used[i] else (),
                             norm if used[i] else "", "any" if any_ and used[i] else "all"))
-    return (_Choice(setting=chosen, passed=True, tested=int(front.size), reason="passed",
+    return (_Choice(setting=chosen, passed=True, tested=int(front.size),
+                    candidates=int(cost.size), reason="passed",
                     change=float(change[g]), stderr=float(se[g]), lower=float(lower[g]),
                     z=float(zg if used[i] else z)), ref, every, none)
 
@@ -983,6 +988,7 @@ def _report(table: OutcomeTable, setting: Setting, ref: int, right: BoolArray,
             "describe": setting.describe(table),
             "exit_rate": {lab: float(x) for lab, x in zip(chain_labels, exits, strict=True)},
             "tested_settings": choice.tested,
+            "candidate_settings": choice.candidates,
             "passed_test": choice.passed,
         },
         "expected": {
@@ -1253,6 +1259,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"{e['cost_saving']['interval_90'][0] * 100:.1f} … "
         f"{e['cost_saving']['interval_90'][1] * 100:.1f})",
     ]
+    if rec.get("candidate_settings"):
+        lines.append(f"  chosen among {rec['tested_settings']} settings on the loss model's "
+                     f"frontier, of {rec['candidate_settings']} candidates")
     if rec["kind"] == "cascade" and "delta" in report["objective"]:
         g = e["guard"]
         lines.append(f"  guard: estimated change {g['accuracy_change'] * 100:+.2f} pts, "

@@ -129,6 +129,8 @@ def test_recommends_a_cascade_when_it_is_safe_and_reports(tmp_path: Path) -> Non
     rep = res.report
     assert rep["recommendation"]["kind"] == "cascade"
     assert rep["recommendation"]["rungs"] == ["a", "b"]
+    assert 0 < rep["recommendation"]["tested_settings"] < rep["recommendation"][
+        "candidate_settings"]
     e = rep["expected"]
     assert e["cost_saving"]["estimate"] > 0.5
     lo, hi = e["accuracy"]["interval_90"]
