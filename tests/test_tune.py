@@ -430,3 +430,29 @@ def test_shift_benchmark_prints_its_table() -> None:
     assert kinds == {"unseen subjects": 2, "skewed traffic": 2, "unseen benchmark": 10}
     total = sum(kinds.values())
     assert "promise held under shift: ours " in out and f"/{total}, grid search " in out
+
+
+def test_model_with_two_scoring_verifiers() -> None:
+    """With two scores per rung the model ranks by the lower of their quantiles; the loss the
+    block statistics report is still the model's risk at each case's exit, and the choice
+    runs end to end."""
+    rng = np.random.default_rng(11)
+    n = 2000
+    t = _many_rungs(n, 11)
+    judge = np.clip(t.scores["confidence"] + rng.normal(0, 0.1, t.scores["confidence"].shape),
+                    0, 1)
+    judge[:, 3] = math.inf  # the judge does not judge the top rung
+    t = replace(t, scores={"confidence": t.scores["confidence"], "judge": judge})
+    keys = ("confidence", "judge")
+    chain = (0, 2, 3)
+    th = _mesh(t, chain, keys)
+    risk = _expected_loss(t, chain, keys, 3)
+    cost, _b, _w, loss = _mesh_stats(t, chain, keys, th, 3, risk=risk)
+    for g in (1, len(th) // 3, len(th) - 2):
+        sg = Setting(chain, keys, tuple(tuple(r) for r in th[g].tolist()))
+        _r, c, ex = simulate(t, sg)
+        assert loss[g] == pytest.approx(risk[0][np.arange(n), ex].mean())
+        assert cost[g] == pytest.approx(c.mean())
+    setting, ref = select(t, max_accuracy_drop=0.01)
+    assert ref == 3 and setting.chain[-1] == 3
+    assert len(setting.chain) == 1 or setting.keys == keys
