@@ -35,6 +35,7 @@ from cascade.tune import (  # noqa: E402
     _chains,
     _mesh_stats,
     grid_search_baseline,
+    reference_rung,
     select,
     simulate,
     tune,
@@ -50,8 +51,7 @@ def fit(table: OutcomeTable, method: str, *, drop: float, delta: float = 0.1,
     if method == "ours":
         return select(table, max_accuracy_drop=drop, delta=delta, agreement=agreement,
                       z_gate=z_gate)
-    mc, acc = table.cost.mean(0), table.correct.mean(0)
-    return grid_search_baseline(table, max_drop=drop), int(np.lexsort((mc, -acc))[0])
+    return grid_search_baseline(table, max_drop=drop), reference_rung(table)
 
 
 def _cv(table: OutcomeTable, method: str, *, folds: int, seed: int, drop: float,
@@ -91,8 +91,8 @@ def _ceiling(table: OutcomeTable, drop: float, gate: bool) -> list[float]:
     change stays within ``drop`` less each of :data:`MARGINS`. A tuner that must hold the
     promise on unseen cases needs some margin: the held-out noise of a change on 300 cases is
     itself 0.5–1 point."""
-    mc, acc = table.cost.mean(0), table.correct.mean(0)
-    ref = int(np.lexsort((mc, -acc))[0])
+    mc = table.cost.mean(0)
+    ref = reference_rung(table)
     keys = tuple(sorted(table.scores))
     norm = table.agreement_normaliser or ""
     gate = gate and norm in table.agreement

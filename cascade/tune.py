@@ -89,6 +89,7 @@ __all__ = [
     "TuneResult",
     "add_arguments",
     "grid_search_baseline",
+    "reference_rung",
     "run",
     "select",
     "simulate",
@@ -362,6 +363,12 @@ def _path(table: OutcomeTable, chain: Sequence[int], ref: int, keys: Sequence[st
                 elif np.all(np.isinf(table.scores[key][:, early[p]])):
                     out[g, p, v] = -math.inf  # this verifier does not judge this rung
     return out
+
+
+def reference_rung(table: OutcomeTable) -> int:
+    """The best single rung: the most accurate on the suite, the cheaper on a tie. Every promise
+    the tuner makes is measured against it."""
+    return int(np.lexsort((table.cost.mean(axis=0), -table.correct.mean(axis=0)))[0])
 
 
 def _chains(order: Sequence[int], ref: int, mean_cost: FloatArray) -> list[tuple[int, ...]]:
@@ -699,8 +706,7 @@ def _choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: st
     """
     n = table.n
     mean_cost = table.cost.mean(axis=0)
-    acc = table.correct.mean(axis=0)
-    ref = int(np.lexsort((mean_cost, -acc))[0])
+    ref = reference_rung(table)
     keys = _scoring_keys(table)
     every = np.arange(n, dtype=np.int64)
     none = np.zeros(0, dtype=np.int64)
@@ -761,8 +767,7 @@ def _choose_budget(table: OutcomeTable, *, max_cost: float, select_frac: float,
     """The most accurate setting whose mean cost stays under ``max_cost`` (90% upper bound)."""
     n = table.n
     mean_cost = table.cost.mean(axis=0)
-    acc = table.correct.mean(axis=0)
-    ref = int(np.lexsort((mean_cost, -acc))[0])
+    ref = reference_rung(table)
     keys = _scoring_keys(table)
     perm = rng.permutation(n)
     n_sel = round(n * select_frac)
@@ -1061,7 +1066,7 @@ def grid_search_baseline(table: OutcomeTable, *, max_drop: float = 0.01,
     keys = _scoring_keys(table)[:1]
     mc = table.cost.mean(axis=0)
     acc = table.correct.mean(axis=0)
-    ref = int(np.lexsort((mc, -acc))[0])
+    ref = reference_rung(table)
     best = Setting((ref,))
     best_cost = float(mc[ref])
     if not keys:
