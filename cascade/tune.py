@@ -304,30 +304,52 @@ def _loss_at(curve: _RiskCurve | None, s: FloatArray, fallback: float) -> FloatA
     return np.asarray(curve.risk[np.clip(idx, 0, None)], dtype=float)
 
 
-def _expected_loss(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], ref: int,
-                   normaliser: str = "") -> tuple[FloatArray, FloatArray]:
+class _LossModel:
     """The model the frontier is drawn from: per case and chain position, the expected net
     accuracy loss against the reference of accepting that rung's answer, a non-increasing
     step function of its score fitted on every case (isotonic). A handful of steps per rung
     stand in for one noisy count per setting, so settings that only look good by luck on
-    these cases do not reach the frontier. ``normaliser``: also fit, on the cases that agree
-    with the previous rung in the chain, the loss of a gated acceptance."""
-    ch = list(chain)
-    n = table.n
-    plain = np.zeros((n, len(ch)))
-    gated = np.zeros((n, len(ch)))
-    ref_right = table.correct[:, ref].astype(float)
-    for p, j in enumerate(ch):
-        if j == ref:
-            continue
-        d = ref_right - table.correct[:, j]
-        s = _rung_score(table, keys, j)
-        plain[:, p] = _loss_at(_risk_curve(s, d), s, float(d.mean()))
-        agree = table.agrees(j, ch[p - 1], normaliser) if normaliser and p > 0 else None
-        if agree is not None:
-            fallback = float(d[agree].mean()) if agree.any() else 1.0
-            gated[:, p] = _loss_at(_risk_curve(np.where(agree, s, np.nan), d), s, fallback)
-    return plain, gated
+    these cases do not reach the frontier. With a ``normaliser`` it also fits, on the cases
+    that agree with the previous rung, the loss of a gated acceptance. A rung's fit does not
+    depend on the chain, so each is made once and shared by every chain it appears in."""
+
+    def __init__(self, table: OutcomeTable, keys: Sequence[str], ref: int,
+                 normaliser: str = "") -> None:
+        self._table, self._keys, self._ref, self._norm = table, keys, ref, normaliser
+        self._ref_right = table.correct[:, ref].astype(float)
+        self._plain: dict[int, FloatArray] = {}
+        self._gated: dict[tuple[int, int], FloatArray] = {}
+
+    def _fit(self, j: int, agree: BoolArray | None) -> FloatArray:
+        d = self._ref_right - self._table.correct[:, j]
+        s = _rung_score(self._table, self._keys, j)
+        if agree is None:
+            return _loss_at(_risk_curve(s, d), s, float(d.mean()))
+        fallback = float(d[agree].mean()) if agree.any() else 1.0
+        return _loss_at(_risk_curve(np.where(agree, s, np.nan), d), s, fallback)
+
+    def columns(self, chain: Sequence[int]) -> tuple[FloatArray, FloatArray]:
+        """(plain, gated), each (n, len(chain)): the loss of accepting at each position on the
+        rung's own verdicts, and when gated on agreeing with the position before."""
+        n = self._table.n
+        plain = np.zeros((n, len(chain)))
+        gated = np.zeros((n, len(chain)))
+        for p, j in enumerate(chain):
+            if j == self._ref:
+                continue
+            if j not in self._plain:
+                self._plain[j] = self._fit(j, None)
+            plain[:, p] = self._plain[j]
+            if not (self._norm and p > 0):
+                continue
+            pair = (j, chain[p - 1])
+            if pair not in self._gated:
+                agree = self._table.agrees(j, chain[p - 1], self._norm)
+                if agree is None:
+                    continue
+                self._gated[pair] = self._fit(j, agree)
+            gated[:, p] = self._gated[pair]
+        return plain, gated
 
 
 def _path(table: OutcomeTable, chain: Sequence[int], ref: int, keys: Sequence[str],
@@ -723,10 +745,11 @@ def _choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: st
     families = sum(2 ** max(len(c) - 2, 0) - 1 for c in chains)
     zg = z_value(delta / max(families, 1)) if z_gate is None else z_gate
     ref_cost = float(mean_cost[ref])
+    model = _LossModel(table, keys, ref, norm if gate else "")
     blocks = []
     for chain in chains:
         th, ag = _candidates(table, chain, keys, gate=gate and len(chain) > 2, any_=any_)
-        risk = _expected_loss(table, chain, keys, ref, norm if gate else "")
+        risk = model.columns(chain)
         blocks.append((chain, th, ag,
                        _mesh_stats(table, chain, keys, th, ref, ag, norm, any_, risk)))
     if not blocks:

@@ -17,9 +17,9 @@ from cascade.suite import OutcomeTable
 from cascade.tune import (
     Setting,
     _candidates,
-    _expected_loss,
     _frontier_of_model,
     _guard,
+    _LossModel,
     _mesh,
     _mesh_stats,
     grid_search_baseline,
@@ -396,7 +396,7 @@ def test_model_loss_and_frontier() -> None:
     t = _many_rungs(400, 5)
     chain = (0, 1, 3)
     th = _mesh(t, chain, ("confidence",))
-    risk = _expected_loss(t, chain, ("confidence",), 3)
+    risk = _LossModel(t, ("confidence",), 3).columns(chain)
     assert np.all(risk[0][:, -1] == 0)  # the reference itself loses nothing against itself
     s0 = t.scores["confidence"][:, 0]
     hi, lo = risk[0][s0 > 0.9, 0].mean(), risk[0][s0 < 0.3, 0].mean()
@@ -446,7 +446,7 @@ def test_model_with_two_scoring_verifiers() -> None:
     keys = ("confidence", "judge")
     chain = (0, 2, 3)
     th = _mesh(t, chain, keys)
-    risk = _expected_loss(t, chain, keys, 3)
+    risk = _LossModel(t, keys, 3).columns(chain)
     cost, _b, _w, loss = _mesh_stats(t, chain, keys, th, 3, risk=risk)
     for g in (1, len(th) // 3, len(th) - 2):
         sg = Setting(chain, keys, tuple(tuple(r) for r in th[g].tolist()))
