@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from cascade.suite import OutcomeTable, load_shared_outcomes  # noqa: E402
 from cascade.tune import (  # noqa: E402
+    FloatArray,
+    IntArray,
     Setting,
     _candidates,
     _chains,
@@ -54,31 +56,36 @@ def fit(table: OutcomeTable, method: str, *, drop: float, delta: float = 0.1,
     return grid_search_baseline(table, max_drop=drop), reference_rung(table)
 
 
-def _cv(table: OutcomeTable, method: str, *, folds: int, seed: int, drop: float,
-        delta: float, agreement: str = "off", z_gate: float | None = None
-        ) -> tuple[float, float, int, int]:
-    """Held-out accuracy change, cost saving, and numbers of folds that chose a cascade and
-    that used the agreement gate."""
-    rng = np.random.default_rng(seed)
-    fold = rng.permutation(table.n) % folds
-    right = np.zeros(table.n, dtype=bool)
-    ref_right = np.zeros(table.n, dtype=bool)
-    cost = np.zeros(table.n)
-    ref_cost = np.zeros(table.n)
+Split = list[tuple[IntArray, IntArray]]
+
+
+def case_folds(n: int, folds: int, seed: int) -> Split:
+    """Ordinary k-fold splits of ``n`` cases: (tuning, held-out) index pairs."""
+    fold = np.random.default_rng(seed).permutation(n) % folds
+    return [(np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]) for f in range(folds)]
+
+
+def held_out(table: OutcomeTable, splits: Split, method: str, *, drop: float,
+             delta: float = 0.1, agreement: str = "off", z_gate: float | None = None,
+             weight: FloatArray | None = None) -> tuple[float, float, int, int]:
+    """Tune on each split's first part, answer its second: pooled held-out accuracy change and
+    cost saving against each split's reference, and how many splits chose a cascade and used
+    the agreement gate. ``weight`` (per case of ``table``) weights the held-out cases."""
+    w = np.ones(table.n) if weight is None else weight
+    gain = total = cost = ref_cost = 0.0
     cascades = gated = 0
-    for f in range(folds):
-        tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
-        ttr, tte = table.take(tr), table.take(te)
-        setting, ref = fit(ttr, method, drop=drop, delta=delta, agreement=agreement,
-                           z_gate=z_gate)
+    for tr, te in splits:
+        setting, ref = fit(table.take(tr), method, drop=drop, delta=delta,
+                           agreement=agreement, z_gate=z_gate)
         cascades += len(setting.chain) > 1
         gated += bool(setting.agree)
-        r, c, _ = simulate(tte, setting)
-        right[te], cost[te] = r, c
-        ref_right[te], ref_cost[te] = tte.correct[:, ref], tte.cost[:, ref]
-    change = float(right.mean() - ref_right.mean())
-    saving = 1.0 - float(cost.sum() / ref_cost.sum())
-    return change, saving, cascades, gated
+        tte = table.take(te)
+        right, c, _ = simulate(tte, setting)
+        gain += float(np.sum(w[te] * (right.astype(float) - tte.correct[:, ref])))
+        total += float(w[te].sum())
+        cost += float(np.sum(w[te] * c))
+        ref_cost += float(np.sum(w[te] * tte.cost[:, ref]))
+    return gain / total, 1.0 - cost / ref_cost, cascades, gated
 
 
 MARGINS = (0.0, 0.005, 0.01)
@@ -164,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         res: dict[str, list[tuple[float, float, int, int]]] = {"ours": [], "grid": []}
         for seed in range(ns.seed_offset, ns.seed_offset + ns.seeds):
             for method in res:
-                res[method].append(_cv(table, method, folds=ns.folds, seed=seed, drop=drop,
-                                       delta=ns.delta, agreement=ns.agreement,
-                                       z_gate=ns.z_gate))
+                splits = case_folds(table.n, ns.folds, seed)
+                res[method].append(held_out(table, splits, method, drop=drop, delta=ns.delta,
+                                            agreement=ns.agreement, z_gate=ns.z_gate))
         o_ch = statistics.mean(x[0] for x in res["ours"])
         o_sv = statistics.mean(x[1] for x in res["ours"])
         o_cas = sum(x[2] for x in res["ours"]) / (ns.folds * ns.seeds)

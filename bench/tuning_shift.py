@@ -2,7 +2,7 @@
 
 The tuner promises accuracy within ``--max-accuracy-drop`` of the best single rung for questions
 *like the suite's*. Users' traffic is not the suite. On ``../shared/data/cascades``, for our
-tuner and the plain grid search, with the same ``fit`` as ``bench/tuning.py``:
+tuner and the plain grid search, evaluated by the same ``held_out`` as ``bench/tuning.py``:
 
 1. **Unseen subjects** (mmlu, 57 subjects): subjects split into 5 folds; tune on the cases of
    4, evaluate on the subjects of the fifth (× 3 seeds).
@@ -32,54 +32,27 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tuning import DATA, fit
+from tuning import DATA, Split, case_folds, held_out
 
 from cascade.suite import OutcomeTable, load_shared_outcomes
-from cascade.tune import simulate
-
-Split = list[tuple[np.ndarray, np.ndarray]]
+from cascade.tune import FloatArray, IntArray, group_folds
 
 
-def _measure(table: OutcomeTable, splits: Split, method: str, drop: float,
-             weight: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float]:
-    """Pooled held-out accuracy change and saving over ``splits`` (train, test index pairs);
-    ``weight`` gives the held-out cases' weights (default equal)."""
-    num = den = cost = ref_cost = 0.0
-    for tr, te in splits:
-        setting, ref = fit(table.take(tr), method, drop=drop)
-        tte = table.take(te)
-        right, c, _ = simulate(tte, setting)
-        w = np.ones(te.size) if weight is None else weight(te)
-        num += float(np.sum(w * (right.astype(float) - tte.correct[:, ref])))
-        den += float(w.sum())
-        cost += float(np.sum(w * c))
-        ref_cost += float(np.sum(w * tte.cost[:, ref]))
-    return num / den, 1.0 - cost / ref_cost
-
-
-def _group_folds(groups: list[str], folds: int, seed: int) -> Split:
-    names = sorted(set(groups))
-    rng = np.random.default_rng(seed)
-    fold_of = {g: i % folds for i, g in enumerate(rng.permutation(names).tolist())}
-    gi = np.array([fold_of[g] for g in groups])
+def _group_splits(groups: list[str], folds: int, seed: int) -> Split:
+    gi = group_folds(groups, folds, seed)
     return [(np.nonzero(gi != f)[0], np.nonzero(gi == f)[0]) for f in range(folds)]
 
 
-def _case_folds(n: int, folds: int, seed: int) -> Split:
-    fold = np.random.default_rng(seed).permutation(n) % folds
-    return [(np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]) for f in range(folds)]
-
-
-def _fixed(tr: np.ndarray, te: np.ndarray, _seed: int) -> Split:
+def _fixed(tr: IntArray, te: IntArray, _seed: int) -> Split:
     return [(tr, te)]
 
 
-def _zipf(groups: list[str], seed: int, s: float = 1.2) -> Callable[[np.ndarray], np.ndarray]:
+def _zipf(groups: list[str], seed: int, s: float = 1.2) -> FloatArray:
+    """Per case: its subject's weight when subjects, in a random order, get Zipf weights."""
     names = sorted(set(groups))
     order = np.random.default_rng(seed + 1000).permutation(len(names))
     w_of = {names[j]: 1.0 / (rank + 1) ** s for rank, j in enumerate(order)}
-    per_case = np.array([w_of[g] for g in groups])
-    return lambda idx: per_case[idx]
+    return np.array([w_of[g] for g in groups])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, str, dict[str, tuple[float, float]]]] = []
 
     def run(name: str, shift: str, table: OutcomeTable, splits_of: Callable[[int], Split],
-            weight_of: Callable[[int], Callable[[np.ndarray], np.ndarray]] | None = None,
+            weight_of: Callable[[int], FloatArray] | None = None,
             over: range = seeds) -> None:
         res = {}
         for method in ("ours", "grid"):
-            got = [_measure(table, splits_of(s), method, drop,
-                            None if weight_of is None else weight_of(s)) for s in over]
+            got = [held_out(table, splits_of(s), method, drop=drop,
+                            weight=None if weight_of is None else weight_of(s)) for s in over]
             res[method] = (statistics.mean(g[0] for g in got), statistics.mean(g[1] for g in got))
         rows.append((name, shift, res))
 
@@ -109,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         t = load_shared_outcomes([f])
         groups = list(t.groups)
         name = f.name.removesuffix("_train.jsonl")
-        run(name, "i.i.d. 5-fold (for comparison)", t, partial(_case_folds, t.n, 5))
-        run(name, "unseen subjects", t, partial(_group_folds, groups, 5))
-        run(name, "skewed traffic (Zipf over subjects)", t, partial(_case_folds, t.n, 5),
+        run(name, "i.i.d. 5-fold (for comparison)", t, partial(case_folds, t.n, 5))
+        run(name, "unseen subjects", t, partial(_group_splits, groups, 5))
+        run(name, "skewed traffic (Zipf over subjects)", t, partial(case_folds, t.n, 5),
             partial(_zipf, groups))
     for ladder in ("llama", "qwen_oai"):
         files = sorted(ns.data.glob(f"*_{ladder}_train.jsonl"))

@@ -89,6 +89,7 @@ __all__ = [
     "TuneResult",
     "add_arguments",
     "grid_search_baseline",
+    "group_folds",
     "reference_rung",
     "run",
     "select",
@@ -834,6 +835,15 @@ def _dominating_rung(table: OutcomeTable, right: BoolArray, cost: FloatArray) ->
     return best
 
 
+def group_folds(groups: Sequence[str], folds: int, seed: int) -> IntArray:
+    """Each case's fold when whole groups are dealt into ``folds`` at random: held-out folds
+    then hold groups the tuning never saw."""
+    names = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(names).tolist()
+    fold_of = {g: i % folds for i, g in enumerate(order)}
+    return np.array([fold_of[g] for g in groups], dtype=np.int64)
+
+
 def _shift(table: OutcomeTable, *, max_drop: float, delta: float, seed: int,
            folds: int = 5) -> dict[str, Any]:
     """Tune on some groups of cases, evaluate on the others: how the promise holds up when the
@@ -845,10 +855,8 @@ def _shift(table: OutcomeTable, *, max_drop: float, delta: float, seed: int,
         return {"available": False,
                 "reason": "the cases carry fewer than 3 groups; tag them (first tag = group) "
                           "to measure how tuning holds on an unseen mix"}
-    rng = np.random.default_rng(seed)
     k = min(folds, len(names))
-    fold_of = {g: i % k for i, g in enumerate(rng.permutation(names).tolist())}
-    gi = np.array([fold_of[g] for g in groups])
+    gi = group_folds(groups, k, seed)
     changes: list[float] = []
     savings: list[float] = []
     held: list[bool] = []
