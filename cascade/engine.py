@@ -429,7 +429,8 @@ class Cascade:
                           ) -> tuple[Attempt, Any] | None:
         """Try one rung. Returns (attempt, parsed) when its answer is accepted."""
         attempt = Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
-                          endpoint=rung.base_url or "", status="running")
+                          endpoint=rung.base_url or "", status="running",
+                          started_at=time.time())
         climb.attempts.append(attempt)
         estimate = self._estimate(rung, climb.request.messages, climb)
         remaining = climb.remaining_s()
@@ -499,7 +500,8 @@ class Cascade:
         cfg = climb.config
         top = cfg.rungs[-1]
         attempt = Attempt(rung=len(cfg.rungs) - 1, model=top.model, provider=top.provider,
-                          name=top.label, endpoint=top.base_url or "", status="shadow")
+                          name=top.label, endpoint=top.base_url or "", status="shadow",
+                          started_at=time.time())
         if climb.over_cap(self._estimate(top, climb.request.messages, climb)):
             return  # a shadow check never breaks the request's cap
         climb.attempts.append(attempt)

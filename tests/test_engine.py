@@ -17,7 +17,7 @@ from cascade import (
     VerifyContext,
     parse_config,
 )
-from tests.fakes import Script
+from cascade.testing import Script
 
 pytestmark = pytest.mark.anyio
 
@@ -197,7 +197,7 @@ def test_a_program_that_never_closes_still_exits(tmp_path: Path) -> None:
 
     script = tmp_path / "prog.py"
     script.write_text(
-        "from tests.fakes import Script\n"
+        "from cascade.testing import Script\n"
         "from cascade import Cascade\n"
         "s = Script({'m': ['hello']})\n"
         "c = Cascade.from_dict({'rungs': [{'model': 'm', 'provider': 'openai-compatible', "

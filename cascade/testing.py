@@ -1,0 +1,91 @@
+"""Test doubles that ship with the library, so tests, benchmarks and examples need no network.
+
+``FunctionProvider(fn)`` answers every call with ``fn(call)``; ``Script`` scripts replies per
+model. Both plug in through ``Cascade(config, provider_factory=...)``, our own seam, never an
+SDK's internals.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from cascade.config import RungConfig
+from cascade.errors import ProviderError
+from cascade.providers.base import Completion, ModelCall, Provider
+
+__all__ = ["FunctionProvider", "Reply", "Script", "ScriptedProvider", "completion"]
+
+Reply = str | Completion | ProviderError | Callable[[ModelCall], "str | Completion"]
+"""A scripted reply: text, a whole Completion, an error to raise, or a function of the call."""
+
+
+def completion(text: str, call: ModelCall, *, input_tokens: int = 10,
+               output_tokens: int | None = None, finish_reason: str = "stop") -> Completion:
+    """A plain reply to ``call``: ``output_tokens`` defaults to the number of words."""
+    return Completion(text=text, model=call.model, input_tokens=input_tokens,
+                      output_tokens=len(text.split()) if output_tokens is None else output_tokens,
+                      finish_reason=finish_reason)
+
+
+class FunctionProvider(Provider):
+    """A provider whose replies come from a (sync or async) function of the call."""
+
+    name = "function"
+
+    def __init__(self, fn: Callable[[ModelCall], str | Completion | Awaitable[str | Completion]]
+                 ) -> None:
+        self.fn = fn
+        self.calls: list[ModelCall] = []
+
+    async def complete(self, call: ModelCall) -> Completion:
+        self.calls.append(call)
+        out = self.fn(call)
+        if inspect.isawaitable(out):
+            out = await out
+        return completion(out, call) if isinstance(out, str) else out
+
+    def factory(self, rung: RungConfig) -> Provider:
+        """Use as ``provider_factory``: every rung answers through this one function."""
+        return self
+
+
+@dataclass
+class Script:
+    """Replies per model name; each call pops the next reply (the last one repeats)."""
+
+    replies: dict[str, list[Reply]] = field(default_factory=dict)
+    calls: list[tuple[str, ModelCall]] = field(default_factory=list)
+
+    def factory(self, rung: RungConfig) -> Provider:
+        """Use as ``provider_factory``."""
+        return ScriptedProvider(self, rung)
+
+    def count(self, model: str) -> int:
+        """How many calls went to ``model``."""
+        return sum(1 for m, _ in self.calls if m == model)
+
+
+class ScriptedProvider(Provider):
+    """One rung's view of a :class:`Script`."""
+
+    name = "scripted"
+
+    def __init__(self, script: Script, rung: RungConfig) -> None:
+        self.script = script
+        self.rung = rung
+
+    async def complete(self, call: ModelCall) -> Completion:
+        self.script.calls.append((call.model, call))
+        queue = self.script.replies.get(call.model)
+        if not queue:
+            raise AssertionError(f"no scripted reply for {call.model}")
+        reply = queue.pop(0) if len(queue) > 1 else queue[0]
+        if callable(reply) and not isinstance(reply, (Completion, ProviderError)):
+            reply = reply(call)
+        if isinstance(reply, ProviderError):
+            raise reply
+        if isinstance(reply, str):
+            return completion(reply, call)
+        return reply
