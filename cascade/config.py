@@ -188,6 +188,12 @@ class CascadeConfig:
     timeout_s: float | None = None
     """Per-request deadline over the whole climb."""
     source: str = "<config>"
+    server: Mapping[str, Any] = field(default_factory=dict)
+    """The raw ``[server]`` table; ``cascade.serve`` validates it (its errors name the key)."""
+    store: Mapping[str, Any] = field(default_factory=dict)
+    """The raw ``[store]`` table; ``cascade.store`` validates it."""
+    router: Mapping[str, Any] = field(default_factory=dict)
+    """The raw ``[router]`` table (what ``cascade tune`` writes); ``cascade.routing`` reads it."""
 
     def verifiers_for(self, rung: RungConfig) -> tuple[VerifierConfig, ...]:
         if rung.verifiers is None:
@@ -214,7 +220,7 @@ class CascadeConfig:
 _RUNG_KEYS = {f for f in RungConfig.__dataclass_fields__}
 _TOP_KEYS = {
     "rungs", "verifiers", "policy", "cache", "retry", "breaker", "budget", "max_cost_usd",
-    "timeout_s",
+    "timeout_s", "server", "store", "router",
 }
 
 
@@ -406,6 +412,9 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Cascad
     for k in ("max_cost_usd", "timeout_s"):
         if data.get(k) is not None:
             kw[k] = _number(data, k, source, "")
+    for k in ("server", "store", "router"):
+        if k in data:
+            kw[k] = dict(_expect(data[k], Mapping, "a table", source, k))
     return CascadeConfig(
         rungs=rungs,
         verifiers=verifiers,

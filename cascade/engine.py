@@ -15,6 +15,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
@@ -370,6 +371,7 @@ class Cascade:
                 hit.cost_usd = 0.0
                 hit.latency_ms = (time.monotonic() - t0) * 1000
                 hit.metadata = request.metadata
+                hit.request_id = uuid.uuid4().hex
                 hit.parsed = _revive(hit.parsed, output_type)
                 return hit
 
@@ -584,7 +586,7 @@ class Cascade:
             text=attempt.text or "", model=attempt.model, verified=accepted is not None,
             attempts=climb.attempts, parsed=parsed, cost_usd=climb.spent_usd,
             latency_ms=(time.monotonic() - t0) * 1000, cache_key=key,
-            metadata=climb.request.metadata,
+            metadata=climb.request.metadata, request_id=uuid.uuid4().hex,
         )
 
     @functools.cached_property

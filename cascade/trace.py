@@ -95,6 +95,10 @@ class Answer:
     latency_ms: float = 0.0
     cache_key: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+    """Unique per request (a cache hit gets its own); audit lines and feedback refer to it."""
+    warnings: list[str] = field(default_factory=list)
+    """Things that went wrong without costing the answer (e.g. the cache store failed)."""
 
     @property
     def input_tokens(self) -> int:
@@ -120,6 +124,8 @@ class Answer:
             "output_tokens": self.output_tokens,
             "cache_key": self.cache_key,
             "metadata": dict(self.metadata),
+            "request_id": self.request_id,
+            "warnings": list(self.warnings),
             "attempts": [a.to_dict() for a in self.attempts],
         }
 
@@ -136,6 +142,8 @@ class Answer:
             latency_ms=float(d.get("latency_ms", 0.0)),
             cache_key=d.get("cache_key"),
             metadata=d.get("metadata") or {},
+            request_id=str(d.get("request_id", "")),
+            warnings=list(d.get("warnings") or []),
         )
 
 

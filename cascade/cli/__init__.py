@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 
 __all__ = ["format_climb", "main"]
 
+COMMANDS: dict[str, tuple[str, str]] = {
+    "record": ("cascade.record", "run a suite through every rung and store the responses"),
+    "tune": ("cascade.tune", "tune rungs and thresholds on recorded suites"),
+    "eval": ("cascade.evaluate", "replay suites through a config and report quality/cost"),
+}
+"""Commands in modules of their own: name -> (module with add_arguments(parser) and run(ns),
+help). Only the chosen command's module is imported."""
+
 EXIT_OK, EXIT_UNVERIFIED, EXIT_USAGE, EXIT_NO_ANSWER, EXIT_BUDGET, EXIT_CACHE = 0, 1, 2, 3, 4, 5
 
 
@@ -174,11 +182,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     # Only the chosen suite command's module is imported: the tuner's numpy stack need not
     # load for `cascade answer`.
     wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
-    for name, module, helptext in (
-        ("record", "cascade.record", "run a suite through every rung and store the responses"),
-        ("tune", "cascade.tune", "tune rungs and thresholds on recorded suites"),
-        ("eval", "cascade.evaluate", "replay suites through a config and report quality/cost"),
-    ):
+    for name, (module, helptext) in COMMANDS.items():
         sp = sub.add_parser(name, help=helptext)
         if name == wanted:
             mod = importlib.import_module(module)
@@ -217,7 +221,3 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     except KeyboardInterrupt:
         err.write("cascade: interrupted\n")
         return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

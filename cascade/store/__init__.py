@@ -1,0 +1,1 @@
+"""Shared engine state: see :mod:`cascade.store.base`."""
