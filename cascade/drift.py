@@ -3,16 +3,21 @@
 For an accepting rung with a tolerated disagreement rate ``D`` (what the suite showed, written
 by ``cascade tune``, or ``[policy] drift_max_disagreement``), each shadow check is a coin: 1 when
 the top rung disagreed with the accepted answer. The alarm asks whether the rate is credibly
-above ``D``: it keeps a mixture of likelihood-ratio martingales
+above ``D``. Over the ``n`` checks with ``k`` disagreements of the current *test period* it keeps
+a mixture of likelihood-ratio martingales
 
-    E_n = mean_j  (p_j / D)^k · ((1 - p_j) / (1 - D))^(n - k),    p_j > D,
+    E = mean_j  (p_j / D)^k · ((1 - p_j) / (1 - D))^(n - k),    p_j = D + 0.05, 0.1, 0.2, 0.35
 
-over ``n`` checks with ``k`` disagreements since the last change of state. While the true rate
-is at most ``D`` each term is a non-negative supermartingale with mean at most 1, so by Ville's
-inequality ``P(E_n ≥ 1/α for some n) ≤ α``: checking after every sample keeps the false-alarm
-rate at ``α`` (``[policy] drift_alpha``, default 0.01) per alarm-free stretch. Once raised, the
-alarm clears by the mirror test (alternatives ``p_j < D``) on the samples since it was raised.
-The state is ``(n, k)`` and a flag, kept in the store, so every worker adds to one test.
+and raises the alarm when ``E ≥ 1/α``. While the true rate is at most ``D`` each term is a
+non-negative supermartingale with mean at most 1, so by Ville's inequality a period ends in a
+false alarm with probability at most ``α`` (``[policy] drift_alpha``, default 0.01), however
+often it is checked. A period restarts (fresh counts) once every term has fallen below
+``e^-8``: the evidence says the rate is fine, and a later drift is then caught after a few
+checks instead of having to outweigh a long good history. Restarting takes at least
+``restart_after(D)`` checks (about 140 at D = 0.1), so false alarms come at most once per
+``restart_after(D) / α`` checks on average. The raised alarm clears by the mirror test
+(alternatives ``p_j = D - 0.05 …``) with the same rules. The state is a period number, an
+alarm flag and ``(n, k)`` counts in the store, so every worker adds to one test.
 """
 
 from __future__ import annotations
@@ -26,23 +31,44 @@ from typing import Any
 
 from cascade.store.base import Counters
 
-__all__ = ["DriftMonitor", "DriftState", "log_evidence"]
+__all__ = ["DriftMonitor", "DriftState", "log_evidence", "restart_after"]
 
 log = logging.getLogger("cascade.drift")
 
 _STEPS = (0.05, 0.1, 0.2, 0.35)
-"""Alternatives p_j = D ± step (clipped into (0, 1)): near ones detect small drifts slowly, far
-ones large drifts fast; the mixture pays only log(len) for covering all of them."""
+"""Alternatives p_j = D ± step: near ones detect small drifts slowly, far ones large drifts
+fast; the mixture pays only log(len) for covering all of them."""
+_RESTART = 8.0
+"""A period restarts when every alternative's log-likelihood ratio is below -8."""
+_FLOOR = 0.02
+"""D is never taken below 2%: a suite that showed no disagreement at all would otherwise
+alarm on the first one."""
+
+
+def _terms(n: int, k: int, d: float, above: bool) -> list[float]:
+    d = min(max(d, _FLOOR), 1 - 1e-6)
+    alts = [d + s if above else d - s for s in _STEPS]
+    alts = [p for p in alts if 0 < p < 1] or [(1 + d) / 2 if above else d / 2]
+    return [k * math.log(p / d) + (n - k) * math.log((1 - p) / (1 - d)) for p in alts]
 
 
 def log_evidence(n: int, k: int, d: float, *, above: bool) -> float:
-    """log E_n for ``k`` disagreements in ``n`` checks against rate ``d`` (above or below it)."""
-    d = min(max(d, 1e-6), 1 - 1e-6)
-    alts = [d + s if above else d - s for s in _STEPS]
-    alts = [p for p in alts if 0 < p < 1] or [(1 + d) / 2 if above else d / 2]
-    terms = [k * math.log(p / d) + (n - k) * math.log((1 - p) / (1 - d)) for p in alts]
+    """log E for ``k`` disagreements in ``n`` checks against rate ``d`` (above or below it)."""
+    terms = _terms(n, k, d, above)
     top = max(terms)
     return top + math.log(sum(math.exp(t - top) for t in terms) / len(terms))
+
+
+def restart_after(d: float) -> int:
+    """The fewest checks (all agreeing) after which a period at rate ``d`` restarts."""
+    n = 1
+    while max(_terms(n, 0, d, True)) >= -_RESTART:
+        n *= 2
+    lo, hi = n // 2, n
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if max(_terms(mid, 0, d, True)) >= -_RESTART else (lo, mid)
+    return hi
 
 
 @dataclass(frozen=True)
@@ -92,26 +118,26 @@ class DriftMonitor:
         return bool(d.get("alarm")), int(d.get("epoch", 0))
 
     async def record(self, rung: str, disagreed: bool) -> DriftState:
-        """Add one shadow result for ``rung``; raise or clear its alarm when the test says so."""
+        """Add one shadow result for ``rung``; raise, clear or restart its test."""
         alarm, epoch = await self._state(rung)
         counts = await self.counters.aincr(self._counter(rung, epoch),
                                            {"n": 1, "k": int(disagreed)})
         n, k = counts.get("n", 0), counts.get("k", 0)
         d = self.thresholds.get(rung)
         if d is not None:
-            bar = math.log(1 / self.alpha)
-            if not alarm and log_evidence(n, k, d, above=True) >= bar:
-                alarm, epoch, n, k = True, epoch + 1, 0, 0
-                log.warning("drift alarm raised for rung %s of ladder %s: %d of %d shadow "
-                            "checks disagreed with the top rung, credibly above %.3f; its "
-                            "answers escalate until the alarm clears", rung, self.ladder,
-                            counts["k"], counts["n"], d)
+            seeking_drift = not alarm
+            if log_evidence(n, k, d, above=seeking_drift) >= math.log(1 / self.alpha):
+                alarm = not alarm
+                log.warning(
+                    "drift alarm %s for rung %s of ladder %s: %d of %d shadow checks "
+                    "disagreed with the top rung, credibly %s the tolerated %.3f%s",
+                    "raised" if alarm else "cleared", rung, self.ladder, k, n,
+                    "above" if alarm else "below", d,
+                    "; its answers escalate until the alarm clears" if alarm else "")
+                epoch, n, k = epoch + 1, 0, 0
                 await self._set(rung, alarm, epoch)
-            elif alarm and log_evidence(n, k, d, above=False) >= bar:
-                alarm, epoch, n, k = False, epoch + 1, 0, 0
-                log.warning("drift alarm cleared for rung %s of ladder %s: %d of %d shadow "
-                            "checks disagreed, credibly below %.3f", rung, self.ladder,
-                            counts["k"], counts["n"], d)
+            elif max(_terms(n, k, d, seeking_drift)) < -_RESTART:
+                epoch, n, k = epoch + 1, 0, 0
                 await self._set(rung, alarm, epoch)
         state = DriftState(alarm, epoch, n, k, d if d is not None else math.nan)
         self._local[rung] = state
