@@ -9,6 +9,7 @@ its exit code (3 when any endpoint fails) lets a script or a container health ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -67,6 +68,13 @@ async def _probe(c: Cascade, ep: RungConfig, timeout_s: float) -> dict[str, Any]
 async def _probe_all(c: Cascade, eps: list[RungConfig], timeout_s: float) -> list[dict[str, Any]]:
     import anyio
 
+    from cascade.providers import make_provider
+
+    # Load each provider's SDK before the clock starts: a probe's latency is the endpoint's,
+    # not the seconds an import of openai/anthropic takes in a fresh process.
+    for ep in eps:
+        with contextlib.suppress(CascadeError):  # an unknown provider fails its own probe
+            await anyio.to_thread.run_sync(make_provider, ep)
     results: list[dict[str, Any]] = [{} for _ in eps]
 
     async def one(k: int) -> None:
