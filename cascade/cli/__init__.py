@@ -108,15 +108,18 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         if err is not None:
             redirected.enter_context(contextlib.redirect_stderr(err))
         try:
-            code = _dispatch(args)
+            code = _run(args)
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        except KeyboardInterrupt:  # also while parsing: `answer -` reads standard input there
+            sys.stderr.write("cascade: interrupted\n")
+            return EXIT_INTERRUPTED
         except BrokenPipeError:
             _silence_stdout()
             return EXIT_PIPE_CLOSED
         return code
 
 
-def _dispatch(args: list[str]) -> int:
+def _run(args: list[str]) -> int:
     parser = build_parser(args)
     try:
         ns = parser.parse_args(args)
@@ -144,9 +147,6 @@ def _dispatch(args: list[str]) -> int:
     except CascadeError as e:
         err.write(f"cascade: {type(e).__name__}: {e}\n")
         return EXIT_NO_ANSWER
-    except KeyboardInterrupt:
-        err.write("cascade: interrupted\n")
-        return EXIT_INTERRUPTED
 
 
 def _silence_stdout() -> None:
