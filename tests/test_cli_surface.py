@@ -91,6 +91,20 @@ def test_verbose_works_before_and_after_the_command(argv: list[str], tmp_path: P
     assert code == 0 and "entries" in out, err
 
 
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_verbose_after_the_command_turns_logging_on(position: str, openai_server: LoopbackServer,
+                                                    tmp_path: Path) -> None:
+    """What -v shows: INFO logs, here httpx's line per HTTP request (absent without -v)."""
+    openai_server.script(lambda req: openai_reply("Canberra."))
+    cfg = _ladder(tmp_path, _rung("small", openai_server.base_url))
+    args: list[str | bytes] = ["answer", "q", "--config", str(cfg), "--no-cache"]
+    quiet = _cli(args, cwd=tmp_path)
+    loud = _cli(["-v", *args] if position == "before" else [*args, "-v"], cwd=tmp_path)
+    assert quiet.returncode == loud.returncode == 0, loud.stderr.decode()
+    assert b"HTTP Request: POST" not in quiet.stderr
+    assert b"HTTP Request: POST" in loud.stderr and SECRET.encode() not in loud.stderr
+
+
 def test_no_verbose_flag_means_quiet() -> None:
     ns = build_parser(["cache", "stats"]).parse_args(["cache", "stats"])
     assert not getattr(ns, "verbose", False)
