@@ -454,6 +454,9 @@ def load_config(path: str | os.PathLike[str]) -> CascadeConfig:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("config file not found", source=str(p)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the file as UTF-8", source=str(p)) from None
     except OSError as e:
         raise ConfigError(f"cannot read config file: {e.strerror}", source=str(p)) from None
     try:
