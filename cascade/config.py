@@ -144,8 +144,9 @@ class PolicyConfig:
     drift_max_disagreement: float | None = None
     """Default tolerated disagreement rate with the top rung; a rung's own value (written by
     ``cascade tune``) wins. Above it, credibly, the drift alarm puts the rung in safe mode."""
-    drift_alpha: float = 0.01
-    """The drift alarm's false-alarm rate (anytime-valid: however often it is checked)."""
+    drift_alpha: float = 0.001
+    """The drift alarm's false-alarm rate: at most one false alarm per ``1 / drift_alpha``
+    shadow checks on average while a rung stays within its tolerated rate."""
 
 
 @dataclass(frozen=True, kw_only=True)

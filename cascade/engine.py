@@ -371,9 +371,15 @@ class Cascade:
             except CacheError as e:  # the answer was paid for: return it, say it was not kept
                 log.warning("a verified answer was not cached: %s", e)
                 answer.warnings.append(f"not cached: {e}")
-        if accepted is not None and attempt.rung < len(cfg.rungs) - 1:
+        top = len(cfg.rungs) - 1
+        if accepted is not None and attempt.rung < top:
             self._shadows.sample(ShadowJob(request=request, ladder=ladder, accepted=attempt,
                                            money=_shadow_money(money)))
+        elif accepted is not None and monitor is not None:
+            for held in climb.attempts:  # rungs kept from exiting by the drift alarm
+                if held.rung < top and policy.held_by_drift(held.verdicts):
+                    self._shadows.compare(ShadowJob(request=request, ladder=ladder,
+                                                    accepted=held, money=money), attempt)
         if not answer.verified and cfg.policy.on_unverified == "raise":
             raise UnverifiedAnswerError(
                 f"the top answer ({answer.model}) was rejected: "

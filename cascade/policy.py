@@ -23,6 +23,7 @@ __all__ = [
     "cap_gate",
     "deadline_gate",
     "drift_verdict",
+    "held_by_drift",
     "no_answer_outcome",
     "rejection_reason",
 ]
@@ -81,6 +82,12 @@ def drift_verdict(rung_label: str, why: str) -> Verdict:
     """The verdict that keeps a drifted rung from exiting early (safe mode): it escalates."""
     return Verdict(passed=False, verifier="drift",
                    reason=f"drift alarm on {rung_label}: {why}; escalating (safe mode)")
+
+
+def held_by_drift(verdicts: Sequence[Verdict]) -> bool:
+    """Whether only the drift alarm kept this answer from exiting early."""
+    return any(v.verifier == "drift" and not v.passed for v in verdicts) and all(
+        v.passed for v in verdicts if v.verifier != "drift")
 
 
 def no_answer_outcome(skips: Sequence[Skip], *, deadline_hit: bool, any_error: bool) -> Outcome:
