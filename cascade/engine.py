@@ -194,7 +194,7 @@ class Cascade:
         out: dict[str, tuple[VerifierConfig, Verifier]] = {}
         for i, vc in enumerate(config.verifiers):
             try:
-                out[vc.key] = (vc, load_verifier(vc))
+                out[vc.key] = (vc, load_verifier(vc, relative_to=config.source))
             except ConfigError as e:  # say which file and table, not only which verifier
                 key = f"verifiers[{i}]" + (f".{e.key}" if e.key else "")
                 raise type(e)(e.detail, source=config.source, key=key) from None

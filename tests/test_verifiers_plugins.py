@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import cascade
 from cascade.config import VerifierConfig
 from cascade.errors import ConfigError, UnknownVerifierError
 from cascade.plugins import BUILTINS, known_verifiers, load_verifier
@@ -172,11 +173,13 @@ def test_bad_dotted_paths(name: str, fragment: str) -> None:
         load_verifier(VerifierConfig(name=name))
 
 
+@cascade.verifier
 def shouty(ctx: VerifyContext) -> bool:
     """A verify function: settings arrive through ctx.settings at run time."""
     return ctx.candidate.text.isupper() or bool(ctx.settings.get("allow_lower"))
 
 
+@cascade.verifier
 def make_prefix_check(prefix: str) -> object:
     """A factory function returning a verify function."""
     def check(ctx: VerifyContext) -> Verdict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from verifiers._text import (
+from cascade.text import (
     JSONExtractError,
     extract_choice,
     extract_json,

@@ -38,12 +38,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from cascade.errors import ConfigError
-from cascade.messages import Message
-from cascade.providers.base import ModelCall, TokenLogprob
-from cascade.trace import Verdict
-from cascade.verify import VerifyContext
-from verifiers._text import JSONExtractError, extract_json
+from cascade.text import JSONExtractError, extract_json
+from cascade.verify import (
+    ConfigError,
+    Message,
+    ModelCall,
+    TokenLogprob,
+    Verdict,
+    VerifyContext,
+)
 
 __all__ = ["ConfidenceVerifier", "yes_probability"]
 
