@@ -95,8 +95,11 @@ def import_object(
     if not sep or not module_name or not attr:
         raise ImportError(f"{path!r} is not of the form 'package.module:name'")
     allowed = any(_within(module_name, m) for m in _allowed_modules())
-    how = (f"mark it with @cascade.{kind}, or allow its module with "
-           f"{ALLOW_ENV}={module_name.split('.')[0]}")
+    allow = f"allow its module with {ALLOW_ENV}={module_name.split('.')[0]}"
+    how = {"verifier": "mark it with @cascade.verifier (or give a class with a verify(ctx) "
+                       f"method defined in {module_name!r}), or {allow}",
+           "model": f"name the module that defines the model class, or {allow}",
+           }.get(kind, f"mark it with @cascade.{kind}, or {allow}")
     if not allowed and module_name.split(".")[0] in sys.stdlib_module_names:
         raise ConfigError(f"{path!r} is in the standard library, which holds no {kind}; "
                           f"name a {kind} of your own ({how})", source=source, key=key)
