@@ -116,7 +116,8 @@ VerifyFn = Callable[[VerifyContext], "Verdict | bool | Awaitable[Verdict | bool]
 
 
 class FunctionVerifier:
-    """Adapts a plain function (sync or async, returning a Verdict or a bool) to the protocol."""
+    """Adapts a plain function (sync or async, returning a Verdict or a bool) to the protocol;
+    a sync one runs in a worker thread, like a sync ``verify`` method."""
 
     def __init__(self, fn: VerifyFn, *, name: str | None = None, expensive: bool = False) -> None:
         self.fn = fn
