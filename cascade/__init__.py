@@ -12,6 +12,7 @@ from typing import Any
 
 from cascade.cache import AnswerCache
 from cascade.config import CascadeConfig, RungConfig, VerifierConfig, load_config, parse_config
+from cascade.dotted import grader, normaliser, verifier
 from cascade.engine import Cascade, health
 from cascade.errors import (
     AuthenticationError,
@@ -76,9 +77,12 @@ __all__ = [
     "aanswer_many",
     "answer",
     "answer_many",
+    "grader",
     "health",
     "load_config",
+    "normaliser",
     "parse_config",
+    "verifier",
 ]
 
 _default: Cascade | None = None

@@ -83,7 +83,8 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
     bound_by_rung: dict[str, list[BoundVerifier]] = {}
     for rung in config.rungs:
         bound_by_rung[rung.label] = [
-            BoundVerifier(id=vc.key, verifier=load_verifier(vc), settings=dict(vc.settings),
+            BoundVerifier(id=vc.key, verifier=load_verifier(vc, relative_to=config.source),
+                          settings=dict(vc.settings),
                           threshold=None, timeout_s=vc.timeout_s)
             for vc in config.verifiers_for(rung)
         ]

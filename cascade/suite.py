@@ -18,7 +18,7 @@ The shared recorded-outcomes format (``<benchmark>_<chain>_train.jsonl`` with a
 ``ladder-<chain>.json`` beside it) loads straight into an :class:`OutcomeTable`.
 
 Both carry the answer texts, so the table also holds which rungs agree with each other (under
-each built-in normaliser of ``verifiers._text``): the signal the ``agreement`` verifier reads
+each built-in normaliser of ``cascade.text``): the signal the ``agreement`` verifier reads
 in a live climb, replayable without calling anything.
 """
 
@@ -165,13 +165,14 @@ def load_cases(path: str | os.PathLike[str]) -> list[Case]:
 
 def grade(case: Case, text: str) -> bool:
     """Whether ``text`` answers ``case`` rightly. Grades never reach verifiers."""
-    from verifiers._text import NORMALISERS, import_object, normalise_text, same_answer
+    from cascade.dotted import import_object
+    from cascade.text import NORMALISERS, normalise_text, same_answer
 
     g = case.grader
     if g == "json_schema":
         import jsonschema  # type: ignore[import-untyped,unused-ignore]
 
-        from verifiers._text import JSONExtractError, extract_json
+        from cascade.text import JSONExtractError, extract_json
 
         try:
             value = extract_json(text)
@@ -180,8 +181,8 @@ def grade(case: Case, text: str) -> bool:
         return bool(jsonschema.Draft202012Validator(case.expected).is_valid(value))
     if ":" in g:
         try:
-            fn = import_object(g)
-        except (ImportError, AttributeError) as e:
+            fn = import_object(g, kind="grader", source=case.source, key="grader")
+        except ImportError as e:
             raise ConfigError(f"grader {g!r} cannot be imported: {e}", source=case.source,
                               key="grader") from None
         return bool(fn(text, case))
@@ -448,7 +449,7 @@ def agreement_arrays(texts: Sequence[Sequence[str | None]],
     (numbers within a relative and absolute 1e-6). Booleans, so 10,000 cases × 5 rungs take
     250 kB a normaliser.
     """
-    from verifiers._text import NORMALISERS
+    from cascade.text import NORMALISERS
 
     n = len(texts)
     r = len(texts[0]) if n else 0

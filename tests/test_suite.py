@@ -61,6 +61,7 @@ def test_json_schema_grader() -> None:
 
 def test_dotted_grader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "mygrader.py").write_text(
+        "import cascade\n\n@cascade.grader\n"
         "def shouty(text, case):\n    return text.isupper() and case.id == 'c'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert grade(_case("mygrader:shouty", None), "YES")

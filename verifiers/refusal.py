@@ -23,9 +23,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from cascade.errors import ConfigError
-from cascade.trace import Verdict
-from cascade.verify import VerifyContext
+from cascade.verify import ConfigError, Verdict, VerifyContext
 
 __all__ = ["Classification", "RefusalVerifier", "classify"]
 
