@@ -208,8 +208,15 @@ async def _run_one(bv: BoundVerifier, make_ctx: Callable[[BoundVerifier], Verify
                    ) -> Verdict:
     ctx = make_ctx(bv)
     try:
-        with anyio.fail_after(bv.timeout_s):
-            result = await _call(bv.verifier.verify, ctx)
+        if getattr(bv.verifier, "inline", False):
+            # A built-in check bounded by the reply size cap (a regex, a schema): no thread hop.
+            result = bv.verifier.verify(ctx)
+            if inspect.isawaitable(result):
+                with anyio.fail_after(bv.timeout_s):
+                    result = await result
+        else:
+            with anyio.fail_after(bv.timeout_s):
+                result = await _call(bv.verifier.verify, ctx)
         result = _as_verdict(result, bv.id)
         if result.score is not None and not (0.0 <= result.score <= 1.0):
             raise ValueError(f"score {result.score} is outside [0, 1]")

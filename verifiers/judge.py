@@ -164,6 +164,8 @@ class JudgeVerifier:
     """Asks a judge model for a 0-10 grade; passes at ``threshold`` (default 0.5) and above."""
 
     expensive = True
+    metadata_keys = ("reference",)
+    """``metadata["reference"]`` changes the verdict, so it is part of the cache key."""
 
     def __init__(
         self,

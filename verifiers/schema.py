@@ -31,6 +31,8 @@ class SchemaVerifier:
     """
 
     expensive = False
+    inline = True
+    """Runs on the event loop: a bounded check of a reply already capped in size."""
 
     def __init__(
         self,
