@@ -483,9 +483,25 @@ class Cascade:
             out.append(r if r is not None else CascadeError(f"request {i} produced nothing"))
         return out
 
-    def answer(self, prompt: str | None = None, **kw: Any) -> Answer:
+    def answer(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, Any] | Message] | None = None,
+        schema: Any = None,
+        config: CascadeConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        verifiers: Sequence[Any] | None = None,
+        max_cost_usd: float | None = None,
+        timeout_s: float | None = None,
+        cache: CacheMode = True,
+        metadata: Mapping[str, Any] | None = None,
+        on_attempt: OnAttempt | None = None,
+    ) -> Answer:
         """The sync twin of :meth:`aanswer` (runs it on this object's event-loop thread)."""
-        return self._sync.call(lambda: self.aanswer(prompt, **kw))
+        return self._sync.call(lambda: self.aanswer(
+            prompt, messages=messages, schema=schema, config=config, verifiers=verifiers,
+            max_cost_usd=max_cost_usd, timeout_s=timeout_s, cache=cache, metadata=metadata,
+            on_attempt=on_attempt))
 
     def answer_many(self, requests: Sequence[str | Mapping[str, Any]], *,
                     concurrency: int = 8) -> list[Answer | Exception]:

@@ -8,6 +8,7 @@ import sys
 
 from cascade.cli import EXIT_NO_ANSWER, EXIT_OK, EXIT_UNVERIFIED
 from cascade.cli._format import format_climb
+from cascade.engine import CacheMode
 from cascade.errors import NoAnswerError, UnverifiedAnswerError
 
 __all__ = ["add_arguments", "prompt_text", "run"]
@@ -65,7 +66,7 @@ def run(ns: argparse.Namespace) -> int:
     out, err = sys.stdout, sys.stderr
     config = resolve_config(ns.config)
     c = Cascade(config, cache=answer_cache(ns.cache_dir, config))
-    cache: bool | str = False if ns.no_cache else ("refresh" if ns.refresh else True)
+    cache: CacheMode = False if ns.no_cache else ("refresh" if ns.refresh else True)
     code = EXIT_OK
     try:
         try:
