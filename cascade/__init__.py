@@ -38,7 +38,7 @@ from cascade.errors import (
 )
 from cascade.messages import Message, Request
 from cascade.providers.base import Completion, ModelCall, Provider, TokenLogprob
-from cascade.trace import Answer, Attempt, Status, Verdict
+from cascade.trace import Answer, Attempt, Verdict
 from cascade.verify import Candidate, Verifier, VerifyContext
 
 __all__ = [
@@ -68,7 +68,6 @@ __all__ = [
     "Request",
     "RungConfig",
     "ServerError",
-    "Status",
     "TokenLogprob",
     "TransportError",
     "UnknownVerifierError",
