@@ -124,15 +124,17 @@ class Cascade:
         store: Store | None = None,
         observers: Sequence[Any] = (),
         audit_log: Any = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self._provider_factory = provider_factory or make_provider
         self._providers: dict[tuple[Any, str], Provider] = {}
         self._providers_lock = threading.Lock()
         self._store = store if store is not None else open_store(
-            config, cache=cache, budget_store=budget_store)
-        self._clock = clock
+            config, cache=cache, budget_store=budget_store, clock=clock)
+        # One clock for deadlines, latency and (when injected) the breakers: tests run in
+        # fake time by passing e.g. cascade.testing.FakeClock().
+        self._clock = clock = clock or time.monotonic
         self._caller = EndpointCaller(config, self._store, self._provider, clock)
         self._ladder = Ladder(config, verifiers)
         self._ladders: OrderedDict[str, Ladder] = OrderedDict()
