@@ -18,7 +18,8 @@ from cascade.errors import ConfigError
 from cascade.prices import lookup_price
 
 __all__ = [
-    "PROVIDERS",
+    "DEFAULT_MAX_REPLY_BYTES",
+    "STRUCTURED_OUTPUTS",
     "BreakerConfig",
     "BudgetConfig",
     "CacheConfig",
@@ -33,8 +34,12 @@ __all__ = [
     "parse_rung",
 ]
 
-ProviderKind = Literal["openai", "anthropic", "openai-compatible", "local", "replay"]
-PROVIDERS: tuple[str, ...] = ("openai", "anthropic", "openai-compatible", "local", "replay")
+
+STRUCTURED_OUTPUTS: tuple[str, ...] = (
+    "json_schema", "json_object_schema", "json_object", "tools", "prompt",
+)
+"""How a rung asks for structured output; the README's compatibility table says who takes which."""
+DEFAULT_MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +48,9 @@ class RungConfig:
 
     model: str
     """The model name sent to the provider."""
-    provider: ProviderKind = "openai"
+    provider: str = "openai"
+    """A provider kind: built in (openai, anthropic, openai-compatible, local, replay),
+    registered with ``register_provider``, or installed by a ``cascade.providers`` entry point."""
     base_url: str | None = None
     """Required for ``openai-compatible``; optional override for the others."""
     api_key_env: str | None = None
@@ -67,6 +74,11 @@ class RungConfig:
     """Alternative endpoints for the same rung (e.g. the same model at another provider)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Extra request fields passed to the provider unchanged."""
+    structured_output: str | None = None
+    """How a JSON Schema or pydantic type is asked for (one of :data:`STRUCTURED_OUTPUTS`);
+    None uses the provider kind's default (``json_schema``; ``tools`` for anthropic)."""
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
+    """The largest reply body (decoded) read from the endpoint; a larger one is ReplyTooLarge."""
 
     @property
     def label(self) -> str:
@@ -94,6 +106,8 @@ class RungConfig:
             "verifiers": list(self.verifiers) if self.verifiers is not None else None,
             "thresholds": dict(sorted(self.thresholds.items())),
             "extra": dict(self.extra),
+            # Only when set, so keys written before the setting existed stay valid.
+            **({"structured_output": self.structured_output} if self.structured_output else {}),
         }
 
 
@@ -273,9 +287,12 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
             if k == "model" and not kw[k].strip():
                 raise ConfigError("must not be empty", source=source, key=prefix + k)
     if "provider" in d:
-        p = d["provider"]
-        if p not in PROVIDERS:
-            raise ConfigError(f"is {p!r}; allowed: {', '.join(PROVIDERS)}", source=source,
+        p = _expect(d["provider"], str, "a provider name", source, prefix + "provider")
+        from cascade.providers import known_providers  # the registry needs RungConfig
+
+        known = known_providers()
+        if p not in known:
+            raise ConfigError(f"is {p!r}; allowed: {', '.join(known)}", source=source,
                               key=prefix + "provider")
         kw["provider"] = p
     for k in ("input_usd_per_mtok", "output_usd_per_mtok", "temperature"):
@@ -304,6 +321,16 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
         }
     if "extra" in d:
         kw["extra"] = dict(_expect(d["extra"], Mapping, "a table", source, prefix + "extra"))
+    if "structured_output" in d:
+        mode = _expect(d["structured_output"], str, "a string", source,
+                       prefix + "structured_output")
+        if mode not in STRUCTURED_OUTPUTS:
+            raise ConfigError(f"is {mode!r}; allowed: {', '.join(STRUCTURED_OUTPUTS)}",
+                              source=source, key=prefix + "structured_output")
+        kw["structured_output"] = mode
+    if "max_reply_bytes" in d:
+        kw["max_reply_bytes"] = _number(d, "max_reply_bytes", source, prefix, minimum=1024,
+                                        integer=True)
     rung = replace(inherit, fallbacks=(), **kw) if inherit is not None else RungConfig(**kw)
     if "fallbacks" in d:
         fbs = _expect(d["fallbacks"], list, "a list of tables", source, prefix + "fallbacks")

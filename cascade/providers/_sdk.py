@@ -1,0 +1,208 @@
+"""The shared base of the SDK-backed providers (OpenAI, Anthropic): client, close, one call.
+
+Each subclass says how to build its SDK client, the request body and the reply; this base owns
+what they have in common: the key read on first use, the SDK client built on our own
+``httpx2`` client (SDK retries off, reply size capped), errors translated once, and structured
+output asked for the way the rung's ``structured_output`` says. With a pydantic type, the
+``tools`` mode goes through instructor (the tool call is the answer, re-asks possible); every
+other mode sends the JSON Schema itself (so a server's grammar can enforce it) and validates
+the reply here with pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from types import ModuleType
+from typing import Any, ClassVar, Generic, TypeVar
+
+import httpx2
+
+from cascade.config import RungConfig
+from cascade.providers._common import (
+    Where,
+    guarded,
+    resolve_api_key,
+    run_instructor,
+)
+from cascade.providers._http import capped_client
+from cascade.providers.base import Completion, ModelCall, Provider
+
+__all__ = ["SDKProvider", "parse_structured", "schema_instruction", "schema_of"]
+
+ClientT = TypeVar("ClientT")
+
+_STRUCTURED_FIELDS = {"response_format", "tools", "tool_choice", "output_config",
+                      "json_schema", "guided_json"}
+_FIELD_SETTINGS = {
+    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
+    "logprobs": "logprobs", "top_logprobs": "logprobs", "temperature": "temperature",
+    "stop": "stop (per call)", "stop_sequences": "stop (per call)",
+}
+
+
+def schema_of(output_type: type[Any]) -> dict[str, Any]:
+    """The JSON Schema pydantic derives for ``output_type``."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(output_type).json_schema()
+
+
+def schema_instruction(schema: Mapping[str, Any]) -> str:
+    """The system text that asks for JSON when the schema cannot be sent as a request field."""
+    return ("Answer with a single JSON value and nothing else. It must match this JSON "
+            "Schema:\n" + json.dumps(dict(schema), ensure_ascii=False))
+
+
+def _json_part(text: str) -> str:
+    """The JSON in a reply that may wrap it in a Markdown fence or a sentence (prompt mode)."""
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.strip("`").removeprefix("json").strip()
+    if stripped[:1] in "{[":
+        return stripped
+    start = min((i for i in (stripped.find("{"), stripped.find("[")) if i >= 0), default=-1)
+    end = max(stripped.rfind("}"), stripped.rfind("]"))
+    return stripped[start:end + 1] if 0 <= start < end else stripped
+
+
+def parse_structured(text: str, output_type: type[Any], finish_reason: str | None
+                     ) -> tuple[Any, str | None]:
+    """``(object, None)`` when ``text`` validates as ``output_type``, else ``(None, why)``."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(output_type).validate_json(_json_part(text)), None
+    except ValidationError as e:
+        why = "; ".join(f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}"
+                        for err in e.errors()[:5])
+        if finish_reason == "length":
+            why = f"the output was cut at max_tokens before it was complete ({why})"
+        return None, why
+
+
+class SDKProvider(Provider, Generic[ClientT]):
+    """One endpoint spoken through a vendor SDK; subclasses fill in the wire format."""
+
+    sdk: ModuleType
+    """The vendor SDK module (its error classes and default http client class)."""
+    structured_modes: ClassVar[tuple[str, ...]] = ()
+    default_structured: ClassVar[str] = "json_schema"
+
+    def __init__(self, rung: RungConfig) -> None:
+        self.rung = rung
+        self.name = rung.provider
+        self._client: ClientT | None = None
+        self._key: str | None = None
+
+    # ------------------------------------------------------------ what a subclass says
+
+    @abstractmethod
+    def _key_source(self) -> tuple[str | None, str | None]:
+        """(the variable read when the rung names none, the key sent when no variable is
+        named at all and the kind needs none, e.g. a local server)."""
+
+    @abstractmethod
+    def _new_client(self, key: str, http_client: httpx2.AsyncClient) -> ClientT:
+        """The SDK client, on our http client, with the SDK's own retries off."""
+
+    @abstractmethod
+    def _endpoint(self, client: ClientT) -> Callable[..., Awaitable[Any]]:
+        """The SDK's create method for one call."""
+
+    @abstractmethod
+    def _request(self, call: ModelCall, *, schema: Mapping[str, Any] | None,
+                 mode: str) -> dict[str, Any]:
+        """The request body; ``schema`` (None for instructor's tools mode) sent per ``mode``."""
+
+    @abstractmethod
+    def _check(self, reply: object, where: Where) -> object:
+        """Raise MalformedReply when the reply breaks the wire protocol."""
+
+    @abstractmethod
+    def _completion(self, reply: object, call: ModelCall, where: Where, start: float, *,
+                    parsed: Any = None, parse_error: str | None = None) -> Completion:
+        """The reply as a Completion (after :meth:`_check` passed)."""
+
+    @abstractmethod
+    def _usage(self, total: object) -> tuple[int, int] | None:
+        """Input and output tokens of instructor's summed usage, when it kept one."""
+
+    @property
+    @abstractmethod
+    def _instructor_provider(self) -> Any:
+        """instructor's Provider member for this SDK."""
+
+    # ------------------------------------------------------------ shared
+
+    @property
+    def structured_output(self) -> str:
+        """How structured output is asked for: the rung's setting, else this kind's default."""
+        return self.rung.structured_output or self.default_structured
+
+    def _get_client(self) -> ClientT:
+        # Built on first use so that a missing key fails the call (the cascade records it and
+        # moves on) rather than the construction of the whole ladder.
+        if self._client is None:
+            default_env, dummy = self._key_source()
+            self._key = resolve_api_key(self.rung, default_env=default_env, dummy=dummy)
+            where = Where(provider=self.name, model=self.rung.model)
+            self._client = self._new_client(
+                self._key, capped_client(self.sdk, self.rung.max_reply_bytes, where))
+        return self._client
+
+    async def complete(self, call: ModelCall) -> Completion:
+        client = self._get_client()
+        where = Where(provider=self.name, model=call.model)
+        create = guarded(self._endpoint(client), self.sdk, secret=self._key, where=where,
+                         check=self._check, setting=self._setting_for)
+        mode = self.structured_output
+        start = time.perf_counter()
+        if call.output_type is not None and mode == "tools":
+            import instructor
+
+            result = await run_instructor(
+                create, mode=instructor.Mode.TOOLS, provider=self._instructor_provider,
+                output_type=call.output_type, reasks=call.reasks,
+                kwargs=self._request(call, schema=None, mode=mode), where=where,
+                secret=self._key,
+            )
+            done = self._completion(result.raw, call, where, start, parsed=result.parsed,
+                                    parse_error=result.error)
+            usage = self._usage(result.total_usage)
+            return replace(done, input_tokens=usage[0], output_tokens=usage[1]) if usage \
+                else done
+        schema = call.json_schema
+        if call.output_type is not None:
+            schema = schema_of(call.output_type)
+        done = self._completion(await create(**self._request(call, schema=schema, mode=mode)),
+                                call, where, start)
+        if call.output_type is not None:
+            parsed, error = parse_structured(done.text, call.output_type, done.finish_reason)
+            done = replace(done, parsed=parsed, parse_error=error)
+        return done
+
+    def _setting_for(self, field: str) -> str:
+        """The rung setting that sends ``field``, for a server's rejection of it."""
+        where = f"rung {self.rung.label!r}"
+        top = field.split(".")[0]
+        if top in _STRUCTURED_FIELDS:
+            others = [m for m in self.structured_modes if m != self.structured_output]
+            return (f"{where}'s structured_output (now {self.structured_output!r}; try "
+                    f"{' or '.join(repr(m) for m in others)})")
+        setting = _FIELD_SETTINGS.get(top)
+        if setting is not None:
+            return f"{where}'s {setting}"
+        if top in self.rung.extra:
+            return f"{where}'s extra.{top}"
+        return f"{where}'s settings (the server does not take {top!r})"
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            close = getattr(client, "close", None)
+            if close is not None:
+                await close()
