@@ -12,10 +12,11 @@ the reply here with pydantic.
 from __future__ import annotations
 
 import json
+import re
 import time
 from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -31,7 +32,8 @@ from cascade.providers._common import (
 from cascade.providers._http import capped_client
 from cascade.providers.base import Completion, ModelCall, Provider
 
-__all__ = ["SDKProvider", "parse_structured", "schema_instruction", "schema_of"]
+__all__ = ["SDKProvider", "Wire", "parse_structured", "schema_instruction", "schema_name",
+           "schema_of"]
 
 ClientT = TypeVar("ClientT")
 
@@ -49,6 +51,13 @@ def schema_of(output_type: type[Any]) -> dict[str, Any]:
     from pydantic import TypeAdapter
 
     return TypeAdapter(output_type).json_schema()
+
+
+def schema_name(schema: Mapping[str, Any]) -> str:
+    """A name for the schema where the API wants one (a tool, a json_schema): its title."""
+    title = schema.get("title")
+    return (re.sub(r"[^A-Za-z0-9_-]", "_", title if isinstance(title, str) else "")
+            or "answer")[:64]
 
 
 def schema_instruction(schema: Mapping[str, Any]) -> str:
@@ -84,11 +93,27 @@ def parse_structured(text: str, output_type: type[Any], finish_reason: str | Non
         return None, why
 
 
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """One API's reply handling, as plain functions of its provider module."""
+
+    check: Callable[[object, Where], object]
+    """Raise MalformedReply when the reply breaks the wire protocol."""
+    completion: Callable[..., Completion]
+    """``(reply, call, where, start, *, parsed=, parse_error=)``: the checked reply."""
+    usage: Callable[[object], tuple[int, int] | None]
+    """Input and output tokens of instructor's summed usage, when it kept one."""
+
+
 class SDKProvider(Provider, Generic[ClientT]):
     """One endpoint spoken through a vendor SDK; subclasses fill in the wire format."""
 
     sdk: ModuleType
     """The vendor SDK module (its error classes and default http client class)."""
+    wire: Wire
+    """How this API's replies are checked and read."""
+    instructor_provider: str
+    """The name of instructor's ``Provider`` member for this SDK."""
     structured_modes: ClassVar[tuple[str, ...]] = ()
     default_structured: ClassVar[str] = "json_schema"
 
@@ -118,23 +143,6 @@ class SDKProvider(Provider, Generic[ClientT]):
                  mode: str) -> dict[str, Any]:
         """The request body; ``schema`` (None for instructor's tools mode) sent per ``mode``."""
 
-    @abstractmethod
-    def _check(self, reply: object, where: Where) -> object:
-        """Raise MalformedReply when the reply breaks the wire protocol."""
-
-    @abstractmethod
-    def _completion(self, reply: object, call: ModelCall, where: Where, start: float, *,
-                    parsed: Any = None, parse_error: str | None = None) -> Completion:
-        """The reply as a Completion (after :meth:`_check` passed)."""
-
-    @abstractmethod
-    def _usage(self, total: object) -> tuple[int, int] | None:
-        """Input and output tokens of instructor's summed usage, when it kept one."""
-
-    @property
-    @abstractmethod
-    def _instructor_provider(self) -> Any:
-        """instructor's Provider member for this SDK."""
 
     # ------------------------------------------------------------ shared
 
@@ -158,28 +166,29 @@ class SDKProvider(Provider, Generic[ClientT]):
         client = self._get_client()
         where = Where(provider=self.name, model=call.model)
         create = guarded(self._endpoint(client), self.sdk, secret=self._key, where=where,
-                         check=self._check, setting=self._setting_for)
+                         check=self.wire.check, setting=self._setting_for)
         mode = self.structured_output
         start = time.perf_counter()
         if call.output_type is not None and mode == "tools":
             import instructor
 
             result = await run_instructor(
-                create, mode=instructor.Mode.TOOLS, provider=self._instructor_provider,
+                create, mode=instructor.Mode.TOOLS,
+                provider=getattr(instructor.Provider, self.instructor_provider),
                 output_type=call.output_type, reasks=call.reasks,
                 kwargs=self._request(call, schema=None, mode=mode), where=where,
                 secret=self._key,
             )
-            done = self._completion(result.raw, call, where, start, parsed=result.parsed,
-                                    parse_error=result.error)
-            usage = self._usage(result.total_usage)
+            done = self.wire.completion(result.raw, call, where, start, parsed=result.parsed,
+                                        parse_error=result.error)
+            usage = self.wire.usage(result.total_usage)
             return replace(done, input_tokens=usage[0], output_tokens=usage[1]) if usage \
                 else done
         schema = call.json_schema
         if call.output_type is not None:
             schema = schema_of(call.output_type)
-        done = self._completion(await create(**self._request(call, schema=schema, mode=mode)),
-                                call, where, start)
+        reply = await create(**self._request(call, schema=schema, mode=mode))
+        done = self.wire.completion(reply, call, where, start)
         if call.output_type is not None:
             parsed, error = parse_structured(done.text, call.output_type, done.finish_reason)
             done = replace(done, parsed=parsed, parse_error=error)

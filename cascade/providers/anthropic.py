@@ -7,7 +7,6 @@ Structured output goes through instructor's Anthropic tools mode.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -18,61 +17,13 @@ import httpx2
 from cascade.config import RungConfig
 from cascade.errors import ConfigError, MalformedReply
 from cascade.providers._common import Where, attr, count, normalise_finish
-from cascade.providers._sdk import SDKProvider, schema_instruction
+from cascade.providers._sdk import SDKProvider, Wire, schema_instruction, schema_name
 from cascade.providers.base import Completion, ModelCall
 
 __all__ = ["AnthropicProvider"]
 
 
 _MODES = ("json_schema", "tools", "prompt")
-
-
-class AnthropicProvider(SDKProvider[anthropic.AsyncAnthropic]):
-    """Kind ``anthropic``; one ``AsyncAnthropic`` client per endpoint."""
-
-    sdk = anthropic
-    structured_modes = _MODES
-    default_structured = "tools"
-
-    def __init__(self, rung: RungConfig) -> None:
-        if rung.structured_output not in (None, *_MODES):
-            raise ConfigError(f"is {rung.structured_output!r}, which the messages API cannot "
-                              f"send; allowed for anthropic: {', '.join(_MODES)}",
-                              key="structured_output")
-        super().__init__(rung)
-
-    def _key_source(self) -> tuple[str | None, str | None]:
-        return "ANTHROPIC_API_KEY", None
-
-    def _new_client(self, key: str, http_client: httpx2.AsyncClient
-                    ) -> anthropic.AsyncAnthropic:
-        return anthropic.AsyncAnthropic(api_key=key, base_url=self.rung.base_url,
-                                        max_retries=0, timeout=self.rung.timeout_s,
-                                        http_client=http_client)
-
-    def _endpoint(self, client: anthropic.AsyncAnthropic) -> Callable[..., Awaitable[Any]]:
-        return client.messages.create
-
-    @property
-    def _instructor_provider(self) -> Any:
-        import instructor
-
-        return instructor.Provider.ANTHROPIC
-
-    def _request(self, call: ModelCall, *, schema: Mapping[str, Any] | None,
-                 mode: str) -> dict[str, Any]:
-        return _request(call, schema=schema, mode=mode)
-
-    def _check(self, reply: object, where: Where) -> object:
-        return _read(reply, where)
-
-    def _completion(self, reply: object, call: ModelCall, where: Where, start: float, *,
-                    parsed: Any = None, parse_error: str | None = None) -> Completion:
-        return _completion(reply, call, where, start, parsed=parsed, parse_error=parse_error)
-
-    def _usage(self, total: object) -> tuple[int, int] | None:
-        i, o = count(attr(total, "input_tokens")), count(attr(total, "output_tokens"))
-        return (i, o) if i is not None and o is not None and (i, o) != (0, 0) else None
 
 
 def _request(call: ModelCall, *, schema: Mapping[str, Any] | None, mode: str) -> dict[str, Any]:
@@ -90,9 +41,7 @@ def _request(call: ModelCall, *, schema: Mapping[str, Any] | None, mode: str) ->
     if schema is not None and mode == "json_schema":
         kwargs["output_config"] = {"format": {"type": "json_schema", "schema": dict(schema)}}
     elif schema is not None and mode == "tools":
-        title = schema.get("title")
-        name = (re.sub(r"[^A-Za-z0-9_-]", "_", title if isinstance(title, str) else "")
-                or "answer")[:64]
+        name = schema_name(schema)
         kwargs["tools"] = [{"name": name, "description": "Give the answer.",
                             "input_schema": dict(schema)}]
         kwargs["tool_choice"] = {"type": "tool", "name": name}
@@ -103,6 +52,11 @@ def _request(call: ModelCall, *, schema: Mapping[str, Any] | None, mode: str) ->
     if call.extra:
         kwargs["extra_body"] = dict(call.extra)
     return kwargs
+
+
+def _usage(total: object) -> tuple[int, int] | None:
+    i, o = count(attr(total, "input_tokens")), count(attr(total, "output_tokens"))
+    return (i, o) if i is not None and o is not None and (i, o) != (0, 0) else None
 
 
 def _bad(what: str, where: Where) -> MalformedReply:
@@ -155,3 +109,36 @@ def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
         latency_ms=(time.perf_counter() - start) * 1000.0,
         provider_request_id=request_id if isinstance(request_id, str) else None,
     )
+
+
+class AnthropicProvider(SDKProvider[anthropic.AsyncAnthropic]):
+    """Kind ``anthropic``; one ``AsyncAnthropic`` client per endpoint."""
+
+    sdk = anthropic
+    wire = Wire(check=_read, completion=_completion, usage=_usage)
+    instructor_provider = "ANTHROPIC"
+    structured_modes = _MODES
+    default_structured = "tools"
+
+    def __init__(self, rung: RungConfig) -> None:
+        if rung.structured_output not in (None, *_MODES):
+            raise ConfigError(f"is {rung.structured_output!r}, which the messages API cannot "
+                              f"send; allowed for anthropic: {', '.join(_MODES)}",
+                              key="structured_output")
+        super().__init__(rung)
+
+    def _key_source(self) -> tuple[str | None, str | None]:
+        return "ANTHROPIC_API_KEY", None
+
+    def _new_client(self, key: str, http_client: httpx2.AsyncClient
+                    ) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(api_key=key, base_url=self.rung.base_url,
+                                        max_retries=0, timeout=self.rung.timeout_s,
+                                        http_client=http_client)
+
+    def _endpoint(self, client: anthropic.AsyncAnthropic) -> Callable[..., Awaitable[Any]]:
+        return client.messages.create
+
+    def _request(self, call: ModelCall, *, schema: Mapping[str, Any] | None,
+                 mode: str) -> dict[str, Any]:
+        return _request(call, schema=schema, mode=mode)

@@ -19,55 +19,13 @@ import openai
 from cascade.config import RungConfig
 from cascade.errors import MalformedReply
 from cascade.providers._common import Where, attr, count, normalise_finish
-from cascade.providers._sdk import SDKProvider, schema_instruction
+from cascade.providers._sdk import SDKProvider, Wire, schema_instruction, schema_name
 from cascade.providers.base import Completion, ModelCall, TokenLogprob
 
 __all__ = ["OpenAIProvider"]
 
 _DUMMY_KEY = "sk-no-key-required"
 _MODES = ("json_schema", "json_object_schema", "json_object", "tools", "prompt")
-
-
-class OpenAIProvider(SDKProvider[openai.AsyncOpenAI]):
-    """Kinds ``openai`` and ``openai-compatible``; one ``AsyncOpenAI`` client per endpoint."""
-
-    sdk = openai
-    structured_modes = _MODES
-    default_structured = "json_schema"
-
-    def __init__(self, rung: RungConfig) -> None:
-        super().__init__(rung)
-        self._official = rung.provider == "openai"
-
-    def _key_source(self) -> tuple[str | None, str | None]:
-        return ("OPENAI_API_KEY", None) if self._official else (None, _DUMMY_KEY)
-
-    def _new_client(self, key: str, http_client: httpx2.AsyncClient) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(api_key=key, base_url=self.rung.base_url, max_retries=0,
-                                  timeout=self.rung.timeout_s, http_client=http_client)
-
-    def _endpoint(self, client: openai.AsyncOpenAI) -> Callable[..., Awaitable[Any]]:
-        return client.chat.completions.create
-
-    @property
-    def _instructor_provider(self) -> Any:
-        import instructor
-
-        return instructor.Provider.OPENAI
-
-    def _request(self, call: ModelCall, *, schema: Mapping[str, Any] | None,
-                 mode: str) -> dict[str, Any]:
-        return _request(call, official=self._official, schema=schema, mode=mode)
-
-    def _check(self, reply: object, where: Where) -> object:
-        return _read(reply, where)
-
-    def _completion(self, reply: object, call: ModelCall, where: Where, start: float, *,
-                    parsed: Any = None, parse_error: str | None = None) -> Completion:
-        return _completion(reply, call, where, start, parsed=parsed, parse_error=parse_error)
-
-    def _usage(self, total: object) -> tuple[int, int] | None:
-        return _usage(total)
 
 
 _REASONING = re.compile(r"^(o\d+(-|$)|gpt-5(?!-chat))")
@@ -105,9 +63,7 @@ def _request(call: ModelCall, *, official: bool, schema: Mapping[str, Any] | Non
 
 def _structured(schema: Mapping[str, Any], mode: str) -> dict[str, Any]:
     """The request fields that ask for ``schema`` in ``mode`` (see the README's table)."""
-    title = schema.get("title")
-    name = (re.sub(r"[^A-Za-z0-9_-]", "_", title if isinstance(title, str) else "")
-            or "answer")[:64]
+    name = schema_name(schema)
     if mode == "json_schema":
         return {"response_format": {"type": "json_schema",
                                     "json_schema": {"name": name, "schema": dict(schema)}}}
@@ -210,3 +166,31 @@ def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
         latency_ms=(time.perf_counter() - start) * 1000.0,
         provider_request_id=request_id if isinstance(request_id, str) else None,
     )
+
+
+class OpenAIProvider(SDKProvider[openai.AsyncOpenAI]):
+    """Kinds ``openai`` and ``openai-compatible``; one ``AsyncOpenAI`` client per endpoint."""
+
+    sdk = openai
+    wire = Wire(check=_read, completion=_completion, usage=_usage)
+    instructor_provider = "OPENAI"
+    structured_modes = _MODES
+    default_structured = "json_schema"
+
+    def __init__(self, rung: RungConfig) -> None:
+        super().__init__(rung)
+        self._official = rung.provider == "openai"
+
+    def _key_source(self) -> tuple[str | None, str | None]:
+        return ("OPENAI_API_KEY", None) if self._official else (None, _DUMMY_KEY)
+
+    def _new_client(self, key: str, http_client: httpx2.AsyncClient) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(api_key=key, base_url=self.rung.base_url, max_retries=0,
+                                  timeout=self.rung.timeout_s, http_client=http_client)
+
+    def _endpoint(self, client: openai.AsyncOpenAI) -> Callable[..., Awaitable[Any]]:
+        return client.chat.completions.create
+
+    def _request(self, call: ModelCall, *, schema: Mapping[str, Any] | None,
+                 mode: str) -> dict[str, Any]:
+        return _request(call, official=self._official, schema=schema, mode=mode)
