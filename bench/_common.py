@@ -207,7 +207,7 @@ def ladder(base_url: str, *, rungs: int = 1, cache_dir: str | None = None) -> Ca
     models = [f"refuse-{i}" for i in range(rungs - 1)] + ["answer"]
     return parse_config({
         "rungs": [{"model": m, "provider": "openai-compatible", "base_url": base_url,
-                   "max_retries": 0} for m in models],
+                   "max_retries": 0, "price": "unknown"} for m in models],
         "cache": {"enabled": False} if cache_dir is None else {"directory": cache_dir},
     }, source="<bench>")
 
@@ -226,7 +226,7 @@ def make_cascade(config: CascadeConfig, **kw: Any) -> tuple[Cascade, str]:
         return Cascade(config, verifiers=[RefusalVerifier()], **kw), "refusal (given in code)"
     cfg = parse_config({
         "rungs": [{"model": r.model, "provider": r.provider, "base_url": r.base_url,
-                   "max_retries": 0} for r in config.rungs],
+                   "price": "unknown", "max_retries": 0} for r in config.rungs],
         "verifiers": ["refusal"],
         "cache": ({"enabled": False} if not config.cache.enabled
                   else {"directory": config.cache.directory}),

@@ -232,9 +232,9 @@ def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model
             return ProviderTimeout(msg, **kw)
         field = _rejected_field(exc.body, raw) if status != 404 else None
         if field is not None and (status < 500 or _VALIDATION.search(raw)):
+            fix = setting(field) if setting else "the rung setting that sends it"
             return ClientRequestError(
-                f"the server rejected the request field {field!r}: {msg}; change "
-                f"{setting(field) if setting else 'the rung setting that sends it'}", **kw)
+                f"the server rejected the request field {field!r}; change {fix} ({msg})", **kw)
         if status >= 500:
             return ServerError(msg, retry_after_s=retry_after, **kw)
         if status == 404 and "model" in raw.lower():

@@ -18,11 +18,12 @@ from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import httpx2
 
 from cascade.config import RungConfig
+from cascade.errors import ClientRequestError
 from cascade.providers._common import (
     Where,
     guarded,
@@ -42,7 +43,7 @@ _STRUCTURED_FIELDS = {"response_format", "tools", "tool_choice", "output_config"
 _FIELD_SETTINGS = {
     "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
     "logprobs": "logprobs", "top_logprobs": "logprobs", "temperature": "temperature",
-    "stop": "stop (per call)", "stop_sequences": "stop (per call)",
+    "stop": "stop", "stop_sequences": "stop",
 }
 
 
@@ -122,6 +123,7 @@ class SDKProvider(Provider, Generic[ClientT]):
         self.name = rung.provider
         self._client: ClientT | None = None
         self._key: str | None = None
+        self._model_checked = not rung.check_model
 
     # ------------------------------------------------------------ what a subclass says
 
@@ -165,6 +167,8 @@ class SDKProvider(Provider, Generic[ClientT]):
     async def complete(self, call: ModelCall) -> Completion:
         client = self._get_client()
         where = Where(provider=self.name, model=call.model)
+        if not self._model_checked:
+            await self._check_model(client, call.model, where)
         create = guarded(self._endpoint(client), self.sdk, secret=self._key, where=where,
                          check=self.wire.check, setting=self._setting_for)
         mode = self.structured_output
@@ -193,6 +197,26 @@ class SDKProvider(Provider, Generic[ClientT]):
             parsed, error = parse_structured(done.text, call.output_type, done.finish_reason)
             done = replace(done, parsed=parsed, parse_error=error)
         return done
+
+    async def _check_model(self, client: ClientT, model: str, where: Where) -> None:
+        """``check_model``: fail clearly when the server's ``/models`` does not list ``model``
+        (servers that load one model answer any name with it). A server without the endpoint
+        cannot be checked and is let through."""
+        listing = guarded(cast(Any, client).models.list, self.sdk, secret=self._key,
+                          where=where, check=lambda reply, where: reply)
+        try:
+            page = await listing()
+        except ClientRequestError:
+            self._model_checked = True  # no /models here (404): nothing to check against
+            return
+        ids = [i for i in (getattr(m, "id", None) for m in getattr(page, "data", ()) or ())
+               if isinstance(i, str)]
+        if ids and model not in ids:
+            raise ClientRequestError(
+                f"the server at {self.rung.base_url or 'the default URL'} does not serve model "
+                f"{model!r}; it lists {ids[:10]}: set rung {self.rung.label!r}'s 'model' to one "
+                "of them (check_model = true asked for this check)", **where)
+        self._model_checked = True
 
     def _setting_for(self, field: str) -> str:
         """The rung setting that sends ``field``, for a server's rejection of it."""
