@@ -29,6 +29,7 @@ __all__ = [
     "RetryConfig",
     "RungConfig",
     "VerifierConfig",
+    "check_cap",
     "find_config_file",
     "load_config",
     "parse_config",
@@ -425,6 +426,16 @@ def _priced(rung: RungConfig, d: Mapping[str, Any], source: str, prefix: str, *,
         source=source, key=prefix + "price")
 
 
+def check_cap(rungs: tuple[RungConfig, ...], key: str, *, source: str = "request") -> None:
+    """Refuse a cost cap or budget (named ``key``) over rungs whose price is unknown: it could
+    not hold. Config parsing calls this; so should anything taking a cap per call."""
+    unpriced = sorted({r.label for r in rungs for e in (r, *r.fallbacks) if not e.price_known})
+    if unpriced:
+        raise ConfigError(f"cannot hold: rung(s) {unpriced} have price = \"unknown\", so their "
+                          "cost is not known; give them a price or drop the cap", source=source,
+                          key=key)
+
+
 def _parse_verifier(d: Any, i: int, source: str) -> VerifierConfig:
     prefix = f"verifiers[{i}]."
     if isinstance(d, str):
@@ -520,13 +531,10 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Cascad
         if data.get(k) is not None:
             kw[k] = _number(data, k, source, "")
     budget = _section(data, "budget", BudgetConfig, source)
-    unpriced = [r.label for r in rungs for e in (r, *r.fallbacks) if not e.price_known]
-    caps = [k for k, on in (("max_cost_usd", "max_cost_usd" in kw),
-                            ("budget.limit_usd", budget.limit_usd is not None)) if on]
-    if unpriced and caps:
-        raise ConfigError(f"cannot hold: rung(s) {sorted(set(unpriced))} have price = "
-                          "\"unknown\", so their cost is not known; give them a price or drop "
-                          "the cap", source=source, key=caps[0])
+    if "max_cost_usd" in kw:
+        check_cap(rungs, "max_cost_usd", source=source)
+    if budget.limit_usd is not None:
+        check_cap(rungs, "budget.limit_usd", source=source)
     for k in ("server", "store", "router"):
         if k in data:
             kw[k] = dict(_expect(data[k], Mapping, "a table", source, k))

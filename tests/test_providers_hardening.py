@@ -399,3 +399,14 @@ def test_price_key_is_unknown_or_absent(value: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         parse_config({"rungs": [{"model": "x", "price": value, "input_usd_per_mtok": 1.0}]})
 
+
+
+def test_a_per_call_cap_asks_the_same_rule() -> None:
+    """What a caller taking ``max_cost_usd`` per request checks (the engine's per-call cap)."""
+    from cascade.config import check_cap
+
+    unknown = parse_config({"rungs": [{"model": "my-finetune", "price": "unknown"}]})
+    with pytest.raises(ConfigError, match="my-finetune") as info:
+        check_cap(unknown.rungs, "max_cost_usd")
+    assert info.value.key == "max_cost_usd"
+    check_cap(parse_config(_rung_config()).rungs, "max_cost_usd")  # priced: nothing to refuse
