@@ -325,12 +325,11 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
                 raise ConfigError("must not be empty", source=source, key=prefix + k)
     if "provider" in d:
         p = _expect(d["provider"], str, "a provider name", source, prefix + "provider")
-        from cascade.providers import known_providers  # the registry needs RungConfig
+        from cascade.providers import has_provider, known_providers  # they need RungConfig
 
-        known = known_providers()
-        if p not in known:
-            raise ConfigError(f"is {p!r}; allowed: {', '.join(known)}", source=source,
-                              key=prefix + "provider")
+        if not has_provider(p):
+            raise ConfigError(f"is {p!r}; allowed: {', '.join(known_providers())}",
+                              source=source, key=prefix + "provider")
         kw["provider"] = p
     for k in ("input_usd_per_mtok", "output_usd_per_mtok", "temperature"):
         if k in d:

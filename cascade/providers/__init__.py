@@ -25,6 +25,7 @@ __all__ = [
     "Provider",
     "ProviderFactory",
     "TokenLogprob",
+    "has_provider",
     "known_providers",
     "make_provider",
     "register_provider",
@@ -59,6 +60,12 @@ def register_provider(kind: str, factory: ProviderFactory) -> None:
 def _installed() -> dict[str, EntryPoint]:
     """Entry points of installed packages, read afresh (a package may be installed at run time)."""
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def has_provider(kind: str) -> bool:
+    """Whether :func:`make_provider` can build ``kind``; installed packages are scanned only for
+    a name that is neither built in nor registered (the scan costs milliseconds)."""
+    return kind in _BUILTIN or kind in _FACTORIES or kind in _installed()
 
 
 def known_providers() -> tuple[str, ...]:
