@@ -34,9 +34,11 @@ def _loopback(host: object) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _network_guard(event: str, args: tuple[Any, ...]) -> None:

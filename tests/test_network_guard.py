@@ -28,6 +28,15 @@ def test_ipv6_and_connect_ex_are_guarded_too() -> None:
     NETWORK_VIOLATIONS.clear()
 
 
+def test_what_counts_as_loopback() -> None:
+    from tests.netguard import _loopback
+
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "localhost", "::ffff:127.0.0.1"):
+        assert _loopback(host), host
+    for host in ("10.0.0.1", "::ffff:8.8.8.8", "example.com", "0.0.0.0", None):
+        assert not _loopback(host), host
+
+
 def test_loopback_is_allowed(openai_server: LoopbackServer) -> None:
     import urllib.request
 
