@@ -31,7 +31,7 @@ from cascade.budget import BudgetStore
 from cascade.cache import AnswerCache
 from cascade.caller import EndpointCaller, endpoints_of
 from cascade.climb import Climb, Money, OnAttempt
-from cascade.config import CascadeConfig, RungConfig, load_config, parse_config
+from cascade.config import CascadeConfig, RungConfig, check_cap, load_config, parse_config
 from cascade.drift import DriftMonitor
 from cascade.errors import (
     BudgetExceeded,
@@ -263,8 +263,10 @@ class Cascade:
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ConfigError("must be a mapping", source="request", key="metadata")
         request = Request(messages=normalise_messages(prompt, messages), schema=json_schema,
-                          output_type=output_type, metadata=dict(metadata or {}))
+                          output_type=output_type, metadata=dict(metadata or {}), id=request_id)
         cap = _number_arg(max_cost_usd, "max_cost_usd")
+        if cap is not None:
+            check_cap(ladder.config.rungs, "max_cost_usd")
         timeout = _number_arg(timeout_s, "timeout_s")
         if cache not in (True, False, "refresh") or not isinstance(cache, (bool, str)):
             raise ConfigError("cache must be True, False or 'refresh'", source="request",
@@ -523,7 +525,7 @@ class Cascade:
     def close(self) -> None:
         """Close connections, the shadow checks, the sync loop, the store and the audit log."""
         try:
-            self._shadows.close()
+            self._shadows.close(self.aclose)  # its loop's connections close on that loop
             self._sync.stop(self.aclose)
         finally:
             with self._providers_lock:

@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,9 +104,17 @@ class Shadows:
         _, not_done = concurrent.futures.wait(pending, timeout=timeout_s)
         return not not_done
 
-    def close(self) -> None:
-        """Cancel what is still running and stop the loop (reservations are settled)."""
-        self._loop.stop()
+    def close(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Cancel what is still running and stop the loop (reservations are settled);
+        ``before()`` runs on the loop first (closing the connections made there)."""
+        if not self._loop.running:
+            return
+        with self._lock:
+            pending = list(self._futures)
+        for f in pending:
+            f.cancel()
+        concurrent.futures.wait(pending, timeout=5)
+        self._loop.stop(before)
 
     async def _run(self, job: ShadowJob, answered: Attempt | None = None) -> None:
         cfg = job.ladder.config

@@ -43,7 +43,7 @@ def _ladder(tmp_path: Path, *rungs: str) -> Path:
 
 def _rung(name: str, base_url: str, extra: str = "") -> str:
     return (f'[[rungs]]\nname = "{name}"\nmodel = "{name}-model"\nprovider = "openai-compatible"\n'
-            f'base_url = "{base_url}"\napi_key_env = "LOOPBACK_KEY"\n{extra}\n')
+            f'base_url = "{base_url}"\napi_key_env = "LOOPBACK_KEY"\nprice = "unknown"\n{extra}\n')
 
 
 # ------------------------------------------------------------------ parser surface

@@ -175,6 +175,7 @@ async def test_equivalent_endpoints_are_chosen_by_load(tmp_path: Path) -> None:
         return FunctionProvider(answer)
 
     cfg = {"rungs": [{"model": "m", "provider": "openai-compatible", "base_url": "http://slow/v1",
+                      "price": "unknown",
                       "fallbacks": [{"base_url": "http://fast/v1"}]}],
            "cache": {"enabled": False}}
     c = Cascade.from_dict(cfg, provider_factory=factory)
@@ -202,3 +203,16 @@ async def test_per_call_config_reuses_one_ladder(tmp_path: Path) -> None:
     for _ in range(5):
         assert (await c.aanswer("q", config=other)).model == "big"
     assert made == ["big"]
+
+
+async def test_a_per_call_cap_over_a_rung_of_unknown_price_is_refused(tmp_path: Path) -> None:
+    """A cap cannot hold over a rung whose cost is unknown: say so, before any call."""
+    cfg = _config(tmp_path)
+    cfg["rungs"][1] = {"model": "mystery", "provider": "openai-compatible",
+                       "base_url": "http://m/v1", "price": "unknown"}
+    s = Script({"small": ["a"], "mystery": ["b"]})
+    c = Cascade.from_dict(cfg, provider_factory=s.factory)
+    with pytest.raises(ConfigError, match="unknown") as ei:
+        await c.aanswer("q", max_cost_usd=0.01)
+    assert ei.value.key == "max_cost_usd" and s.calls == []
+    assert (await c.aanswer("q")).text in ("a", "b")

@@ -32,6 +32,9 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(),
                                   reason=f"shared recorded outcomes not found at {SHARED}")
 
 
+FREE = {"price": "unknown"}  # recorded costs, not rung prices, are what counts here
+
+
 def _case(grader: str, expected: object, cid: str = "c") -> Case:
     return Case(id=cid, messages=(Message("user", "q?"),), expected=expected, grader=grader)
 
@@ -150,7 +153,7 @@ def _recorded_suite(tmp_path: Path, *, skip: tuple[str, str] | None = None) -> P
     cases = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"{i}+{i}?"}],
               "expected": 2 * i, "grader": "numeric", "tags": ["arith"]} for i in range(4)]
     (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(c) for c in cases) + "\n")
-    cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}],
+    cfg = parse_config({"rungs": [{"model": "small", **FREE}, {"model": "big", **FREE}],
                         "verifiers": [{"name": "confidence"}]})
     store = RecordingStore(tmp_path / "recordings.jsonl")
     for c in load_cases(tmp_path):
@@ -172,7 +175,7 @@ def _recorded_suite(tmp_path: Path, *, skip: tuple[str, str] | None = None) -> P
 
 def test_table_from_recordings(tmp_path: Path) -> None:
     suite = _recorded_suite(tmp_path)
-    cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}],
+    cfg = parse_config({"rungs": [{"model": "small", **FREE}, {"model": "big", **FREE}],
                         "verifiers": [{"name": "confidence"}]})
     t = load_outcome_table([suite], cfg)
     assert t.n == 4 and t.labels == ("small", "big")
@@ -186,7 +189,7 @@ def test_table_from_recordings(tmp_path: Path) -> None:
 def test_missing_recording_names_case_and_model(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     suite = _recorded_suite(tmp_path, skip=("q2", "big"))
-    cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}]})
+    cfg = parse_config({"rungs": [{"model": "small", **FREE}, {"model": "big", **FREE}]})
     with pytest.raises(ConfigError, match=r"case 'q2' × model 'big'"):
         table_from_recordings(load_cases(suite), RecordingStore.for_suite(suite), cfg)
     # without a config, the ladder is the one `cascade record` would have used: the embedded one

@@ -91,7 +91,7 @@ def test_a_config_naming_os_system_runs_nothing_at_load(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     provider = FunctionProvider(lambda call: "Canberra")
     with pytest.raises(ConfigError, match="standard library") as info:
-        Cascade.from_dict({"rungs": [{"model": "m"}],
+        Cascade.from_dict({"rungs": [{"model": "m", "price": "unknown"}],
                            "verifiers": [{"name": "os:system", "command": f"touch {marker}"}],
                            "cache": {"enabled": False}}, provider_factory=provider.factory)
     assert not marker.exists()

@@ -264,7 +264,7 @@ def test_a_bad_setting_fails_before_any_model_call_is_paid() -> None:
 
     provider = FunctionProvider(lambda call: "I can't help with that.")
     with pytest.raises(ConfigError, match="min_chars"):
-        Cascade.from_dict({"rungs": [{"model": "small"}],
+        Cascade.from_dict({"rungs": [{"model": "small", "price": "unknown"}],
                            "verifiers": [{"name": "refusal", "min_chars": "x"}],
                            "cache": {"enabled": False}}, provider_factory=provider.factory)
     assert provider.calls == []
