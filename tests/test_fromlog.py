@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +273,32 @@ def test_a_log_of_only_redacted_lines_is_a_clear_error(tmp_path: Path) -> None:
         build_suite([log])
     with pytest.raises(ConfigError, match="cannot read"):
         build_suite([tmp_path / "missing.jsonl"])
+
+
+def _h4_shape(line: dict[str, Any]) -> dict[str, Any]:
+    """The same line as ``cascade.audit`` in the serve branch writes it: ISO timestamps, the
+    trace under ``trace`` and the answer's text under ``answer``."""
+    out = {**line, "timestamp": datetime.fromtimestamp(line["timestamp"], UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")}
+    if line["type"] == "answer":
+        out.update(trace=line["answer"], answer=line["answer"]["text"], verified=True,
+                   error=None)
+    return out
+
+
+def test_the_serve_branch_line_shape_reads_the_same(tmp_path: Path) -> None:
+    brief = build_suite([_write(tmp_path / "a.jsonl", _log())])
+    other = build_suite([_write(tmp_path / "b.jsonl", [_h4_shape(x) for x in _log()])])
+    assert other.cases == brief.cases
+    assert [r.to_dict() for r in other.recordings] == [r.to_dict() for r in brief.recordings]
+    assert other.stats == brief.stats
+
+
+def test_the_command_reports_what_it_skipped(tmp_path: Path) -> None:
+    log = _write(tmp_path / "audit.jsonl", _log())
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["suite", "from-log", str(log), "--out", str(tmp_path / "s"), "-v"],
+                out=out, err=err) == 0
+    assert out.getvalue().startswith("4 cases (2 labelled) and 7 recordings from 7 logged")
+    assert "skipped 1 redacted" in err.getvalue()
+    assert "2 cases have no label: `cascade label" in err.getvalue()

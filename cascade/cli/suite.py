@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Build a recorded suite from audit logs: the prompts, every rung answer the "
                     "climb saw, the top rung's shadow answers, and feedback as labels. Then "
                     "`cascade label` names the cases worth labelling and `cascade tune` retunes.")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log progress (INFO) to standard error")
     p.add_argument("logs", nargs="+", metavar="AUDIT.jsonl",
                    help="audit log files (rotated ones too: AUDIT.jsonl.1 ...)")
     p.add_argument("--out", required=True, metavar="SUITE_DIR",
