@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cascade.config import PolicyConfig
 from cascade.drift import DriftMonitor
 from cascade.store.local import LocalCounters
 from cascade.suite import OutcomeTable, load_shared_outcomes
@@ -63,6 +64,8 @@ def agreement(table: OutcomeTable) -> np.ndarray:
 
 
 MODES = ("watch", "act", "skip")
+ALPHA = PolicyConfig().drift_alpha
+"""The alarm's false-alarm rate: the engine's default ``[policy] drift_alpha``."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ async def stream(table: OutcomeTable, c: Cascade, order: IntArray, agree: np.nda
     chain = c.setting.chain
     last, top = len(chain) - 1, chain[-1]
     acc = accepts(table, c)
-    monitor = DriftMonitor(LocalCounters(), ladder="bench", thresholds=c.tolerated)
+    monitor = DriftMonitor(LocalCounters(), ladder="bench", thresholds=c.tolerated,
+                           alpha=ALPHA)
     rng = np.random.default_rng(seed + 7)
     right = spent = 0.0
     first_alarm: int | None = None
@@ -137,7 +141,7 @@ async def stream(table: OutcomeTable, c: Cascade, order: IntArray, agree: np.nda
     async def check(t: int, p: int, i: int) -> None:
         nonlocal first_alarm
         state = await monitor.record(c.labels[p], not bool(agree[i, chain[p], top]))
-        if state.alarm and first_alarm is None:
+        if state is not None and state.alarm and first_alarm is None:
             first_alarm = t
 
     for t, i in enumerate(order):
@@ -188,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     logging.getLogger("cascade.drift").setLevel(logging.ERROR)  # alarms are counted, not logged
-    print(f"{ns.requests} requests a stream, shadow rate {ns.shadow_rate:g}, alarm alpha 0.01, "
-          f"tuned at max accuracy drop {ns.max_accuracy_drop:g}; medians over {ns.seeds} seeds")
+    print(f"{ns.requests} requests a stream, shadow rate {ns.shadow_rate:g}, alarm alpha "
+          f"{ALPHA:g}, tuned at max accuracy drop {ns.max_accuracy_drop:g}; medians over "
+          f"{ns.seeds} seeds")
     head = (f"{'stream':<28} {'chain':<14} {'D suite→live':<30} {'1st alarm':>9} | "
             f"{'watch: Δacc':>6} {'cost':>5} | {'act: Δacc':>6} {'cost':>5} {'safe':>5} | "
             f"{'skip: Δacc':>6} {'cost':>5} {'safe':>5}")
