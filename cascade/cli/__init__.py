@@ -53,6 +53,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("cascade.record", "run a suite through every rung and store the responses"),
     "tune": ("cascade.tune", "tune rungs and thresholds on recorded suites"),
     "eval": ("cascade.evaluate", "replay suites through a config and report quality/cost"),
+    "suite": ("cascade.cli.suite", "build suites from served traffic (from-log: audit logs -> "
+                                   "a recorded suite)"),
 }
 """name -> (module with ``add_arguments(parser)`` and ``run(ns) -> int``, one-line help)."""
 
