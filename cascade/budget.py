@@ -52,9 +52,11 @@ __all__ = [
     "InMemoryBudgetStore",
     "Reservation",
     "SQLiteBudgetStore",
+    "budget_exceeded",
     "charged_nano",
     "default_store",
     "open_store",
+    "reserve_amounts",
     "window_of",
 ]
 
@@ -148,7 +150,8 @@ class BudgetStore(Protocol):
         ...
 
 
-def _reserve_amounts(amount_usd: float, limit_usd: float) -> tuple[int, int]:
+def reserve_amounts(amount_usd: float, limit_usd: float) -> tuple[int, int]:
+    """A reservation's estimate and limit as nano-dollars, or ValueError for a non-number."""
     if not (math.isfinite(amount_usd) and amount_usd >= 0):
         raise ValueError(f"a cost estimate must be a finite number >= 0, got {amount_usd}")
     if not (math.isfinite(limit_usd) and limit_usd >= 0):
@@ -156,8 +159,9 @@ def _reserve_amounts(amount_usd: float, limit_usd: float) -> tuple[int, int]:
     return _nano(amount_usd), _nano(limit_usd)
 
 
-def _exceeded(key: str, spent: int, pending: int, amount: int, limit: int, period_s: float,
-              now: float) -> BudgetExceeded:
+def budget_exceeded(key: str, spent: int, pending: int, amount: int, limit: int,
+                    period_s: float, now: float) -> BudgetExceeded:
+    """The refusal every store raises: the key, what was spent and reserved, the limit."""
     resets_in = (window_of(now, period_s) + 1) * period_s - now
     msg = (
         f"budget for key {key!r} would be exceeded: spent ${_usd(spent):.6f}"
@@ -182,7 +186,7 @@ class InMemoryBudgetStore:
 
     def reserve(self, key: str, amount_usd: float, limit_usd: float,
                 period_s: float) -> Reservation:
-        amount, limit = _reserve_amounts(amount_usd, limit_usd)
+        amount, limit = reserve_amounts(amount_usd, limit_usd)
         with self._lock:
             now = self._clock()
             window = window_of(now, period_s)
@@ -192,7 +196,7 @@ class InMemoryBudgetStore:
             counts = windows.setdefault(window, [0, 0])
             spent, pending = counts
             if spent + pending + amount > limit:
-                raise _exceeded(key, spent, pending, amount, limit, period_s, now)
+                raise budget_exceeded(key, spent, pending, amount, limit, period_s, now)
             counts[1] += amount
             res = Reservation(id=uuid.uuid4().hex, key=key, period_s=period_s, window=window,
                               amount_nusd=amount)
@@ -303,13 +307,13 @@ class SQLiteBudgetStore:
 
     def reserve(self, key: str, amount_usd: float, limit_usd: float,
                 period_s: float) -> Reservation:
-        amount, limit = _reserve_amounts(amount_usd, limit_usd)
+        amount, limit = reserve_amounts(amount_usd, limit_usd)
         with self._transaction() as db:
             now = self._clock()
             window = window_of(now, period_s)
             spent, pending = self._read(db, key, period_s, window)
             if spent + pending + amount > limit:
-                raise _exceeded(key, spent, pending, amount, limit, period_s, now)
+                raise budget_exceeded(key, spent, pending, amount, limit, period_s, now)
             res = Reservation(id=uuid.uuid4().hex, key=key, period_s=period_s, window=window,
                               amount_nusd=amount)
             db.execute(
