@@ -172,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recorded-with",
                         help="the ladder the suites were recorded with, when --config holds "
                              "only some of its rungs (default: --config)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run(ns: argparse.Namespace) -> int:

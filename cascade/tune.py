@@ -1335,7 +1335,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agreement", choices=("off", "all"), default="off",
                         help="all: a rung may also have to agree with the previous one (the "
                              "agreement gate; riskier on small suites, see the README)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the bootstrap and the shift folds (default 0)")
     parser.add_argument("--out", required=True, help="where to write TUNED.toml")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", help="write the frontier as a PNG (needs matplotlib)")
