@@ -35,7 +35,7 @@ class StoreConfig:
     budgets_on_outage: Literal["fail-closed", "fail-open"] = "fail-closed"
     """While Redis is unreachable: refuse metered calls (the default), or let them through and
     record their spend once Redis is back."""
-    timeout_s: float = 0.5
+    timeout_s: float = 1.0
     """Socket connect and read timeout of every Redis call (the request deadline caps it too)."""
     max_connections: int = 64
     """Connections in this process's pool; a burst beyond it waits up to ``timeout_s``."""

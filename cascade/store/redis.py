@@ -12,7 +12,8 @@
 - **counters and flags** (shadow samples, drift alarms).
 
 When Redis is unreachable no call waits past ``[store] timeout_s`` (nor the request deadline):
-the cache is bypassed (a logged warning; a store raises :class:`CacheError`), breakers fall back
+the cache raises :class:`CacheError`, which the engine turns into a bypass with a warning in
+the answer (a verified answer it could not store is still returned), breakers fall back
 to this process's own, latency and counters stay local, and budgets fail closed (or open, if
 configured). Everything uses Redis again as soon as it answers.
 """
@@ -74,13 +75,16 @@ class RedisCache:
         self._bypassed = True
 
     async def aget(self, key: str) -> Answer | None:
-        """The stored answer, or None: a miss, a damaged entry (deleted), or Redis down."""
+        """The stored answer, or None (a miss, or a damaged entry, deleted). Raises
+        :class:`CacheError` while Redis is down: the engine bypasses a shared cache then and
+        says so in the answer's warnings."""
         try:
             secret = await self.secret()
             raw = await self._conn.run(lambda c: c.get(self._prefix + key))
         except StoreDown as e:
             self._bypass(e.reason)
-            return None
+            raise CacheError(f"the shared cache at {self._conn.cfg.display_url} is "
+                             f"unreachable ({e.reason})") from None
         self._bypassed = False
         if raw is None:
             return None

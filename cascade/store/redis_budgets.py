@@ -73,11 +73,15 @@ class RedisBudgets:
             ok, spent, pending, win, now_ms = await self._conn.run(
                 lambda c: script(keys=self._keys(key, period_s), args=args, client=c))
         except StoreDown as e:
+            # Redis may have run the script before the reply was lost (a timeout): release the
+            # id once Redis answers again, so it does not hold money back until it expires.
+            self._unsettled.append((Reservation(id=rid, key=key, period_s=period_s, window=0,
+                                                amount_nusd=amount), 0))
             if self._conn.cfg.budgets_on_outage == "fail-closed":
                 raise self._down(key, e.reason) from None
             log.warning("budget key %r: shared store down, call let through unmetered "
                         "(budgets_on_outage = fail-open); its spend is recorded later", key)
-            return Reservation(id=_LOCAL + rid, key=key, period_s=period_s,
+            return Reservation(id=_LOCAL + uuid.uuid4().hex, key=key, period_s=period_s,
                                window=window_of(time.time(), period_s), amount_nusd=amount)
         if not int(ok):
             raise budget_exceeded(key, int(spent), int(pending), amount, limit, period_s,
@@ -147,7 +151,8 @@ class RedisBudgets:
 
     @property
     def unsettled(self) -> int:
-        """Settles waiting in this process for Redis to come back."""
+        """Settles (and releases of reservations whose reply was lost) waiting in this process
+        for Redis to come back."""
         return len(self._unsettled)
 
     async def aclose(self) -> None:
