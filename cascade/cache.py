@@ -259,16 +259,20 @@ class AnswerCache:
         """Delete every entry; returns how many there were.
 
         Only what the cache owns is touched, and a directory that holds anything else is
-        refused (:class:`CacheError`, nothing deleted). With ``force`` a cache too damaged to
-        open is removed file by file (its database, secret and value files) and 0 is returned.
+        refused (:class:`ConfigError` on ``cache.directory``, nothing deleted). With ``force``
+        a cache too damaged to open is removed file by file (its database, secret and value
+        files) and 0 is returned.
         """
         if self.directory.is_dir():
             foreign = self._foreign_files()
             if foreign:
                 shown = ", ".join(foreign[:5]) + (" …" if len(foreign) > 5 else "")
-                raise CacheError(
+                # A ConfigError, not a CacheError: the directory setting is what is wrong,
+                # and no "remove the damaged cache" fallback may catch it and delete the lot.
+                raise ConfigError(
                     f"refusing to clear {self.directory}: it holds files the cache did not "
-                    f"create ({shown}); point the cache at a directory of its own"
+                    f"create ({shown}); point the cache at a directory of its own",
+                    key="cache.directory",
                 )
         try:
             with self._errors("clear"):

@@ -392,3 +392,20 @@ async def test_fail_open_lets_calls_through_and_records_them_later(
         assert await store.budgets.aspent("t", 3600) == pytest.approx(0.15)
     finally:
         await store.aclose()
+
+
+def test_the_readme_store_example_is_a_valid_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The [store] example of "Running many workers" loads as written."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Running many workers"):]
+    block = re.search(r"```toml\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    table = tomllib.loads(block.group(1))
+    monkeypatch.setenv("REDIS_PASSWORD", "pw")
+    store = RedisStore.from_config(parse_config({"rungs": [{"model": "m"}], **table}))
+    assert store.config.url == "redis://10.0.0.5:6379/0"
+    assert store.config.budgets_on_outage == "fail-closed"
