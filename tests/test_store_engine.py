@@ -33,7 +33,7 @@ def _config(url: str, **extra: Any) -> dict[str, Any]:
         "rungs": [{"model": "m", "provider": "openai-compatible", "base_url": "http://x/v1",
                    "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0}],
         "verifiers": ["refusal"],
-        "store": {"url": url, "timeout_s": 0.5},
+        "store": {"url": url, "timeout_s": 2.0},
         **extra,
     }
 

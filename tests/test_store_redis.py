@@ -48,7 +48,7 @@ def _config(url: str, **store: Any) -> CascadeConfig:
     return parse_config({
         "rungs": [{"model": "m", "provider": "openai-compatible", "base_url": "http://x/v1"}],
         "breaker": {"failure_threshold": 2, "cooldown_s": 0.3},
-        "store": {"url": url, "timeout_s": 0.3, **store},
+        "store": {"url": url, "timeout_s": 2.0, **store},
     }, source="cascade.toml")
 
 
@@ -359,7 +359,7 @@ async def test_redis_down_then_back_without_a_restart(redis: RedisServer) -> Non
 async def test_a_hung_redis_never_holds_a_call_past_the_timeout(redis: RedisServer) -> None:
     """SIGSTOP: connections are accepted but never answered. Every call gives up within
     [store] timeout_s (0.3 s here) instead of hanging."""
-    store = RedisStore.from_config(_config(redis.url))
+    store = RedisStore.from_config(_config(redis.url, timeout_s=0.3))
     try:
         assert store.cache is not None
         assert await store.aping()

@@ -36,6 +36,7 @@ from cascade.errors import CacheError, CircuitOpen, ConfigError, ProviderError
 from cascade.store import lua
 from cascade.store.config import StoreConfig, parse_store, secret_from_env
 from cascade.store.connection import Connection, StoreDown
+from cascade.store.local import LocalCounters
 from cascade.store.redis_budgets import RedisBudgets
 from cascade.trace import Answer
 
@@ -261,14 +262,12 @@ class RedisLatency:
 
 class RedisCounters:
     """Named counters (hashes of integers) and flags (strings) every worker shares; in this
-    process's memory while Redis is down."""
+    process's memory (:class:`LocalCounters`) while Redis is down."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._prefix = conn.cfg.key_prefix
-        self._lock = threading.Lock()
-        self._counts: dict[str, dict[str, int]] = {}
-        self._flags: dict[str, str | None] = {}
+        self.local = LocalCounters()
 
     async def aincr(self, name: str, fields: Mapping[str, int]) -> dict[str, int]:
         key = f"{self._prefix}:counter:{name}"
@@ -284,18 +283,13 @@ class RedisCounters:
         try:
             return await self._conn.run(incr)
         except StoreDown:
-            with self._lock:
-                c = self._counts.setdefault(name, {})
-                for k, by in fields.items():
-                    c[k] = c.get(k, 0) + int(by)
-                return dict(c)
+            return await self.local.aincr(name, fields)
 
     async def aget(self, name: str) -> dict[str, int]:
         try:
             values = await self._conn.run(lambda c: c.hgetall(f"{self._prefix}:counter:{name}"))
         except StoreDown:
-            with self._lock:
-                return dict(self._counts.get(name, {}))
+            return await self.local.aget(name)
         return {str(k): int(v) for k, v in values.items()}
 
     async def aset_flag(self, name: str, value: str | None) -> None:
@@ -306,15 +300,13 @@ class RedisCounters:
             else:
                 await self._conn.run(lambda c: c.set(key, value))
         except StoreDown:
-            with self._lock:
-                self._flags[name] = value
+            await self.local.aset_flag(name, value)
 
     async def aget_flag(self, name: str) -> str | None:
         try:
             value = await self._conn.run(lambda c: c.get(f"{self._prefix}:flag:{name}"))
         except StoreDown:
-            with self._lock:
-                return self._flags.get(name)
+            return await self.local.aget_flag(name)
         return None if value is None else str(value)
 
 
