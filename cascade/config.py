@@ -501,6 +501,16 @@ def _section(d: Mapping[str, Any], name: str, cls: type, source: str) -> Any:
     ):
         raise ConfigError(f"is {kw['on_unverified']!r}; allowed: return, raise", source=source,
                           key="policy.on_unverified")
+    if cls is BudgetConfig and "period_s" in kw and not kw["period_s"] > 0:
+        raise ConfigError(f"must be > 0 (the length of a budget window in seconds), got "
+                          f"{kw['period_s']}", source=source, key="budget.period_s")
+    if cls is CacheConfig and "size_limit_mb" in kw:
+        from cascade.cache import check_size_limit
+
+        try:
+            check_size_limit(kw["size_limit_mb"])
+        except ConfigError as e:
+            raise ConfigError(e.detail, source=source, key=e.key) from None
     for rate in ("drift_max_disagreement", "drift_alpha"):
         if cls is PolicyConfig and (kw.get(rate) or 0.0) > 1.0:
             raise ConfigError(f"must be in [0, 1], got {kw[rate]}", source=source,
