@@ -28,20 +28,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tuning_baseline import grid_search_baseline  # noqa: E402
+
 from cascade.suite import OutcomeTable, load_shared_outcomes  # noqa: E402
-from cascade.tune import (  # noqa: E402
-    FloatArray,
-    IntArray,
-    Setting,
-    _candidates,
-    _chains,
-    _mesh_stats,
-    grid_search_baseline,
-    reference_rung,
-    select,
-    simulate,
-    tune,
-)
+from cascade.tuning import Setting, reference_rung, select, tune  # noqa: E402
+from cascade.tuning.candidates import candidates, rung_chains  # noqa: E402
+from cascade.tuning.setting import FloatArray, IntArray  # noqa: E402
+from cascade.tuning.simulate import mesh_stats, simulate  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cascades"
 
@@ -105,11 +98,11 @@ def _ceiling(table: OutcomeTable, drop: float, gate: bool) -> list[float]:
     gate = gate and norm in table.agreement
     order = [int(j) for j in np.argsort(mc, kind="stable")]
     best = [0.0] * len(MARGINS)
-    for chain in _chains(order, ref, mc):
+    for chain in rung_chains(order, ref, mc):
         if len(chain) < 2:
             continue
-        th, ag = _candidates(table, chain, keys, gate=gate and len(chain) > 2)
-        cost, better, worse, _ = _mesh_stats(table, chain, keys, th, ref, ag, norm)
+        th, ag = candidates(table, chain, keys, gate=gate and len(chain) > 2)
+        cost, better, worse, _ = mesh_stats(table, chain, keys, th, ref, ag, norm)
         change = (better - worse) / table.n
         for i, margin in enumerate(MARGINS):
             ok = change >= -drop + margin - 1e-12

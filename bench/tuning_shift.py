@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tuning import DATA, Split, case_folds, held_out
 
 from cascade.suite import OutcomeTable, load_shared_outcomes
-from cascade.tune import FloatArray, IntArray, group_folds
+from cascade.tuning import group_folds
+from cascade.tuning.setting import FloatArray, IntArray
 
 
 def _group_splits(groups: list[str], folds: int, seed: int) -> Split:

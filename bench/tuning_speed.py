@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 from _common import REPO, machine, print_table
+from tuning_baseline import grid_search_baseline
 
+from cascade.cli.tune import add_arguments, run
 from cascade.suite import load_shared_outcomes
-from cascade.tune import add_arguments, grid_search_baseline, run, select, tune
+from cascade.tuning import select, tune
 
 DATA = REPO.parent / "shared" / "data" / "cascades"
 

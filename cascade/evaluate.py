@@ -1,4 +1,4 @@
-"""``cascade eval``: replay suites through a config and report what it would have done.
+"""Replay suites through a config and report what it would have done (``cascade eval``).
 
 The climb is simulated from the recordings: at each rung of the config, the answer is accepted
 when every verifier of that rung passes (score >= the configured threshold, or the verifier's
@@ -15,19 +15,17 @@ suite's answer texts; at the first rung it abstains (passes) as the engine's doe
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from cascade.config import CascadeConfig, VerifierConfig, load_config
+from cascade.config import CascadeConfig, VerifierConfig
 from cascade.errors import ConfigError
-from cascade.suite import OutcomeTable, load_outcome_table
+from cascade.suite import OutcomeTable
 
-__all__ = ["add_arguments", "evaluate", "format_report", "run"]
+__all__ = ["evaluate", "format_report"]
 
 
 def _columns(table: OutcomeTable, config: CascadeConfig) -> list[int]:
@@ -162,24 +160,3 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(f"{s['rung']:<28} {s['accuracy'] * 100:>7.1f}% "
                      f"{s['accuracy_change'] * 100:>+6.1f} {save:>7}")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``cascade eval SUITE... --config FILE [--json]``."""
-    parser.add_argument("suites", nargs="+", metavar="SUITE",
-                        help="recorded suite folders/files, or shared outcome JSONL files")
-    parser.add_argument("--config", required=True, help="the cascade to evaluate (TUNED.toml)")
-    parser.add_argument("--recorded-with",
-                        help="the ladder the suites were recorded with, when --config holds "
-                             "only some of its rungs (default: --config)")
-    parser.add_argument("--json", action="store_true")
-
-
-def run(ns: argparse.Namespace) -> int:
-    """Evaluate and print."""
-    config = load_config(ns.config)
-    recorded = load_config(ns.recorded_with) if ns.recorded_with else config
-    table = load_outcome_table(ns.suites, recorded)
-    rep = evaluate(table, config)
-    print(json.dumps(rep, indent=2) if ns.json else format_report(rep))
-    return 0

@@ -236,3 +236,17 @@ def test_shared_outcomes_carry_agreement() -> None:
     assert t.correct[ag, 0].mean() > t.correct[~ag, 0].mean()
     sub = t.take([5, 5, 7])
     assert sub.agreement["numeric"].shape == (3, 4, 4)
+
+
+def test_replay_side_of_the_suite_package_needs_no_numpy() -> None:
+    """The replay provider imports cases and recordings; the outcome table (numpy) loads only
+    when one of its names is asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cascade.suite, cascade.suite.recordings, cascade.replay\n"
+            "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
+            "from cascade.suite import OutcomeTable\n"
+            "assert 'numpy' in sys.modules and OutcomeTable.__module__ == "
+            "'cascade.suite.outcomes'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -11,24 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.tuning_baseline import grid_search_baseline
 from cascade.config import RungConfig, VerifierConfig, load_config
 from cascade.evaluate import evaluate
 from cascade.suite import OutcomeTable
-from cascade.tune import (
-    Setting,
-    _candidates,
-    _frontier_of_model,
-    _guard,
-    _LossModel,
-    _mesh,
-    _mesh_stats,
-    grid_search_baseline,
-    select,
-    simulate,
-    to_toml,
-    tune,
-    z_value,
-)
+from cascade.tuning import Setting, select, to_toml, tune
+from cascade.tuning.candidates import candidates, mesh
+from cascade.tuning.guard import model_frontier, paired_bound, z_value
+from cascade.tuning.loss import LossModel
+from cascade.tuning.simulate import mesh_stats, simulate
 
 
 def _table(correct: np.ndarray, cost: np.ndarray, scores: np.ndarray,
@@ -194,13 +185,13 @@ def test_fast_on_ten_thousand_cases() -> None:
 
 def test_guard_arithmetic() -> None:
     # 240 cases, 6 better and 3 worse: change +3/240, paired variance (9 + 1 pseudo)/240 - c²
-    change, se, lower = _guard(np.array([6.0]), np.array([3.0]), 240, 1.5)
+    change, se, lower = paired_bound(np.array([6.0]), np.array([3.0]), 240, 1.5)
     c = 3 / 240
     assert change[0] == pytest.approx(c)
     assert se[0] == pytest.approx(math.sqrt((10 / 240 - c * c) / 240))
     assert lower[0] == pytest.approx(c - 1.5 * se[0])
     # nothing discordant is still not certainty: the pseudo-case keeps a margin
-    assert _guard(np.array([0.0]), np.array([0.0]), 100, 1.0)[1][0] == pytest.approx(0.01)
+    assert paired_bound(np.array([0.0]), np.array([0.0]), 100, 1.0)[1][0] == pytest.approx(0.01)
     assert z_value(0.1) == pytest.approx(1.2815515655)
 
 
@@ -213,9 +204,9 @@ def test_block_statistics_match_the_simulation() -> None:
     t = _table(correct, np.tile([0.01, 0.05, 0.2, 1.0], (n, 1)) * rng.uniform(0.5, 1.5, (n, r)),
                s, passed=rng.random((n, r)) < 0.9)
     chain = (0, 2, 3)
-    th = _mesh(t, chain, ("confidence",))
+    th = mesh(t, chain, ("confidence",))
     assert th.shape == (81, 2, 1)  # 9 fixed levels per early rung, labels never consulted
-    cost, better, worse, _ = _mesh_stats(t, chain, ("confidence",), th, 3)
+    cost, better, worse, _ = mesh_stats(t, chain, ("confidence",), th, 3)
     rr = t.correct[:, 3]
     for g in (0, 17, 40, 80):
         right, c, _ = simulate(t, Setting(chain, ("confidence",),
@@ -293,9 +284,9 @@ def test_agreement_gate_is_simulated_as_the_engine_runs_it() -> None:
     s_any = replace(s_all, accept="any")
     assert (simulate(t, s_any)[2] == 1).sum() > (simulate(t, s_all)[2] == 1).sum()
     # block statistics agree with the simulation, gates included
-    th, ag = _candidates(t, (0, 1, 2), ("confidence",), gate=True)
+    th, ag = candidates(t, (0, 1, 2), ("confidence",), gate=True)
     assert ag[:, 1].any() and not ag[:, 0].any()  # the first rung has nothing to agree with
-    cst, better, worse, _ = _mesh_stats(t, (0, 1, 2), ("confidence",), th, 2, ag, "choice")
+    cst, better, worse, _ = mesh_stats(t, (0, 1, 2), ("confidence",), th, 2, ag, "choice")
     rr = t.correct[:, 2]
     for g in (0, len(th) // 3, len(th) - 1):
         sg = Setting((0, 1, 2), ("confidence",), tuple(tuple(r) for r in th[g].tolist()),
@@ -395,18 +386,18 @@ def test_model_loss_and_frontier() -> None:
     frontier keeps exactly the settings cheaper than every one the model rates safer."""
     t = _many_rungs(400, 5)
     chain = (0, 1, 3)
-    th = _mesh(t, chain, ("confidence",))
-    risk = _LossModel(t, ("confidence",), 3).columns(chain)
+    th = mesh(t, chain, ("confidence",))
+    risk = LossModel(t, ("confidence",), 3).columns(chain)
     assert np.all(risk[0][:, -1] == 0)  # the reference itself loses nothing against itself
     s0 = t.scores["confidence"][:, 0]
     hi, lo = risk[0][s0 > 0.9, 0].mean(), risk[0][s0 < 0.3, 0].mean()
     assert hi < lo  # a confident cheap answer is expected to lose less
-    cost, _b, _w, loss = _mesh_stats(t, chain, ("confidence",), th, 3, risk=risk)
+    cost, _b, _w, loss = mesh_stats(t, chain, ("confidence",), th, 3, risk=risk)
     for g in (0, len(th) // 2, len(th) - 1):
         sg = Setting(chain, ("confidence",), tuple(tuple(r) for r in th[g].tolist()))
         _r, _c, ex = simulate(t, sg)
         assert loss[g] == pytest.approx(risk[0][np.arange(t.n), ex].mean())
-    front = _frontier_of_model(loss, cost, 1.0)
+    front = model_frontier(loss, cost, 1.0)
     on = np.zeros(len(cost), dtype=bool)
     on[front] = True
     for i in range(len(cost)):
@@ -445,9 +436,9 @@ def test_model_with_two_scoring_verifiers() -> None:
     t = replace(t, scores={"confidence": t.scores["confidence"], "judge": judge})
     keys = ("confidence", "judge")
     chain = (0, 2, 3)
-    th = _mesh(t, chain, keys)
-    risk = _LossModel(t, keys, 3).columns(chain)
-    cost, _b, _w, loss = _mesh_stats(t, chain, keys, th, 3, risk=risk)
+    th = mesh(t, chain, keys)
+    risk = LossModel(t, keys, 3).columns(chain)
+    cost, _b, _w, loss = mesh_stats(t, chain, keys, th, 3, risk=risk)
     for g in (1, len(th) // 3, len(th) - 2):
         sg = Setting(chain, keys, tuple(tuple(r) for r in th[g].tolist()))
         _r, c, ex = simulate(t, sg)

@@ -35,8 +35,8 @@ __all__ = ["format_climb", "main"]
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("cascade.record", "run a suite through every rung and store the responses"),
-    "tune": ("cascade.tune", "tune rungs and thresholds on recorded suites"),
-    "eval": ("cascade.evaluate", "replay suites through a config and report quality/cost"),
+    "tune": ("cascade.cli.tune", "tune rungs and thresholds on recorded suites"),
+    "eval": ("cascade.cli.eval", "replay suites through a config and report quality/cost"),
 }
 """Commands in modules of their own: name -> (module with add_arguments(parser) and run(ns),
 help). Only the chosen command's module is imported."""

@@ -1,0 +1,229 @@
+"""The report behind a recommendation: intervals, the guard, single rungs, the frontier."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from cascade.suite.outcomes import OutcomeTable
+from cascade.tuning.candidates import rung_chains
+from cascade.tuning.choose import Choice
+from cascade.tuning.guard import PSEUDO, PSEUDO_GATE, paired_bound, z_value
+from cascade.tuning.loss import risk_path
+from cascade.tuning.setting import BoolArray, FloatArray, IntArray, Setting, scoring_keys
+from cascade.tuning.simulate import simulate_many
+
+__all__ = ["build_report", "cost_frontier", "format_report"]
+
+
+def _interval(samples: FloatArray) -> list[float]:
+    lo, hi = np.quantile(samples, [0.05, 0.95])
+    return [float(lo), float(hi)]
+
+
+def _bootstrap_stats(right: BoolArray, cost: FloatArray, ref_right: BoolArray,
+                     ref_cost: FloatArray, rng: np.random.Generator, b: int = 1000
+                     ) -> dict[str, list[float]]:
+    n = right.size
+    chunk = max(1, min(b, 4_000_000 // max(n, 1)))
+    acc, cst, dacc, save = [], [], [], []
+    for start in range(0, b, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, b - start), n))
+        a = right[idx].mean(1)
+        c = cost[idx].mean(1)
+        ra = ref_right[idx].mean(1)
+        rc = ref_cost[idx].mean(1)
+        acc.append(a)
+        cst.append(c)
+        dacc.append(a - ra)
+        save.append(1 - c / np.where(rc > 0, rc, np.nan))
+    return {
+        "accuracy": _interval(np.concatenate(acc)),
+        "mean_cost_usd": _interval(np.concatenate(cst)),
+        "accuracy_change": _interval(np.concatenate(dacc)),
+        "cost_saving": _interval(np.nan_to_num(np.concatenate(save))),
+    }
+
+
+def _pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    pts = sorted(points, key=lambda p: (p["mean_cost_usd"], -p["accuracy"]))
+    out: list[dict[str, Any]] = []
+    best = -1.0
+    for p in pts:
+        if p["accuracy"] > best + 1e-12:
+            out.append(p)
+            best = p["accuracy"]
+    return out
+
+
+
+def build_report(table: OutcomeTable, setting: Setting, ref: int, right: BoolArray,
+            cost: FloatArray, exit_pos: IntArray, cal: IntArray, choice: Choice,
+            rng: np.random.Generator, notes: list[str], *, max_accuracy_drop: float | None,
+            max_cost_usd: float | None, delta: float, bootstrap: int) -> dict[str, Any]:
+    ref_right = table.correct[:, ref]
+    ref_cost = table.cost[:, ref]
+    # With a calibration split (the budget objective), accuracy is measured where the path was
+    # not learnt; the accuracy objective chooses on every case and says how it guards that.
+    ci = _bootstrap_stats(right[cal], cost[cal], ref_right[cal], ref_cost[cal], rng,
+                          b=bootstrap) if cal.size else _bootstrap_stats(
+        right, cost, ref_right, ref_cost, rng, b=bootstrap)
+    cost_ci = _bootstrap_stats(right, cost, ref_right, ref_cost, rng, b=bootstrap)
+    on = cal if cal.size else np.arange(table.n)
+    change = float((right[on].astype(float) - ref_right[on]).mean()) if on.size else 0.0
+    is_cascade = len(setting.chain) > 1
+    z = z_value(delta)
+    if max_cost_usd is None and is_cascade:
+        worse = float(np.sum(ref_right & ~right))
+        better = float(np.sum(~ref_right & right))
+        if setting.agree:
+            z = choice.z or z
+        g_change, g_se, g_lower = (float(x[0]) for x in paired_bound(
+            np.array([better]), np.array([worse]), table.n, z,
+            PSEUDO_GATE if setting.agree else PSEUDO))
+    else:
+        g_change, g_se, g_lower = change, 0.0, change
+    chain_labels = [table.rungs[j].label for j in setting.chain]
+    rc = float(ref_cost.mean())
+    exits = np.bincount(exit_pos, minlength=len(setting.chain)) / max(table.n, 1)
+    acc = table.correct.mean(axis=0)
+    mc = table.cost.mean(axis=0)
+    oracle_pos = np.where(table.correct.any(axis=1),
+                          np.argmax(table.correct[:, np.argsort(mc, kind="stable")], axis=1), -1)
+    order = np.argsort(mc, kind="stable")
+    ocost = np.where(oracle_pos >= 0,
+                     table.cost[np.arange(table.n), order[np.maximum(oracle_pos, 0)]],
+                     table.cost[:, order[-1]])
+    return {
+        "source": table.source,
+        "cases": table.n,
+        "rungs": list(table.labels),
+        "objective": ({"max_cost_usd": max_cost_usd} if max_cost_usd is not None else
+                      {"max_accuracy_drop": max_accuracy_drop, "delta": delta}),
+        "method": ("most accurate setting under the cost cap: isotonic risk path on a selection "
+                   "split, accuracy measured on a calibration split" if max_cost_usd is not None
+                   else "cheapest setting on the frontier of an isotonic loss model over a "
+                        "fixed label-free grid of per-rung thresholds (optionally gated on "
+                        "agreeing with the previous rung) whose net accuracy change minus z "
+                        "paired standard errors stays above -max_accuracy_drop"),
+        "split": {"selection": int(table.n - cal.size), "calibration": int(cal.size)},
+        "reference": {"rung": table.rungs[ref].label, "accuracy": float(acc[ref]),
+                      "mean_cost_usd": float(mc[ref])},
+        "recommendation": {
+            "kind": "cascade" if len(setting.chain) > 1 else "single_rung",
+            "rungs": chain_labels,
+            "thresholds": {table.rungs[j].label: {k: float(t) for k, t in
+                                                  zip(setting.keys, setting.thresholds[p],
+                                                      strict=True) if math.isfinite(t)}
+                           for p, j in enumerate(setting.chain[:-1])},
+            "describe": setting.describe(table),
+            "exit_rate": {lab: float(x) for lab, x in zip(chain_labels, exits, strict=True)},
+            "tested_settings": choice.tested,
+            "candidate_settings": choice.candidates,
+            "passed_test": choice.passed,
+        },
+        "expected": {
+            "confidence": 0.9,
+            "accuracy": {"estimate": float(right[cal].mean() if cal.size else right.mean()),
+                         "interval_90": ci["accuracy"]},
+            "mean_cost_usd": {"estimate": float(cost.mean()),
+                              "interval_90": cost_ci["mean_cost_usd"]},
+            "accuracy_change": {"estimate": change, "interval_90": ci["accuracy_change"]},
+            "cost_saving": {"estimate": 1 - float(cost.mean()) / rc if rc > 0 else 0.0,
+                            "interval_90": cost_ci["cost_saving"]},
+            "certified_max_drop": max(0.0, -g_lower) if is_cascade else 0.0,
+            "guard": {
+                "z": z, "accuracy_change": g_change, "standard_error": g_se,
+                "lower_bound": g_lower,
+                "meaning": "an estimate, not a guarantee: the drop on new questions of the "
+                           "suite's mix is at most certified_max_drop at about 1 - delta "
+                           "confidence by a normal approximation for this one setting; choosing "
+                           "it among the frontier makes the in-sample estimate optimistic, which "
+                           "the margin is sized to absorb (checked by cross-validation in "
+                           "bench/tuning.py)"},
+        },
+        "single_rungs": [{"rung": r.label, "accuracy": float(acc[j]),
+                          "mean_cost_usd": float(mc[j])} for j, r in enumerate(table.rungs)],
+        "oracle": {"accuracy": float(table.correct.any(axis=1).mean()),
+                   "mean_cost_usd": float(ocost.mean())},
+        "notes": notes,
+    }
+
+
+def cost_frontier(table: OutcomeTable, ref: int, max_chains: int = 64) -> list[dict[str, Any]]:
+    """In-sample cost/accuracy frontier of cascades ending at the reference, with every single
+    rung and the oracle for scale. In-sample: it shows the room, not a promise."""
+    keys = scoring_keys(table)
+    mc = table.cost.mean(axis=0)
+    order = [int(j) for j in np.argsort(mc, kind="stable")]
+    pts: list[dict[str, Any]] = []
+    if keys:
+        for chain in rung_chains(order, ref, mc)[:max_chains]:
+            if len(chain) == 1:
+                continue
+            th = risk_path(table, chain, ref, keys, max_points=24)
+            right, cost, _ = simulate_many(table, chain, keys, th)
+            for g in range(1, th.shape[0]):
+                pts.append({"kind": "cascade", "rungs": [table.rungs[j].label for j in chain],
+                            "accuracy": float(right[g].mean()),
+                            "mean_cost_usd": float(cost[g].mean())})
+    out = _pareto(pts)
+    for j, r in enumerate(table.rungs):
+        out.append({"kind": "single_rung", "rungs": [r.label],
+                    "accuracy": float(table.correct[:, j].mean()), "mean_cost_usd": float(mc[j])})
+    o_acc = float(table.correct.any(axis=1).mean())
+    pos = np.argmax(table.correct[:, order], axis=1)
+    cost = np.where(table.correct.any(axis=1),
+                    table.cost[np.arange(table.n), np.array(order)[pos]], table.cost[:, order[-1]])
+    out.append({"kind": "oracle", "rungs": [], "accuracy": o_acc,
+                "mean_cost_usd": float(cost.mean())})
+    return sorted(out, key=lambda p: p["mean_cost_usd"])
+
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The human summary printed by ``cascade tune``."""
+    e = report["expected"]
+    rec = report["recommendation"]
+    ref = report["reference"]
+
+    def iv(x: Mapping[str, Any], pct: bool = False, usd: bool = False) -> str:
+        lo, hi = x["interval_90"]
+        if pct:
+            return f"{x['estimate'] * 100:+.1f} pts (90%: {lo * 100:+.1f} … {hi * 100:+.1f})"
+        if usd:
+            return f"${x['estimate']:.3g} (90%: ${lo:.3g} … ${hi:.3g})"
+        return f"{x['estimate'] * 100:.1f}% (90%: {lo * 100:.1f} … {hi * 100:.1f})"
+
+    lines = [
+        f"cases: {report['cases']}   best single rung: {ref['rung']} "
+        f"({ref['accuracy'] * 100:.1f}%, ${ref['mean_cost_usd']:.3g}/case)",
+        f"recommended: {rec['describe']}",
+        f"  accuracy        {iv(e['accuracy'])}",
+        f"  accuracy change {iv(e['accuracy_change'], pct=True)}",
+        f"  mean cost       {iv(e['mean_cost_usd'], usd=True)}",
+        f"  cost saving     {e['cost_saving']['estimate'] * 100:.1f}% (90%: "
+        f"{e['cost_saving']['interval_90'][0] * 100:.1f} … "
+        f"{e['cost_saving']['interval_90'][1] * 100:.1f})",
+    ]
+    if rec.get("candidate_settings"):
+        lines.append(f"  chosen among {rec['tested_settings']} settings on the loss model's "
+                     f"frontier, of {rec['candidate_settings']} candidates")
+    if rec["kind"] == "cascade" and "delta" in report["objective"]:
+        g = e["guard"]
+        lines.append(f"  guard: estimated change {g['accuracy_change'] * 100:+.2f} pts, "
+                     f"standard error {g['standard_error'] * 100:.2f}; drop on new questions "
+                     f"of this mix at most {e['certified_max_drop'] * 100:.2f} pts at about "
+                     f"{100 * (1 - report['objective']['delta']):.0f}% confidence (an estimate, "
+                     "not a guarantee)")
+    sh = report.get("shift")
+    if sh and sh.get("available"):
+        lines.append(f"  under shift ({sh['folds']} held-out {sh['by']} folds): accuracy change "
+                     f"mean {sh['accuracy_change_mean'] * 100:+.1f} pts, worst "
+                     f"{sh['accuracy_change_worst'] * 100:+.1f} pts")
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
