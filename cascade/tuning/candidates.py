@@ -8,6 +8,7 @@ from itertools import combinations
 
 import numpy as np
 
+from cascade.errors import ConfigError
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.setting import BoolArray, FloatArray
 
@@ -25,10 +26,20 @@ _MAX_SETTINGS = 6561
 """Per rung subset: 9 levels for 4 early rungs; more dimensions get coarser levels."""
 
 
+def rung_accuracy(table: OutcomeTable) -> FloatArray:
+    """Each rung's accuracy on the labelled cases (the others carry no grades)."""
+    lab = table.is_labelled
+    if not lab.any():
+        raise ConfigError("no case of the suite is labelled: label some (`cascade label` names "
+                          "the ones that matter) before tuning", source=table.source)
+    return np.asarray(table.correct[lab].mean(axis=0), dtype=float)
+
+
 def reference_rung(table: OutcomeTable) -> int:
-    """The best single rung: the most accurate on the suite, the cheaper on a tie. Every promise
-    the tuner makes is measured against it."""
-    return int(np.lexsort((table.cost.mean(axis=0), -table.correct.mean(axis=0)))[0])
+    """The rung that looks best: the most accurate on the suite's labelled cases, the cheaper on
+    a tie. The guard also protects every rung that could be the best (see
+    :func:`cascade.tuning.guard.plausible_best`)."""
+    return int(np.lexsort((table.cost.mean(axis=0), -rung_accuracy(table)))[0])
 
 
 def rung_chains(order: Sequence[int], ref: int, mean_cost: FloatArray) -> list[tuple[int, ...]]:

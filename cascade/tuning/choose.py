@@ -8,16 +8,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from cascade.suite.outcomes import OutcomeTable
-from cascade.tuning.candidates import candidates, reference_rung, rung_chains
-from cascade.tuning.guard import PSEUDO, PSEUDO_GATE, model_frontier, paired_bound, z_value
+from cascade.tuning.candidates import candidates, reference_rung, rung_accuracy, rung_chains
+from cascade.tuning.guard import (
+    PSEUDO,
+    PSEUDO_GATE,
+    cases_needed,
+    model_frontier,
+    paired_bound,
+    plausible_best,
+    z_value,
+)
 from cascade.tuning.loss import LossModel, risk_path
 from cascade.tuning.setting import BoolArray, FloatArray, IntArray, Setting, prune, scoring_keys
-from cascade.tuning.simulate import mesh_stats, simulate, simulate_many
+from cascade.tuning.simulate import mesh_stats, outcome_of, simulate, simulate_many
 
-__all__ = ["Choice", "choose", "choose_budget", "dominating_rung", "select"]
-
-Z90 = 1.6448536269514722
-
+__all__ = ["Choice", "budget_points", "choose", "choose_budget", "dominating_rung", "select"]
 
 @dataclass(frozen=True, kw_only=True)
 class Choice:
@@ -36,32 +41,45 @@ class Choice:
     """The guard's bound: ``change - z * stderr``."""
     z: float = 0.0
     """The guard's z for this setting (larger for settings that use the agreement gate)."""
+    against: int = -1
+    """The rung whose bound binds (the lowest among the rivals)."""
+    rivals: tuple[int, ...] = ()
+    """Every rung that could be the best on new questions (the guard holds against each)."""
+    looks_best: int = -1
+    """The rung most accurate on the suite."""
+    cases_needed: int | None = None
+    """When nothing passed: about how many cases the most promising setting would need."""
 
 
 
 def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str = "off",
-            z_gate: float | None = None) -> tuple[Choice, int, IntArray, IntArray]:
-    """The cheapest setting on the model's frontier whose guarded net accuracy change stays
-    above ``-max_drop``; the reference alone when none does. It uses every case and draws
-    nothing at random.
+           z_gate: float | None = None) -> tuple[Choice, int, IntArray, IntArray]:
+    """The cheapest setting on the model's frontier whose guarded net accuracy change, against
+    every rung that could be the best (:func:`~cascade.tuning.guard.plausible_best`), stays
+    above ``-max_drop``; the dearest of those rungs alone when none does. It uses every case
+    and draws nothing at random.
 
     ``agreement``: ``"off"`` (scores only), ``"all"`` (a rung may also have to agree with the
     previous one: runnable by the engine) or ``"any"`` (scores pass *or* it agrees: for
     measurement). Gated settings form their own frontier, held to ``z_gate`` standard errors.
 
-    Returns the choice, the reference, and the cases used to choose and (none) held apart.
+    Returns the choice, the rung cascades end at (the reference of the report), and the cases
+    used to choose and (none) held apart.
     """
     n = table.n
     mean_cost = table.cost.mean(axis=0)
-    ref = reference_rung(table)
+    z = z_value(delta)
+    looks_best = reference_rung(table)
+    rivals = plausible_best(table, looks_best, z)
+    ref = max(rivals, key=lambda j: (float(mean_cost[j]), j == looks_best))
     keys = scoring_keys(table)
     every = np.arange(n, dtype=np.int64)
     none = np.zeros(0, dtype=np.int64)
     alone = Setting((ref,))
     if not keys:
         return (Choice(setting=alone, passed=False, tested=0,
-                        reason="no scoring verifier to tune"), ref, every, none)
-    z = z_value(delta)
+                       reason="no scoring verifier to tune", rivals=tuple(rivals),
+                       looks_best=looks_best), ref, every, none)
     norm = table.agreement_normaliser or ""
     gate = agreement != "off" and norm in table.agreement
     any_ = agreement == "any"
@@ -79,77 +97,115 @@ def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str
                        mesh_stats(table, chain, keys, th, ref, ag, norm, any_, risk)))
     if not blocks:
         return (Choice(setting=alone, passed=False, tested=0,
-                        reason="no rung is cheap enough to cascade from"), ref, every, none)
+                       reason="no rung is cheap enough to cascade from", rivals=tuple(rivals),
+                       looks_best=looks_best),
+                ref, every, none)
     # every candidate of every chain in one row; ``start`` maps a row back to its chain
     cost, better, worse, loss = (np.concatenate([b[3][k] for b in blocks]) for k in range(4))
     used: BoolArray = np.concatenate([b[2].any(axis=1) for b in blocks])
     start = np.cumsum([0] + [b[1].shape[0] for b in blocks])
+
+    def setting_of(i: int) -> Setting:
+        k = int(np.searchsorted(start, i, side="right")) - 1
+        chain, th, ag, _stats = blocks[k]
+        r = i - int(start[k])
+        return Setting(chain, keys, tuple(tuple(float(t) for t in rw) for rw in th[r]),
+                       tuple(bool(x) for x in ag[r]) if used[i] else (),
+                       norm if used[i] else "", "any" if any_ and used[i] else "all")
+
     front = np.concatenate([np.nonzero(used == fam)[0][
         model_frontier(loss[used == fam], cost[used == fam], ref_cost)]
         for fam in (False, True)])
-    change, se, lower = paired_bound(better[front], worse[front], n, np.where(used[front], zg, z),
-                               np.where(used[front], PSEUDO_GATE, PSEUDO))
+    zs = np.where(used[front], zg, z)
+    pseudo = np.where(used[front], PSEUDO_GATE, PSEUDO)
+    change, se, lower = paired_bound(better[front], worse[front], n, zs, pseudo)
+    against = np.full(front.size, ref)
+    others = [c for c in rivals if c != ref]
+    if others:  # the bound against each other rung that could be the best; the lowest binds
+        for g, i in enumerate(front):
+            if lower[g] < -max_drop - 1e-12:
+                continue  # fails against the reference already
+            st = setting_of(int(i))
+            ex = simulate(table, st)[2]
+            for c in others:
+                b, w = outcome_of(table, st, c, ex)
+                ch, s_, lo = paired_bound(np.array([float(b.sum())]), np.array([float(w.sum())]),
+                                          n, float(zs[g]), float(pseudo[g]))
+                if lo[0] < lower[g]:
+                    change[g], se[g], lower[g], against[g] = ch[0], s_[0], lo[0], c
     ok: BoolArray = lower >= -max_drop - 1e-12
     if not ok.any():
+        need = [cases_needed(float(better[i]), float(worse[i]), n, float(zs[g]), max_drop,
+                             float(pseudo[g])) for g, i in enumerate(front)
+                if cost[i] < ref_cost]
+        needed = min((x for x in need if x is not None), default=None)
+        more = (f"; the most promising setting would need about {needed:,} cases like these "
+                "(labelled, or unlabelled answers that agree with the reference) to pass"
+                if needed is not None else "")
         return (Choice(setting=alone, passed=False, tested=int(front.size),
-                        candidates=int(cost.size),
-                        reason=f"no cascade setting kept the guarded accuracy change (estimate "
-                               f"- {z:.2f} standard errors) above -{max_drop:g} on "
-                               f"{n} cases"), ref, every, none)
+                       candidates=int(cost.size), cases_needed=needed,
+                       reason=f"no cascade setting kept the guarded accuracy change (estimate "
+                              f"- {z:.2f} standard errors) above -{max_drop:g} on "
+                              f"{n} cases{more}", rivals=tuple(rivals),
+                       looks_best=looks_best), ref, every, none)
     g = int(np.lexsort((-lower, np.where(ok, cost[front], math.inf)))[0])
     i = int(front[g])
-    k = int(np.searchsorted(start, i, side="right")) - 1
-    chain, th, ag, _stats = blocks[k]
-    r = i - int(start[k])
-    chosen = prune(Setting(chain, keys, tuple(tuple(float(t) for t in rw) for rw in th[r]),
-                            tuple(bool(x) for x in ag[r]) if used[i] else (),
-                            norm if used[i] else "", "any" if any_ and used[i] else "all"))
+    chosen = prune(setting_of(i))
     return (Choice(setting=chosen, passed=True, tested=int(front.size),
-                    candidates=int(cost.size), reason="passed",
-                    change=float(change[g]), stderr=float(se[g]), lower=float(lower[g]),
-                    z=float(zg if used[i] else z)), ref, every, none)
+                   candidates=int(cost.size), reason="passed",
+                   change=float(change[g]), stderr=float(se[g]), lower=float(lower[g]),
+                   z=float(zs[g]), against=int(against[g]), rivals=tuple(rivals),
+                       looks_best=looks_best), ref, every, none)
 
 
-def choose_budget(table: OutcomeTable, *, max_cost: float, select_frac: float,
-                   rng: np.random.Generator) -> tuple[Choice, int, IntArray, IntArray]:
-    """The most accurate setting whose mean cost stays under ``max_cost`` (90% upper bound)."""
-    n = table.n
-    mean_cost = table.cost.mean(axis=0)
-    ref = reference_rung(table)
+def budget_points(table: OutcomeTable, max_points: int = 24
+                  ) -> list[tuple[float, float, Setting]]:
+    """(accuracy on the labelled cases, mean cost, setting) of every single rung and of the
+    isotonic risk path of every rung subset ending at each rung: the candidates the cost
+    frontier is drawn from and the budget objective chooses among (the same list, so the
+    choice is a point of the frontier it reports)."""
     keys = scoring_keys(table)
-    perm = rng.permutation(n)
-    n_sel = round(n * select_frac)
-    sel, cal = np.sort(perm[:n_sel]), np.sort(perm[n_sel:])
-    ts, tc = table.take(sel), table.take(cal)
-    best: tuple[float, float, Setting] | None = None
-    order = [int(j) for j in np.argsort(mean_cost, kind="stable")]
+    mc = table.cost.mean(axis=0)
+    lab = table.is_labelled
+    order = [int(j) for j in np.argsort(mc, kind="stable")]
+    acc = rung_accuracy(table)
+    pts = [(float(acc[j]), float(mc[j]), Setting((j,))) for j in order]
+    if not keys:
+        return pts
     for top in order:
-        for chain in rung_chains(order, top, mean_cost):
-            if len(chain) > 1 and not keys:
+        for chain in rung_chains(order, top, mc):
+            if len(chain) == 1:
                 continue
-            th = (risk_path(ts, chain, top, keys) if len(chain) > 1
-                  else np.zeros((1, 0, len(keys))))
-            _, cost_all, _ = simulate_many(table, chain, keys, th)
-            right_c, _, _ = simulate_many(tc, chain, keys, th)
-            ucb = cost_all.mean(1) + Z90 * cost_all.std(1) / math.sqrt(n)
-            for g in np.nonzero(ucb <= max_cost)[0]:
-                a, c = float(right_c[g].mean()), float(cost_all[g].mean())
-                if best is None or (a, -c) > (best[0], -best[1]):
-                    s = prune(Setting(chain, keys if len(chain) > 1 else (),
-                                       tuple(tuple(float(t) for t in row) for row in th[g])))
-                    best = (a, c, s)
-    if best is None:
-        cheapest = int(np.argmin(mean_cost))
+            th = risk_path(table, chain, top, keys, max_points=max_points)
+            right, cost, _ = simulate_many(table, chain, keys, th)
+            for g in range(1, th.shape[0]):
+                st = prune(Setting(chain, keys, tuple(tuple(float(t) for t in row)
+                                                      for row in th[g])))
+                pts.append((float(right[g][lab].mean()), float(cost[g].mean()), st))
+    return pts
+
+
+def choose_budget(table: OutcomeTable, *, max_cost: float) -> tuple[Choice, int]:
+    """The most accurate point of the cost frontier whose mean cost on the suite is at most
+    ``max_cost`` (the cheaper on a tie): the same candidates, costs and accuracies the report's
+    frontier lists, so it never passes over a listed setting under the cap."""
+    ref = reference_rung(table)
+    under = [(a, c, s) for a, c, s in budget_points(table) if c <= max_cost * (1 + 1e-12)]
+    if not under:
+        cheapest = int(np.argmin(table.cost.mean(axis=0)))
         return (Choice(setting=Setting((cheapest,)), passed=False, tested=0,
-                        reason=f"nothing costs under ${max_cost:g} per case; the cheapest "
-                               "rung is recommended"), ref, sel, cal)
-    return Choice(setting=best[2], passed=True, tested=0, reason="fits the budget"), ref, sel, cal
+                       reason=f"nothing costs under ${max_cost:g} per case; the cheapest "
+                              "rung is recommended"), ref)
+    _a, _c, best = max(under, key=lambda x: (x[0], -x[1]))
+    return (Choice(setting=best, passed=True, tested=len(under),
+                   reason="the most accurate setting under the cap"), ref)
 
 
 def dominating_rung(table: OutcomeTable, right: BoolArray, cost: FloatArray) -> int | None:
     """A single rung at least as accurate and no dearer than the cascade (one strictly)."""
-    a, c = float(right.mean()), float(cost.mean())
-    acc = table.correct.mean(axis=0)
+    lab = table.is_labelled
+    a, c = float(right[lab].mean()), float(cost.mean())
+    acc = rung_accuracy(table)
     mc = table.cost.mean(axis=0)
     best: int | None = None
     for j in range(len(table.rungs)):

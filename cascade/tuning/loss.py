@@ -10,6 +10,7 @@ import numpy as np
 
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.setting import BoolArray, FloatArray
+from cascade.tuning.simulate import versus
 
 __all__ = ["LossModel", "risk_path"]
 
@@ -97,12 +98,13 @@ class LossModel:
     def __init__(self, table: OutcomeTable, keys: Sequence[str], ref: int,
                  normaliser: str = "") -> None:
         self._table, self._keys, self._ref, self._norm = table, keys, ref, normaliser
-        self._ref_right = table.correct[:, ref].astype(float)
+        better, worse = versus(table, ref)
+        self._net = worse.astype(float) - better
         self._plain: dict[int, FloatArray] = {}
         self._gated: dict[tuple[int, int], FloatArray] = {}
 
     def _fit(self, j: int, agree: BoolArray | None) -> FloatArray:
-        d = self._ref_right - self._table.correct[:, j]
+        d = self._net[:, j]
         s = _rung_score(self._table, self._keys, j)
         if agree is None:
             return _loss_at(_risk_curve(s, d), s, float(d.mean()))
@@ -141,14 +143,15 @@ def risk_path(table: OutcomeTable, chain: Sequence[int], ref: int, keys: Sequenc
     """
     early = list(chain[:-1])
     k1, nv = len(early), len(keys)
-    d = table.correct[:, ref].astype(float)
+    better, worse = versus(table, ref)
+    net = worse.astype(float) - better
     curves: list[list[_RiskCurve | None]] = []
     rhos: list[float] = []
     for j in early:
         row: list[_RiskCurve | None] = []
         for key in keys:
             s = table.scores[key][:, j]
-            c = None if np.all(np.isinf(s)) else _risk_curve(s, d - table.correct[:, j])
+            c = None if np.all(np.isinf(s)) else _risk_curve(s, net[:, j])
             row.append(c)
             if c is not None:
                 rhos.extend(c.risk.tolist())

@@ -15,14 +15,22 @@ from cascade.tuning.setting import Setting
 __all__ = ["to_config", "to_toml"]
 
 
+_DRIFT = "drift_max_disagreement"
+"""Each accepting rung's key for the drift alarm (#17): the suite's disagreement rate with the
+top rung among the answers it accepted, at its upper 90% bound. Written when the config knows
+the key (the engine's drift alarm reads it; ``[policy] drift_max_disagreement`` is the default
+for rungs without one)."""
+
 _WITNESS = 2.0
 """Written for a threshold of +inf: no verifier score (all are in [0, 1]) reaches it, so the
 rung never accepts and only answers for the next rung's agreement check."""
 
 
-def to_config(table: OutcomeTable, setting: Setting) -> CascadeConfig:
-    """A complete cascade config for ``setting``: the chosen rungs with their thresholds, and an
-    ``agreement`` verifier (mode ``previous``) on the rungs that must agree with the one before.
+def to_config(table: OutcomeTable, setting: Setting, *,
+              drift: Mapping[int, float] | None = None) -> CascadeConfig:
+    """A complete cascade config for ``setting``: the chosen rungs with their thresholds, an
+    ``agreement`` verifier (mode ``previous``) on the rungs that must agree with the one before,
+    and ``drift`` (table column -> rate) as each accepting rung's ``drift_max_disagreement``.
     """
     base = table.base
     verifiers = base.verifiers if base is not None else table.verifiers
@@ -51,7 +59,11 @@ def to_config(table: OutcomeTable, setting: Setting) -> CascadeConfig:
             ids = tuple(own) if own is not None else tuple(v.key for v in verifiers
                                                             if v.key != agree_id)
             own = (*ids, agree_id) if p < k1 and gated[p] else ids
-        rungs.append(replace(r, thresholds=th, fallbacks=(), verifiers=own))
+        d = (drift or {}).get(j) if p < k1 else None
+        kw: dict[str, Any] = {}
+        if d is not None and _DRIFT in RungConfig.__dataclass_fields__:
+            kw[_DRIFT] = round(d, 6)
+        rungs.append(replace(r, thresholds=th, fallbacks=(), verifiers=own, **kw))
     if base is not None:
         return base.replace(rungs=tuple(rungs), verifiers=verifiers)
     return CascadeConfig(rungs=tuple(rungs), verifiers=verifiers, source="<tuned>")
@@ -84,8 +96,8 @@ def _rung_table(r: RungConfig) -> dict[str, Any]:
     d: dict[str, Any] = {"model": r.model, "provider": r.provider}
     if r.name:
         d["name"] = r.name
-    for k in ("base_url", "api_key_env", "max_retries"):
-        if getattr(r, k) is not None:
+    for k in ("base_url", "api_key_env", "max_retries", _DRIFT):
+        if getattr(r, k, None) is not None:
             d[k] = getattr(r, k)
     d.update(input_usd_per_mtok=r.input_usd_per_mtok, output_usd_per_mtok=r.output_usd_per_mtok,
              max_tokens=r.max_tokens, temperature=r.temperature, timeout_s=r.timeout_s,

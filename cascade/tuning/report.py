@@ -9,14 +9,13 @@ from typing import Any
 import numpy as np
 
 from cascade.suite.outcomes import OutcomeTable
-from cascade.tuning.candidates import rung_chains
-from cascade.tuning.choose import Choice
+from cascade.tuning.candidates import rung_accuracy
+from cascade.tuning.choose import Choice, budget_points
 from cascade.tuning.guard import PSEUDO, PSEUDO_GATE, paired_bound, z_value
-from cascade.tuning.loss import risk_path
-from cascade.tuning.setting import BoolArray, FloatArray, IntArray, Setting, scoring_keys
-from cascade.tuning.simulate import simulate_many
+from cascade.tuning.setting import BoolArray, FloatArray, IntArray, Setting
+from cascade.tuning.simulate import outcome_of
 
-__all__ = ["build_report", "cost_frontier", "format_report"]
+__all__ = ["budget_points", "build_report", "cost_frontier", "drift_rates", "format_report"]
 
 
 def _interval(samples: FloatArray) -> list[float]:
@@ -60,58 +59,88 @@ def _pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 
+def drift_rates(table: OutcomeTable, setting: Setting, exit_pos: IntArray,
+                confidence: float = 0.9) -> dict[int, dict[str, float]]:
+    """Per accepting rung of ``setting`` (chain position): how often, among the cases it
+    accepted on the suite, its answer disagreed with the top rung's under the suite's
+    normaliser: the rate the shadow check compares production with. ``max`` is its one-sided
+    Wilson upper bound at ``confidence`` (what TUNED.toml's ``drift_max_disagreement`` holds):
+    a rate seen on few accepted cases is not taken for exact."""
+    norm = table.agreement_normaliser or ""
+    if norm not in table.agreement or len(setting.chain) < 2:
+        return {}
+    top = setting.chain[-1]
+    z = z_value(1.0 - confidence)
+    out: dict[int, dict[str, float]] = {}
+    for p, j in enumerate(setting.chain[:-1]):
+        here = exit_pos == p
+        m = int(here.sum())
+        if m == 0:
+            continue
+        rate = float(1.0 - table.agreement[norm][here, j, top].mean())
+        den = 1 + z * z / m
+        centre = (rate + z * z / (2 * m)) / den
+        half = z * math.sqrt(rate * (1 - rate) / m + z * z / (4 * m * m)) / den
+        out[p] = {"rate": rate, "max": min(1.0, centre + half), "accepted": float(m)}
+    return out
+
+
 def build_report(table: OutcomeTable, setting: Setting, ref: int, right: BoolArray,
-            cost: FloatArray, exit_pos: IntArray, cal: IntArray, choice: Choice,
-            rng: np.random.Generator, notes: list[str], *, max_accuracy_drop: float | None,
-            max_cost_usd: float | None, delta: float, bootstrap: int) -> dict[str, Any]:
+                 cost: FloatArray, exit_pos: IntArray, choice: Choice,
+                 rng: np.random.Generator, notes: list[str], *, max_accuracy_drop: float | None,
+                 max_cost_usd: float | None, delta: float, bootstrap: int) -> dict[str, Any]:
+    """The report ``cascade tune --json`` prints (see the README for its fields)."""
+    lab = np.nonzero(table.is_labelled)[0]
     ref_right = table.correct[:, ref]
     ref_cost = table.cost[:, ref]
-    # With a calibration split (the budget objective), accuracy is measured where the path was
-    # not learnt; the accuracy objective chooses on every case and says how it guards that.
-    ci = _bootstrap_stats(right[cal], cost[cal], ref_right[cal], ref_cost[cal], rng,
-                          b=bootstrap) if cal.size else _bootstrap_stats(
-        right, cost, ref_right, ref_cost, rng, b=bootstrap)
+    # accuracy on the labelled cases; cost on all
+    ci = _bootstrap_stats(right[lab], cost[lab], ref_right[lab], ref_cost[lab], rng,
+                          b=bootstrap)
     cost_ci = _bootstrap_stats(right, cost, ref_right, ref_cost, rng, b=bootstrap)
-    on = cal if cal.size else np.arange(table.n)
-    change = float((right[on].astype(float) - ref_right[on]).mean()) if on.size else 0.0
+    better, worse = outcome_of(table, setting, ref, exit_pos)
+    change = float((better.astype(float) - worse).mean())
     is_cascade = len(setting.chain) > 1
     z = z_value(delta)
-    if max_cost_usd is None and is_cascade:
-        worse = float(np.sum(ref_right & ~right))
-        better = float(np.sum(~ref_right & right))
-        if setting.agree:
-            z = choice.z or z
+    if max_cost_usd is None and is_cascade and choice.passed:
+        g_change, g_se, g_lower, z = choice.change, choice.stderr, choice.lower, choice.z or z
+    elif max_cost_usd is None and is_cascade:
         g_change, g_se, g_lower = (float(x[0]) for x in paired_bound(
-            np.array([better]), np.array([worse]), table.n, z,
+            np.array([float(better.sum())]), np.array([float(worse.sum())]), table.n, z,
             PSEUDO_GATE if setting.agree else PSEUDO))
     else:
         g_change, g_se, g_lower = change, 0.0, change
     chain_labels = [table.rungs[j].label for j in setting.chain]
     rc = float(ref_cost.mean())
     exits = np.bincount(exit_pos, minlength=len(setting.chain)) / max(table.n, 1)
-    acc = table.correct.mean(axis=0)
+    acc = rung_accuracy(table)
     mc = table.cost.mean(axis=0)
-    oracle_pos = np.where(table.correct.any(axis=1),
-                          np.argmax(table.correct[:, np.argsort(mc, kind="stable")], axis=1), -1)
     order = np.argsort(mc, kind="stable")
+    cl = table.correct[lab]
+    oracle_pos = np.where(cl.any(axis=1), np.argmax(cl[:, order], axis=1), -1)
     ocost = np.where(oracle_pos >= 0,
-                     table.cost[np.arange(table.n), order[np.maximum(oracle_pos, 0)]],
-                     table.cost[:, order[-1]])
+                     table.cost[lab, order[np.maximum(oracle_pos, 0)]], table.cost[lab, order[-1]])
+    drift = drift_rates(table, setting, exit_pos)
+    rivals = [table.rungs[j].label for j in choice.rivals]
     return {
         "source": table.source,
         "cases": table.n,
+        "labelled_cases": int(lab.size),
         "rungs": list(table.labels),
         "objective": ({"max_cost_usd": max_cost_usd} if max_cost_usd is not None else
                       {"max_accuracy_drop": max_accuracy_drop, "delta": delta}),
-        "method": ("most accurate setting under the cost cap: isotonic risk path on a selection "
-                   "split, accuracy measured on a calibration split" if max_cost_usd is not None
+        "method": ("most accurate setting on the cost frontier (an isotonic risk path per rung "
+                   "subset) whose mean cost on the suite is under the cap; in-sample"
+                   if max_cost_usd is not None
                    else "cheapest setting on the frontier of an isotonic loss model over a "
                         "fixed label-free grid of per-rung thresholds (optionally gated on "
                         "agreeing with the previous rung) whose net accuracy change minus z "
-                        "paired standard errors stays above -max_accuracy_drop"),
-        "split": {"selection": int(table.n - cal.size), "calibration": int(cal.size)},
+                        "paired standard errors stays above -max_accuracy_drop against every "
+                        "rung that could be the best"),
         "reference": {"rung": table.rungs[ref].label, "accuracy": float(acc[ref]),
-                      "mean_cost_usd": float(mc[ref])},
+                      "mean_cost_usd": float(mc[ref]),
+                      "looks_best": (table.rungs[choice.looks_best].label
+                                     if choice.looks_best >= 0 else table.rungs[ref].label),
+                      "could_be_best": rivals or [table.rungs[ref].label]},
         "recommendation": {
             "kind": "cascade" if len(setting.chain) > 1 else "single_rung",
             "rungs": chain_labels,
@@ -120,15 +149,17 @@ def build_report(table: OutcomeTable, setting: Setting, ref: int, right: BoolArr
                                                       strict=True) if math.isfinite(t)}
                            for p, j in enumerate(setting.chain[:-1])},
             "describe": setting.describe(table),
-            "exit_rate": {lab: float(x) for lab, x in zip(chain_labels, exits, strict=True)},
+            "exit_rate": {lab_: float(x) for lab_, x in zip(chain_labels, exits, strict=True)},
             "tested_settings": choice.tested,
             "candidate_settings": choice.candidates,
             "passed_test": choice.passed,
+            "cases_needed": choice.cases_needed,
+            "drift_max_disagreement": {chain_labels[p]: d["max"] for p, d in drift.items()},
+            "disagreement_with_top": {chain_labels[p]: d["rate"] for p, d in drift.items()},
         },
         "expected": {
             "confidence": 0.9,
-            "accuracy": {"estimate": float(right[cal].mean() if cal.size else right.mean()),
-                         "interval_90": ci["accuracy"]},
+            "accuracy": {"estimate": float(right[lab].mean()), "interval_90": ci["accuracy"]},
             "mean_cost_usd": {"estimate": float(cost.mean()),
                               "interval_90": cost_ci["mean_cost_usd"]},
             "accuracy_change": {"estimate": change, "interval_90": ci["accuracy_change"]},
@@ -138,50 +169,45 @@ def build_report(table: OutcomeTable, setting: Setting, ref: int, right: BoolArr
             "guard": {
                 "z": z, "accuracy_change": g_change, "standard_error": g_se,
                 "lower_bound": g_lower,
+                "against": (table.rungs[choice.against].label if choice.against >= 0
+                            else table.rungs[ref].label),
                 "meaning": "an estimate, not a guarantee: the drop on new questions of the "
-                           "suite's mix is at most certified_max_drop at about 1 - delta "
-                           "confidence by a normal approximation for this one setting; choosing "
-                           "it among the frontier makes the in-sample estimate optimistic, which "
-                           "the margin is sized to absorb (checked by cross-validation in "
-                           "bench/tuning.py)"},
+                           "suite's mix, against every rung that could be the best, is at most "
+                           "certified_max_drop at about 1 - delta confidence by a normal "
+                           "approximation for this one setting; choosing it among the frontier "
+                           "makes the in-sample estimate optimistic, which the margin is sized "
+                           "to absorb (checked by cross-validation in bench/tuning.py)"},
         },
         "single_rungs": [{"rung": r.label, "accuracy": float(acc[j]),
                           "mean_cost_usd": float(mc[j])} for j, r in enumerate(table.rungs)],
-        "oracle": {"accuracy": float(table.correct.any(axis=1).mean()),
+        "oracle": {"accuracy": float(cl.any(axis=1).mean()),
                    "mean_cost_usd": float(ocost.mean())},
         "notes": notes,
     }
 
 
-def cost_frontier(table: OutcomeTable, ref: int, max_chains: int = 64) -> list[dict[str, Any]]:
-    """In-sample cost/accuracy frontier of cascades ending at the reference, with every single
-    rung and the oracle for scale. In-sample: it shows the room, not a promise."""
-    keys = scoring_keys(table)
-    mc = table.cost.mean(axis=0)
-    order = [int(j) for j in np.argsort(mc, kind="stable")]
-    pts: list[dict[str, Any]] = []
-    if keys:
-        for chain in rung_chains(order, ref, mc)[:max_chains]:
-            if len(chain) == 1:
-                continue
-            th = risk_path(table, chain, ref, keys, max_points=24)
-            right, cost, _ = simulate_many(table, chain, keys, th)
-            for g in range(1, th.shape[0]):
-                pts.append({"kind": "cascade", "rungs": [table.rungs[j].label for j in chain],
-                            "accuracy": float(right[g].mean()),
-                            "mean_cost_usd": float(cost[g].mean())})
+def cost_frontier(table: OutcomeTable) -> list[dict[str, Any]]:
+    """In-sample cost/accuracy frontier of cascades (from :func:`budget_points`), with every
+    single rung (once, at its accuracy on the suite) and the oracle for scale. In-sample: it
+    shows the room, not a promise."""
+    points = budget_points(table)
+    pts = [{"kind": "cascade", "rungs": [table.rungs[j].label for j in st.chain],
+            "accuracy": a, "mean_cost_usd": c} for a, c, st in points if len(st.chain) > 1]
     out = _pareto(pts)
-    for j, r in enumerate(table.rungs):
-        out.append({"kind": "single_rung", "rungs": [r.label],
-                    "accuracy": float(table.correct[:, j].mean()), "mean_cost_usd": float(mc[j])})
-    o_acc = float(table.correct.any(axis=1).mean())
-    pos = np.argmax(table.correct[:, order], axis=1)
-    cost = np.where(table.correct.any(axis=1),
-                    table.cost[np.arange(table.n), np.array(order)[pos]], table.cost[:, order[-1]])
-    out.append({"kind": "oracle", "rungs": [], "accuracy": o_acc,
+    for a, c, st in points:
+        if len(st.chain) == 1:
+            out.append({"kind": "single_rung", "rungs": [table.rungs[st.chain[0]].label],
+                        "accuracy": a, "mean_cost_usd": c})
+    lab = table.is_labelled
+    cl = table.correct[lab]
+    mc = table.cost.mean(axis=0)
+    order = np.argsort(mc, kind="stable")
+    pos = np.argmax(cl[:, order], axis=1)
+    cost = np.where(cl.any(axis=1), table.cost[lab][np.arange(cl.shape[0]), order[pos]],
+                    table.cost[lab][:, order[-1]])
+    out.append({"kind": "oracle", "rungs": [], "accuracy": float(cl.any(axis=1).mean()),
                 "mean_cost_usd": float(cost.mean())})
     return sorted(out, key=lambda p: p["mean_cost_usd"])
-
 
 
 def format_report(report: Mapping[str, Any]) -> str:

@@ -15,10 +15,48 @@ from cascade.errors import ConfigError
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.setting import BoolArray, FloatArray, IntArray, Setting
 
-__all__ = ["agree_cols", "gate_flags", "mesh_stats", "simulate", "simulate_many"]
+__all__ = ["agree_cols", "gate_flags", "mesh_stats", "outcome_of", "simulate", "simulate_many",
+           "versus"]
 
 _CELLS = 4_000_000
 """Settings × cases per vectorised block (bounds memory)."""
+
+
+def versus(table: OutcomeTable, ref: int) -> tuple[BoolArray, BoolArray]:
+    """Per case and rung: is its answer known ``better`` than rung ``ref``'s (right where
+    ``ref`` is wrong) or possibly ``worse`` (wrong where ``ref`` is right)?
+
+    On a labelled case, from the grades. On an unlabelled one, exact where it can be: an answer
+    equal to ``ref``'s under the suite's normaliser (the one that matches its grader) gets the
+    same grade, so it is neither; any other answer counts as worse (never as free accuracy, and
+    never as a gain). ``ref`` against itself is neither.
+    """
+    c = table.correct
+    lab = table.is_labelled
+    rr = c[:, ref]
+    better = c & ~rr[:, None] & lab[:, None]
+    worse = ~c & rr[:, None] & lab[:, None]
+    if not lab.all():
+        n, r = c.shape
+        same = np.zeros((n, r), dtype=bool)
+        same[:, ref] = True
+        norm = table.agreement_normaliser or ""
+        if norm in table.agreement:
+            same |= table.agreement[norm][:, :, ref]
+        worse |= ~lab[:, None] & ~same
+    return better, worse
+
+
+def outcome_of(table: OutcomeTable, setting: Setting, ref: int,
+               exit_pos: IntArray | None = None) -> tuple[BoolArray, BoolArray]:
+    """Per case, whether ``setting``'s answer is known better / possibly worse than ``ref``'s
+    (see :func:`versus`)."""
+    if exit_pos is None:
+        exit_pos = simulate(table, setting)[2]
+    b, w = versus(table, ref)
+    col = np.asarray(setting.chain, dtype=np.int64)[exit_pos]
+    rows = np.arange(table.n)
+    return b[rows, col], w[rows, col]
 
 
 def gate_flags(table: OutcomeTable, chain: Sequence[int]) -> BoolArray:
@@ -91,7 +129,8 @@ def mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], t
                 any_: bool = False, risk: tuple[FloatArray, FloatArray] | None = None
                 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     """Mean cost, the counts of cases the cascade gets right where the reference is wrong
-    (``better``) and wrong where it is right (``worse``), and the model's expected net loss
+    (``better``) and wrong where it is right (``worse``, see :func:`versus` for unlabelled
+    cases), and the model's expected net loss
     (the sum of ``risk`` at each case's exit, over n; zeros without ``risk``), for each of
     ``m`` settings. ``risk`` is (plain, gated): per case and chain position, the expected loss
     of accepting there on the rung's own verdicts, and when gated on agreement.
@@ -101,10 +140,9 @@ def mesh_stats(table: OutcomeTable, chain: Sequence[int], keys: Sequence[str], t
     """
     ch = list(chain)
     n, m, k1 = table.n, th.shape[0], len(ch) - 1
-    rr = table.correct[:, ref]
     cum = np.cumsum(table.cost[:, ch], axis=1)
-    good = (table.correct[:, ch] & ~rr[:, None]).astype(float)
-    bad = (~table.correct[:, ch] & rr[:, None]).astype(float)
+    vb, vw = versus(table, ref)
+    good, bad = vb[:, ch].astype(float), vw[:, ch].astype(float)
     gates = gate_flags(table, ch)
     use_ag = ag is not None and bool(ag.any())
     agree = agree_cols(table, ch, normaliser) if use_ag else np.ones((n, k1), dtype=bool)

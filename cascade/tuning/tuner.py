@@ -13,7 +13,7 @@ from cascade.errors import ConfigError
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.choose import choose, choose_budget, dominating_rung
 from cascade.tuning.output import to_config
-from cascade.tuning.report import build_report, cost_frontier
+from cascade.tuning.report import build_report, cost_frontier, drift_rates
 from cascade.tuning.setting import Setting
 from cascade.tuning.shift import shift_check
 from cascade.tuning.simulate import simulate
@@ -37,26 +37,25 @@ class TuneResult:
 
 
 def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
-         max_cost_usd: float | None = None, delta: float = 0.1, select_frac: float = 0.4,
-         seed: int = 0, shift: bool = True, bootstrap: int = 1000,
+         max_cost_usd: float | None = None, delta: float = 0.1, seed: int = 0,
+         shift: bool = True, bootstrap: int = 1000,
          agreement: str = "off") -> TuneResult:
     """Tune ``table``; see the module docstring for the method.
 
     ``max_accuracy_drop`` (default) asks for the cheapest setting whose net accuracy change,
     less ``z(1 - delta)`` standard errors, stays above minus that drop; ``max_cost_usd``
-    instead asks for the most accurate setting whose mean cost per case stays under it (on a
-    ``select_frac`` selection split, measured on the rest).
+    instead asks for the most accurate point of the cost frontier whose mean cost per case on
+    the suite stays under it (in-sample: the report says so).
     """
     if table.n == 0:
         raise ConfigError("the outcome table is empty")
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     if max_cost_usd is not None:
-        choice, ref, _sel, cal = choose_budget(table, max_cost=max_cost_usd,
-                                               select_frac=select_frac, rng=rng)
+        choice, ref = choose_budget(table, max_cost=max_cost_usd)
     else:
         drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
-        choice, ref, _sel, cal = choose(table, max_drop=drop, delta=delta,
+        choice, ref, _sel, _cal = choose(table, max_drop=drop, delta=delta,
                                          agreement=agreement)
     setting = choice.setting
     notes: list[str] = []
@@ -72,9 +71,9 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
         right, cost, exit_pos = simulate(table, setting)
     took = time.perf_counter() - t0
 
-    report = build_report(table, setting, ref, right, cost, exit_pos, cal, choice, rng, notes,
-                     max_accuracy_drop=max_accuracy_drop, max_cost_usd=max_cost_usd,
-                     delta=delta, bootstrap=bootstrap)
+    report = build_report(table, setting, ref, right, cost, exit_pos, choice, rng, notes,
+                          max_accuracy_drop=max_accuracy_drop, max_cost_usd=max_cost_usd,
+                          delta=delta, bootstrap=bootstrap)
     report["timing_s"] = round(took, 4)
     if shift and max_cost_usd is None:
         drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
@@ -89,8 +88,9 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
                     f"change reached {worst:+.3f} on one fold: the promise holds for questions "
                     "like the suite's; watch production with a shadow check of the top rung.")
         report["shift"] = sh
-    frontier = cost_frontier(table, ref)
+    frontier = cost_frontier(table)
     report["frontier"] = frontier
-    return TuneResult(setting=setting, config=to_config(table, setting), report=report,
-                      frontier=frontier)
+    drift = {setting.chain[p]: d["max"] for p, d in drift_rates(table, setting, exit_pos).items()}
+    return TuneResult(setting=setting, config=to_config(table, setting, drift=drift),
+                      report=report, frontier=frontier)
 
