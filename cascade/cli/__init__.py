@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("cascade.record", "run a suite through every rung and store the responses"),
     "tune": ("cascade.cli.tune", "tune rungs and thresholds on recorded suites"),
     "eval": ("cascade.cli.eval", "replay suites through a config and report quality/cost"),
+    "label": ("cascade.cli.label", "name the unlabelled cases whose labels would change tuning"),
 }
 """Commands in modules of their own: name -> (module with add_arguments(parser) and run(ns),
 help). Only the chosen command's module is imported."""

@@ -8,6 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from cascade.cli.label import apply_labels
 from cascade.config import load_config, parse_config
 from cascade.suite import load_outcome_table
 from cascade.tuning import format_report, to_toml, tune
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agreement", choices=("off", "all"), default="off",
                         help="all: a rung may also have to agree with the previous one (the "
                              "agreement gate; riskier on small suites, see the README)")
+    parser.add_argument("--labels", action="append", default=[], metavar="FILE",
+                        help="labels for unlabelled cases (cascade label's NEEDS.jsonl with "
+                             "\"correct\" filled, e.g. by --judge); repeat")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="where to write TUNED.toml")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -43,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     """Tune, write TUNED.toml, print the report."""
     config = load_config(ns.config) if ns.config else None
-    table = load_outcome_table(ns.suites, config)
+    table = apply_labels(load_outcome_table(ns.suites, config), ns.labels)
     result = tune(table, max_accuracy_drop=ns.max_accuracy_drop, max_cost_usd=ns.max_cost_usd,
                   delta=ns.delta, seed=ns.seed, agreement=ns.agreement)
     header = (f"Tuned by `cascade tune` on {table.n} cases ({table.source}).\n"

@@ -84,6 +84,9 @@ class OutcomeTable:
     labelled: BoolArray | None = None
     """Per case, whether ``correct`` holds grades; None: every case is labelled. An unlabelled
     row's ``correct`` is False and means nothing."""
+    answers: tuple[tuple[str | None, ...], ...] = ()
+    """``answers[i][j]``: rung ``j``'s answer text to case ``i`` (None: no answer), what a
+    judge model grades and ``cascade label`` shows; empty for tables built in code."""
 
     def __post_init__(self) -> None:
         n, r = self.correct.shape
@@ -91,6 +94,8 @@ class OutcomeTable:
             raise ValueError("outcome table arrays disagree in shape")
         if any(a.shape != (n, r, r) for a in self.agreement.values()):
             raise ValueError("agreement arrays must be cases × rungs × rungs")
+        if self.answers and len(self.answers) != n:
+            raise ValueError("one row of answers per case")
         if self.prompts and len(self.prompts) != n:
             raise ValueError("one prompt per case")
         if self.labelled is not None and self.labelled.shape != (n,):
@@ -148,6 +153,7 @@ class OutcomeTable:
             groups=tuple(self.groups[i] for i in ix),
             agreement={k: v[ix] for k, v in self.agreement.items()},
             prompts=tuple(self.prompts[i] for i in ix) if self.prompts else (),
+            answers=tuple(self.answers[i] for i in ix) if self.answers else (),
             labelled=None if self.labelled is None else self.labelled[ix],
         )
 
@@ -320,6 +326,7 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
         agreement_normaliser=_most_common(_BENCH_NORMALISER.get(b, "normalised")
                                           for b, _row in rows),
         prompts=tuple(_prompt_of(row) for _b, row in rows),
+        answers=tuple(tuple(t[int(j)] for j in order) for t in texts),
         labelled=None if labelled.all() else labelled,
     )
 
@@ -387,6 +394,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
         agreement_normaliser=_most_common(GRADER_NORMALISER.get(c.grader, "normalised")
                                           for c in cases),
         prompts=tuple(c.prompt for c in cases),
+        answers=tuple(tuple(t) for t in texts),
         labelled=None if all(c.labelled for c in cases) else np.array(
             [c.labelled for c in cases], dtype=bool),
     )

@@ -22,7 +22,16 @@ from cascade.tuning.loss import LossModel, risk_path
 from cascade.tuning.setting import BoolArray, FloatArray, IntArray, Setting, prune, scoring_keys
 from cascade.tuning.simulate import mesh_stats, outcome_of, simulate, simulate_many
 
-__all__ = ["Choice", "budget_points", "choose", "choose_budget", "dominating_rung", "select"]
+__all__ = [
+    "Choice",
+    "Frontier",
+    "budget_points",
+    "choose",
+    "choose_budget",
+    "dominating_rung",
+    "guarded_frontier",
+    "select",
+]
 
 @dataclass(frozen=True, kw_only=True)
 class Choice:
@@ -52,20 +61,51 @@ class Choice:
 
 
 
-def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str = "off",
-           z_gate: float | None = None) -> tuple[Choice, int, IntArray, IntArray]:
-    """The cheapest setting on the model's frontier whose guarded net accuracy change, against
-    every rung that could be the best (:func:`~cascade.tuning.guard.plausible_best`), stays
-    above ``-max_drop``; the dearest of those rungs alone when none does. It uses every case
-    and draws nothing at random.
+@dataclass(frozen=True, kw_only=True)
+class Frontier:
+    """The loss model's frontier of one table with what the guard needs of each setting: the
+    cascades end at ``ref``; ``rivals`` could each be the best on new questions."""
 
-    ``agreement``: ``"off"`` (scores only), ``"all"`` (a rung may also have to agree with the
-    previous one: runnable by the engine) or ``"any"`` (scores pass *or* it agrees: for
-    measurement). Gated settings form their own frontier, held to ``z_gate`` standard errors.
+    ref: int
+    looks_best: int
+    rivals: tuple[int, ...]
+    n: int
+    z: float
+    settings: list[Setting]
+    cost: FloatArray
+    better: FloatArray
+    """Per setting: cases known better than ``ref`` (see :func:`~.simulate.versus`)."""
+    worse: FloatArray
+    zs: FloatArray
+    pseudo: FloatArray
+    candidates: int = 0
+    reason: str = ""
+    """Why there is no frontier (empty ``settings``)."""
 
-    Returns the choice, the rung cascades end at (the reference of the report), and the cases
-    used to choose and (none) held apart.
-    """
+    def bounds(self, table: OutcomeTable, floor: float = -math.inf
+               ) -> tuple[FloatArray, FloatArray, FloatArray, IntArray]:
+        """Per setting: change, standard error and lower bound against the rival whose bound
+        is lowest, and that rival. Settings already below ``floor`` against ``ref`` are not
+        compared with the other rivals (they fail either way)."""
+        change, se, lower = paired_bound(self.better, self.worse, self.n, self.zs, self.pseudo)
+        against = np.full(len(self.settings), self.ref, dtype=np.int64)
+        others = [c for c in self.rivals if c != self.ref]
+        for g, st in enumerate(self.settings if others else ()):
+            if lower[g] < floor:
+                continue
+            ex = simulate(table, st)[2]
+            for c in others:
+                b, w = outcome_of(table, st, c, ex)
+                ch, s_, lo = paired_bound(np.array([float(b.sum())]), np.array([float(w.sum())]),
+                                          self.n, float(self.zs[g]), float(self.pseudo[g]))
+                if lo[0] < lower[g]:
+                    change[g], se[g], lower[g], against[g] = ch[0], s_[0], lo[0], c
+        return change, se, lower, against
+
+
+def guarded_frontier(table: OutcomeTable, *, delta: float, agreement: str = "off",
+                     z_gate: float | None = None) -> Frontier:
+    """The settings :func:`choose` picks from (see it for ``agreement`` and ``z_gate``)."""
     n = table.n
     mean_cost = table.cost.mean(axis=0)
     z = z_value(delta)
@@ -73,13 +113,15 @@ def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str
     rivals = plausible_best(table, looks_best, z)
     ref = max(rivals, key=lambda j: (float(mean_cost[j]), j == looks_best))
     keys = scoring_keys(table)
-    every = np.arange(n, dtype=np.int64)
-    none = np.zeros(0, dtype=np.int64)
-    alone = Setting((ref,))
+    empty = np.zeros(0)
+
+    def none(reason: str) -> Frontier:
+        return Frontier(ref=ref, looks_best=looks_best, rivals=tuple(rivals), n=n, z=z,
+                        settings=[], cost=empty, better=empty, worse=empty, zs=empty,
+                        pseudo=empty, reason=reason)
+
     if not keys:
-        return (Choice(setting=alone, passed=False, tested=0,
-                       reason="no scoring verifier to tune", rivals=tuple(rivals),
-                       looks_best=looks_best), ref, every, none)
+        return none("no scoring verifier to tune")
     norm = table.agreement_normaliser or ""
     gate = agreement != "off" and norm in table.agreement
     any_ = agreement == "any"
@@ -96,10 +138,7 @@ def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str
         blocks.append((chain, th, ag,
                        mesh_stats(table, chain, keys, th, ref, ag, norm, any_, risk)))
     if not blocks:
-        return (Choice(setting=alone, passed=False, tested=0,
-                       reason="no rung is cheap enough to cascade from", rivals=tuple(rivals),
-                       looks_best=looks_best),
-                ref, every, none)
+        return none("no rung is cheap enough to cascade from")
     # every candidate of every chain in one row; ``start`` maps a row back to its chain
     cost, better, worse, loss = (np.concatenate([b[3][k] for b in blocks]) for k in range(4))
     used: BoolArray = np.concatenate([b[2].any(axis=1) for b in blocks])
@@ -116,46 +155,61 @@ def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str
     front = np.concatenate([np.nonzero(used == fam)[0][
         model_frontier(loss[used == fam], cost[used == fam], ref_cost)]
         for fam in (False, True)])
-    zs = np.where(used[front], zg, z)
-    pseudo = np.where(used[front], PSEUDO_GATE, PSEUDO)
-    change, se, lower = paired_bound(better[front], worse[front], n, zs, pseudo)
-    against = np.full(front.size, ref)
-    others = [c for c in rivals if c != ref]
-    if others:  # the bound against each other rung that could be the best; the lowest binds
-        for g, i in enumerate(front):
-            if lower[g] < -max_drop - 1e-12:
-                continue  # fails against the reference already
-            st = setting_of(int(i))
-            ex = simulate(table, st)[2]
-            for c in others:
-                b, w = outcome_of(table, st, c, ex)
-                ch, s_, lo = paired_bound(np.array([float(b.sum())]), np.array([float(w.sum())]),
-                                          n, float(zs[g]), float(pseudo[g]))
-                if lo[0] < lower[g]:
-                    change[g], se[g], lower[g], against[g] = ch[0], s_[0], lo[0], c
+    return Frontier(ref=ref, looks_best=looks_best, rivals=tuple(rivals), n=n, z=z,
+                    settings=[setting_of(int(i)) for i in front], cost=cost[front],
+                    better=better[front], worse=worse[front],
+                    zs=np.where(used[front], zg, z).astype(float),
+                    pseudo=np.where(used[front], PSEUDO_GATE, PSEUDO).astype(float),
+                    candidates=int(cost.size))
+
+
+def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str = "off",
+           z_gate: float | None = None) -> tuple[Choice, int, IntArray, IntArray]:
+    """The cheapest setting on the model's frontier whose guarded net accuracy change, against
+    every rung that could be the best (:func:`~cascade.tuning.guard.plausible_best`), stays
+    above ``-max_drop``; the dearest of those rungs alone when none does. It uses every case
+    and draws nothing at random.
+
+    ``agreement``: ``"off"`` (scores only), ``"all"`` (a rung may also have to agree with the
+    previous one: runnable by the engine) or ``"any"`` (scores pass *or* it agrees: for
+    measurement). Gated settings form their own frontier, held to ``z_gate`` standard errors.
+
+    Returns the choice, the rung cascades end at (the reference of the report), and the cases
+    used to choose and (none) held apart.
+    """
+    f = guarded_frontier(table, delta=delta, agreement=agreement, z_gate=z_gate)
+    every = np.arange(table.n, dtype=np.int64)
+    none = np.zeros(0, dtype=np.int64)
+    if not f.settings:
+        return (Choice(setting=Setting((f.ref,)), passed=False, tested=0,
+                       reason=f.reason or "no setting on the frontier",
+                       rivals=f.rivals, looks_best=f.looks_best),
+                f.ref, every, none)
+    change, se, lower, against = f.bounds(table, floor=-max_drop - 1e-12)
     ok: BoolArray = lower >= -max_drop - 1e-12
+    ref_cost = float(table.cost[:, f.ref].mean())
     if not ok.any():
-        need = [cases_needed(float(better[i]), float(worse[i]), n, float(zs[g]), max_drop,
-                             float(pseudo[g])) for g, i in enumerate(front)
-                if cost[i] < ref_cost]
+        need = [cases_needed(float(f.better[g]), float(f.worse[g]), f.n, float(f.zs[g]),
+                             max_drop, float(f.pseudo[g]))
+                for g in range(len(f.settings)) if f.cost[g] < ref_cost]
         needed = min((x for x in need if x is not None), default=None)
         more = (f"; the most promising setting would need about {needed:,} cases like these "
                 "(labelled, or unlabelled answers that agree with the reference) to pass"
                 if needed is not None else "")
-        return (Choice(setting=alone, passed=False, tested=int(front.size),
-                       candidates=int(cost.size), cases_needed=needed,
+        return (Choice(setting=Setting((f.ref,)), passed=False, tested=len(f.settings),
+                       candidates=f.candidates, cases_needed=needed,
                        reason=f"no cascade setting kept the guarded accuracy change (estimate "
-                              f"- {z:.2f} standard errors) above -{max_drop:g} on "
-                              f"{n} cases{more}", rivals=tuple(rivals),
-                       looks_best=looks_best), ref, every, none)
-    g = int(np.lexsort((-lower, np.where(ok, cost[front], math.inf)))[0])
-    i = int(front[g])
-    chosen = prune(setting_of(i))
-    return (Choice(setting=chosen, passed=True, tested=int(front.size),
-                   candidates=int(cost.size), reason="passed",
+                              f"- {f.z:.2f} standard errors) above -{max_drop:g} on "
+                              f"{f.n} cases{more}",
+                       rivals=f.rivals, looks_best=f.looks_best),
+                f.ref, every, none)
+    g = int(np.lexsort((-lower, np.where(ok, f.cost, math.inf)))[0])
+    return (Choice(setting=prune(f.settings[g]), passed=True, tested=len(f.settings),
+                   candidates=f.candidates, reason="passed",
                    change=float(change[g]), stderr=float(se[g]), lower=float(lower[g]),
-                   z=float(zs[g]), against=int(against[g]), rivals=tuple(rivals),
-                       looks_best=looks_best), ref, every, none)
+                   z=float(f.zs[g]), against=int(against[g]),
+                       rivals=f.rivals, looks_best=f.looks_best),
+            f.ref, every, none)
 
 
 def budget_points(table: OutcomeTable, max_points: int = 24
