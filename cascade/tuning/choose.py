@@ -63,8 +63,9 @@ class Choice:
 
 @dataclass(frozen=True, kw_only=True)
 class Frontier:
-    """The loss model's frontier of one table with what the guard needs of each setting: the
-    cascades end at ``ref``; ``rivals`` could each be the best on new questions."""
+    """The loss model's frontier of one table with what the guard needs of each setting. Each
+    setting ends at one of the ``rivals`` (the rungs that could be the best on new questions)
+    and is guarded against all of them; ``ref`` is the dearest rival, the fallback."""
 
     ref: int
     looks_best: int
@@ -74,7 +75,8 @@ class Frontier:
     settings: list[Setting]
     cost: FloatArray
     better: FloatArray
-    """Per setting: cases known better than ``ref`` (see :func:`~.simulate.versus`)."""
+    """Per setting: cases known better than the rung it ends at (see
+    :func:`~cascade.tuning.simulate.versus`)."""
     worse: FloatArray
     zs: FloatArray
     pseudo: FloatArray
@@ -85,13 +87,13 @@ class Frontier:
     def bounds(self, table: OutcomeTable, floor: float = -math.inf
                ) -> tuple[FloatArray, FloatArray, FloatArray, IntArray]:
         """Per setting: change, standard error and lower bound against the rival whose bound
-        is lowest, and that rival. Settings already below ``floor`` against ``ref`` are not
-        compared with the other rivals (they fail either way)."""
+        is lowest, and that rival. Settings already below ``floor`` against the rung they end
+        at are not compared with the other rivals (they fail either way)."""
         change, se, lower = paired_bound(self.better, self.worse, self.n, self.zs, self.pseudo)
-        against = np.full(len(self.settings), self.ref, dtype=np.int64)
-        others = [c for c in self.rivals if c != self.ref]
-        for g, st in enumerate(self.settings if others else ()):
-            if lower[g] < floor:
+        against = np.array([st.chain[-1] for st in self.settings], dtype=np.int64)
+        for g, st in enumerate(self.settings):
+            others = [c for c in self.rivals if c != st.chain[-1]]
+            if not others or lower[g] < floor:
                 continue
             ex = simulate(table, st)[2]
             for c in others:
@@ -103,42 +105,28 @@ class Frontier:
         return change, se, lower, against
 
 
-def guarded_frontier(table: OutcomeTable, *, delta: float, agreement: str = "off",
-                     z_gate: float | None = None) -> Frontier:
-    """The settings :func:`choose` picks from (see it for ``agreement`` and ``z_gate``)."""
-    n = table.n
+def _anchor_frontier(table: OutcomeTable, anchor: int, keys: tuple[str, ...], *, z: float,
+                     delta: float, agreement: str, z_gate: float | None
+                     ) -> tuple[list[Setting], list[FloatArray], int]:
+    """The model frontier of the cascades ending at ``anchor``: settings and their (cost,
+    better, worse, z, pseudo) against ``anchor``, and how many candidates were ranked."""
     mean_cost = table.cost.mean(axis=0)
-    z = z_value(delta)
-    looks_best = reference_rung(table)
-    rivals = plausible_best(table, looks_best, z)
-    ref = max(rivals, key=lambda j: (float(mean_cost[j]), j == looks_best))
-    keys = scoring_keys(table)
-    empty = np.zeros(0)
-
-    def none(reason: str) -> Frontier:
-        return Frontier(ref=ref, looks_best=looks_best, rivals=tuple(rivals), n=n, z=z,
-                        settings=[], cost=empty, better=empty, worse=empty, zs=empty,
-                        pseudo=empty, reason=reason)
-
-    if not keys:
-        return none("no scoring verifier to tune")
     norm = table.agreement_normaliser or ""
     gate = agreement != "off" and norm in table.agreement
     any_ = agreement == "any"
     cost_order = [int(j) for j in np.argsort(mean_cost, kind="stable")]
-    chains = [c for c in rung_chains(cost_order, ref, mean_cost) if len(c) > 1]
+    chains = [c for c in rung_chains(cost_order, anchor, mean_cost) if len(c) > 1]
+    if not chains:
+        return [], [np.zeros(0)] * 5, 0
     families = sum(2 ** max(len(c) - 2, 0) - 1 for c in chains)
     zg = z_value(delta / max(families, 1)) if z_gate is None else z_gate
-    ref_cost = float(mean_cost[ref])
-    model = LossModel(table, keys, ref, norm if gate else "")
+    model = LossModel(table, keys, anchor, norm if gate else "")
     blocks = []
     for chain in chains:
         th, ag = candidates(table, chain, keys, gate=gate and len(chain) > 2, any_=any_)
         risk = model.columns(chain)
         blocks.append((chain, th, ag,
-                       mesh_stats(table, chain, keys, th, ref, ag, norm, any_, risk)))
-    if not blocks:
-        return none("no rung is cheap enough to cascade from")
+                       mesh_stats(table, chain, keys, th, anchor, ag, norm, any_, risk)))
     # every candidate of every chain in one row; ``start`` maps a row back to its chain
     cost, better, worse, loss = (np.concatenate([b[3][k] for b in blocks]) for k in range(4))
     used: BoolArray = np.concatenate([b[2].any(axis=1) for b in blocks])
@@ -153,14 +141,47 @@ def guarded_frontier(table: OutcomeTable, *, delta: float, agreement: str = "off
                        norm if used[i] else "", "any" if any_ and used[i] else "all")
 
     front = np.concatenate([np.nonzero(used == fam)[0][
-        model_frontier(loss[used == fam], cost[used == fam], ref_cost)]
+        model_frontier(loss[used == fam], cost[used == fam], float(mean_cost[anchor]))]
         for fam in (False, True)])
+    return ([setting_of(int(i)) for i in front],
+            [cost[front], better[front], worse[front],
+             np.where(used[front], zg, z).astype(float),
+             np.where(used[front], PSEUDO_GATE, PSEUDO).astype(float)], int(cost.size))
+
+
+def guarded_frontier(table: OutcomeTable, *, delta: float, agreement: str = "off",
+                     z_gate: float | None = None) -> Frontier:
+    """The settings :func:`choose` picks from (see it for ``agreement`` and ``z_gate``): the
+    model frontiers of the cascades ending at each rival, and each rival but the dearest
+    alone (the dearest alone is the fallback)."""
+    n = table.n
+    mean_cost = table.cost.mean(axis=0)
+    z = z_value(delta)
+    looks_best = reference_rung(table)
+    rivals = plausible_best(table, looks_best, z)
+    ref = max(rivals, key=lambda j: (float(mean_cost[j]), j == looks_best))
+    keys = scoring_keys(table)
+    settings: list[Setting] = []
+    cols: list[list[FloatArray]] = []
+    ranked = 0
+    for a in rivals:
+        if keys:
+            st, arrays, m = _anchor_frontier(table, a, keys, z=z, delta=delta,
+                                             agreement=agreement, z_gate=z_gate)
+            settings += st
+            cols.append(arrays)
+            ranked += m
+        if a != ref:
+            settings.append(Setting((a,)))
+            cols.append([np.array([float(mean_cost[a])]), np.zeros(1), np.zeros(1),
+                         np.array([z]), np.array([PSEUDO])])
+            ranked += 1
+    arr = [np.concatenate([c[k] for c in cols]) if cols else np.zeros(0) for k in range(5)]
+    reason = ("" if settings else "no scoring verifier to tune" if not keys
+              else "no rung is cheap enough to cascade from")
     return Frontier(ref=ref, looks_best=looks_best, rivals=tuple(rivals), n=n, z=z,
-                    settings=[setting_of(int(i)) for i in front], cost=cost[front],
-                    better=better[front], worse=worse[front],
-                    zs=np.where(used[front], zg, z).astype(float),
-                    pseudo=np.where(used[front], PSEUDO_GATE, PSEUDO).astype(float),
-                    candidates=int(cost.size))
+                    settings=settings, cost=arr[0], better=arr[1], worse=arr[2], zs=arr[3],
+                    pseudo=arr[4], candidates=ranked, reason=reason)
 
 
 def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str = "off",
@@ -174,8 +195,8 @@ def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str
     previous one: runnable by the engine) or ``"any"`` (scores pass *or* it agrees: for
     measurement). Gated settings form their own frontier, held to ``z_gate`` standard errors.
 
-    Returns the choice, the rung cascades end at (the reference of the report), and the cases
-    used to choose and (none) held apart.
+    Returns the choice, the rung it ends at (the reference of the report), and the cases used
+    to choose and (none) held apart.
     """
     f = guarded_frontier(table, delta=delta, agreement=agreement, z_gate=z_gate)
     every = np.arange(table.n, dtype=np.int64)
@@ -204,12 +225,13 @@ def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str
                        rivals=f.rivals, looks_best=f.looks_best),
                 f.ref, every, none)
     g = int(np.lexsort((-lower, np.where(ok, f.cost, math.inf)))[0])
-    return (Choice(setting=prune(f.settings[g]), passed=True, tested=len(f.settings),
+    chosen = prune(f.settings[g])
+    return (Choice(setting=chosen, passed=True, tested=len(f.settings),
                    candidates=f.candidates, reason="passed",
                    change=float(change[g]), stderr=float(se[g]), lower=float(lower[g]),
                    z=float(f.zs[g]), against=int(against[g]),
-                       rivals=f.rivals, looks_best=f.looks_best),
-            f.ref, every, none)
+                   rivals=f.rivals, looks_best=f.looks_best),
+            int(chosen.chain[-1]), every, none)
 
 
 def budget_points(table: OutcomeTable, max_points: int = 24
