@@ -13,6 +13,7 @@ guard's z, to measure over-fit.
 
     python bench/tuning.py [--folds 5] [--seeds 3] [--seed-offset 0] [--max-accuracy-drop 0.01]
                            [--agreement all]
+    python bench/tuning.py --labels [--draws 5]   # learning curve and labelling bench
 """
 
 from __future__ import annotations
@@ -138,6 +139,27 @@ def _timing(table: OutcomeTable, n: int = 10_000) -> tuple[float, float, int]:
     return t1 - t0, t2 - t1, len(big.rungs)
 
 
+def labels_bench(data: Path, *, drop: float, delta: float, draws: int) -> int:
+    """Learning curve and labelling bench per ladder, i.i.d. draws from its pooled files."""
+    from tuning_labels import labelling, learning_curve, summarise
+
+    print(f"i.i.d. draws from each ladder's five files pooled, {draws} draws a row, max accuracy "
+          f"drop {drop:g}, delta {delta:g}; judged on the cases not drawn, against the best "
+          "single rung on them")
+    for ladder in ("llama", "qwen_oai"):
+        files = sorted(data.glob(f"*_{ladder}_train.jsonl"))
+        if not files:
+            continue
+        t = load_shared_outcomes(files)
+        print(f"\n{ladder} ({t.n} cases pooled)")
+        for n, res in learning_curve(t, None, [100, 300, 600, 1000], draws, drop=drop,
+                                     delta=delta).items():
+            print(f"  learning curve, {n:>4} labelled        {summarise(res, drop)}")
+        for name, res in labelling(t, None, 300, 700, draws, drop=drop, delta=delta).items():
+            print(f"  300 labelled + 700 pool: {name:<20} {summarise(res, drop)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
@@ -150,10 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", nargs="*", help="only these file names")
     ap.add_argument("--agreement", choices=("off", "all"), default="off")
     ap.add_argument("--z-gate", type=float, default=None)
+    ap.add_argument("--labels", action="store_true",
+                    help="instead: the learning curve and the labelling bench on each ladder's "
+                         "files pooled (see bench/tuning_labels.py)")
+    ap.add_argument("--draws", type=int, default=5, help="with --labels: random draws per row")
     ns = ap.parse_args(argv)
     if not ns.data.is_dir():
         print(f"no shared data at {ns.data}: nothing to benchmark", file=sys.stderr)
         return 0
+    if ns.labels:
+        return labels_bench(ns.data, drop=ns.max_accuracy_drop, delta=ns.delta, draws=ns.draws)
     files = sorted(ns.data.glob("*_train.jsonl"))
     if ns.files:
         files = [f for f in files if f.name in ns.files]

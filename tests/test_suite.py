@@ -280,6 +280,7 @@ def test_shared_outcomes_without_labels_and_prompts(tmp_path: Path) -> None:
     assert t.n_labelled == 1
     assert t.prompts == ("question 0?", "question 1?")
     assert t.answers == (("A", "B"), ("C", "C"))
+    assert t.case_normalisers == ("choice", "choice")  # mmlu: letters
     assert t.take([1, 1]).labelled.tolist() == [False, False]  # type: ignore[union-attr]
     labelled = t.with_labels({"r1": {"s": True, "l": True}})
     assert labelled.labelled is None and labelled.correct[1].tolist() == [True, True]

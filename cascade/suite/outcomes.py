@@ -84,6 +84,9 @@ class OutcomeTable:
     labelled: BoolArray | None = None
     """Per case, whether ``correct`` holds grades; None: every case is labelled. An unlabelled
     row's ``correct`` is False and means nothing."""
+    case_normalisers: tuple[str, ...] = ()
+    """Per case, the normaliser that matches its grader (mixed suites mix them); empty: every
+    case uses ``agreement_normaliser``."""
     answers: tuple[tuple[str | None, ...], ...] = ()
     """``answers[i][j]``: rung ``j``'s answer text to case ``i`` (None: no answer), what a
     judge model grades and ``cascade label`` shows; empty for tables built in code."""
@@ -94,12 +97,27 @@ class OutcomeTable:
             raise ValueError("outcome table arrays disagree in shape")
         if any(a.shape != (n, r, r) for a in self.agreement.values()):
             raise ValueError("agreement arrays must be cases × rungs × rungs")
+        if self.case_normalisers and len(self.case_normalisers) != n:
+            raise ValueError("one normaliser per case")
         if self.answers and len(self.answers) != n:
             raise ValueError("one row of answers per case")
         if self.prompts and len(self.prompts) != n:
             raise ValueError("one prompt per case")
         if self.labelled is not None and self.labelled.shape != (n,):
             raise ValueError("one labelled flag per case")
+
+    def same_answer(self, ref: int) -> BoolArray | None:
+        """Per case and rung: is the rung's answer the same as rung ``ref``'s under the case's
+        own normaliser (so it has the same grade)? None when the table holds no agreement."""
+        names = self.case_normalisers or (self.agreement_normaliser or "",) * self.n
+        out = np.zeros(self.correct.shape, dtype=bool)
+        for name in set(names):
+            arr = self.agreement.get(name)
+            if arr is None:
+                return None
+            rows = np.array([x == name for x in names], dtype=bool)
+            out[rows] = arr[rows][:, :, ref]
+        return out
 
     @property
     def is_labelled(self) -> BoolArray:
@@ -154,6 +172,8 @@ class OutcomeTable:
             agreement={k: v[ix] for k, v in self.agreement.items()},
             prompts=tuple(self.prompts[i] for i in ix) if self.prompts else (),
             answers=tuple(self.answers[i] for i in ix) if self.answers else (),
+            case_normalisers=(tuple(self.case_normalisers[i] for i in ix)
+                              if self.case_normalisers else ()),
             labelled=None if self.labelled is None else self.labelled[ix],
         )
 
@@ -327,6 +347,7 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
                                           for b, _row in rows),
         prompts=tuple(_prompt_of(row) for _b, row in rows),
         answers=tuple(tuple(t[int(j)] for j in order) for t in texts),
+        case_normalisers=tuple(_BENCH_NORMALISER.get(b, "normalised") for b, _row in rows),
         labelled=None if labelled.all() else labelled,
     )
 
@@ -395,6 +416,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
                                           for c in cases),
         prompts=tuple(c.prompt for c in cases),
         answers=tuple(tuple(t) for t in texts),
+        case_normalisers=tuple(GRADER_NORMALISER.get(c.grader, "normalised") for c in cases),
         labelled=None if all(c.labelled for c in cases) else np.array(
             [c.labelled for c in cases], dtype=bool),
     )

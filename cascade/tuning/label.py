@@ -100,14 +100,13 @@ def needed_labels(table: OutcomeTable, *, max_drop: float = 0.01, delta: float =
             cases = np.nonzero(unknown)[0].tolist()
             plans.append((gain / len(cases), gain, g, cases, ex))
     plans.sort(key=lambda x: (-x[0], x[2]))
+    same = {c: m for c in rivals if (m := table.same_answer(c)) is not None}
     count: dict[int, int] = {}
     for _v, _gain, _g, cases, _ex in plans:
         for i in cases:
             count[i] = count.get(i, 0) + 1
     out: list[Need] = []
     seen: set[int] = set()
-    norm = table.agreement_normaliser or ""
-    arr = table.agreement.get(norm)
     for _v, gain, g, cases, ex in plans:
         st = f.settings[g]
         for i in cases:
@@ -116,7 +115,7 @@ def needed_labels(table: OutcomeTable, *, max_drop: float = 0.01, delta: float =
             seen.add(i)
             j = int(st.chain[ex[i]])
             off = tuple(table.rungs[c].label for c in rivals
-                        if arr is None or not bool(arr[i, j, c]))
+                        if c not in same or not bool(same[c][i, j]))
             why = (f"{table.rungs[j].label}'s accepted answer disagrees with "
                    f"{', '.join(off) or 'the top rung'}'s; its label decides whether "
                    f"{st.describe(table)} passes the guard "
@@ -180,7 +179,7 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
     if not table.answers or not table.prompts:
         raise ConfigError("the suite carries no answer texts to judge", source=table.source)
     rung = config.rungs[-1]
-    norm = NORMALISERS.get(table.agreement_normaliser or "normalised", NORMALISERS["exact"])
+    names = table.case_normalisers or (table.agreement_normaliser or "normalised",) * table.n
     factory = provider_factory or make_provider
     labels: dict[str, dict[str, bool]] = {}
     unjudged: list[str] = []
@@ -189,6 +188,7 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
     async def one(need: Need, provider: Provider, limit: anyio.CapacityLimiter) -> None:
         groups: dict[Any, list[int]] = {}
         texts = table.answers[need.index]
+        norm = NORMALISERS.get(names[need.index], NORMALISERS["exact"])
         for j, t in enumerate(texts):
             key = None if t is None else norm(t)
             groups.setdefault(("none", j) if key is None else key, []).append(j)

@@ -27,7 +27,7 @@ def versus(table: OutcomeTable, ref: int) -> tuple[BoolArray, BoolArray]:
     ``ref`` is wrong) or possibly ``worse`` (wrong where ``ref`` is right)?
 
     On a labelled case, from the grades. On an unlabelled one, exact where it can be: an answer
-    equal to ``ref``'s under the suite's normaliser (the one that matches its grader) gets the
+    equal to ``ref``'s under the case's normaliser (the one that matches its grader) gets the
     same grade, so it is neither; any other answer counts as worse (never as free accuracy, and
     never as a gain). ``ref`` against itself is neither.
     """
@@ -37,12 +37,10 @@ def versus(table: OutcomeTable, ref: int) -> tuple[BoolArray, BoolArray]:
     better = c & ~rr[:, None] & lab[:, None]
     worse = ~c & rr[:, None] & lab[:, None]
     if not lab.all():
-        n, r = c.shape
-        same = np.zeros((n, r), dtype=bool)
+        same = table.same_answer(ref)
+        if same is None:
+            same = np.zeros(c.shape, dtype=bool)
         same[:, ref] = True
-        norm = table.agreement_normaliser or ""
-        if norm in table.agreement:
-            same |= table.agreement[norm][:, :, ref]
         worse |= ~lab[:, None] & ~same
     return better, worse
 
