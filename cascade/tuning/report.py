@@ -224,9 +224,14 @@ def format_report(report: Mapping[str, Any]) -> str:
             return f"${x['estimate']:.3g} (90%: ${lo:.3g} … ${hi:.3g})"
         return f"{x['estimate'] * 100:.1f}% (90%: {lo * 100:.1f} … {hi * 100:.1f})"
 
+    labelled = report.get("labelled_cases", report["cases"])
+    cases = (f"{report['cases']}" if labelled == report["cases"]
+             else f"{report['cases']} ({labelled} labelled)")
     lines = [
-        f"cases: {report['cases']}   best single rung: {ref['rung']} "
+        f"cases: {cases}   best single rung: {ref['rung']} "
         f"({ref['accuracy'] * 100:.1f}%, ${ref['mean_cost_usd']:.3g}/case)",
+        *([f"rungs that could be the best on new questions: {', '.join(ref['could_be_best'])} "
+           "(the guard holds against each)"] if len(ref.get("could_be_best", ())) > 1 else []),
         f"recommended: {rec['describe']}",
         f"  accuracy        {iv(e['accuracy'])}",
         f"  accuracy change {iv(e['accuracy_change'], pct=True)}",
@@ -240,7 +245,8 @@ def format_report(report: Mapping[str, Any]) -> str:
                      f"frontier, of {rec['candidate_settings']} candidates")
     if rec["kind"] == "cascade" and "delta" in report["objective"]:
         g = e["guard"]
-        lines.append(f"  guard: estimated change {g['accuracy_change'] * 100:+.2f} pts, "
+        lines.append(f"  guard (binding against {g.get('against', ref['rung'])}): estimated "
+                     f"change {g['accuracy_change'] * 100:+.2f} pts, "
                      f"standard error {g['standard_error'] * 100:.2f}; drop on new questions "
                      f"of this mix at most {e['certified_max_drop'] * 100:.2f} pts at about "
                      f"{100 * (1 - report['objective']['delta']):.0f}% confidence (an estimate, "
