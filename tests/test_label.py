@@ -190,3 +190,38 @@ def test_cli_judge_against_a_loopback_server(tmp_path: Path, openai_server: Loop
     assert f"in {2 * len(rows)} calls, ${cost:.4f}" in capsys.readouterr().out
     tuned = tmp_path / "TUNED.toml"
     assert main(["tune", str(f), "--labels", str(out), "--out", str(tuned), "--json"]) == 0
+
+
+def test_with_no_label_at_all_tune_says_so_and_label_asks_for_a_spread_sample() -> None:
+    """Nothing to tell the rungs apart: ``tune`` is a clear error naming ``cascade label``,
+    which asks for a sample spread over the suite first."""
+    from cascade.errors import ConfigError
+    from cascade.tuning import tune
+
+    t, _gold = _letters(500, 9)
+    none = _unlabel(t, np.ones(t.n, dtype=bool))
+    with pytest.raises(ConfigError, match="cascade label"):
+        tune(none)
+    needs = needed_labels(none, max_n=40)
+    assert len(needs) == 40 and needs[0].index == 0 and needs[-1].index == t.n - 1
+    assert len(needed_labels(none)) == 300
+
+
+def test_tune_on_a_partly_labelled_suite_reports_on_the_labelled_cases() -> None:
+    """Unlabelled placeholders never enter an accuracy: the report's accuracies are the
+    labelled cases', and the shift check too."""
+    from cascade.tuning import tune
+
+    t, _gold = _letters(1500, 11)
+    groups = tuple(f"g{i % 5}" for i in range(t.n))
+    t = replace(t, groups=groups)
+    hidden = np.arange(t.n) % 3 == 0
+    u = _unlabel(t, hidden)
+    res = tune(u, bootstrap=100)
+    rep = res.report
+    assert rep["labelled_cases"] == int((~hidden).sum())
+    right, _c, _e = simulate(u, res.setting)
+    assert rep["expected"]["accuracy"]["estimate"] == pytest.approx(right[~hidden].mean())
+    assert {s["rung"]: s["accuracy"] for s in rep["single_rungs"]} == pytest.approx(
+        {"s": t.correct[~hidden, 0].mean(), "l": t.correct[~hidden, 1].mean()})
+    assert rep["shift"]["available"]

@@ -42,12 +42,14 @@ def shift_check(table: OutcomeTable, *, max_drop: float, delta: float, seed: int
     held: list[bool] = []
     for f in range(k):
         tr, te = np.nonzero(gi != f)[0], np.nonzero(gi == f)[0]
-        if tr.size < 20 or te.size < 5:
+        lab = table.is_labelled
+        if int(lab[tr].sum()) < 20 or int(lab[te].sum()) < 5:
             continue
         ttr, tte = table.take(tr), table.take(te)
         choice, ref, _s, _c = choose(ttr, max_drop=max_drop, delta=delta)
         right, cost, _ = simulate(tte, choice.setting)
-        ch = float(right.mean() - tte.correct[:, ref].mean())
+        on = tte.is_labelled  # grades are known only there
+        ch = float(right[on].mean() - tte.correct[on, ref].mean())
         rc = float(tte.cost[:, ref].mean())
         changes.append(ch)
         savings.append(1 - float(cost.mean()) / rc if rc > 0 else 0.0)
