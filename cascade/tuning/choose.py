@@ -35,6 +35,8 @@ __all__ = [
 
 @dataclass(frozen=True, kw_only=True)
 class Choice:
+    """What the tuner chose and the evidence the report shows for it."""
+
     setting: Setting
     passed: bool
     tested: int
