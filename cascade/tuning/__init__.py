@@ -45,7 +45,8 @@ normal-approximation bound for the one setting chosen, not a family-wise guarant
 selection; choosing the cheapest of the frontier still makes the in-sample estimate somewhat
 optimistic, and the margin (z standard errors plus pseudo-cases) is sized to absorb that, which
 cross-validation on the shared recorded data checks (``bench/tuning.py``: against the best
-single rung on the held-out cases, the 1-point promise held on 9 of 10 files; see the README). What is exact:
+single rung on the held-out cases, the 1-point promise held on 9 of 10 files; see the README).
+What is exact:
 the simulated accuracy and cost of a setting on the suite (the engine's policy replayed), and
 that the recommendation is never dearer and no more accurate than a single rung on the suite.
 What is not covered: questions unlike the suite's (the report's ``shift`` section measures
