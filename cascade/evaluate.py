@@ -92,7 +92,11 @@ def _accepts(table: OutcomeTable, config: CascadeConfig, cols: list[int]
 
 def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
     """Accuracy, mean cost, savings against every single rung, escalation per rung, and each
-    rung's verifier precision/recall, for ``config`` replayed on ``table``."""
+    rung's verifier precision/recall, for ``config`` replayed on ``table``. Unlabelled cases
+    have no grade to replay: they are left out (and counted as ``unlabelled_skipped``)."""
+    skipped = table.n - table.n_labelled
+    if skipped:
+        table = table.take(np.nonzero(table.is_labelled)[0])
     cols = _columns(table, config)
     acc = _accepts(table, config, cols)
     k, n = len(cols), table.n
@@ -133,6 +137,7 @@ def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
         "source": table.source,
         "config": config.source,
         "cases": n,
+        "unlabelled_skipped": skipped,
         "accuracy": float(right.mean()) if n else math.nan,
         "mean_cost_usd": mean_cost,
         "verified_rate": float(verified.mean()) if n else math.nan,

@@ -225,3 +225,18 @@ def test_tune_on_a_partly_labelled_suite_reports_on_the_labelled_cases() -> None
     assert {s["rung"]: s["accuracy"] for s in rep["single_rungs"]} == pytest.approx(
         {"s": t.correct[~hidden, 0].mean(), "l": t.correct[~hidden, 1].mean()})
     assert rep["shift"]["available"]
+
+
+def test_eval_leaves_unlabelled_cases_out() -> None:
+    """``cascade eval`` replays grades; an unlabelled case has none, so it is skipped and
+    counted, never scored as wrong."""
+    from cascade.evaluate import evaluate
+
+    t, _gold = _letters(400, 13)
+    hidden = np.arange(t.n) % 4 == 0
+    cfg = parse_config({"rungs": [{"model": "s", "thresholds": {"confidence": 0.7}},
+                                  {"model": "l"}], "verifiers": ["confidence"]})
+    rep = evaluate(_unlabel(t, hidden), cfg)
+    full = evaluate(t.take(np.nonzero(~hidden)[0]), cfg)
+    assert rep["unlabelled_skipped"] == int(hidden.sum()) and rep["cases"] == full["cases"]
+    assert rep["accuracy"] == pytest.approx(full["accuracy"])
