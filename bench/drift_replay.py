@@ -45,7 +45,10 @@ from cascade.config import PolicyConfig
 from cascade.drift import DriftMonitor
 from cascade.store.local import LocalCounters
 from cascade.suite import OutcomeTable, load_shared_outcomes
-from cascade.tune import IntArray, Setting, simulate, tune, z_value
+from cascade.tuning import tune
+from cascade.tuning.guard import z_value
+from cascade.tuning.setting import IntArray, Setting
+from cascade.tuning.simulate import simulate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cascades"
 NORMALISER = {"mmlu": "choice", "medmcqa": "choice", "gsm8k": "numeric",
@@ -114,7 +117,7 @@ def tuned_cascade(suite: OutcomeTable, drop: float) -> Cascade:
 
 def accepts(table: OutcomeTable, c: Cascade) -> np.ndarray:
     """Per case and early chain position: would that rung's verifiers accept its answer (the
-    engine's policy, from :func:`cascade.tune.simulate` on the rung alone)."""
+    engine's policy, from :func:`cascade.tuning.simulate.simulate` on the rung alone)."""
     s = c.setting
     cols = []
     for p in range(len(s.chain) - 1):

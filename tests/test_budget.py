@@ -360,5 +360,5 @@ def test_period_zero_is_a_config_error() -> None:
 
     for period in (0, 0.0):
         with pytest.raises(ConfigError, match=r"x\.toml.*budget\.period_s.*> 0"):
-            parse_config({"rungs": [{"model": "m"}],
+            parse_config({"rungs": [{"model": "m", "price": "unknown"}],
                           "budget": {"limit_usd": 1.0, "period_s": period}}, source="x.toml")

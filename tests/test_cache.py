@@ -268,5 +268,6 @@ def test_absurd_size_limit_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cache\.size_limit_mb"):
         AnswerCache(tmp_path, size_limit_mb=1e300)
     with pytest.raises(ConfigError, match=r"x\.toml.*cache\.size_limit_mb"):
-        parse_config({"rungs": [{"model": "m"}], "cache": {"size_limit_mb": 1e300}},
+        parse_config({"rungs": [{"model": "m", "price": "unknown"}],
+                      "cache": {"size_limit_mb": 1e300}},
                      source="x.toml")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade import evaluate as evaluate_mod
-from cascade import tune as tune_mod
+from cascade.cli import eval as evaluate_mod
+from cascade.cli import tune as tune_mod
 from cascade.config import RungConfig, VerifierConfig, load_config, parse_config
 from cascade.errors import ConfigError
 from cascade.evaluate import evaluate

@@ -15,9 +15,9 @@ from cascade.cli import main
 from cascade.config import parse_config
 from cascade.engine import Cascade
 from cascade.errors import ConfigError
-from cascade.fromlog import build_suite, parse_since
-from cascade.replay import ReplayProvider
+from cascade.providers.replay import ReplayProvider
 from cascade.suite import RecordingStore, answer_call, load_cases, request_hash
+from cascade.suite.fromlog import build_suite, parse_since
 
 T0 = 1_764_000_000.0  # 2025-11-24T16:00:00Z
 LADDER = {"rungs": [
@@ -167,6 +167,7 @@ def test_with_config_recordings_get_the_exact_call_keys(tmp_path: Path) -> None:
     ladder = tmp_path / "ladder.toml"
     ladder.write_text("\n".join(
         f'[[rungs]]\nmodel = "{r["model"]}"\nmax_tokens = {r.get("max_tokens", 512)}\n'
+        'price = "unknown"\n'
         for r in LADDER["rungs"]))
     assert main(["suite", "from-log", str(log), "--out", str(tmp_path / "s"), "--config",
                  str(ladder)], out=io.StringIO(), err=io.StringIO()) == 0
@@ -236,7 +237,8 @@ def test_no_key_from_the_environment_reaches_the_suite(tmp_path: Path,
     log = _write(tmp_path / "audit.jsonl", [line, fb])
     ladder = tmp_path / "ladder.toml"
     ladder.write_text('[[rungs]]\nmodel = "small"\nprovider = "openai-compatible"\n'
-                      'base_url = "http://127.0.0.1:9/v1"\napi_key_env = "LADDER_CRED"\n')
+                      'base_url = "http://127.0.0.1:9/v1"\napi_key_env = "LADDER_CRED"\n'
+                      'price = "unknown"\n')
     err = io.StringIO()
     assert main(["suite", "from-log", str(log), "--out", str(tmp_path / "s"), "--config",
                  str(ladder)], out=io.StringIO(), err=err) == 0

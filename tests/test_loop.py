@@ -28,7 +28,7 @@ QUESTIONS = {f"What is {a} plus {a + 3}?": str(2 * a + 3) for a in range(1, 13)}
 
 
 class BriefAudit:
-    """An audit log of exactly the shape ``cascade.fromlog`` is written against (Unix-seconds
+    """An audit log of exactly the shape ``cascade.suite.fromlog`` is written against (Unix-seconds
     timestamps, the whole ``Answer.to_dict()`` under ``answer``); stands in for
     ``cascade.audit`` where that is not there yet."""
 

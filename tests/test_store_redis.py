@@ -30,6 +30,8 @@ from tests.redis_server import RedisServer, redis_server
 pytestmark = pytest.mark.anyio
 EP = "openai|http://127.0.0.1:9|m"
 
+FREE_RUNG = {"model": "m", "input_usd_per_mtok": 0, "output_usd_per_mtok": 0}
+
 
 @pytest.fixture
 def redis() -> Iterator[RedisServer]:
@@ -46,7 +48,8 @@ def _fresh_breakers() -> Iterator[None]:
 
 def _config(url: str, **store: Any) -> CascadeConfig:
     return parse_config({
-        "rungs": [{"model": "m", "provider": "openai-compatible", "base_url": "http://x/v1"}],
+        "rungs": [{"model": "m", "provider": "openai-compatible", "base_url": "http://x/v1",
+                    "price": "unknown"}],
         "breaker": {"failure_threshold": 2, "cooldown_s": 0.3},
         "store": {"url": url, "timeout_s": 2.0, **store},
     }, source="cascade.toml")
@@ -85,7 +88,7 @@ def _answer(text: str = "Canberra", verified: bool = True) -> Answer:
 ])
 def test_store_config_errors_name_the_key_and_file(store: dict[str, Any], key: str,
                                                    match: str) -> None:
-    cfg = parse_config({"rungs": [{"model": "m"}], "store": store}, source="cascade.toml")
+    cfg = parse_config({"rungs": [FREE_RUNG], "store": store}, source="cascade.toml")
     with pytest.raises(ConfigError, match=match) as info:
         RedisStore.from_config(cfg)
     assert info.value.key == key and info.value.source == "cascade.toml"
@@ -95,7 +98,7 @@ def test_store_config_errors_name_the_key_and_file(store: dict[str, Any], key: s
 def test_a_password_with_control_characters_is_refused_unechoed(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CASCADE_TEST_PW", "pass\x1b[2Jword")
-    cfg = parse_config({"rungs": [{"model": "m"}], "store": {
+    cfg = parse_config({"rungs": [FREE_RUNG], "store": {
         "url": "rediss://127.0.0.1:6380/1", "password_env": "CASCADE_TEST_PW"}})
     with pytest.raises(ConfigError, match="control characters") as info:
         RedisStore.from_config(cfg)
@@ -103,7 +106,7 @@ def test_a_password_with_control_characters_is_refused_unechoed(
 
 
 def test_reservations_must_outlive_a_request() -> None:
-    cfg = parse_config({"rungs": [{"model": "m"}], "timeout_s": 120,
+    cfg = parse_config({"rungs": [FREE_RUNG], "timeout_s": 120,
                         "store": {"url": "redis://127.0.0.1:1/0", "reservation_ttl_s": 60}})
     with pytest.raises(ConfigError, match=r"store\.reservation_ttl_s"):
         RedisStore.from_config(cfg)
@@ -157,7 +160,7 @@ async def test_damaged_or_forged_shared_entries_are_dropped(workers: list[RedisS
 
 async def test_cache_ttl_is_the_disk_caches(redis: RedisServer) -> None:
     cfg = _config(redis.url).replace(cache=parse_config(
-        {"rungs": [{"model": "m"}], "cache": {"ttl_s": 60}}).cache)
+        {"rungs": [FREE_RUNG], "cache": {"ttl_s": 60}}).cache)
     store = RedisStore.from_config(cfg)
     try:
         assert store.cache is not None
@@ -406,6 +409,6 @@ def test_the_readme_store_example_is_a_valid_config(monkeypatch: pytest.MonkeyPa
     assert block is not None
     table = tomllib.loads(block.group(1))
     monkeypatch.setenv("REDIS_PASSWORD", "pw")
-    store = RedisStore.from_config(parse_config({"rungs": [{"model": "m"}], **table}))
+    store = RedisStore.from_config(parse_config({"rungs": [FREE_RUNG], **table}))
     assert store.config.url == "redis://10.0.0.5:6379/0"
     assert store.config.budgets_on_outage == "fail-closed"

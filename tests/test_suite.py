@@ -240,3 +240,76 @@ def test_shared_outcomes_carry_agreement() -> None:
     assert t.correct[ag, 0].mean() > t.correct[~ag, 0].mean()
     sub = t.take([5, 5, 7])
     assert sub.agreement["numeric"].shape == (3, 4, 4)
+
+
+def test_replay_side_of_the_suite_package_needs_no_numpy() -> None:
+    """The replay provider imports cases and recordings; the outcome table (numpy) loads only
+    when one of its names is asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cascade.suite, cascade.suite.recordings, cascade.providers.replay\n"
+            "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
+            "from cascade.suite import OutcomeTable\n"
+            "assert 'numpy' in sys.modules and OutcomeTable.__module__ == "
+            "'cascade.suite.outcomes'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def _shared_file(tmp_path: Path, rows: list[dict[str, object]]) -> Path:
+    """A tiny file of the shared outcomes format with its ladder beside it."""
+    (tmp_path / "ladder-toy.json").write_text(json.dumps({"ladder": [
+        {"model": "s", "input_usd_per_mtok": 0.1, "output_usd_per_mtok": 0.1},
+        {"model": "l", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0}]}))
+    f = tmp_path / "mmlu_toy_train.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return f
+
+
+def _row(i: int, s: str, big: str, correct: tuple[object, object]) -> dict[str, object]:
+    return {"id": f"r{i}", "messages": [{"role": "system", "content": "Letters only."},
+                                        {"role": "user", "content": f"question {i}?"}],
+            "outcomes": {"s": {"text": s, "correct": correct[0], "confidence": 0.9,
+                               "cost_usd": 0.001, "confidence_source": "answer_logprob"},
+                         "l": {"text": big, "correct": correct[1], "confidence": 0.8,
+                               "cost_usd": 0.01, "confidence_source": "answer_logprob"}}}
+
+
+def test_shared_outcomes_without_labels_and_prompts(tmp_path: Path) -> None:
+    """``"correct": null`` in every outcome of a case: recorded, not labelled. Prompts (the
+    last user message) and answer texts ride along, in the table's rung order."""
+    f = _shared_file(tmp_path, [_row(0, "A", "B", (False, True)), _row(1, "C", "C", (None, None))])
+    t = load_shared_outcomes([f])
+    assert t.labelled is not None and t.labelled.tolist() == [True, False]
+    assert t.n_labelled == 1
+    assert t.prompts == ("question 0?", "question 1?")
+    assert t.answers == (("A", "B"), ("C", "C"))
+    assert t.case_normalisers == ("choice", "choice")  # mmlu: letters
+    assert t.take([1, 1]).labelled.tolist() == [False, False]  # type: ignore[union-attr]
+    labelled = t.with_labels({"r1": {"s": True, "l": True}})
+    assert labelled.labelled is None and labelled.correct[1].tolist() == [True, True]
+
+
+def test_a_half_labelled_shared_case_is_an_error(tmp_path: Path) -> None:
+    f = _shared_file(tmp_path, [_row(0, "A", "B", (None, True))])
+    with pytest.raises(ConfigError, match="labels some outcomes and not others"):
+        load_shared_outcomes([f])
+
+
+def test_recorded_case_without_expected_is_unlabelled(tmp_path: Path) -> None:
+    """A recorded-suite case without ``expected`` loads as unlabelled (no grade is invented),
+    with its prompt; graded cases keep their grades."""
+    suite = _recorded_suite(tmp_path)
+    lines = (suite / "cases.jsonl").read_text().splitlines()
+    first = json.loads(lines[1])
+    del first["expected"]
+    lines[1] = json.dumps(first)
+    (suite / "cases.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = parse_config({"rungs": [{"model": "small", **FREE}, {"model": "big", **FREE}],
+                        "verifiers": [{"name": "confidence"}]})
+    t = load_outcome_table([suite], cfg)
+    assert t.labelled is not None and t.labelled.tolist() == [True, False, True, True]
+    assert t.correct[1].tolist() == [False, False]  # a placeholder, never a grade
+    assert t.correct[3].tolist() == [False, True]
+    assert t.prompts[1] == "1+1?"
+    assert t.answers[1] == ("wrong", "2")

@@ -51,8 +51,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "health": ("cascade.cli.health", "the configured endpoints and their circuits; --probe "
                                      "calls each once"),
     "record": ("cascade.record", "run a suite through every rung and store the responses"),
-    "tune": ("cascade.tune", "tune rungs and thresholds on recorded suites"),
-    "eval": ("cascade.evaluate", "replay suites through a config and report quality/cost"),
+    "tune": ("cascade.cli.tune", "tune rungs and thresholds on recorded suites"),
+    "eval": ("cascade.cli.eval", "replay suites through a config and report quality/cost"),
+    "label": ("cascade.cli.label", "name the unlabelled cases whose labels would change tuning"),
     "suite": ("cascade.cli.suite", "build suites from served traffic (from-log: audit logs -> "
                                    "a recorded suite)"),
 }

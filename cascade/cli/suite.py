@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     """Build and write the suite; print what was kept and skipped."""
     from cascade.config import load_config
-    from cascade.fromlog import build_suite, parse_since, write_suite
+    from cascade.suite.fromlog import build_suite, parse_since, write_suite
 
     config = load_config(ns.config) if ns.config else None
     since = parse_since(ns.since) if ns.since is not None else None
