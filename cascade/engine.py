@@ -513,7 +513,8 @@ class Cascade:
         return self._sync.call(lambda: self.aanswer_many(requests, concurrency=concurrency))
 
     async def aclose(self) -> None:
-        """Close this event loop's connections (the sync loop's close with :meth:`close`)."""
+        """Close this event loop's connections, providers' and the store's (the Cascade may
+        be used again: both reconnect on demand)."""
         with self._providers_lock:
             here = anyio.lowlevel.current_token()
             mine = [(k, p) for k, p in self._providers.items() if k[0] == here]
@@ -521,6 +522,7 @@ class Cascade:
                 del self._providers[k]
         for _, p in mine:
             await p.aclose()
+        await self._store.aclose()
 
     def close(self) -> None:
         """Close connections, the shadow checks, the sync loop, the store and the audit log."""

@@ -271,3 +271,21 @@ def test_absurd_size_limit_is_a_config_error(tmp_path: Path) -> None:
         parse_config({"rungs": [{"model": "m", "price": "unknown"}],
                       "cache": {"size_limit_mb": 1e300}},
                      source="x.toml")
+
+
+def test_cache_clear_force_from_the_cli_deletes_only_what_the_cache_owns(tmp_path: Path) -> None:
+    """The command every cache error recommends: it once ran rmtree on the directory."""
+    import io
+
+    from cascade.cli import main
+
+    d = tmp_path / "mine"
+    AnswerCache(d).set(cache_key({"q": 1}), _answer())
+    (d / "thesis.tex").write_text("mine")
+    err = io.StringIO()
+    assert main(["cache", "clear", "--force", "--cache-dir", str(d)], err=err) == 2
+    assert "refusing" in err.getvalue() and (d / "thesis.tex").read_text() == "mine"
+    (d / "thesis.tex").unlink()
+    (d / "cache.db").write_bytes(b"not sqlite" * 100)
+    assert main(["cache", "clear", "--force", "--cache-dir", str(d)], out=io.StringIO()) == 0
+    assert not d.exists() and tmp_path.exists()

@@ -216,3 +216,30 @@ async def test_a_per_call_cap_over_a_rung_of_unknown_price_is_refused(tmp_path: 
         await c.aanswer("q", max_cost_usd=0.01)
     assert ei.value.key == "max_cost_usd" and s.calls == []
     assert (await c.aanswer("q")).text in ("a", "b")
+
+
+async def test_a_huge_prompt_is_counted_off_the_event_loop(tmp_path: Path) -> None:
+    """With a cost cap, a 10 MB prompt held the event loop ~8 s in tiktoken. Now it is counted
+    in a worker thread: another task keeps ticking while the estimate runs."""
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await anyio.sleep(0.005)
+
+    s = Script({"small": ["ok"], "big": ["ok"]})
+    c = Cascade.from_dict(_config(tmp_path, cache={"enabled": False}),
+                          provider_factory=s.factory)
+    prompt = "word " * 2_000_000  # 10 MB
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.sleep(0.02)
+        before = ticks
+        ans = await c.aanswer(prompt, max_cost_usd=100.0)
+        during = ticks - before
+        done = True
+    assert ans.text == "ok"
+    assert during >= 5  # the loop ran other tasks while the prompt was counted

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from typing import TYPE_CHECKING
-
-from cascade.errors import CacheError
 
 if TYPE_CHECKING:
     from cascade.cache import AnswerCache
@@ -52,15 +49,10 @@ def run(ns: argparse.Namespace) -> int:
                 for k, v in stats.items():
                     out.write(f"{k:18s} {v}\n")
         else:
-            try:
-                n = cache.clear()
-                out.write(f"cleared {n} entries from {cache.directory}\n")
-            except CacheError:
-                if not ns.force:
-                    raise
-                cache.close()
-                shutil.rmtree(cache.directory, ignore_errors=True)
-                out.write(f"removed the damaged cache directory {cache.directory}\n")
+            # The cache deletes only what it owns: with --force a damaged cache's own files
+            # go, and a directory holding anything else is refused either way.
+            n = cache.clear(force=ns.force)
+            out.write(f"cleared {n} entries from {cache.directory}\n")
     finally:
         cache.close()
     return 0
