@@ -120,7 +120,7 @@ def _rung(name: str, max_tokens: int, system: str, *, verifiers: tuple[str, ...]
 
 BRIEF_THRESHOLDS: dict[str, float] = {"confidence": 0.8}
 """Written from ``cascade tune fixtures/suite`` (README, "The embedded local ladder")."""
-CONSENSUS_THRESHOLDS: dict[str, float] = {"confidence": 0.5, "agreement": 1.0}
+CONSENSUS_THRESHOLDS: dict[str, float] = {"confidence": 0.7, "agreement": 1.0}
 """The top rung's answer is returned either way; these decide whether it is marked verified,
 chosen for precision on the tuning suite (the tuner does not tune the top rung)."""
 
