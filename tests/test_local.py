@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from cascade.config import RungConfig
-from cascade.defaults import DEFAULT_LOCAL_MODEL, default_config
+from cascade.defaults import DEFAULT_LOCAL_MODEL, answer_key, default_config
 from cascade.errors import ClientRequestError, ConfigError
 from cascade.messages import Message
 from cascade.providers import local, make_provider
@@ -48,23 +48,54 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------- fast: no model needed
 
 
-def test_default_ladder_is_local_smallest_first_with_logprobs_and_nominal_prices() -> None:
+def test_default_ladder_is_local_with_logprobs_and_nominal_prices() -> None:
     cfg = default_config()
-    assert len(cfg.rungs) >= 2
+    assert len(cfg.rungs) == 2
     assert {r.provider for r in cfg.rungs} == {"local"}
     for r in cfg.rungs:
         check_model_name(r.model)  # every rung names a bundled model
         assert r.logprobs, "the confidence verifier reads log-probabilities"
         assert r.input_usd_per_mtok > 0 and r.output_usd_per_mtok > 0
-        assert r.temperature == 0.0
-    budgets = [r.max_tokens for r in cfg.rungs]
-    assert budgets == sorted(budgets) and budgets[0] < budgets[-1]
+        assert r.temperature == 0.0  # the candidate is greedy; only the samples are not
+        assert r.extra["stop"] == ["\n"], "one line: no rambling past the answer"
+        assert r.extra["repeat_penalty"] > 1.0
+        assert set(r.thresholds) <= set(r.verifiers or ())
     assert len({r.label for r in cfg.rungs}) == len(cfg.rungs)
-    assert [v.key for v in cfg.verifiers] == ["refusal", "confidence"]
+    assert [v.key for v in cfg.verifiers] == ["refusal", "confidence", "agreement"]
     conf = cfg.verifiers[1]
     assert conf.settings["source"] == "logprobs"
     assert conf.threshold is not None and 0.0 < conf.threshold < 1.0
     assert cfg.cache.enabled
+
+
+def test_the_two_default_rungs_are_asked_and_judged_differently() -> None:
+    brief, consensus = default_config().rungs
+    assert brief.extra["default_system"] != consensus.extra["default_system"]
+    assert "Answer:" in consensus.extra["default_system"]  # worked examples
+    assert brief.verifiers == ("refusal", "confidence")
+    assert consensus.verifiers == ("refusal", "confidence", "agreement")
+    agreement = default_config().verifiers[2]
+    assert agreement.settings["mode"] == "samples" and agreement.settings["samples"] >= 2
+    assert consensus.thresholds["agreement"] == 1.0, "verified only when every sample agrees"
+    assert brief.identity() != consensus.identity()  # distinct cache and recording keys
+
+
+def test_answer_key_compares_the_fact_not_the_wording() -> None:
+    assert answer_key("The capital of France is Paris.") == answer_key("Paris") == "paris"
+    assert answer_key("The capital of France is Lyon.") != answer_key("Paris.")
+    assert answer_key("12 + 30 = 32") == 32.0
+    assert answer_key("There are 24 hours in a day. A week has 7 days.") == 24.0
+    # an initial does not end the sentence, so the key is the surname, not the initial
+    assert answer_key("The first president was John F. Kennedy.") == "kennedy"
+    assert answer_key("Hamlet by William Shakespeare.\nIt is a tragedy.") == "shakespeare"
+    assert answer_key("") is None and answer_key("The.") is None
+
+
+def test_the_agreement_verifier_loads_the_answer_key_normaliser() -> None:
+    from cascade.plugins import load_verifier
+
+    v: Any = load_verifier(default_config().verifiers[2])
+    assert v.normalise("Paris is the answer. Or Lyon.") == answer_key("Paris is the answer.")
 
 
 def test_default_ladder_verifiers_load() -> None:
@@ -161,6 +192,11 @@ def test_server_request_validation() -> None:
     assert _sampling({"max_completion_tokens": 9, "max_tokens": 7},
                      default_max_tokens=512).max_tokens == 9
     assert _sampling({}, default_max_tokens=5).max_tokens == 5
+    tuned = _sampling({"repeat_penalty": 1.1, "default_system": "Be brief."},
+                      default_max_tokens=5)
+    assert (tuned.repeat_penalty, tuned.default_system) == (1.1, "Be brief.")
+    plain = _sampling({}, default_max_tokens=5)
+    assert (plain.repeat_penalty, plain.default_system) == (1.0, None)  # the library's default
     for bad, param in (
         ({"stream": True}, "stream"),
         ({"n": 2}, "n"),
@@ -169,6 +205,8 @@ def test_server_request_validation() -> None:
         ({"stop": [1]}, "stop"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"repeat_penalty": 0.0}, "repeat_penalty"),
+        ({"default_system": ["Be brief."]}, "default_system"),
     ):
         with pytest.raises(RequestError) as e:
             _sampling(bad, default_max_tokens=512)
@@ -258,6 +296,50 @@ async def test_answers_with_logprobs_matching_llama_cpp(smollm_path: Path, refer
         for tok, lp in ours.top.items():
             if tok in ref_top:
                 assert lp == pytest.approx(ref_top[tok], abs=1e-4)
+
+
+@pytest.mark.local
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_repeat_penalty_and_default_system_reach_llama_cpp(smollm_path: Path,
+                                                                 reference: Any) -> None:
+    rung = RungConfig(model=DEFAULT_LOCAL_MODEL, provider="local")
+    system = "Answer in one word."
+    extra = {"repeat_penalty": 1.5, "default_system": system}
+    question = "List the days of the week."
+    p = make_provider(rung)
+    try:
+        got = await p.complete(_call(question, max_tokens=40, temperature=0.0, extra=extra))
+        plain = await p.complete(_call(question, max_tokens=40, temperature=0.0))
+        own = await p.complete(ModelCall(
+            model=DEFAULT_LOCAL_MODEL, max_tokens=4, temperature=0.0, extra=extra,
+            messages=(Message("system", "Reply in French."), Message("user", question))))
+    finally:
+        await p.aclose()
+    ref = reference.create_chat_completion(
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        max_tokens=40, temperature=0.0, repeat_penalty=1.5,
+    )
+    assert got.text == ref["choices"][0]["message"]["content"]
+    assert got.input_tokens == ref["usage"]["prompt_tokens"]
+    assert got.text != plain.text  # the penalty and the prompt changed the answer
+    # a request's own system message wins: the default is not added to it
+    own_ref = reference.create_chat_completion(
+        messages=[{"role": "system", "content": "Reply in French."},
+                  {"role": "user", "content": question}], max_tokens=4, temperature=0.0)
+    assert own.input_tokens == own_ref["usage"]["prompt_tokens"]
+
+
+@pytest.mark.local
+@pytest.mark.slow
+def test_the_readme_first_command_is_verified_right(smollm_path: Path) -> None:
+    from cascade.engine import Cascade
+
+    with Cascade(default_config()) as c:
+        ans = c.answer("What is the capital of France? Answer briefly.", cache=False)
+    assert ans.verified
+    assert "Paris" in ans.text
+    assert "\n" not in ans.text  # one line: the brief rung stops at the first line break
 
 
 @pytest.mark.local

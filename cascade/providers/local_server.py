@@ -90,10 +90,12 @@ class _Sampling:
     min_p: float
     presence_penalty: float
     frequency_penalty: float
+    repeat_penalty: float
     seed: int | None
     stop: tuple[str, ...]
     logprobs: bool
     top_logprobs: int
+    default_system: str | None
 
 
 def _number(body: Mapping[str, Any], key: str, default: float, *, lo: float, hi: float) -> float:
@@ -139,6 +141,9 @@ def _sampling(body: Mapping[str, Any], *, default_max_tokens: int) -> _Sampling:
     top = _integer(body, "top_logprobs", lo=0, hi=_MAX_TOP_LOGPROBS) or 0
     if top and not logprobs:
         raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    default_system = body.get("default_system")
+    if default_system is not None and not isinstance(default_system, str):
+        raise RequestError("'default_system' must be a string", param="default_system")
     return _Sampling(
         max_tokens=max_tokens or default_max_tokens,
         temperature=_number(body, "temperature", _DEFAULT_TEMPERATURE, lo=0.0, hi=2.0),
@@ -147,10 +152,12 @@ def _sampling(body: Mapping[str, Any], *, default_max_tokens: int) -> _Sampling:
         min_p=_number(body, "min_p", _DEFAULT_MIN_P, lo=0.0, hi=1.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, lo=-2.0, hi=2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, lo=0.5, hi=2.0),
         seed=_integer(body, "seed", lo=-(1 << 63), hi=(1 << 64) - 1),
         stop=stop,
         logprobs=logprobs,
         top_logprobs=top,
+        default_system=default_system or None,
     )
 
 
@@ -277,6 +284,8 @@ class LocalModel:
         """Answer one chat-completion request body with an OpenAI-shaped response body."""
         s = _sampling(body, default_max_tokens=self.default_max_tokens)
         messages = _messages(body)
+        if s.default_system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": s.default_system})
         grammar = self._grammar(body)
         with self._lock:
             reply = self._generate(messages, s, grammar)
@@ -306,7 +315,7 @@ class LocalModel:
         cut: int | None = None
         for token in llama.generate(
             prompt, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
-            repeat_penalty=1.0, presence_penalty=s.presence_penalty,
+            repeat_penalty=s.repeat_penalty, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
             logits_processor=self._processors if s.logprobs else None,
             grammar=grammar,
