@@ -84,8 +84,8 @@ def held_out(cases: list[Case], config_path: str | None) -> None:
 
 
 def repetition(cases: list[Case], tokens: int, penalties: list[float]) -> None:
-    from cascade.local_server import LocalModel
     from cascade.providers.local import resolve_model
+    from cascade.providers.local_server import LocalModel
 
     model = LocalModel(resolve_model("smollm2-135m"), n_ctx=2048)
     questions = [[m.to_dict() for m in c.messages if m.role != "system"] for c in cases]

@@ -37,6 +37,8 @@ from cascade.config import (
     find_config_file,
     load_config,
 )
+from cascade.dotted import normaliser
+from cascade.text import extract_number, normalise_text
 
 __all__ = [
     "DEFAULT_CONFIDENCE_THRESHOLD",
@@ -84,13 +86,12 @@ _SENTENCE_END = re.compile(r"(?<=[a-z0-9%)][.!?])\s+")
 """A sentence ends after a lower-case word or a number, not after an initial ("John F. Kennedy")."""
 
 
+@normaliser
 def answer_key(text: str) -> Hashable | None:
     """What two short answers must share to agree: the number, else the last content word, of
     the first sentence. "The capital of France is Paris." and "Paris." both give ``"paris"``;
     "12 + 30 = 32" gives 32.0. Used by the consensus rung's agreement verifier, where sampled
     answers vary in their filler words but not in the fact they state."""
-    from verifiers._text import extract_number, normalise_text
-
     first = text.strip().split("\n", 1)[0]
     first = _SENTENCE_END.split(first, maxsplit=1)[0]
     number = extract_number(first)
