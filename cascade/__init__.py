@@ -6,16 +6,16 @@ with no config, the embedded local ladder. For repeated use, build a :class:`Cas
 
 from __future__ import annotations
 
-import os as _os
 import threading as _threading
 from collections.abc import Mapping as _Mapping
 from collections.abc import Sequence as _Sequence
 from typing import Any as _Any
+from typing import Unpack as _Unpack
 
 from cascade.cache import AnswerCache
 from cascade.config import CascadeConfig, RungConfig, VerifierConfig, load_config, parse_config
 from cascade.dotted import grader, normaliser, verifier
-from cascade.engine import CacheMode as _CacheMode
+from cascade.engine import AnswerOptions as _AnswerOptions
 from cascade.engine import Cascade, health
 from cascade.errors import (
     AuthenticationError,
@@ -102,40 +102,14 @@ def _default_cascade() -> Cascade:
         return _default
 
 
-def answer(
-    prompt: str | None = None,
-    *,
-    messages: _Sequence[_Mapping[str, _Any] | Message] | None = None,
-    schema: _Any = None,
-    config: CascadeConfig | _Mapping[str, _Any] | str | _os.PathLike[str] | None = None,
-    verifiers: _Sequence[_Any] | None = None,
-    max_cost_usd: float | None = None,
-    timeout_s: float | None = None,
-    cache: _CacheMode = True,
-    metadata: _Mapping[str, _Any] | None = None,
-) -> Answer:
+def answer(prompt: str | None = None, **options: _Unpack[_AnswerOptions]) -> Answer:
     """Answer with the configured (or embedded default) ladder. See :meth:`Cascade.aanswer`."""
-    return _default_cascade().answer(
-        prompt, messages=messages, schema=schema, config=config, verifiers=verifiers,
-        max_cost_usd=max_cost_usd, timeout_s=timeout_s, cache=cache, metadata=metadata)
+    return _default_cascade().answer(prompt, **options)
 
 
-async def aanswer(
-    prompt: str | None = None,
-    *,
-    messages: _Sequence[_Mapping[str, _Any] | Message] | None = None,
-    schema: _Any = None,
-    config: CascadeConfig | _Mapping[str, _Any] | str | _os.PathLike[str] | None = None,
-    verifiers: _Sequence[_Any] | None = None,
-    max_cost_usd: float | None = None,
-    timeout_s: float | None = None,
-    cache: _CacheMode = True,
-    metadata: _Mapping[str, _Any] | None = None,
-) -> Answer:
+async def aanswer(prompt: str | None = None, **options: _Unpack[_AnswerOptions]) -> Answer:
     """Async twin of :func:`answer`."""
-    return await _default_cascade().aanswer(
-        prompt, messages=messages, schema=schema, config=config, verifiers=verifiers,
-        max_cost_usd=max_cost_usd, timeout_s=timeout_s, cache=cache, metadata=metadata)
+    return await _default_cascade().aanswer(prompt, **options)
 
 
 def answer_many(requests: _Sequence[str | _Mapping[str, _Any]], *, concurrency: int = 8

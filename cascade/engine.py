@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import anyio
 import anyio.lowlevel
@@ -53,11 +53,26 @@ from cascade.store.local import LocalCache, process_latency
 from cascade.syncloop import LoopThread
 from cascade.trace import Answer, Attempt
 
-__all__ = ["CacheMode", "Cascade", "health"]
+__all__ = ["AnswerOptions", "CacheMode", "Cascade", "health"]
 
 log = logging.getLogger("cascade")
 
 CacheMode = bool | Literal["refresh"]
+
+
+class AnswerOptions(TypedDict, total=False):
+    """The keywords of :meth:`Cascade.aanswer`, for the twins that pass them on (IDEs and type
+    checkers see each one)."""
+
+    messages: Sequence[Mapping[str, Any] | Message] | None
+    schema: Any
+    config: CascadeConfig | Mapping[str, Any] | str | os.PathLike[str] | None
+    verifiers: Sequence[Any] | None
+    max_cost_usd: float | None
+    timeout_s: float | None
+    cache: CacheMode
+    metadata: Mapping[str, Any] | None
+    on_attempt: OnAttempt | None
 _LADDERS_KEPT = 16
 
 
@@ -487,25 +502,9 @@ class Cascade:
             out.append(r if r is not None else CascadeError(f"request {i} produced nothing"))
         return out
 
-    def answer(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, Any] | Message] | None = None,
-        schema: Any = None,
-        config: CascadeConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
-        verifiers: Sequence[Any] | None = None,
-        max_cost_usd: float | None = None,
-        timeout_s: float | None = None,
-        cache: CacheMode = True,
-        metadata: Mapping[str, Any] | None = None,
-        on_attempt: OnAttempt | None = None,
-    ) -> Answer:
+    def answer(self, prompt: str | None = None, **options: Unpack[AnswerOptions]) -> Answer:
         """The sync twin of :meth:`aanswer` (runs it on this object's event-loop thread)."""
-        return self._sync.call(lambda: self.aanswer(
-            prompt, messages=messages, schema=schema, config=config, verifiers=verifiers,
-            max_cost_usd=max_cost_usd, timeout_s=timeout_s, cache=cache, metadata=metadata,
-            on_attempt=on_attempt))
+        return self._sync.call(lambda: self.aanswer(prompt, **options))
 
     def answer_many(self, requests: Sequence[str | Mapping[str, Any]], *,
                     concurrency: int = 8) -> list[Answer | Exception]:
