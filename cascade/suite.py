@@ -59,6 +59,7 @@ __all__ = [
     "load_outcome_table",
     "load_shared_outcomes",
     "messages_hash",
+    "messages_text",
     "request_hash",
     "table_from_recordings",
 ]
@@ -209,9 +210,14 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def messages_text(messages: Sequence[Message]) -> str:
+    """The canonical JSON of ``messages``: what ``OutcomeTable.prompts`` holds per case."""
+    return _canonical([m.to_dict() for m in messages])
+
+
 def messages_hash(messages: Sequence[Message]) -> str:
     """Identifies a question across models: the case a recording belongs to."""
-    return hashlib.sha256(_canonical([m.to_dict() for m in messages]).encode()).hexdigest()
+    return hashlib.sha256(messages_text(messages).encode()).hexdigest()
 
 
 def request_hash(call: ModelCall) -> str:
@@ -391,6 +397,9 @@ class OutcomeTable:
     agreement_normaliser: str | None = None
     """The normaliser that suits the cases' graders (most cases' when they differ): the one the
     tuner's agreement gate uses and writes into TUNED.toml."""
+    prompts: tuple[str, ...] = ()
+    """Per case, its normalised messages as canonical JSON (``messages_hash``'s text): what a
+    router learns from. Empty when the table was built without them."""
 
     def __post_init__(self) -> None:
         n, r = self.correct.shape
@@ -424,6 +433,7 @@ class OutcomeTable:
             own_passed={k: v[ix] for k, v in self.own_passed.items()},
             groups=tuple(self.groups[i] for i in ix),
             agreement={k: v[ix] for k, v in self.agreement.items()},
+            prompts=tuple(self.prompts[i] for i in ix) if self.prompts else (),
         )
 
 
@@ -589,6 +599,8 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
         agreement={k: v[:, order][:, :, order] for k, v in agree.items()},
         agreement_normaliser=_most_common(_BENCH_NORMALISER.get(b, "normalised")
                                           for b, _row in rows),
+        prompts=tuple(messages_text(normalise_messages(messages=row["messages"]))
+                      for _b, row in rows),
     )
 
 
@@ -647,6 +659,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
         agreement=agreement_arrays(texts) if n and r else {},
         agreement_normaliser=_most_common(_GRADER_NORMALISER.get(c.grader, "normalised")
                                           for c in cases),
+        prompts=tuple(messages_text(c.messages) for c in cases),
     )
 
 
