@@ -205,7 +205,7 @@ def test_bad_router_tables(tmp_path: Path) -> None:
     _router_file(tmp_path)
     with pytest.raises(ConfigError, match="unknown key 'skip'") as e:
         load_router({"path": "router.json", "skip": [0.5]}, base_dir=tmp_path)
-    assert e.value.key == "router.skip"  # type: ignore[attr-defined]
+    assert e.value.key == "router.skip"
     with pytest.raises(ConfigError, match="list of 2 numbers"):
         load_router({"path": "router.json", "skip_below": [0.5]}, base_dir=tmp_path)
     with pytest.raises(ConfigError, match="router file"):
