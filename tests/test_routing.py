@@ -88,11 +88,12 @@ def test_runtime_features_and_scores_equal_scikit_learn() -> None:
     vec = TfidfVectorizer(analyzer=analyze, min_df=2, sublinear_tf=True)
     x = vec.fit_transform(docs)
     model = fit_model(docs, t.correct, t.labels)
-    assert list(model.featurizer.index) == vec.get_feature_names_out().tolist()
-    idx, vals = model.featurizer.transform(docs[3])
-    dense = np.zeros(len(model.featurizer))
-    dense[idx] = vals
-    np.testing.assert_allclose(dense, x[3].toarray()[0], atol=1e-12)
+    assert model.featurizer.vocabulary() == vec.get_feature_names_out().tolist()
+    for i in range(len(docs)):
+        idx, vals = model.featurizer.transform(docs[i])
+        dense = np.zeros(len(model.featurizer))
+        dense[idx] = vals
+        np.testing.assert_allclose(dense, x[i].toarray()[0], atol=1e-12)
     lr = LogisticRegression(C=4.0, max_iter=2000).fit(x, t.correct[:, 0])
     np.testing.assert_allclose(model.scores(docs[3])[0], lr.predict_proba(x[3])[0, 1],
                                atol=1e-6)

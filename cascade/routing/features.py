@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from typing import Any
@@ -27,7 +28,9 @@ __all__ = ["ANALYZER", "Featurizer", "analyze", "prompt_messages"]
 ANALYZER = "words12-system1-len-turns/1"
 """Names the token scheme below; a router file made with another one is refused."""
 
-_WORD = re.compile(r"(?u)\b\w\w+\b")
+_WORD = re.compile(r"\w\w+")
+"""Runs of two or more word characters: scikit-learn's default tokens (its ``\\b`` anchors add
+nothing to a greedy run, and cost a third of the time)."""
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -72,30 +75,54 @@ def prompt_messages(prompt: str) -> tuple[Message, ...]:
 
 class Featurizer:
     """TF-IDF of :func:`analyze`'s tokens as scikit-learn computes it (sublinear tf, smooth
-    idf, l2 norm), over a fixed vocabulary: a sparse vector as (indices, values)."""
+    idf, l2 norm), over a fixed vocabulary: a sparse vector as (indices, values).
+
+    Why not call :func:`analyze` here: counting words and word pairs with ``Counter`` (bigrams
+    as tuples, never joined into strings) and intersecting with the vocabulary's keys keeps the
+    loops in C, which is what keeps a 2 kB prompt well under 0.2 ms. The tokens are the same
+    (tests check the vectors against scikit-learn's).
+    """
 
     __slots__ = ("idf", "index")
 
     def __init__(self, vocabulary: Sequence[str], idf: Sequence[float]) -> None:
         if len(vocabulary) != len(idf):
             raise ValueError("vocabulary and idf differ in length")
-        self.index: dict[str, int] = {t: i for i, t in enumerate(vocabulary)}
+        self.index: dict[str | tuple[str, ...], int] = {
+            (tuple(t.split(" ")) if " " in t else t): i for i, t in enumerate(vocabulary)}
         self.idf: FloatArray = np.asarray(idf, dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def vocabulary(self) -> list[str]:
+        """The terms in index order, as scikit-learn names them."""
+        out = [""] * len(self.index)
+        for k, i in self.index.items():
+            out[i] = " ".join(k) if isinstance(k, tuple) else k
+        return out
+
     def transform(self, messages: Sequence[Message]) -> tuple[IntArray, FloatArray]:
-        counts: dict[int, int] = {}
-        get = self.index.get
-        for tok in analyze(messages):
-            i = get(tok)
-            if i is not None:
-                counts[i] = counts.get(i, 0) + 1
-        if not counts:
+        counts: Counter[str | tuple[str, ...]] = Counter()
+        chars = 0
+        turns = 0
+        for m in messages:
+            chars += len(m.content)
+            words = _WORD.findall(m.content.lower())
+            if m.role == "system":
+                counts.update(["s:" + w for w in words])
+                continue
+            turns += 1
+            counts.update(words)
+            counts.update(pairwise(words))
+        counts[f"len:{int(math.log2(1 + chars))}"] += 1
+        counts[f"turns:{min(turns, 5)}"] += 1
+        index = self.index
+        hits = counts.keys() & index.keys()
+        if not hits:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
-        idx = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-        tf = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
+        idx = np.fromiter([index[k] for k in hits], dtype=np.int64, count=len(hits))
+        tf = np.fromiter([counts[k] for k in hits], dtype=np.float64, count=len(hits))
         vals = (np.log(tf) + 1.0) * self.idf[idx]
         norm = math.sqrt(float(vals @ vals))
         return idx, vals / norm if norm > 0 else vals

@@ -62,7 +62,7 @@ class RouterModel:
                            self.trained_on)
 
     def to_json(self) -> dict[str, Any]:
-        vocab = sorted(self.featurizer.index, key=self.featurizer.index.__getitem__)
+        vocab = self.featurizer.vocabulary()
         return {
             "format": FORMAT, "version": VERSION,
             "rungs": list(self.rungs),

@@ -62,13 +62,14 @@ class Router:
     def route(self, messages: Sequence[Message], metadata: Mapping[str, Any]) -> Route:
         """The route of one request. ``metadata`` is accepted for the engine's contract; the
         features come from the messages (suites carry no per-request metadata to learn from)."""
-        s = self.model.scores(messages)
-        act = self.active(s)
-        start = int(np.argmax(act))
-        skip = tuple(int(j) for j in np.nonzero(~act)[0] if j > start)
-        return Route(start, skip, tuple(float(x) for x in s), self._reason(s, start, skip))
+        s: list[float] = self.model.scores(messages).tolist()
+        act = [x >= u for x, u in zip(s, self.skip_below, strict=True)]
+        act[-1] = True
+        start = act.index(True)
+        skip = tuple(j for j in range(start + 1, len(s)) if not act[j])
+        return Route(start, skip, tuple(s), self._reason(s, start, skip))
 
-    def _reason(self, s: npt.NDArray[np.float64], start: int, skip: tuple[int, ...]) -> str:
+    def _reason(self, s: list[float], start: int, skip: tuple[int, ...]) -> str:
         def why(j: int, op: str) -> str:
             return f"P(rung {j} right) = {s[j]:.2f} {op} {self.skip_below[j]:.2f}"
 
