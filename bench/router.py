@@ -172,8 +172,8 @@ def _quality(files: list[str], folds: int, seeds: int, parts: set[str]) -> None:
             tables = {b: load_shared_outcomes([SHARED / f"{b}_{chain}_train.jsonl"])
                       for b in BENCHES}
             for b in BENCHES:
-                train = load_shared_outcomes([SHARED / f"{o}_{chain}_train.jsonl"]
-                                             for o in BENCHES if o != b)  # type: ignore[arg-type]
+                train = load_shared_outcomes([SHARED / f"{o}_{chain}_train.jsonl"
+                                              for o in BENCHES if o != b])
                 res = _judge(_no_conf(train), _no_conf(tables[b]))
                 rows.append(_row(f"{b}_{chain} held out", res))
         _summary("no confidence, benchmark held out (tuned on the other four pooled)", rows)

@@ -29,7 +29,16 @@ import numpy.typing as npt
 
 from cascade.errors import ConfigError
 from cascade.suite import OutcomeTable
-from cascade.tune import _PSEUDO, Setting, _guard, reference_rung, select, simulate, z_value
+from cascade.tune import (
+    _PSEUDO,
+    Setting,
+    _frontier_of_model,
+    _guard,
+    reference_rung,
+    select,
+    simulate,
+    z_value,
+)
 
 __all__ = ["ROUTE_LEVELS", "RouteSetting", "choose_route_setting", "simulate_routed"]
 
@@ -89,15 +98,18 @@ class RouteSetting:
 
 
 def _run(table: OutcomeTable, p: FloatArray, chain: Sequence[int], keys: Sequence[str],
-         u: FloatArray, th: FloatArray | None) -> tuple[BoolArray, FloatArray]:
-    """Right and cost (m, n) of ``m`` routed settings of one chain: ``u`` (m, k-1) skip levels,
-    ``th`` (m, k-1, V) confidence thresholds or None (a tried early rung accepts)."""
+         u: FloatArray, th: FloatArray | None
+         ) -> tuple[BoolArray, FloatArray, FloatArray]:
+    """Right, cost and the router's P(right) of the answer given, (m, n), of ``m`` routed
+    settings of one chain: ``u`` (m, k-1) skip levels, ``th`` (m, k-1, V) confidence
+    thresholds or None (a tried early rung accepts)."""
     ch = list(chain)
     n, k = table.n, len(ch)
     m = u.shape[0]
     if k == 1:
         return (np.broadcast_to(table.correct[:, ch[0]], (m, n)).copy(),
-                np.broadcast_to(table.cost[:, ch[0]], (m, n)).copy())
+                np.broadcast_to(table.cost[:, ch[0]], (m, n)).copy(),
+                np.broadcast_to(p[:, ch[0]], (m, n)).copy())
     act = p[None, :, ch[:-1]] >= u[:, None, :]  # (m, n, k-1)
     acc = act.copy()
     if th is not None:
@@ -115,7 +127,7 @@ def _run(table: OutcomeTable, p: FloatArray, chain: Sequence[int], keys: Sequenc
     right = table.correct[:, ch][rows, ex]
     paid = np.cumsum(np.where(act, table.cost[:, ch][None], 0.0), axis=2)
     cost = np.take_along_axis(paid, ex[:, :, None], axis=2)[:, :, 0]
-    return right, cost
+    return right, cost, p[:, ch][rows, ex]
 
 
 def simulate_routed(table: OutcomeTable, scores: FloatArray, setting: RouteSetting
@@ -126,7 +138,7 @@ def simulate_routed(table: OutcomeTable, scores: FloatArray, setting: RouteSetti
     u = np.array([setting.skip_below[:k1]], dtype=float).reshape(1, k1)
     th = (np.array([setting.thresholds], dtype=float).reshape(1, k1, len(setting.keys))
           if setting.keys else None)
-    right, cost = _run(table, scores, setting.chain, setting.keys, u, th)
+    right, cost, _p = _run(table, scores, setting.chain, setting.keys, u, th)
     return right[0], cost[0]
 
 
@@ -151,21 +163,22 @@ def _stats(table: OutcomeTable, right: BoolArray, cost: FloatArray, ref: int
 
 def _family(table: OutcomeTable, p: FloatArray, chain: tuple[int, ...], keys: tuple[str, ...],
             th_row: FloatArray | None, levels: Sequence[float], ref: int
-            ) -> list[tuple[RouteSetting, float, float, float]]:
+            ) -> list[tuple[RouteSetting, float, float, float, float]]:
     """Every combination of ``levels`` on the early rungs of ``chain``: (setting, better,
-    worse, mean cost)."""
+    worse, mean cost, the router's own expected loss against the reference)."""
     k1 = len(chain) - 1
     combos = np.array(list(product(levels, repeat=k1)), dtype=float).reshape(-1, k1)
     out = []
     for a in range(0, combos.shape[0], _BLOCK):
         u = combos[a:a + _BLOCK]
         th = None if th_row is None else np.broadcast_to(th_row, (u.shape[0], *th_row.shape))
-        right, cost = _run(table, p, chain, keys, u, th)
+        right, cost, pexp = _run(table, p, chain, keys, u, th)
         b, w, c = _stats(table, right, cost, ref)
+        loss = (p[:, ref][None] - pexp).mean(axis=1)
         thr = () if th_row is None else tuple(tuple(float(x) for x in r) for r in th_row)
         for g in range(u.shape[0]):
             s = RouteSetting(chain, (*(float(x) for x in u[g]), 0.0), keys, thr)
-            out.append((s, float(b[g]), float(w[g]), float(c[g])))
+            out.append((s, float(b[g]), float(w[g]), float(c[g]), float(loss[g])))
     return out
 
 
@@ -188,19 +201,26 @@ def choose_route_setting(table: OutcomeTable, scores: FloatArray, *,
     bb, bw, _bc = _stats(table, b_right[None], b_cost[None], ref)
     base_cost = float(b_cost.mean())
     z = z_value(delta)
-    cands: list[tuple[RouteSetting, float, float, float]] = []
+    routes: list[tuple[RouteSetting, float, float, float, float]] = []
     order = [int(j) for j in np.argsort(mean_cost, kind="stable")]
     cheaper = [j for j in order if j != ref and mean_cost[j] <= _CHEAPER * ref_cost]
     for r in range(1, min(_MAX_EARLY, len(cheaper)) + 1):
         for sub in combinations(cheaper, r):
-            cands += _family(table, scores, (*sub, ref), (), None, ROUTE_LEVELS, ref)
+            routes += _family(table, scores, (*sub, ref), (), None, ROUTE_LEVELS, ref)
+    n_routes = len(routes)
+    if routes:  # only the router's own frontier: its ranking, not the labels', picks these
+        front = _frontier_of_model(np.array([c[4] for c in routes]),
+                                   np.array([c[3] for c in routes]), ref_cost)
+        routes = [routes[int(i)] for i in front]
+    cands = routes
     if len(base.chain) > 1 and not base.agree:
         th_row = np.array(base.thresholds, dtype=float)
         cands += _family(table, scores, base.chain, base.keys, th_row,
                          (0.0, *ROUTE_LEVELS), ref)
     base_rs = RouteSetting(base.chain, (0.0,) * len(base.chain), base.keys, base.thresholds)
     report: dict[str, Any] = {
-        "candidates": len(cands), "reference": table.rungs[ref].label,
+        "candidates": n_routes + len(cands) - len(routes), "frontier": len(cands),
+        "reference": table.rungs[ref].label,
         "without_router": {"setting": base.describe(table),
                            "accuracy_change": float((bb[0] - bw[0]) / max(n, 1)),
                            "cost_saving": 1 - base_cost / ref_cost if ref_cost > 0 else 0.0},
