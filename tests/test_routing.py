@@ -24,6 +24,7 @@ from cascade.routing import (
     fit_router,
     load_router,
     read_model,
+    replay_routes,
     route_cases,
     router_toml,
     simulate_routed,
@@ -329,3 +330,25 @@ def test_shared_file_without_confidences_gets_a_router(tmp_path: Path) -> None:
     assert rep["without_router"]["cost_saving"] == 0.0  # no signal: the tuner keeps the top
     if tuning.choice.on:
         assert rep["with_router"]["lower"] >= -0.01
+
+
+@pytest.mark.parametrize("confidence", [False, True])
+def test_eval_replay_of_routes_equals_the_tuned_simulation(confidence: bool) -> None:
+    t = _table(300, confidence=confidence)
+    tuning = tune_router(t, min_gain=0.0)
+    assert tuning.router is not None
+    rs = tuning.choice.setting
+    fresh = _table(120, seed=4, confidence=confidence)
+    routes = route_cases(tuning.router, fresh)
+    cols = list(rs.chain)
+    accepts = np.ones((fresh.n, len(cols)), dtype=bool)
+    if rs.keys:  # what cascade eval reads from the config's thresholds
+        for p, row in enumerate(rs.thresholds):
+            with np.errstate(invalid="ignore"):
+                accepts[:, p] = fresh.scores["confidence"][:, cols[p]] >= row[0]
+    exit_pos, paid = replay_routes(accepts, fresh.cost[:, cols], routes)
+    scores = np.zeros(fresh.correct.shape)
+    scores[:, cols] = routes.scores
+    right, cost = simulate_routed(fresh, scores, rs)
+    np.testing.assert_allclose(paid, cost)
+    assert (fresh.correct[:, cols][np.arange(fresh.n), exit_pos] == right).all()

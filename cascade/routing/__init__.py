@@ -4,7 +4,7 @@ request, so a climb can start where the answer is and skip rungs predicted to fa
 Runtime (the engine): :func:`load_router` on the config's ``[router]`` table, then
 ``Router.route(messages, metadata)`` before the first call. Tuning (``cascade tune``):
 :func:`tune_router`, :func:`write_router`, :func:`router_toml`. Replay (``cascade eval``):
-:func:`route_cases`.
+:func:`route_cases` and :func:`replay_routes`.
 """
 
 from cascade.routing.choose import RouteChoice, RouteSetting, choose_route_setting, simulate_routed
@@ -15,6 +15,7 @@ from cascade.routing.tuning import (
     RoutedCases,
     RouterTuning,
     fit_router,
+    replay_routes,
     route_cases,
     router_toml,
     tune_router,
@@ -23,5 +24,5 @@ from cascade.routing.tuning import (
 
 __all__ = ["FittedRouter", "Route", "RouteChoice", "RouteSetting", "RoutedCases", "Router",
            "RouterModel", "RouterTuning", "choose_route_setting", "fit_router", "load_router",
-           "read_model", "route_cases", "router_toml", "simulate_routed", "tune_router",
-           "write_router"]
+           "read_model", "replay_routes", "route_cases", "router_toml", "simulate_routed",
+           "tune_router", "write_router"]

@@ -3,7 +3,8 @@ cross-fitted scores, write the router file and the ``[router]`` table, and repla
 
 ``cascade tune`` calls :func:`tune_router` after the tuner, then :func:`write_router` next to
 TUNED.toml and appends :func:`router_toml`'s table; ``cascade eval`` calls :func:`route_cases`
-to know where each recorded case starts and which rungs it skips.
+to know where each recorded case starts and which rungs it skips, and :func:`replay_routes` to
+climb the recorded verdicts along those routes.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from cascade.routing.runtime import Router
 from cascade.suite import OutcomeTable
 from cascade.tune import Setting, to_config
 
-__all__ = ["FittedRouter", "RoutedCases", "RouterTuning", "fit_router", "route_cases",
-           "router_toml", "tune_router", "write_router"]
+__all__ = ["FittedRouter", "RoutedCases", "RouterTuning", "fit_router", "replay_routes",
+           "route_cases", "router_toml", "tune_router", "write_router"]
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -139,3 +140,20 @@ def route_cases(router: Router, table: OutcomeTable,
     act = router.active(s)
     start = np.argmax(act, axis=1).astype(np.int64)
     return RoutedCases(start, ~act, s)
+
+
+def replay_routes(accepts: BoolArray, cost: FloatArray, routes: RoutedCases
+                  ) -> tuple[IntArray, FloatArray]:
+    """The climb of each case under its route: ``accepts`` (cases × the config's rungs) is
+    where each rung's verifiers would accept, ``cost`` what each rung costs. A skipped rung is
+    neither paid for nor accepted; the last rung answers. Returns the exit position and what
+    was paid, as the engine would."""
+    if accepts.shape != routes.skip.shape or cost.shape != accepts.shape:
+        raise ValueError("accepts, cost and routes must all be cases × the config's rungs")
+    tried = ~routes.skip
+    tried[:, -1] = True
+    acc = accepts & tried
+    acc[:, -1] = True
+    exit_pos = np.argmax(acc, axis=1).astype(np.int64)
+    paid = np.cumsum(np.where(tried, cost, 0.0), axis=1)
+    return exit_pos, paid[np.arange(len(exit_pos)), exit_pos]
