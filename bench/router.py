@@ -39,7 +39,7 @@ from _common import REPO, machine, percentile, print_table
 
 from cascade.engine import Cascade
 from cascade.messages import Message
-from cascade.routing import Router, fit_router, route_cases, simulate_routed, tune_router
+from cascade.routing import Router, fit_router, replay_routes, route_cases, tune_router
 from cascade.routing.choose import RouteSetting
 from cascade.suite import OutcomeTable, load_shared_outcomes
 from cascade.testing import FunctionProvider
@@ -121,9 +121,15 @@ def _judge(train: OutcomeTable, test: OutcomeTable) -> tuple[float, float, float
         r1, c1 = r0, c0
     else:
         rs: RouteSetting = tuning.choice.setting
-        scores = np.zeros(test.correct.shape)
-        scores[:, list(rs.chain)] = route_cases(tuning.router, test).scores
-        r1, c1 = simulate_routed(test, scores, rs)
+        cols = list(rs.chain)
+        accepts = np.ones((test.n, len(cols)), dtype=bool)  # what cascade eval reads
+        for p, row in enumerate(rs.thresholds if rs.keys else ()):
+            for key, th in zip(rs.keys, row, strict=True):
+                with np.errstate(invalid="ignore"):
+                    accepts[:, p] &= test.scores[key][:, cols[p]] >= th
+        exit_pos, c1 = replay_routes(accepts, test.cost[:, cols],
+                                     route_cases(tuning.router, test))
+        r1 = test.correct[:, cols][np.arange(test.n), exit_pos]
     return (float(r0.mean() - ref_right), float(1 - c0.mean() / ref_cost),
             float(r1.mean() - ref_right), float(1 - c1.mean() / ref_cost),
             tuning.router is not None)

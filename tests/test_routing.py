@@ -229,6 +229,22 @@ def test_route_starts_past_rungs_predicted_to_fail_and_says_why(tmp_path: Path) 
     assert r.start == 0 and r.reason.startswith("started at rung 0: router P(rung 0 right) = ")
 
 
+def test_a_system_prompt_the_suite_never_had_is_not_routed(tmp_path: Path) -> None:
+    _path, router = _router_file(tmp_path)
+    hard = (Message("system", "You are a lawyer."),
+            Message("user", "Prove that the series sum 1/n^4 converges and bound its tail."))
+    r = router.route(hard, {})
+    assert r.start == 1 and r.skip == () and "has not seen this system prompt" in r.reason
+    r = replace(router, unfamiliar_start=0).route(hard, {})
+    assert r.start == 0 and r.skip == ()
+    t = _table(20, seed=2)
+    other = tuple(messages_text((Message("system", "You are a lawyer."),
+                                 *prompt_messages(p)[1:])) for p in t.prompts)
+    assert (route_cases(router, t, other).start == 1).all()
+    with pytest.raises(ConfigError, match="rung index from 0 to 1"):
+        load_router({"path": "router.json", "unfamiliar_start": 2}, base_dir=tmp_path)
+
+
 def test_skips_after_the_start_are_listed() -> None:
     t = _table(200)
     three = np.concatenate([t.correct[:, :1], t.correct], axis=1)
@@ -305,6 +321,7 @@ def test_tune_router_writes_a_file_and_table_the_loader_reads(tmp_path: Path) ->
     assert parsed["path"] == "TUNED.router.json"
     r = load_router(parsed, base_dir=tmp_path, labels=[x.label for x in tuning.config.rungs])
     assert r.skip_below == tuning.router.skip_below
+    assert r.unfamiliar_start == parsed["unfamiliar_start"] == 1  # route family: the top rung
     off = tune_router(_table(300, signal=False))
     assert off.router is None and write_router(off, tmp_path / "X.toml") == {}
     assert router_toml({}) == ""

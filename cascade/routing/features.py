@@ -9,6 +9,7 @@ under a millisecond to a climb.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -23,7 +24,7 @@ import numpy.typing as npt
 from cascade.errors import ConfigError
 from cascade.messages import Message, normalise_messages
 
-__all__ = ["ANALYZER", "Featurizer", "analyze", "prompt_messages"]
+__all__ = ["ANALYZER", "Featurizer", "analyze", "prompt_messages", "system_key"]
 
 ANALYZER = "words12-system1-len-turns/1"
 """Names the token scheme below; a router file made with another one is refused."""
@@ -56,6 +57,13 @@ def analyze(messages: Sequence[Message]) -> list[str]:
     out.append(f"len:{int(math.log2(1 + chars))}")
     out.append(f"turns:{min(turns, 5)}")
     return out
+
+
+def system_key(messages: Sequence[Message]) -> str:
+    """Identifies a request's system prompt (all system turns; "" without one): the kind of
+    request it is. The router routes only kinds it saw in the suite."""
+    text = "\n\n".join(m.content for m in messages if m.role == "system")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def prompt_messages(prompt: str) -> tuple[Message, ...]:

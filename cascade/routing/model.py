@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from cascade.errors import ConfigError
 from cascade.messages import Message
-from cascade.routing.features import ANALYZER, Featurizer, analyze
+from cascade.routing.features import ANALYZER, Featurizer, analyze, system_key
 
 __all__ = ["FORMAT", "VERSION", "RouterModel", "cross_fit", "fit_model", "read_model"]
 
@@ -45,6 +45,8 @@ class RouterModel:
     coef: FloatArray
     """(features, rungs)."""
     intercept: FloatArray
+    systems: frozenset[str] = frozenset()
+    """The system prompts (``system_key``) of the cases it was fitted on."""
     trained_on: int = 0
 
     def scores(self, messages: Sequence[Message]) -> FloatArray:
@@ -59,7 +61,7 @@ class RouterModel:
         ix = list(rungs)
         return RouterModel(tuple(self.rungs[j] for j in ix), self.featurizer,
                            np.ascontiguousarray(self.coef[:, ix]), self.intercept[ix],
-                           self.trained_on)
+                           self.systems, self.trained_on)
 
     def to_json(self) -> dict[str, Any]:
         vocab = self.featurizer.vocabulary()
@@ -68,7 +70,8 @@ class RouterModel:
             "rungs": list(self.rungs),
             "features": {"analyzer": ANALYZER, "weighting": "tfidf-sublinear-smooth-l2",
                          "vocabulary": vocab,
-                         "idf": [round(float(x), 6) for x in self.featurizer.idf]},
+                         "idf": [round(float(x), 6) for x in self.featurizer.idf],
+                         "system_prompts": sorted(self.systems)},
             "model": {"kind": "logistic",
                       "coef": [[round(float(x), 6) for x in col] for col in self.coef.T],
                       "intercept": [round(float(x), 6) for x in self.intercept]},
@@ -110,6 +113,10 @@ def read_model(path: str | os.PathLike[str]) -> RouterModel:
           and len(set(vocab)) == len(vocab), "features.vocabulary must be distinct strings", src)
     _need(isinstance(idf, list) and len(idf) == len(vocab or ()),
           "features.idf must give one number per vocabulary entry", src)
+    systems = feats.get("system_prompts")
+    _need(isinstance(systems, list) and all(isinstance(x, str) for x in systems),
+          "features.system_prompts must be a list of system-prompt keys", src)
+    assert isinstance(systems, list)
     _need(isinstance(model, dict) and model.get("kind") == "logistic",
           "model.kind must be 'logistic'", src)
     assert isinstance(model, dict) and isinstance(vocab, list) and isinstance(idf, list)
@@ -128,7 +135,7 @@ def read_model(path: str | os.PathLike[str]) -> RouterModel:
     _need(bool(np.isfinite(c).all() and np.isfinite(b).all() and np.isfinite(w).all()),
           "model numbers must be finite", src)
     return RouterModel(tuple(rungs), Featurizer(vocab, w.tolist()), np.ascontiguousarray(c), b,
-                       int(obj.get("trained_on") or 0))
+                       frozenset(systems), int(obj.get("trained_on") or 0))
 
 
 def _vectorizer(n: int) -> Any:
@@ -162,7 +169,8 @@ def fit_model(docs: Sequence[Sequence[Message]], correct: BoolArray, rungs: Sequ
         lr = LogisticRegression(C=c, max_iter=2000).fit(x, y)
         coef[:, j] = lr.coef_[0]
         icpt[j] = float(lr.intercept_[0])
-    return RouterModel(tuple(rungs), Featurizer(vocab, vec.idf_.tolist()), coef, icpt, n)
+    return RouterModel(tuple(rungs), Featurizer(vocab, vec.idf_.tolist()), coef, icpt,
+                       frozenset(system_key(d) for d in docs), n)
 
 
 def score_many(model: RouterModel, docs: Sequence[Sequence[Message]]) -> FloatArray:

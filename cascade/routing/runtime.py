@@ -8,6 +8,12 @@ The ``[router]`` table of the config names the file and carries the thresholds::
     [router]
     path = "router.json"              # relative to the config file
     skip_below = [0.62, 0.7, 0.0]     # one per rung; the last rung is never skipped
+    unfamiliar_start = 2              # where a request with a system prompt the suite never
+                                      # had starts, skipping nothing (default: the last rung)
+
+Why the last guard: across kinds of task the router's scores mean little (tuned on four
+benchmarks, routing the fifth cost up to 11 points in ``bench/router.py``), and a new kind of
+task comes with its own system prompt.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import numpy.typing as npt
 
 from cascade.errors import ConfigError
 from cascade.messages import Message
+from cascade.routing.features import system_key
 from cascade.routing.model import RouterModel, read_model
 
 __all__ = ["Route", "Router", "load_router"]
 
-_KEYS = ("path", "skip_below")
+_KEYS = ("path", "skip_below", "unfamiliar_start")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,8 @@ class Router:
     model: RouterModel
     skip_below: tuple[float, ...]
     source: str = ""
+    unfamiliar_start: int = -1
+    """Where a request whose system prompt the suite never had starts (-1: the last rung)."""
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -63,6 +72,10 @@ class Router:
         """The route of one request. ``metadata`` is accepted for the engine's contract; the
         features come from the messages (suites carry no per-request metadata to learn from)."""
         s: list[float] = self.model.scores(messages).tolist()
+        if system_key(messages) not in self.model.systems:
+            start = self.unfamiliar_start % len(s)
+            return Route(start, (), tuple(s), f"started at rung {start}: router has not seen "
+                         "this system prompt (a kind of request unlike the suite's)")
         act = [x >= u for x, u in zip(s, self.skip_below, strict=True)]
         act[-1] = True
         start = act.index(True)
@@ -118,4 +131,9 @@ def load_router(table: Mapping[str, Any], *, base_dir: Path | None = None,
                           f"ladder's {list(labels)}; re-run `cascade tune`", source=str(p))
     skip = _thresholds(table.get("skip_below", [0.0] * len(model.rungs)), len(model.rungs),
                        source)
-    return Router(model, skip, str(p))
+    k = len(model.rungs)
+    start = table.get("unfamiliar_start", k - 1)
+    if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < k:
+        raise ConfigError(f"must be a rung index from 0 to {k - 1}", source=source,
+                          key="router.unfamiliar_start")
+    return Router(model, skip, str(p), start)

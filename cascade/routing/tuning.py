@@ -24,7 +24,7 @@ from cascade.errors import ConfigError
 from cascade.messages import Message
 from cascade.routing.choose import RouteChoice, choose_route_setting
 from cascade.routing.features import prompt_messages
-from cascade.routing.model import RouterModel, cross_fit, fit_model, score_many
+from cascade.routing.model import RouterModel, cross_fit, fit_model
 from cascade.routing.runtime import Router
 from cascade.suite import OutcomeTable
 from cascade.tune import Setting, to_config
@@ -97,7 +97,11 @@ def tune_router(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: 
     cfg = _config(table, choice)
     if not choice.on:
         return RouterTuning(choice, cfg, None)
-    router = Router(fitted.model.subset(choice.setting.chain), choice.setting.skip_below)
+    # unlike the suite: the route family's safe start is the top rung; the skip family's is
+    # the tuned climb, skipping nothing
+    unfamiliar = len(choice.setting.chain) - 1 if not choice.setting.keys else 0
+    router = Router(fitted.model.subset(choice.setting.chain), choice.setting.skip_below,
+                    unfamiliar_start=unfamiliar)
     return RouterTuning(choice, cfg, router)
 
 
@@ -109,7 +113,8 @@ def write_router(tuning: RouterTuning, toml_path: str | os.PathLike[str]) -> dic
     out = Path(toml_path)
     path = out.with_name(out.stem + ".router.json")
     tuning.router.model.save(path)
-    return {"path": path.name, "skip_below": [round(u, 6) for u in tuning.router.skip_below]}
+    return {"path": path.name, "skip_below": [round(u, 6) for u in tuning.router.skip_below],
+            "unfamiliar_start": tuning.router.unfamiliar_start % len(tuning.router.skip_below)}
 
 
 def router_toml(table: dict[str, Any]) -> str:
@@ -117,7 +122,8 @@ def router_toml(table: dict[str, Any]) -> str:
     if not table:
         return ""
     return (f"\n[router]\npath = {json.dumps(table['path'])}\n"
-            f"skip_below = [{', '.join(repr(float(u)) for u in table['skip_below'])}]\n")
+            f"skip_below = [{', '.join(repr(float(u)) for u in table['skip_below'])}]\n"
+            f"unfamiliar_start = {int(table['unfamiliar_start'])}\n")
 
 
 @dataclass(frozen=True)
@@ -136,10 +142,17 @@ def route_cases(router: Router, table: OutcomeTable,
     """The router's route for every case of ``table`` (from ``table.prompts``), exactly as
     :meth:`Router.route` gives it in a live climb, for ``cascade eval`` to replay."""
     docs = [prompt_messages(p) for p in prompts] if prompts is not None else _docs(table)
-    s = score_many(router.model, docs)
-    act = router.active(s)
-    start = np.argmax(act, axis=1).astype(np.int64)
-    return RoutedCases(start, ~act, s)
+    k = len(router.labels)
+    start = np.zeros(len(docs), dtype=np.int64)
+    skip = np.zeros((len(docs), k), dtype=bool)
+    scores = np.zeros((len(docs), k))
+    for i, d in enumerate(docs):
+        r = router.route(d, {})
+        start[i] = r.start
+        skip[i, :r.start] = True
+        skip[i, list(r.skip)] = True
+        scores[i] = r.scores
+    return RoutedCases(start, skip, scores)
 
 
 def replay_routes(accepts: BoolArray, cost: FloatArray, routes: RoutedCases
