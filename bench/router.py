@@ -112,9 +112,17 @@ def _no_conf(t: OutcomeTable) -> OutcomeTable:
 
 def _judge(train: OutcomeTable, test: OutcomeTable) -> tuple[float, float, float, float, bool]:
     """Held-out (change, saving) of the tuner alone and with the router; router on?"""
-    setting, ref = select(train, max_accuracy_drop=DROP)
+    ref, r0, c0, r1, c1, on = _judge_cases(train, test)
     ref_right = test.correct[:, ref].mean()
     ref_cost = test.cost[:, ref].mean()
+    return (float(r0.mean() - ref_right), float(1 - c0.mean() / ref_cost),
+            float(r1.mean() - ref_right), float(1 - c1.mean() / ref_cost), on)
+
+
+def _judge_cases(train: OutcomeTable, test: OutcomeTable) -> tuple[
+        int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Per held-out case: right and cost of the tuner alone and with the router."""
+    setting, ref = select(train, max_accuracy_drop=DROP)
     r0, c0, _ = simulate(test, setting)
     tuning = tune_router(train, max_accuracy_drop=DROP, base=setting)
     if tuning.router is None:
@@ -130,9 +138,36 @@ def _judge(train: OutcomeTable, test: OutcomeTable) -> tuple[float, float, float
         exit_pos, c1 = replay_routes(accepts, test.cost[:, cols],
                                      route_cases(tuning.router, test))
         r1 = test.correct[:, cols][np.arange(test.n), exit_pos]
-    return (float(r0.mean() - ref_right), float(1 - c0.mean() / ref_cost),
-            float(r1.mean() - ref_right), float(1 - c1.mean() / ref_cost),
-            tuning.router is not None)
+    return ref, r0, c0, r1, c1, tuning.router is not None
+
+
+def _pooled(chain: str, folds: int, strip: bool) -> list[list[object]]:
+    """One ladder's five benchmarks pooled into one suite, cross-validated; judged per
+    benchmark (each benchmark's held-out cases against the pooled training's best rung)."""
+    t = load_shared_outcomes([SHARED / f"{b}_{chain}_train.jsonl" for b in BENCHES])
+    t = _no_conf(t) if strip else t
+    bench = np.array([g.split("/")[0] for g in t.groups])
+    fold = np.random.default_rng(0).permutation(t.n) % folds
+    acc: dict[str, list[np.ndarray]] = {b: [] for b in BENCHES}
+    on = 0
+    for f in range(folds):
+        tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
+        test = t.take(te)
+        ref, r0, c0, r1, c1, o = _judge_cases(t.take(tr), test)
+        on += o
+        for b in BENCHES:
+            m = bench[te] == b
+            acc[b].append(np.array([r0[m].mean() - test.correct[m, ref].mean(),
+                                    c0[m].sum(), r1[m].mean() - test.correct[m, ref].mean(),
+                                    c1[m].sum(), test.cost[m, ref].sum()]))
+    rows = []
+    for b in BENCHES:
+        a = np.array(acc[b])
+        ref_cost = a[:, 4].sum()
+        rows.append(_row(f"{b}_{chain} (pooled)",
+                         (a[:, 0].mean(), 1 - a[:, 1].sum() / ref_cost,
+                          a[:, 2].mean(), 1 - a[:, 3].sum() / ref_cost, on / folds)))
+    return rows
 
 
 def _cv(t: OutcomeTable, folds: int, seeds: int) -> tuple[float, float, float, float, float]:
@@ -172,6 +207,10 @@ def _quality(files: list[str], folds: int, seeds: int, parts: set[str]) -> None:
                 t = load_shared_outcomes([SHARED / f"{name}_train.jsonl"])
                 rows.append(_row(name, _cv(_no_conf(t) if strip else t, folds, seeds)))
             _summary(label, rows)
+    if "pooled" in parts:
+        for label, strip in (("no confidence", True), ("with confidence", False)):
+            rows = [r for chain in CHAINS for r in _pooled(chain, folds, strip)]
+            _summary(f"{label}, a ladder's five benchmarks pooled, cross-validation", rows)
     if "heldout" in parts:
         rows = []
         for chain in CHAINS:
@@ -196,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--folds", type=int, default=5)
     q.add_argument("--seeds", type=int, default=1)
     q.add_argument("--files", nargs="*", default=[f"{b}_{c}" for c in CHAINS for b in BENCHES])
-    q.add_argument("--parts", nargs="*", default=["cv", "heldout"])
+    q.add_argument("--parts", nargs="*", default=["cv", "pooled", "heldout"])
     ns = p.parse_args(argv)
     if not SHARED.is_dir():
         print(f"needs {SHARED}", file=sys.stderr)
