@@ -30,6 +30,7 @@ import numpy.typing as npt
 from cascade.errors import ConfigError
 from cascade.suite import OutcomeTable
 from cascade.tune import (
+    _CHEAPER,
     _PSEUDO,
     Setting,
     _frontier_of_model,
@@ -50,7 +51,6 @@ ROUTE_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 """Candidate ``skip_below`` values, fixed in advance (never fitted to the labels)."""
 _MAX_EARLY = 3
 """Route-family chains hold at most this many early rungs (the candidates grow as 10^k)."""
-_CHEAPER = 0.5
 _BLOCK = 2048
 
 

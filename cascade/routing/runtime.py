@@ -24,9 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
 from cascade.errors import ConfigError
 from cascade.messages import Message
 from cascade.routing.features import system_key
@@ -61,12 +58,6 @@ class Router:
     @property
     def labels(self) -> tuple[str, ...]:
         return self.model.rungs
-
-    def active(self, scores: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
-        """Which rungs a request with these scores (cases × rungs, or one row) climbs."""
-        act: npt.NDArray[np.bool_] = scores >= np.asarray(self.skip_below)
-        act[..., -1] = True
-        return act
 
     def route(self, messages: Sequence[Message], metadata: Mapping[str, Any]) -> Route:
         """The route of one request. ``metadata`` is accepted for the engine's contract; the
