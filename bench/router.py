@@ -148,23 +148,23 @@ def _pooled(chain: str, folds: int, strip: bool) -> list[list[object]]:
     t = _no_conf(t) if strip else t
     bench = np.array([g.split("/")[0] for g in t.groups])
     fold = np.random.default_rng(0).permutation(t.n) % folds
-    acc: dict[str, list[np.ndarray]] = {b: [] for b in BENCHES}
+    acc: dict[str, list[np.ndarray]] = {b: [] for b in (*BENCHES, "all")}
     on = 0
     for f in range(folds):
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
         test = t.take(te)
         ref, r0, c0, r1, c1, o = _judge_cases(t.take(tr), test)
         on += o
-        for b in BENCHES:
-            m = bench[te] == b
+        for b in (*BENCHES, "all"):
+            m = (bench[te] == b) | (b == "all")
             acc[b].append(np.array([r0[m].mean() - test.correct[m, ref].mean(),
                                     c0[m].sum(), r1[m].mean() - test.correct[m, ref].mean(),
                                     c1[m].sum(), test.cost[m, ref].sum()]))
     rows = []
-    for b in BENCHES:
+    for b in (*BENCHES, "all"):
         a = np.array(acc[b])
         ref_cost = a[:, 4].sum()
-        rows.append(_row(f"{b}_{chain} (pooled)",
+        rows.append(_row(f"{b}_{chain} (pooled)" if b != "all" else f"{chain}: the whole mix",
                          (a[:, 0].mean(), 1 - a[:, 1].sum() / ref_cost,
                           a[:, 2].mean(), 1 - a[:, 3].sum() / ref_cost, on / folds)))
     return rows
@@ -210,7 +210,10 @@ def _quality(files: list[str], folds: int, seeds: int, parts: set[str]) -> None:
     if "pooled" in parts:
         for label, strip in (("no confidence", True), ("with confidence", False)):
             rows = [r for chain in CHAINS for r in _pooled(chain, folds, strip)]
-            _summary(f"{label}, a ladder's five benchmarks pooled, cross-validation", rows)
+            mix = [r for r in rows if "whole mix" in str(r[0])]
+            _summary(f"{label}, a ladder's five benchmarks pooled, cross-validation, "
+                     "per benchmark", [r for r in rows if r not in mix])
+            _summary(f"{label}, pooled: the whole mix", mix)
     if "heldout" in parts:
         rows = []
         for chain in CHAINS:
