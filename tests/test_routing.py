@@ -180,6 +180,7 @@ def test_file_round_trip_scores_the_same(tmp_path: Path) -> None:
     (lambda d: d["model"].update(intercept=[0.0]), "model.intercept"),
     (lambda d: d["model"]["coef"][1].__setitem__(0, "x"), "must be numbers"),
     (lambda d: d.update(rungs=[]), "'rungs'"),
+    (lambda d: d["features"].pop("system_prompts"), "features.system_prompts"),
 ])
 def test_bad_router_files_name_the_file_and_the_defect(tmp_path: Path, edit: object,
                                                         needle: str) -> None:
