@@ -33,7 +33,8 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 _C = 4.0
-"""Inverse regularisation of each rung's logistic regression (measured in bench/router.py)."""
+"""Inverse regularisation of each rung's logistic regression: C = 1, 4 and 16 gave cross-fitted
+AUCs within 0.03 of each other on mmlu_llama and triviaqa_qwen_oai; 4 was at least as good."""
 
 
 @dataclass(frozen=True)
