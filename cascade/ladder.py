@@ -9,35 +9,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from cascade.cache import cache_key
 from cascade.config import CascadeConfig, RungConfig, VerifierConfig
 from cascade.errors import ConfigError
-from cascade.messages import Message, Request
+from cascade.messages import Request
 from cascade.plugins import load_verifier
 from cascade.verify import BoundVerifier, Verifier, as_verifier
 
-__all__ = ["Ladder", "Route", "Router", "qualname"]
+if TYPE_CHECKING:
+    from cascade.routing import Router
 
-
-class Route(Protocol):
-    """A router's decision for one request (see :mod:`cascade.routing`)."""
-
-    start: int
-    skip: tuple[int, ...]
-    scores: tuple[float, ...]
-    reason: str
-
-
-class Router(Protocol):
-    """Decides, before any call, where a request starts and which rungs it skips."""
-
-    def route(self, messages: Sequence[Message], metadata: Mapping[str, Any]) -> Route: ...
+__all__ = ["Ladder", "qualname"]
 
 
 def qualname(obj: Any) -> str:
@@ -88,6 +75,7 @@ class Ladder:
             str(k) for _, v in self.verifiers.values()
             for k in getattr(v, "metadata_keys", ()) or ()}))
         """Request metadata the verifiers read (e.g. the judge's ``reference``): in the key."""
+        _ = self.router  # a bad or mismatched router file fails here, not on first traffic
 
     @functools.cached_property
     def key(self) -> str:
@@ -133,12 +121,14 @@ class Ladder:
     def router(self) -> Router | None:
         """The tuned router of ``[router]``, loaded once (None when the ladder has none)."""
         table = self.config.router
-        if not table or not table.get("enabled", True):
+        if not table:
             return None
-        routing = importlib.import_module("cascade.routing")  # loaded only when configured
-        base = Path(self.config.source).parent if not self.config.source.startswith("<") else None
-        router: Router = routing.load_router(table, base_dir=base)
-        return router
+        from cascade.routing import load_router  # loaded only when configured
+
+        src = self.config.source
+        base = Path(src).parent if not src.startswith("<") else None
+        return load_router(table, base_dir=base, labels=[r.label for r in self.config.rungs],
+                           source=src)
 
     @functools.cached_property
     def drift_thresholds(self) -> dict[str, float]:

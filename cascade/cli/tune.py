@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "\"correct\" filled, e.g. by --judge); repeat")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the bootstrap and the shift folds (default 0)")
+    parser.add_argument("--router", choices=("auto", "off"), default="auto",
+                        help="auto: also learn a pre-generation router from the cases' prompts "
+                             "and keep it only when it saves under the same guard (default); "
+                             "off: never")
     parser.add_argument("--out", required=True, help="where to write TUNED.toml")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", help="write the frontier as a PNG (needs matplotlib)")
@@ -53,7 +57,21 @@ def run(ns: argparse.Namespace) -> int:
                   delta=ns.delta, seed=ns.seed, agreement=ns.agreement)
     header = (f"Tuned by `cascade tune` on {table.n} cases ({table.source}).\n"
               f"Recommendation: {result.report['recommendation']['describe']}")
-    text = to_toml(result.config, header=header)
+    config_out, router_text = result.config, ""
+    if ns.router == "auto" and ns.max_cost_usd is None and table.messages:
+        from cascade.routing import router_toml, tune_router, write_router
+
+        routed = tune_router(table, max_accuracy_drop=ns.max_accuracy_drop or 0.01,
+                             delta=ns.delta, base=result.setting, seed=ns.seed)
+        result.report["router"] = {"on": routed.choice.on, "reason": routed.choice.reason,
+                                   **routed.choice.report}
+        if routed.router is not None:
+            config_out = routed.config
+            router_text = router_toml(write_router(routed, ns.out))
+            routed_as = routed.choice.report.get("with_router", {})
+            header = (f"Tuned by `cascade tune` on {table.n} cases ({table.source}).\n"
+                      f"Recommendation (with the router): {routed_as.get('setting', '')}")
+    text = to_toml(config_out, header=header) + router_text
     parse_config(tomllib.loads(text), source=ns.out)  # never write what won't load
     Path(ns.out).write_text(text, encoding="utf-8")
     if ns.plot and not plot_frontier(result.frontier, result.report, ns.plot):
@@ -63,6 +81,15 @@ def run(ns: argparse.Namespace) -> int:
         print(json.dumps(result.report, indent=2))
     else:
         print(format_report(result.report))
+        if "router" in result.report:
+            r = result.report["router"]
+            if r["on"]:
+                w = r.get("with_router", {})
+                print(f"router: on — {w.get('setting')}: saving {w.get('cost_saving', 0):.1%}, "
+                      f"guard's lower bound {w.get('lower', 0) * 100:+.2f} pts; this replaces "
+                      "the recommendation above in the written config")
+            else:
+                print(f"router: off ({r['reason']})")
         print(f"wrote {ns.out}")
     return 0
 

@@ -25,6 +25,7 @@ from cascade.suite.recordings import (
     RecordingStore,
     answer_call,
     messages_hash,
+    messages_text,
     request_hash,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "load_outcome_table",
     "load_shared_outcomes",
     "messages_hash",
+    "messages_text",
     "request_hash",
     "table_from_recordings",
 ]

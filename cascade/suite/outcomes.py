@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from cascade.config import CascadeConfig, RungConfig, VerifierConfig
 from cascade.errors import ConfigError
+from cascade.messages import Message, normalise_messages
 from cascade.suite.cases import Case, load_cases, read_jsonl
 from cascade.suite.grading import GRADER_NORMALISER, grade
 from cascade.suite.recordings import RecordingStore, answer_call
@@ -78,6 +79,9 @@ class OutcomeTable:
     agreement_normaliser: str | None = None
     """The normaliser that suits the cases' graders (most cases' when they differ): the one the
     tuner's agreement gate uses and writes into TUNED.toml."""
+    messages: tuple[tuple[Message, ...], ...] = ()
+    """Each case's whole request (system prompt included): what a router learns from; empty
+    for tables built in code without them."""
     prompts: tuple[str, ...] = ()
     """Each case's request text (its last user message), for routers and for people reading
     ``cascade label``'s list; empty for tables built in code without them."""
@@ -101,6 +105,8 @@ class OutcomeTable:
             raise ValueError("one normaliser per case")
         if self.answers and len(self.answers) != n:
             raise ValueError("one row of answers per case")
+        if self.messages and len(self.messages) != n:
+            raise ValueError("one request per case")
         if self.prompts and len(self.prompts) != n:
             raise ValueError("one prompt per case")
         if self.labelled is not None and self.labelled.shape != (n,):
@@ -171,6 +177,7 @@ class OutcomeTable:
             groups=tuple(self.groups[i] for i in ix),
             agreement={k: v[ix] for k, v in self.agreement.items()},
             prompts=tuple(self.prompts[i] for i in ix) if self.prompts else (),
+            messages=tuple(self.messages[i] for i in ix) if self.messages else (),
             answers=tuple(self.answers[i] for i in ix) if self.answers else (),
             case_normalisers=(tuple(self.case_normalisers[i] for i in ix)
                               if self.case_normalisers else ()),
@@ -346,10 +353,18 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
         agreement_normaliser=_most_common(_BENCH_NORMALISER.get(b, "normalised")
                                           for b, _row in rows),
         prompts=tuple(_prompt_of(row) for _b, row in rows),
+        messages=tuple(_messages_of(row) for _b, row in rows),
         answers=tuple(tuple(t[int(j)] for j in order) for t in texts),
         case_normalisers=tuple(_BENCH_NORMALISER.get(b, "normalised") for b, _row in rows),
         labelled=None if labelled.all() else labelled,
     )
+
+
+def _messages_of(row: Mapping[str, Any]) -> tuple[Message, ...]:
+    try:
+        return normalise_messages(messages=row.get("messages") or [])
+    except ConfigError:
+        return ()
 
 
 def _prompt_of(row: Mapping[str, Any]) -> str:
@@ -415,6 +430,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
         agreement_normaliser=_most_common(GRADER_NORMALISER.get(c.grader, "normalised")
                                           for c in cases),
         prompts=tuple(c.prompt for c in cases),
+        messages=tuple(c.messages for c in cases),
         answers=tuple(tuple(t) for t in texts),
         case_normalisers=tuple(GRADER_NORMALISER.get(c.grader, "normalised") for c in cases),
         labelled=None if all(c.labelled for c in cases) else np.array(

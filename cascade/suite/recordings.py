@@ -21,16 +21,22 @@ from cascade.providers.base import Completion, ModelCall, TokenLogprob, rung_cal
 from cascade.suite.cases import RECORDINGS_FILE, read_jsonl
 from cascade.trace import Verdict
 
-__all__ = ["Recording", "RecordingStore", "answer_call", "messages_hash", "request_hash"]
+__all__ = ["Recording", "RecordingStore", "answer_call", "messages_hash", "messages_text",
+           "request_hash"]
 
 
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def messages_text(messages: Sequence[Message]) -> str:
+    """The canonical JSON of ``messages`` (what a request is, as one string)."""
+    return _canonical([m.to_dict() for m in messages])
+
+
 def messages_hash(messages: Sequence[Message]) -> str:
     """Identifies a question across models: the case a recording belongs to."""
-    return hashlib.sha256(_canonical([m.to_dict() for m in messages]).encode()).hexdigest()
+    return hashlib.sha256(messages_text(messages).encode()).hexdigest()
 
 
 def request_hash(call: ModelCall) -> str:

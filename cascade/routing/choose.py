@@ -1,0 +1,254 @@
+"""Tuning the router's setting: where a request starts and which rungs it skips, chosen jointly
+with the rungs' confidence thresholds under the tuner's guard, and off when it does not pay.
+
+Two families of candidates, both judged by the tuner's guard (net accuracy change against the
+best single rung, minus z standard errors, with its pseudo-discordant case, must stay above
+minus the allowed drop) on the router's *cross-fitted* scores (each case scored by a model
+fitted without it):
+
+- **route**: a chain of cheap rungs ending at the reference; an early rung is tried only when
+  the router's P(right) reaches its ``skip_below``, and a tried rung's answer is accepted (no
+  verifier decides: this is the family for ladders without a confidence signal);
+- **skip**: the tuner's own recommendation, with a ``skip_below`` on each early rung: a rung
+  predicted to fail is not paid for, and the climb goes on as tuned.
+
+Only each family's frontier under the router's own expected loss (mean over cases of P(the
+reference is right) - P(the answer given is right), from the cross-fitted scores) reaches the
+guard, with z at ``delta / 2`` for the two families and two pseudo-disagreeing cases (as the
+tuner's agreement gate). The cheapest candidate that passes wins
+over the tuner's recommendation without a router only when it saves at least ``min_gain`` of
+the reference's cost. Measured (``bench/router.py``, a ladder's five benchmarks pooled): with
+the skip family unfiltered and z at ``delta`` the llama ladder's tuned climb plus router lost
+1.08 points on held-out folds (the tuner alone 0.54); with this guard 0.94. Without
+confidences the qwen/OpenAI pool still loses 1.08 points either way (see the README).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations, product
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cascade.errors import ConfigError
+from cascade.suite import OutcomeTable
+from cascade.tuning.candidates import CHEAPER as _CHEAPER
+from cascade.tuning.candidates import reference_rung
+from cascade.tuning.choose import select
+from cascade.tuning.guard import PSEUDO_GATE as _PSEUDO_GATE
+from cascade.tuning.guard import model_frontier as _frontier_of_model
+from cascade.tuning.guard import paired_bound as _guard
+from cascade.tuning.guard import z_value
+from cascade.tuning.setting import Setting
+from cascade.tuning.simulate import simulate
+
+__all__ = ["ROUTE_LEVELS", "RouteSetting", "choose_route_setting", "simulate_routed"]
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+
+ROUTE_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
+"""Candidate ``skip_below`` values, fixed in advance (never fitted to the labels)."""
+_MAX_EARLY = 3
+"""Route-family chains hold at most this many early rungs (the candidates grow as 10^k)."""
+_BLOCK = 2048
+
+
+@dataclass(frozen=True)
+class RouteSetting:
+    """A cascade over rungs ``chain`` of a table with a router in front.
+
+    ``skip_below[p]``: the rung at position ``p`` is tried only when the router's P(right) for
+    it reaches this (0: always; the last rung always). ``keys``/``thresholds`` are the
+    confidence thresholds of the early rungs as in :class:`cascade.tuning.setting.Setting`;
+    with no keys a tried early rung's answer is accepted.
+    """
+
+    chain: tuple[int, ...]
+    skip_below: tuple[float, ...]
+    keys: tuple[str, ...] = ()
+    thresholds: tuple[tuple[float, ...], ...] = ()
+
+    @property
+    def routed(self) -> bool:
+        return any(u > 0 for u in self.skip_below[:-1])
+
+    @property
+    def setting(self) -> Setting:
+        """The tuner's setting the climb runs once routed (thresholds only)."""
+        k1 = len(self.chain) - 1
+        return Setting(self.chain, self.keys,
+                       self.thresholds if self.keys else tuple(() for _ in range(k1)))
+
+    def describe(self, table: OutcomeTable) -> str:
+        parts = []
+        for p, j in enumerate(self.chain):
+            label = table.rungs[j].label
+            bits = []
+            if p < len(self.chain) - 1:
+                if self.skip_below[p] > 0:
+                    bits.append(f"router P>={self.skip_below[p]:.3g}")
+                if self.keys:
+                    bits += [f"{k}>={t:.3g}" for k, t in zip(self.keys, self.thresholds[p],
+                                                             strict=True) if math.isfinite(t)]
+                else:
+                    bits.append("accepts when tried")
+            parts.append(label + (f" [{', '.join(bits)}]" if bits else ""))
+        return " → ".join(parts)
+
+
+def _run(table: OutcomeTable, p: FloatArray, chain: Sequence[int], keys: Sequence[str],
+         u: FloatArray, th: FloatArray | None
+         ) -> tuple[BoolArray, FloatArray, FloatArray]:
+    """Right, cost and the router's P(right) of the answer given, (m, n), of ``m`` routed
+    settings of one chain: ``u`` (m, k-1) skip levels, ``th`` (m, k-1, V) confidence
+    thresholds or None (a tried early rung accepts)."""
+    ch = list(chain)
+    n, k = table.n, len(ch)
+    m = u.shape[0]
+    if k == 1:
+        return (np.broadcast_to(table.correct[:, ch[0]], (m, n)).copy(),
+                np.broadcast_to(table.cost[:, ch[0]], (m, n)).copy(),
+                np.broadcast_to(p[:, ch[0]], (m, n)).copy())
+    act = p[None, :, ch[:-1]] >= u[:, None, :]  # (m, n, k-1)
+    acc = act.copy()
+    if th is not None:
+        for v, key in enumerate(keys):
+            s = table.scores[key][:, ch[:-1]]
+            with np.errstate(invalid="ignore"):
+                acc &= s[None] >= th[:, None, :, v]
+    for flags in table.passed.values():
+        acc &= flags[None][:, :, ch[:-1]]
+    ones = np.ones((m, n, 1), dtype=bool)
+    acc = np.concatenate([acc, ones], axis=2)
+    act = np.concatenate([act, ones], axis=2)
+    ex = np.argmax(acc, axis=2)
+    rows = np.arange(n)[None, :]
+    right = table.correct[:, ch][rows, ex]
+    paid = np.cumsum(np.where(act, table.cost[:, ch][None], 0.0), axis=2)
+    cost = np.take_along_axis(paid, ex[:, :, None], axis=2)[:, :, 0]
+    return right, cost, p[:, ch][rows, ex]
+
+
+def simulate_routed(table: OutcomeTable, scores: FloatArray, setting: RouteSetting
+                    ) -> tuple[BoolArray, FloatArray]:
+    """Per case: was the routed cascade's answer right, and what did it cost. ``scores`` are
+    the router's P(right), cases × the table's rungs."""
+    k1 = len(setting.chain) - 1
+    u = np.array([setting.skip_below[:k1]], dtype=float).reshape(1, k1)
+    th = (np.array([setting.thresholds], dtype=float).reshape(1, k1, len(setting.keys))
+          if setting.keys else None)
+    right, cost, _p = _run(table, scores, setting.chain, setting.keys, u, th)
+    return right[0], cost[0]
+
+
+@dataclass
+class RouteChoice:
+    """The chosen setting, the tuner's recommendation without a router, and the evidence."""
+
+    setting: RouteSetting
+    base: Setting
+    on: bool
+    reason: str
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _stats(table: OutcomeTable, right: BoolArray, cost: FloatArray, ref: int
+           ) -> tuple[FloatArray, FloatArray, FloatArray]:
+    rr = table.correct[:, ref][None]
+    better = (right & ~rr).sum(axis=1).astype(float)
+    worse = (~right & rr).sum(axis=1).astype(float)
+    return better, worse, cost.mean(axis=1)
+
+
+def _family(table: OutcomeTable, p: FloatArray, chain: tuple[int, ...], keys: tuple[str, ...],
+            th_row: FloatArray | None, levels: Sequence[float], ref: int
+            ) -> list[tuple[RouteSetting, float, float, float, float]]:
+    """Every combination of ``levels`` on the early rungs of ``chain``: (setting, better,
+    worse, mean cost, the router's own expected loss against the reference)."""
+    k1 = len(chain) - 1
+    combos = np.array(list(product(levels, repeat=k1)), dtype=float).reshape(-1, k1)
+    out = []
+    for a in range(0, combos.shape[0], _BLOCK):
+        u = combos[a:a + _BLOCK]
+        th = None if th_row is None else np.broadcast_to(th_row, (u.shape[0], *th_row.shape))
+        right, cost, pexp = _run(table, p, chain, keys, u, th)
+        b, w, c = _stats(table, right, cost, ref)
+        loss = (p[:, ref][None] - pexp).mean(axis=1)
+        thr = () if th_row is None else tuple(tuple(float(x) for x in r) for r in th_row)
+        for g in range(u.shape[0]):
+            s = RouteSetting(chain, (*(float(x) for x in u[g]), 0.0), keys, thr)
+            out.append((s, float(b[g]), float(w[g]), float(c[g]), float(loss[g])))
+    return out
+
+
+def choose_route_setting(table: OutcomeTable, scores: FloatArray, *,
+                         max_accuracy_drop: float = 0.01, delta: float = 0.1,
+                         min_gain: float = 0.01, base: Setting | None = None) -> RouteChoice:
+    """The cheapest routed setting that passes the tuner's guard on ``scores`` (the router's
+    cross-fitted P(right), cases × the table's rungs), or the tuner's own recommendation
+    (``base``, else :func:`cascade.tuning.choose.select`) when no router saves ``min_gain`` of the
+    reference's cost."""
+    if scores.shape != table.correct.shape:
+        raise ConfigError("router scores must be cases × the table's rungs")
+    n = table.n
+    ref = reference_rung(table)
+    if base is None:
+        base, _ref = select(table, max_accuracy_drop=max_accuracy_drop, delta=delta)
+    mean_cost = table.cost.mean(axis=0)
+    ref_cost = float(mean_cost[ref])
+    b_right, b_cost, _ = simulate(table, base)
+    bb, bw, _bc = _stats(table, b_right[None], b_cost[None], ref)
+    base_cost = float(b_cost.mean())
+    z = z_value(delta / 2)  # two families searched: Bonferroni, as the tuner's agreement gate
+    routes: list[tuple[RouteSetting, float, float, float, float]] = []
+    order = [int(j) for j in np.argsort(mean_cost, kind="stable")]
+    cheaper = [j for j in order if j != ref and mean_cost[j] <= _CHEAPER * ref_cost]
+    for r in range(1, min(_MAX_EARLY, len(cheaper)) + 1):
+        for sub in combinations(cheaper, r):
+            routes += _family(table, scores, (*sub, ref), (), None, ROUTE_LEVELS, ref)
+    skips: list[tuple[RouteSetting, float, float, float, float]] = []
+    if len(base.chain) > 1 and not base.agree:
+        th_row = np.array(base.thresholds, dtype=float)
+        skips = _family(table, scores, base.chain, base.keys, th_row, (0.0, *ROUTE_LEVELS), ref)
+    n_all = len(routes) + len(skips)
+    cands = []
+    for fam in (routes, skips):  # only the router's own frontier per family: its ranking,
+        if fam:                  # not the labels', picks what the guard judges
+            front = _frontier_of_model(np.array([c[4] for c in fam]),
+                                       np.array([c[3] for c in fam]), ref_cost)
+            cands += [fam[int(i)] for i in front]
+    base_rs = RouteSetting(base.chain, (0.0,) * len(base.chain), base.keys, base.thresholds)
+    report: dict[str, Any] = {
+        "candidates": n_all, "frontier": len(cands), "z": z,
+        "reference": table.rungs[ref].label,
+        "without_router": {"setting": base.describe(table),
+                           "accuracy_change": float((bb[0] - bw[0]) / max(n, 1)),
+                           "cost_saving": 1 - base_cost / ref_cost if ref_cost > 0 else 0.0},
+    }
+    if not cands:
+        return RouteChoice(base_rs, base, False, "no rung is cheap enough to route to", report)
+    better = np.array([c[1] for c in cands])
+    worse = np.array([c[2] for c in cands])
+    cost = np.array([c[3] for c in cands])
+    change, se, lower = _guard(better, worse, n, z, _PSEUDO_GATE)
+    ok = lower >= -max_accuracy_drop - 1e-12
+    if not ok.any():
+        return RouteChoice(base_rs, base, False, "no routed setting passed the guard", report)
+    g = int(np.lexsort((-lower, np.where(ok, cost, math.inf)))[0])
+    chosen = cands[g][0]
+    saving = 1 - cost[g] / ref_cost if ref_cost > 0 else 0.0
+    report["with_router"] = {"setting": chosen.describe(table),
+                             "accuracy_change": float(change[g]), "stderr": float(se[g]),
+                             "lower": float(lower[g]), "cost_saving": float(saving)}
+    if not chosen.routed or base_cost - cost[g] < min_gain * ref_cost:
+        return RouteChoice(base_rs, base, False,
+                           f"the router would save {100 * (base_cost - cost[g]) / ref_cost:.1f}%"
+                           f" of the reference's cost over the tuner alone, under the "
+                           f"{100 * min_gain:.0f}% it must", report)
+    return RouteChoice(chosen, base, True, "passed", report)

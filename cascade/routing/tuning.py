@@ -1,0 +1,175 @@
+"""From a suite to a tuned router: fit on the recorded outcomes, choose its setting on
+cross-fitted scores, write the router file and the ``[router]`` table, and replay it.
+
+``cascade tune`` calls :func:`tune_router` after the tuner, then :func:`write_router` next to
+TUNED.toml and appends :func:`router_toml`'s table; ``cascade eval`` calls :func:`route_cases`
+to know where each recorded case starts and which rungs it skips, and :func:`replay_routes` to
+climb the recorded verdicts along those routes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cascade.config import CascadeConfig
+from cascade.errors import ConfigError
+from cascade.messages import Message
+from cascade.routing.choose import RouteChoice, choose_route_setting
+from cascade.routing.features import prompt_messages
+from cascade.routing.model import RouterModel, cross_fit, fit_model
+from cascade.routing.runtime import Router
+from cascade.suite import OutcomeTable
+from cascade.tuning.output import to_config
+from cascade.tuning.setting import Setting
+
+__all__ = ["FittedRouter", "RoutedCases", "RouterTuning", "fit_router", "replay_routes",
+           "route_cases", "router_toml", "tune_router", "write_router"]
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+
+
+def _docs(table: OutcomeTable) -> list[tuple[Message, ...]]:
+    if len(table.messages) == table.n and all(table.messages):
+        return list(table.messages)
+    if len(table.prompts) != table.n:
+        raise ConfigError("the suite's outcome table carries no prompts to learn a router from",
+                          source=table.source)
+    return [prompt_messages(p) for p in table.prompts]
+
+
+@dataclass(frozen=True)
+class FittedRouter:
+    """A model fitted on every case, and each case's score from a model fitted without it."""
+
+    model: RouterModel
+    scores: FloatArray
+    """Cross-fitted P(right), cases × the table's rungs."""
+
+
+def fit_router(table: OutcomeTable, *, folds: int = 5, seed: int = 0) -> FittedRouter:
+    """Per rung of ``table``, a calibrated P(its answer is right) from the prompt."""
+    docs = _docs(table)
+    model = fit_model(docs, table.correct, table.labels)
+    return FittedRouter(model, cross_fit(docs, table.correct, table.labels, folds=folds,
+                                         seed=seed))
+
+
+@dataclass(frozen=True)
+class RouterTuning:
+    """The routed recommendation: its choice, the config the climb runs, and the router (None
+    when the router is off)."""
+
+    choice: RouteChoice
+    config: CascadeConfig
+    router: Router | None
+
+
+def _config(table: OutcomeTable, choice: RouteChoice) -> CascadeConfig:
+    s = choice.setting
+    cfg = to_config(table, s.setting if choice.on else choice.base)
+    if choice.on and not s.keys:  # tried early rungs accept: no scoring verifier decides
+        drop = set(table.scores)
+        cfg = cfg.replace(
+            verifiers=tuple(v for v in cfg.verifiers if v.key not in drop),
+            rungs=tuple(replace(r, thresholds={k: t for k, t in r.thresholds.items()
+                                               if k not in drop},
+                                verifiers=None if r.verifiers is None else tuple(
+                                    x for x in r.verifiers if x not in drop))
+                        for r in cfg.rungs))
+    return cfg
+
+
+def tune_router(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = 0.1,
+                min_gain: float = 0.01, base: Setting | None = None, folds: int = 5,
+                seed: int = 0) -> RouterTuning:
+    """Fit the router, choose its setting under the tuner's guard (``base``: the tuner's own
+    recommendation, recomputed when not given) and build the config it runs with."""
+    fitted = fit_router(table, folds=folds, seed=seed)
+    choice = choose_route_setting(table, fitted.scores, max_accuracy_drop=max_accuracy_drop,
+                                  delta=delta, min_gain=min_gain, base=base)
+    cfg = _config(table, choice)
+    if not choice.on:
+        return RouterTuning(choice, cfg, None)
+    # unlike the suite: the route family's safe start is the top rung; the skip family's is
+    # the tuned climb, skipping nothing
+    unfamiliar = len(choice.setting.chain) - 1 if not choice.setting.keys else 0
+    router = Router(fitted.model.subset(choice.setting.chain), choice.setting.skip_below,
+                    unfamiliar_start=unfamiliar)
+    return RouterTuning(choice, cfg, router)
+
+
+def write_router(tuning: RouterTuning, toml_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Save the router beside ``toml_path`` (``<stem>.router.json``) and return the
+    ``[router]`` table that names it (empty when the router is off: nothing is written)."""
+    if tuning.router is None:
+        return {}
+    out = Path(toml_path)
+    path = out.with_name(out.stem + ".router.json")
+    tuning.router.model.save(path)
+    return {"path": path.name, "skip_below": [round(u, 6) for u in tuning.router.skip_below],
+            "unfamiliar_start": tuning.router.unfamiliar_start % len(tuning.router.skip_below)}
+
+
+def router_toml(table: dict[str, Any]) -> str:
+    """The ``[router]`` table as TOML, to append to TUNED.toml (empty when there is none)."""
+    if not table:
+        return ""
+    return (f"\n[router]\npath = {json.dumps(table['path'])}\n"
+            f"skip_below = [{', '.join(repr(float(u)) for u in table['skip_below'])}]\n"
+            f"unfamiliar_start = {int(table['unfamiliar_start'])}\n")
+
+
+@dataclass(frozen=True)
+class RoutedCases:
+    """Per recorded case, the route the router gives it; positions are the router's rungs
+    (the config's rungs, in climbing order)."""
+
+    start: IntArray
+    skip: BoolArray
+    """(cases, rungs): True where the climb does not call that rung (before ``start`` too)."""
+    scores: FloatArray
+
+
+def route_cases(router: Router, table: OutcomeTable,
+                prompts: Sequence[str] | None = None) -> RoutedCases:
+    """The router's route for every case of ``table`` (from ``table.prompts``), exactly as
+    :meth:`Router.route` gives it in a live climb, for ``cascade eval`` to replay."""
+    docs = [prompt_messages(p) for p in prompts] if prompts is not None else _docs(table)
+    k = len(router.labels)
+    start = np.zeros(len(docs), dtype=np.int64)
+    skip = np.zeros((len(docs), k), dtype=bool)
+    scores = np.zeros((len(docs), k))
+    for i, d in enumerate(docs):
+        r = router.route(d, {})
+        start[i] = r.start
+        skip[i, :r.start] = True
+        skip[i, list(r.skip)] = True
+        scores[i] = r.scores
+    return RoutedCases(start, skip, scores)
+
+
+def replay_routes(accepts: BoolArray, cost: FloatArray, routes: RoutedCases
+                  ) -> tuple[IntArray, FloatArray]:
+    """The climb of each case under its route: ``accepts`` (cases × the config's rungs) is
+    where each rung's verifiers would accept, ``cost`` what each rung costs. A skipped rung is
+    neither paid for nor accepted; the last rung answers. Returns the exit position and what
+    was paid, as the engine would."""
+    if accepts.shape != routes.skip.shape or cost.shape != accepts.shape:
+        raise ValueError("accepts, cost and routes must all be cases × the config's rungs")
+    tried = ~routes.skip
+    tried[:, -1] = True
+    acc = accepts & tried
+    acc[:, -1] = True
+    exit_pos = np.argmax(acc, axis=1).astype(np.int64)
+    paid = np.cumsum(np.where(tried, cost, 0.0), axis=1)
+    return exit_pos, paid[np.arange(len(exit_pos)), exit_pos]

@@ -1,0 +1,55 @@
+"""The router in the climb: learned by the tuner, read from [router], acted on before any call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cascade import Cascade
+from cascade.routing import tune_router, write_router
+from cascade.testing import Script
+from tests.test_routing import _table
+
+pytestmark = pytest.mark.anyio
+
+
+def _cascade(tmp_path: Path, s: Script) -> Cascade:
+    tuning = tune_router(_table(300))
+    assert tuning.router is not None, tuning.choice.reason
+    table = write_router(tuning, tmp_path / "TUNED.toml")
+    table["path"] = str(tmp_path / table["path"])  # a dict config has no folder to be beside
+    rungs = [{"model": m, "provider": "openai-compatible", "base_url": f"http://{m}/v1",
+              "price": "unknown"} for m in ("small", "big")]
+    return Cascade.from_dict({"rungs": rungs, "router": table, "cache": {"enabled": False}},
+                             provider_factory=s.factory)
+
+
+async def test_a_request_predicted_to_fail_the_cheap_rung_starts_higher_and_says_why(
+        tmp_path: Path) -> None:
+    s = Script({"small": ["an answer"], "big": ["a better answer"]})
+    c = _cascade(tmp_path, s)
+    hard = await c.aanswer(messages=[
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Prove that the series sum 1/n^5 converges and bound its "
+                                    "tail."}])
+    first = hard.attempts[0]
+    assert first.status == "routed" and "router" in (first.note or "")
+    assert hard.model == "big" and s.count("small") == 0
+    easy = await c.aanswer(messages=[
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is the capital city of Peru?"}])
+    assert easy.attempts[0].status != "routed" and s.count("small") == 1
+
+
+async def test_a_router_file_for_another_ladder_is_a_config_error(tmp_path: Path) -> None:
+    from cascade import ConfigError
+
+    tuning = tune_router(_table(300))
+    table = write_router(tuning, tmp_path / "TUNED.toml")
+    table["path"] = str(tmp_path / table["path"])  # a dict config has no folder to be beside
+    rungs = [{"model": m, "provider": "openai-compatible", "base_url": f"http://{m}/v1",
+              "price": "unknown"} for m in ("tiny", "huge")]
+    with pytest.raises(ConfigError, match="do not match"):  # at construction, before traffic
+        Cascade.from_dict({"rungs": rungs, "router": table, "cache": {"enabled": False}},
+                          provider_factory=Script({"tiny": ["x"], "huge": ["y"]}).factory)
