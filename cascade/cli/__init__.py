@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("cascade.record", "run a suite through every rung and store the responses"),
     "tune": ("cascade.tune", "tune rungs and thresholds on recorded suites"),
     "eval": ("cascade.evaluate", "replay suites through a config and report quality/cost"),
+    "serve": ("cascade.serve.cli", "serve the ladder as an OpenAI-compatible HTTP service"),
 }
 """Commands in modules of their own: name -> (module with add_arguments(parser) and run(ns),
 help). Only the chosen command's module is imported."""
