@@ -63,6 +63,9 @@ class RungConfig:
     """Per-verifier score thresholds for this rung, overriding the verifier's own."""
     max_retries: int | None = None
     """Overrides ``[retry] max_attempts - 1`` for this rung."""
+    drift_max_disagreement: float | None = None
+    """The disagreement rate with the top rung this rung showed on the suite (``cascade tune``
+    writes it); the drift alarm fires when production is credibly above it."""
     fallbacks: tuple[RungConfig, ...] = ()
     """Alternative endpoints for the same rung (e.g. the same model at another provider)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -136,6 +139,13 @@ class PolicyConfig:
     watch in production whether the tuned thresholds still hold (``cascade.health()``)."""
     shadow_normaliser: str = "normalised"
     """How a shadow answer is compared with the accepted one (as the agreement verifier)."""
+    shadow_max_in_flight: int = 8
+    """Shadow checks running at once (off the response path); beyond it a sample is dropped."""
+    drift_max_disagreement: float | None = None
+    """Default tolerated disagreement rate with the top rung; a rung's own value (written by
+    ``cascade tune``) wins. Above it, credibly, the drift alarm puts the rung in safe mode."""
+    drift_alpha: float = 0.01
+    """The drift alarm's false-alarm rate (anytime-valid: however often it is checked)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,6 +295,11 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
         kw["timeout_s"] = _number(d, "timeout_s", source, prefix, minimum=0.001)
     if "max_tokens" in d:
         kw["max_tokens"] = _number(d, "max_tokens", source, prefix, minimum=1, integer=True)
+    if "drift_max_disagreement" in d:
+        kw["drift_max_disagreement"] = _number(d, "drift_max_disagreement", source, prefix)
+        if kw["drift_max_disagreement"] > 1:
+            raise ConfigError("must be a rate in [0, 1]", source=source,
+                              key=prefix + "drift_max_disagreement")
     if "max_retries" in d:
         kw["max_retries"] = _number(d, "max_retries", source, prefix, integer=True)
     if "logprobs" in d:
@@ -371,6 +386,10 @@ def _section(d: Mapping[str, Any], name: str, cls: type, source: str) -> Any:
     ):
         raise ConfigError(f"is {kw['on_unverified']!r}; allowed: return, raise", source=source,
                           key="policy.on_unverified")
+    for rate in ("drift_max_disagreement", "drift_alpha"):
+        if cls is PolicyConfig and (kw.get(rate) or 0.0) > 1.0:
+            raise ConfigError(f"must be in [0, 1], got {kw[rate]}", source=source,
+                              key=f"policy.{rate}")
     if cls is PolicyConfig and kw.get("shadow_rate", 0.0) > 1.0:
         raise ConfigError(f"must be in [0, 1], got {kw['shadow_rate']}", source=source,
                           key="policy.shadow_rate")

@@ -105,14 +105,14 @@ def normalise_messages(
                 f"messages[{i}] must be an object with 'role' and 'content'", source="request"
             )
         role = m.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise ConfigError(
                 f"messages[{i}].role is {role!r}; allowed: system, user, assistant",
                 source="request",
             )
         if "content" not in m:
             raise ConfigError(f"messages[{i}] has no 'content'", source="request")
-        out.append(Message(role, _clean(_content_text(m["content"], i))))
+        out.append(Message(role, _clean(_content_text(m["content"], i))))  # type: ignore[arg-type]
     if not any(m.role == "user" for m in out):
         raise ConfigError("messages must contain at least one user turn", source="request")
     return tuple(out)

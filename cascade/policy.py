@@ -1,12 +1,56 @@
-"""The accept/escalate decision for one rung, from its verdicts (thresholds already applied)."""
+"""The accept/escalate policy: when a rung's answer exits early, when a rung is not even tried,
+and what a climb that found nothing ends as.
+
+Everything here is a pure function of what the climb knows, so the rules can be read (and
+tested) in one place: the climb asks, the policy answers, the trace records why.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
 
 from cascade.trace import Verdict
 
-__all__ = ["accepts", "rejection_reason"]
+__all__ = [
+    "Outcome",
+    "Skip",
+    "SkipKind",
+    "Status",
+    "accepts",
+    "cap_gate",
+    "deadline_gate",
+    "drift_verdict",
+    "no_answer_outcome",
+    "rejection_reason",
+]
+
+Status = Literal["running", "accepted", "rejected", "error", "skipped", "routed", "shadow"]
+"""An attempt's status: ``accepted`` (every verdict passed), ``rejected`` (a verifier, or the
+drift alarm, said no), ``error`` (the call failed after retries and failover), ``skipped``
+(budget, cap, deadline or an open circuit: not called), ``routed`` (the router started the
+climb above it or skipped it), ``shadow`` (a top-rung check of an early-accepted answer)."""
+
+SkipKind = Literal["budget", "cap", "deadline", "circuit", "router"]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Why a rung was not called."""
+
+    kind: SkipKind
+    detail: str
+
+
+class Outcome(Enum):
+    """How a climb ends when no rung's answer came back."""
+
+    DEADLINE = "deadline"
+    BUDGET = "budget"
+    NO_ANSWER = "no_answer"
 
 
 def accepts(verdicts: Sequence[Verdict]) -> bool:
@@ -18,3 +62,43 @@ def rejection_reason(verdicts: Sequence[Verdict]) -> str:
     """One line naming the verifiers that said no, for logs and errors."""
     failed = [f"{v.verifier}: {v.reason}" for v in verdicts if not v.passed and not v.skipped]
     return "; ".join(failed) or "accepted"
+
+
+def deadline_gate(remaining_s: float | None, expected_s: float | None) -> Skip | None:
+    """Skip a rung that usually takes longer than the time left."""
+    if remaining_s is None or expected_s is None or expected_s <= remaining_s:
+        return None
+    return Skip("deadline", f"{remaining_s:.2f}s left, this rung usually takes {expected_s:.2f}s")
+
+
+def cap_gate(max_cost_usd: float | None, committed_usd: float, estimate_usd: float
+             ) -> Skip | None:
+    """Skip a call whose estimate would break the request's ``max_cost_usd``.
+
+    ``committed_usd`` is what was spent plus what is reserved for calls in flight.
+    """
+    if max_cost_usd is None or committed_usd + estimate_usd <= max_cost_usd:
+        return None
+    return Skip("cap", f"estimated cost ${estimate_usd:.6f} exceeds the "
+                       f"${max(0.0, max_cost_usd - committed_usd):.6f} left of "
+                       f"max_cost_usd=${max_cost_usd:g}")
+
+
+def drift_verdict(rung_label: str, why: str) -> Verdict:
+    """The verdict that keeps a drifted rung from exiting early (safe mode): it escalates."""
+    return Verdict(passed=False, verifier="drift",
+                   reason=f"drift alarm on {rung_label}: {why}; escalating (safe mode)")
+
+
+def no_answer_outcome(skips: Sequence[Skip], *, deadline_hit: bool, any_error: bool) -> Outcome:
+    """Deadline first; then budget when money (cap or per-key budget) alone stopped every rung."""
+    if deadline_hit:
+        return Outcome.DEADLINE
+    if not any_error and any(s.kind in ("budget", "cap") for s in skips):
+        return Outcome.BUDGET
+    return Outcome.NO_ANSWER
+
+
+def finite_or_none(value: float | None) -> bool:
+    """Whether a per-call number is usable: None, or a finite non-negative float."""
+    return value is None or (math.isfinite(value) and value >= 0)

@@ -65,6 +65,8 @@ class Attempt:
     tries: int = 0
     """Model calls made for this rung, retries and failover included."""
     finish_reason: str | None = None
+    note: str | None = None
+    """Why the climb went this way here: the router's reason, a load-aware endpoint choice."""
     started_at: float = 0.0
     """Wall-clock time (Unix seconds) the rung started: spans and audit lines are placed by it."""
 

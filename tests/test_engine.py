@@ -18,6 +18,7 @@ from cascade import (
     parse_config,
 )
 from cascade.testing import Script
+from cascade.trace import Attempt
 
 pytestmark = pytest.mark.anyio
 
@@ -39,6 +40,9 @@ def _config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
 def not_idk(ctx: VerifyContext) -> Verdict:
     ok = "don't know" not in ctx.candidate.text
     return Verdict(passed=ok, reason="has an answer" if ok else "the model does not know")
+
+
+not_idk.cache_key = "not_idk-v1"  # type: ignore[attr-defined]  # says what it is: cacheable
 
 
 async def test_early_exit_at_the_cheapest_rung(tmp_path: Path) -> None:
@@ -101,19 +105,68 @@ async def test_cache_hit_costs_nothing_and_keeps_the_trace(tmp_path: Path) -> No
 async def test_cache_key_covers_thresholds_and_ladder(tmp_path: Path) -> None:
     s = Script({"small": ["Canberra"], "big": ["Canberra"]})
     a = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    await a.aanswer("q")
+    n = len(s.calls)
+    same = Cascade(parse_config(_config(tmp_path)), verifiers=[not_idk],
+                   provider_factory=s.factory)
+    assert (await same.aanswer("q")).cache_hit and len(s.calls) == n
     cfg = _config(tmp_path)
     cfg["rungs"][0]["temperature"] = 0.7
     b = Cascade.from_dict(cfg, verifiers=[not_idk], provider_factory=s.factory)
-    r = parse_config(_config(tmp_path))
-    assert a._cache_key(_req("q")) != b._cache_key(_req("q"))
-    assert a._cache_key(_req("q")) == Cascade(r, verifiers=[not_idk],
-                                              provider_factory=s.factory)._cache_key(_req("q"))
+    assert not (await b.aanswer("q")).cache_hit and len(s.calls) == n + 1
+    cfg = _config(tmp_path)
+    cfg["rungs"][0]["thresholds"] = {}
+    cfg["verifiers"] = [{"name": "refusal", "threshold": 0.9}]
+    c = Cascade.from_dict(cfg, verifiers=[not_idk], provider_factory=s.factory)
+    assert not (await c.aanswer("q")).cache_hit
 
 
-def _req(text: str) -> Any:
-    from cascade.messages import Request, normalise_messages
+async def test_verifiers_given_as_code_cache_only_when_they_say_what_they_are(
+        tmp_path: Path) -> None:
+    """Two closures of one function can judge differently and nothing outside them can tell
+    them apart, so a code verifier without a ``cache_key`` makes its requests bypass the cache
+    (with a warning in the answer); one with a ``cache_key`` is keyed by it."""
+    s = Script({"small": ["Canberra"], "big": ["Canberra"]})
 
-    return Request(messages=normalise_messages(text))
+    def accept_if(word: str) -> Any:
+        def check(ctx: VerifyContext) -> bool:
+            return word in ctx.candidate.text
+        return check
+
+    strict = Cascade.from_dict(_config(tmp_path), verifiers=[accept_if("Canberra")],
+                               provider_factory=s.factory)
+    first = await strict.aanswer("q")
+    assert first.verified and any("not cached" in w for w in first.warnings)
+    loose = Cascade.from_dict(_config(tmp_path), verifiers=[accept_if("Sydney")],
+                              provider_factory=s.factory)
+    again = await loose.aanswer("q")
+    assert not again.cache_hit and again.attempts[0].status != "accepted"
+    keyed = accept_if("Canberra")
+    keyed.cache_key = "canberra"  # type: ignore[attr-defined]
+    k1 = Cascade.from_dict(_config(tmp_path), verifiers=[keyed], provider_factory=s.factory)
+    await k1.aanswer("q")
+    assert (await k1.aanswer("q")).cache_hit
+
+
+async def test_metadata_a_verifier_reads_is_part_of_the_cache_key(tmp_path: Path) -> None:
+    """The judge decides against ``metadata["reference"]``: two references, two entries."""
+    s = Script({"small": ["Canberra"], "big": ["Canberra"]})
+
+    class AgreesWithReference:
+        name = "reference_check"
+        metadata_keys = ("reference",)
+        cache_key = "v1"
+
+        def verify(self, ctx: VerifyContext) -> bool:
+            return ctx.request.metadata.get("reference") == ctx.candidate.text
+
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[AgreesWithReference()],
+                          provider_factory=s.factory)
+    right = await c.aanswer("q", metadata={"reference": "Canberra"})
+    assert right.verified
+    wrong = await c.aanswer("q", metadata={"reference": "Sydney"})
+    assert not wrong.cache_hit and not wrong.verified
+    assert (await c.aanswer("q", metadata={"reference": "Canberra", "other": 1})).cache_hit
 
 
 async def test_transport_failure_fails_over_to_next_rung(tmp_path: Path) -> None:
@@ -260,25 +313,43 @@ async def test_per_call_config_as_dict_or_path(tmp_path: Path) -> None:
     assert (await c.aanswer("q", cache=False)).text == "from small"
 
 
+class _Shadows:
+    """An observer collecting shadow results."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[Attempt, Attempt, bool | None]] = []
+
+    def on_answer(self, request: Any, answer: Any, error: Any) -> None:
+        pass
+
+    def on_shadow(self, request: Any, accepted: Attempt, shadow: Attempt,
+                  agreed: bool | None) -> None:
+        self.results.append((accepted, shadow, agreed))
+
+
 async def test_shadow_checks_sample_the_top_rung_without_changing_the_answer(
         tmp_path: Path) -> None:
     from cascade import health
 
     s = Script({"small": ["Canberra", "Sydney"], "big": ["Canberra"]})
     cfg = _config(tmp_path, policy={"shadow_rate": 1.0})
-    c = Cascade.from_dict(cfg, verifiers=[not_idk], provider_factory=s.factory)
+    seen = _Shadows()
+    c = Cascade.from_dict(cfg, verifiers=[not_idk], provider_factory=s.factory, observers=[seen])
     agree = await c.aanswer("Capital of Australia?", cache=False)
     differ = await c.aanswer("Capital of Australia?", cache=False)
+    assert c.drain_shadows(10)
     assert (agree.text, differ.text) == ("Canberra", "Sydney")  # monitoring only
-    assert [a.status for a in differ.attempts] == ["accepted", "shadow"]
-    assert agree.attempts[1].verdicts[0].passed and not differ.attempts[1].verdicts[0].passed
-    big_cost = (10 * 10.0 + 1 * 20.0) / 1e6
-    assert differ.cost_usd == pytest.approx((10 * 1.0 + 1 * 2.0) / 1e6 + big_cost)
+    assert [a.status for a in differ.attempts] == ["accepted"]  # the shadow is off the path
+    assert sorted(r[2] for r in seen.results) == [False, True]
+    assert all(r[1].status == "shadow" and r[1].cost_usd > 0 for r in seen.results)
+    assert differ.cost_usd == pytest.approx((10 * 1.0 + 1 * 2.0) / 1e6)
     small_ep = c.config.rungs[0].endpoint
     shadow = health()["endpoints"][small_ep]["shadow"]
     assert shadow["samples"] >= 2 and shadow["disagreements"] >= 1
+    c.close()
 
     quiet = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
     n = s.count("big")
     await quiet.aanswer("Capital of Australia?", cache=False)
+    assert quiet.drain_shadows(1)
     assert s.count("big") == n  # shadow_rate defaults to 0

@@ -98,13 +98,26 @@ class Counters(Protocol):
 class Store(Protocol):
     """Everything shared between requests, one object per Cascade."""
 
-    cache: AsyncCache | None
-    """None when the cache is disabled."""
-    budgets: AsyncBudgetStore
-    breakers: AsyncBreakers
-    latency: Latency
-    counters: Counters
-    shared: bool
-    """True when the state is shared with other processes (a Redis store)."""
+    @property
+    def cache(self) -> AsyncCache | None:
+        """None when the cache is disabled."""
+        ...
+
+    @property
+    def budgets(self) -> AsyncBudgetStore: ...
+
+    @property
+    def breakers(self) -> AsyncBreakers: ...
+
+    @property
+    def latency(self) -> Latency: ...
+
+    @property
+    def counters(self) -> Counters: ...
+
+    @property
+    def shared(self) -> bool:
+        """True when the state is shared with other processes (a Redis store)."""
+        ...
 
     async def aclose(self) -> None: ...

@@ -1,0 +1,284 @@
+"""One request's climb: route, then each rung — gates, call, verifiers, policy — until one
+answer is accepted or the ladder ends.
+
+Every model call the climb makes (rungs, paid verifiers) goes through :meth:`Climb.paid` or the
+rung path, which check the request's cap, reserve the per-key budget and settle what was
+actually spent; nothing paid for leaves the trace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from cascade import policy
+from cascade.caller import CallResult, EndpointCaller, short
+from cascade.config import RungConfig, VerifierConfig
+from cascade.drift import DriftMonitor
+from cascade.errors import BudgetExceeded, ProviderError
+from cascade.ladder import Ladder
+from cascade.messages import Message, Request
+from cascade.plugins import load_verifier
+from cascade.providers.base import Completion, ModelCall, rung_call
+from cascade.store.base import AsyncBudgetStore
+from cascade.tokens import estimate_cost
+from cascade.trace import Attempt, Verdict
+from cascade.verify import BoundVerifier, Candidate, Verifier, VerifyContext, run_verifiers
+
+__all__ = ["Climb", "Money", "OnAttempt", "builtin_verifier", "record_call", "record_error"]
+
+OnAttempt = Callable[[Attempt], "Awaitable[None] | None"]
+"""Called as each rung finishes (accepted, rejected, error, skipped, routed): progress."""
+
+_OFF_LOOP_CHARS = 50_000
+"""Prompts longer than this are token-counted in a worker thread: tiktoken on a 10 MB prompt
+would otherwise hold the event loop for seconds."""
+
+_BUILTINS: dict[tuple[str, tuple[tuple[str, Any], ...]], Verifier] = {}
+
+
+def builtin_verifier(name: str, **settings: Any) -> Verifier:
+    """A built-in verifier the engine adds itself (schema for ``schema=``, agreement for shadow
+    checks), loaded once per process and setting."""
+    key = (name, tuple(sorted(settings.items())))
+    if key not in _BUILTINS:
+        _BUILTINS[key] = load_verifier(VerifierConfig(name=name, settings=settings))
+    return _BUILTINS[key]
+
+
+@dataclass
+class Money:
+    """The request's spending: its cap, its per-key budget, what is spent and reserved."""
+
+    budgets: AsyncBudgetStore
+    max_cost_usd: float | None
+    budget_key: str | None
+    limit_usd: float | None
+    period_s: float
+    spent_usd: float = 0.0
+    reserved_usd: float = 0.0
+
+    @property
+    def counting(self) -> bool:
+        """Whether estimates matter (tiktoken is never loaded without a cap or budget)."""
+        return self.max_cost_usd is not None or self.limit_usd is not None
+
+    async def estimate(self, rung: RungConfig, messages: Sequence[Message]) -> float:
+        if not self.counting:
+            return 0.0
+        if sum(len(m.content) for m in messages) > _OFF_LOOP_CHARS:
+            return await anyio.to_thread.run_sync(estimate_cost, rung, messages)
+        return estimate_cost(rung, messages)
+
+    def cap_skip(self, estimate: float) -> policy.Skip | None:
+        return policy.cap_gate(self.max_cost_usd, self.spent_usd + self.reserved_usd, estimate)
+
+    async def hold(self, estimate: float) -> Any:
+        """Reserve ``estimate`` against the key's budget (raises BudgetExceeded); settle it with
+        :meth:`settle` once the actual cost is known."""
+        if self.budget_key is None or self.limit_usd is None:
+            return None
+        return await self.budgets.areserve(self.budget_key, estimate, self.limit_usd,
+                                           self.period_s)
+
+    async def settle(self, reservation: Any, actual: float) -> None:
+        if reservation is not None:
+            with anyio.CancelScope(shield=True):  # spent money is recorded even on cancel
+                await self.budgets.asettle(reservation, actual)
+
+
+@dataclass
+class Climb:
+    """Mutable state of one request's climb, and the climb itself."""
+
+    request: Request
+    ladder: Ladder
+    caller: EndpointCaller
+    money: Money
+    deadline: float | None
+    drift: DriftMonitor | None = None
+    on_attempt: OnAttempt | None = None
+    clock: Callable[[], float] = time.monotonic
+    attempts: list[Attempt] = field(default_factory=list)
+    candidate: tuple[Attempt, Any] | None = None
+    """The latest answer that came back (attempt, parsed): returned unverified if none passes."""
+    skips: list[policy.Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def remaining_s(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self.clock()
+
+    async def run(self) -> tuple[Attempt, Any] | None:
+        """Climb; the accepted (attempt, parsed), or None (see ``candidate`` for the latest)."""
+        rungs = self.ladder.config.rungs
+        start, skip = 0, frozenset[int]()
+        router = self.ladder.router
+        if router is not None:
+            route = router.route(self.request.messages, self.request.metadata)
+            start, skip = min(max(0, route.start), len(rungs) - 1), frozenset(route.skip)
+            for i in range(len(rungs)):
+                if i < start or (i in skip and i != len(rungs) - 1):
+                    await self._routed(i, route.reason)
+        for i, rung in enumerate(rungs):
+            if i < start or (i in skip and i != len(rungs) - 1):
+                continue
+            accepted = await self._rung(i, rung)
+            if self.on_attempt is not None:
+                out = self.on_attempt(self.attempts[-1])
+                if out is not None:
+                    await out
+            if accepted is not None:
+                return accepted
+        return None
+
+    async def _routed(self, i: int, reason: str) -> None:
+        rung = self.ladder.rung(i)
+        a = Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
+                    endpoint=rung.base_url or "", status="routed", note=reason,
+                    started_at=time.time())
+        self.attempts.append(a)
+        self.skips.append(policy.Skip("router", reason))
+
+    def _skip(self, attempt: Attempt, skip: policy.Skip) -> None:
+        attempt.status, attempt.error_type = "skipped", "Skipped"
+        attempt.error = f"{'budget' if skip.kind == 'cap' else skip.kind}: {skip.detail}"
+        self.skips.append(skip)
+
+    async def _rung(self, i: int, rung: RungConfig) -> tuple[Attempt, Any] | None:
+        """Try one rung. Returns (attempt, parsed) when its answer is accepted."""
+        attempt = Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
+                          endpoint=rung.base_url or "", status="running", started_at=time.time())
+        self.attempts.append(attempt)
+        money = self.money
+        estimate = await money.estimate(rung, self.request.messages)
+        gate = (policy.deadline_gate(self.remaining_s(), self.caller.expected_s(rung))
+                or money.cap_skip(estimate))
+        if gate is not None:
+            self._skip(attempt, gate)
+            return None
+        try:
+            reservation = await money.hold(estimate)
+        except BudgetExceeded as e:
+            if self.candidate is None and not self.attempts[:-1]:
+                self.attempts.pop()
+                raise
+            self._skip(attempt, policy.Skip("budget", str(e)))
+            return None
+        t0 = self.clock()
+        req = self.request
+        call = rung_call(rung, req.messages, output_type=req.output_type,
+                         json_schema=req.schema if req.output_type is None else None)
+        actual = 0.0
+        try:
+            try:
+                result = await self.caller.call(call, rung, self.deadline)
+            except ProviderError as e:
+                attempt.status = "error"
+                record_error(attempt, e)
+                attempt.latency_ms = (self.clock() - t0) * 1000
+                self.notes.append(f"rung {i} ({rung.label}): {type(e).__name__}")
+                return None
+            record_call(attempt, result)
+            # Charged before verifying: if the deadline cuts verification short, the model
+            # call has still been paid for.
+            actual = attempt.cost_usd
+            money.spent_usd += actual
+            completion = result.completion
+            candidate = Candidate(text=completion.text, rung=result.endpoint, rung_index=i,
+                                  completion=completion, parsed=completion.parsed)
+            before = money.spent_usd
+            verdicts, parsed = await self._verify(candidate)
+            verifier_cost = sum(v.cost_usd for v in verdicts)
+            # Model calls of verifiers were charged (and settled) as they returned; a plugin
+            # may also report a cost of its own in its verdict.
+            unsettled = max(0.0, verifier_cost - (money.spent_usd - before))
+            money.spent_usd += unsettled
+            actual += unsettled
+            attempt.cost_usd += verifier_cost
+            drifted = self.drift.is_drifted(rung.label) if self.drift is not None else None
+            last = len(self.ladder.config.rungs) - 1
+            if drifted is not None and i < last and policy.accepts(verdicts):
+                verdicts = [*verdicts, policy.drift_verdict(
+                    rung.label, f"{drifted.disagreements} of {drifted.samples} shadow checks "
+                                f"since it rose; tolerated {drifted.max_disagreement:.3f}")]
+            attempt.verdicts = verdicts
+            attempt.latency_ms = (self.clock() - t0) * 1000
+            ok = policy.accepts(verdicts)
+            attempt.status = "accepted" if ok else "rejected"
+            self.candidate = (attempt, parsed)
+            return (attempt, parsed) if ok else None
+        finally:
+            await money.settle(reservation, actual)
+
+    async def paid(self, call: ModelCall, rung: RungConfig) -> Completion:
+        """A model call outside the rung path (a verifier's, a shadow's): the same cap,
+        budget, retries, breakers and deadline, charged as soon as it returns."""
+        money = self.money
+        estimate = await money.estimate(replace(rung, max_tokens=call.max_tokens), call.messages)
+        skip = money.cap_skip(estimate)
+        if skip is not None:
+            raise BudgetExceeded(f"a call to {rung.label} would break the cap: {skip.detail}",
+                                 spent_usd=money.spent_usd, limit_usd=money.max_cost_usd or 0.0)
+        reservation = await money.hold(estimate)
+        money.reserved_usd += estimate
+        actual = 0.0
+        try:
+            result = await self.caller.call(call, rung, self.deadline)
+            actual = rung.cost_usd(result.completion.input_tokens,
+                                   result.completion.output_tokens)
+            return result.completion
+        finally:
+            money.reserved_usd -= estimate
+            money.spent_usd += actual
+            await money.settle(reservation, actual)
+
+    async def _verify(self, candidate: Candidate) -> tuple[list[Verdict], Any]:
+        bound = self.ladder.bound(candidate.rung_index)
+        if self.request.schema is not None and not self.ladder.has_verifier("schema"):
+            bound.insert(0, BoundVerifier(id="schema", verifier=builtin_verifier("schema")))
+        shared: dict[str, Any] = {}
+        prior = [a for a in self.attempts if a.rung != candidate.rung_index
+                 and a.status not in ("routed", "skipped")]
+
+        async def caller(call: ModelCall, rung: RungConfig) -> Completion:
+            return await self.paid(call, rung)
+
+        def make_ctx(bv: BoundVerifier) -> VerifyContext:
+            return VerifyContext(request=self.request, candidate=candidate, attempts=prior,
+                                 settings=bv.settings, threshold=bv.threshold,
+                                 _caller=caller, shared=shared)
+
+        verdicts = await run_verifiers(bound, make_ctx,
+                                       short_circuit=self.ladder.config.policy.short_circuit)
+        return verdicts, shared.get("parsed", candidate.parsed)
+
+
+def record_call(attempt: Attempt, result: CallResult) -> None:
+    """Write a model call's outcome into its attempt: who answered, what, and what it cost."""
+    used, completion = result.endpoint, result.completion
+    attempt.model, attempt.provider = used.model, used.provider
+    attempt.endpoint = used.base_url or ""
+    attempt.tries = result.tries
+    attempt.note = result.choice
+    if result.failover_errors:
+        attempt.error = "failed over: " + " | ".join(result.failover_errors)
+    attempt.text = completion.text
+    attempt.finish_reason = completion.finish_reason
+    attempt.input_tokens, attempt.output_tokens = completion.input_tokens, completion.output_tokens
+    attempt.cost_usd = used.cost_usd(completion.input_tokens, completion.output_tokens)
+
+
+def record_error(attempt: Attempt, e: ProviderError) -> None:
+    """Write why a call failed into its attempt: each endpoint tried, and why retries stopped."""
+    attempt.error_type = type(e).__name__
+    fo = getattr(e, "failover_errors", [])
+    attempt.error = " | ".join(fo) if len(fo) > 1 else short(e)
+    notes = getattr(e, "__notes__", None)
+    if notes:
+        attempt.error += " (" + "; ".join(notes) + ")"
+    attempt.tries = e.tries

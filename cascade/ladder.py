@@ -1,0 +1,168 @@
+"""A ladder as the engine runs it: the config plus what is built from it once, not per request
+— loaded verifiers, the config's part of every cache key, the router, the drift thresholds.
+
+Per-call ``config=`` and ``verifiers=`` get a Ladder of their own (kept, small LRU), never a
+whole new Cascade: providers, breakers, store and caller stay shared.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from cascade.cache import cache_key
+from cascade.config import CascadeConfig, RungConfig, VerifierConfig
+from cascade.errors import ConfigError
+from cascade.messages import Message, Request
+from cascade.plugins import load_verifier
+from cascade.verify import BoundVerifier, Verifier, as_verifier
+
+__all__ = ["Ladder", "Route", "Router", "qualname"]
+
+
+class Route(Protocol):
+    """A router's decision for one request (see :mod:`cascade.routing`)."""
+
+    start: int
+    skip: tuple[int, ...]
+    scores: tuple[float, ...]
+    reason: str
+
+
+class Router(Protocol):
+    """Decides, before any call, where a request starts and which rungs it skips."""
+
+    def route(self, messages: Sequence[Message], metadata: Mapping[str, Any]) -> Route: ...
+
+
+def qualname(obj: Any) -> str:
+    """``module.QualName`` of a class, function or instance (for keys and traces)."""
+    t = obj if isinstance(obj, type) else type(obj)
+    if callable(obj) and not isinstance(obj, type) and hasattr(obj, "__qualname__"):
+        t = obj
+    return f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}"
+
+
+def _code_identity(v: Verifier) -> str | None:
+    """A code verifier's part of the cache key: its ``cache_key`` attribute, if it has one.
+
+    Two closures of one function (or two instances of a class) can judge differently, and
+    nothing outside the object can tell them apart; so a verifier given as code caches only
+    when it says what it is. Without one, requests that use it bypass the cache.
+    """
+    key = getattr(v, "cache_key", None) or getattr(getattr(v, "fn", None), "cache_key", None)
+    return f"{qualname(v)}:{key}" if isinstance(key, str) and key else None
+
+
+class Ladder:
+    """One config's rungs, verifiers, cache-key part, router and drift thresholds."""
+
+    def __init__(self, config: CascadeConfig, extra_verifiers: Sequence[Any] | None = None
+                 ) -> None:
+        self.config = config
+        self.verifiers: dict[str, tuple[VerifierConfig, Verifier]] = {}
+        for i, vc in enumerate(config.verifiers):
+            try:
+                self.verifiers[vc.key] = (vc, load_verifier(vc))
+            except ConfigError as e:  # say which file and table, not only which verifier
+                key = f"verifiers[{i}]" + (f".{e.key}" if e.key else "")
+                raise type(e)(e.detail, source=config.source, key=key) from None
+        uncacheable: list[str] = []
+        for obj in extra_verifiers or ():
+            v = as_verifier(obj)
+            vc = VerifierConfig(name=f"<code>:{v.name}", id=v.name)
+            if vc.key in self.verifiers:
+                raise ConfigError(f"two verifiers named {v.name!r}; give one another name",
+                                  source="request", key="verifiers")
+            self.verifiers[vc.key] = (vc, v)
+            if _code_identity(v) is None:
+                uncacheable.append(v.name)
+        self.uncacheable = tuple(uncacheable)
+        """Code verifiers without a ``cache_key``: requests on this ladder bypass the cache."""
+        self.metadata_keys = tuple(sorted({
+            str(k) for _, v in self.verifiers.values()
+            for k in getattr(v, "metadata_keys", ()) or ()}))
+        """Request metadata the verifiers read (e.g. the judge's ``reference``): in the key."""
+
+    @functools.cached_property
+    def key(self) -> str:
+        """The config's part of every cache key: rungs and verifiers, hashed once."""
+        verifiers = []
+        for vc, v in self.verifiers.values():
+            ident = vc.identity()
+            if vc.name.startswith("<code>"):
+                ident["code"] = _code_identity(v)
+            verifiers.append(ident)
+        return cache_key({"rungs": [r.identity() for r in self.config.rungs],
+                          "verifiers": verifiers})
+
+    def request_key(self, request: Request) -> str | None:
+        """The cache key of ``request`` on this ladder, or None when it must bypass the cache."""
+        if self.uncacheable:
+            return None
+        meta = {k: request.metadata.get(k) for k in self.metadata_keys}
+        return cache_key({
+            "messages": [m.to_dict() for m in request.messages],
+            "schema": request.schema,
+            "output_type": qualname(request.output_type) if request.output_type else None,
+            "metadata": _jsonable(meta),
+            "ladder": self.key,
+        })
+
+    def bound(self, rung_index: int) -> list[BoundVerifier]:
+        """The verifiers of one rung with the settings, threshold and timeout they run under."""
+        cfg = self.config
+        rung = cfg.rungs[rung_index]
+        ids = rung.verifiers if rung.verifiers is not None else list(self.verifiers)
+        out = []
+        for vid in ids:
+            vc, v = self.verifiers[vid]
+            out.append(BoundVerifier(id=vid, verifier=v, settings=dict(vc.settings),
+                                     threshold=cfg.threshold(rung, vc), timeout_s=vc.timeout_s))
+        return out
+
+    def has_verifier(self, name: str) -> bool:
+        return any(vc.name == name for vc, _ in self.verifiers.values())
+
+    @functools.cached_property
+    def router(self) -> Router | None:
+        """The tuned router of ``[router]``, loaded once (None when the ladder has none)."""
+        table = self.config.router
+        if not table or not table.get("enabled", True):
+            return None
+        routing = importlib.import_module("cascade.routing")  # loaded only when configured
+        base = Path(self.config.source).parent if not self.config.source.startswith("<") else None
+        router: Router = routing.load_router(table, base_dir=base)
+        return router
+
+    @functools.cached_property
+    def drift_thresholds(self) -> dict[str, float]:
+        """Tolerated disagreement with the top rung per accepting rung: the rung's own value
+        (what ``cascade tune`` measured on the suite) wins over ``[policy]``'s default."""
+        default = self.config.policy.drift_max_disagreement
+        out: dict[str, float] = {}
+        for r in self.config.rungs[:-1]:
+            own = r.drift_max_disagreement
+            if own is not None:
+                out[r.label] = own
+            elif default is not None:
+                out[r.label] = default
+        return out
+
+    @functools.cached_property
+    def name(self) -> str:
+        """A short stable id of the ladder (labels + config hash) for shared counters."""
+        h = hashlib.sha256(self.key.encode()).hexdigest()[:10]
+        return f"{'>'.join(r.label for r in self.config.rungs)}#{h}"
+
+    def rung(self, i: int) -> RungConfig:
+        return self.config.rungs[i]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))

@@ -1,0 +1,154 @@
+"""Shadow checks off the response path: a sample of early-accepted answers is asked of the top
+rung as well, on a background event loop, bounded, charged to the same budgets.
+
+The answer has already been returned when a shadow runs; its result goes to the observers (the
+audit log's ``shadow`` line, metrics) and to the drift monitor, whose alarm makes a drifted rung
+escalate. A shadow that fails or times out changes nothing but its own record.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cascade.caller import EndpointCaller
+from cascade.climb import Money, builtin_verifier, record_call, record_error
+from cascade.drift import DriftMonitor
+from cascade.errors import BudgetExceeded, ProviderError
+from cascade.ladder import Ladder
+from cascade.messages import Request
+from cascade.providers.base import rung_call
+from cascade.syncloop import LoopThread
+from cascade.trace import Attempt
+from cascade.verify import BoundVerifier, Candidate, VerifyContext, run_verifiers
+
+__all__ = ["ShadowJob", "Shadows", "shadow_stats"]
+
+log = logging.getLogger("cascade.shadow")
+
+_STATS_LOCK = threading.Lock()
+_STATS: dict[str, dict[str, int]] = {}
+"""Per endpoint of an accepting rung, this process: shadow checks and disagreements."""
+
+
+def shadow_stats() -> dict[str, dict[str, int]]:
+    """This process's shadow checks per accepting endpoint (for ``cascade.health()``)."""
+    with _STATS_LOCK:
+        return {k: dict(v) for k, v in _STATS.items()}
+
+
+@dataclass(frozen=True)
+class ShadowJob:
+    """One early-accepted answer to check against the top rung."""
+
+    request: Request
+    ladder: Ladder
+    accepted: Attempt
+    money: Money
+    """The request's money: its cap's remainder and its per-key budget."""
+
+
+class Shadows:
+    """Samples, schedules and runs shadow checks on a loop thread of their own."""
+
+    def __init__(self, caller: EndpointCaller, *, observers: Callable[[], Sequence[Any]],
+                 drift: Callable[[Ladder], DriftMonitor | None],
+                 rng: random.Random | None = None) -> None:
+        self.caller = caller
+        self._observers = observers
+        self._drift = drift
+        self._rng = rng or random.Random()
+        self._loop = LoopThread("cascade-shadow")
+        self._lock = threading.Lock()
+        self._futures: set[concurrent.futures.Future[None]] = set()
+        self.dropped = 0
+        """Samples not checked because ``shadow_max_in_flight`` were already running."""
+
+    def sample(self, job: ShadowJob) -> bool:
+        """Maybe schedule a check of ``job`` (rate ``shadow_rate``); never blocks."""
+        pol = job.ladder.config.policy
+        if pol.shadow_rate <= 0 or self._rng.random() >= pol.shadow_rate:
+            return False
+        with self._lock:
+            self._futures = {f for f in self._futures if not f.done()}
+            if len(self._futures) >= max(1, pol.shadow_max_in_flight):
+                self.dropped += 1
+                return False
+            fut = self._loop.submit(lambda: self._run(job))
+            self._futures.add(fut)
+        return True
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait for the shadow checks in flight (tests, orderly shutdown); True when all ended."""
+        with self._lock:
+            pending = list(self._futures)
+        _, not_done = concurrent.futures.wait(pending, timeout=timeout_s)
+        return not not_done
+
+    def close(self) -> None:
+        """Cancel what is still running and stop the loop (reservations are settled)."""
+        self._loop.stop()
+
+    async def _run(self, job: ShadowJob) -> None:
+        cfg = job.ladder.config
+        top_i = len(cfg.rungs) - 1
+        top = cfg.rungs[top_i]
+        accepted = job.accepted
+        attempt = Attempt(rung=top_i, model=top.model, provider=top.provider, name=top.label,
+                          endpoint=top.base_url or "", status="shadow", started_at=time.time())
+        money = job.money
+        t0 = time.monotonic()
+        agreed: bool | None = None
+        try:
+            estimate = await money.estimate(top, job.request.messages)
+            if money.cap_skip(estimate) is not None:
+                return  # a shadow check never breaks the request's cap
+            try:
+                reservation = await money.hold(estimate)
+            except BudgetExceeded as e:
+                attempt.error, attempt.error_type = f"budget: {e}", "Skipped"
+                return
+            actual = 0.0
+            try:
+                result = await self.caller.call(rung_call(top, job.request.messages), top, None)
+                record_call(attempt, result)
+                actual = attempt.cost_usd
+            except ProviderError as e:
+                record_error(attempt, e)
+                return
+            finally:
+                money.spent_usd += actual
+                await money.settle(reservation, actual)
+            agree = builtin_verifier("agreement", mode="previous",
+                                     normaliser=cfg.policy.shadow_normaliser)
+            ctx = VerifyContext(request=job.request, attempts=[accepted], candidate=Candidate(
+                text=result.completion.text, rung=result.endpoint, rung_index=top_i,
+                completion=result.completion))
+            [verdict] = await run_verifiers([BoundVerifier(id="shadow", verifier=agree)],
+                                            lambda bv: ctx)
+            attempt.verdicts = [verdict]
+            agreed = verdict.passed
+            with _STATS_LOCK:
+                st = _STATS.setdefault(cfg.rungs[accepted.rung].endpoint,
+                                       {"samples": 0, "disagreements": 0})
+                st["samples"] += 1
+                st["disagreements"] += 0 if agreed else 1
+            monitor = self._drift(job.ladder)
+            if monitor is not None:
+                await monitor.record(cfg.rungs[accepted.rung].label, not agreed)
+        except Exception as e:  # a shadow's failure never reaches the answer
+            log.warning("shadow check failed: %s: %s", type(e).__name__, e)
+            attempt.error = attempt.error or f"{type(e).__name__}: {e}"
+        finally:
+            attempt.latency_ms = (time.monotonic() - t0) * 1000
+            for obs in self._observers():
+                try:
+                    obs.on_shadow(job.request, accepted, attempt, agreed)
+                except Exception as e:
+                    log.warning("observer %r failed on a shadow result: %s", obs, e)

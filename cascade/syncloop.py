@@ -1,0 +1,81 @@
+"""A private event loop on a daemon thread: the sync API's home, and the shadow checks'.
+
+Not ``anyio.from_thread.start_blocking_portal``: its executor thread is joined at interpreter
+exit, so a program that never called ``close()`` would hang there.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+import anyio.from_thread
+
+__all__ = ["LoopThread"]
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """Started on first use; ``stop()`` cancels what runs there and joins the thread."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self._portal is not None
+
+    def portal(self) -> anyio.from_thread.BlockingPortal:
+        with self._lock:
+            if self._portal is None:
+                ready = threading.Event()
+                box: list[anyio.from_thread.BlockingPortal] = []
+
+                async def serve() -> None:
+                    async with anyio.from_thread.BlockingPortal() as portal:
+                        box.append(portal)
+                        ready.set()
+                        await portal.sleep_until_stopped()
+
+                thread = threading.Thread(target=anyio.run, args=(serve,), daemon=True,
+                                          name=self.name)
+                thread.start()
+                ready.wait()
+                self._portal, self._thread = box[0], thread
+            return self._portal
+
+    def submit(self, fn: Callable[[], Awaitable[T]]) -> concurrent.futures.Future[T]:
+        """Start ``fn()`` on the loop; a Future for its result."""
+        return self.portal().start_task_soon(fn)
+
+    def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn()`` on the loop and wait for it; Ctrl-C cancels it there."""
+        future = self.submit(fn)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            concurrent.futures.wait([future], timeout=5)
+            raise
+
+    def stop(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run ``before()`` on the loop (e.g. closing its connections), then stop it: tasks
+        still running there are cancelled."""
+        with self._lock:
+            portal, thread = self._portal, self._thread
+            self._portal = self._thread = None
+        try:
+            if portal is not None:
+                if before is not None:
+                    portal.call(before)
+                portal.call(portal.stop, True)
+        finally:
+            if thread is not None:
+                thread.join(10)
