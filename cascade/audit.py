@@ -55,13 +55,13 @@ def _now() -> str:
 
 
 def _request_id(request: Request, answer: Answer | None, error: BaseException | None) -> str:
-    """The id the line is keyed by: the answer's, else the one the caller gave the error or the
-    request, else a fresh one (a request that failed before the engine named it)."""
+    """The id the line is keyed by: the answer's, else the one the engine gave the error or the
+    request (``request.request_id`` or ``metadata["request_id"]``), else a fresh one."""
     if answer is not None and answer.request_id:
         return answer.request_id
     traced = getattr(error, "answer", None)
     for rid in (getattr(traced, "request_id", None), getattr(error, "request_id", None),
-                request.metadata.get("request_id")):
+                getattr(request, "request_id", None), request.metadata.get("request_id")):
         if isinstance(rid, str) and rid:
             return rid
     return uuid.uuid4().hex

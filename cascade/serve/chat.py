@@ -98,7 +98,7 @@ def wire_error(e: BaseException) -> APIError:
               else "cascade")
     api = from_exception(e, trace_of(traced, str(ladder)) if isinstance(traced, Answer)
                          else None)
-    rid = getattr(e, "request_id", None)
+    rid = getattr(traced, "request_id", None) or getattr(e, "request_id", None)
     if isinstance(rid, str) and rid:
         api.headers["x-cascade-request-id"] = rid
     return api

@@ -2,18 +2,17 @@
 
 :meth:`Service.answer` is the one place a wire request becomes a climb: messages are
 normalised (bad ones are a 400 before anything is spent), the client's budget key and cap are
-applied, per-request ``max_tokens`` / ``temperature`` / ``stop`` select a variant of the ladder
-(kept, so its connections are reused), and every observer (metrics, spans, audit log) is told
-how it ended. Streams climb in the service's own task group, so a client that hangs up does
-not cancel a climb that is being paid for: its answer is still cached and logged.
+applied, and per-request ``max_tokens`` / ``temperature`` / ``stop`` select a variant of the
+ladder (the same config object per set of values, so the engine reuses what it built for it).
+The engine tells every observer (metrics, spans, audit log) how each request and each shadow
+check ended. Streams climb in the service's own task group, so a client that hangs up does not
+cancel a climb that is being paid for: its answer is still cached and logged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
@@ -27,10 +26,10 @@ from opentelemetry.trace import TracerProvider
 
 from cascade.audit import AuditLog
 from cascade.config import CascadeConfig, RungConfig
-from cascade.engine import Cascade, health
+from cascade.engine import Cascade
 from cascade.errors import ConfigError
-from cascade.messages import Request, normalise_messages
-from cascade.observe import Observer, notify_answer, notify_shadow
+from cascade.messages import normalise_messages
+from cascade.observe import Observer
 from cascade.providers.base import Provider
 from cascade.serve.auth import Authenticator
 from cascade.serve.config import ClientConfig, parse_server
@@ -46,9 +45,7 @@ ClimbEvent = tuple[str, Any]
 """``("attempt", Attempt)`` as each rung finishes, then ``("answer", Answer)`` or
 ``("error", BaseException)``."""
 
-_MAX_VARIANTS = 32
-_ON_ATTEMPT = "on_attempt" in inspect.signature(Cascade.aanswer).parameters
-"""Whether the engine reports each finished rung (the stream's progress lines need it)."""
+_MAX_VARIANTS = 16
 
 
 def _secret_envs(config: CascadeConfig, client_envs: Sequence[str]) -> list[str]:
@@ -93,12 +90,12 @@ class Service:
         self.metrics = Metrics(self.name,
                                audit_dropped=(lambda: audit.dropped) if audit else None)
         self.telemetry = Telemetry(ladder=self.name, tracer_provider=tracer_provider)
-        self.observers: list[Observer] = [self.metrics, self.telemetry, *observers]
-        if self.audit is not None:
-            self.observers.append(self.audit)
-        self._provider_factory = provider_factory
-        self.cascade = Cascade(config, provider_factory=provider_factory)
-        self._variants: OrderedDict[tuple[Any, ...], Cascade] = OrderedDict()
+        # The engine tells every observer (and the audit log) how each request and each shadow
+        # check ended, errors included.
+        self.cascade = Cascade(config, provider_factory=provider_factory,
+                               observers=[self.metrics, self.telemetry, *observers],
+                               audit_log=self.audit)
+        self._variants: OrderedDict[tuple[Any, ...], CascadeConfig] = OrderedDict()
         self._tg: anyio.abc.TaskGroup | None = None
 
     # ------------------------------------------------------------------ life cycle
@@ -108,36 +105,33 @@ class Service:
         self._tg = tg
 
     async def aclose(self) -> None:
-        """Close every ladder's connections and the cache, then flush the audit log."""
-        for c in [self.cascade, *self._variants.values()]:
-            await c.aclose()
-        self._variants.clear()
+        """Let shadow checks in flight finish (briefly), close connections, the cache and the
+        audit log (the engine owns it and flushes it on close)."""
+        drain = min(5.0, self.server.shutdown_timeout_s)
+        await anyio.to_thread.run_sync(self.cascade.drain_shadows, drain)
+        await self.cascade.aclose()
         await anyio.to_thread.run_sync(self.cascade.close)
-        if self.audit is not None:
-            await anyio.to_thread.run_sync(self.audit.close)
 
     # ------------------------------------------------------------------ answering
 
-    def _ladder(self, body: ChatCompletionRequest) -> Cascade:
+    def _ladder(self, body: ChatCompletionRequest) -> CascadeConfig | None:
+        """The ladder with this request's ``max_tokens`` / ``temperature`` / ``stop`` applied
+        (None: the configured one). The same object per set of values, so the engine reuses
+        what it built for it."""
         cap, temp = body.token_cap(), body.temperature
         stop = (body.stop,) if isinstance(body.stop, str) else (
             tuple(body.stop) if body.stop is not None else None)
         if cap is None and temp is None and stop is None:
-            return self.cascade
+            return None
         key = (cap, temp, stop)
-        c = self._variants.get(key)
-        if c is not None:
-            self._variants.move_to_end(key)
-            return c
-        cfg = replace(self.config, rungs=tuple(_adjust(r, cap, temp, stop)
-                                               for r in self.config.rungs))
-        c = self._variants[key] = Cascade(cfg, provider_factory=self._provider_factory,
-                                          cache=self.cascade.cache)
-        if len(self._variants) > _MAX_VARIANTS:
-            _, old = self._variants.popitem(last=False)
-            if self._tg is not None:
-                self._tg.start_soon(old.aclose)
-        return c
+        cfg = self._variants.get(key)
+        if cfg is None:
+            cfg = self._variants[key] = replace(
+                self.config, rungs=tuple(_adjust(r, cap, temp, stop) for r in self.config.rungs))
+            while len(self._variants) > _MAX_VARIANTS:
+                self._variants.popitem(last=False)
+        self._variants.move_to_end(key)
+        return cfg
 
     def _metadata(self, body: ChatCompletionRequest,
                   client: ClientConfig | None) -> dict[str, Any]:
@@ -154,48 +148,22 @@ class Service:
 
     async def answer(self, body: ChatCompletionRequest, client: ClientConfig | None, *,
                      on_attempt: Callable[[Attempt], Awaitable[None]] | None = None) -> Answer:
-        """Climb for one wire request and tell every observer how it ended."""
+        """Climb for one wire request (the engine tells the observers how it ended)."""
         try:
             messages = normalise_messages(messages=body.messages)
         except ConfigError as e:
             raise APIError(400, e.detail, param="messages") from None
-        metadata = self._metadata(body, client)
-        request = Request(messages=messages, schema=body.output_schema(), metadata=metadata)
         caps = [c for c in (client.max_cost_usd if client else None, self.config.max_cost_usd)
                 if c is not None]
-        kw: dict[str, Any] = {}
-        if on_attempt is not None and _ON_ATTEMPT:
-            kw["on_attempt"] = on_attempt
         gauge = self.metrics.in_flight.labels(self.name)
         gauge.inc()
         try:
-            answer = await self._ladder(body).aanswer(
-                messages=messages, schema=request.schema, metadata=metadata,
-                max_cost_usd=min(caps) if caps else None, **kw)
-        except Exception as e:
-            traced = getattr(e, "answer", None)
-            rid = getattr(traced, "request_id", "") or uuid.uuid4().hex
-            if isinstance(traced, Answer) and not traced.request_id:
-                traced.request_id = rid
-            e.request_id = rid  # type: ignore[attr-defined]
-            notify_answer(self.observers, request, None, e)
-            raise
+            return await self.cascade.aanswer(
+                messages=messages, schema=body.output_schema(), config=self._ladder(body),
+                metadata=self._metadata(body, client), max_cost_usd=min(caps) if caps else None,
+                on_attempt=on_attempt)
         finally:
             gauge.dec()
-        notify_answer(self.observers, request, answer, None)
-        self._shadows(request, answer)
-        return answer
-
-    def _shadows(self, request: Request, answer: Answer) -> None:
-        """Report the shadow checks recorded in the trace (today's engine runs them inline)."""
-        shadows = [a for a in answer.attempts if a.status == "shadow"]
-        accepted = next((a for a in answer.attempts if a.status == "accepted"), None)
-        if not shadows or accepted is None or answer.cache_hit:
-            return
-        keyed = replace(request, metadata={**request.metadata, "request_id": answer.request_id})
-        for s in shadows:
-            agreed = s.verdicts[0].passed if s.verdicts and s.error_type is None else None
-            notify_shadow(self.observers, keyed, accepted, s, agreed)
 
     def stream(self, body: ChatCompletionRequest, client: ClientConfig | None
                ) -> MemoryObjectReceiveStream[ClimbEvent]:
@@ -226,18 +194,10 @@ class Service:
     # ------------------------------------------------------------------ health, feedback
 
     async def health(self) -> Mapping[str, Any]:
-        """Endpoints (circuits, latency, shadow rates) and the drift alarm per rung."""
-        ahealth = getattr(self.cascade, "ahealth", None)
-        if ahealth is not None:
-            result: Mapping[str, Any] = await ahealth()
-            return result
-        return {"endpoints": health()["endpoints"], "drift": {}}
+        """Endpoints (circuits, latency) and the drift alarm per rung."""
+        return await self.cascade.ahealth()
 
     async def feedback(self, request_id: str, correct: bool, expected: str | None,
                        client: ClientConfig | None) -> None:
-        if self.audit is None:
-            raise APIError(400, "feedback needs an audit log to go into: set [server] "
-                           "audit_log in the config", param="request_id",
-                           code="no_audit_log")
-        self.audit.feedback(request_id, correct, expected,
-                            client=client.name if client else None)
+        await self.cascade.afeedback(request_id, correct, expected,
+                                     client=client.name if client else None)
