@@ -210,3 +210,25 @@ async def test_library_users_get_the_same_spans(
     await c.aanswer("q")
     names = sorted(sp.name for sp in exporter.get_finished_spans())
     assert names == ["chat cascade", "chat small"]
+
+
+@_SHADOW_LEAK
+def test_a_drifted_rung_shows_in_metrics_and_healthz(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    # the cheap rung's answers always differ from the top rung's: far above the tolerated 5%
+    openai_server.script(echo_handler(refuse=(), replies={"big": "something else"}))
+    app = create_app(ladder(tmp_path, openai_server.base_url, policy={
+        "shadow_rate": 1.0, "drift_max_disagreement": 0.05}))
+    with serving(app) as url:
+        before = httpx.get(f"{url}/metrics").text
+        for i in range(25):
+            httpx.post(f"{url}/v1/chat/completions", json={
+                "model": "cascade", "messages": [{"role": "user", "content": f"q{i}"}]})
+            assert app.state.service.cascade.drain_shadows(10)
+        metrics = httpx.get(f"{url}/metrics").text
+        health = httpx.get(f"{url}/healthz").json()
+    assert 'cascade_drift_alarm{rung="small"} 1.0' not in before
+    assert 'cascade_drift_alarm{rung="small"} 1.0' in metrics
+    assert health["drift_alarms"] == ["small"] and health["drift"]["small"]["alarm"] is True
+    del app
+    gc.collect()

@@ -99,8 +99,9 @@ class Metrics:
         self.shadow_disagreements = Counter("cascade_shadow_disagreements",
                                             "Shadow checks where the top rung disagreed", lr,
                                             registry=r)
-        self.drift_alarm = Gauge("cascade_drift_alarm", "1 while a rung's drift alarm is up",
-                                 lr, registry=r, multiprocess_mode="max")
+        self.drift_alarm = Gauge("cascade_drift_alarm", "1 while a rung's drift alarm is up "
+                                 "(its answers escalate)", ["rung"], registry=r,
+                                 multiprocess_mode="mostrecent")
         self._audit_dropped = audit_dropped
         if audit_dropped is not None:
             r.register(_Dropped(audit_dropped))
@@ -160,7 +161,7 @@ class Metrics:
 
     def set_drift(self, drift: Mapping[str, Mapping[str, Any]]) -> None:
         for rung, state in drift.items():
-            self.drift_alarm.labels(self.ladder, rung).set(1 if state.get("alarm") else 0)
+            self.drift_alarm.labels(rung).set(1 if state.get("alarm") else 0)
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
