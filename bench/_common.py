@@ -34,21 +34,23 @@ if _TIKTOKEN.is_dir():
 
 import openai  # noqa: E402
 
-from cascade.config import CascadeConfig, RungConfig, parse_config  # noqa: E402
+from cascade.config import CascadeConfig, parse_config  # noqa: E402
 from cascade.engine import Cascade  # noqa: E402
-from cascade.providers.base import Completion, ModelCall, Provider  # noqa: E402
+from cascade.providers.base import Completion, ModelCall  # noqa: E402
+from cascade.testing import FunctionProvider, completion  # noqa: E402
 from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_reply  # noqa: E402
 
 __all__ = [
     "ANSWER",
     "PROMPT",
     "REFUSAL",
-    "InstantProvider",
     "ServerMode",
     "Stats",
     "add_server_arg",
     "bare_client",
     "bare_create",
+    "instant_provider",
+    "instant_reply",
     "ladder",
     "machine",
     "make_cascade",
@@ -205,7 +207,7 @@ def ladder(base_url: str, *, rungs: int = 1, cache_dir: str | None = None) -> Ca
     models = [f"refuse-{i}" for i in range(rungs - 1)] + ["answer"]
     return parse_config({
         "rungs": [{"model": m, "provider": "openai-compatible", "base_url": base_url,
-                   "max_retries": 0} for m in models],
+                   "max_retries": 0, "price": "unknown"} for m in models],
         "cache": {"enabled": False} if cache_dir is None else {"directory": cache_dir},
     }, source="<bench>")
 
@@ -224,7 +226,7 @@ def make_cascade(config: CascadeConfig, **kw: Any) -> tuple[Cascade, str]:
         return Cascade(config, verifiers=[RefusalVerifier()], **kw), "refusal (given in code)"
     cfg = parse_config({
         "rungs": [{"model": r.model, "provider": r.provider, "base_url": r.base_url,
-                   "max_retries": 0} for r in config.rungs],
+                   "price": "unknown", "max_retries": 0} for r in config.rungs],
         "verifiers": ["refusal"],
         "cache": ({"enabled": False} if not config.cache.enabled
                   else {"directory": config.cache.directory}),
@@ -232,20 +234,16 @@ def make_cascade(config: CascadeConfig, **kw: Any) -> tuple[Cascade, str]:
     return Cascade(cfg, **kw), "refusal (built-in, by name)"
 
 
-class InstantProvider(Provider):
-    """A provider that answers in-process at once, like the server would: the engine alone."""
+def instant_reply(call: ModelCall) -> Completion:
+    """What the loopback server would answer, at once and in-process: the engine alone."""
+    text = REFUSAL if call.model.startswith("refuse") else ANSWER
+    return completion(text, call, input_tokens=15, output_tokens=8)
 
-    def __init__(self, rung: RungConfig) -> None:
-        self.rung = rung
-        self.name = "instant"
 
-    async def complete(self, call: ModelCall) -> Completion:
-        text = REFUSAL if call.model.startswith("refuse") else ANSWER
-        return Completion(text=text, model=call.model, input_tokens=15, output_tokens=8,
-                          finish_reason="stop")
-
-    async def aclose(self) -> None:
-        return None
+def instant_provider() -> FunctionProvider:
+    """The shipped function-backed double answering :func:`instant_reply`
+    (use ``.factory`` as ``provider_factory``)."""
+    return FunctionProvider(instant_reply)
 
 
 def bare_client(base_url: str) -> openai.AsyncOpenAI:

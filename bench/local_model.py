@@ -14,8 +14,8 @@ import argparse
 import time
 from typing import Any
 
-from cascade.local_server import LocalModel, default_threads
 from cascade.providers.local import resolve_model
+from cascade.providers.local_server import LocalModel, default_threads
 
 
 def _rate(fn: Any, n: int = 2) -> tuple[float, Any]:

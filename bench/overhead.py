@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anyio
 from _common import (
     PROMPT,
-    InstantProvider,
     ServerMode,
     Stats,
     add_server_arg,
     bare_client,
     bare_create,
+    instant_provider,
     ladder,
     machine,
     make_cascade,
@@ -105,7 +105,7 @@ async def measure_http(base_url: str, rungs: int, n: int, warmup: int
 
 async def measure_engine_alone(rungs: int, n: int, warmup: int) -> Stats:
     cascade, _how = make_cascade(ladder("http://127.0.0.1:9/v1", rungs=rungs),
-                                 provider_factory=InstantProvider)
+                                 provider_factory=instant_provider().factory)
 
     async def engine() -> None:
         await cascade.aanswer(PROMPT, cache=False)

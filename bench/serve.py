@@ -51,6 +51,8 @@ provider = "openai-compatible"
 base_url = "{base_url}"
 max_retries = 0
 max_tokens = 512
+input_usd_per_mtok = 0.15
+output_usd_per_mtok = 0.6
 
 [[verifiers]]
 name = "refusal"

@@ -10,6 +10,7 @@ default: every ``*_llama_train.jsonl``). Timed on it, best of ``--repeat``:
   1,000-sample bootstrap and shift check, write TUNED.toml, print the report);
 * ``tune()`` on the loaded table (the same work without reading and writing files);
 * ``select()``, the choice alone (what cross-validation calls per fold);
+* ``needed_labels()`` (what ``cascade label`` computes) with 10% of the cases labelled;
 * the baseline: ``grid_search_baseline()``, every rung subset × a grid of thresholds.
 """
 
@@ -24,15 +25,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 from _common import REPO, machine, print_table
+from tuning_baseline import grid_search_baseline
 
+from cascade.cli.tune import add_arguments, run
 from cascade.suite import load_shared_outcomes
-from cascade.tune import add_arguments, grid_search_baseline, run, select, tune
+from cascade.tuning import select, tune
+from cascade.tuning.label import needed_labels
 
 DATA = REPO.parent / "shared" / "data" / "cascades"
 
@@ -74,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         suite = synthesise(ns.chain, ns.cases, Path(d))
         table = load_shared_outcomes([suite])
         n, r = table.correct.shape
+        lab = np.arange(n) % 10 == 0
+        partly = replace(table, labelled=lab, correct=np.where(lab[:, None], table.correct,
+                                                               False))
         cli = argparse.ArgumentParser()
         add_arguments(cli)
         cli_ns = cli.parse_args([str(suite), "--out", str(Path(d) / "TUNED.toml")])
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             ("cascade tune (CLI, end to end)", best_of(cli_run, ns.repeat)),
             ("tune() on the loaded table", best_of(lambda: tune(table), ns.repeat)),
             ("select() (the choice alone)", best_of(lambda: select(table), ns.repeat)),
+            ("needed_labels() (cascade label), 10% labelled",
+             best_of(lambda: needed_labels(partly), ns.repeat)),
             ("grid_search_baseline()", best_of(lambda: grid_search_baseline(table),
                                                  ns.repeat)),
         ]

@@ -6,12 +6,16 @@ with no config, the embedded local ladder. For repeated use, build a :class:`Cas
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Mapping, Sequence
-from typing import Any
+import os as _os
+import threading as _threading
+from collections.abc import Mapping as _Mapping
+from collections.abc import Sequence as _Sequence
+from typing import Any as _Any
 
 from cascade.cache import AnswerCache
 from cascade.config import CascadeConfig, RungConfig, VerifierConfig, load_config, parse_config
+from cascade.dotted import grader, normaliser, verifier
+from cascade.engine import CacheMode as _CacheMode
 from cascade.engine import Cascade, health
 from cascade.errors import (
     AuthenticationError,
@@ -27,6 +31,7 @@ from cascade.errors import (
     ProviderError,
     ProviderTimeout,
     RateLimited,
+    ReplyTooLarge,
     ServerError,
     TransportError,
     UnknownVerifierError,
@@ -61,6 +66,7 @@ __all__ = [
     "ProviderError",
     "ProviderTimeout",
     "RateLimited",
+    "ReplyTooLarge",
     "Request",
     "RungConfig",
     "ServerError",
@@ -76,13 +82,16 @@ __all__ = [
     "aanswer_many",
     "answer",
     "answer_many",
+    "grader",
     "health",
     "load_config",
+    "normaliser",
     "parse_config",
+    "verifier",
 ]
 
 _default: Cascade | None = None
-_default_lock = threading.Lock()
+_default_lock = _threading.Lock()
 
 
 def _default_cascade() -> Cascade:
@@ -93,23 +102,49 @@ def _default_cascade() -> Cascade:
         return _default
 
 
-def answer(prompt: str | None = None, **kw: Any) -> Answer:
+def answer(
+    prompt: str | None = None,
+    *,
+    messages: _Sequence[_Mapping[str, _Any] | Message] | None = None,
+    schema: _Any = None,
+    config: CascadeConfig | _Mapping[str, _Any] | str | _os.PathLike[str] | None = None,
+    verifiers: _Sequence[_Any] | None = None,
+    max_cost_usd: float | None = None,
+    timeout_s: float | None = None,
+    cache: _CacheMode = True,
+    metadata: _Mapping[str, _Any] | None = None,
+) -> Answer:
     """Answer with the configured (or embedded default) ladder. See :meth:`Cascade.aanswer`."""
-    return _default_cascade().answer(prompt, **kw)
+    return _default_cascade().answer(
+        prompt, messages=messages, schema=schema, config=config, verifiers=verifiers,
+        max_cost_usd=max_cost_usd, timeout_s=timeout_s, cache=cache, metadata=metadata)
 
 
-async def aanswer(prompt: str | None = None, **kw: Any) -> Answer:
+async def aanswer(
+    prompt: str | None = None,
+    *,
+    messages: _Sequence[_Mapping[str, _Any] | Message] | None = None,
+    schema: _Any = None,
+    config: CascadeConfig | _Mapping[str, _Any] | str | _os.PathLike[str] | None = None,
+    verifiers: _Sequence[_Any] | None = None,
+    max_cost_usd: float | None = None,
+    timeout_s: float | None = None,
+    cache: _CacheMode = True,
+    metadata: _Mapping[str, _Any] | None = None,
+) -> Answer:
     """Async twin of :func:`answer`."""
-    return await _default_cascade().aanswer(prompt, **kw)
+    return await _default_cascade().aanswer(
+        prompt, messages=messages, schema=schema, config=config, verifiers=verifiers,
+        max_cost_usd=max_cost_usd, timeout_s=timeout_s, cache=cache, metadata=metadata)
 
 
-def answer_many(requests: Sequence[str | Mapping[str, Any]], *, concurrency: int = 8
+def answer_many(requests: _Sequence[str | _Mapping[str, _Any]], *, concurrency: int = 8
                 ) -> list[Answer | Exception]:
     """Answer many requests in input order with bounded concurrency."""
     return _default_cascade().answer_many(requests, concurrency=concurrency)
 
 
-async def aanswer_many(requests: Sequence[str | Mapping[str, Any]], *, concurrency: int = 8
+async def aanswer_many(requests: _Sequence[str | _Mapping[str, _Any]], *, concurrency: int = 8
                        ) -> list[Answer | Exception]:
     """Async twin of :func:`answer_many`."""
     return await _default_cascade().aanswer_many(requests, concurrency=concurrency)

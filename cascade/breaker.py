@@ -31,6 +31,7 @@ __all__ = [
     "BreakerState",
     "CircuitBreakers",
     "breakers_for",
+    "circuit_open_error",
     "counts_as_failure",
     "reset_default_breakers",
 ]
@@ -89,10 +90,10 @@ class CircuitBreakers:
             now = self._clock()
             if self._state(ep, now) == "open":
                 wait = ep.opened_at + self.cooldown_s - now
-                raise _open_error(endpoint, f"after {ep.failures} consecutive failures; "
+                raise circuit_open_error(endpoint, f"after {ep.failures} consecutive failures; "
                                             f"next probe in {wait:.1f}s")
             if ep.probe_started_at is not None and now - ep.probe_started_at < self.cooldown_s:
-                raise _open_error(endpoint, "a probe request is in flight")
+                raise circuit_open_error(endpoint, "a probe request is in flight")
             ep.probe_started_at = now
             return True
 
@@ -171,7 +172,9 @@ class CircuitBreakers:
             self._endpoints.clear()
 
 
-def _open_error(endpoint: str, why: str) -> CircuitOpen:
+def circuit_open_error(endpoint: str, why: str) -> CircuitOpen:
+    """The error of a skipped call, naming the endpoint's provider and model (one format for
+    the process breakers and the shared ones)."""
     parts = endpoint.split("|")
     provider, model = (parts[0], parts[-1]) if len(parts) == 3 else ("", "")
     return CircuitOpen(f"circuit open for endpoint {endpoint!r} {why}", provider=provider,

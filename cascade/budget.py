@@ -14,12 +14,19 @@ nano-dollars, so sums are exact and the cap holds to the last digit.
 Stores: :class:`InMemoryBudgetStore` (the process-wide default) and :class:`SQLiteBudgetStore`,
 one SQLite file in WAL mode that several processes share, each check-and-reserve in a
 ``BEGIN IMMEDIATE`` transaction. A reservation left behind by a process that died stays pending
-until its window ends.
+until its window ends. (:mod:`cascade.store.redis` shares budgets between hosts.)
+
+Amounts are bounded, so no reply can overflow a store or charge an absurd sum: every amount is
+clamped to ``[0, MAX_NANO]`` nano-dollars (about $9M, exact in the doubles Redis's Lua uses), and
+a settled cost that is not a finite, non-negative number, or that exceeds both
+:data:`MAX_CALL_USD` and the call's reserved estimate (a reply claiming 2**64 tokens), is not
+believed: the estimate is charged instead, with a warning. Money is never dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sqlite3
@@ -37,24 +44,55 @@ from cascade.config import BudgetConfig
 from cascade.errors import BudgetExceeded, BudgetStoreError
 
 __all__ = [
+    "MAX_CALL_USD",
+    "MAX_NANO",
     "Budget",
     "BudgetStore",
     "BudgetStoreError",
     "InMemoryBudgetStore",
     "Reservation",
     "SQLiteBudgetStore",
+    "budget_exceeded",
+    "charged_nano",
     "default_store",
     "open_store",
+    "reserve_amounts",
     "window_of",
 ]
 
+log = logging.getLogger("cascade")
 _NANO = 1_000_000_000
+MAX_NANO = 2**53
+"""The largest amount a store holds, in nano-dollars (~$9.0M): exact in a double, far below
+SQLite's 64-bit integers."""
+MAX_CALL_USD = 1000.0
+"""A settled cost above this and above the call's own estimate is not believed."""
 
 
 def _nano(usd: float) -> int:
-    if not math.isfinite(usd):
-        raise ValueError(f"an amount in USD must be finite, got {usd}")
+    """Dollars as integer nano-dollars, clamped to ``[0, MAX_NANO]`` (+inf is the maximum)."""
+    if math.isnan(usd):
+        raise ValueError("an amount in USD must be a number, got nan")
+    if usd >= MAX_NANO / _NANO:
+        return MAX_NANO
     return max(0, round(usd * _NANO))
+
+
+def charged_nano(reservation: Reservation, actual_usd: float) -> int:
+    """What settling ``reservation`` records: the actual cost, unless it cannot be true.
+
+    A cost that is NaN, infinite or negative, or larger than both :data:`MAX_CALL_USD` and the
+    reserved estimate (a reply claiming absurd token counts), is replaced by the estimate, the
+    most the engine expected the call to cost: the key is charged, never by an absurd sum.
+    """
+    believable = math.isfinite(actual_usd) and actual_usd >= 0 and (
+        actual_usd <= MAX_CALL_USD or _nano(actual_usd) <= reservation.amount_nusd)
+    if believable:
+        return _nano(actual_usd)
+    log.warning("budget key %r: a call reported a cost of $%s, which cannot be true; charged "
+                "its estimate $%.6f instead", reservation.key, actual_usd,
+                reservation.amount_usd)
+    return reservation.amount_nusd
 
 
 def _usd(nano: int) -> float:
@@ -112,8 +150,18 @@ class BudgetStore(Protocol):
         ...
 
 
-def _exceeded(key: str, spent: int, pending: int, amount: int, limit: int, period_s: float,
-              now: float) -> BudgetExceeded:
+def reserve_amounts(amount_usd: float, limit_usd: float) -> tuple[int, int]:
+    """A reservation's estimate and limit as nano-dollars, or ValueError for a non-number."""
+    if not (math.isfinite(amount_usd) and amount_usd >= 0):
+        raise ValueError(f"a cost estimate must be a finite number >= 0, got {amount_usd}")
+    if not (math.isfinite(limit_usd) and limit_usd >= 0):
+        raise ValueError(f"a budget limit must be a finite number >= 0, got {limit_usd}")
+    return _nano(amount_usd), _nano(limit_usd)
+
+
+def budget_exceeded(key: str, spent: int, pending: int, amount: int, limit: int,
+                    period_s: float, now: float) -> BudgetExceeded:
+    """The refusal every store raises: the key, what was spent and reserved, the limit."""
     resets_in = (window_of(now, period_s) + 1) * period_s - now
     msg = (
         f"budget for key {key!r} would be exceeded: spent ${_usd(spent):.6f}"
@@ -138,7 +186,7 @@ class InMemoryBudgetStore:
 
     def reserve(self, key: str, amount_usd: float, limit_usd: float,
                 period_s: float) -> Reservation:
-        amount, limit = _nano(amount_usd), _nano(limit_usd)
+        amount, limit = reserve_amounts(amount_usd, limit_usd)
         with self._lock:
             now = self._clock()
             window = window_of(now, period_s)
@@ -148,7 +196,7 @@ class InMemoryBudgetStore:
             counts = windows.setdefault(window, [0, 0])
             spent, pending = counts
             if spent + pending + amount > limit:
-                raise _exceeded(key, spent, pending, amount, limit, period_s, now)
+                raise budget_exceeded(key, spent, pending, amount, limit, period_s, now)
             counts[1] += amount
             res = Reservation(id=uuid.uuid4().hex, key=key, period_s=period_s, window=window,
                               amount_nusd=amount)
@@ -167,7 +215,7 @@ class InMemoryBudgetStore:
             counts[0] += actual
 
     def settle(self, reservation: Reservation, actual_usd: float) -> None:
-        self._close(reservation, _nano(actual_usd))
+        self._close(reservation, charged_nano(reservation, actual_usd))
 
     def release(self, reservation: Reservation) -> None:
         self._close(reservation, 0)
@@ -259,13 +307,13 @@ class SQLiteBudgetStore:
 
     def reserve(self, key: str, amount_usd: float, limit_usd: float,
                 period_s: float) -> Reservation:
-        amount, limit = _nano(amount_usd), _nano(limit_usd)
+        amount, limit = reserve_amounts(amount_usd, limit_usd)
         with self._transaction() as db:
             now = self._clock()
             window = window_of(now, period_s)
             spent, pending = self._read(db, key, period_s, window)
             if spent + pending + amount > limit:
-                raise _exceeded(key, spent, pending, amount, limit, period_s, now)
+                raise budget_exceeded(key, spent, pending, amount, limit, period_s, now)
             res = Reservation(id=uuid.uuid4().hex, key=key, period_s=period_s, window=window,
                               amount_nusd=amount)
             db.execute(
@@ -282,12 +330,12 @@ class SQLiteBudgetStore:
                 db.execute(
                     "INSERT INTO budget_spent (key, period_s, win, spent_nusd) "
                     "VALUES (?, ?, ?, ?) ON CONFLICT (key, period_s, win) "
-                    "DO UPDATE SET spent_nusd = spent_nusd + excluded.spent_nusd",
-                    (res.key, res.period_s, res.window, actual),
+                    "DO UPDATE SET spent_nusd = MIN(spent_nusd + excluded.spent_nusd, ?)",
+                    (res.key, res.period_s, res.window, actual, 2**62),
                 )
 
     def settle(self, reservation: Reservation, actual_usd: float) -> None:
-        self._close(reservation, _nano(actual_usd))
+        self._close(reservation, charged_nano(reservation, actual_usd))
 
     def release(self, reservation: Reservation) -> None:
         self._close(reservation, 0)

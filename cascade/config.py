@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,8 @@ from cascade.errors import ConfigError
 from cascade.prices import lookup_price
 
 __all__ = [
-    "PROVIDERS",
+    "DEFAULT_MAX_REPLY_BYTES",
+    "STRUCTURED_OUTPUTS",
     "BreakerConfig",
     "BudgetConfig",
     "CacheConfig",
@@ -27,14 +29,19 @@ __all__ = [
     "RetryConfig",
     "RungConfig",
     "VerifierConfig",
+    "check_cap",
     "find_config_file",
     "load_config",
     "parse_config",
     "parse_rung",
 ]
 
-ProviderKind = Literal["openai", "anthropic", "openai-compatible", "local", "replay"]
-PROVIDERS: tuple[str, ...] = ("openai", "anthropic", "openai-compatible", "local", "replay")
+
+STRUCTURED_OUTPUTS: tuple[str, ...] = (
+    "json_schema", "json_object_schema", "json_object", "tools", "prompt",
+)
+"""How a rung asks for structured output; the README's compatibility table says who takes which."""
+DEFAULT_MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,13 +50,19 @@ class RungConfig:
 
     model: str
     """The model name sent to the provider."""
-    provider: ProviderKind = "openai"
+    provider: str = "openai"
+    """A provider kind: built in (openai, anthropic, openai-compatible, local, replay),
+    registered with ``register_provider``, or installed by a ``cascade.providers`` entry point."""
     base_url: str | None = None
     """Required for ``openai-compatible``; optional override for the others."""
     api_key_env: str | None = None
     """Name of the environment variable holding the key. The key itself never enters config."""
     input_usd_per_mtok: float = 0.0
     output_usd_per_mtok: float = 0.0
+    price: Literal["unknown"] | None = None
+    """``"unknown"``: the model's price is not known, so its cost counts as 0 and the ladder
+    refuses cost caps and budgets (they could not hold). Config files must give every rung a
+    price (the table, the two keys, or this)."""
     max_tokens: int = 512
     temperature: float = 0.0
     timeout_s: float = 60.0
@@ -70,6 +83,16 @@ class RungConfig:
     """Alternative endpoints for the same rung (e.g. the same model at another provider)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Extra request fields passed to the provider unchanged."""
+    structured_output: str | None = None
+    """How a JSON Schema or pydantic type is asked for (one of :data:`STRUCTURED_OUTPUTS`);
+    None uses the provider kind's default (``json_schema``; ``tools`` for anthropic)."""
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
+    """The largest reply body (decoded) read from the endpoint; a larger one is ReplyTooLarge."""
+    stop: tuple[str, ...] = ()
+    """Stop sequences sent with every call of this rung."""
+    check_model: bool = False
+    """Before the first call, ask the server's ``/models`` and fail clearly when it does not
+    list ``model``: for servers that answer any model name with what they loaded."""
 
     @property
     def label(self) -> str:
@@ -79,6 +102,10 @@ class RungConfig:
     def endpoint(self) -> str:
         """Identifies the endpoint for circuit breaking: provider, base URL and model."""
         return f"{self.provider}|{self.base_url or ''}|{self.model}"
+
+    @property
+    def price_known(self) -> bool:
+        return self.price != "unknown"
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         return (
@@ -97,6 +124,9 @@ class RungConfig:
             "verifiers": list(self.verifiers) if self.verifiers is not None else None,
             "thresholds": dict(sorted(self.thresholds.items())),
             "extra": dict(self.extra),
+            # Only when set, so keys written before these settings existed stay valid.
+            **({"structured_output": self.structured_output} if self.structured_output else {}),
+            **({"stop": list(self.stop)} if self.stop else {}),
         }
 
 
@@ -144,8 +174,9 @@ class PolicyConfig:
     drift_max_disagreement: float | None = None
     """Default tolerated disagreement rate with the top rung; a rung's own value (written by
     ``cascade tune``) wins. Above it, credibly, the drift alarm puts the rung in safe mode."""
-    drift_alpha: float = 0.01
-    """The drift alarm's false-alarm rate (anytime-valid: however often it is checked)."""
+    drift_alpha: float = 0.001
+    """The drift alarm's false-alarm rate: at most one false alarm per ``1 / drift_alpha``
+    shadow checks on average while a rung stays within its tolerated rate."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,6 +294,27 @@ def _number(d: Mapping[str, Any], k: str, source: str, prefix: str, *, minimum: 
     return v if integer else float(v)
 
 
+def _unit(d: Mapping[str, Any], k: str, source: str, prefix: str) -> float:
+    """A score threshold: a finite number in [0, 1] (NaN would pass nothing, 7 nothing ever)."""
+    v: float = _number(d, k, source, prefix)
+    if v > 1.0:
+        raise ConfigError(f"must be in [0, 1], got {v}", source=source, key=f"{prefix}{k}")
+    return v
+
+
+_HTTP_KINDS = ("openai", "anthropic", "openai-compatible")
+"""Provider kinds whose ``base_url`` is an HTTP URL (replay reads a path there)."""
+MAX_ATTEMPTS = 20
+"""More calls than this per endpoint only turns an outage into a hang."""
+
+
+def _check_url(url: str, source: str, key: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"is {url!r}, not an http(s) URL; e.g. http://127.0.0.1:8000/v1",
+                          source=source, key=key)
+
+
 def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = "rungs[0].",
                inherit: RungConfig | None = None) -> RungConfig:
     """Build a rung from a TOML table, validating every key."""
@@ -283,10 +335,12 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
             if k == "model" and not kw[k].strip():
                 raise ConfigError("must not be empty", source=source, key=prefix + k)
     if "provider" in d:
-        p = d["provider"]
-        if p not in PROVIDERS:
-            raise ConfigError(f"is {p!r}; allowed: {', '.join(PROVIDERS)}", source=source,
-                              key=prefix + "provider")
+        p = _expect(d["provider"], str, "a provider name", source, prefix + "provider")
+        from cascade.providers import has_provider, known_providers  # they need RungConfig
+
+        if not has_provider(p):
+            raise ConfigError(f"is {p!r}; allowed: {', '.join(known_providers())}",
+                              source=source, key=prefix + "provider")
         kw["provider"] = p
     for k in ("input_usd_per_mtok", "output_usd_per_mtok", "temperature"):
         if k in d:
@@ -302,8 +356,18 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
                               key=prefix + "drift_max_disagreement")
     if "max_retries" in d:
         kw["max_retries"] = _number(d, "max_retries", source, prefix, integer=True)
-    if "logprobs" in d:
-        kw["logprobs"] = _expect(d["logprobs"], bool, "true or false", source, prefix + "logprobs")
+        if kw["max_retries"] > MAX_ATTEMPTS - 1:
+            raise ConfigError(f"must be at most {MAX_ATTEMPTS - 1}, got {kw['max_retries']}",
+                              source=source, key=prefix + "max_retries")
+    for k in ("logprobs", "check_model"):
+        if k in d:
+            kw[k] = _expect(d[k], bool, "true or false", source, prefix + k)
+    if "stop" in d:
+        stops = _expect(d["stop"], list, "a list of strings", source, prefix + "stop")
+        kw["stop"] = tuple(_expect(s, str, "a non-empty string", source, f"{prefix}stop[{i}]")
+                           for i, s in enumerate(stops))
+        if not all(kw["stop"]):
+            raise ConfigError("must not hold an empty string", source=source, key=prefix + "stop")
     if "verifiers" in d:
         vs = _expect(d["verifiers"], list, "a list of verifier ids", source, prefix + "verifiers")
         kw["verifiers"] = tuple(
@@ -313,12 +377,20 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
     if "thresholds" in d:
         th = _expect(d["thresholds"], Mapping, "a table of verifier id = number", source,
                      prefix + "thresholds")
-        kw["thresholds"] = {
-            str(k): float(_expect(v, (int, float), "a number", source, f"{prefix}thresholds.{k}"))
-            for k, v in th.items()
-        }
+        kw["thresholds"] = {str(k): _unit(th, k, source, f"{prefix}thresholds.")
+                            for k in th}
     if "extra" in d:
         kw["extra"] = dict(_expect(d["extra"], Mapping, "a table", source, prefix + "extra"))
+    if "structured_output" in d:
+        mode = _expect(d["structured_output"], str, "a string", source,
+                       prefix + "structured_output")
+        if mode not in STRUCTURED_OUTPUTS:
+            raise ConfigError(f"is {mode!r}; allowed: {', '.join(STRUCTURED_OUTPUTS)}",
+                              source=source, key=prefix + "structured_output")
+        kw["structured_output"] = mode
+    if "max_reply_bytes" in d:
+        kw["max_reply_bytes"] = _number(d, "max_reply_bytes", source, prefix, minimum=1024,
+                                        integer=True)
     rung = replace(inherit, fallbacks=(), **kw) if inherit is not None else RungConfig(**kw)
     if "fallbacks" in d:
         fbs = _expect(d["fallbacks"], list, "a list of tables", source, prefix + "fallbacks")
@@ -329,11 +401,54 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
     if rung.provider == "openai-compatible" and not rung.base_url:
         raise ConfigError("is required when provider = 'openai-compatible'", source=source,
                           key=prefix + "base_url")
-    if inherit is None and "input_usd_per_mtok" not in d and "output_usd_per_mtok" not in d:
-        price = lookup_price(rung.model)
-        if price is not None:
-            rung = replace(rung, input_usd_per_mtok=price[0], output_usd_per_mtok=price[1])
-    return rung
+    if rung.base_url and rung.provider in _HTTP_KINDS:
+        _check_url(rung.base_url, source, prefix + "base_url")
+    return _priced(rung, d, source, prefix, inherited=inherit is not None)
+
+
+_FREE_KINDS = ("local",)
+"""Provider kinds whose price is known to be zero: the model runs on this machine."""
+
+
+def _priced(rung: RungConfig, d: Mapping[str, Any], source: str, prefix: str, *,
+            inherited: bool) -> RungConfig:
+    """One rule: every rung has a price, from its config, the built-in table, or an explicit
+    ``price = "unknown"``. A silent $0 would let every cap and budget pass unnoticed."""
+    explicit = "input_usd_per_mtok" in d or "output_usd_per_mtok" in d
+    if "price" in d:
+        if d["price"] != "unknown":
+            raise ConfigError(f"is {d['price']!r}; the only value is \"unknown\" (give a known "
+                              "price with input_usd_per_mtok/output_usd_per_mtok)",
+                              source=source, key=prefix + "price")
+        if explicit:
+            raise ConfigError("price = \"unknown\" contradicts the input_usd_per_mtok/"
+                              "output_usd_per_mtok given; keep one", source=source,
+                              key=prefix + "price")
+        return replace(rung, price="unknown", input_usd_per_mtok=0.0, output_usd_per_mtok=0.0)
+    if explicit:
+        return replace(rung, price=None)
+    if inherited:
+        return rung  # a fallback bills like its rung unless it says otherwise
+    price = lookup_price(rung.model)
+    if price is not None:
+        return replace(rung, input_usd_per_mtok=price[0], output_usd_per_mtok=price[1])
+    if rung.provider in _FREE_KINDS:
+        return rung
+    raise ConfigError(
+        f"model {rung.model!r} has no price: it is not in the built-in table "
+        "(cascade/prices.py); set input_usd_per_mtok and output_usd_per_mtok (0 for a free "
+        "endpoint), or price = \"unknown\" to run it without cost caps or budgets",
+        source=source, key=prefix + "price")
+
+
+def check_cap(rungs: tuple[RungConfig, ...], key: str, *, source: str = "request") -> None:
+    """Refuse a cost cap or budget (named ``key``) over rungs whose price is unknown: it could
+    not hold. Config parsing calls this; so should anything taking a cap per call."""
+    unpriced = sorted({r.label for r in rungs for e in (r, *r.fallbacks) if not e.price_known})
+    if unpriced:
+        raise ConfigError(f"cannot hold: rung(s) {unpriced} have price = \"unknown\", so their "
+                          "cost is not known; give them a price or drop the cap", source=source,
+                          key=key)
 
 
 def _parse_verifier(d: Any, i: int, source: str) -> VerifierConfig:
@@ -386,10 +501,23 @@ def _section(d: Mapping[str, Any], name: str, cls: type, source: str) -> Any:
     ):
         raise ConfigError(f"is {kw['on_unverified']!r}; allowed: return, raise", source=source,
                           key="policy.on_unverified")
+    if cls is BudgetConfig and "period_s" in kw and not kw["period_s"] > 0:
+        raise ConfigError(f"must be > 0 (the length of a budget window in seconds), got "
+                          f"{kw['period_s']}", source=source, key="budget.period_s")
+    if cls is CacheConfig and "size_limit_mb" in kw:
+        from cascade.cache import check_size_limit
+
+        try:
+            check_size_limit(kw["size_limit_mb"])
+        except ConfigError as e:
+            raise ConfigError(e.detail, source=source, key=e.key) from None
     for rate in ("drift_max_disagreement", "drift_alpha"):
         if cls is PolicyConfig and (kw.get(rate) or 0.0) > 1.0:
             raise ConfigError(f"must be in [0, 1], got {kw[rate]}", source=source,
                               key=f"policy.{rate}")
+    if cls is RetryConfig and kw.get("max_attempts", 1) > MAX_ATTEMPTS:
+        raise ConfigError(f"must be at most {MAX_ATTEMPTS}, got {kw['max_attempts']}",
+                          source=source, key="retry.max_attempts")
     if cls is PolicyConfig and kw.get("shadow_rate", 0.0) > 1.0:
         raise ConfigError(f"must be in [0, 1], got {kw['shadow_rate']}", source=source,
                           key="policy.shadow_rate")
@@ -431,6 +559,11 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Cascad
     for k in ("max_cost_usd", "timeout_s"):
         if data.get(k) is not None:
             kw[k] = _number(data, k, source, "")
+    budget = _section(data, "budget", BudgetConfig, source)
+    if "max_cost_usd" in kw:
+        check_cap(rungs, "max_cost_usd", source=source)
+    if budget.limit_usd is not None:
+        check_cap(rungs, "budget.limit_usd", source=source)
     for k in ("server", "store", "router"):
         if k in data:
             kw[k] = dict(_expect(data[k], Mapping, "a table", source, k))
@@ -441,7 +574,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Cascad
         cache=_section(data, "cache", CacheConfig, source),
         retry=_section(data, "retry", RetryConfig, source),
         breaker=_section(data, "breaker", BreakerConfig, source),
-        budget=_section(data, "budget", BudgetConfig, source),
+        budget=budget,
         source=source,
         **kw,
     )
@@ -454,6 +587,9 @@ def load_config(path: str | os.PathLike[str]) -> CascadeConfig:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("config file not found", source=str(p)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the file as UTF-8", source=str(p)) from None
     except OSError as e:
         raise ConfigError(f"cannot read config file: {e.strerror}", source=str(p)) from None
     try:

@@ -1,18 +1,23 @@
-"""The drift alarm: a sequential test on shadow checks that is valid however often it is read.
+"""The drift alarm: a sequential test on shadow checks, valid when read after every sample.
 
 For an accepting rung with a tolerated disagreement rate ``D`` (what the suite showed, written
 by ``cascade tune``, or ``[policy] drift_max_disagreement``), each shadow check is a coin: 1 when
-the top rung disagreed with the accepted answer. The alarm asks whether the rate is credibly
-above ``D``: it keeps a mixture of likelihood-ratio martingales
+the top rung disagreed with the accepted answer. The alarm asks whether the rate has risen
+credibly above ``D``. It runs CUSUM (Page's test) for several alternatives at once,
+``p_j = D + 0.05, 0.1, 0.2, 0.35``: per alternative
 
-    E_n = mean_j  (p_j / D)^k · ((1 - p_j) / (1 - D))^(n - k),    p_j > D,
+    S_j ← max(0, S_j + log(p_j / D))            after a disagreement,
+    S_j ← max(0, S_j + log((1 - p_j) / (1 - D)))  after an agreement,
 
-over ``n`` checks with ``k`` disagreements since the last change of state. While the true rate
-is at most ``D`` each term is a non-negative supermartingale with mean at most 1, so by Ville's
-inequality ``P(E_n ≥ 1/α for some n) ≤ α``: checking after every sample keeps the false-alarm
-rate at ``α`` (``[policy] drift_alpha``, default 0.01) per alarm-free stretch. Once raised, the
-alarm clears by the mirror test (alternatives ``p_j < D``) on the samples since it was raised.
-The state is ``(n, k)`` and a flag, kept in the store, so every worker adds to one test.
+and raises the alarm when some ``S_j ≥ log(J / α)``. While the true rate is at most ``D`` each
+CUSUM takes on average at least ``J / α`` checks to cross (Lorden's bound), so with the union
+over the ``J = 4`` alternatives false alarms come at most once per ``1 / α`` shadow checks on
+average (``[policy] drift_alpha``, default 0.001: one per 1,000 checks). Unlike a test that
+accumulates all history, CUSUM forgets a good past at once: a rung that agreed for weeks and
+then breaks is caught after a handful of checks. While the alarm is up the mirror test
+(alternatives ``p_j = D - …``) runs on the comparisons the climb still makes, and clears it by
+the same rule. The state (the statistics, the alarm flag, counts since the last change) lives
+in the store, so every worker feeds and sees one test.
 """
 
 from __future__ import annotations
@@ -24,25 +29,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+
 from cascade.store.base import Counters
 
-__all__ = ["DriftMonitor", "DriftState", "log_evidence"]
+__all__ = ["DriftMonitor", "DriftState", "increments"]
 
 log = logging.getLogger("cascade.drift")
 
 _STEPS = (0.05, 0.1, 0.2, 0.35)
-"""Alternatives p_j = D ± step (clipped into (0, 1)): near ones detect small drifts slowly, far
-ones large drifts fast; the mixture pays only log(len) for covering all of them."""
+"""Alternatives p_j = D ± step: near ones catch small drifts slowly, far ones large drifts
+fast; covering all of them costs only log(J) in the threshold."""
+_FLOOR = 0.02
+"""D is never taken below 2%: a suite that showed no disagreement at all would otherwise
+alarm on the first one."""
 
 
-def log_evidence(n: int, k: int, d: float, *, above: bool) -> float:
-    """log E_n for ``k`` disagreements in ``n`` checks against rate ``d`` (above or below it)."""
-    d = min(max(d, 1e-6), 1 - 1e-6)
+def increments(d: float, *, above: bool) -> list[tuple[float, float]]:
+    """Per alternative, the CUSUM steps (after a disagreement, after an agreement)."""
+    d = min(max(d, _FLOOR), 1 - 1e-6)
     alts = [d + s if above else d - s for s in _STEPS]
     alts = [p for p in alts if 0 < p < 1] or [(1 + d) / 2 if above else d / 2]
-    terms = [k * math.log(p / d) + (n - k) * math.log((1 - p) / (1 - d)) for p in alts]
-    top = max(terms)
-    return top + math.log(sum(math.exp(t - top) for t in terms) / len(terms))
+    return [(math.log(p / d), math.log((1 - p) / (1 - d))) for p in alts]
 
 
 @dataclass(frozen=True)
@@ -50,95 +58,95 @@ class DriftState:
     """One rung's alarm as every worker sees it."""
 
     alarm: bool
-    epoch: int
     samples: int
+    """Shadow checks since the alarm last changed."""
     disagreements: int
     max_disagreement: float
+    statistic: float = 0.0
+    """The largest CUSUM statistic of the running test (alarm at ``threshold``)."""
+    threshold: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"alarm": self.alarm, "samples": self.samples,
                 "disagreements": self.disagreements, "max_disagreement": self.max_disagreement,
-                "epoch": self.epoch}
+                "statistic": round(self.statistic, 4), "threshold": round(self.threshold, 4)}
 
 
 class DriftMonitor:
     """Per accepting rung: adds shadow results, raises and clears the alarm, answers "drifted?".
 
     ``thresholds`` maps a rung label to its tolerated disagreement rate; rungs without one are
-    watched (counted) but never alarmed. ``is_drifted`` reads a local copy of the flags,
-    refreshed on every shadow result and by :meth:`refresh`, so the hot path does no I/O.
+    not watched. ``is_drifted`` reads a local copy of the state, refreshed on every shadow
+    result here and by :meth:`maybe_refresh`, so the request path does no I/O for it.
     """
 
     def __init__(self, counters: Counters, *, ladder: str,
-                 thresholds: Mapping[str, float], alpha: float = 0.01) -> None:
+                 thresholds: Mapping[str, float], alpha: float = 0.001) -> None:
         self.counters = counters
         self.ladder = ladder
         self.thresholds = dict(thresholds)
         self.alpha = alpha
         self._local: dict[str, DriftState] = {}
         self._refreshed = -math.inf
+        self._lock = anyio.Lock()
 
-    def _flag(self, rung: str) -> str:
-        return f"drift:{self.ladder}:{rung}:state"
+    def threshold(self, rung: str) -> float:
+        """The CUSUM bar for ``rung``: log(J / alpha)."""
+        d = self.thresholds[rung]
+        return math.log(len(increments(d, above=True)) / self.alpha)
 
-    def _counter(self, rung: str, epoch: int) -> str:
-        return f"drift:{self.ladder}:{rung}:{epoch}"
+    def _key(self, rung: str) -> str:
+        return f"drift:{self.ladder}:{rung}"
 
-    async def _state(self, rung: str) -> tuple[bool, int]:
-        raw = await self.counters.aget_flag(self._flag(rung))
-        if not raw:
-            return False, 0
-        d = json.loads(raw)
-        return bool(d.get("alarm")), int(d.get("epoch", 0))
+    async def _load(self, rung: str) -> dict[str, Any]:
+        raw = await self.counters.aget_flag(self._key(rung))
+        return json.loads(raw) if raw else {"alarm": False, "s": [], "n": 0, "k": 0}
 
-    async def record(self, rung: str, disagreed: bool) -> DriftState:
+    def _state(self, rung: str, st: Mapping[str, Any]) -> DriftState:
+        return DriftState(bool(st["alarm"]), int(st["n"]), int(st["k"]), self.thresholds[rung],
+                          max(st["s"], default=0.0), self.threshold(rung))
+
+    async def record(self, rung: str, disagreed: bool) -> DriftState | None:
         """Add one shadow result for ``rung``; raise or clear its alarm when the test says so."""
-        alarm, epoch = await self._state(rung)
-        counts = await self.counters.aincr(self._counter(rung, epoch),
-                                           {"n": 1, "k": int(disagreed)})
-        n, k = counts.get("n", 0), counts.get("k", 0)
         d = self.thresholds.get(rung)
-        if d is not None:
-            bar = math.log(1 / self.alpha)
-            if not alarm and log_evidence(n, k, d, above=True) >= bar:
-                alarm, epoch, n, k = True, epoch + 1, 0, 0
-                log.warning("drift alarm raised for rung %s of ladder %s: %d of %d shadow "
-                            "checks disagreed with the top rung, credibly above %.3f; its "
-                            "answers escalate until the alarm clears", rung, self.ladder,
-                            counts["k"], counts["n"], d)
-                await self._set(rung, alarm, epoch)
-            elif alarm and log_evidence(n, k, d, above=False) >= bar:
-                alarm, epoch, n, k = False, epoch + 1, 0, 0
-                log.warning("drift alarm cleared for rung %s of ladder %s: %d of %d shadow "
-                            "checks disagreed, credibly below %.3f", rung, self.ladder,
-                            counts["k"], counts["n"], d)
-                await self._set(rung, alarm, epoch)
-        state = DriftState(alarm, epoch, n, k, d if d is not None else math.nan)
-        self._local[rung] = state
-        return state
-
-    async def _set(self, rung: str, alarm: bool, epoch: int) -> None:
-        await self.counters.aset_flag(self._flag(rung),
-                                      json.dumps({"alarm": alarm, "epoch": epoch}))
+        if d is None:
+            return None
+        async with self._lock:  # one update at a time in this process
+            st = await self._load(rung)
+            steps = increments(d, above=not st["alarm"])
+            s = list(st["s"]) if len(st["s"]) == len(steps) else [0.0] * len(steps)
+            s = [max(0.0, x + (up if disagreed else down)) for x, (up, down)
+                 in zip(s, steps, strict=True)]
+            st.update(s=s, n=st["n"] + 1, k=st["k"] + int(disagreed))
+            if max(s) >= self.threshold(rung):
+                alarm = not st["alarm"]
+                log.warning(
+                    "drift alarm %s for rung %s of ladder %s: %d of %d shadow checks "
+                    "disagreed with the top rung since the last change, credibly %s the "
+                    "tolerated %.3f%s", "raised" if alarm else "cleared", rung, self.ladder,
+                    st["k"], st["n"], "above" if alarm else "below", d,
+                    "; its answers escalate (safe mode) until it clears" if alarm else "")
+                st = {"alarm": alarm, "s": [], "n": 0, "k": 0}
+            await self.counters.aset_flag(self._key(rung), json.dumps(st))
+            state = self._state(rung, st)
+            self._local[rung] = state
+            return state
 
     async def refresh(self) -> dict[str, DriftState]:
         """Read every watched rung's state from the store (other workers may have moved it)."""
         for rung in self.thresholds:
-            alarm, epoch = await self._state(rung)
-            c = await self.counters.aget(self._counter(rung, epoch))
-            self._local[rung] = DriftState(alarm, epoch, c.get("n", 0), c.get("k", 0),
-                                           self.thresholds[rung])
+            self._local[rung] = self._state(rung, await self._load(rung))
         return dict(self._local)
 
     async def maybe_refresh(self, now: float, every_s: float = 1.0) -> None:
-        """Refresh from the store at most every ``every_s`` (another worker may have moved
-        an alarm); a store that fails keeps the last known state."""
+        """Refresh from the store at most every ``every_s``; a store that fails keeps the
+        last known state (the request is served either way)."""
         if not self.thresholds or now - self._refreshed < every_s:
             return
         self._refreshed = now
         try:
             await self.refresh()
-        except Exception as e:  # the store is down: keep serving on the last known state
+        except Exception as e:
             log.warning("could not refresh drift alarms from the store: %s", e)
 
     def is_drifted(self, rung: str) -> DriftState | None:

@@ -31,7 +31,7 @@ from cascade.budget import BudgetStore
 from cascade.cache import AnswerCache
 from cascade.caller import EndpointCaller, endpoints_of
 from cascade.climb import Climb, Money, OnAttempt
-from cascade.config import CascadeConfig, RungConfig, load_config, parse_config
+from cascade.config import CascadeConfig, RungConfig, check_cap, load_config, parse_config
 from cascade.drift import DriftMonitor
 from cascade.errors import (
     BudgetExceeded,
@@ -124,15 +124,17 @@ class Cascade:
         store: Store | None = None,
         observers: Sequence[Any] = (),
         audit_log: Any = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self._provider_factory = provider_factory or make_provider
         self._providers: dict[tuple[Any, str], Provider] = {}
         self._providers_lock = threading.Lock()
         self._store = store if store is not None else open_store(
-            config, cache=cache, budget_store=budget_store)
-        self._clock = clock
+            config, cache=cache, budget_store=budget_store, clock=clock)
+        # One clock for deadlines, latency and (when injected) the breakers: tests run in
+        # fake time by passing e.g. cascade.testing.FakeClock().
+        self._clock = clock = clock or time.monotonic
         self._caller = EndpointCaller(config, self._store, self._provider, clock)
         self._ladder = Ladder(config, verifiers)
         self._ladders: OrderedDict[str, Ladder] = OrderedDict()
@@ -261,8 +263,10 @@ class Cascade:
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ConfigError("must be a mapping", source="request", key="metadata")
         request = Request(messages=normalise_messages(prompt, messages), schema=json_schema,
-                          output_type=output_type, metadata=dict(metadata or {}))
+                          output_type=output_type, metadata=dict(metadata or {}), id=request_id)
         cap = _number_arg(max_cost_usd, "max_cost_usd")
+        if cap is not None:
+            check_cap(ladder.config.rungs, "max_cost_usd")
         timeout = _number_arg(timeout_s, "timeout_s")
         if cache not in (True, False, "refresh") or not isinstance(cache, (bool, str)):
             raise ConfigError("cache must be True, False or 'refresh'", source="request",
@@ -371,9 +375,15 @@ class Cascade:
             except CacheError as e:  # the answer was paid for: return it, say it was not kept
                 log.warning("a verified answer was not cached: %s", e)
                 answer.warnings.append(f"not cached: {e}")
-        if accepted is not None and attempt.rung < len(cfg.rungs) - 1:
+        top = len(cfg.rungs) - 1
+        if accepted is not None and attempt.rung < top:
             self._shadows.sample(ShadowJob(request=request, ladder=ladder, accepted=attempt,
                                            money=_shadow_money(money)))
+        elif accepted is not None and monitor is not None:
+            for held in climb.attempts:  # rungs kept from exiting by the drift alarm
+                if held.rung < top and policy.held_by_drift(held.verdicts):
+                    self._shadows.compare(ShadowJob(request=request, ladder=ladder,
+                                                    accepted=held, money=money), attempt)
         if not answer.verified and cfg.policy.on_unverified == "raise":
             raise UnverifiedAnswerError(
                 f"the top answer ({answer.model}) was rejected: "
@@ -477,9 +487,25 @@ class Cascade:
             out.append(r if r is not None else CascadeError(f"request {i} produced nothing"))
         return out
 
-    def answer(self, prompt: str | None = None, **kw: Any) -> Answer:
+    def answer(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, Any] | Message] | None = None,
+        schema: Any = None,
+        config: CascadeConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        verifiers: Sequence[Any] | None = None,
+        max_cost_usd: float | None = None,
+        timeout_s: float | None = None,
+        cache: CacheMode = True,
+        metadata: Mapping[str, Any] | None = None,
+        on_attempt: OnAttempt | None = None,
+    ) -> Answer:
         """The sync twin of :meth:`aanswer` (runs it on this object's event-loop thread)."""
-        return self._sync.call(lambda: self.aanswer(prompt, **kw))
+        return self._sync.call(lambda: self.aanswer(
+            prompt, messages=messages, schema=schema, config=config, verifiers=verifiers,
+            max_cost_usd=max_cost_usd, timeout_s=timeout_s, cache=cache, metadata=metadata,
+            on_attempt=on_attempt))
 
     def answer_many(self, requests: Sequence[str | Mapping[str, Any]], *,
                     concurrency: int = 8) -> list[Answer | Exception]:
@@ -499,7 +525,7 @@ class Cascade:
     def close(self) -> None:
         """Close connections, the shadow checks, the sync loop, the store and the audit log."""
         try:
-            self._shadows.close()
+            self._shadows.close(self.aclose)  # its loop's connections close on that loop
             self._sync.stop(self.aclose)
         finally:
             with self._providers_lock:

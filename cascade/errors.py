@@ -9,10 +9,12 @@ Every error a user can meet is one of these, and each message names what to fix:
     │   ├── TransportError         connection refused/reset, timeout: worth a retry or failover
     │   │   └── ProviderTimeout
     │   ├── RateLimited            HTTP 429 (carries ``retry_after_s``)
-    │   ├── ServerError            HTTP 5xx
-    │   ├── ClientRequestError     HTTP 4xx other than 429: retrying will not help
+    │   ├── ServerError            HTTP 5xx (carries ``retry_after_s`` for 503/529)
+    │   ├── ClientRequestError     HTTP 4xx other than 429, a rejected request field, a
+    │   │   │                      redirect loop: retrying will not help
     │   │   └── AuthenticationError
     │   ├── MalformedReply         the reply is not what the wire protocol promises
+    │   │   └── ReplyTooLarge          the decoded body passed ``max_reply_bytes`` (not retried)
     │   └── CircuitOpen            the endpoint's breaker is open; the call was not made
     ├── CacheError             the answer cache is corrupt, locked or unwritable
     ├── BudgetExceeded         a spending cap would be broken
@@ -44,6 +46,7 @@ __all__ = [
     "ProviderError",
     "ProviderTimeout",
     "RateLimited",
+    "ReplyTooLarge",
     "ServerError",
     "TransportError",
     "UnknownVerifierError",
@@ -118,9 +121,13 @@ class RateLimited(ProviderError):
 
 
 class ServerError(ProviderError):
-    """HTTP 5xx."""
+    """HTTP 5xx. ``retry_after_s`` is the server's ``Retry-After`` when it sent one (503, 529)."""
 
     retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after_s = retry_after_s
 
 
 class ClientRequestError(ProviderError):
@@ -135,6 +142,13 @@ class MalformedReply(ProviderError):
     """The reply broke the wire protocol: invalid JSON, missing fields, empty choices."""
 
     retryable = True
+
+
+class ReplyTooLarge(MalformedReply):
+    """The decoded reply body passed the rung's ``max_reply_bytes``: the same endpoint would
+    send it again, so it is not retried (the cascade fails over)."""
+
+    retryable = False
 
 
 class CircuitOpen(ProviderError):

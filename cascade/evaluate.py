@@ -1,4 +1,4 @@
-"""``cascade eval``: replay suites through a config and report what it would have done.
+"""Replay suites through a config and report what it would have done (``cascade eval``).
 
 The climb is simulated from the recordings: at each rung of the config, the answer is accepted
 when every verifier of that rung passes (score >= the configured threshold, or the verifier's
@@ -15,19 +15,17 @@ suite's answer texts; at the first rung it abstains (passes) as the engine's doe
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from cascade.config import CascadeConfig, VerifierConfig, load_config
+from cascade.config import CascadeConfig, VerifierConfig
 from cascade.errors import ConfigError
-from cascade.suite import OutcomeTable, load_outcome_table
+from cascade.suite import OutcomeTable
 
-__all__ = ["add_arguments", "evaluate", "format_report", "run"]
+__all__ = ["evaluate", "format_report"]
 
 
 def _columns(table: OutcomeTable, config: CascadeConfig) -> list[int]:
@@ -94,7 +92,11 @@ def _accepts(table: OutcomeTable, config: CascadeConfig, cols: list[int]
 
 def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
     """Accuracy, mean cost, savings against every single rung, escalation per rung, and each
-    rung's verifier precision/recall, for ``config`` replayed on ``table``."""
+    rung's verifier precision/recall, for ``config`` replayed on ``table``. Unlabelled cases
+    have no grade to replay: they are left out (and counted as ``unlabelled_skipped``)."""
+    skipped = table.n - table.n_labelled
+    if skipped:
+        table = table.take(np.nonzero(table.is_labelled)[0])
     cols = _columns(table, config)
     acc = _accepts(table, config, cols)
     k, n = len(cols), table.n
@@ -135,6 +137,7 @@ def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
         "source": table.source,
         "config": config.source,
         "cases": n,
+        "unlabelled_skipped": skipped,
         "accuracy": float(right.mean()) if n else math.nan,
         "mean_cost_usd": mean_cost,
         "verified_rate": float(verified.mean()) if n else math.nan,
@@ -162,24 +165,3 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(f"{s['rung']:<28} {s['accuracy'] * 100:>7.1f}% "
                      f"{s['accuracy_change'] * 100:>+6.1f} {save:>7}")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``cascade eval SUITE... --config FILE [--json]``."""
-    parser.add_argument("suites", nargs="+", metavar="SUITE",
-                        help="recorded suite folders/files, or shared outcome JSONL files")
-    parser.add_argument("--config", required=True, help="the cascade to evaluate (TUNED.toml)")
-    parser.add_argument("--recorded-with",
-                        help="the ladder the suites were recorded with, when --config holds "
-                             "only some of its rungs (default: --config)")
-    parser.add_argument("--json", action="store_true")
-
-
-def run(ns: argparse.Namespace) -> int:
-    """Evaluate and print."""
-    config = load_config(ns.config)
-    recorded = load_config(ns.recorded_with) if ns.recorded_with else config
-    table = load_outcome_table(ns.suites, recorded)
-    rep = evaluate(table, config)
-    print(json.dumps(rep, indent=2) if ns.json else format_report(rep))
-    return 0

@@ -68,7 +68,7 @@ class Ladder:
         self.verifiers: dict[str, tuple[VerifierConfig, Verifier]] = {}
         for i, vc in enumerate(config.verifiers):
             try:
-                self.verifiers[vc.key] = (vc, load_verifier(vc))
+                self.verifiers[vc.key] = (vc, load_verifier(vc, relative_to=config.source))
             except ConfigError as e:  # say which file and table, not only which verifier
                 key = f"verifiers[{i}]" + (f".{e.key}" if e.key else "")
                 raise type(e)(e.detail, source=config.source, key=key) from None

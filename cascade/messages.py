@@ -38,6 +38,8 @@ class Request:
     schema: Mapping[str, Any] | None = None
     output_type: type[Any] | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    id: str = ""
+    """The request id (``Answer.request_id``): audit, shadow and feedback lines join on it."""
 
     @property
     def system(self) -> str | None:

@@ -7,13 +7,12 @@ tested) in one place: the climb asks, the policy answers, the trace records why.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-from cascade.trace import Verdict
+from cascade.trace import Status, Verdict
 
 __all__ = [
     "Outcome",
@@ -24,15 +23,10 @@ __all__ = [
     "cap_gate",
     "deadline_gate",
     "drift_verdict",
+    "held_by_drift",
     "no_answer_outcome",
     "rejection_reason",
 ]
-
-Status = Literal["running", "accepted", "rejected", "error", "skipped", "routed", "shadow"]
-"""An attempt's status: ``accepted`` (every verdict passed), ``rejected`` (a verifier, or the
-drift alarm, said no), ``error`` (the call failed after retries and failover), ``skipped``
-(budget, cap, deadline or an open circuit: not called), ``routed`` (the router started the
-climb above it or skipped it), ``shadow`` (a top-rung check of an early-accepted answer)."""
 
 SkipKind = Literal["budget", "cap", "deadline", "circuit", "router"]
 
@@ -90,6 +84,12 @@ def drift_verdict(rung_label: str, why: str) -> Verdict:
                    reason=f"drift alarm on {rung_label}: {why}; escalating (safe mode)")
 
 
+def held_by_drift(verdicts: Sequence[Verdict]) -> bool:
+    """Whether only the drift alarm kept this answer from exiting early."""
+    return any(v.verifier == "drift" and not v.passed for v in verdicts) and all(
+        v.passed for v in verdicts if v.verifier != "drift")
+
+
 def no_answer_outcome(skips: Sequence[Skip], *, deadline_hit: bool, any_error: bool) -> Outcome:
     """Deadline first; then budget when money (cap or per-key budget) alone stopped every rung."""
     if deadline_hit:
@@ -97,8 +97,3 @@ def no_answer_outcome(skips: Sequence[Skip], *, deadline_hit: bool, any_error: b
     if not any_error and any(s.kind in ("budget", "cap") for s in skips):
         return Outcome.BUDGET
     return Outcome.NO_ANSWER
-
-
-def finite_or_none(value: float | None) -> bool:
-    """Whether a per-call number is usable: None, or a finite non-negative float."""
-    return value is None or (math.isfinite(value) and value >= 0)

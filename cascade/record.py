@@ -83,7 +83,8 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
     bound_by_rung: dict[str, list[BoundVerifier]] = {}
     for rung in config.rungs:
         bound_by_rung[rung.label] = [
-            BoundVerifier(id=vc.key, verifier=load_verifier(vc), settings=dict(vc.settings),
+            BoundVerifier(id=vc.key, verifier=load_verifier(vc, relative_to=config.source),
+                          settings=dict(vc.settings),
                           threshold=None, timeout_s=vc.timeout_s)
             for vc in config.verifiers_for(rung)
         ]
@@ -128,9 +129,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", help="a suite folder (recordings go inside) or JSONL file")
     parser.add_argument("--config", help="the ladder to record (default: $CASCADE_CONFIG, "
                         "./cascade.toml, else the embedded local ladder)")
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="model calls in flight at once (default 4)")
     parser.add_argument("--out", help="recordings file (default: SUITE/recordings.jsonl)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar on standard error")
 
 
 def run(ns: argparse.Namespace) -> int:

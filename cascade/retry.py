@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import anyio
 
-from cascade.errors import ProviderError, RateLimited
+from cascade.errors import ProviderError, RateLimited, ServerError
 
 __all__ = ["backoff_delay", "call_with_retry", "retry_delay", "tries_of"]
 
@@ -58,18 +58,27 @@ def retry_delay(
 ) -> float | None:
     """The pause before retrying after ``err``, or None when the server asks for too long.
 
-    A ``Retry-After`` is honoured as a lower bound. When it exceeds ``max_delay_s`` waiting is
-    pointless for an interactive request: the caller should give up (and fail over) instead.
+    A ``Retry-After`` (429, and 503/529 where servers send it too) is honoured as a lower bound.
+    When it exceeds ``max_delay_s`` waiting is pointless for an interactive request: the caller
+    should give up (and fail over) instead.
     """
     delay = backoff_delay(
         attempt, base_delay_s=base_delay_s, max_delay_s=max_delay_s, jitter=jitter, rng=rng
     )
-    if isinstance(err, RateLimited) and err.retry_after_s is not None:
-        retry_after = max(0.0, err.retry_after_s)
+    retry_after = _retry_after(err)
+    if retry_after is not None:
+        retry_after = max(0.0, retry_after)
         if retry_after > max_delay_s:
             return None
         delay = max(delay, retry_after)
     return delay
+
+
+def _retry_after(err: ProviderError) -> float | None:
+    """The server's requested pause, carried by rate limits and server errors."""
+    if isinstance(err, (RateLimited, ServerError)):
+        return err.retry_after_s
+    return None
 
 
 def tries_of(err: BaseException) -> int:
@@ -132,8 +141,7 @@ def _next_pause(err: ProviderError, attempt: int, attempts: int, base_delay_s: f
     delay = retry_delay(err, attempt, base_delay_s=base_delay_s, max_delay_s=max_delay_s,
                         jitter=jitter, rng=rng)
     if delay is None:
-        retry_after = err.retry_after_s if isinstance(err, RateLimited) else None
-        return None, f"Retry-After {retry_after}s exceeds max_delay_s={max_delay_s}"
+        return None, f"Retry-After {_retry_after(err)}s exceeds max_delay_s={max_delay_s}"
     if remaining is not None and delay >= remaining:
         return None, (f"a {delay:.2f}s pause would pass the deadline "
                       f"({max(remaining, 0.0):.2f}s left)")

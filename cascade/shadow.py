@@ -13,17 +13,18 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cascade.caller import EndpointCaller
 from cascade.climb import Money, builtin_verifier, record_call, record_error
+from cascade.config import RungConfig
 from cascade.drift import DriftMonitor
 from cascade.errors import BudgetExceeded, ProviderError
 from cascade.ladder import Ladder
 from cascade.messages import Request
-from cascade.providers.base import rung_call
+from cascade.providers.base import Completion, rung_call
 from cascade.syncloop import LoopThread
 from cascade.trace import Attempt
 from cascade.verify import BoundVerifier, Candidate, VerifyContext, run_verifiers
@@ -84,6 +85,18 @@ class Shadows:
             self._futures.add(fut)
         return True
 
+    def compare(self, job: ShadowJob, top: Attempt) -> bool:
+        """Record a comparison the climb made for free: a rung in safe mode (drift alarm)
+        escalated, so the top rung answered anyway. This is how the alarm can clear."""
+        with self._lock:
+            self._futures = {f for f in self._futures if not f.done()}
+            if len(self._futures) >= max(1, job.ladder.config.policy.shadow_max_in_flight):
+                self.dropped += 1
+                return False
+            fut = self._loop.submit(lambda: self._run(job, top))
+            self._futures.add(fut)
+        return True
+
     def drain(self, timeout_s: float | None = None) -> bool:
         """Wait for the shadow checks in flight (tests, orderly shutdown); True when all ended."""
         with self._lock:
@@ -91,48 +104,48 @@ class Shadows:
         _, not_done = concurrent.futures.wait(pending, timeout=timeout_s)
         return not not_done
 
-    def close(self) -> None:
-        """Cancel what is still running and stop the loop (reservations are settled)."""
-        self._loop.stop()
+    def close(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Cancel what is still running and stop the loop (reservations are settled);
+        ``before()`` runs on the loop first (closing the connections made there)."""
+        if not self._loop.running:
+            return
+        with self._lock:
+            pending = list(self._futures)
+        for f in pending:
+            f.cancel()
+        concurrent.futures.wait(pending, timeout=5)
+        self._loop.stop(before)
 
-    async def _run(self, job: ShadowJob) -> None:
+    async def _run(self, job: ShadowJob, answered: Attempt | None = None) -> None:
         cfg = job.ladder.config
         top_i = len(cfg.rungs) - 1
         top = cfg.rungs[top_i]
         accepted = job.accepted
         attempt = Attempt(rung=top_i, model=top.model, provider=top.provider, name=top.label,
                           endpoint=top.base_url or "", status="shadow", started_at=time.time())
-        money = job.money
         t0 = time.monotonic()
         agreed: bool | None = None
         try:
-            estimate = await money.estimate(top, job.request.messages)
-            if money.cap_skip(estimate) is not None:
-                return  # a shadow check never breaks the request's cap
-            try:
-                reservation = await money.hold(estimate)
-            except BudgetExceeded as e:
-                attempt.error, attempt.error_type = f"budget: {e}", "Skipped"
-                return
-            actual = 0.0
-            try:
-                result = await self.caller.call(rung_call(top, job.request.messages), top, None)
-                record_call(attempt, result)
-                actual = attempt.cost_usd
-            except ProviderError as e:
-                record_error(attempt, e)
-                return
-            finally:
-                money.spent_usd += actual
-                await money.settle(reservation, actual)
+            if answered is not None:  # the climb reached the top rung itself: nothing to pay
+                attempt = answered
+                completion = Completion(text=answered.text or "", model=answered.model,
+                                        input_tokens=answered.input_tokens,
+                                        output_tokens=answered.output_tokens)
+                endpoint = top
+            else:
+                got = await self._ask_top(job, attempt)
+                if got is None:
+                    return
+                completion, endpoint = got
             agree = builtin_verifier("agreement", mode="previous",
                                      normaliser=cfg.policy.shadow_normaliser)
             ctx = VerifyContext(request=job.request, attempts=[accepted], candidate=Candidate(
-                text=result.completion.text, rung=result.endpoint, rung_index=top_i,
-                completion=result.completion))
+                text=completion.text, rung=endpoint, rung_index=top_i,
+                completion=completion))
             [verdict] = await run_verifiers([BoundVerifier(id="shadow", verifier=agree)],
                                             lambda bv: ctx)
-            attempt.verdicts = [verdict]
+            if answered is None:
+                attempt.verdicts = [verdict]
             agreed = verdict.passed
             with _STATS_LOCK:
                 st = _STATS.setdefault(cfg.rungs[accepted.rung].endpoint,
@@ -152,3 +165,30 @@ class Shadows:
                     obs.on_shadow(job.request, accepted, attempt, agreed)
                 except Exception as e:
                     log.warning("observer %r failed on a shadow result: %s", obs, e)
+
+    async def _ask_top(self, job: ShadowJob, attempt: Attempt
+                       ) -> tuple[Completion, RungConfig] | None:
+        """The paid part: the top rung's answer, within the request's cap and budget."""
+        top = job.ladder.config.rungs[-1]
+        money = job.money
+        estimate = await money.estimate(top, job.request.messages)
+        if money.cap_skip(estimate) is not None:
+            attempt.error, attempt.error_type = "cap: would break the request's cap", "Skipped"
+            return None  # a shadow check never breaks the request's cap
+        try:
+            reservation = await money.hold(estimate)
+        except BudgetExceeded as e:
+            attempt.error, attempt.error_type = f"budget: {e}", "Skipped"
+            return None
+        actual = 0.0
+        try:
+            result = await self.caller.call(rung_call(top, job.request.messages), top, None)
+            record_call(attempt, result)
+            actual = attempt.cost_usd
+        except ProviderError as e:
+            record_error(attempt, e)
+            return None
+        finally:
+            money.spent_usd += actual
+            await money.settle(reservation, actual)
+        return result.completion, result.endpoint

@@ -15,7 +15,7 @@ from cascade.config import RungConfig
 from cascade.errors import ProviderError
 from cascade.providers.base import Completion, ModelCall, Provider
 
-__all__ = ["FunctionProvider", "Reply", "Script", "ScriptedProvider", "completion"]
+__all__ = ["FakeClock", "FunctionProvider", "Reply", "Script", "ScriptedProvider", "completion"]
 
 Reply = str | Completion | ProviderError | Callable[[ModelCall], "str | Completion"]
 """A scripted reply: text, a whole Completion, an error to raise, or a function of the call."""
@@ -89,3 +89,18 @@ class ScriptedProvider(Provider):
         if isinstance(reply, str):
             return completion(reply, call)
         return reply
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told: ``Cascade(config, clock=FakeClock())``
+    runs breakers' cooldowns, deadlines and latency in fake time."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+

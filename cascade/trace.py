@@ -7,9 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Answer", "Attempt", "Verdict"]
+__all__ = ["Answer", "Attempt", "Status", "Verdict"]
+
+Status = Literal["running", "accepted", "rejected", "error", "skipped", "routed", "shadow"]
+"""An attempt's status: ``accepted`` (every verdict passed), ``rejected`` (a verifier, or the
+drift alarm, said no), ``error`` (the call failed after retries and failover), ``skipped``
+(budget, cap, deadline or an open circuit: not called; ``error`` says why), ``routed`` (the
+router started the climb above it or skipped it; ``note`` says why), ``shadow`` (a top-rung
+check of an early-accepted answer, off the response path), ``running`` (in progress)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,8 +49,7 @@ class Verdict:
 class Attempt:
     """One rung of the climb: the call, its verdicts, and what it cost.
 
-    ``status`` is ``accepted``, ``rejected`` (verifiers said no), ``error`` (the call failed after
-    retries), or ``skipped`` (budget, deadline or an open circuit; ``error`` says why).
+    ``status`` is one of :data:`Status`.
     """
 
     rung: int
@@ -52,7 +58,7 @@ class Attempt:
     name: str = ""
     """The rung's label (``name`` in config, else the model)."""
     endpoint: str = ""
-    status: str = "rejected"
+    status: Status = "rejected"
     text: str | None = None
     verdicts: list[Verdict] = field(default_factory=list)
     input_tokens: int = 0

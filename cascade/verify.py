@@ -4,6 +4,13 @@ A verifier is an object with ``name``, an optional ``expensive`` flag and an asy
 ``verify(ctx) -> Verdict``; a plain function ``fn(ctx) -> Verdict | bool`` works too. Verifiers of
 one rung run concurrently in an anyio task group; cheap ones run first and, when one rejects,
 the expensive ones are skipped. A verifier that raises or times out yields a failed verdict.
+A sync ``verify`` runs in a worker thread, so its ``timeout_s`` holds and it never blocks the
+event loop (after a timeout its thread is abandoned and finishes on its own).
+
+This module is the whole surface a verifier needs: it re-exports the types a verifier builds
+(``Verdict``, ``ModelCall``, ``Message``, ``RungConfig`` and ``parse_rung`` for a verifier's own
+endpoint, ``ConfigError``) and ``import_object`` for dotted-path settings, so ``verifiers/``
+depends on this protocol (and ``cascade.text``) only.
 """
 
 from __future__ import annotations
@@ -16,20 +23,32 @@ from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
-from cascade.config import RungConfig
-from cascade.messages import Request
-from cascade.providers.base import Completion, ModelCall
+from cascade.config import RungConfig, parse_rung
+from cascade.dotted import import_object
+from cascade.errors import ConfigError
+from cascade.messages import Message, Request
+from cascade.providers.base import Completion, ModelCall, TokenLogprob
 from cascade.trace import Attempt, Verdict
 
 __all__ = [
     "BoundVerifier",
     "Candidate",
+    "Completion",
+    "ConfigError",
     "FunctionVerifier",
+    "Message",
+    "ModelCall",
     "ModelCaller",
+    "RungConfig",
+    "TokenLogprob",
+    "Verdict",
     "Verifier",
     "VerifyContext",
     "apply_threshold",
     "as_verifier",
+    "implements_verifier",
+    "import_object",
+    "parse_rung",
     "run_verifiers",
 ]
 
@@ -97,7 +116,8 @@ VerifyFn = Callable[[VerifyContext], "Verdict | bool | Awaitable[Verdict | bool]
 
 
 class FunctionVerifier:
-    """Adapts a plain function (sync or async, returning a Verdict or a bool) to the protocol."""
+    """Adapts a plain function (sync or async, returning a Verdict or a bool) to the protocol;
+    a sync one runs in a worker thread, like a sync ``verify`` method."""
 
     def __init__(self, fn: VerifyFn, *, name: str | None = None, expensive: bool = False) -> None:
         self.fn = fn
@@ -105,10 +125,18 @@ class FunctionVerifier:
         self.expensive = expensive
 
     async def verify(self, ctx: VerifyContext) -> Verdict:
-        result = self.fn(ctx)
-        if inspect.isawaitable(result):
-            result = await result
+        result = await _call(self.fn, ctx)
         return _as_verdict(result, self.name)
+
+
+async def _call(fn: Callable[[VerifyContext], Any], ctx: VerifyContext) -> Any:
+    """Await an async ``fn``; run a sync one in a worker thread, abandoned when cancelled."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(ctx)
+    result = await anyio.to_thread.run_sync(fn, ctx, abandon_on_cancel=True)
+    if inspect.isawaitable(result):  # a sync function that returned a coroutine
+        result = await result
+    return result
 
 
 def _as_verdict(result: object, name: str) -> Verdict:
@@ -119,6 +147,24 @@ def _as_verdict(result: object, name: str) -> Verdict:
         raise TypeError(f"verifier {name!r} returned {type(result).__name__}, "
                         "expected a Verdict or a bool")
     return result
+
+
+def implements_verifier(obj: Any) -> bool:
+    """Whether ``obj`` is a verifier class, or an instance of one, by the protocol's shape: a
+    ``verify`` method taking the context alone."""
+    cls = obj if inspect.isclass(obj) else type(obj)
+    verify = inspect.getattr_static(cls, "verify", None)
+    if not callable(verify):
+        return False
+    try:
+        params = list(inspect.signature(verify).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    required_rest = [p for p in params[len(positional):] if p.default is inspect.Parameter.empty
+                     and p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return len(positional) == 2 and not required_rest  # (self, ctx)
 
 
 def as_verifier(obj: Any, *, name: str | None = None) -> Verifier:
@@ -162,10 +208,15 @@ async def _run_one(bv: BoundVerifier, make_ctx: Callable[[BoundVerifier], Verify
                    ) -> Verdict:
     ctx = make_ctx(bv)
     try:
-        result = bv.verifier.verify(ctx)
-        if inspect.isawaitable(result):  # a sync verifier cannot be interrupted anyway
+        if getattr(bv.verifier, "inline", False):
+            # A built-in check bounded by the reply size cap (a regex, a schema): no thread hop.
+            result = bv.verifier.verify(ctx)
+            if inspect.isawaitable(result):
+                with anyio.fail_after(bv.timeout_s):
+                    result = await result
+        else:
             with anyio.fail_after(bv.timeout_s):
-                result = await result
+                result = await _call(bv.verifier.verify, ctx)
         result = _as_verdict(result, bv.id)
         if result.score is not None and not (0.0 <= result.score <= 1.0):
             raise ValueError(f"score {result.score} is outside [0, 1]")

@@ -1,4 +1,5 @@
-"""Shared test setup: the anyio backend, and tiktoken's encodings from the shared offline cache."""
+"""Shared test setup: the anyio backend, tiktoken's encodings from the shared offline cache, and
+a guard that fails any test opening a connection to anything but this machine."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.loopback import LoopbackServer
+from tests.netguard import no_network
+
+__all__ = ["no_network"]  # an autouse fixture: every test runs under the network guard
 
 # tiktoken must never reach for the network in tests: point it at the encodings shipped beside
 # the repo (CI sets this too). setdefault keeps an explicit setting.

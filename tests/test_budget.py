@@ -314,3 +314,51 @@ def test_sqlite_store_never_overspends(ops: list[tuple[str, Any, Any]]) -> None:
     clock = Clock()
     with tempfile.TemporaryDirectory() as d:
         _check_interleaving(SQLiteBudgetStore(Path(d) / "b.sqlite3", clock=clock), clock, ops)
+
+
+# ---------------------------------------------------------------- absurd amounts
+
+
+def test_a_reply_claiming_2_64_tokens_neither_overflows_nor_charges_absurdly(
+        store_and_clock: tuple[BudgetStore, Clock]) -> None:
+    """A reply claiming 2**64 output tokens at $15/M is $2.8e14: SQLite cannot hold it in
+    nano-dollars and the memory store charged it. Such a cost cannot be true, so the call is
+    charged its reserved estimate (what it could at most have cost): no crash, no lost spend,
+    no key locked for the window by a lie."""
+    store, _ = store_and_clock
+    res = store.reserve("alice", 0.02, 1.00, 3600)
+    store.settle(res, 2**64 * 15 / 1e6)
+    assert store.spent("alice", 3600) == pytest.approx(0.02)
+    for bad in (float("nan"), float("inf"), -5.0):
+        r = store.reserve("alice", 0.01, 1.00, 3600)
+        store.settle(r, bad)
+    assert store.spent("alice", 3600) == pytest.approx(0.05)
+    assert store.pending("alice", 3600) == 0.0
+    # a large but believable overrun (within the per-call ceiling) is charged as reported
+    r = store.reserve("alice", 0.01, 1.00, 3600)
+    store.settle(r, 0.50)
+    assert store.spent("alice", 3600) == pytest.approx(0.55)
+
+
+def test_absurd_estimates_and_limits_are_refused_or_bounded(
+        store_and_clock: tuple[BudgetStore, Clock]) -> None:
+    store, _ = store_and_clock
+    with pytest.raises(BudgetExceeded) as info:
+        store.reserve("bob", 2.0**64, 5.0, 3600)
+    assert info.value.key == "bob" and info.value.limit_usd == 5.0
+    with pytest.raises(ValueError, match="estimate"):
+        store.reserve("bob", float("nan"), 5.0, 3600)
+    # a limit of 1e300 is "unlimited", not an overflow
+    r = store.reserve("bob", 1.0, 1e300, 3600)
+    store.settle(r, 1.0)
+    assert store.spent("bob", 3600) == pytest.approx(1.0)
+
+
+def test_period_zero_is_a_config_error() -> None:
+    from cascade.config import parse_config
+    from cascade.errors import ConfigError
+
+    for period in (0, 0.0):
+        with pytest.raises(ConfigError, match=r"x\.toml.*budget\.period_s.*> 0"):
+            parse_config({"rungs": [{"model": "m", "price": "unknown"}],
+                          "budget": {"limit_usd": 1.0, "period_s": period}}, source="x.toml")

@@ -4,6 +4,7 @@ parallel."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import secrets
 import sqlite3
 from pathlib import Path
 
@@ -118,3 +119,155 @@ def test_a_killed_writer_leaves_only_whole_entries(tmp_path: Path) -> None:
     for k in keys:
         got = c.get(k)
         assert got is not None and got.verified, k
+
+
+# ---------------------------------------------------------------- damaged values, HMAC, clear
+
+
+def _rewrite_values(directory: Path, value: bytes) -> None:
+    """Overwrite every stored value blob as a bit flip on disk would."""
+    con = sqlite3.connect(directory / "cache.db")
+    with con:
+        con.execute("UPDATE Cache SET value = ?", (value,))
+    con.close()
+
+
+@pytest.mark.parametrize("damage", ["zlib", "json"])
+def test_a_damaged_value_is_dropped_and_missed_not_raised(tmp_path: Path, damage: str) -> None:
+    """The README promises damaged entries are dropped and missed: a value that no longer
+    decompresses or parses must read as a miss (once), not raise on every lookup."""
+    import zlib
+
+    c = AnswerCache(tmp_path)
+    k = cache_key({"q": 1})
+    c.set(k, _answer())
+    c.close()
+    _rewrite_values(tmp_path, b"\x00\xffnot zlib" if damage == "zlib"
+                    else zlib.compress(b'{"key": truncated'))
+    c = AnswerCache(tmp_path)
+    assert c.get(k) is None
+    assert c.stats()["entries"] == 0  # dropped, so the next lookup is a plain miss
+    assert c.get(k) is None
+    c.set(k, _answer("again"))  # and the key is usable again
+    got = c.get(k)
+    assert got is not None and got.text == "again"
+
+
+def test_a_truncated_value_file_is_dropped_and_missed(tmp_path: Path) -> None:
+    """Large values live in their own files; a truncated one is a miss, not an error."""
+    c = AnswerCache(tmp_path)
+    k = cache_key({"q": "big"})
+    c.set(k, _answer(secrets.token_hex(100_000)))  # incompressible: over diskcache's 32 KB
+    [value_file] = list(tmp_path.rglob("*.val"))
+    value_file.write_bytes(value_file.read_bytes()[:100])
+    assert c.get(k) is None
+    assert c.stats()["entries"] == 0
+
+
+def test_entries_are_tamper_evident_under_the_caches_own_secret(tmp_path: Path) -> None:
+    """The checksum is for tamper evidence, so it is an HMAC under a secret created with the
+    cache (mode 0600): an entry recomputed with plain SHA-256 (what anyone could forge), or
+    copied from another cache with its own secret, is dropped, never served."""
+    import hashlib
+    import json
+    import stat
+
+    from cascade.cache import SECRET_FILE
+
+    a, b = AnswerCache(tmp_path / "a"), AnswerCache(tmp_path / "b")
+    k = cache_key({"q": 1})
+    a.set(k, _answer("right"))
+    secret_file = tmp_path / "a" / SECRET_FILE
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert a.secret != b.secret
+    forged = dict(a._db.get(k))
+    forged["answer"] = forged["answer"].replace("right", "wrong")
+    digest = hashlib.sha256(f"{k}\n{forged['answer']}".encode()).hexdigest()
+    forged["mac"] = forged["checksum"] = digest
+    a._db.set(k, forged)
+    assert a.get(k) is None
+    a.set(k, _answer("right"))
+    b._db.set(k, a._db.get(k))  # a whole, genuine entry from another cache
+    assert b.get(k) is None
+    got = a.get(k)
+    assert got is not None and got.text == "right"
+    assert json.loads(json.dumps(a._db.get(k)))["mac"] != digest
+    # the secret survives reopening: entries stay valid across processes and restarts
+    a.close()
+    got = AnswerCache(tmp_path / "a").get(k)
+    assert got is not None and got.text == "right"
+
+
+def test_clear_refuses_a_directory_holding_other_files(tmp_path: Path) -> None:
+    """`cascade cache clear --force` once removed the whole tree: a cache pointed at a folder
+    with the user's files must refuse and delete nothing, forced or not."""
+    c = AnswerCache(tmp_path)
+    c.set(cache_key({"q": 1}), _answer())
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "thesis.tex").write_text("mine too")
+    from cascade.errors import ConfigError
+
+    for force in (False, True):
+        # not a CacheError: nothing that handles "the cache is damaged" may catch it
+        with pytest.raises(ConfigError, match=r"cache\.directory.*refusing.*notes\.txt") as e:
+            c.clear(force=force)
+        assert not isinstance(e.value, CacheError)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "ab" / "thesis.tex").exists()
+    assert c.get(cache_key({"q": 1})) is not None
+
+
+def test_forced_clear_of_a_damaged_cache_removes_only_its_own_files(tmp_path: Path) -> None:
+    d = tmp_path / "cache"
+    c = AnswerCache(d)
+    c.set(cache_key({"q": 1}), _answer(secrets.token_hex(100_000)))  # a value file too
+    c.close()
+    (d / "cache.db").write_bytes(b"this is not sqlite" * 100)
+    c = AnswerCache(d)
+    with pytest.raises(CacheError, match="corrupt"):
+        c.clear()
+    assert c.clear(force=True) == 0
+    assert not d.exists()
+    assert tmp_path.exists()
+    fresh = AnswerCache(d)  # rebuilt from scratch
+    assert fresh.stats()["entries"] == 0
+
+
+def _fill_with_small_fsize(directory: str) -> str:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    c = AnswerCache(directory)
+    c.set(cache_key({"q": 0}), _answer())
+    size = sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 4096, size + 4096))
+    try:
+        c.set(cache_key({"q": 1}), _answer(secrets.token_hex(500_000)))
+    except CacheError as e:
+        return f"CacheError: {e}"
+    except BaseException as e:  # anything else is the failure this test looks for
+        return f"{type(e).__name__}: {e}"
+    return "stored"
+
+
+def test_a_full_disk_is_a_cache_error(tmp_path: Path) -> None:
+    """A store that fails (disk full; here a file-size limit) is a typed CacheError naming the
+    directory, so the engine can return the answer it paid for with a warning."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        outcome = pool.apply(_fill_with_small_fsize, (str(tmp_path),))
+    assert outcome.startswith("CacheError:") and str(tmp_path) in outcome, outcome
+
+
+def test_absurd_size_limit_is_a_config_error(tmp_path: Path) -> None:
+    from cascade.config import parse_config
+    from cascade.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cache\.size_limit_mb"):
+        AnswerCache(tmp_path, size_limit_mb=1e300)
+    with pytest.raises(ConfigError, match=r"x\.toml.*cache\.size_limit_mb"):
+        parse_config({"rungs": [{"model": "m", "price": "unknown"}],
+                      "cache": {"size_limit_mb": 1e300}},
+                     source="x.toml")

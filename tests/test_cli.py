@@ -169,6 +169,6 @@ def test_ctrl_c_stops_the_climb_at_once(openai_server: LoopbackServer, tmp_path:
 def test_bad_verifier_settings_name_file_and_key(tmp_path: Path, table: str, key: str,
                                                  fragment: str) -> None:
     p = tmp_path / "cascade.toml"
-    p.write_text('[[rungs]]\nmodel = "m"\n\n[[verifiers]]\n' + table + "\n")
+    p.write_text('[[rungs]]\nmodel = "m"\nprice = "unknown"\n\n[[verifiers]]\n' + table + "\n")
     code, _out, err = _run(["answer", "q", "--config", str(p)])
     assert code == 2 and str(p) in err and f"key '{key}'" in err and fragment in err, err

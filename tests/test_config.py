@@ -82,21 +82,23 @@ def test_full_example_parses(tmp_path: Path) -> None:
     ("toml", "key", "fragment"),
     [
         ("[[rungs]]\nprovider='openai'", "rungs[0].model", "required"),
-        ("[[rungs]]\nmodel='m'\nprovider='azure'", "rungs[0].provider", "allowed: openai"),
-        ("[[rungs]]\nmodel='m'\nprovider='openai-compatible'", "rungs[0].base_url", "required"),
-        ("[[rungs]]\nmodel='m'\nmax_tokens=-1", "rungs[0].max_tokens", ">= 1"),
-        ("[[rungs]]\nmodel='m'\nmax_tokens='lots'", "rungs[0].max_tokens", "integer"),
-        ("[[rungs]]\nmodel='m'\ntemprature=0.1", "rungs[0].temprature", "unknown key"),
-        ("[[rungs]]\nmodel='m'\nverifiers=['nope']", "rungs[0].verifiers", "not configured"),
-        ("[[rungs]]\nmodel='m'\n[[verifiers]]\nthreshold=0.5", "verifiers[0].name", "required"),
-        ("[[rungs]]\nmodel='m'\n[[verifiers]]\nname='x'\nthreshold=3", "verifiers[0].threshold",
-         "[0, 1]"),
-        ("[[rungs]]\nmodel='m'\n[cache]\nttl=3", "cache.ttl", "allowed"),
-        ("[[rungs]]\nmodel='m'\n[policy]\non_unverified='shrug'", "policy.on_unverified",
+        ("[[rungs]]\nmodel='gpt-4o'\nprovider='azure'", "rungs[0].provider", "allowed: openai"),
+        ("[[rungs]]\nmodel='gpt-4o'\nprovider='openai-compatible'", "rungs[0].base_url",
+         "required"),
+        ("[[rungs]]\nmodel='gpt-4o'\nmax_tokens=-1", "rungs[0].max_tokens", ">= 1"),
+        ("[[rungs]]\nmodel='gpt-4o'\nmax_tokens='lots'", "rungs[0].max_tokens", "integer"),
+        ("[[rungs]]\nmodel='gpt-4o'\ntemprature=0.1", "rungs[0].temprature", "unknown key"),
+        ("[[rungs]]\nmodel='gpt-4o'\nverifiers=['nope']", "rungs[0].verifiers", "not configured"),
+        ("[[rungs]]\nmodel='gpt-4o'\n[[verifiers]]\nthreshold=0.5", "verifiers[0].name",
+         "required"),
+        ("[[rungs]]\nmodel='gpt-4o'\n[[verifiers]]\nname='x'\nthreshold=3",
+         "verifiers[0].threshold", "[0, 1]"),
+        ("[[rungs]]\nmodel='gpt-4o'\n[cache]\nttl=3", "cache.ttl", "allowed"),
+        ("[[rungs]]\nmodel='gpt-4o'\n[policy]\non_unverified='shrug'", "policy.on_unverified",
          "allowed: return, raise"),
-        ("[[rungs]]\nmodel='m'\n[policy]\nshadow_rate=2", "policy.shadow_rate", "[0, 1]"),
+        ("[[rungs]]\nmodel='gpt-4o'\n[policy]\nshadow_rate=2", "policy.shadow_rate", "[0, 1]"),
         ("rungs = []", "rungs", "at least one"),
-        ("[[rungs]]\nmodel='m'\n[[rungs]]\nmodel='m'", "rungs", "unique"),
+        ("[[rungs]]\nmodel='gpt-4o'\n[[rungs]]\nmodel='gpt-4o'", "rungs", "unique"),
     ],
 )
 def test_bad_files_name_file_key_and_fix(tmp_path: Path, toml: str, key: str, fragment: str
@@ -119,8 +121,8 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_identity_excludes_secrets_and_labels() -> None:
-    a = parse_config({"rungs": [{"model": "m", "api_key_env": "A", "name": "one"}]})
-    b = parse_config({"rungs": [{"model": "m", "api_key_env": "B", "name": "two"}]})
+    a = parse_config({"rungs": [{"model": "gpt-4o", "api_key_env": "A", "name": "one"}]})
+    b = parse_config({"rungs": [{"model": "gpt-4o", "api_key_env": "B", "name": "two"}]})
     assert a.identity() == b.identity()
-    c = parse_config({"rungs": [{"model": "m", "temperature": 0.5}]})
+    c = parse_config({"rungs": [{"model": "gpt-4o", "temperature": 0.5}]})
     assert c.identity() != a.identity()

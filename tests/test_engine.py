@@ -231,6 +231,7 @@ def test_sync_answer_and_from_file(tmp_path: Path) -> None:
         f'''
 [[rungs]]
 model = "small"
+price = "unknown"
 provider = "openai-compatible"
 base_url = "http://127.0.0.1:9/v1"
 
@@ -253,7 +254,8 @@ def test_a_program_that_never_closes_still_exits(tmp_path: Path) -> None:
         "from cascade.testing import Script\n"
         "from cascade import Cascade\n"
         "s = Script({'m': ['hello']})\n"
-        "c = Cascade.from_dict({'rungs': [{'model': 'm', 'provider': 'openai-compatible', "
+        "c = Cascade.from_dict({'rungs': [{'model': 'm', 'price': 'unknown', "
+        "'provider': 'openai-compatible', "
         "'base_url': 'http://x/v1'}], 'cache': {'enabled': False}}, provider_factory=s.factory)\n"
         "print(c.answer('hi').text)\n"
     )
@@ -303,11 +305,11 @@ async def test_paid_verifier_cost_counts_once_and_respects_max_cost(tmp_path: Pa
 async def test_per_call_config_as_dict_or_path(tmp_path: Path) -> None:
     s = Script({"small": ["from small"], "other": ["from other"]})
     c = Cascade.from_dict(_config(tmp_path), provider_factory=s.factory)
-    other = {"rungs": [{"model": "other", "provider": "openai-compatible",
+    other = {"rungs": [{"model": "other", "price": "unknown", "provider": "openai-compatible",
                         "base_url": "http://x/v1"}], "cache": {"enabled": False}}
     assert (await c.aanswer("q", config=other)).text == "from other"
     p = tmp_path / "other.toml"
-    p.write_text('[[rungs]]\nmodel = "other"\nprovider = "openai-compatible"\n'
+    p.write_text('[[rungs]]\nmodel = "other"\nprice = "unknown"\nprovider = "openai-compatible"\n'
                  'base_url = "http://x/v1"\n[cache]\nenabled = false\n')
     assert (await c.aanswer("q", config=p)).text == "from other"
     assert (await c.aanswer("q", cache=False)).text == "from small"

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade import evaluate as evaluate_mod
-from cascade import tune as tune_mod
+from cascade.cli import eval as evaluate_mod
+from cascade.cli import tune as tune_mod
 from cascade.config import RungConfig, VerifierConfig, load_config, parse_config
 from cascade.errors import ConfigError
 from cascade.evaluate import evaluate
@@ -19,6 +19,9 @@ from cascade.suite import OutcomeTable, load_outcome_table
 from tests.test_suite import _recorded_suite
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cascades"
+
+
+FREE = {"price": "unknown"}  # these rungs bill nothing here: costs come from the table
 
 
 def _table() -> OutcomeTable:
@@ -35,9 +38,9 @@ def _table() -> OutcomeTable:
 
 def test_evaluate_hand_computed() -> None:
     cfg = parse_config({
-        "rungs": [{"model": "s", "thresholds": {"confidence": 0.5}},
-                  {"model": "m", "thresholds": {"confidence": 0.8}},
-                  {"model": "l", "thresholds": {"confidence": 0.5}}],
+        "rungs": [{"model": "s", **FREE, "thresholds": {"confidence": 0.5}},
+                  {"model": "m", **FREE, "thresholds": {"confidence": 0.8}},
+                  {"model": "l", **FREE, "thresholds": {"confidence": 0.5}}],
         "verifiers": [{"name": "confidence"}]})
     rep = evaluate(_table(), cfg)
     # a: s accepts (right, $1); b: s rejects, m accepts (right, $3);
@@ -60,15 +63,15 @@ def test_evaluate_hand_computed() -> None:
 
 def test_unknown_rung_and_missing_threshold_are_errors() -> None:
     with pytest.raises(ConfigError, match="was not recorded"):
-        evaluate(_table(), parse_config({"rungs": [{"model": "xl"}]}))
+        evaluate(_table(), parse_config({"rungs": [{"model": "xl", **FREE}]}))
     with pytest.raises(ConfigError, match="no threshold"):
-        evaluate(_table(), parse_config({"rungs": [{"model": "s"}, {"model": "l"}],
+        evaluate(_table(), parse_config({"rungs": [{"model": "s", **FREE}, {"model": "l", **FREE}],
                                          "verifiers": [{"name": "confidence"}]}))
 
 
 def test_recorded_suite_without_thresholds_uses_recorded_verdicts(tmp_path: Path) -> None:
     suite = _recorded_suite(tmp_path)
-    cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}],
+    cfg = parse_config({"rungs": [{"model": "small", **FREE}, {"model": "big", **FREE}],
                         "verifiers": [{"name": "confidence"}]})
     rep = evaluate(load_outcome_table([suite], cfg), cfg)
     # small is right (and confident) on q0, q2; the rest climb to big, which is always right
@@ -107,18 +110,18 @@ def test_agreement_verifier_is_replayed_against_the_previous_rung_of_the_config(
     t = replace(t, agreement={"choice": agree}, agreement_normaliser="choice")
     verifiers = [{"name": "confidence"},
                  {"name": "agreement", "id": "agree", "mode": "previous", "normaliser": "choice"}]
-    # s never accepts (witness, threshold above any score); l must agree with s, the rung
+    # s never accepts (witness, threshold 1 is above any score here); l must agree with s, the rung
     # before it in this config (m is not in it), and s abstains-free: it has no predecessor
-    cfg = parse_config({"rungs": [{"model": "s", "thresholds": {"confidence": 2.0}},
-                                  {"model": "l", "verifiers": ["confidence", "agree"],
+    cfg = parse_config({"rungs": [{"model": "s", **FREE, "thresholds": {"confidence": 1.0}},
+                                  {"model": "l", **FREE, "verifiers": ["confidence", "agree"],
                                    "thresholds": {"confidence": 0.0}}],
                         "verifiers": verifiers})
     rep = evaluate(t, cfg)
     assert rep["verified_rate"] == pytest.approx(0.5)  # l agrees with s on a and b only
-    cfg2 = parse_config({"rungs": [{"model": "s", "verifiers": ["confidence", "agree"],
+    cfg2 = parse_config({"rungs": [{"model": "s", **FREE, "verifiers": ["confidence", "agree"],
                                     "thresholds": {"confidence": 0.5}},
-                                   {"model": "m", "thresholds": {"confidence": 2.0}},
-                                   {"model": "l", "verifiers": ["agree"]}],
+                                   {"model": "m", **FREE, "thresholds": {"confidence": 1.0}},
+                                   {"model": "l", **FREE, "verifiers": ["agree"]}],
                          "verifiers": verifiers})
     rep2 = evaluate(t, cfg2)
     # at s the agreement verifier abstains: s accepts on confidence alone (a 0.9, d 0.7)
@@ -126,5 +129,5 @@ def test_agreement_verifier_is_replayed_against_the_previous_rung_of_the_config(
     # b and c climb to l, which agrees with m (not s) on b only: c is returned unverified
     assert rep2["verified_rate"] == pytest.approx(0.75)
     with pytest.raises(ConfigError, match="no 'numeric' agreement"):
-        evaluate(t, parse_config({"rungs": [{"model": "s"}, {"model": "l"}],
+        evaluate(t, parse_config({"rungs": [{"model": "s", **FREE}, {"model": "l", **FREE}],
                                   "verifiers": [{"name": "agreement", "normaliser": "numeric"}]}))

@@ -27,7 +27,6 @@ import pytest
 from cascade.config import RungConfig
 from cascade.defaults import DEFAULT_LOCAL_MODEL, default_config
 from cascade.errors import ClientRequestError, ConfigError
-from cascade.local_server import LogprobRecorder, RequestError, _sampling
 from cascade.messages import Message
 from cascade.providers import local, make_provider
 from cascade.providers.base import ModelCall
@@ -41,6 +40,7 @@ from cascade.providers.local import (
     resolve_model,
     running_servers,
 )
+from cascade.providers.local_server import LogprobRecorder, RequestError, _sampling
 
 REPO = Path(__file__).resolve().parents[1]
 

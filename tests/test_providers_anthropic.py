@@ -15,6 +15,7 @@ from cascade.config import RungConfig
 from cascade.errors import (
     AuthenticationError,
     ClientRequestError,
+    ConfigError,
     MalformedReply,
     ProviderError,
     ProviderTimeout,
@@ -141,9 +142,30 @@ async def test_stop_reason_is_normalised(anthropic_server: LoopbackServer, raw: 
 
 async def test_json_schema_goes_to_output_config(anthropic_server: LoopbackServer) -> None:
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
-    await complete(anthropic_server, call(json_schema=schema))
+    await complete(anthropic_server, call(json_schema=schema), structured_output="json_schema")
     sent = anthropic_server.requests[0].json
     assert sent["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+
+
+async def test_json_schema_by_default_is_a_forced_tool(anthropic_server: LoopbackServer) -> None:
+    """Every Claude model takes tools, not every one takes output_config: tools by default."""
+    schema = {"title": "Answer", "type": "object", "properties": {"x": {"type": "integer"}}}
+    anthropic_server.queue(Reply(json=anthropic_message(content=[
+        {"type": "tool_use", "id": "toolu_1", "name": "Answer", "input": {"x": 3}}],
+        stop_reason="tool_use")))
+    done = await complete(anthropic_server, call(json_schema=schema))
+    sent = anthropic_server.requests[0].json
+    assert "output_config" not in sent
+    assert sent["tools"][0]["input_schema"] == schema
+    assert sent["tool_choice"] == {"type": "tool", "name": "Answer"}
+    assert json.loads(done.text) == {"x": 3}
+
+
+async def test_modes_the_messages_api_cannot_send_are_config_errors(
+    anthropic_server: LoopbackServer,
+) -> None:
+    with pytest.raises(ConfigError, match="allowed for anthropic: json_schema, tools, prompt"):
+        make_provider(rung(anthropic_server, structured_output="json_object"))
 
 
 async def test_missing_key_variable(anthropic_server: LoopbackServer,

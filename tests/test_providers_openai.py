@@ -53,6 +53,10 @@ class Pet(pydantic.BaseModel):
     age: int
 
 
+PET_SCHEMA = {"title": "Pet", "type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+
+
 @pytest.fixture(autouse=True)
 def _key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, KEY)
@@ -233,7 +237,7 @@ async def test_structured_output_valid(openai_server: LoopbackServer) -> None:
     openai_server.queue(Reply(json=openai_tool_chat(
         "Pet", json.dumps({"name": "Rex", "age": 3}), prompt_tokens=30, completion_tokens=9
     )))
-    done = await complete(openai_server, call(output_type=Pet))
+    done = await complete(openai_server, call(output_type=Pet), structured_output="tools")
 
     assert done.parsed == Pet(name="Rex", age=3)
     assert done.parse_error is None
@@ -251,7 +255,7 @@ async def test_structured_output_invalid_is_returned_unparsed(
     openai_server.queue(Reply(json=openai_tool_chat(
         "Pet", json.dumps({"name": "Rex", "age": "old"}), prompt_tokens=30, completion_tokens=9
     )))
-    done = await complete(openai_server, call(output_type=Pet))
+    done = await complete(openai_server, call(output_type=Pet), structured_output="tools")
 
     assert done.parsed is None
     assert done.parse_error is not None and "age" in done.parse_error
@@ -267,7 +271,8 @@ async def test_structured_output_reask_sums_usage(openai_server: LoopbackServer)
         Reply(json=openai_tool_chat("Pet", '{"name": "Rex", "age": 3}', prompt_tokens=50,
                                     completion_tokens=9)),
     )
-    done = await complete(openai_server, call(output_type=Pet, reasks=1))
+    done = await complete(openai_server, call(output_type=Pet, reasks=1),
+                          structured_output="tools")
     assert done.parsed == Pet(name="Rex", age=3)
     assert (done.input_tokens, done.output_tokens) == (80, 14)
     assert len(openai_server.requests) == 2
@@ -276,21 +281,62 @@ async def test_structured_output_reask_sums_usage(openai_server: LoopbackServer)
 async def test_structured_output_cut_at_max_tokens(openai_server: LoopbackServer) -> None:
     openai_server.queue(Reply(json=openai_tool_chat("Pet", '{"name": "Re',
                                                     finish_reason="length")))
-    done = await complete(openai_server, call(output_type=Pet))
+    done = await complete(openai_server, call(output_type=Pet), structured_output="tools")
     assert done.parsed is None and done.parse_error is not None
     assert done.finish_reason == "length"
     assert done.text == '{"name": "Re'
 
 
-async def test_structured_output_openai_compatible_uses_json_mode(
+async def test_structured_output_json_object_mode_puts_schema_in_prompt(
     openai_server: LoopbackServer,
 ) -> None:
     openai_server.queue(openai_reply('{"name": "Rex", "age": 3}'))
-    done = await complete(openai_server, call(output_type=Pet), provider="openai-compatible")
+    done = await complete(openai_server, call(output_type=Pet), provider="openai-compatible",
+                          structured_output="json_object")
     assert done.parsed == Pet(name="Rex", age=3)
     sent = openai_server.requests[0].json
-    assert sent["response_format"]["type"] == "json_object"
+    assert sent["response_format"] == {"type": "json_object"}
     assert "tools" not in sent
+    assert '"age"' in sent["messages"][0]["content"]  # the schema, as a system message
+
+
+async def test_pydantic_on_compatible_rung_sends_the_schema_and_validates_it(
+    openai_server: LoopbackServer,
+) -> None:
+    """The default (json_schema) sends pydantic's schema, so a server's grammar can enforce it,
+    and the reply is still validated with pydantic: a missing field is a parse error."""
+    openai_server.queue(openai_reply('{"name": "Rex", "age": 3}'),
+                        openai_reply('{"name": "Rex"}'))
+    done = await complete(openai_server, call(output_type=Pet), provider="openai-compatible")
+    assert done.parsed == Pet(name="Rex", age=3) and type(done.parsed) is Pet
+    fmt = openai_server.requests[0].json["response_format"]
+    assert fmt["type"] == "json_schema"
+    assert fmt["json_schema"]["schema"] == Pet.model_json_schema()
+    bad = await complete(openai_server, call(output_type=Pet), provider="openai-compatible")
+    assert bad.parsed is None and bad.parse_error is not None and "age" in bad.parse_error
+
+
+@pytest.mark.parametrize(("mode", "field", "expect"), [
+    ("json_schema", "response_format", {"type": "json_schema",
+                                        "json_schema": {"name": "Pet", "schema": PET_SCHEMA}}),
+    ("json_object_schema", "response_format", {"type": "json_object", "schema": PET_SCHEMA}),
+    ("json_object", "response_format", {"type": "json_object"}),
+    ("tools", "tool_choice", {"type": "function", "function": {"name": "Pet"}}),
+    ("prompt", "response_format", None),
+])
+async def test_each_structured_output_mode_sends_its_fields(
+    openai_server: LoopbackServer, mode: str, field: str, expect: object,
+) -> None:
+    body = json.dumps({"name": "Rex", "age": 3})
+    openai_server.queue(Reply(json=openai_tool_chat("Pet", body)) if mode == "tools"
+                        else openai_reply(body))
+    done = await complete(openai_server, call(json_schema=PET_SCHEMA), structured_output=mode,
+                          provider="openai-compatible")
+    assert json.loads(done.text) == {"name": "Rex", "age": 3}
+    sent = openai_server.requests[0].json
+    assert sent.get(field) == expect
+    in_prompt = '"age"' in sent["messages"][0]["content"]
+    assert in_prompt == (mode in ("json_object", "prompt"))
 
 
 async def test_structured_output_errors_are_translated(openai_server: LoopbackServer) -> None:

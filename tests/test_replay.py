@@ -10,7 +10,7 @@ from cascade.config import RungConfig
 from cascade.errors import ConfigError, ProviderError
 from cascade.messages import Message
 from cascade.providers.base import Completion, ModelCall
-from cascade.replay import MissingRecording, ReplayProvider, replay_provider
+from cascade.providers.replay import MissingRecording, ReplayProvider, replay_provider
 from cascade.suite import Recording, RecordingStore, answer_call
 
 MSGS = (Message("system", "Be brief."), Message("user", "Capital of France?"))

@@ -29,6 +29,8 @@ model = "small"
 provider = "openai-compatible"
 base_url = "{base_url}"
 timeout_s = 10
+input_usd_per_mtok = 0.1
+output_usd_per_mtok = 0.2
 
 [cache]
 enabled = false

@@ -202,3 +202,25 @@ def test_feedback_without_an_audit_log_says_where_to_set_one(
     with serving(create_app(ladder(tmp_path, openai_server.base_url))) as url:
         r = httpx.post(f"{url}/v1/feedback", json={"request_id": "abc", "correct": True})
     assert r.status_code == 400 and "audit_log" in r.json()["error"]["message"]
+
+
+def test_served_traffic_and_feedback_become_a_suite(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    from cascade.suite.fromlog import build_suite
+
+    openai_server.script(echo_handler(refuse=("small",)))
+    log = tmp_path / "audit.jsonl"
+    cfg = ladder(tmp_path, openai_server.base_url, server={"audit_log": str(log)})
+    app = create_app(cfg)
+    with serving(app) as url:
+        r = _post(url, None)
+        fb = httpx.post(f"{url}/v1/feedback", json={
+            "request_id": r.headers["x-cascade-request-id"], "correct": False,
+            "expected": "Paris"})
+        app.state.service.audit.flush()
+    assert fb.status_code == 200
+    suite = build_suite([log], config=cfg)
+    [case] = suite.cases
+    assert case["messages"] == MESSAGES and case["expected"] == "Paris"
+    assert case["metadata"]["request_ids"] == [r.headers["x-cascade-request-id"]]
+    assert {rec.to_dict()["model"] for rec in suite.recordings} >= {"small", "big"}

@@ -23,7 +23,7 @@ class City(BaseModel):
 
 
 def _config(tmp_path: Path, base_url: str) -> dict[str, Any]:
-    rung = {"provider": "openai-compatible", "base_url": base_url}
+    rung = {"provider": "openai-compatible", "base_url": base_url, "price": "unknown"}
     return {
         "rungs": [{"model": "small", **rung}, {"model": "big", **rung}],
         "cache": {"directory": str(tmp_path / "cache")},

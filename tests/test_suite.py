@@ -32,6 +32,9 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(),
                                   reason=f"shared recorded outcomes not found at {SHARED}")
 
 
+FREE = {"price": "unknown"}  # recorded costs, not rung prices, are what counts here
+
+
 def _case(grader: str, expected: object, cid: str = "c") -> Case:
     return Case(id=cid, messages=(Message("user", "q?"),), expected=expected, grader=grader)
 
@@ -61,6 +64,7 @@ def test_json_schema_grader() -> None:
 
 def test_dotted_grader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "mygrader.py").write_text(
+        "import cascade\n\n@cascade.grader\n"
         "def shouty(text, case):\n    return text.isupper() and case.id == 'c'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert grade(_case("mygrader:shouty", None), "YES")
@@ -149,7 +153,7 @@ def _recorded_suite(tmp_path: Path, *, skip: tuple[str, str] | None = None) -> P
     cases = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"{i}+{i}?"}],
               "expected": 2 * i, "grader": "numeric", "tags": ["arith"]} for i in range(4)]
     (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(c) for c in cases) + "\n")
-    cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}],
+    cfg = parse_config({"rungs": [{"model": "small", **FREE}, {"model": "big", **FREE}],
                         "verifiers": [{"name": "confidence"}]})
     store = RecordingStore(tmp_path / "recordings.jsonl")
     for c in load_cases(tmp_path):
@@ -171,7 +175,7 @@ def _recorded_suite(tmp_path: Path, *, skip: tuple[str, str] | None = None) -> P
 
 def test_table_from_recordings(tmp_path: Path) -> None:
     suite = _recorded_suite(tmp_path)
-    cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}],
+    cfg = parse_config({"rungs": [{"model": "small", **FREE}, {"model": "big", **FREE}],
                         "verifiers": [{"name": "confidence"}]})
     t = load_outcome_table([suite], cfg)
     assert t.n == 4 and t.labels == ("small", "big")
@@ -185,7 +189,7 @@ def test_table_from_recordings(tmp_path: Path) -> None:
 def test_missing_recording_names_case_and_model(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     suite = _recorded_suite(tmp_path, skip=("q2", "big"))
-    cfg = parse_config({"rungs": [{"model": "small"}, {"model": "big"}]})
+    cfg = parse_config({"rungs": [{"model": "small", **FREE}, {"model": "big", **FREE}]})
     with pytest.raises(ConfigError, match=r"case 'q2' × model 'big'"):
         table_from_recordings(load_cases(suite), RecordingStore.for_suite(suite), cfg)
     # without a config, the ladder is the one `cascade record` would have used: the embedded one
@@ -236,3 +240,76 @@ def test_shared_outcomes_carry_agreement() -> None:
     assert t.correct[ag, 0].mean() > t.correct[~ag, 0].mean()
     sub = t.take([5, 5, 7])
     assert sub.agreement["numeric"].shape == (3, 4, 4)
+
+
+def test_replay_side_of_the_suite_package_needs_no_numpy() -> None:
+    """The replay provider imports cases and recordings; the outcome table (numpy) loads only
+    when one of its names is asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cascade.suite, cascade.suite.recordings, cascade.providers.replay\n"
+            "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
+            "from cascade.suite import OutcomeTable\n"
+            "assert 'numpy' in sys.modules and OutcomeTable.__module__ == "
+            "'cascade.suite.outcomes'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def _shared_file(tmp_path: Path, rows: list[dict[str, object]]) -> Path:
+    """A tiny file of the shared outcomes format with its ladder beside it."""
+    (tmp_path / "ladder-toy.json").write_text(json.dumps({"ladder": [
+        {"model": "s", "input_usd_per_mtok": 0.1, "output_usd_per_mtok": 0.1},
+        {"model": "l", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0}]}))
+    f = tmp_path / "mmlu_toy_train.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return f
+
+
+def _row(i: int, s: str, big: str, correct: tuple[object, object]) -> dict[str, object]:
+    return {"id": f"r{i}", "messages": [{"role": "system", "content": "Letters only."},
+                                        {"role": "user", "content": f"question {i}?"}],
+            "outcomes": {"s": {"text": s, "correct": correct[0], "confidence": 0.9,
+                               "cost_usd": 0.001, "confidence_source": "answer_logprob"},
+                         "l": {"text": big, "correct": correct[1], "confidence": 0.8,
+                               "cost_usd": 0.01, "confidence_source": "answer_logprob"}}}
+
+
+def test_shared_outcomes_without_labels_and_prompts(tmp_path: Path) -> None:
+    """``"correct": null`` in every outcome of a case: recorded, not labelled. Prompts (the
+    last user message) and answer texts ride along, in the table's rung order."""
+    f = _shared_file(tmp_path, [_row(0, "A", "B", (False, True)), _row(1, "C", "C", (None, None))])
+    t = load_shared_outcomes([f])
+    assert t.labelled is not None and t.labelled.tolist() == [True, False]
+    assert t.n_labelled == 1
+    assert t.prompts == ("question 0?", "question 1?")
+    assert t.answers == (("A", "B"), ("C", "C"))
+    assert t.case_normalisers == ("choice", "choice")  # mmlu: letters
+    assert t.take([1, 1]).labelled.tolist() == [False, False]  # type: ignore[union-attr]
+    labelled = t.with_labels({"r1": {"s": True, "l": True}})
+    assert labelled.labelled is None and labelled.correct[1].tolist() == [True, True]
+
+
+def test_a_half_labelled_shared_case_is_an_error(tmp_path: Path) -> None:
+    f = _shared_file(tmp_path, [_row(0, "A", "B", (None, True))])
+    with pytest.raises(ConfigError, match="labels some outcomes and not others"):
+        load_shared_outcomes([f])
+
+
+def test_recorded_case_without_expected_is_unlabelled(tmp_path: Path) -> None:
+    """A recorded-suite case without ``expected`` loads as unlabelled (no grade is invented),
+    with its prompt; graded cases keep their grades."""
+    suite = _recorded_suite(tmp_path)
+    lines = (suite / "cases.jsonl").read_text().splitlines()
+    first = json.loads(lines[1])
+    del first["expected"]
+    lines[1] = json.dumps(first)
+    (suite / "cases.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = parse_config({"rungs": [{"model": "small", **FREE}, {"model": "big", **FREE}],
+                        "verifiers": [{"name": "confidence"}]})
+    t = load_outcome_table([suite], cfg)
+    assert t.labelled is not None and t.labelled.tolist() == [True, False, True, True]
+    assert t.correct[1].tolist() == [False, False]  # a placeholder, never a grade
+    assert t.correct[3].tolist() == [False, True]
+    assert t.prompts[1] == "1+1?"
+    assert t.answers[1] == ("wrong", "2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import cascade
 from cascade.errors import ConfigError
 from cascade.trace import Attempt
 from tests.verifier_kit import FakeCaller, make_ctx
@@ -75,8 +76,25 @@ async def test_custom_normaliser_by_dotted_path() -> None:
     assert (await v.verify(make_ctx("Canberra, Australia", attempts=[earlier("Canberra")]))).passed
 
 
+@cascade.normaliser
 def first_word(text: str) -> str:
     return text.split(",")[0].strip().lower()
+
+
+def unmarked_first_word(text: str) -> str:
+    return text.split(",")[0].strip().lower()
+
+
+def test_an_unmarked_function_is_no_normaliser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config naming any function as a normaliser would have it called with model output."""
+    with pytest.raises(ConfigError, match=r"@cascade\.normaliser") as info:
+        AgreementVerifier(normaliser="tests.test_verifiers_agreement:unmarked_first_word")
+    assert info.value.key == "normaliser"
+    with pytest.raises(ConfigError, match="standard library"):
+        AgreementVerifier(normaliser="os:remove")
+    monkeypatch.setenv("CASCADE_ALLOW_MODULES", "tests.test_verifiers_agreement")
+    v = AgreementVerifier(normaliser="tests.test_verifiers_agreement:unmarked_first_word")
+    assert v.normalise("Canberra, ACT") == "canberra"
 
 
 @pytest.mark.parametrize(("kwargs", "key"), [

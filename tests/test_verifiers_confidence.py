@@ -132,3 +132,53 @@ def test_expensive_reflects_whether_a_model_may_be_called() -> None:
 def test_bad_source_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="allowed: logprobs"):
         ConfidenceVerifier(source="vibes")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0.5, 3.0])
+@pytest.mark.parametrize("aggregate", ["product", "mean", "first"])
+async def test_impossible_logprobs_fail_the_verdict_never_confidence_one(
+        bad: float, aggregate: str) -> None:
+    """``min(1, exp(nan))`` is 1.0: a reply claiming NaN, +inf or a positive log-probability
+    (a probability above 1) is malformed, so the verdict fails and says why."""
+    ctx = ctx_with_logprobs("Canberra is it", ("Canberra", bad), (" is", LN(0.9)),
+                            (" it", LN(0.9)))
+    v = await ConfidenceVerifier(source="logprobs", aggregate=aggregate,  # type: ignore[arg-type]
+                                 threshold=0.1).verify(ctx)
+    assert not v.passed and v.score is None
+    assert "malformed logprobs" in v.reason and "Canberra" in v.reason
+
+
+@pytest.mark.anyio
+async def test_rounding_above_zero_and_minus_inf_are_real_logprobs() -> None:
+    sure = await ConfidenceVerifier(source="logprobs").verify(
+        ctx_with_logprobs("B", ("B", 1e-9)))
+    assert sure.passed and sure.score == 1.0
+    never = await ConfidenceVerifier(source="logprobs").verify(
+        ctx_with_logprobs("B", ("B", -math.inf)))
+    assert not never.passed and never.score == 0.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("top", [
+    {"Yes": 2.0, "No": LN(0.5)},          # P(yes) = e^2 > 1
+    {"Yes": math.nan, "No": LN(0.5)},
+    {"Yes": math.inf, "No": LN(0.5)},
+    {"Yes": LN(0.1), "No": math.nan},
+])
+async def test_impossible_self_check_logprobs_fail_the_verdict(top: dict[str, float]) -> None:
+    reply = completion("Yes", logprobs=logprobs(("Yes", LN(0.1)), top=[top]))
+    v = await ConfidenceVerifier(source="self_check", threshold=0.5).verify(
+        make_ctx("Canberra", caller=FakeCaller(reply)))
+    assert not v.passed and v.score is None
+    assert "malformed logprobs" in v.reason
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", [math.nan, math.inf, -0.2, 101, "150%", "nan", "inf", True])
+async def test_out_of_range_confidence_fields_fail_with_a_reason(value: object) -> None:
+    comp = completion("{}", parsed={"answer": "Canberra", "confidence": value})
+    v = await ConfidenceVerifier(source="field", threshold=0.1).verify(
+        make_ctx("{}", comp=comp))
+    assert not v.passed and v.score is None
+    assert "confidence" in v.reason and "not a confidence" in v.reason

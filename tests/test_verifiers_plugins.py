@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib
+import inspect
+import math
 import subprocess
 import sys
 import tomllib
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import cascade
 from cascade.config import VerifierConfig
 from cascade.errors import ConfigError, UnknownVerifierError
 from cascade.plugins import BUILTINS, known_verifiers, load_verifier
@@ -172,11 +176,13 @@ def test_bad_dotted_paths(name: str, fragment: str) -> None:
         load_verifier(VerifierConfig(name=name))
 
 
+@cascade.verifier
 def shouty(ctx: VerifyContext) -> bool:
     """A verify function: settings arrive through ctx.settings at run time."""
     return ctx.candidate.text.isupper() or bool(ctx.settings.get("allow_lower"))
 
 
+@cascade.verifier
 def make_prefix_check(prefix: str) -> object:
     """A factory function returning a verify function."""
     def check(ctx: VerifyContext) -> Verdict:
@@ -194,3 +200,71 @@ async def test_functions_are_verifiers_or_factories() -> None:
     built = load_verifier(VerifierConfig(name="tests.test_verifiers_plugins:make_prefix_check",
                                          settings={"prefix": "Can"}))
     assert (await built.verify(make_ctx("Canberra"))).passed  # type: ignore[misc]
+
+
+# (built-in, setting, a wrong value that TOML can produce); other required settings below.
+WRONG_TYPES: list[tuple[str, str, object]] = [
+    ("schema", "schema", "abc"), ("schema", "model", 3), ("schema", "check_formats", "no"),
+    ("schema", "name", 1),
+    ("confidence", "source", "vibes"), ("confidence", "threshold", "0.7"),
+    ("confidence", "threshold", math.nan), ("confidence", "field", ["confidence"]),
+    ("confidence", "aggregate", 1), ("confidence", "short_tokens", 2.5),
+    ("confidence", "self_check_fallback", "false"), ("confidence", "prompt", 7),
+    ("confidence", "top_logprobs", True), ("confidence", "name", None),
+    ("judge", "model", 4), ("judge", "provider", ["openai"]), ("judge", "base_url", 1),
+    ("judge", "api_key_env", 1), ("judge", "input_usd_per_mtok", "2.5"),
+    ("judge", "output_usd_per_mtok", math.inf), ("judge", "rubric", {"a": 1}),
+    ("judge", "threshold", "high"), ("judge", "reference", 42), ("judge", "max_tokens", "256"),
+    ("judge", "timeout_s", "60"), ("judge", "extra", "abc"), ("judge", "name", 0),
+    ("refusal", "extra_patterns", "abc"), ("refusal", "extra_patterns", [1]),
+    ("refusal", "min_chars", "x"), ("refusal", "head_sentences", 2.0),
+    ("refusal", "min_substance", False), ("refusal", "name", 3),
+    ("agreement", "mode", "vote"), ("agreement", "samples", "3"),
+    ("agreement", "normaliser", 1), ("agreement", "min_agreement", "half"),
+    ("agreement", "temperature", math.nan), ("agreement", "tolerance", "1e-6"),
+    ("agreement", "no_previous", True), ("agreement", "name", 2),
+]
+REQUIRED: dict[str, dict[str, object]] = {"judge": {"model": "gpt-4o-mini"}}
+
+
+@pytest.mark.parametrize(("name", "key", "value"), WRONG_TYPES)
+def test_wrongly_typed_builtin_settings_fail_at_load_naming_the_key(
+        name: str, key: str, value: object) -> None:
+    """A value that validates nowhere else ("abc" as a list becomes three regexes, "x" as
+    min_chars crashes after the rung was paid) must fail when the verifier is built."""
+    settings = {**REQUIRED.get(name, {}), key: value}
+    with pytest.raises(ConfigError) as info:
+        load_verifier(VerifierConfig(name=name, id=f"my_{name}", settings=settings))
+    assert info.value.key == key and f"my_{name}" in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+def test_every_builtin_setting_has_a_wrong_type_case() -> None:
+    covered = {(n, k) for n, k, _ in WRONG_TYPES}
+    for name in BUILTINS:
+        module, _, attr = BUILTINS[name].partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        params = [p for p in inspect.signature(factory).parameters if p != "self"]
+        missing = [p for p in params if (name, p) not in covered]
+        assert not missing, f"{name}: no wrong-type case for {missing}"
+
+
+def test_well_typed_toml_values_still_load() -> None:
+    """Strict, but not pedantic: TOML integers are fine where numbers are expected."""
+    load_verifier(VerifierConfig(name="confidence", settings={"threshold": 1, "top_logprobs": 5}))
+    load_verifier(VerifierConfig(name="refusal", settings={"extra_patterns": ["nope"],
+                                                           "min_chars": 3}))
+    load_verifier(VerifierConfig(name="judge", settings={"model": "m", "extra": {"seed": 1},
+                                                         "input_usd_per_mtok": 0}))
+
+
+def test_a_bad_setting_fails_before_any_model_call_is_paid() -> None:
+    from cascade import Cascade
+    from cascade.testing import FunctionProvider
+
+    provider = FunctionProvider(lambda call: "I can't help with that.")
+    with pytest.raises(ConfigError, match="min_chars"):
+        Cascade.from_dict({"rungs": [{"model": "small", "price": "unknown"}],
+                           "verifiers": [{"name": "refusal", "min_chars": "x"}],
+                           "cache": {"enabled": False}}, provider_factory=provider.factory)
+    assert provider.calls == []

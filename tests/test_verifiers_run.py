@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import anyio
 import pytest
 
@@ -133,3 +135,54 @@ async def test_out_of_range_score_is_a_crash_not_a_pass() -> None:
     verdicts = await run_verifiers(
         [bind("weird", Probe(Verdict(passed=True, score=7.0, reason="7/10")))], make)
     assert not verdicts[0].passed and "outside [0, 1]" in verdicts[0].reason
+
+
+class BlockingSync:
+    """A sync verifier stuck in blocking work until released (or 3 s, so old code cannot hang
+    the test for a minute). It records whether it had finished when others looked."""
+
+    name = "blocking"
+    expensive = False
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.finished = False
+
+    def verify(self, ctx: VerifyContext) -> Verdict:
+        self.started.set()
+        self.release.wait(3.0)
+        self.finished = True
+        return Verdict(passed=True, reason="finally done")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("as_function", [False, True])
+async def test_a_blocking_sync_verifier_times_out_and_the_loop_stays_responsive(
+        as_function: bool) -> None:
+    """A sync verify() runs in a worker thread: its timeout_s holds (the verdict fails while it
+    is still blocked) and other tasks make progress meanwhile. On the event loop thread it would
+    block everything until it returned, then pass."""
+    blocker = BlockingSync()
+    target: object = blocker.verify if as_function else blocker
+    make, _ = ctx_factory("Canberra")
+    seen_while_blocked: list[bool] = []
+    verdicts: list[Verdict] = []
+
+    async def other_task() -> None:
+        await anyio.to_thread.run_sync(blocker.started.wait, 3.0)
+        seen_while_blocked.append(not blocker.finished)
+
+    async def climb() -> None:
+        verdicts.extend(await run_verifiers([bind("blocking", target, timeout_s=0.3)], make))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_task)
+            tg.start_soon(climb)
+        assert seen_while_blocked == [True]  # the loop ran another task during the block
+        (v,) = verdicts
+        assert not v.passed and "timed out after 0.3s" in v.reason
+        assert not blocker.finished  # the verdict did not wait for the blocked thread
+    finally:
+        blocker.release.set()

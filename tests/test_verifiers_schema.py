@@ -112,3 +112,16 @@ def test_bad_settings_are_config_errors(kwargs: dict[str, Any], key: str) -> Non
     with pytest.raises(ConfigError) as info:
         SchemaVerifier(**kwargs)
     assert info.value.key == key
+
+
+def test_a_dotted_model_must_be_a_pydantic_model_of_that_module() -> None:
+    """``model`` names a class to validate with, so it may name only a pydantic model class
+    defined in that module (or an allowed module): never a function to call."""
+    with pytest.raises(ConfigError, match="standard library") as info:
+        SchemaVerifier(model="subprocess:run")
+    assert info.value.key == "model"
+    with pytest.raises(ConfigError, match="not a model"):
+        SchemaVerifier(model="tests.test_verifiers_schema:test_a_dotted_model_must_be_a_"
+                             "pydantic_model_of_that_module")
+    with pytest.raises(ConfigError, match="not a model"):
+        SchemaVerifier(model="tests.test_verifiers_schema:BaseModel")  # imported, not defined

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from verifiers._text import (
+from cascade.text import (
     JSONExtractError,
     extract_choice,
     extract_json,
@@ -92,3 +92,33 @@ def test_same_answer_uses_tolerance_for_numbers_only() -> None:
 def test_json_path_formats_keys_and_indices() -> None:
     assert json_path(["items", 2, "price"]) == "$.items[2].price"
     assert json_path(["odd key"]) == '$["odd key"]'
+
+
+def test_verifiers_depend_only_on_the_verifier_protocol() -> None:
+    """Built-in verifiers are plugins like any other: they import ``cascade.verify`` (the
+    protocol, which re-exports what a verifier builds) and the shared ``cascade.text``, never
+    the engine, the config loader or another room of the house."""
+    import ast
+    from pathlib import Path
+
+    import verifiers
+
+    allowed = {"cascade.verify", "cascade.text"}
+    for path in Path(verifiers.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name == "cascade" or name.startswith("cascade."):
+                    assert name in allowed, f"{path.name} imports {name}"
+
+
+def test_the_text_helpers_live_in_cascade_not_in_the_plugin_package() -> None:
+    from pathlib import Path
+
+    import cascade.text
+    import verifiers
+
+    assert not (Path(verifiers.__file__).parent / "_text.py").exists()
+    assert set(cascade.text.NORMALISERS) == {"exact", "normalised", "numeric", "choice"}

@@ -197,7 +197,7 @@ def test_record_retries_transient_errors(openai_server: LoopbackServer, tmp_path
         {"id": "q", "messages": [{"role": "user", "content": "6*7?"}], "expected": 42,
          "grader": "numeric"}) + "\n")
     ladder = tmp_path / "ladder.toml"
-    ladder.write_text(f'[[rungs]]\nmodel = "m"\nprovider = "openai-compatible"\n'
+    ladder.write_text(f'[[rungs]]\nmodel = "m"\nprice = "unknown"\nprovider = "openai-compatible"\n'
                       f'base_url = "{openai_server.base_url}"\n'
                       '[retry]\nbase_delay_s = 0.0\nmax_delay_s = 0.0\n')
     assert main(["record", str(suite), "--config", str(ladder), "--no-progress"]) == 0

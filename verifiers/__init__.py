@@ -2,7 +2,8 @@
 
 Each is a small class implementing :class:`cascade.verify.Verifier`; configure them by short name
 (``schema``, ``confidence``, ``judge``, ``refusal``, ``agreement``) and their settings become the
-constructor's keyword arguments. They depend only on the verifier protocol in ``cascade.verify``.
+constructor's keyword arguments. They depend only on the verifier protocol in ``cascade.verify``
+and the shared text helpers in ``cascade.text``.
 """
 
 from __future__ import annotations

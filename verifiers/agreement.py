@@ -26,11 +26,15 @@ from typing import Any, Literal
 
 import anyio
 
-from cascade.errors import ConfigError
-from cascade.providers.base import Completion, ModelCall
-from cascade.trace import Verdict
-from cascade.verify import VerifyContext
-from verifiers._text import NORMALISERS, Normaliser, import_object, same_answer
+from cascade.text import NORMALISERS, Normaliser, same_answer
+from cascade.verify import (
+    Completion,
+    ConfigError,
+    ModelCall,
+    Verdict,
+    VerifyContext,
+    import_object,
+)
 
 __all__ = ["AgreementVerifier"]
 
@@ -136,8 +140,8 @@ def _load_normaliser(spec: str, where: str) -> Normaliser:
         raise ConfigError(f"is {spec!r}; allowed: {', '.join(NORMALISERS)} or "
                           "'package.module:function'", source=where, key="normaliser")
     try:
-        fn: Any = import_object(spec)
-    except (ImportError, AttributeError) as e:
+        fn: Any = import_object(spec, kind="normaliser", source=where, key="normaliser")
+    except ImportError as e:
         raise ConfigError(f"cannot import {spec!r}: {e}", source=where, key="normaliser") from None
     if not callable(fn):
         raise ConfigError(f"{spec!r} is not callable", source=where, key="normaliser")

@@ -25,6 +25,11 @@ Three sources of a confidence in [0, 1]:
     A number in the structured answer (``{"answer": ..., "confidence": 0.8}``); percentages
     (``85`` or ``"85%"``) are read as 0.85.
 
+Impossible numbers are a failed verdict with the reason, never a confidence: a NaN or infinite
+log-probability, one above 0 (a probability above 1; up to ``1e-6`` is float rounding and read as
+0), or a field outside [0, 1] and 0–100 %. ``min(1, exp(nan))`` is 1.0 in Python, which is how a
+malformed reply once became a certain answer.
+
 ``auto`` uses logprobs when the completion has them, else the field when present, else
 self-check (unless ``self_check_fallback = false``, then it fails for lack of a signal).
 """
@@ -38,14 +43,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from cascade.errors import ConfigError
-from cascade.messages import Message
-from cascade.providers.base import ModelCall, TokenLogprob
-from cascade.trace import Verdict
-from cascade.verify import VerifyContext
-from verifiers._text import JSONExtractError, extract_json
+from cascade.text import JSONExtractError, extract_json
+from cascade.verify import (
+    ConfigError,
+    Message,
+    ModelCall,
+    TokenLogprob,
+    Verdict,
+    VerifyContext,
+)
 
-__all__ = ["ConfidenceVerifier", "yes_probability"]
+__all__ = ["ConfidenceVerifier", "impossible_logprob", "yes_probability"]
 
 Source = Literal["logprobs", "self_check", "field", "auto"]
 Aggregate = Literal["auto", "product", "mean", "first"]
@@ -59,6 +67,19 @@ _YES = {"yes", "y", "true", "correct", "oui", "ja", "si", "sí", "sim", "да", 
 _NO = {"no", "n", "false", "incorrect", "wrong", "non", "nein", "não", "nao", "нет", "否", "不",
        "いいえ"}
 _CONTENT = re.compile(r"\w")
+_ROUNDING = 1e-6
+"""Log-probabilities up to this far above 0 are float rounding of a certain token."""
+
+
+def impossible_logprob(logprobs: Sequence[TokenLogprob]) -> str | None:
+    """Why ``logprobs`` cannot be log-probabilities (NaN, infinite or above 0), else None."""
+    for tok in logprobs:
+        for token, lp in ((tok.token, tok.logprob), *tok.top.items()):
+            if not isinstance(lp, (int, float)) or math.isnan(lp) or lp > _ROUNDING or (
+                    math.isinf(lp) and lp > 0):
+                return (f"malformed logprobs: token {token!r} has log-probability {lp!r} "
+                        "(a probability must be in [0, 1])")
+    return None
 
 
 def _norm_token(token: str) -> str:
@@ -154,6 +175,9 @@ class ConfidenceVerifier:
             if not logprobs:
                 return Verdict(passed=False, reason="no logprobs in the completion (set "
                                "logprobs = true on the rung, or use another source)")
+            bad = impossible_logprob(logprobs)
+            if bad:
+                return Verdict(passed=False, reason=bad)
             score, detail = self._from_logprobs(logprobs)
         elif source == "field":
             value = self._field_value(ctx)
@@ -170,6 +194,9 @@ class ConfidenceVerifier:
             if isinstance(got, str):
                 return Verdict(passed=False, reason=got)
             score, detail = got
+        if not 0.0 <= score <= 1.0:  # also NaN: the last guard before a pass
+            return Verdict(passed=False, reason=f"confidence {score!r} from {detail} is not a "
+                           "probability")
         passed = score >= threshold
         return Verdict(passed=passed, score=score,
                        reason=f"confidence {score:.3f} from {detail}")
@@ -187,7 +214,8 @@ class ConfidenceVerifier:
             lp = sum(content)
         else:
             lp = sum(content) / len(content)
-        return min(1.0, math.exp(lp)), f"logprobs ({how} over {len(content)} content tokens)"
+        score = math.exp(min(lp, 0.0))  # checked finite and <= rounding: clamp that to 0
+        return score, f"logprobs ({how} over {len(content)} content tokens)"
 
     def _field_value(self, ctx: VerifyContext) -> Any:
         parsed = ctx.candidate.completion.parsed
@@ -227,6 +255,9 @@ class ConfidenceVerifier:
         )
         reply = await ctx.call_model(call)
         if reply.logprobs:
+            bad = impossible_logprob(reply.logprobs)
+            if bad:
+                return f"self-check {bad}"
             p = yes_probability(reply.logprobs)
             if p is not None:
                 return p, "self-check P(yes)"
@@ -246,7 +277,9 @@ def _as_probability(value: Any) -> float | None:
             number = float(s.rstrip("%").strip())
         except ValueError:
             return None
-        value = number / 100 if percent else number
+        if percent:  # "150%" is out of range, not 1.5 read again as a percentage
+            return number / 100 if 0.0 <= number <= 100.0 else None
+        value = number
     if not isinstance(value, (int, float)) or math.isnan(value):
         return None
     if 0.0 <= value <= 1.0:

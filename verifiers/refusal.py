@@ -23,9 +23,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from cascade.errors import ConfigError
-from cascade.trace import Verdict
-from cascade.verify import VerifyContext
+from cascade.verify import ConfigError, Verdict, VerifyContext
 
 __all__ = ["Classification", "RefusalVerifier", "classify"]
 
@@ -275,6 +273,8 @@ class RefusalVerifier:
     """Fails refusals and evasions in nine languages, and empty or truncated answers."""
 
     expensive = False
+    inline = True
+    """Runs on the event loop: a bounded check of a reply already capped in size."""
 
     def __init__(self, extra_patterns: list[str] | tuple[str, ...] = (), min_chars: int = 1,
                  *, head_sentences: int = 2, min_substance: int = 6,

@@ -12,10 +12,8 @@ from typing import Any
 import jsonschema
 from pydantic import BaseModel, ValidationError
 
-from cascade.errors import ConfigError
-from cascade.trace import Verdict
-from cascade.verify import VerifyContext
-from verifiers._text import JSONExtractError, extract_json, import_object, json_path
+from cascade.text import JSONExtractError, extract_json, json_path
+from cascade.verify import ConfigError, Verdict, VerifyContext, import_object
 
 __all__ = ["SchemaVerifier"]
 
@@ -33,6 +31,8 @@ class SchemaVerifier:
     """
 
     expensive = False
+    inline = True
+    """Runs on the event loop: a bounded check of a reply already capped in size."""
 
     def __init__(
         self,
@@ -57,8 +57,9 @@ class SchemaVerifier:
         self.model: type[BaseModel] | None = None
         if isinstance(model, str):
             try:
-                loaded = import_object(model)
-            except (ImportError, AttributeError) as e:
+                loaded = import_object(model, kind="model", implements=_is_model,
+                                       source=f"verifier {name!r}", key="model")
+            except ImportError as e:
                 raise ConfigError(f"cannot import {model!r}: {e}", source=f"verifier {name!r}",
                                   key="model") from None
             if not _is_model(loaded):

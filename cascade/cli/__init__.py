@@ -1,20 +1,27 @@
-"""The ``cascade`` command line: answer, cache, record, tune, eval, health.
+"""The ``cascade`` command line: a parser, a table of commands and one exit-code mapping.
+
+Each command lives in a module of its own with ``add_arguments(parser)`` and ``run(ns) -> int``;
+adding a command is one entry in :data:`COMMANDS`. Only the chosen command's module is imported,
+so ``cascade answer`` never loads the tuner's numpy stack. Commands write to ``sys.stdout`` and
+``sys.stderr``; :func:`main` points those at the streams it is given.
 
 Exit codes: 0 verified answer (or command succeeded); 1 an answer was returned but not verified;
-2 bad usage or configuration; 3 no answer (every rung failed); 4 budget or deadline exceeded;
-5 the cache cannot be used.
+2 bad usage or configuration; 3 no answer (every rung failed, or a probed endpoint failed);
+4 budget or deadline exceeded; 5 the cache cannot be used; 130 interrupted; 141 standard output
+was closed early (``cascade cache stats | head``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
-import json
 import logging
-import shutil
+import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TextIO
+from importlib import metadata
+from typing import TextIO
 
 from cascade.errors import (
     BudgetExceeded,
@@ -22,191 +29,116 @@ from cascade.errors import (
     CascadeError,
     ConfigError,
     DeadlineExceeded,
-    NoAnswerError,
-    UnverifiedAnswerError,
 )
-from cascade.trace import Answer
 
-if TYPE_CHECKING:
-    from cascade.cache import AnswerCache
-    from cascade.config import CascadeConfig
-
-__all__ = ["format_climb", "main"]
+__all__ = [
+    "COMMANDS",
+    "EXIT_BUDGET",
+    "EXIT_CACHE",
+    "EXIT_INTERRUPTED",
+    "EXIT_NO_ANSWER",
+    "EXIT_OK",
+    "EXIT_PIPE_CLOSED",
+    "EXIT_UNVERIFIED",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "answer": ("cascade.cli.answer", "answer one prompt and show the climb"),
+    "cache": ("cascade.cli.cache", "inspect or clear the verified-answer cache"),
+    "health": ("cascade.cli.health", "the configured endpoints and their circuits; --probe "
+                                     "calls each once"),
     "record": ("cascade.record", "run a suite through every rung and store the responses"),
-    "tune": ("cascade.tune", "tune rungs and thresholds on recorded suites"),
-    "eval": ("cascade.evaluate", "replay suites through a config and report quality/cost"),
+    "tune": ("cascade.cli.tune", "tune rungs and thresholds on recorded suites"),
+    "eval": ("cascade.cli.eval", "replay suites through a config and report quality/cost"),
+    "label": ("cascade.cli.label", "name the unlabelled cases whose labels would change tuning"),
+    "suite": ("cascade.cli.suite", "build suites from served traffic (from-log: audit logs -> "
+                                   "a recorded suite)"),
     "serve": ("cascade.serve.cli", "serve the ladder as an OpenAI-compatible HTTP service"),
 }
-"""Commands in modules of their own: name -> (module with add_arguments(parser) and run(ns),
-help). Only the chosen command's module is imported."""
+"""name -> (module with ``add_arguments(parser)`` and ``run(ns) -> int``, one-line help)."""
 
 EXIT_OK, EXIT_UNVERIFIED, EXIT_USAGE, EXIT_NO_ANSWER, EXIT_BUDGET, EXIT_CACHE = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141
+"""128 + SIGPIPE, what a shell reports for a tool whose reader went away."""
 
 
-def format_climb(answer: Answer) -> str:
-    """A compact, human view of the climb: rungs, verdicts, tokens, cost, latency."""
-    lines = []
-    for a in answer.attempts:
-        cost = f"${a.cost_usd:.6f}" if a.cost_usd else "$0"
-        label = a.model if a.name in ("", a.model) else f"{a.name} [{a.model}]"
-        head = (f"  {a.rung + 1}. {label} ({a.provider})  {a.status.upper():8s} "
-                f"tokens {a.input_tokens}→{a.output_tokens}  {cost}  {a.latency_ms:.0f} ms")
-        if a.tries > 1:
-            head += f"  ({a.tries} tries)"
-        lines.append(head)
-        if a.error:
-            lines.append(f"       ! {a.error}")
-        for v in a.verdicts:
-            mark = "-" if v.skipped else ("✓" if v.passed else "✗")
-            score = f" {v.score:.3f}" if v.score is not None else ""
-            lines.append(f"       {mark} {v.verifier}{score}: {v.reason}")
-    state = "verified" if answer.verified else "NOT verified"
-    source = "cache hit (no model called)" if answer.cache_hit else "cache miss"
-    lines.append(f"  → {state} by {answer.model or '-'} · ${answer.cost_usd:.6f} · "
-                 f"{answer.latency_ms:.0f} ms · {source}")
-    return "\n".join(lines)
-
-
-def _answer_cache(ns: argparse.Namespace, config: CascadeConfig) -> AnswerCache:
-    """The cache the config names, or the one ``--cache-dir`` points at instead."""
-    from cascade.cache import AnswerCache
-
-    c = config.cache
-    return AnswerCache(ns.cache_dir or c.directory, ttl_s=c.ttl_s, size_limit_mb=c.size_limit_mb)
-
-
-def _cmd_answer(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from cascade.defaults import resolve_config
-    from cascade.engine import Cascade
-
-    config = resolve_config(ns.config)
-    c = Cascade(config, cache=_answer_cache(ns, config))
-    prompt = ns.prompt if ns.prompt != "-" else sys.stdin.read()
-    cache: bool | str = False if ns.no_cache else ("refresh" if ns.refresh else True)
-    code = EXIT_OK
+def _version() -> str:
     try:
-        try:
-            ans = c.answer(prompt, cache=cache, max_cost_usd=ns.max_cost_usd,
-                           timeout_s=ns.timeout)
-        except UnverifiedAnswerError as e:
-            ans = e.answer
-        if not ans.verified:
-            code = EXIT_UNVERIFIED
-        if ns.json:
-            out.write(json.dumps(ans.to_dict(), ensure_ascii=False) + "\n")
-        else:
-            out.write(ans.text + "\n")
-            err.write(format_climb(ans) + "\n")
-    except NoAnswerError as e:
-        if ns.json:
-            out.write(json.dumps({"error": str(e), "error_type": type(e).__name__,
-                                  **e.answer.to_dict()}) + "\n")
-        err.write(f"cascade: {e}\n")
-        if not ns.json:
-            err.write(format_climb(e.answer) + "\n")
-        code = EXIT_NO_ANSWER
-    finally:
-        c.close()
-    return code
-
-
-def _cmd_cache(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from cascade.defaults import resolve_config
-
-    cache = _answer_cache(ns, resolve_config(ns.config))
-    try:
-        if ns.cache_command == "stats":
-            stats = cache.stats()
-            if ns.json:
-                out.write(json.dumps(stats) + "\n")
-            else:
-                for k, v in stats.items():
-                    out.write(f"{k:18s} {v}\n")
-        else:
-            try:
-                n = cache.clear()
-                out.write(f"cleared {n} entries from {cache.directory}\n")
-            except CacheError:
-                if not ns.force:
-                    raise
-                cache.close()
-                shutil.rmtree(cache.directory, ignore_errors=True)
-                out.write(f"removed the damaged cache directory {cache.directory}\n")
-    finally:
-        cache.close()
-    return EXIT_OK
-
-
-def _cmd_health(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from cascade.engine import health
-
-    out.write(json.dumps(health(), indent=2) + "\n")
-    return EXIT_OK
+        return metadata.version("verified-cascade")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``argv`` says which command's module to import for its options (all
+    commands are listed either way)."""
+    # -v is accepted before and after the command; SUPPRESS keeps a subcommand's absent flag
+    # from overwriting one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress (INFO) to standard error")
     p = argparse.ArgumentParser(
-        prog="cascade",
+        prog="cascade", parents=[common],
         description="Answer through a ladder of LLMs, climbing only as far as verifiers require.",
         epilog="Exit codes: 0 ok/verified, 1 unverified answer, 2 usage or config error, "
-               "3 no answer, 4 budget or deadline exceeded, 5 cache unusable.",
+               "3 no answer, 4 budget or deadline exceeded, 5 cache unusable, 130 interrupted, "
+               "141 output closed early.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    a = sub.add_parser("answer", help="answer one prompt and show the climb")
-    a.add_argument("prompt", help="the question ('-' reads it from standard input)")
-    a.add_argument("--config", help="TOML config (default: $CASCADE_CONFIG, ./cascade.toml, "
-                   "else the embedded local ladder)")
-    a.add_argument("--json", action="store_true", help="print the Answer and trace as JSON")
-    a.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    a.add_argument("--refresh", action="store_true", help="skip the cache lookup, store anew")
-    a.add_argument("--cache-dir", help="override the cache directory")
-    a.add_argument("--max-cost-usd", type=float, default=None, help="per-request spending cap")
-    a.add_argument("--timeout", type=float, default=None, help="overall deadline in seconds")
-    a.set_defaults(func=_cmd_answer)
-
-    c = sub.add_parser("cache", help="inspect or clear the verified-answer cache")
-    c.add_argument("cache_command", choices=["stats", "clear"])
-    c.add_argument("--config")
-    c.add_argument("--cache-dir")
-    c.add_argument("--json", action="store_true")
-    c.add_argument("--force", action="store_true",
-                   help="with clear: remove the directory even if the cache is damaged")
-    c.set_defaults(func=_cmd_cache)
-
-    h = sub.add_parser("health", help="circuit breaker and latency snapshot of this process")
-    h.set_defaults(func=_cmd_health)
-
-    # Only the chosen suite command's module is imported: the tuner's numpy stack need not
-    # load for `cascade answer`.
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the installed version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     for name, (module, helptext) in COMMANDS.items():
-        sp = sub.add_parser(name, help=helptext)
+        sp = sub.add_parser(name, help=helptext, description=helptext, parents=[common])
         if name == wanted:
             mod = importlib.import_module(module)
             mod.add_arguments(sp)
-            sp.set_defaults(func=lambda ns, out, err, m=mod: m.run(ns))
+            sp.set_defaults(run=mod.run)
     return p
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
          err: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
+    """Run one command and return its exit code; ``out``/``err`` replace standard output and
+    error for the duration (tests pass ``io.StringIO``)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    with contextlib.ExitStack() as redirected:
+        if out is not None:
+            redirected.enter_context(contextlib.redirect_stdout(out))
+        if err is not None:
+            redirected.enter_context(contextlib.redirect_stderr(err))
+        try:
+            code = _run(args)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        except KeyboardInterrupt:  # also while parsing: `answer -` reads standard input there
+            sys.stderr.write("cascade: interrupted\n")
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            _silence_stdout()
+            return EXIT_PIPE_CLOSED
+        return code
+
+
+def _run(args: list[str]) -> int:
     parser = build_parser(args)
-    ns = parser.parse_args(args)
-    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=err)
-    if not ns.verbose:
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as e:  # --help, --version and usage errors (already printed)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    verbose = bool(getattr(ns, "verbose", False))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:
         # instructor logs each failed validation at ERROR; here that is a routine rejection,
         # already in the trace with its reason.
         logging.getLogger("instructor").setLevel(logging.CRITICAL)
+    err = sys.stderr
     try:
-        return int(ns.func(ns, out, err))
+        return int(ns.run(ns))
     except ConfigError as e:
         err.write(f"cascade: configuration error: {e}\n")
         return EXIT_USAGE
@@ -219,6 +151,18 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     except CascadeError as e:
         err.write(f"cascade: {type(e).__name__}: {e}\n")
         return EXIT_NO_ANSWER
-    except KeyboardInterrupt:
-        err.write("cascade: interrupted\n")
-        return 130
+
+
+def _silence_stdout() -> None:
+    """After the reader of standard output went away, point it at /dev/null so the flush at
+    interpreter exit does not raise a second BrokenPipeError (the recipe in Python's signal
+    docs)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a StringIO in tests)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)

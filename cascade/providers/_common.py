@@ -12,7 +12,9 @@ import email.utils
 import json
 import logging
 import os
+import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -22,6 +24,7 @@ from cascade.config import RungConfig
 from cascade.errors import (
     AuthenticationError,
     ClientRequestError,
+    ConfigError,
     MalformedReply,
     ProviderError,
     ProviderTimeout,
@@ -35,6 +38,7 @@ __all__ = [
     "Where",
     "attr",
     "count",
+    "guarded",
     "normalise_finish",
     "parse_retry_after",
     "resolve_api_key",
@@ -44,6 +48,8 @@ __all__ = [
 ]
 
 _MAX_DETAIL = 300
+MAX_TOKENS = 10**9
+"""More tokens than any one reply can hold: a larger usage claim is a malformed reply."""
 _QUIET = logging.NullHandler()
 
 
@@ -84,19 +90,43 @@ def resolve_api_key(rung: RungConfig, *, default_env: str | None, dummy: str | N
             raise AuthenticationError("no api_key_env configured", provider=rung.provider,
                                       model=rung.model)
         return dummy
-    key = os.environ.get(env)
+    key = (os.environ.get(env) or "").strip()
     if not key:
         raise AuthenticationError(
             f"the environment variable {env} is not set (api_key_env); set it to the API key",
             provider=rung.provider, model=rung.model,
         )
+    # A header cannot carry these, and the HTTP library's error would quote the key.
+    if not key.isascii() or not key.isprintable():
+        raise ConfigError(
+            f"the environment variable {env} holds a key with a control or non-ASCII "
+            "character (not shown); set it to the key alone, e.g. without a line break inside",
+            key="api_key_env",
+        )
     return key
 
 
+def secret_forms(secret: str) -> set[str]:
+    """``secret`` as it may appear in a message: raw, repr- or ``\\n``-escaped, JSON-escaped,
+    URL-encoded."""
+    forms = {
+        secret,
+        repr(secret)[1:-1],
+        secret.encode("unicode_escape").decode("ascii"),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        urllib.parse.quote(secret, safe=""),
+        urllib.parse.quote_plus(secret, safe=""),
+        urllib.parse.quote(secret),
+    }
+    return {f for f in forms if len(f) >= 4}
+
+
 def scrub(text: str, secret: str | None) -> str:
-    """Remove ``secret`` from ``text`` and keep it short enough for a trace line."""
-    if secret and len(secret) >= 4:
-        text = text.replace(secret, "***")
+    """Remove ``secret``, in every escaped form, from ``text`` and keep it short for a trace."""
+    if secret:
+        for form in sorted(secret_forms(secret), key=len, reverse=True):
+            text = text.replace(form, "***")
     text = " ".join(text.split())
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
 
@@ -143,9 +173,37 @@ def _detail(body: object, fallback: str) -> str:
     return fallback
 
 
+_LOC = re.compile(r"""["']loc["']\s*:\s*[\[(]\s*["']body["']\s*,\s*["']([A-Za-z_][\w-]*)["']""")
+"""A FastAPI/pydantic request-validation error's location: ``'loc': ('body', 'field', ...)``."""
+_VALIDATION = re.compile(r"validation error|unrecognized request argument|"
+                         r"extra (inputs|fields) (are )?not permitted|unknown field", re.I)
+
+
+def _rejected_field(body: object, detail: str) -> str | None:
+    """The request field a server says it rejected, from an OpenAI ``param`` or a validation
+    error's location (llama-cpp-python answers those with HTTP 500)."""
+    inner = body.get("error", body) if isinstance(body, Mapping) else None
+    param = inner.get("param") if isinstance(inner, Mapping) else None
+    if isinstance(param, str) and param:
+        return param
+    found = _LOC.search(detail)
+    if found:
+        return found.group(1)
+    if isinstance(body, Mapping) and isinstance(body.get("detail"), list):  # FastAPI's 422
+        for item in body["detail"]:
+            loc = item.get("loc") if isinstance(item, Mapping) else None
+            if isinstance(loc, list) and len(loc) > 1 and loc[0] == "body":
+                return str(loc[1])
+    return None
+
+
 def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model: str,
-                    secret: str | None) -> ProviderError | None:
-    """The :class:`ProviderError` for ``exc``, or None when it is not a provider failure."""
+                    secret: str | None, setting: Callable[[str], str] | None = None
+                    ) -> ProviderError | None:
+    """The :class:`ProviderError` for ``exc``, or None when it is not a provider failure.
+
+    ``setting(field)`` names the rung setting to change when the server rejects ``field``.
+    """
     kw: dict[str, Any] = {"provider": provider, "model": model}
     if isinstance(exc, ProviderError):
         return exc
@@ -153,26 +211,43 @@ def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model
         return ProviderTimeout("the request timed out", **kw)
     if isinstance(exc, sdk.APIConnectionError):
         cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ProviderError):  # raised by our http client (ReplyTooLarge)
+            return cause
+        if type(cause).__name__ == "TooManyRedirects":
+            return ClientRequestError(f"the server redirects in a loop "
+                                      f"({scrub(str(cause), secret)}); check base_url", **kw)
         why = f" ({type(cause).__name__}: {scrub(str(cause), secret)})" if cause else ""
         return TransportError(f"connection failed{why}", **kw)
     if isinstance(exc, sdk.APIStatusError):
         status: int = exc.status_code
         kw["status_code"] = status
-        msg = f"HTTP {status}: " + scrub(_detail(exc.body, exc.response.reason_phrase), secret)
+        raw = _detail(exc.body, exc.response.reason_phrase)
+        msg = f"HTTP {status}: " + scrub(raw, secret)
+        retry_after = parse_retry_after(exc.response.headers)
         if status == 429:
-            return RateLimited(msg, retry_after_s=parse_retry_after(exc.response.headers), **kw)
+            return RateLimited(msg, retry_after_s=retry_after, **kw)
         if status in (401, 403):
             return AuthenticationError(msg, **kw)
         if status == 408:
             return ProviderTimeout(msg, **kw)
+        field = _rejected_field(exc.body, raw) if status != 404 else None
+        if field is not None and (status < 500 or _VALIDATION.search(raw)):
+            fix = setting(field) if setting else "the rung setting that sends it"
+            return ClientRequestError(
+                f"the server rejected the request field {field!r}; change {fix} ({msg})", **kw)
         if status >= 500:
-            return ServerError(msg, **kw)
+            return ServerError(msg, retry_after_s=retry_after, **kw)
+        if status == 404 and "model" in raw.lower():
+            return ClientRequestError(f"{msg}; check the rung's 'model' (the server's "
+                                      "/v1/models lists what it serves)", **kw)
         return ClientRequestError(msg, **kw)
     if isinstance(exc, sdk.APIResponseValidationError):
         return MalformedReply(f"reply does not match the API schema: {scrub(str(exc), secret)}",
                               **kw)
     if isinstance(exc, json.JSONDecodeError):
         return MalformedReply(f"reply body is not valid JSON ({exc.msg} at char {exc.pos})", **kw)
+    if isinstance(exc, RecursionError):
+        return MalformedReply("reply body nests too deeply to read", **kw)
     if isinstance(exc, UnicodeDecodeError):
         return MalformedReply(f"reply body is not UTF-8 text ({exc.reason} at byte {exc.start})",
                               **kw)
@@ -182,7 +257,8 @@ def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model
 
 
 def guarded(create: Callable[..., Awaitable[Any]], sdk: ModuleType, *, secret: str | None,
-            where: Where, check: Callable[[Any, Where], object]) -> Callable[..., Awaitable[Any]]:
+            where: Where, check: Callable[[Any, Where], object],
+            setting: Callable[[str], str] | None = None) -> Callable[..., Awaitable[Any]]:
     """Wrap an SDK ``create`` so its errors become ours and its reply is checked against the
     wire protocol before anyone (instructor included) touches it."""
 
@@ -190,7 +266,7 @@ def guarded(create: Callable[..., Awaitable[Any]], sdk: ModuleType, *, secret: s
         try:
             reply = await create(**kw)
         except Exception as exc:
-            err = translate_error(exc, sdk, secret=secret, **where)
+            err = translate_error(exc, sdk, secret=secret, setting=setting, **where)
             if err is None:
                 raise
             raise err from None
@@ -212,8 +288,8 @@ def attr(obj: object, name: str) -> Any:
 
 
 def count(value: object) -> int | None:
-    """A token count, or None when it is not a non-negative integer."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """A token count, or None when it is not an integer in [0, MAX_TOKENS]."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
         return value
     return None
 
@@ -238,6 +314,7 @@ async def run_instructor(
     reasks: int,
     kwargs: Mapping[str, Any],
     where: Where,
+    secret: str | None = None,
 ) -> Structured:
     """Ask through instructor, whose ``create`` is ours (so errors are already translated).
 
@@ -263,14 +340,15 @@ async def run_instructor(
                           error="the output was cut at max_tokens before it was complete")
     except InstructorRetryException as e:
         if e.failed_attempts and e.last_completion is not None:
-            why = str(e.failed_attempts[-1].exception)
+            why = scrub(str(e.failed_attempts[-1].exception), secret)
             return Structured(raw=e.last_completion, parsed=None, error=why,
                               total_usage=e.total_usage)
         cause = e.__cause__
         if isinstance(cause, ProviderError):
             raise cause from None
         raise MalformedReply(
-            f"structured reply could not be read ({type(cause).__name__}: {cause})", **where
+            f"structured reply could not be read ({type(cause).__name__}: "
+            f"{scrub(str(cause), secret)})", **where
         ) from None
     return Structured(raw=raw, parsed=_plain(parsed, output_type), error=None,
                       total_usage=getattr(parsed, "_total_usage", None))

@@ -8,92 +8,43 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anthropic
+import httpx2
 
 from cascade.config import RungConfig
-from cascade.errors import MalformedReply
-from cascade.providers._common import (
-    Where,
-    attr,
-    count,
-    guarded,
-    normalise_finish,
-    resolve_api_key,
-    run_instructor,
-)
-from cascade.providers.base import Completion, ModelCall, Provider
+from cascade.errors import ConfigError, MalformedReply
+from cascade.providers._common import Where, attr, count, normalise_finish
+from cascade.providers._sdk import SDKProvider, Wire, schema_instruction, schema_name
+from cascade.providers.base import Completion, ModelCall
 
 __all__ = ["AnthropicProvider"]
 
 
-class AnthropicProvider(Provider):
-    """Kind ``anthropic``; one ``AsyncAnthropic`` client per endpoint."""
-
-    def __init__(self, rung: RungConfig) -> None:
-        self.rung = rung
-        self.name = rung.provider
-        self._client: anthropic.AsyncAnthropic | None = None
-        self._key: str | None = None
-
-    def _get_client(self) -> anthropic.AsyncAnthropic:
-        if self._client is None:
-            self._key = resolve_api_key(self.rung, default_env="ANTHROPIC_API_KEY", dummy=None)
-            self._client = anthropic.AsyncAnthropic(
-                api_key=self._key,
-                base_url=self.rung.base_url,
-                max_retries=0,
-                timeout=self.rung.timeout_s,
-            )
-        return self._client
-
-    async def complete(self, call: ModelCall) -> Completion:
-        client = self._get_client()
-        where = Where(provider=self.name, model=call.model)
-        kwargs = _request(call)
-
-        create = guarded(client.messages.create, anthropic, secret=self._key, where=where,
-                         check=_read)
-
-        start = time.perf_counter()
-        if call.output_type is None:
-            return _completion(await create(**kwargs), call, where, start)
-        import instructor
-
-        result = await run_instructor(
-            create, mode=instructor.Mode.TOOLS, provider=instructor.Provider.ANTHROPIC,
-            output_type=call.output_type, reasks=call.reasks, kwargs=kwargs, where=where,
-        )
-        done = _completion(result.raw, call, where, start, parsed=result.parsed,
-                           parse_error=result.error)
-        total = result.total_usage
-        i, o = count(attr(total, "input_tokens")), count(attr(total, "output_tokens"))
-        if i is not None and o is not None and (i, o) != (0, 0):
-            done = replace(done, input_tokens=i, output_tokens=o)
-        return done
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
+_MODES = ("json_schema", "tools", "prompt")
 
 
-def _request(call: ModelCall) -> dict[str, Any]:
+def _request(call: ModelCall, *, schema: Mapping[str, Any] | None, mode: str) -> dict[str, Any]:
     # No temperature: the messages API of this SDK generation no longer takes one (a rung
     # that needs it can pass it through ``extra``).
     system = [m.content for m in call.messages if m.role == "system"]
+    if schema is not None and mode == "prompt":
+        system.insert(0, schema_instruction(schema))
     kwargs: dict[str, Any] = {
         "model": call.model,
         "messages": [m.to_dict() for m in call.messages if m.role != "system"],
         "max_tokens": call.max_tokens,
         "timeout": call.timeout_s,
     }
-    if call.json_schema is not None and call.output_type is None:
-        kwargs["output_config"] = {
-            "format": {"type": "json_schema", "schema": dict(call.json_schema)}
-        }
+    if schema is not None and mode == "json_schema":
+        kwargs["output_config"] = {"format": {"type": "json_schema", "schema": dict(schema)}}
+    elif schema is not None and mode == "tools":
+        name = schema_name(schema)
+        kwargs["tools"] = [{"name": name, "description": "Give the answer.",
+                            "input_schema": dict(schema)}]
+        kwargs["tool_choice"] = {"type": "tool", "name": name}
     if system:
         kwargs["system"] = "\n\n".join(system)
     if call.stop:
@@ -101,6 +52,11 @@ def _request(call: ModelCall) -> dict[str, Any]:
     if call.extra:
         kwargs["extra_body"] = dict(call.extra)
     return kwargs
+
+
+def _usage(total: object) -> tuple[int, int] | None:
+    i, o = count(attr(total, "input_tokens")), count(attr(total, "output_tokens"))
+    return (i, o) if i is not None and o is not None and (i, o) != (0, 0) else None
 
 
 def _bad(what: str, where: Where) -> MalformedReply:
@@ -132,7 +88,7 @@ def _read(reply: object, where: Where) -> tuple[str, int, int]:
     usage = attr(reply, "usage")
     i, o = count(attr(usage, "input_tokens")), count(attr(usage, "output_tokens"))
     if i is None or o is None:
-        raise _bad("usage.input_tokens/output_tokens must be non-negative integers", where)
+        raise _bad("usage.input_tokens/output_tokens must be integers in [0, 1e9]", where)
     return "".join(texts), i, o
 
 
@@ -153,3 +109,36 @@ def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
         latency_ms=(time.perf_counter() - start) * 1000.0,
         provider_request_id=request_id if isinstance(request_id, str) else None,
     )
+
+
+class AnthropicProvider(SDKProvider[anthropic.AsyncAnthropic]):
+    """Kind ``anthropic``; one ``AsyncAnthropic`` client per endpoint."""
+
+    sdk = anthropic
+    wire = Wire(check=_read, completion=_completion, usage=_usage)
+    instructor_provider = "ANTHROPIC"
+    structured_modes = _MODES
+    default_structured = "tools"
+
+    def __init__(self, rung: RungConfig) -> None:
+        if rung.structured_output not in (None, *_MODES):
+            raise ConfigError(f"is {rung.structured_output!r}, which the messages API cannot "
+                              f"send; allowed for anthropic: {', '.join(_MODES)}",
+                              key="structured_output")
+        super().__init__(rung)
+
+    def _key_source(self) -> tuple[str | None, str | None]:
+        return "ANTHROPIC_API_KEY", None
+
+    def _new_client(self, key: str, http_client: httpx2.AsyncClient
+                    ) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(api_key=key, base_url=self.rung.base_url,
+                                        max_retries=0, timeout=self.rung.timeout_s,
+                                        http_client=http_client)
+
+    def _endpoint(self, client: anthropic.AsyncAnthropic) -> Callable[..., Awaitable[Any]]:
+        return client.messages.create
+
+    def _request(self, call: ModelCall, *, schema: Mapping[str, Any] | None,
+                 mode: str) -> dict[str, Any]:
+        return _request(call, schema=schema, mode=mode)

@@ -53,7 +53,7 @@ def rung_call(rung: RungConfig, messages: Sequence[Message], *,
         model=rung.model, messages=tuple(messages), max_tokens=rung.max_tokens,
         temperature=rung.temperature, timeout_s=rung.timeout_s, logprobs=rung.logprobs,
         top_logprobs=5 if rung.logprobs else 0, json_schema=json_schema,
-        output_type=output_type, extra=dict(rung.extra),
+        output_type=output_type, stop=rung.stop, extra=dict(rung.extra),
     )
 
 

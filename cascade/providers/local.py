@@ -1,11 +1,11 @@
 """Provider kind ``local``: GGUF models on this machine, through llama.cpp, with no API key.
 
 A rung's ``model`` is a bundled model's short name (see :data:`BUNDLED_MODELS`) or a path to a
-``.gguf`` chat model. On the first call the provider starts ``python -m cascade.local_server``
-on a free 127.0.0.1 port and then talks to it with :class:`OpenAIProvider`, the same code path
-as any OpenAI-compatible endpoint: request building, reply checks and error translation are
-shared, and the model runs outside the caller's process, so a crash in llama.cpp cannot take the
-caller down and the GIL is not held while it decodes.
+``.gguf`` chat model. On the first call the provider starts ``python -m
+cascade.providers.local_server`` on a free 127.0.0.1 port and then talks to it with
+:class:`OpenAIProvider`, the same code path as any OpenAI-compatible endpoint: request building,
+reply checks and error translation are shared, and the model runs outside the caller's process,
+so a crash in llama.cpp cannot take the caller down and the GIL is not held while it decodes.
 
 One server per model file, shared by every rung and provider that uses it and reference-counted:
 the last :meth:`LocalProvider.aclose` stops it, and an ``atexit`` hook stops any still running.
@@ -40,7 +40,6 @@ import anyio.to_thread
 
 from cascade.config import RungConfig
 from cascade.errors import ConfigError, ProviderError
-from cascade.providers import register_provider
 from cascade.providers.base import Completion, ModelCall, Provider
 from cascade.providers.openai import OpenAIProvider
 
@@ -202,7 +201,7 @@ def _exit_reason(code: int | None) -> str:
 
 
 class _Server:
-    """One ``cascade.local_server`` process and the providers holding it."""
+    """One ``cascade.providers.local_server`` process and the providers holding it."""
 
     def __init__(self, path: Path, alias: str) -> None:
         self.path = path
@@ -235,7 +234,7 @@ class _Server:
     def start(self, timeout_s: float) -> None:
         """Start the process and wait for its port and /health (caller holds ``lock``)."""
         self._log = tempfile.TemporaryFile(prefix="cascade-local-")  # noqa: SIM115 - kept open
-        cmd = [sys.executable, "-m", "cascade.local_server", "--model", str(self.path),
+        cmd = [sys.executable, "-m", "cascade.providers.local_server", "--model", str(self.path),
                "--alias", self.alias, "--port", "0", "--ctx", str(_N_CTX), "--exit-on-stdin-eof"]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
@@ -419,4 +418,4 @@ class LocalProvider(Provider):
             await self._drop()
 
 
-register_provider("local", LocalProvider)
+

@@ -10,104 +10,39 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import httpx2
 import openai
 
 from cascade.config import RungConfig
 from cascade.errors import MalformedReply
-from cascade.providers._common import (
-    Where,
-    attr,
-    count,
-    guarded,
-    normalise_finish,
-    resolve_api_key,
-    run_instructor,
-)
-from cascade.providers.base import Completion, ModelCall, Provider, TokenLogprob
+from cascade.providers._common import Where, attr, count, normalise_finish
+from cascade.providers._sdk import SDKProvider, Wire, schema_instruction, schema_name
+from cascade.providers.base import Completion, ModelCall, TokenLogprob
 
 __all__ = ["OpenAIProvider"]
 
 _DUMMY_KEY = "sk-no-key-required"
-
-
-class OpenAIProvider(Provider):
-    """Kinds ``openai`` and ``openai-compatible``; one ``AsyncOpenAI`` client per endpoint."""
-
-    def __init__(self, rung: RungConfig) -> None:
-        self.rung = rung
-        self.name = rung.provider
-        self._client: openai.AsyncOpenAI | None = None
-        self._key: str | None = None
-
-    def _get_client(self) -> openai.AsyncOpenAI:
-        # Built on first use so that a missing key fails the call (the cascade records it and
-        # moves on) rather than the construction of the whole ladder.
-        if self._client is None:
-            compatible = self.rung.provider == "openai-compatible"
-            self._key = resolve_api_key(
-                self.rung,
-                default_env=None if compatible else "OPENAI_API_KEY",
-                dummy=_DUMMY_KEY if compatible else None,
-            )
-            self._client = openai.AsyncOpenAI(
-                api_key=self._key,
-                base_url=self.rung.base_url,
-                max_retries=0,
-                timeout=self.rung.timeout_s,
-            )
-        return self._client
-
-    def _where(self, call: ModelCall) -> Where:
-        return {"provider": self.name, "model": call.model}
-
-    async def complete(self, call: ModelCall) -> Completion:
-        client = self._get_client()
-        where = self._where(call)
-        kwargs = _request(call, official=self.rung.provider == "openai")
-
-        create = guarded(client.chat.completions.create, openai, secret=self._key,
-                         where=where, check=_read)
-
-        start = time.perf_counter()
-        if call.output_type is None:
-            reply = await create(**kwargs)
-            return _completion(reply, call, where, start)
-        kwargs.pop("response_format", None)
-        import instructor
-
-        mode = (instructor.Mode.JSON if self.rung.provider == "openai-compatible"
-                else instructor.Mode.TOOLS)
-        result = await run_instructor(
-            create, mode=mode, provider=instructor.Provider.OPENAI,
-            output_type=call.output_type, reasks=call.reasks, kwargs=kwargs, where=where,
-        )
-        done = _completion(result.raw, call, where, start, parsed=result.parsed,
-                           parse_error=result.error)
-        usage = _usage(result.total_usage)
-        if usage is not None:
-            done = _with_usage(done, usage)
-        return done
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
+_MODES = ("json_schema", "json_object_schema", "json_object", "tools", "prompt")
 
 
 _REASONING = re.compile(r"^(o\d+(-|$)|gpt-5(?!-chat))")
 """OpenAI models that take only the default temperature (o1, o3, o4-mini, gpt-5 ...)."""
 
 
-def _request(call: ModelCall, *, official: bool) -> dict[str, Any]:
+def _request(call: ModelCall, *, official: bool, schema: Mapping[str, Any] | None,
+             mode: str) -> dict[str, Any]:
     """The request body. OpenAI's own API takes ``max_completion_tokens`` (its reasoning models
     refuse ``max_tokens``, and they refuse any but the default temperature); compatible servers
     (vLLM, Ollama, llama.cpp, LM Studio) all know ``max_tokens``."""
+    messages = [m.to_dict() for m in call.messages]
+    if schema is not None and mode in ("json_object", "prompt"):
+        messages.insert(0, {"role": "system", "content": schema_instruction(schema)})
     kwargs: dict[str, Any] = {
         "model": call.model,
-        "messages": [m.to_dict() for m in call.messages],
+        "messages": messages,
         "max_completion_tokens" if official else "max_tokens": call.max_tokens,
         "timeout": call.timeout_s,
     }
@@ -119,16 +54,28 @@ def _request(call: ModelCall, *, official: bool) -> dict[str, Any]:
         kwargs["logprobs"] = True
         if call.top_logprobs:
             kwargs["top_logprobs"] = call.top_logprobs
-    if call.json_schema is not None:
-        title = call.json_schema.get("title")
-        name = re.sub(r"[^A-Za-z0-9_-]", "_", title if isinstance(title, str) else "") or "answer"
-        kwargs["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": name[:64], "schema": dict(call.json_schema)},
-        }
+    if schema is not None:
+        kwargs.update(_structured(schema, mode))
     if call.extra:
         kwargs["extra_body"] = dict(call.extra)
     return kwargs
+
+
+def _structured(schema: Mapping[str, Any], mode: str) -> dict[str, Any]:
+    """The request fields that ask for ``schema`` in ``mode`` (see the README's table)."""
+    name = schema_name(schema)
+    if mode == "json_schema":
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": name, "schema": dict(schema)}}}
+    if mode == "json_object_schema":  # llama-cpp-python: the schema becomes a grammar
+        return {"response_format": {"type": "json_object", "schema": dict(schema)}}
+    if mode == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    if mode == "tools":
+        return {"tools": [{"type": "function", "function": {"name": name,
+                                                            "parameters": dict(schema)}}],
+                "tool_choice": {"type": "function", "function": {"name": name}}}
+    return {}  # prompt: the schema is in the system message only
 
 
 def _bad(what: str, where: Where) -> MalformedReply:
@@ -169,7 +116,7 @@ def _read(reply: object, where: Where) -> tuple[str, Any, Any]:
     if count(attr(usage, "prompt_tokens")) is None or count(
         attr(usage, "completion_tokens")
     ) is None:
-        raise _bad("usage.prompt_tokens/completion_tokens must be non-negative integers", where)
+        raise _bad("usage.prompt_tokens/completion_tokens must be integers in [0, 1e9]", where)
     return text, choice, usage
 
 
@@ -200,10 +147,6 @@ def _usage(usage: object) -> tuple[int, int] | None:
     return (p, c) if p is not None and c is not None else None
 
 
-def _with_usage(done: Completion, usage: tuple[int, int]) -> Completion:
-    return replace(done, input_tokens=usage[0], output_tokens=usage[1])
-
-
 def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
                 parsed: Any = None, parse_error: str | None = None) -> Completion:
     text, choice, usage = _read(reply, where)
@@ -223,3 +166,31 @@ def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
         latency_ms=(time.perf_counter() - start) * 1000.0,
         provider_request_id=request_id if isinstance(request_id, str) else None,
     )
+
+
+class OpenAIProvider(SDKProvider[openai.AsyncOpenAI]):
+    """Kinds ``openai`` and ``openai-compatible``; one ``AsyncOpenAI`` client per endpoint."""
+
+    sdk = openai
+    wire = Wire(check=_read, completion=_completion, usage=_usage)
+    instructor_provider = "OPENAI"
+    structured_modes = _MODES
+    default_structured = "json_schema"
+
+    def __init__(self, rung: RungConfig) -> None:
+        super().__init__(rung)
+        self._official = rung.provider == "openai"
+
+    def _key_source(self) -> tuple[str | None, str | None]:
+        return ("OPENAI_API_KEY", None) if self._official else (None, _DUMMY_KEY)
+
+    def _new_client(self, key: str, http_client: httpx2.AsyncClient) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(api_key=key, base_url=self.rung.base_url, max_retries=0,
+                                  timeout=self.rung.timeout_s, http_client=http_client)
+
+    def _endpoint(self, client: openai.AsyncOpenAI) -> Callable[..., Awaitable[Any]]:
+        return client.chat.completions.create
+
+    def _request(self, call: ModelCall, *, schema: Mapping[str, Any] | None,
+                 mode: str) -> dict[str, Any]:
+        return _request(call, official=self._official, schema=schema, mode=mode)

@@ -7,6 +7,7 @@ Without a ``[store]`` table everything stays in this process (and this host's di
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import cast
 
 from cascade.budget import BudgetStore
@@ -19,7 +20,8 @@ __all__ = ["LocalStore", "Store", "open_store"]
 
 
 def open_store(config: CascadeConfig, *, cache: AnswerCache | None = None,
-               budget_store: BudgetStore | None = None) -> Store:
+               budget_store: BudgetStore | None = None,
+               clock: Callable[[], float] | None = None) -> Store:
     """The store a config asks for: Redis when ``[store] url`` is set, else the local one.
 
     An explicitly passed ``cache`` / ``budget_store`` (tests, embedding) wins over both.
@@ -27,4 +29,4 @@ def open_store(config: CascadeConfig, *, cache: AnswerCache | None = None,
     if config.store.get("url") and cache is None and budget_store is None:
         redis = importlib.import_module("cascade.store.redis")  # redis-py loads only when asked
         return cast(Store, redis.RedisStore.from_config(config))
-    return LocalStore(config, cache=cache, budget_store=budget_store)
+    return LocalStore(config, cache=cache, budget_store=budget_store, clock=clock)

@@ -8,14 +8,14 @@ database never stalls the event loop, and settling money is shielded from cancel
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from cascade.breaker import CircuitBreakers, all_breaker_snapshots, breakers_for
+from cascade.breaker import CircuitBreakers, breakers_for
 from cascade.budget import BudgetStore, Reservation, default_store
 from cascade.cache import AnswerCache
 from cascade.config import CascadeConfig
@@ -90,7 +90,7 @@ class LocalBreakers:
         self.sync.record(endpoint, err)
 
     async def asnapshot(self) -> dict[str, dict[str, Any]]:
-        return all_breaker_snapshots()
+        return self.sync.snapshot()
 
 
 @dataclass
@@ -179,7 +179,8 @@ class LocalStore:
     shared = False
 
     def __init__(self, config: CascadeConfig, *, cache: AnswerCache | None = None,
-                 budget_store: BudgetStore | None = None) -> None:
+                 budget_store: BudgetStore | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         c = config.cache
         if not c.enabled:
             self.cache: LocalCache | None = None
@@ -189,7 +190,11 @@ class LocalStore:
             self.cache = LocalCache(AnswerCache(c.directory, ttl_s=c.ttl_s,
                                                 size_limit_mb=c.size_limit_mb), owned=True)
         self.budgets = LocalBudgets(budget_store if budget_store is not None else default_store())
-        self.breakers = LocalBreakers(breakers_for(config.breaker))
+        b = config.breaker
+        # Process-wide breakers, unless a clock is injected (tests in fake time get their own).
+        self.breakers = LocalBreakers(
+            breakers_for(b) if clock is None
+            else CircuitBreakers(b.failure_threshold, b.cooldown_s, clock=clock))
         self.latency = _PROCESS_LATENCY
         self.counters = _PROCESS_COUNTERS
 

@@ -1,12 +1,12 @@
-"""Text helpers shared by the built-in verifiers: JSON extraction, answer normalisers, imports.
+"""Text helpers shared by the verifiers and the suite's graders: JSON extraction, normalisers.
 
 Models wrap answers in prose and code fences and write numbers and choices in many ways; these
-helpers pull out the part a verifier compares, in one place, so every verifier reads answers alike.
+helpers pull out the part that is compared, in one place, so a grader and the agreement verifier
+read answers alike. A leaf module: it imports nothing from the package.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -18,10 +18,10 @@ from typing import Any
 __all__ = [
     "NORMALISERS",
     "JSONExtractError",
+    "Normaliser",
     "extract_choice",
     "extract_json",
     "extract_number",
-    "import_object",
     "json_path",
     "normalise_exact",
     "normalise_text",
@@ -209,13 +209,3 @@ def same_answer(a: Hashable | None, b: Hashable | None, *, tolerance: float = 1e
         return math.isclose(a, b, rel_tol=tolerance, abs_tol=tolerance)
     return a == b
 
-
-def import_object(path: str) -> Any:
-    """Import ``package.module:attr`` (dotted ``attr`` allowed), or raise ImportError."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ImportError(f"{path!r} is not of the form 'package.module:name'")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj

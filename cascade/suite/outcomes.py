@@ -1,35 +1,25 @@
-"""Fixture suites, graders, recorded responses and the outcome table the tuner works on.
-
-A suite is a folder of JSONL files (or one JSONL file); one case a line::
-
-    {"id": "q1", "messages": [{"role": "user", "content": "2+2?"}], "expected": "4",
-     "grader": "numeric", "tags": ["arith"], "metadata": {}}
-
-``grader`` is ``exact``, ``normalised``, ``contains`` (an expected answer appears, word for
-word after normalising, inside a free-text answer: "The capital is Canberra."), ``numeric``,
-``choice``, ``json_schema`` (``expected`` is the schema) or ``package.module:function`` (called
-with ``(text, case)``, returns a bool).
-
-Recordings (``recordings.jsonl`` beside the cases) hold every model call made while recording,
-keyed by a hash of the call, with the verdicts of the rung's verifiers, so a replay is exact and
-the tuner can re-threshold scores without calling anything.
+"""The outcome table the tuner works on: cases × rungs, from recorded suites or shared files.
 
 The shared recorded-outcomes format (``<benchmark>_<chain>_train.jsonl`` with a
-``ladder-<chain>.json`` beside it) loads straight into an :class:`OutcomeTable`.
+``ladder-<chain>.json`` beside it) loads straight into an :class:`OutcomeTable`; a recorded suite
+is graded from its recordings. Both carry the answer texts, so the table also holds which rungs
+agree with each other (under each built-in normaliser of ``cascade.text``): the signal the
+``agreement`` verifier reads in a live climb, and what makes unlabelled cases usable (two
+answers equal under the suite's normaliser get the same grade).
 
-Both carry the answer texts, so the table also holds which rungs agree with each other (under
-each built-in normaliser of ``verifiers._text``): the signal the ``agreement`` verifier reads
-in a live climb, replayable without calling anything.
+Unlabelled cases (recorded traffic nobody graded yet: ``"correct": null`` in every outcome of a
+shared-format case, a recorded-suite case without ``expected``) are kept, with
+``labelled[i] = False`` and ``correct[i] = False`` as a placeholder that nothing may read as a
+grade.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,325 +29,22 @@ import numpy.typing as npt
 
 from cascade.config import CascadeConfig, RungConfig, VerifierConfig
 from cascade.errors import ConfigError
-from cascade.messages import Message, normalise_messages
-from cascade.providers.base import Completion, ModelCall, TokenLogprob, rung_call
-from cascade.trace import Verdict
+from cascade.suite.cases import Case, load_cases, read_jsonl
+from cascade.suite.grading import GRADER_NORMALISER, grade
+from cascade.suite.recordings import RecordingStore, answer_call
 
 __all__ = [
     "AGREEMENT_NORMALISERS",
-    "GRADERS",
-    "RECORDINGS_FILE",
-    "Case",
     "OutcomeTable",
-    "Recording",
-    "RecordingStore",
     "agreement_arrays",
-    "answer_call",
-    "grade",
     "is_shared_outcomes",
-    "load_cases",
     "load_outcome_table",
     "load_shared_outcomes",
-    "messages_hash",
-    "request_hash",
     "table_from_recordings",
 ]
 
-RECORDINGS_FILE = "recordings.jsonl"
-GRADERS: tuple[str, ...] = ("exact", "normalised", "contains", "numeric", "choice",
-                             "json_schema")
-
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
-
-
-# ---------------------------------------------------------------- cases
-
-
-@dataclass(frozen=True, kw_only=True)
-class Case:
-    """One question of a suite, with what a right answer looks like."""
-
-    id: str
-    messages: tuple[Message, ...]
-    expected: Any = None
-    grader: str = "normalised"
-    tags: tuple[str, ...] = ()
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    source: str = ""
-    """File and line, for error messages."""
-
-    @property
-    def group(self) -> str:
-        """The mix the case belongs to (first tag), for distribution-shift checks."""
-        return self.tags[0] if self.tags else ""
-
-
-def _suite_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.glob("*.jsonl") if p.name != RECORDINGS_FILE)
-    raise ConfigError("suite not found (give a folder of JSONL files or one JSONL file)",
-                      source=str(path))
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", source=str(path)) from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ConfigError(f"line {i} is not valid JSON: {e}", source=str(path)) from None
-        if not isinstance(obj, dict):
-            raise ConfigError(f"line {i} must be a JSON object", source=str(path))
-        yield i, obj
-
-
-def _parse_case(obj: Mapping[str, Any], where: str) -> Case:
-    for k in ("id", "messages"):
-        if k not in obj:
-            raise ConfigError(f"a case needs {k!r}", source=where)
-    grader = obj.get("grader", "normalised")
-    if not isinstance(grader, str) or (grader not in GRADERS and ":" not in grader):
-        raise ConfigError(f"grader is {grader!r}; allowed: {', '.join(GRADERS)} or "
-                          "'package.module:function'", source=where, key="grader")
-    if grader == "json_schema" and not isinstance(obj.get("expected"), Mapping):
-        raise ConfigError("grader 'json_schema' needs the schema as 'expected'", source=where,
-                          key="expected")
-    tags = obj.get("tags", [])
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise ConfigError("tags must be a list of strings", source=where, key="tags")
-    try:
-        messages = normalise_messages(messages=obj["messages"])
-    except ConfigError as e:
-        raise ConfigError(str(e), source=where, key="messages") from None
-    return Case(id=str(obj["id"]), messages=messages, expected=obj.get("expected"),
-                grader=grader, tags=tuple(tags), metadata=dict(obj.get("metadata") or {}),
-                source=where)
-
-
-def load_cases(path: str | os.PathLike[str]) -> list[Case]:
-    """Read a suite: every ``*.jsonl`` of a folder (but the recordings) or one file."""
-    p = Path(path)
-    cases: list[Case] = []
-    seen: dict[str, str] = {}
-    for f in _suite_files(p):
-        for i, obj in _read_jsonl(f):
-            case = _parse_case(obj, f"{f}:{i}")
-            if case.id in seen:
-                raise ConfigError(f"case id {case.id!r} repeats (first at {seen[case.id]})",
-                                  source=f"{f}:{i}")
-            seen[case.id] = case.source
-            cases.append(case)
-    if not cases:
-        raise ConfigError("the suite holds no cases", source=str(p))
-    return cases
-
-
-# ---------------------------------------------------------------- graders
-
-
-def grade(case: Case, text: str) -> bool:
-    """Whether ``text`` answers ``case`` rightly. Grades never reach verifiers."""
-    from verifiers._text import NORMALISERS, import_object, normalise_text, same_answer
-
-    g = case.grader
-    if g == "json_schema":
-        import jsonschema  # type: ignore[import-untyped,unused-ignore]
-
-        from verifiers._text import JSONExtractError, extract_json
-
-        try:
-            value = extract_json(text)
-        except JSONExtractError:
-            return False
-        return bool(jsonschema.Draft202012Validator(case.expected).is_valid(value))
-    if ":" in g:
-        try:
-            fn = import_object(g)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"grader {g!r} cannot be imported: {e}", source=case.source,
-                              key="grader") from None
-        return bool(fn(text, case))
-    if case.expected is None:
-        raise ConfigError("has no 'expected' answer to grade against", source=case.source,
-                          key="expected")
-    expected = case.expected if isinstance(case.expected, list) else [case.expected]
-    if g == "contains":
-        padded = f" {normalise_text(text)} "
-        return any(f" {normalise_text(str(exp))} " in padded for exp in expected)
-    norm = NORMALISERS[g]
-    got = norm(text)
-    for exp in expected:
-        want: Any = (float(exp) if g == "numeric" and isinstance(exp, (int, float))
-                     else norm(str(exp)))
-        if same_answer(got, want):
-            return True
-    return False
-
-
-# ---------------------------------------------------------------- recordings
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def messages_hash(messages: Sequence[Message]) -> str:
-    """Identifies a question across models: the case a recording belongs to."""
-    return hashlib.sha256(_canonical([m.to_dict() for m in messages]).encode()).hexdigest()
-
-
-def request_hash(call: ModelCall) -> str:
-    """Identifies one model call exactly: model, messages and every sampling setting."""
-    return hashlib.sha256(_canonical({
-        "model": call.model,
-        "messages": [m.to_dict() for m in call.messages],
-        "max_tokens": call.max_tokens,
-        "temperature": call.temperature,
-        "logprobs": call.logprobs,
-        "top_logprobs": call.top_logprobs,
-        "json_schema": call.json_schema,
-        "stop": list(call.stop),
-        "extra": dict(call.extra),
-    }).encode()).hexdigest()
-
-
-def _loose_hash(model: str, messages: Sequence[Message]) -> str:
-    return hashlib.sha256(f"{model}\n{messages_hash(messages)}".encode()).hexdigest()
-
-
-def answer_call(rung: RungConfig, messages: Sequence[Message]) -> ModelCall:
-    """The call a rung makes for a question: what record sends and replay looks up."""
-    return rung_call(rung, messages)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Recording:
-    """One recorded model call: the reply, its usage and price, and (for answers) the verdicts."""
-
-    key: str
-    model: str
-    case_id: str
-    kind: str
-    """``answer`` (the rung's reply to the case) or ``verifier`` (a call a verifier made)."""
-    text: str
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-    latency_ms: float = 0.0
-    finish_reason: str | None = None
-    logprobs: tuple[TokenLogprob, ...] | None = None
-    endpoint: str = ""
-    loose_key: str = ""
-    messages_key: str = ""
-    verdicts: tuple[Verdict, ...] = ()
-    """Raw verdicts (no threshold applied) of the rung's verifiers on this answer."""
-
-    def completion(self) -> Completion:
-        return Completion(text=self.text, model=self.model, input_tokens=self.input_tokens,
-                          output_tokens=self.output_tokens, finish_reason=self.finish_reason,
-                          logprobs=self.logprobs, latency_ms=self.latency_ms)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key, "model": self.model, "case_id": self.case_id, "kind": self.kind,
-            "text": self.text, "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens, "cost_usd": self.cost_usd,
-            "latency_ms": self.latency_ms, "finish_reason": self.finish_reason,
-            "logprobs": None if self.logprobs is None else [
-                {"token": t.token, "logprob": t.logprob, "top": dict(t.top)}
-                for t in self.logprobs],
-            "endpoint": self.endpoint, "loose_key": self.loose_key,
-            "messages_key": self.messages_key,
-            "verdicts": [v.to_dict() for v in self.verdicts],
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Recording:
-        lps = d.get("logprobs")
-        return cls(
-            key=d["key"], model=d["model"], case_id=d.get("case_id", ""),
-            kind=d.get("kind", "answer"), text=d["text"],
-            input_tokens=int(d.get("input_tokens", 0)),
-            output_tokens=int(d.get("output_tokens", 0)),
-            cost_usd=float(d.get("cost_usd", 0.0)), latency_ms=float(d.get("latency_ms", 0.0)),
-            finish_reason=d.get("finish_reason"),
-            logprobs=None if lps is None else tuple(
-                TokenLogprob(t["token"], float(t["logprob"]), dict(t.get("top") or {}))
-                for t in lps),
-            endpoint=d.get("endpoint", ""), loose_key=d.get("loose_key", ""),
-            messages_key=d.get("messages_key", ""),
-            verdicts=tuple(Verdict.from_dict(v) for v in d.get("verdicts", [])),
-        )
-
-    @classmethod
-    def of(cls, call: ModelCall, completion: Completion, *, case_id: str, kind: str,
-           cost_usd: float, endpoint: str = "",
-           verdicts: Sequence[Verdict] = ()) -> Recording:
-        return cls(key=request_hash(call), model=call.model, case_id=case_id, kind=kind,
-                   text=completion.text, input_tokens=completion.input_tokens,
-                   output_tokens=completion.output_tokens, cost_usd=cost_usd,
-                   latency_ms=completion.latency_ms, finish_reason=completion.finish_reason,
-                   logprobs=completion.logprobs, endpoint=endpoint,
-                   loose_key=_loose_hash(call.model, call.messages),
-                   messages_key=messages_hash(call.messages), verdicts=tuple(verdicts))
-
-
-class RecordingStore:
-    """Recorded calls of a suite, in memory, appended to a JSONL file as they come."""
-
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        self.path = Path(path) if path is not None else None
-        self._by_key: dict[str, Recording] = {}
-        self._by_loose: dict[str, Recording] = {}
-        self._case_of: dict[str, str] = {}
-        if self.path is not None and self.path.is_file():
-            for _i, obj in _read_jsonl(self.path):
-                self._index(Recording.from_dict(obj))
-
-    @classmethod
-    def for_suite(cls, suite: str | os.PathLike[str]) -> RecordingStore:
-        """The store of a suite folder (``recordings.jsonl`` inside) or beside a suite file."""
-        p = Path(suite)
-        return cls(p / RECORDINGS_FILE if p.is_dir() else p.with_name(RECORDINGS_FILE))
-
-    def _index(self, r: Recording) -> None:
-        self._by_key[r.key] = r
-        if r.loose_key:
-            self._by_loose.setdefault(r.loose_key, r)
-        if r.messages_key and r.case_id:
-            self._case_of.setdefault(r.messages_key, r.case_id)
-
-    def __len__(self) -> int:
-        return len(self._by_key)
-
-    def __iter__(self) -> Iterator[Recording]:
-        return iter(self._by_key.values())
-
-    def get(self, call: ModelCall) -> Recording | None:
-        """The recording of ``call``: exact match first, else same model and messages."""
-        r = self._by_key.get(request_hash(call))
-        return r if r is not None else self._by_loose.get(_loose_hash(call.model, call.messages))
-
-    def case_for(self, messages: Sequence[Message]) -> str | None:
-        return self._case_of.get(messages_hash(messages))
-
-    def add(self, r: Recording) -> None:
-        self._index(r)
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-
-
-# ---------------------------------------------------------------- outcome table
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -391,6 +78,18 @@ class OutcomeTable:
     agreement_normaliser: str | None = None
     """The normaliser that suits the cases' graders (most cases' when they differ): the one the
     tuner's agreement gate uses and writes into TUNED.toml."""
+    prompts: tuple[str, ...] = ()
+    """Each case's request text (its last user message), for routers and for people reading
+    ``cascade label``'s list; empty for tables built in code without them."""
+    labelled: BoolArray | None = None
+    """Per case, whether ``correct`` holds grades; None: every case is labelled. An unlabelled
+    row's ``correct`` is False and means nothing."""
+    case_normalisers: tuple[str, ...] = ()
+    """Per case, the normaliser that matches its grader (mixed suites mix them); empty: every
+    case uses ``agreement_normaliser``."""
+    answers: tuple[tuple[str | None, ...], ...] = ()
+    """``answers[i][j]``: rung ``j``'s answer text to case ``i`` (None: no answer), what a
+    judge model grades and ``cascade label`` shows; empty for tables built in code."""
 
     def __post_init__(self) -> None:
         n, r = self.correct.shape
@@ -398,6 +97,53 @@ class OutcomeTable:
             raise ValueError("outcome table arrays disagree in shape")
         if any(a.shape != (n, r, r) for a in self.agreement.values()):
             raise ValueError("agreement arrays must be cases × rungs × rungs")
+        if self.case_normalisers and len(self.case_normalisers) != n:
+            raise ValueError("one normaliser per case")
+        if self.answers and len(self.answers) != n:
+            raise ValueError("one row of answers per case")
+        if self.prompts and len(self.prompts) != n:
+            raise ValueError("one prompt per case")
+        if self.labelled is not None and self.labelled.shape != (n,):
+            raise ValueError("one labelled flag per case")
+
+    def same_answer(self, ref: int) -> BoolArray | None:
+        """Per case and rung: is the rung's answer the same as rung ``ref``'s under the case's
+        own normaliser (so it has the same grade)? None when the table holds no agreement."""
+        names = self.case_normalisers or (self.agreement_normaliser or "",) * self.n
+        out = np.zeros(self.correct.shape, dtype=bool)
+        for name in set(names):
+            arr = self.agreement.get(name)
+            if arr is None:
+                return None
+            rows = np.array([x == name for x in names], dtype=bool)
+            out[rows] = arr[rows][:, :, ref]
+        return out
+
+    @property
+    def is_labelled(self) -> BoolArray:
+        """Per case, whether its grades are known (all True for a fully labelled table)."""
+        return np.ones(self.n, dtype=bool) if self.labelled is None else self.labelled
+
+    @property
+    def n_labelled(self) -> int:
+        return self.n if self.labelled is None else int(self.labelled.sum())
+
+    def with_labels(self, correct: Mapping[str, Mapping[str, bool]]) -> OutcomeTable:
+        """A copy where the cases named in ``correct`` (case id -> rung label -> right) are
+        labelled: what answers to ``cascade label``'s list look like once graded."""
+        if not correct:
+            return self
+        fixed = self.correct.copy()
+        lab = self.is_labelled.copy()
+        col = {r.label: j for j, r in enumerate(self.rungs)}
+        for i, cid in enumerate(self.case_ids):
+            got = correct.get(cid)
+            if got is None:
+                continue
+            for label, ok in got.items():
+                fixed[i, col[label]] = bool(ok)
+            lab[i] = True
+        return replace(self, correct=fixed, labelled=None if lab.all() else lab)
 
     def agrees(self, a: int, b: int, normaliser: str | None = None) -> BoolArray | None:
         """Per case, whether rungs ``a`` and ``b`` agree; None when the table cannot say."""
@@ -424,19 +170,21 @@ class OutcomeTable:
             own_passed={k: v[ix] for k, v in self.own_passed.items()},
             groups=tuple(self.groups[i] for i in ix),
             agreement={k: v[ix] for k, v in self.agreement.items()},
+            prompts=tuple(self.prompts[i] for i in ix) if self.prompts else (),
+            answers=tuple(self.answers[i] for i in ix) if self.answers else (),
+            case_normalisers=(tuple(self.case_normalisers[i] for i in ix)
+                              if self.case_normalisers else ()),
+            labelled=None if self.labelled is None else self.labelled[ix],
         )
 
 
 AGREEMENT_NORMALISERS: tuple[str, ...] = ("exact", "normalised", "numeric", "choice")
 """The built-in normalisers whose agreement an outcome table precomputes."""
-_GRADER_NORMALISER = {"exact": "exact", "normalised": "normalised", "contains": "normalised",
-                      "numeric": "numeric",
-                      "choice": "choice", "json_schema": "exact"}
-"""Which normaliser compares two answers the way a grader compares one with the expected."""
 _BENCH_NORMALISER = {"mmlu": "choice", "medmcqa": "choice", "gsm8k": "numeric",
                      "triviaqa": "normalised", "truthfulqa": "normalised"}
 _TOLERANCE = 1e-6
 """The agreement verifier's default numeric tolerance (relative and absolute)."""
+
 
 
 def agreement_arrays(texts: Sequence[Sequence[str | None]],
@@ -448,7 +196,7 @@ def agreement_arrays(texts: Sequence[Sequence[str | None]],
     (numbers within a relative and absolute 1e-6). Booleans, so 10,000 cases × 5 rungs take
     250 kB a normaliser.
     """
-    from verifiers._text import NORMALISERS
+    from cascade.text import NORMALISERS
 
     n = len(texts)
     r = len(texts[0]) if n else 0
@@ -540,7 +288,7 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
             raise ConfigError("not a shared outcomes file (<bench>_<chain>_train.jsonl)",
                               source=str(p))
         chains.add(m["chain"])
-        for _i, obj in _read_jsonl(p):
+        for _i, obj in read_jsonl(p):
             rows.append((m["bench"], obj))
             for o in obj["outcomes"].values():
                 sources.add(str(o.get("confidence_source", "")))
@@ -559,11 +307,19 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
     models = list(rows[0][1]["outcomes"])
     n, r = len(rows), len(models)
     correct = np.zeros((n, r), dtype=bool)
+    labelled = np.ones(n, dtype=bool)
     cost = np.zeros((n, r))
     score = np.full((n, r), np.nan)
     texts: list[list[str | None]] = []
     for i, (_b, row) in enumerate(rows):
         texts.append([])
+        grades = [o.get("correct") for o in row["outcomes"].values()]
+        if all(g is None for g in grades):
+            labelled[i] = False  # recorded, not labelled
+        elif any(g is None for g in grades):
+            raise ConfigError(f"case {row.get('id')!r} labels some outcomes and not others "
+                              "(\"correct\": null in every outcome means not labelled)",
+                              source=str(paths[0]))
         for j, model in enumerate(models):
             o = row["outcomes"].get(model)
             if o is None:
@@ -589,7 +345,18 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
         agreement={k: v[:, order][:, :, order] for k, v in agree.items()},
         agreement_normaliser=_most_common(_BENCH_NORMALISER.get(b, "normalised")
                                           for b, _row in rows),
+        prompts=tuple(_prompt_of(row) for _b, row in rows),
+        answers=tuple(tuple(t[int(j)] for j in order) for t in texts),
+        case_normalisers=tuple(_BENCH_NORMALISER.get(b, "normalised") for b, _row in rows),
+        labelled=None if labelled.all() else labelled,
     )
+
+
+def _prompt_of(row: Mapping[str, Any]) -> str:
+    msgs = row.get("messages") or []
+    users = [str(m.get("content", "")) for m in msgs
+             if isinstance(m, Mapping) and m.get("role") == "user"]
+    return users[-1] if users else ""
 
 
 def table_from_recordings(cases: Sequence[Case], store: RecordingStore,
@@ -616,7 +383,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
                 missing.append(f"case {case.id!r} × model {rung.model!r}")
                 continue
             texts[i][j] = rec.text
-            correct[i, j] = grade(case, rec.text)
+            correct[i, j] = case.labelled and grade(case, rec.text)
             verdicts = {v.verifier: v for v in rec.verdicts}
             cost[i, j] = rec.cost_usd + sum(v.cost_usd for v in rec.verdicts)
             for vc in config.verifiers_for(rung):
@@ -645,8 +412,13 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
         own_passed={k: v for k, v in own.items() if k in scoring},
         source=source, base=config,
         agreement=agreement_arrays(texts) if n and r else {},
-        agreement_normaliser=_most_common(_GRADER_NORMALISER.get(c.grader, "normalised")
+        agreement_normaliser=_most_common(GRADER_NORMALISER.get(c.grader, "normalised")
                                           for c in cases),
+        prompts=tuple(c.prompt for c in cases),
+        answers=tuple(tuple(t) for t in texts),
+        case_normalisers=tuple(GRADER_NORMALISER.get(c.grader, "normalised") for c in cases),
+        labelled=None if all(c.labelled for c in cases) else np.array(
+            [c.labelled for c in cases], dtype=bool),
     )
 
 
@@ -667,5 +439,5 @@ def load_outcome_table(paths: Iterable[str | os.PathLike[str]],
     for p in ps:
         cases.extend(load_cases(p))
         for rec in RecordingStore.for_suite(p):
-            recs._index(rec)
+            recs.remember(rec)
     return table_from_recordings(cases, recs, config, source=", ".join(map(str, ps)))

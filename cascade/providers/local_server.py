@@ -1,11 +1,11 @@
 """A small OpenAI-compatible chat-completions server around one in-process llama.cpp model.
 
-Run as ``python -m cascade.local_server --model PATH --port N``; the ``local`` provider starts it
-for you. It exists so local models go through the same code path as any OpenAI-compatible
-endpoint, without the bundled ``llama_cpp.server``, whose defaults differ from the library's
-(``repeat_penalty`` 1.1) and which returns log-probabilities only with ``logits_all``, a mode
-that made decoding 7 to 9 times slower. Here a logits processor keeps a numpy log-softmax of
-each step's raw logits instead, which gives the same values at full speed.
+Run as ``python -m cascade.providers.local_server --model PATH --port N``; the ``local``
+provider starts it for you. It exists so local models go through the same code path as any
+OpenAI-compatible endpoint, without the bundled ``llama_cpp.server``, whose defaults differ from
+the library's (``repeat_penalty`` 1.1) and which returns log-probabilities only with
+``logits_all``, a mode that made decoding 7 to 9 times slower. Here a logits processor keeps a
+numpy log-softmax of each step's raw logits instead, which gives the same values at full speed.
 
 Endpoints: ``POST /v1/chat/completions`` (no streaming, ``n`` = 1), ``GET /v1/models``,
 ``GET /health``. Generation is serialised (one model, one lock); HTTP requests are served on
@@ -451,7 +451,8 @@ def _exit_on_stdin_eof() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cascade.local_server", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m cascade.providers.local_server",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="path to a .gguf chat model")
     p.add_argument("--alias", default=None, help="model id in replies (default: file stem)")
@@ -471,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            max_tokens=args.max_tokens, verbose=args.verbose)
         httpd = serve(model, host=args.host, port=args.port, access_log=args.access_log)
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"cascade.local_server: {e}", file=sys.stderr, flush=True)
+        print(f"cascade.providers.local_server: {e}", file=sys.stderr, flush=True)
         return 2
     if args.exit_on_stdin_eof:
         threading.Thread(target=_exit_on_stdin_eof, name="stdin-eof", daemon=True).start()

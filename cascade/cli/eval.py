@@ -1,0 +1,33 @@
+"""``cascade eval``: replay suites through a config and report quality and cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cascade.config import load_config
+from cascade.evaluate import evaluate, format_report
+from cascade.suite import load_outcome_table
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cascade eval SUITE... --config FILE [--json]``."""
+    parser.add_argument("suites", nargs="+", metavar="SUITE",
+                        help="recorded suite folders/files, or shared outcome JSONL files")
+    parser.add_argument("--config", required=True, help="the cascade to evaluate (TUNED.toml)")
+    parser.add_argument("--recorded-with",
+                        help="the ladder the suites were recorded with, when --config holds "
+                             "only some of its rungs (default: --config)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Evaluate and print."""
+    config = load_config(ns.config)
+    recorded = load_config(ns.recorded_with) if ns.recorded_with else config
+    table = load_outcome_table(ns.suites, recorded)
+    rep = evaluate(table, config)
+    print(json.dumps(rep, indent=2) if ns.json else format_report(rep))
+    return 0

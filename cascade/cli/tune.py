@@ -1,0 +1,68 @@
+"""``cascade tune``: tune rungs and thresholds on recorded suites and write TUNED.toml."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+from cascade.cli.label import apply_labels
+from cascade.config import load_config, parse_config
+from cascade.suite import load_outcome_table
+from cascade.tuning import format_report, to_toml, tune
+from cascade.tuning.plot import plot_frontier
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cascade tune SUITE... [--config FILE] [--max-accuracy-drop X | --max-cost-usd X]``."""
+    parser.add_argument("suites", nargs="+", metavar="SUITE",
+                        help="recorded suite folders/files, or shared outcome JSONL files")
+    parser.add_argument("--config", help="the ladder the suites were recorded with (not needed "
+                                         "for shared outcome files)")
+    goal = parser.add_mutually_exclusive_group()
+    goal.add_argument("--max-accuracy-drop", type=float, default=None,
+                      help="cheapest setting within this accuracy of the best rung (default "
+                           "0.01)")
+    goal.add_argument("--max-cost-usd", type=float, default=None,
+                      help="most accurate setting under this mean cost per case")
+    parser.add_argument("--delta", type=float, default=0.1,
+                        help="the guard's one-sided level: the margin is z(1 - delta) standard "
+                             "errors of the accuracy change (default 0.1)")
+    parser.add_argument("--agreement", choices=("off", "all"), default="off",
+                        help="all: a rung may also have to agree with the previous one (the "
+                             "agreement gate; riskier on small suites, see the README)")
+    parser.add_argument("--labels", action="append", default=[], metavar="FILE",
+                        help="labels for unlabelled cases (cascade label's NEEDS.jsonl with "
+                             "\"correct\" filled, e.g. by --judge); repeat")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the bootstrap and the shift folds (default 0)")
+    parser.add_argument("--out", required=True, help="where to write TUNED.toml")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--plot", help="write the frontier as a PNG (needs matplotlib)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Tune, write TUNED.toml, print the report."""
+    config = load_config(ns.config) if ns.config else None
+    table = apply_labels(load_outcome_table(ns.suites, config), ns.labels)
+    result = tune(table, max_accuracy_drop=ns.max_accuracy_drop, max_cost_usd=ns.max_cost_usd,
+                  delta=ns.delta, seed=ns.seed, agreement=ns.agreement)
+    header = (f"Tuned by `cascade tune` on {table.n} cases ({table.source}).\n"
+              f"Recommendation: {result.report['recommendation']['describe']}")
+    text = to_toml(result.config, header=header)
+    parse_config(tomllib.loads(text), source=ns.out)  # never write what won't load
+    Path(ns.out).write_text(text, encoding="utf-8")
+    if ns.plot and not plot_frontier(result.frontier, result.report, ns.plot):
+        print("cascade: --plot needs matplotlib (pip install 'verified-cascade[plot]'); "
+              "skipped", file=sys.stderr)
+    if ns.json:
+        print(json.dumps(result.report, indent=2))
+    else:
+        print(format_report(result.report))
+        print(f"wrote {ns.out}")
+    return 0
+

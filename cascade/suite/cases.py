@@ -1,0 +1,120 @@
+"""Suite cases: one question a JSONL line, with what a right answer looks like.
+
+Numpy-free: the replay provider reaches the recordings through this package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cascade.errors import ConfigError
+from cascade.messages import Message, normalise_messages
+from cascade.suite.grading import check_grader_name
+
+__all__ = ["RECORDINGS_FILE", "Case", "load_cases", "parse_case", "read_jsonl", "suite_files"]
+
+RECORDINGS_FILE = "recordings.jsonl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    """One question of a suite, with what a right answer looks like."""
+
+    id: str
+    messages: tuple[Message, ...]
+    expected: Any = None
+    grader: str = "normalised"
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+    """File and line, for error messages."""
+
+    @property
+    def group(self) -> str:
+        """The mix the case belongs to (first tag), for distribution-shift checks."""
+        return self.tags[0] if self.tags else ""
+
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the case says what a right answer is: an ``expected`` answer, or a grader of
+        its own (a function needs no expected answer). An unlabelled case is recorded traffic
+        that ``cascade label`` may ask a person or a judge model to label."""
+        return self.expected is not None or ":" in self.grader
+
+    @property
+    def prompt(self) -> str:
+        """The request text: the last user message (what a router reads)."""
+        users = [m.content for m in self.messages if m.role == "user"]
+        return users[-1] if users else (self.messages[-1].content if self.messages else "")
+
+
+def suite_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.jsonl") if p.name != RECORDINGS_FILE)
+    raise ConfigError("suite not found (give a folder of JSONL files or one JSONL file)",
+                      source=str(path))
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", source=str(path)) from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"line {i} is not valid JSON: {e}", source=str(path)) from None
+        if not isinstance(obj, dict):
+            raise ConfigError(f"line {i} must be a JSON object", source=str(path))
+        yield i, obj
+
+
+def parse_case(obj: Mapping[str, Any], where: str) -> Case:
+    for k in ("id", "messages"):
+        if k not in obj:
+            raise ConfigError(f"a case needs {k!r}", source=where)
+    grader = check_grader_name(obj.get("grader", "normalised"), where)
+    if grader == "json_schema" and not isinstance(obj.get("expected"), Mapping):
+        raise ConfigError("grader 'json_schema' needs the schema as 'expected'", source=where,
+                          key="expected")
+    tags = obj.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ConfigError("tags must be a list of strings", source=where, key="tags")
+    try:
+        messages = normalise_messages(messages=obj["messages"])
+    except ConfigError as e:
+        raise ConfigError(str(e), source=where, key="messages") from None
+    return Case(id=str(obj["id"]), messages=messages, expected=obj.get("expected"),
+                grader=grader, tags=tuple(tags), metadata=dict(obj.get("metadata") or {}),
+                source=where)
+
+
+def load_cases(path: str | os.PathLike[str]) -> list[Case]:
+    """Read a suite: every ``*.jsonl`` of a folder (but the recordings) or one file."""
+    p = Path(path)
+    cases: list[Case] = []
+    seen: dict[str, str] = {}
+    for f in suite_files(p):
+        for i, obj in read_jsonl(f):
+            case = parse_case(obj, f"{f}:{i}")
+            if case.id in seen:
+                raise ConfigError(f"case id {case.id!r} repeats (first at {seen[case.id]})",
+                                  source=f"{f}:{i}")
+            seen[case.id] = case.source
+            cases.append(case)
+    if not cases:
+        raise ConfigError("the suite holds no cases", source=str(p))
+    return cases
+
+

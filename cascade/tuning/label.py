@@ -1,0 +1,238 @@
+"""Which unlabelled cases would change the tuning decision, and labelling them with a judge model.
+
+The net accuracy change of a cascade against the top rung is decided only by the cases where its
+answer differs from the top rung's (a few percent of traffic): an answer equal to the top rung's
+under the suite's normaliser has its grade whatever the grade is. So recorded traffic needs
+labels only where a cheaper setting's accepted answer disagrees with the answer of a rung that
+could be the best, and only for settings that labels could make pass the guard (their bound,
+with every such disagreement resolved as a tie, clears the promise). :func:`needed_labels`
+names those cases, the ones that buy the most saving per label first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cascade.config import CascadeConfig, RungConfig
+from cascade.errors import ConfigError
+from cascade.messages import Message
+from cascade.providers.base import Provider
+from cascade.suite.outcomes import OutcomeTable
+from cascade.tuning.choose import guarded_frontier, select
+from cascade.tuning.guard import paired_bound
+from cascade.tuning.setting import IntArray
+from cascade.tuning.simulate import outcome_of, simulate
+
+__all__ = ["JudgeResult", "Need", "judge_labels", "needed_labels", "read_labels"]
+
+SEED_SAMPLE = 300
+"""With no labelled case at all, ``cascade label`` asks for this many (spread over the suite):
+the tuner needs some grades to tell the rungs apart before disagreements can be ranked."""
+
+
+@dataclass(frozen=True)
+class Need:
+    """One case whose label would change (or could change) the tuning decision."""
+
+    index: int
+    case_id: str
+    why: str
+    rungs: tuple[str, ...] = ()
+    """The rungs whose answers to this case disagree with the top rung's."""
+    settings: int = 0
+    """How many cheaper settings on the frontier need this label to pass the guard."""
+    gain: float = 0.0
+    """The mean cost per case the best of those settings would save over the current choice."""
+
+    def to_dict(self, table: OutcomeTable) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.case_id, "why": self.why, "rungs": list(self.rungs),
+                             "settings": self.settings, "saving_usd_per_case": self.gain}
+        if table.prompts:
+            d["prompt"] = table.prompts[self.index]
+        if table.answers:
+            d["answers"] = {r.label: table.answers[self.index][j]
+                            for j, r in enumerate(table.rungs)}
+        return d
+
+
+def _seed_sample(table: OutcomeTable, n: int) -> list[Need]:
+    idx = np.unique(np.linspace(0, table.n - 1, min(n, table.n)).round().astype(int))
+    return [Need(int(i), table.case_ids[int(i)],
+                 "no case is labelled yet: a spread sample tells the rungs apart first")
+            for i in idx]
+
+
+def needed_labels(table: OutcomeTable, *, max_drop: float = 0.01, delta: float = 0.1,
+                  agreement: str = "off", max_n: int | None = None) -> list[Need]:
+    """The unlabelled cases whose labels could change what :func:`cascade.tuning.tune` would
+    recommend, best first (an empty list: no label would change it)."""
+    unl = ~table.is_labelled
+    if not unl.any():
+        return []
+    if not table.is_labelled.any():
+        return _seed_sample(table, max_n or SEED_SAMPLE)
+    current, _ref = select(table, max_accuracy_drop=max_drop, delta=delta, agreement=agreement)
+    now = float(simulate(table, current)[1].mean())
+    f = guarded_frontier(table, delta=delta, agreement=agreement)
+    rivals = f.rivals
+    plans: list[tuple[float, float, int, list[int], IntArray]] = []
+    for g, st in enumerate(f.settings):
+        gain = now - float(f.cost[g])
+        if gain <= 0:
+            continue
+        ex = simulate(table, st)[2]
+        unknown = np.zeros(table.n, dtype=bool)
+        reachable = True
+        for c in rivals:
+            b, w = outcome_of(table, st, c, ex)
+            u = w & unl
+            unknown |= u
+            # the best labels can do: every disagreement turns out a tie
+            _, _, lo = paired_bound(np.array([float(b.sum())]),
+                                    np.array([float(w.sum() - u.sum())]), f.n,
+                                    float(f.zs[g]), float(f.pseudo[g]))
+            reachable &= bool(lo[0] >= -max_drop - 1e-12)
+        if reachable and unknown.any():
+            cases = np.nonzero(unknown)[0].tolist()
+            plans.append((gain / len(cases), gain, g, cases, ex))
+    plans.sort(key=lambda x: (-x[0], x[2]))
+    same = {c: m for c in rivals if (m := table.same_answer(c)) is not None}
+    count: dict[int, int] = {}
+    for _v, _gain, _g, cases, _ex in plans:
+        for i in cases:
+            count[i] = count.get(i, 0) + 1
+    out: list[Need] = []
+    seen: set[int] = set()
+    for _v, gain, g, cases, ex in plans:
+        st = f.settings[g]
+        for i in cases:
+            if i in seen:
+                continue
+            seen.add(i)
+            j = int(st.chain[ex[i]])
+            off = tuple(table.rungs[c].label for c in rivals
+                        if c not in same or not bool(same[c][i, j]))
+            why = (f"{table.rungs[j].label}'s accepted answer disagrees with "
+                   f"{', '.join(off) or 'the top rung'}'s; its label decides whether "
+                   f"{st.describe(table)} passes the guard "
+                   f"(saving ${gain:.3g} per case more than the current choice)")
+            out.append(Need(i, table.case_ids[i], why, rungs=(table.rungs[j].label,),
+                            settings=count[i], gain=gain))
+            if max_n is not None and len(out) >= max_n:
+                return out
+    return out
+
+
+# ---------------------------------------------------------------- the judge
+
+
+_JUDGE_SYSTEM = ("You grade answers to questions. Reply with one word on the last line: yes if "
+                 "the proposed answer is correct, no if it is not.")
+_FENCE = "=" * 12
+
+
+def _judge_prompt(question: str, answer: str) -> str:
+    """The candidate is fenced and its own fence removed, so it cannot close its section."""
+    clean = answer.replace(_FENCE, "")
+    return (f"Question:\n{question}\n\nProposed answer (between the fences):\n{_FENCE}\n"
+            f"{clean}\n{_FENCE}\n\nIs the proposed answer correct? Reply yes or no.")
+
+
+def _verdict(text: str) -> bool | None:
+    """The judge's final line only: yes / no (anything else: no verdict)."""
+    lines = [ln.strip().strip(".!*\"' ").lower() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return None
+    last = lines[-1].split()[-1] if lines[-1].split() else ""
+    return True if last == "yes" else False if last == "no" else None
+
+
+@dataclass
+class JudgeResult:
+    """Labels a judge model gave (case id -> rung label -> right), at what cost."""
+
+    labels: dict[str, dict[str, bool]]
+    cost_usd: float
+    calls: int
+    model: str
+    unjudged: list[str]
+    """Cases the judge gave no clear verdict on (left unlabelled)."""
+
+
+def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConfig, *,
+                 provider_factory: Callable[[RungConfig], Provider] | None = None,
+                 concurrency: int = 8) -> JudgeResult:
+    """Grade every rung's answer to each needed case with the judge config's last rung (one
+    call per distinct answer under the suite's normaliser: equal answers share a grade)."""
+    import anyio
+
+    from cascade.providers import make_provider
+    from cascade.providers.base import rung_call
+    from cascade.text import NORMALISERS
+
+    if not config.rungs:
+        raise ConfigError("the judge config has no rung", source=config.source)
+    if not table.answers or not table.prompts:
+        raise ConfigError("the suite carries no answer texts to judge", source=table.source)
+    rung = config.rungs[-1]
+    names = table.case_normalisers or (table.agreement_normaliser or "normalised",) * table.n
+    factory = provider_factory or make_provider
+    labels: dict[str, dict[str, bool]] = {}
+    unjudged: list[str] = []
+    spent = [0.0, 0.0]
+
+    async def one(need: Need, provider: Provider, limit: anyio.CapacityLimiter) -> None:
+        groups: dict[Any, list[int]] = {}
+        texts = table.answers[need.index]
+        norm = NORMALISERS.get(names[need.index], NORMALISERS["exact"])
+        for j, t in enumerate(texts):
+            key = None if t is None else norm(t)
+            groups.setdefault(("none", j) if key is None else key, []).append(j)
+        got: dict[str, bool] = {}
+        for key, cols in groups.items():
+            text = texts[cols[0]]
+            if text is None or (isinstance(key, tuple) and key[0] == "none"):
+                got.update({table.rungs[j].label: False for j in cols})  # no answer: wrong
+                continue
+            msgs = (Message("system", _JUDGE_SYSTEM),
+                    Message("user", _judge_prompt(table.prompts[need.index], text)))
+            async with limit:
+                reply = await provider.complete(rung_call(rung, msgs))
+            spent[0] += rung.cost_usd(reply.input_tokens, reply.output_tokens)
+            spent[1] += 1
+            v = _verdict(reply.text)
+            if v is None:
+                unjudged.append(need.case_id)
+                return
+            got.update({table.rungs[j].label: v for j in cols})
+        labels[need.case_id] = got
+
+    async def main() -> None:
+        provider = factory(rung)
+        limit = anyio.CapacityLimiter(concurrency)
+        try:
+            async with anyio.create_task_group() as tg:
+                for need in needs:
+                    tg.start_soon(one, need, provider, limit)
+        finally:
+            await provider.aclose()
+
+    anyio.run(main)
+    return JudgeResult(labels=labels, cost_usd=spent[0], calls=int(spent[1]), model=rung.model,
+                       unjudged=sorted(set(unjudged)))
+
+
+def read_labels(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, bool]]:
+    """Labels from NEEDS.jsonl-style rows that carry ``"correct": {rung label: bool}``."""
+    out: dict[str, dict[str, bool]] = {}
+    for row in rows:
+        c = row.get("correct")
+        if isinstance(c, Mapping) and c and all(isinstance(v, bool) for v in c.values()):
+            out[str(row["id"])] = {str(k): bool(v) for k, v in c.items()}
+    return out
+
+
