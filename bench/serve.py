@@ -115,7 +115,10 @@ async def throughput(url: str, model: str, concurrency: int, total: int) -> floa
             r = await client.post("/chat/completions", json={"model": model, **BODY})
             r.raise_for_status()
 
-        await one()  # connect and warm up
+        # Warm up every worker (its first requests import and connect) and the pool.
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(16, min(concurrency, 200))):
+                tg.start_soon(one)
         left = total
         t0 = time.perf_counter()
 
