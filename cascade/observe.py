@@ -2,22 +2,18 @@
 
 An observer is told once per request, after the answer is final, and once per shadow check that
 finished off the response path. It must not block: anything slow (a file, a network exporter)
-is queued and done elsewhere. :func:`notify_answer` and :func:`notify_shadow` call every
-observer and keep one observer's bug from reaching the request or the other observers.
+is queued and done elsewhere. The engine (``Cascade(observers=[...], audit_log=...)``) calls
+every observer and keeps one observer's bug from reaching the request or the other observers.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 from cascade.messages import Request
 from cascade.trace import Answer, Attempt
 
-__all__ = ["Observer", "notify_answer", "notify_shadow"]
-
-log = logging.getLogger("cascade.observe")
+__all__ = ["Observer"]
 
 
 @runtime_checkable
@@ -33,23 +29,3 @@ class Observer(Protocol):
                   agreed: bool | None) -> None:
         """A shadow check of ``accepted`` by the top rung finished; ``agreed`` is None when
         the shadow call itself failed."""
-
-
-def notify_answer(observers: Iterable[Observer], request: Request, answer: Answer | None,
-                  error: BaseException | None) -> None:
-    """Call ``on_answer`` of every observer; a failing observer is logged, never raised."""
-    for o in observers:
-        try:
-            o.on_answer(request, answer, error)
-        except Exception:
-            log.exception("observer %s failed in on_answer", type(o).__name__)
-
-
-def notify_shadow(observers: Iterable[Observer], request: Request, accepted: Attempt,
-                  shadow: Attempt, agreed: bool | None) -> None:
-    """Call ``on_shadow`` of every observer; a failing observer is logged, never raised."""
-    for o in observers:
-        try:
-            o.on_shadow(request, accepted, shadow, agreed)
-        except Exception:
-            log.exception("observer %s failed in on_shadow", type(o).__name__)
