@@ -56,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("cascade.cli.label", "name the unlabelled cases whose labels would change tuning"),
     "suite": ("cascade.cli.suite", "build suites from served traffic (from-log: audit logs -> "
                                    "a recorded suite)"),
+    "serve": ("cascade.serve.cli", "serve the ladder as an OpenAI-compatible HTTP service"),
 }
 """name -> (module with ``add_arguments(parser)`` and ``run(ns) -> int``, one-line help)."""
 

@@ -1,0 +1,204 @@
+"""What ``cascade serve`` adds over calling the rung's server directly.
+
+    python bench/serve.py [--n 400] [--delay 0.05] [--concurrency 1 100 1000] [--workers 1 2]
+
+Three measurements, each against a baseline measured in the same run with the same client:
+
+* added latency: a one-rung ladder (refusal verifier, cache off) behind ``cascade serve``,
+  versus the same request sent straight to the rung's server, interleaved request by request,
+  with the official ``openai`` SDK as the client (target: < 2 ms p50);
+* throughput at 1, 100 and 1,000 concurrent clients against a model that takes ``--delay``
+  seconds, for 1 and 2 server workers, versus the model server directly (the client is a plain
+  ``httpx`` async client on both sides, so the client's own cost is the same);
+* time to the first content chunk of a stream (``stream: true``) versus the whole
+  non-streamed response.
+
+The model server and ``cascade serve`` are child processes; the client is this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import anyio
+import httpx2 as httpx
+import openai
+from _common import PROMPT, REPO, bare_create, machine, model_server, print_table, stats
+
+from tests.loopback import free_port
+
+TARGET_ADDED_P50_MS = 2.0
+BODY = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 512}
+
+
+def _config(base_url: str, folder: Path) -> Path:
+    p = folder / "serve-bench.toml"
+    p.write_text(f'''
+[[rungs]]
+model = "answer"
+provider = "openai-compatible"
+base_url = "{base_url}"
+max_retries = 0
+max_tokens = 512
+input_usd_per_mtok = 0.15
+output_usd_per_mtok = 0.6
+
+[[verifiers]]
+name = "refusal"
+
+[cache]
+enabled = false
+''')
+    return p
+
+
+@contextmanager
+def serving(config: Path, workers: int) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config",
+                             str(config), "--port", str(port), "--workers", str(workers)],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("cascade serve did not start")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def added_latency(direct: str, served: str, n: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {"direct": [], "served": []}
+    async with openai.AsyncOpenAI(base_url=direct, api_key="x", max_retries=0) as d, \
+            openai.AsyncOpenAI(base_url=f"{served}/v1", api_key="x", max_retries=0) as s:
+        calls = {"direct": lambda: bare_create(d),
+                 "served": lambda: bare_create(s, model="cascade")}
+        for i in range(n + n // 10):
+            order = ["direct", "served"] if i % 2 else ["served", "direct"]
+            for k in order:
+                t0 = time.perf_counter()
+                await calls[k]()
+                if i >= n // 10:
+                    times[k].append(time.perf_counter() - t0)
+    return times
+
+
+async def throughput(url: str, model: str, concurrency: int, total: int) -> float:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        async def one() -> None:
+            r = await client.post("/chat/completions", json={"model": model, **BODY})
+            r.raise_for_status()
+
+        # Warm up every worker (its first requests import and connect) and the pool.
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(16, min(concurrency, 200))):
+                tg.start_soon(one)
+        left = total
+        t0 = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await one()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(worker)
+        return total / (time.perf_counter() - t0)
+
+
+async def first_chunk(url: str, n: int) -> tuple[list[float], list[float]]:
+    ttfc, whole = [], []
+    async with httpx.AsyncClient(base_url=f"{url}/v1", timeout=60) as client:
+        for i in range(n + 10):
+            t0 = time.perf_counter()
+            async with client.stream("POST", "/chat/completions", json={
+                    "model": "cascade", "stream": True, **BODY}) as r:
+                first = None
+                async for line in r.aiter_lines():
+                    if first is None and line.startswith("data: {") and '"content"' in line:
+                        first = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            await client.post("/chat/completions", json={"model": "cascade", **BODY})
+            if i >= 10 and first is not None:
+                ttfc.append(first)
+                whole.append(time.perf_counter() - t1)
+    return ttfc, whole
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=400, help="timed requests for latency")
+    p.add_argument("--delay", type=float, default=0.05, help="model delay for throughput (s)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 100, 1000])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ns = p.parse_args()
+    print(f"# bench/serve.py on {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        with model_server(delay_s=0.0) as direct:
+            config = _config(direct, Path(tmp))
+            with serving(config, 1) as served:
+                lat = anyio.run(added_latency, direct, served, ns.n)
+                ttfc, whole = anyio.run(first_chunk, served, max(50, ns.n // 4))
+        d, s = stats(lat["direct"]), stats(lat["served"])
+        print("\n## added latency, one-rung ladder, model answers at once (openai SDK client)")
+        print_table(["path", "n", "p50 ms", "p99 ms", "mean ms"], [
+            ["direct to the rung's server", d.n, d.p50, d.p99, d.mean],
+            ["through cascade serve", s.n, s.p50, s.p99, s.mean],
+            ["added", "", s.p50 - d.p50, s.p99 - d.p99, s.mean - d.mean]])
+        ok = "met" if s.p50 - d.p50 < TARGET_ADDED_P50_MS else "MISSED"
+        print(f"target: added p50 < {TARGET_ADDED_P50_MS} ms: {ok}")
+        t, w = stats(ttfc), stats(whole)
+        print("\n## streaming: time to the first content chunk vs the whole response")
+        print_table(["", "n", "p50 ms", "p99 ms"], [
+            ["first content chunk (stream)", t.n, t.p50, t.p99],
+            ["whole response (no stream)", w.n, w.p50, w.p99]])
+
+        rows = []
+        with model_server(delay_s=ns.delay) as slow:
+            config = _config(slow, Path(tmp))
+            for c in ns.concurrency:
+                total = max(20, min(1000, c * 2))
+                base = anyio.run(throughput, slow, "answer", c, total)
+                rows.append([f"direct, {c} clients", total, base, "1.00×"])
+            for workers in ns.workers:
+                with serving(config, workers) as served:
+                    for i, c in enumerate(ns.concurrency):
+                        total = max(20, min(1000, c * 2))
+                        rps = anyio.run(throughput, f"{served}/v1", "cascade", c, total)
+                        base = rows[i][2]
+                        rows.append([f"serve --workers {workers}, {c} clients", total, rps,
+                                     f"{rps / base:.2f}×"])
+        print(f"\n## throughput, model takes {ns.delay * 1000:.0f} ms (httpx client)")
+        print_table(["", "requests", "req/s", "vs direct"], rows)
+
+
+if __name__ == "__main__":
+    main()

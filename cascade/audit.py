@@ -1,0 +1,258 @@
+"""The audit log: one JSON line per request, per shadow check and per feedback, off the path.
+
+Lines are queued by the request (``put_nowait`` on a bounded queue, so a request never waits
+for the disk) and written by one background thread. When the queue is full the line is dropped
+and counted (:attr:`AuditLog.dropped`, ``cascade_audit_dropped_total`` in ``/metrics``, a
+warning in the process log and a ``"dropped"`` line in the audit log itself once the writer
+catches up). The file is only ever appended to and is rotated by size
+(``PATH`` → ``PATH.1`` → … → ``PATH.<backups>``); an ``flock`` on ``PATH.lock`` makes the
+size check, the rotation and the append one step, so several server workers can share a path.
+
+Every line is keyed by ``request_id`` and has a ``type``: ``"answer"``, ``"shadow"`` or
+``"feedback"``. Secrets never enter a line: the values of the environment variables named in
+``secret_envs`` (API keys, client keys) are cut from every line, raw and JSON-escaped, before it
+is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cascade.messages import Request
+from cascade.trace import Answer, Attempt
+
+__all__ = ["AuditLog", "messages_hash"]
+
+log = logging.getLogger("cascade.audit")
+
+_STOP = object()
+_REDACTED = "[redacted]"
+
+
+def messages_hash(request: Request) -> str:
+    """SHA-256 of the request's messages (canonical JSON): what a redacted line keeps, so equal
+    prompts can still be grouped without storing them."""
+    raw = json.dumps([m.to_dict() for m in request.messages], sort_keys=True,
+                     separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _request_id(request: Request, answer: Answer | None, error: BaseException | None) -> str:
+    """The id the line is keyed by: the answer's, else the one the engine gave the error or the
+    request (``request.request_id`` or ``metadata["request_id"]``), else a fresh one."""
+    if answer is not None and answer.request_id:
+        return answer.request_id
+    traced = getattr(error, "answer", None)
+    for rid in (getattr(traced, "request_id", None), getattr(error, "request_id", None),
+                getattr(request, "request_id", None), request.metadata.get("request_id")):
+        if isinstance(rid, str) and rid:
+            return rid
+    return uuid.uuid4().hex
+
+
+class AuditLog:
+    """An append-only JSON-lines audit log written by a background thread; an observer."""
+
+    def __init__(self, path: str | os.PathLike[str], *, redact: bool = False,
+                 max_bytes: int = 100 * 2**20, backups: int = 5, queue_size: int = 10_000,
+                 ladder: str = "cascade", secret_envs: Iterable[str] = ()) -> None:
+        if max_bytes < 1 or backups < 0 or queue_size < 1:
+            raise ValueError("max_bytes and queue_size must be >= 1, backups >= 0")
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.redact = redact
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.ladder = ladder
+        self._secrets = self._secret_forms(secret_envs)
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self._dropped = 0
+        self._reported = 0
+        self._lock = threading.Lock()
+        self._lockfile = open(f"{self.path}.lock", "a")  # noqa: SIM115 (held for the lifetime)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="cascade-audit", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _secret_forms(names: Iterable[str]) -> tuple[str, ...]:
+        forms: set[str] = set()
+        for name in names:
+            value = os.environ.get(name)
+            if value and len(value) >= 4:  # a 1-3 character "key" would shred every line
+                forms.add(value)
+                forms.add(json.dumps(value)[1:-1])
+                forms.add(json.dumps(value, ensure_ascii=False)[1:-1])
+        return tuple(sorted(forms, key=len, reverse=True))
+
+    # ------------------------------------------------------------------ observer
+
+    def on_answer(self, request: Request, answer: Answer | None,
+                  error: BaseException | None) -> None:
+        traced = answer if answer is not None else getattr(error, "answer", None)
+        line: dict[str, Any] = {
+            "type": "answer",
+            "request_id": _request_id(request, answer, error),
+            "timestamp": _now(),
+            "client": request.metadata.get("client"),
+            "ladder": request.metadata.get("ladder", self.ladder),
+        }
+        if self.redact:
+            line["messages_sha256"] = messages_hash(request)
+        else:
+            line["messages"] = [m.to_dict() for m in request.messages]
+        trace = traced.to_dict() if isinstance(traced, Answer) else None
+        line.update(
+            trace=trace,
+            answer=answer.text if answer is not None else None,
+            verified=answer.verified if answer is not None else False,
+            cost_usd=traced.cost_usd if isinstance(traced, Answer) else 0.0,
+            latency_ms=traced.latency_ms if isinstance(traced, Answer) else None,
+            error=None if error is None else {"type": type(error).__name__,
+                                               "message": str(error)},
+        )
+        self._put(line)
+
+    def on_shadow(self, request: Request, accepted: Attempt, shadow: Attempt,
+                  agreed: bool | None) -> None:
+        self._put({
+            "type": "shadow",
+            "request_id": _request_id(request, None, None),
+            "timestamp": _now(),
+            "client": request.metadata.get("client"),
+            "ladder": request.metadata.get("ladder", self.ladder),
+            "rung": accepted.name or accepted.model,
+            "agreed": agreed,
+            "accepted": accepted.to_dict(),
+            "shadow": shadow.to_dict(),
+        })
+
+    def feedback(self, request_id: str, correct: bool, expected: str | None = None,
+                 client: str | None = None) -> None:
+        """Record a user's judgement of an answer (``cascade suite from-log`` reads it as a
+        label)."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        self._put({"type": "feedback", "request_id": request_id, "timestamp": _now(),
+                   "client": client, "correct": bool(correct), "expected": expected})
+
+    # ------------------------------------------------------------------ queue and writer
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped because the queue was full (the disk could not keep up)."""
+        return self._dropped
+
+    def _put(self, line: Mapping[str, Any]) -> None:
+        if self._closed:
+            self._count_drop("the audit log is closed")
+            return
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self._count_drop("the queue is full")
+
+    def _count_drop(self, why: str) -> None:
+        with self._lock:
+            self._dropped += 1
+            n = self._dropped
+        if n == 1 or n % 1000 == 0:
+            log.warning("audit log %s: dropped %d line(s) so far (%s)", self.path, n, why)
+
+    def _encode(self, line: Mapping[str, Any]) -> str:
+        text = json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":"))
+        for s in self._secrets:
+            text = text.replace(s, _REDACTED)
+        return text + "\n"
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < 1000:
+                    batch.append(self._queue.get_nowait())
+            stop = any(item is _STOP for item in batch)
+            lines = [self._encode(item) for item in batch  # type: ignore[arg-type]
+                     if item is not _STOP]
+            with self._lock:
+                missed = self._dropped - self._reported
+                self._reported = self._dropped
+            if missed:
+                lines.append(self._encode({"type": "dropped", "timestamp": _now(),
+                                           "dropped": missed, "dropped_total": self._reported}))
+            try:
+                if lines:
+                    self._write("".join(lines))
+            except OSError:
+                log.exception("audit log %s: could not write %d line(s)", self.path, len(lines))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                return
+
+    def _write(self, data: str) -> None:
+        raw = data.encode()
+        fcntl.flock(self._lockfile, fcntl.LOCK_EX)
+        try:
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size and size + len(raw) > self.max_bytes:
+                self._rotate()
+            with open(self.path, "ab") as f:
+                f.write(raw)
+        finally:
+            fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+
+    def _rotate(self) -> None:
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+            return
+        for i in range(self.backups - 1, 0, -1):
+            src = Path(f"{self.path}.{i}")
+            if src.exists():
+                src.replace(f"{self.path}.{i + 1}")
+        self.path.replace(f"{self.path}.1")
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every queued line is on disk; False if that took longer than
+        ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued, then stop the writer thread."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=timeout_s)
+        self._thread.join(timeout_s)
+        self._lockfile.close()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

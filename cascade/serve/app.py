@@ -1,0 +1,93 @@
+"""The ASGI app: wires the endpoint routers to one :class:`Service`, and nothing else.
+
+``create_app(config)`` for code and tests; ``app_factory`` for uvicorn's ``--factory`` import
+string (``cascade serve --workers N`` starts each worker with it, the config path in
+``$CASCADE_SERVE_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from opentelemetry.trace import TracerProvider
+from starlette.exceptions import HTTPException
+
+from cascade.config import CascadeConfig, RungConfig, load_config
+from cascade.errors import ConfigError
+from cascade.observe import Observer
+from cascade.providers.base import Provider
+from cascade.serve import chat, feedback, health, metrics, models
+from cascade.serve.errors import APIError, from_exception
+from cascade.serve.service import Service
+
+__all__ = ["CONFIG_ENV", "app_factory", "create_app"]
+
+CONFIG_ENV = "CASCADE_SERVE_CONFIG"
+
+
+def create_app(config: CascadeConfig | str | os.PathLike[str], *,
+               provider_factory: Callable[[RungConfig], Provider] | None = None,
+               tracer_provider: TracerProvider | None = None,
+               observers: Sequence[Observer] = ()) -> FastAPI:
+    """An app serving ``config``'s ladder (validates ``[server]`` now: bad config fails here)."""
+    cfg = config if isinstance(config, CascadeConfig) else load_config(config)
+    service = Service(cfg, provider_factory=provider_factory, tracer_provider=tracer_provider,
+                      observers=observers)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with anyio.create_task_group() as tg:
+                await service.run(tg)
+                yield
+                # Connections have drained (or timed out): climbs of clients that hung up
+                # are cut now; what they spent is settled by the engine.
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await service.aclose()
+
+    app = FastAPI(title=f"cascade: {service.name}", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.service = service
+    for module in (chat, models, health, metrics, feedback):
+        app.include_router(module.router)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                        type=kind, headers=e.headers).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
+        return APIError(400, f"{loc}: {err.get('msg', 'invalid')}", param=loc).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        return from_exception(e).response()
+
+    return app
+
+
+def app_factory() -> FastAPI:
+    """For ``uvicorn --factory cascade.serve.app:app_factory``: the config from
+    ``$CASCADE_SERVE_CONFIG``."""
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise ConfigError(f"set {CONFIG_ENV} to the config file to serve", source="environment",
+                          key=CONFIG_ENV)
+    return create_app(Path(path))

@@ -1,0 +1,87 @@
+"""Client keys and rate limits: who may call, and how often.
+
+Keys are read from the environment once, at start, and held only here. A bearer token is
+compared with *every* configured key by :func:`hmac.compare_digest`, so neither the comparison
+nor which client matched leaks through timing. No key, token or prefix of one is ever put in a
+message, a log line or an error. With no clients configured every request is served (the
+command refuses to bind beyond loopback that way unless ``--insecure``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+from cascade.serve.config import ClientConfig
+from cascade.serve.errors import APIError
+
+__all__ = ["Authenticator", "RateLimiter"]
+
+_UNAUTHORISED = {"www-authenticate": "Bearer"}
+
+
+class RateLimiter:
+    """A token bucket per client: ``rpm`` requests a minute, bursts up to a minute's worth."""
+
+    def __init__(self, rpm: float) -> None:
+        self.rate = rpm / 60.0
+        self.capacity = max(1.0, rpm)
+        self._tokens = self.capacity
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> float:
+        """0 when a request may go now, else the seconds until one may."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return 0.0
+            return (1.0 - self._tokens) / self.rate
+
+
+class Authenticator:
+    """Maps an ``Authorization`` header to a configured client (or None when none are)."""
+
+    def __init__(self, clients: Sequence[ClientConfig]) -> None:
+        self._keys = tuple((c, c.key().encode()) for c in clients)
+        self._limits = {c.name: RateLimiter(c.rate_limit_rpm) for c in clients
+                        if c.rate_limit_rpm}
+
+    @property
+    def required(self) -> bool:
+        return bool(self._keys)
+
+    def client_for(self, headers: Mapping[str, str]) -> ClientConfig | None:
+        """The client whose key is the bearer token; raises a 401 ``APIError`` otherwise, and
+        a 429 when that client is over its rate limit."""
+        if not self._keys:
+            return None
+        auth = headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing bearer key: send 'Authorization: Bearer <your key>'",
+                           type="invalid_request_error", code="invalid_api_key",
+                           headers=_UNAUTHORISED)
+        given = token.strip().encode()
+        found: ClientConfig | None = None
+        for client, key in self._keys:
+            if hmac.compare_digest(given, key) and found is None:
+                found = client
+        if found is None:
+            raise APIError(401, "invalid bearer key", type="invalid_request_error",
+                           code="invalid_api_key", headers=_UNAUTHORISED)
+        limiter = self._limits.get(found.name)
+        if limiter is not None:
+            wait = limiter.take()
+            if wait > 0:
+                raise APIError(429, f"client {found.name!r} is over its rate limit of "
+                               f"{found.rate_limit_rpm:g} requests per minute",
+                               type="rate_limit_exceeded", code="rate_limit_exceeded",
+                               headers={"retry-after": str(math.ceil(wait))})
+        return found

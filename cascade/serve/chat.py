@@ -1,0 +1,252 @@
+"""``POST /v1/chat/completions``: the cascade behind OpenAI's chat wire format.
+
+Streaming (``stream: true``) never sends a token before the answer is final: the climb runs to
+its end (every rung, every verifier) and the accepted answer is then sent as chunks whose first
+one carries the ``cascade`` trace, ``verified`` included, so no client can mistake an unverified
+answer for a verified one. While the climb goes on, each finished rung is announced as an SSE
+comment (``: cascade {"rung": 0, "status": "rejected", ...}``), which OpenAI clients ignore.
+The response starts (status and headers) at the first of: the answer (then the ``x-cascade-*``
+headers and error statuses are the same as without streaming), or a rung that escalated (then
+errors after it come in-band, as ``data: {"error": {...}}``, which the SDKs raise).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from cascade.serve.config import ClientConfig
+from cascade.serve.errors import APIError, from_exception, parse_body
+from cascade.serve.protocol import (
+    CascadeTrace,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ResponseMessage,
+    Usage,
+)
+from cascade.serve.service import ClimbEvent, Service
+from cascade.trace import Answer, Attempt
+
+__all__ = ["answer_headers", "router", "trace_of", "usage_of"]
+
+router = APIRouter()
+
+_HEARTBEAT_S = 15.0
+_TRACE_FIELDS_DROPPED = ("text",)
+"""Left out of the wire trace: rejected answers belong in the audit log, not the response."""
+
+
+def trace_of(answer: Answer, ladder: str) -> CascadeTrace:
+    attempts = []
+    for a in answer.attempts:
+        d = a.to_dict()
+        for k in _TRACE_FIELDS_DROPPED:
+            d.pop(k, None)
+        attempts.append(d)
+    return CascadeTrace(request_id=answer.request_id, ladder=ladder, verified=answer.verified,
+                        cache_hit=answer.cache_hit, cost_usd=answer.cost_usd,
+                        latency_ms=answer.latency_ms, attempts=attempts,
+                        warnings=list(answer.warnings))
+
+
+def usage_of(answer: Answer) -> Usage:
+    """Tokens of every call made for this request: rungs, verifiers, shadow; none on a hit."""
+    if answer.cache_hit:
+        return Usage()
+    p = sum(a.input_tokens + sum(v.input_tokens for v in a.verdicts) for a in answer.attempts)
+    c = sum(a.output_tokens + sum(v.output_tokens for v in a.verdicts) for a in answer.attempts)
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+def answer_headers(answer: Answer) -> dict[str, str]:
+    return {
+        "x-cascade-request-id": answer.request_id,
+        "x-cascade-verified": "true" if answer.verified else "false",
+        "x-cascade-model": answer.model,
+        "x-cascade-cost-usd": f"{answer.cost_usd:.10f}".rstrip("0").rstrip(".") or "0",
+        "x-cascade-cache-hit": "true" if answer.cache_hit else "false",
+    }
+
+
+def _chosen(answer: Answer) -> Attempt | None:
+    for a in reversed(answer.attempts):
+        if a.status == "accepted":
+            return a
+    return next((a for a in reversed(answer.attempts)
+                 if a.status == "rejected" and a.text is not None), None)
+
+
+def _finish_reason(answer: Answer) -> str:
+    a = _chosen(answer)
+    return (a.finish_reason if a is not None else None) or "stop"
+
+
+def wire_error(e: BaseException) -> APIError:
+    """The wire error for a failed climb, with its trace and request id when it has them."""
+    traced = getattr(e, "answer", None)
+    ladder = (traced.metadata.get("ladder", "cascade") if isinstance(traced, Answer)
+              else "cascade")
+    api = from_exception(e, trace_of(traced, str(ladder)) if isinstance(traced, Answer)
+                         else None)
+    rid = getattr(traced, "request_id", None) or getattr(e, "request_id", None)
+    if isinstance(rid, str) and rid:
+        api.headers["x-cascade-request-id"] = rid
+    return api
+
+
+def _refusal(e: APIError) -> str:
+    return {401: "unauthorised", 404: "unknown_model", 429: "rate_limited"}.get(
+        e.status, "bad_request")
+
+
+def _check(body: ChatCompletionRequest, service: Service) -> None:
+    for name in body.unsupported():
+        raise APIError(400, f"unsupported field {name!r}: the cascade service does not "
+                       "implement it (remove it from the request)", param=name,
+                       code="unsupported_field")
+    if body.n != 1:
+        raise APIError(400, f"n must be 1 (one verified answer per request), not {body.n}",
+                       param="n")
+    if body.model != service.name:
+        raise APIError(404, f"the model {body.model!r} does not exist: this service serves the "
+                       f"ladder {service.name!r}", param="model", code="model_not_found")
+    rf = body.response_format
+    if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
+        raise APIError(400, "response_format of type json_schema needs a json_schema",
+                       param="response_format.json_schema")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true",
+                       param="stream_options")
+
+
+def completion(answer: Answer, ladder: str) -> ChatCompletionResponse:
+    return ChatCompletionResponse(
+        id=f"chatcmpl-{answer.request_id}", model=answer.model,
+        choices=[Choice(message=ResponseMessage(content=answer.text),
+                        finish_reason=_finish_reason(answer))],
+        usage=usage_of(answer), cascade=trace_of(answer, ladder))
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request) -> Response:
+    service: Service = request.app.state.service
+    try:
+        client = service.auth.client_for(request.headers)
+        body = parse_body(await request.body(), ChatCompletionRequest)
+        _check(body, service)
+        if body.stream:
+            return await _stream(service, body, client)
+        answer = await service.answer(body, client)
+    except APIError as e:
+        service.metrics.refusal(_refusal(e))
+        raise
+    except Exception as e:
+        raise wire_error(e) from None
+    return JSONResponse(completion(answer, service.name).model_dump(mode="json"),
+                        headers=answer_headers(answer))
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def _imminent(event: ClimbEvent, service: Service) -> bool:
+    """Whether the answer follows at once (the rung was accepted, or it was the last one)."""
+    kind, value = event
+    return kind == "attempt" and (value.status == "accepted"
+                                  or value.rung >= len(service.config.rungs) - 1)
+
+
+async def _stream(service: Service, body: ChatCompletionRequest,
+                  client: ClientConfig | None) -> Response:
+    events = service.stream(body, client)
+    pending: list[ClimbEvent] = []
+    try:
+        while True:
+            event = await events.receive()
+            pending.append(event)
+            if event[0] != "attempt" or not _imminent(event, service):
+                break
+    except anyio.EndOfStream:
+        events.close()
+        raise APIError(503, "the server is shutting down", type="server_error") from None
+    kind, value = pending[-1]
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+    if kind == "error":
+        events.close()
+        raise value if isinstance(value, APIError) else wire_error(value)
+    if kind == "answer":
+        headers.update(answer_headers(value))
+    return StreamingResponse(_sse(pending, events, body, service.name),
+                             media_type="text/event-stream", headers=headers)
+
+
+def _data(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _progress(a: Attempt) -> bytes:
+    info = {"rung": a.rung, "name": a.name or a.model, "model": a.model, "status": a.status,
+            "latency_ms": round(a.latency_ms, 3), "cost_usd": a.cost_usd,
+            "verdicts": [{"verifier": v.verifier, "passed": v.passed, "score": v.score}
+                         for v in a.verdicts]}
+    return b": cascade " + json.dumps(info, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _answer_chunks(answer: Answer, body: ChatCompletionRequest, ladder: str) -> list[bytes]:
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    rid, created, model = f"chatcmpl-{answer.request_id}", int(time.time()), answer.model
+    first = ChatCompletionChunk(id=rid, created=created, model=model, choices=[ChunkChoice(
+        delta=Delta(role="assistant", content=answer.text))], cascade=trace_of(answer, ladder))
+    last = ChatCompletionChunk(id=rid, created=created, model=model, choices=[ChunkChoice(
+        delta=Delta(), finish_reason=_finish_reason(answer))])
+    out = []
+    for chunk in (first, last):
+        d = chunk.model_dump(mode="json", exclude_none=True)
+        if usage:
+            d["usage"] = None  # OpenAI's shape: null on every chunk but the usage chunk
+        out.append(_data(d))
+    if usage:
+        out.append(_data(ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
+                                             usage=usage_of(answer))
+                         .model_dump(mode="json", exclude_none=True)))
+    return out
+
+
+async def _sse(pending: list[ClimbEvent], events: MemoryObjectReceiveStream[ClimbEvent],
+               body: ChatCompletionRequest, ladder: str) -> AsyncIterator[bytes]:
+    with events:
+        queue = list(pending)
+        while True:
+            if queue:
+                kind, value = queue.pop(0)
+            else:
+                try:
+                    with anyio.move_on_after(_HEARTBEAT_S) as scope:
+                        kind, value = await events.receive()
+                    if scope.cancelled_caught:
+                        yield b": keep-alive\n\n"
+                        continue
+                except anyio.EndOfStream:
+                    yield _data(APIError(503, "the server shut down before the answer",
+                                         type="server_error").payload())
+                    break
+            if kind == "attempt":
+                yield _progress(value)
+                continue
+            if kind == "answer":
+                for chunk in _answer_chunks(value, body, ladder):
+                    yield chunk
+            else:
+                yield _data(wire_error(value).payload())
+            break
+        yield b"data: [DONE]\n\n"

@@ -1,0 +1,80 @@
+"""``cascade serve --config FILE [--host 127.0.0.1] [--port 8000] [--workers N] [--insecure]``.
+
+Binding beyond loopback with no ``[[server.clients]]`` would hand the ladder (and its API keys'
+spending) to anyone who can reach the port, so it is refused unless ``--insecure``. SIGTERM
+stops accepting connections, lets requests in flight finish for up to
+``[server] shutdown_timeout_s`` (default 10 s), flushes the audit log and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cascade.config import load_config
+from cascade.errors import ConfigError
+
+__all__ = ["add_arguments", "is_loopback", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the ladder's TOML file ([server] table "
+                   "for the name, clients and audit log)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default 1); each holds its own ladder")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback host with no client keys configured")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cascade.serve.app import CONFIG_ENV, create_app
+    from cascade.serve.config import parse_server
+
+    path = Path(ns.config).resolve()
+    config = load_config(path)
+    server = parse_server(config)
+    if ns.workers < 1:
+        raise ConfigError("must be >= 1", source="command line", key="--workers")
+    if not is_loopback(ns.host) and not server.clients and not ns.insecure:
+        raise ConfigError(
+            f"refusing to serve on {ns.host} with no client keys: anyone who can reach the "
+            "port could spend the ladder's money. Add [[server.clients]] (name, key_env, "
+            "budget_key), bind 127.0.0.1, or pass --insecure", source=str(path),
+            key="server.clients")
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)
+    common = {"host": ns.host, "port": ns.port, "access_log": verbose,
+              "log_level": "info" if verbose else "warning",
+              "timeout_graceful_shutdown": server.shutdown_timeout_s}
+    if ns.workers == 1:
+        uvicorn.run(create_app(config), **common)
+        return 0
+    os.environ[CONFIG_ENV] = str(path)
+    made = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # every worker's counts, summed into each scrape whichever worker answers it
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cascade-prom-")
+    try:
+        uvicorn.run("cascade.serve.app:app_factory", factory=True, workers=ns.workers,
+                    **common)
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+    return 0

@@ -1,0 +1,88 @@
+"""Errors on the wire: every failure leaves as OpenAI's ``{"error": {...}}`` with its status.
+
+:class:`APIError` is what endpoint code raises; :func:`from_exception` translates the engine's
+typed errors once, here. Cascade errors carry ``x-should-retry: false``: the cascade has already
+retried and failed over inside, and an SDK retrying a no-answer would pay for the climb again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TypeVar
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from cascade.errors import (
+    BudgetExceeded,
+    CascadeError,
+    ConfigError,
+    DeadlineExceeded,
+    NoAnswerError,
+    UnverifiedAnswerError,
+)
+from cascade.serve.protocol import CascadeTrace, ErrorBody, ErrorResponse
+
+__all__ = ["APIError", "from_exception", "parse_body"]
+
+_M = TypeVar("_M", bound=BaseModel)
+
+log = logging.getLogger("cascade.serve")
+
+
+class APIError(Exception):
+    """An error response: status, OpenAI error ``type``, the offending ``param``, a ``code``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: Mapping[str, str] | None = None,
+                 trace: CascadeTrace | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorBody(message=message, type=type, param=param, code=code, cascade=trace)
+        self.headers = dict(headers or {})
+
+    def payload(self) -> dict[str, object]:
+        return ErrorResponse(error=self.body).model_dump(mode="json", exclude_none=True)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.payload(), status_code=self.status, headers=self.headers)
+
+
+def from_exception(e: BaseException, trace: CascadeTrace | None = None) -> APIError:
+    """The wire error for anything the climb raised."""
+    no_retry = {"x-should-retry": "false"}
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ConfigError):
+        return APIError(400, e.detail, param=e.key)
+    if isinstance(e, BudgetExceeded):
+        return APIError(429, str(e), type="budget_exceeded", code="budget_exceeded",
+                        headers=no_retry, trace=trace)
+    if isinstance(e, DeadlineExceeded):
+        return APIError(504, str(e), type="deadline_exceeded", code="deadline_exceeded",
+                        headers=no_retry, trace=trace)
+    if isinstance(e, NoAnswerError):
+        return APIError(502, str(e), type="no_answer", code="no_answer", headers=no_retry,
+                        trace=trace)
+    if isinstance(e, UnverifiedAnswerError):
+        return APIError(422, str(e), type="unverified_answer", code="unverified_answer",
+                        headers=no_retry, trace=trace)
+    if isinstance(e, CascadeError):
+        return APIError(500, f"{type(e).__name__}: {e}", type="server_error",
+                        headers=no_retry, trace=trace)
+    log.error("unexpected error serving a request", exc_info=e)
+    return APIError(500, "internal error (see the server log)", type="server_error",
+                    headers=no_retry)
+
+
+def parse_body(raw: bytes, model: type[_M]) -> _M:
+    """Validate a JSON body into ``model``; a bad body is a 400 naming the first bad field."""
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__") or None
+        what = f"{loc}: " if loc else ""
+        raise APIError(400, f"{what}{err.get('msg', 'invalid')}", param=loc) from None

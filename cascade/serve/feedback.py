@@ -1,0 +1,24 @@
+"""``POST /v1/feedback``: a user's judgement of an answer, into the audit log by request id
+(``cascade suite from-log`` turns it into a label)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from cascade.serve.errors import parse_body
+from cascade.serve.protocol import FeedbackRequest, FeedbackResponse
+from cascade.serve.service import Service
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.post("/v1/feedback")
+async def create_feedback(request: Request) -> JSONResponse:
+    service: Service = request.app.state.service
+    client = service.auth.client_for(request.headers)
+    body = parse_body(await request.body(), FeedbackRequest)
+    await service.feedback(body.request_id, body.correct, body.expected, client)
+    return JSONResponse(FeedbackResponse(request_id=body.request_id).model_dump(mode="json"))

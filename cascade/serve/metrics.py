@@ -1,0 +1,183 @@
+"""``GET /metrics``: Prometheus text, every series named ``cascade_*``; the metrics observer.
+
+Labels are few and bounded (ladder, rung, verified, cache_hit, outcome, client name from the
+config): never a prompt, a key or a request id. With several workers, set
+``PROMETHEUS_MULTIPROC_DIR`` (``cascade serve --workers N`` does) and every worker's counts
+are summed into each scrape, whichever worker answers it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from cascade.messages import Request as CascadeRequest
+from cascade.trace import Answer, Attempt
+
+__all__ = ["Metrics", "router"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+_OUTCOMES = {
+    "BudgetExceeded": "budget_exceeded", "DeadlineExceeded": "deadline_exceeded",
+    "NoAnswerError": "no_answer", "UnverifiedAnswerError": "unverified",
+    "ConfigError": "bad_request",
+}
+
+
+def outcome_of(answer: Answer | None, error: BaseException | None) -> str:
+    """A bounded name for how a request ended."""
+    if error is not None:
+        for cls in type(error).__mro__:
+            if cls.__name__ in _OUTCOMES:
+                return _OUTCOMES[cls.__name__]
+        return "error"
+    assert answer is not None
+    return "verified" if answer.verified else "unverified"
+
+
+class _Dropped(Collector):
+    """``cascade_audit_dropped_total`` straight from the audit log's own count."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def collect(self) -> Iterable[Metric]:
+        c = CounterMetricFamily("cascade_audit_dropped",
+                                "Audit lines dropped because the writer could not keep up")
+        c.add_metric([], self._count())
+        yield c
+
+
+class Metrics:
+    """Counts answers, rungs, refusals and shadow checks into a registry of its own."""
+
+    def __init__(self, ladder: str, *, audit_dropped: Callable[[], int] | None = None) -> None:
+        self.ladder = ladder
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        lr = ["ladder", "rung"]
+        self.requests = Counter("cascade_requests", "Requests by accepting rung and outcome",
+                                ["ladder", "rung", "verified", "cache_hit", "outcome"],
+                                registry=r)
+        self.latency = Histogram("cascade_request_latency_seconds", "Request latency",
+                                 ["ladder", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("cascade_requests_in_flight", "Requests being answered",
+                               ["ladder"], registry=r, multiprocess_mode="livesum")
+        self.rung_calls = Counter("cascade_rung_calls", "Rung attempts that called a model",
+                                  lr, registry=r)
+        self.rung_errors = Counter("cascade_rung_errors", "Rung attempts whose call failed",
+                                   lr, registry=r)
+        self.rung_skips = Counter("cascade_rung_skips",
+                                  "Rungs skipped (budget, deadline, open circuit)", lr,
+                                  registry=r)
+        self.escalations = Counter("cascade_escalations",
+                                   "Rung answers rejected by the verifiers (the climb went on)",
+                                   lr, registry=r)
+        self.rung_latency = Histogram("cascade_rung_latency_seconds",
+                                      "Rung attempt latency (call and verifiers)", lr,
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.cost = Counter("cascade_cost_usd", "Money spent, by rung (verifier calls included)",
+                            lr, registry=r)
+        self.budget_refusals = Counter("cascade_budget_refusals",
+                                       "Requests refused because a budget would be exceeded",
+                                       ["ladder"], registry=r)
+        self.refused = Counter("cascade_refused_requests",
+                               "Requests refused before the climb (auth, rate limit, bad input)",
+                               ["ladder", "outcome"], registry=r)
+        self.shadows = Counter("cascade_shadow_checks", "Shadow checks by the top rung",
+                               lr, registry=r)
+        self.shadow_disagreements = Counter("cascade_shadow_disagreements",
+                                            "Shadow checks where the top rung disagreed", lr,
+                                            registry=r)
+        self.drift_alarm = Gauge("cascade_drift_alarm", "1 while a rung's drift alarm is up "
+                                 "(its answers escalate)", ["rung"], registry=r,
+                                 multiprocess_mode="mostrecent")
+        self._audit_dropped = audit_dropped
+        if audit_dropped is not None:
+            r.register(_Dropped(audit_dropped))
+
+    # ------------------------------------------------------------------ observer
+
+    def on_answer(self, request: CascadeRequest, answer: Answer | None,
+                  error: BaseException | None) -> None:
+        traced = answer if answer is not None else getattr(error, "answer", None)
+        outcome = outcome_of(answer, error)
+        accepted = ""
+        if answer is not None:
+            accepted = next((a.name or a.model for a in reversed(answer.attempts)
+                             if a.status == "accepted"), "")
+        cache_hit = isinstance(traced, Answer) and traced.cache_hit
+        self.requests.labels(self.ladder, accepted, str(answer is not None and answer.verified)
+                             .lower(), str(cache_hit).lower(), outcome).inc()
+        if isinstance(traced, Answer):
+            self.latency.labels(self.ladder, outcome).observe(traced.latency_ms / 1000)
+            if not cache_hit:
+                for a in traced.attempts:
+                    self._attempt(a)
+        if outcome == "budget_exceeded":
+            self.budget_refusals.labels(self.ladder).inc()
+
+    def _attempt(self, a: Attempt) -> None:
+        rung = a.name or a.model
+        if a.status == "skipped":
+            self.rung_skips.labels(self.ladder, rung).inc()
+            return
+        if a.status == "shadow":
+            return  # counted by on_shadow
+        self.rung_calls.labels(self.ladder, rung).inc()
+        self.rung_latency.labels(self.ladder, rung).observe(a.latency_ms / 1000)
+        if a.cost_usd:
+            self.cost.labels(self.ladder, rung).inc(a.cost_usd)
+        if a.status == "error":
+            self.rung_errors.labels(self.ladder, rung).inc()
+        elif a.status == "rejected":
+            self.escalations.labels(self.ladder, rung).inc()
+
+    def on_shadow(self, request: CascadeRequest, accepted: Attempt, shadow: Attempt,
+                  agreed: bool | None) -> None:
+        rung = accepted.name or accepted.model
+        self.shadows.labels(self.ladder, rung).inc()
+        if agreed is False:
+            self.shadow_disagreements.labels(self.ladder, rung).inc()
+        if shadow.cost_usd:
+            self.cost.labels(self.ladder, shadow.name or shadow.model).inc(shadow.cost_usd)
+
+    def refusal(self, outcome: str) -> None:
+        """A request turned away before the climb (``unauthorised``, ``rate_limited``,
+        ``bad_request``, ``unknown_model``)."""
+        self.refused.labels(self.ladder, outcome).inc()
+        if outcome == "budget_exceeded":
+            self.budget_refusals.labels(self.ladder).inc()
+
+    def set_drift(self, drift: Mapping[str, Mapping[str, Any]]) -> None:
+        for rung, state in drift.items():
+            self.drift_alarm.labels(rung).set(1 if state.get("alarm") else 0)
+
+    def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            if self._audit_dropped is not None:
+                merged.register(_Dropped(self._audit_dropped))
+            return generate_latest(merged)
+        return generate_latest(self.registry)
+
+
+router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    service = request.app.state.service
+    service.metrics.set_drift((await service.health()).get("drift", {}))
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,76 @@
+"""Running ``cascade serve``'s app on a free loopback port inside a test (uvicorn in a thread),
+and ladders whose rungs are the loopback model servers of ``tests/loopback.py``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from cascade import CascadeConfig, parse_config
+from tests.loopback import RecordedRequest, Reply, free_port, openai_reply
+
+__all__ = ["echo_handler", "ladder", "serving"]
+
+
+def ladder(tmp_path: Path, base_url: str, *, models: tuple[str, ...] = ("small", "big"),
+           verifiers: list[dict[str, Any]] | None = None, **top: Any) -> CascadeConfig:
+    """A ladder of ``models`` on one loopback server; prices make costs non-zero."""
+    data: dict[str, Any] = {
+        "rungs": [{"model": m, "provider": "openai-compatible", "base_url": base_url,
+                   "input_usd_per_mtok": 1.0 * (i + 1), "output_usd_per_mtok": 2.0 * (i + 1),
+                   "timeout_s": 5} for i, m in enumerate(models)],
+        "verifiers": verifiers if verifiers is not None else [{"name": "refusal"}],
+        "cache": {"enabled": False, "directory": str(tmp_path / "cache")},
+        "retry": {"max_attempts": 1, "base_delay_s": 0, "max_delay_s": 0},
+        **top,
+    }
+    return parse_config(data, source=str(tmp_path / "cascade.toml"))
+
+
+def last_user(req: RecordedRequest) -> str:
+    msgs = req.json["messages"]
+    return str(next(m["content"] for m in reversed(msgs) if m["role"] == "user"))
+
+
+def echo_handler(refuse: tuple[str, ...] = ("small",), delay_s: float = 0.0,
+                 replies: Mapping[str, str] | None = None) -> Any:
+    """Models in ``refuse`` refuse; the others answer ``<model> says: <prompt>``."""
+
+    def handle(req: RecordedRequest) -> Reply:
+        model = req.json["model"]
+        if replies and model in replies:
+            return openai_reply(replies[model], model=model, delay_s=delay_s)
+        if model in refuse:
+            return openai_reply("I'm sorry, but I can't help with that.", model=model,
+                                delay_s=delay_s)
+        return openai_reply(f"{model} says: {last_user(req)}", model=model, delay_s=delay_s)
+
+    return handle
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free 127.0.0.1 port; yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
