@@ -55,16 +55,16 @@ def _now() -> str:
 
 
 def _request_id(request: Request, answer: Answer | None, error: BaseException | None) -> str:
-    """The id the line is keyed by: the answer's, else the one the engine gave the error or the
-    request (``request.request_id`` or ``metadata["request_id"]``), else a fresh one."""
+    """The id the line is keyed by: the answer's, else the request's own (the engine gives
+    every request one), else the one an error carries."""
     if answer is not None and answer.request_id:
         return answer.request_id
     traced = getattr(error, "answer", None)
-    for rid in (getattr(traced, "request_id", None), getattr(error, "request_id", None),
-                getattr(request, "request_id", None), request.metadata.get("request_id")):
+    for rid in (request.id, getattr(traced, "request_id", None),
+                getattr(error, "request_id", None)):
         if isinstance(rid, str) and rid:
             return rid
-    return uuid.uuid4().hex
+    return uuid.uuid4().hex  # a Request built by hand, outside the engine
 
 
 class AuditLog:

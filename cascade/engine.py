@@ -294,6 +294,8 @@ class Cascade:
             return answer
         except BaseException as e:
             error = e
+            if isinstance(e, CascadeError) and not getattr(e, "request_id", None):
+                e.request_id = request_id  # type: ignore[attr-defined]  # audit, 429/504 headers
             raise
         finally:
             self._notify(request, answer, error)

@@ -26,8 +26,8 @@ from tests.loopback import LoopbackServer
 from tests.serve_kit import echo_handler, ladder, serving
 
 
-def _request(text: str = "hello", **meta: Any) -> Request:
-    return Request(messages=normalise_messages(text), metadata=meta)
+def _request(text: str = "hello", request_id: str = "", **meta: Any) -> Request:
+    return Request(messages=normalise_messages(text), metadata=meta, id=request_id)
 
 
 def _answer(rid: str = "r1", text: str = "hi") -> Answer:
@@ -111,13 +111,7 @@ def test_secret_values_never_reach_the_file(tmp_path: Path,
     assert "[redacted]" in raw
 
 
-# The engine's shadow loop thread stops before its own SDK clients are closed (they are then
-# closed from another loop and leak their sockets until collected): collected here, so the
-# ResourceWarning is charged to the test that caused it; reported to the engine's owner.
-_SHADOW_LEAK = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-
-@_SHADOW_LEAK
 def test_shadow_checks_reach_the_log_and_metrics(
         tmp_path: Path, openai_server: LoopbackServer) -> None:
     openai_server.script(echo_handler(refuse=(), replies={"big": "something else"}))
@@ -139,9 +133,6 @@ def test_shadow_checks_reach_the_log_and_metrics(
     gc.collect()
 
 
-@_SHADOW_LEAK
-@pytest.mark.xfail(strict=True, reason="the engine does not yet tell on_shadow the request id "
-                   "(request.request_id or metadata['request_id']); see the h4 report")
 def test_shadow_lines_are_keyed_by_the_request_id(
         tmp_path: Path, openai_server: LoopbackServer) -> None:
     openai_server.script(echo_handler(refuse=(), replies={"big": "something else"}))
@@ -212,7 +203,6 @@ async def test_library_users_get_the_same_spans(
     assert names == ["chat cascade", "chat small"]
 
 
-@_SHADOW_LEAK
 def test_a_drifted_rung_shows_in_metrics_and_healthz(
         tmp_path: Path, openai_server: LoopbackServer) -> None:
     # the cheap rung's answers always differ from the top rung's: far above the tolerated 5%

@@ -122,13 +122,11 @@ directory = "{tmp_path / 'cache'}"
 
 
 def _real_audit(path: Path) -> Any:
-    audit = pytest.importorskip("cascade.audit")
-    return audit.AuditLog(path)
+    from cascade.audit import AuditLog
+
+    return AuditLog(path)
 
 
-# The engine closes the providers made on the shadow loop after that loop has stopped, so their
-# sockets are reported unclosed (an engine defect, reported; drop this mark once it is fixed).
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("make_log", [BriefAudit, _real_audit], ids=["brief-shape", "audit"])
 def test_serve_log_from_log_tune(openai_server: LoopbackServer, tmp_path: Path,
                                  make_log: Callable[[Path], Any]) -> None:
