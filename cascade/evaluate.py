@@ -16,6 +16,7 @@ suite's answer texts; at the first rung it abstains (passes) as the engine's doe
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,18 +101,31 @@ def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
     cols = _columns(table, config)
     acc = _accepts(table, config, cols)
     k, n = len(cols), table.n
-    forced = np.concatenate([acc[:, :-1], np.ones((n, 1), dtype=bool)], axis=1)
-    exit_pos = np.argmax(forced, axis=1)
     right_k = table.correct[:, cols]
-    cum = np.cumsum(table.cost[:, cols], axis=1)
     rows = np.arange(n)
+    skipped_by_router = np.zeros((n, k), dtype=bool)
+    if config.router:
+        # The router's decisions replayed exactly as the climb takes them: a rung it rules
+        # out is neither paid for nor accepted.
+        from cascade.routing import load_router, replay_routes, route_cases
+
+        src = config.source
+        router = load_router(config.router, labels=[r.label for r in config.rungs], source=src,
+                             base_dir=Path(src).parent if not src.startswith("<") else None)
+        routes = route_cases(router, table)
+        exit_pos, cost = replay_routes(acc, table.cost[:, cols], routes)
+        skipped_by_router = routes.skip.copy()
+        skipped_by_router[:, -1] = False
+    else:
+        forced = np.concatenate([acc[:, :-1], np.ones((n, 1), dtype=bool)], axis=1)
+        exit_pos = np.argmax(forced, axis=1)
+        cost = np.cumsum(table.cost[:, cols], axis=1)[rows, exit_pos]
     right = right_k[rows, exit_pos]
-    cost = cum[rows, exit_pos]
     verified = acc[rows, exit_pos]
     mean_cost = float(cost.mean()) if n else 0.0
     per_rung = []
     for p, rung in enumerate(config.rungs):
-        reached = exit_pos >= p
+        reached = (exit_pos >= p) & ~skipped_by_router[:, p]
         a = acc[reached, p]
         r = right_k[reached, p]
         n_reached = int(reached.sum())

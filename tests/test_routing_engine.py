@@ -53,3 +53,23 @@ async def test_a_router_file_for_another_ladder_is_a_config_error(tmp_path: Path
     with pytest.raises(ConfigError, match="do not match"):  # at construction, before traffic
         Cascade.from_dict({"rungs": rungs, "router": table, "cache": {"enabled": False}},
                           provider_factory=Script({"tiny": ["x"], "huge": ["y"]}).factory)
+
+
+def test_cascade_eval_replays_the_router_as_the_climb_takes_it(tmp_path: Path) -> None:
+    """Hard prompts (the cheap rung is right on 10% of them) are routed past it; eval must not
+    count them as reaching it, nor charge them for it."""
+    import numpy as np
+
+    from cascade.evaluate import evaluate
+
+    t = _table(300)
+    tuning = tune_router(t)
+    table = write_router(tuning, tmp_path / "TUNED.toml")
+    table["path"] = str(tmp_path / table["path"])
+    cfg = tuning.config.replace(router=table)
+    rep = evaluate(t, cfg)
+    plain = evaluate(t, tuning.config)  # the same rungs, every case tried at the cheap one
+    small, small_plain = rep["rungs"][0], plain["rungs"][0]
+    hard = np.array(["Prove" in p or "integral" in p for p in t.prompts])
+    assert small["reached"] <= int((~hard).sum()) + 5 < small_plain["reached"]
+    assert rep["mean_cost_usd"] < plain["mean_cost_usd"] or rep["accuracy"] > plain["accuracy"]
