@@ -10,12 +10,14 @@ import numpy as np
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.candidates import candidates, reference_rung, rung_accuracy, rung_chains
 from cascade.tuning.guard import (
+    DELTA,
     PSEUDO,
     PSEUDO_GATE,
     cases_needed,
     model_frontier,
     paired_bound,
     plausible_best,
+    rival_z,
     z_value,
 )
 from cascade.tuning.loss import LossModel, risk_path
@@ -160,7 +162,7 @@ def guarded_frontier(table: OutcomeTable, *, delta: float, agreement: str = "off
     mean_cost = table.cost.mean(axis=0)
     z = z_value(delta)
     looks_best = reference_rung(table)
-    rivals = plausible_best(table, looks_best, z)
+    rivals = plausible_best(table, looks_best, rival_z(delta, len(table.rungs)))
     ref = max(rivals, key=lambda j: (float(mean_cost[j]), j == looks_best))
     keys = scoring_keys(table)
     settings: list[Setting] = []
@@ -294,7 +296,7 @@ def dominating_rung(table: OutcomeTable, right: BoolArray, cost: FloatArray) -> 
 
 
 
-def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = 0.1,
+def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = DELTA,
            agreement: str = "off", z_gate: float | None = None) -> tuple[Setting, int]:
     """Only the choice of :func:`tune` (setting, reference rung index), for cross-validation.
     Deterministic: it uses every case and no randomness."""
