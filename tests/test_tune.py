@@ -568,3 +568,25 @@ def test_rival_test_covers_the_comparison_with_every_rung() -> None:
     assert r["looks_best"] == "b" and set(r["could_be_best"]) == {"b", "c"}
     assert set(tune(t, delta=0.5, shift=False, bootstrap=100)
                .report["reference"]["could_be_best"]) == {"b"}
+
+
+def test_cases_needed_counts_every_rival() -> None:
+    """When nothing passes, the cases the most promising setting would need are the cases it
+    needs to pass against every rival, not only against the rung it ends at: here the cascade
+    a → c never disagrees with c, but b (as good as c, 16 discordant cases) is a rival too."""
+    n = 100
+    correct = np.ones((n, 3), dtype=bool)
+    correct[:, 0] = np.arange(n) % 2 == 0
+    correct[0:8, 1] = False
+    correct[8:16, 2] = False
+    scores = np.stack([np.where(correct[:, 0] & correct[:, 2], 1.0, 0.0), np.zeros(n),
+                       np.zeros(n)], axis=1)
+    t = _table(correct, np.tile([0.01, 0.3, 1.0], (n, 1)), scores)
+    res = tune(t, shift=False, bootstrap=100)
+    rep = res.report
+    assert set(rep["reference"]["could_be_best"]) == {"b", "c"}
+    assert rep["recommendation"]["kind"] == "single_rung"
+    need = rep["recommendation"]["cases_needed"]
+    assert need is not None
+    bigger = t.take(np.arange(need) % n)  # that many cases at the same rates do earn it
+    assert len(select(bigger)[0].chain) > 1
