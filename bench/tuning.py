@@ -34,13 +34,14 @@ from tuning_baseline import grid_search_baseline  # noqa: E402
 from cascade.suite import OutcomeTable, load_shared_outcomes  # noqa: E402
 from cascade.tuning import Setting, reference_rung, select, tune  # noqa: E402
 from cascade.tuning.candidates import candidates, rung_chains  # noqa: E402
+from cascade.tuning.guard import DELTA  # noqa: E402
 from cascade.tuning.setting import FloatArray, IntArray  # noqa: E402
 from cascade.tuning.simulate import mesh_stats, simulate  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cascades"
 
 
-def fit(table: OutcomeTable, method: str, *, drop: float, delta: float = 0.1,
+def fit(table: OutcomeTable, method: str, *, drop: float, delta: float = DELTA,
         agreement: str = "off", z_gate: float | None = None) -> tuple[Setting, int]:
     """The setting ``method`` (``"ours"`` or ``"grid"``) tunes on ``table``, and the reference
     rung (the most accurate on ``table``) its promise is measured against."""
@@ -74,7 +75,7 @@ def versus_best(table: OutcomeTable, right: FloatArray, cost: FloatArray,
 
 
 def held_out(table: OutcomeTable, splits: Split, method: str, *, drop: float,
-             delta: float = 0.1, agreement: str = "off", z_gate: float | None = None,
+             delta: float = DELTA, agreement: str = "off", z_gate: float | None = None,
              weight: FloatArray | None = None) -> tuple[float, float, int, int]:
     """Tune on each split's first part, answer its second: the held-out accuracy change and
     cost saving against the best single rung on all the held-out cases together (see
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed-offset", type=int, default=0,
                     help="fold seeds are offset, offset + 1, ...: a second, independent run")
     ap.add_argument("--max-accuracy-drop", type=float, default=0.01)
-    ap.add_argument("--delta", type=float, default=0.1)
+    ap.add_argument("--delta", type=float, default=DELTA)
     ap.add_argument("--files", nargs="*", help="only these file names")
     ap.add_argument("--agreement", choices=("off", "all"), default="off")
     ap.add_argument("--z-gate", type=float, default=None)

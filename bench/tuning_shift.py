@@ -36,6 +36,7 @@ from tuning import DATA, Split, case_folds, held_out
 
 from cascade.suite import OutcomeTable, load_shared_outcomes
 from cascade.tuning import group_folds
+from cascade.tuning.guard import DELTA
 from cascade.tuning.setting import FloatArray, IntArray
 
 
@@ -75,8 +76,8 @@ def labels_under_shift(data: Path, *, drop: float, delta: float, draws: int) -> 
             for n, res in learning_curve(tr, te, [300, 1000], draws, drop=drop,
                                          delta=delta).items():
                 print(f"  {n:>4} labelled                      {summarise(res, drop)}")
-            res = labelling(tr, te, 300, tr.n - 300, draws, drop=drop, delta=delta)
-            asked = summarise(res["labels where asked"], drop)
+            lab = labelling(tr, te, 300, tr.n - 300, draws, drop=drop, delta=delta)
+            asked = summarise(lab["labels where asked"], drop)
             print(f"  300 labelled + pool, where asked  {asked}")
     return 0
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--max-accuracy-drop", type=float, default=0.01)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--delta", type=float, default=0.1, help="the guard's level, as cascade tune")
+    ap.add_argument("--delta", type=float, default=DELTA, help="the guard's level, as cascade tune")
     ap.add_argument("--labels", action="store_true",
                     help="instead: learning curve and labelling bench, tuned on four benchmarks "
                          "of a ladder and judged on the fifth")

@@ -16,7 +16,14 @@ from cascade.evaluate import evaluate
 from cascade.suite import OutcomeTable
 from cascade.tuning import Setting, select, to_toml, tune
 from cascade.tuning.candidates import candidates, mesh
-from cascade.tuning.guard import model_frontier, paired_bound, z_value
+from cascade.tuning.guard import (
+    DELTA,
+    model_frontier,
+    paired_bound,
+    plausible_best,
+    rival_z,
+    z_value,
+)
 from cascade.tuning.loss import LossModel
 from cascade.tuning.simulate import mesh_stats, simulate
 
@@ -206,7 +213,7 @@ def test_a_suite_too_small_for_the_promise_says_how_many_cases_it_needs() -> Non
     res = tune(_separable(60), shift=False, bootstrap=100)
     need = res.report["recommendation"]["cases_needed"]
     assert res.report["recommendation"]["kind"] == "single_rung"
-    assert need == math.ceil(z_value(0.1) / 0.01)
+    assert need == math.ceil(z_value(DELTA) / 0.01)  # the default level
     assert any(f"about {need:,} cases" in n for n in res.report["notes"])
     assert len(select(_separable(need))[0].chain) == 2
     assert len(select(_separable(need - 2))[0].chain) == 1
@@ -542,3 +549,44 @@ def test_model_with_two_scoring_verifiers() -> None:
     setting, ref = select(t, max_accuracy_drop=0.01)
     assert ref == 3 and setting.chain[-1] == 3
     assert len(setting.chain) == 1 or setting.keys == keys
+
+
+def test_rival_test_covers_the_comparison_with_every_rung() -> None:
+    """A rung behind the favourite by 12 of 40 discordant cases is credibly worse at a one-sided
+    5% on that one comparison, but not once the test covers both comparisons (Bonferroni over
+    the K - 1 = 2 rungs the favourite is compared with): the tuner keeps it as a rival."""
+    n = 400
+    correct = np.ones((n, 3), dtype=bool)
+    correct[:, 0] = np.arange(n) % 3 == 0  # the cheap rung is far behind
+    correct[0:26, 2] = False  # b right, c wrong
+    correct[26:40, 1] = False  # c right, b wrong
+    t = _table(correct, np.tile([0.01, 0.3, 1.0], (n, 1)), np.zeros((n, 3)))
+    assert plausible_best(t, 1, z_value(0.05)) == [1]
+    assert plausible_best(t, 1, rival_z(0.05, 3)) == [1, 2]
+    assert rival_z(0.05, 3) == z_value(0.025)
+    r = tune(t, shift=False, bootstrap=100).report["reference"]
+    assert r["looks_best"] == "b" and set(r["could_be_best"]) == {"b", "c"}
+    assert set(tune(t, delta=0.5, shift=False, bootstrap=100)
+               .report["reference"]["could_be_best"]) == {"b"}
+
+
+def test_cases_needed_counts_every_rival() -> None:
+    """When nothing passes, the cases the most promising setting would need are the cases it
+    needs to pass against every rival, not only against the rung it ends at: here the cascade
+    a → c never disagrees with c, but b (as good as c, 16 discordant cases) is a rival too."""
+    n = 100
+    correct = np.ones((n, 3), dtype=bool)
+    correct[:, 0] = np.arange(n) % 2 == 0
+    correct[0:8, 1] = False
+    correct[8:16, 2] = False
+    scores = np.stack([np.where(correct[:, 0] & correct[:, 2], 1.0, 0.0), np.zeros(n),
+                       np.zeros(n)], axis=1)
+    t = _table(correct, np.tile([0.01, 0.3, 1.0], (n, 1)), scores)
+    res = tune(t, shift=False, bootstrap=100)
+    rep = res.report
+    assert set(rep["reference"]["could_be_best"]) == {"b", "c"}
+    assert rep["recommendation"]["kind"] == "single_rung"
+    need = rep["recommendation"]["cases_needed"]
+    assert need is not None
+    bigger = t.take(np.arange(need) % n)  # that many cases at the same rates do earn it
+    assert len(select(bigger)[0].chain) > 1

@@ -8,7 +8,8 @@ few hundred cases, and its accuracy drops on new ones (on the shared recorded da
 What we do instead:
 
 1. Which rung is best is estimated too: the *rivals* are the rung most accurate on the suite's
-   labelled cases and every rung not credibly below it (:mod:`~cascade.tuning.guard`). A
+   labelled cases and every rung not credibly below it (one-sided at ``delta``, Bonferroni over
+   the comparisons with the other rungs: :mod:`~cascade.tuning.guard`). A
    cascade ends at one of them and may start at any subset of the rungs that cost at most half
    as much; each rival but the dearest is also a candidate alone.
 2. Candidate thresholds are fixed in advance and never fitted to labels: for a confidence in

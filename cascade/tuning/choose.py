@@ -10,12 +10,14 @@ import numpy as np
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.candidates import candidates, reference_rung, rung_accuracy, rung_chains
 from cascade.tuning.guard import (
+    DELTA,
     PSEUDO,
     PSEUDO_GATE,
     cases_needed,
     model_frontier,
     paired_bound,
     plausible_best,
+    rival_z,
     z_value,
 )
 from cascade.tuning.loss import LossModel, risk_path
@@ -151,6 +153,25 @@ def _anchor_frontier(table: OutcomeTable, anchor: int, keys: tuple[str, ...], *,
              np.where(used[front], PSEUDO_GATE, PSEUDO).astype(float)], int(cost.size))
 
 
+def _cases_needed_all(table: OutcomeTable, f: Frontier, g: int, max_drop: float) -> int | None:
+    """How many cases like these setting ``g`` would need to pass against *every* rival (the
+    most any one of them needs; None when one never would)."""
+    st = f.settings[g]
+    ex = simulate(table, st)[2]
+    most = 0
+    for c in f.rivals:
+        if c == st.chain[-1]:
+            b, w = float(f.better[g]), float(f.worse[g])
+        else:
+            bc, wc = outcome_of(table, st, c, ex)
+            b, w = float(bc.sum()), float(wc.sum())
+        m = cases_needed(b, w, f.n, float(f.zs[g]), max_drop, float(f.pseudo[g]))
+        if m is None:
+            return None
+        most = max(most, m)
+    return most
+
+
 def guarded_frontier(table: OutcomeTable, *, delta: float, agreement: str = "off",
                      z_gate: float | None = None) -> Frontier:
     """The settings :func:`choose` picks from (see it for ``agreement`` and ``z_gate``): the
@@ -160,7 +181,7 @@ def guarded_frontier(table: OutcomeTable, *, delta: float, agreement: str = "off
     mean_cost = table.cost.mean(axis=0)
     z = z_value(delta)
     looks_best = reference_rung(table)
-    rivals = plausible_best(table, looks_best, z)
+    rivals = plausible_best(table, looks_best, rival_z(delta, len(table.rungs)))
     ref = max(rivals, key=lambda j: (float(mean_cost[j]), j == looks_best))
     keys = scoring_keys(table)
     settings: list[Setting] = []
@@ -212,8 +233,7 @@ def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str
     ok: BoolArray = lower >= -max_drop - 1e-12
     ref_cost = float(table.cost[:, f.ref].mean())
     if not ok.any():
-        need = [cases_needed(float(f.better[g]), float(f.worse[g]), f.n, float(f.zs[g]),
-                             max_drop, float(f.pseudo[g]))
+        need = [_cases_needed_all(table, f, g, max_drop)
                 for g in range(len(f.settings)) if f.cost[g] < ref_cost]
         needed = min((x for x in need if x is not None), default=None)
         more = (f"; the most promising setting would need about {needed:,} cases like these "
@@ -294,7 +314,7 @@ def dominating_rung(table: OutcomeTable, right: BoolArray, cost: FloatArray) -> 
 
 
 
-def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = 0.1,
+def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = DELTA,
            agreement: str = "off", z_gate: float | None = None) -> tuple[Setting, int]:
     """Only the choice of :func:`tune` (setting, reference rung index), for cross-validation.
     Deterministic: it uses every case and no randomness."""

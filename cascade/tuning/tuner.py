@@ -12,6 +12,7 @@ from cascade.config import CascadeConfig
 from cascade.errors import ConfigError
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.choose import choose, choose_budget, dominating_rung
+from cascade.tuning.guard import DELTA
 from cascade.tuning.output import to_config
 from cascade.tuning.report import build_report, cost_frontier, drift_rates
 from cascade.tuning.setting import Setting
@@ -37,7 +38,7 @@ class TuneResult:
 
 
 def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
-         max_cost_usd: float | None = None, delta: float = 0.1, seed: int = 0,
+         max_cost_usd: float | None = None, delta: float = DELTA, seed: int = 0,
          shift: bool = True, bootstrap: int = 1000,
          agreement: str = "off") -> TuneResult:
     """Tune ``table``; see the module docstring for the method.
