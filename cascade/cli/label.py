@@ -16,6 +16,7 @@ from typing import Any
 
 from cascade.config import load_config
 from cascade.suite import OutcomeTable, load_outcome_table
+from cascade.tuning.guard import DELTA
 
 __all__ = ["add_arguments", "apply_labels", "run"]
 
@@ -30,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "for shared outcome files)")
     parser.add_argument("--max-accuracy-drop", type=float, default=0.01,
                         help="the promise the tuning will be asked for (default 0.01)")
-    parser.add_argument("--delta", type=float, default=0.1,
-                        help="the guard's one-sided level, as for cascade tune (default 0.1)")
+    parser.add_argument("--delta", type=float, default=DELTA,
+                        help=f"the guard's one-sided level, as for tune (default {DELTA:g})")
     parser.add_argument("--max", type=int, default=None, metavar="N",
                         help="name at most N cases (the most useful first)")
     parser.add_argument("--labels", action="append", default=[], metavar="FILE",

@@ -12,6 +12,7 @@ from cascade.cli.label import apply_labels
 from cascade.config import load_config, parse_config
 from cascade.suite import load_outcome_table
 from cascade.tuning import format_report, to_toml, tune
+from cascade.tuning.guard import DELTA
 from cascade.tuning.plot import plot_frontier
 
 __all__ = ["add_arguments", "run"]
@@ -29,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "0.01)")
     goal.add_argument("--max-cost-usd", type=float, default=None,
                       help="most accurate setting under this mean cost per case")
-    parser.add_argument("--delta", type=float, default=0.1,
+    parser.add_argument("--delta", type=float, default=DELTA,
                         help="the guard's one-sided level: the margin is z(1 - delta) standard "
-                             "errors of the accuracy change (default 0.1)")
+                             f"errors of the accuracy change (default {DELTA:g})")
     parser.add_argument("--agreement", choices=("off", "all"), default="off",
                         help="all: a rung may also have to agree with the previous one (the "
                              "agreement gate; riskier on small suites, see the README)")
