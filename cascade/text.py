@@ -7,6 +7,7 @@ read answers alike. A leaf module: it imports nothing from the package.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -208,4 +209,17 @@ def same_answer(a: Hashable | None, b: Hashable | None, *, tolerance: float = 1e
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=tolerance, abs_tol=tolerance)
     return a == b
+
+
+def fence(parts: list[tuple[str, str]], extra: str = "") -> tuple[str, str]:
+    """(tag, sections): text a model must read as data, between marker lines that carry a hash
+    of everything they enclose, so no enclosed text (a candidate answer) can forge its own END
+    line and write instructions after it."""
+    digest = hashlib.sha256(extra.encode())
+    for title, body in parts:
+        digest.update(b"\0" + title.encode() + b"\0" + body.encode())
+    tag = digest.hexdigest()[:20]
+    sections = "".join(f"\n<<<BEGIN {title} {tag}>>>\n{body}\n<<<END {title} {tag}>>>\n"
+                       for title, body in parts)
+    return tag, sections
 

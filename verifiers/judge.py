@@ -18,12 +18,12 @@ The candidate is text an attacker may write, so two rules keep it from grading i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
+from cascade.text import fence
 from cascade.verify import Message, ModelCall, Verdict, VerifyContext, parse_rung
 
 __all__ = ["DEFAULT_RUBRIC", "JudgeVerifier", "parse_grade"]
@@ -148,18 +148,6 @@ def _json_score(raw: Any) -> float | None:
     return None
 
 
-def _fenced(parts: list[tuple[str, str]], extra: str) -> tuple[str, str]:
-    """(tag, sections): marker lines carry a hash of everything they enclose, so no enclosed
-    text can forge its own END line."""
-    digest = hashlib.sha256(extra.encode())
-    for title, body in parts:
-        digest.update(b"\0" + title.encode() + b"\0" + body.encode())
-    tag = digest.hexdigest()[:20]
-    sections = "".join(f"\n<<<BEGIN {title} {tag}>>>\n{body}\n<<<END {title} {tag}>>>\n"
-                       for title, body in parts)
-    return tag, sections
-
-
 class JudgeVerifier:
     """Asks a judge model for a 0-10 grade; passes at ``threshold`` (default 0.5) and above."""
 
@@ -203,7 +191,7 @@ class JudgeVerifier:
         if reference:
             parts.append(("REFERENCE ANSWER", str(reference)))
         parts.append(("CANDIDATE ANSWER", ctx.candidate.text))
-        tag, sections = _fenced(parts, self.rubric)
+        tag, sections = fence(parts, self.rubric)
         user = _TEMPLATE.format(rubric=self.rubric, tag=tag, sections=sections)
         return ModelCall(
             model=self.rung.model,
