@@ -7,14 +7,11 @@ process with that directory on its path and ``provider = "shout"`` in its config
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import tomllib
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import pytest
 from cascade.config import RungConfig, parse_config
 from cascade.errors import ConfigError
 from cascade.providers import Provider, known_providers, make_provider
+from tests.wheels import build_wheel, pip_install
 
 PKG_DIR = Path(__file__).parent / "provider_pkg"
 MODULE = "cascade_provider_example"
@@ -30,41 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _wheel(dest: Path) -> Path:
-    """A wheel of tests/provider_pkg, written from its pyproject (pip needs no build backend)."""
-    project = tomllib.loads((PKG_DIR / "pyproject.toml").read_text())["project"]
-    name, version = project["name"].replace("-", "_"), project["version"]
-    info = f"{name}-{version}.dist-info"
-    eps = "".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in table.items()) + "\n"
-                  for group, table in project["entry-points"].items())
-    files = {
-        f"{MODULE}.py": (PKG_DIR / f"{MODULE}.py").read_bytes(),
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {project['name']}\n"
-                            f"Version: {version}\n".encode(),
-        f"{info}/entry_points.txt": eps.encode(),
-        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
-                         b"Tag: py3-none-any\n",
-    }
-    record = "".join(
-        f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()}"
-        f",{len(d)}\n" for p, d in files.items()) + f"{info}/RECORD,,\n"
-    wheel = dest / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        for p, d in files.items():
-            zf.writestr(p, d)
-        zf.writestr(f"{info}/RECORD", record)
-    return wheel
+    return build_wheel(PKG_DIR, MODULE, dest)
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("provider_site")
     target = tmp / "site"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
-         "--disable-pip-version-check", "--target", str(target), str(_wheel(tmp))],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    pip_install(_wheel(tmp), target)
     assert (target / f"{MODULE}.py").is_file()
     return target
 

@@ -7,15 +7,10 @@ fast, by writing its ``.dist-info`` by hand. ``importlib.metadata`` then finds i
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import importlib
 import inspect
 import math
-import subprocess
 import sys
-import tomllib
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +23,7 @@ from cascade.plugins import BUILTINS, known_verifiers, load_verifier
 from cascade.trace import Verdict
 from cascade.verify import VerifyContext
 from tests.verifier_kit import make_ctx
+from tests.wheels import build_wheel, dist_files, pip_install
 from verifiers import (
     AgreementVerifier,
     ConfidenceVerifier,
@@ -41,37 +37,11 @@ MODULE = "cascade_plugin_example"
 
 
 def _dist_files() -> dict[str, bytes]:
-    """The files an installer would put on sys.path for tests/plugin_pkg (from its pyproject)."""
-    project = tomllib.loads((PLUGIN_DIR / "pyproject.toml").read_text())["project"]
-    name, version = project["name"].replace("-", "_"), project["version"]
-    info = f"{name}-{version}.dist-info"
-    eps = "".join(
-        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in table.items()) + "\n"
-        for group, table in project["entry-points"].items()
-    )
-    return {
-        f"{MODULE}.py": (PLUGIN_DIR / f"{MODULE}.py").read_bytes(),
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {project['name']}\n"
-                            f"Version: {version}\n".encode(),
-        f"{info}/entry_points.txt": eps.encode(),
-        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
-                         b"Tag: py3-none-any\n",
-    }
+    return dist_files(PLUGIN_DIR, MODULE)
 
 
 def _wheel(dest: Path) -> Path:
-    files = _dist_files()
-    info = next(k.split("/")[0] for k in files if k.endswith("/METADATA"))
-    record = "".join(
-        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
-        f"{len(data)}\n" for path, data in files.items()
-    ) + f"{info}/RECORD,,\n"
-    wheel = dest / f"{info.removesuffix('.dist-info')}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        for path, data in files.items():
-            zf.writestr(path, data)
-        zf.writestr(f"{info}/RECORD", record)
-    return wheel
+    return build_wheel(PLUGIN_DIR, MODULE, dest)
 
 
 @pytest.fixture
@@ -108,12 +78,7 @@ def test_entry_point_plugin_written_by_hand(hand_installed: Path) -> None:
 def test_entry_point_plugin_installed_by_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              on_path: None) -> None:
     site = tmp_path / "site"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
-         "--disable-pip-version-check", "--target", str(site), str(_wheel(tmp_path))],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    pip_install(_wheel(tmp_path), site)
     assert (site / f"{MODULE}.py").is_file()
     monkeypatch.syspath_prepend(str(site))
     _check_min_length_plugin()

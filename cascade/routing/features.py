@@ -37,26 +37,34 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 
+def _terms(messages: Sequence[Message]) -> tuple[list[str], list[tuple[str, str]]]:
+    """One walk over a request: its unigram terms (system words prefixed ``s:``, a length
+    bucket, the number of turns) and its bigrams (of the user and assistant turns)."""
+    words: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    chars = 0
+    turns = 0
+    for m in messages:
+        chars += len(m.content)
+        found = _WORD.findall(m.content.lower())
+        if m.role == "system":
+            words.extend(["s:" + w for w in found])
+            continue
+        turns += 1
+        words.extend(found)
+        pairs.extend(pairwise(found))
+    words.append(f"len:{int(math.log2(1 + chars))}")
+    words.append(f"turns:{min(turns, 5)}")
+    return words, pairs
+
+
 def analyze(messages: Sequence[Message]) -> list[str]:
     """The tokens of a request: unigrams and bigrams of the user and assistant turns
     (lower-cased words of two or more characters, as scikit-learn's default pattern), the
     system prompt's words prefixed ``s:``, a length bucket (log2 of the characters) and the
     number of turns."""
-    out: list[str] = []
-    chars = 0
-    turns = 0
-    for m in messages:
-        chars += len(m.content)
-        words = _WORD.findall(m.content.lower())
-        if m.role == "system":
-            out.extend(["s:" + w for w in words])
-            continue
-        turns += 1
-        out.extend(words)
-        out.extend([a + " " + b for a, b in pairwise(words)])
-    out.append(f"len:{int(math.log2(1 + chars))}")
-    out.append(f"turns:{min(turns, 5)}")
-    return out
+    words, pairs = _terms(messages)
+    return words + [a + " " + b for a, b in pairs]
 
 
 def system_key(messages: Sequence[Message]) -> str:
@@ -111,20 +119,9 @@ class Featurizer:
         return out
 
     def transform(self, messages: Sequence[Message]) -> tuple[IntArray, FloatArray]:
-        counts: Counter[str | tuple[str, ...]] = Counter()
-        chars = 0
-        turns = 0
-        for m in messages:
-            chars += len(m.content)
-            words = _WORD.findall(m.content.lower())
-            if m.role == "system":
-                counts.update(["s:" + w for w in words])
-                continue
-            turns += 1
-            counts.update(words)
-            counts.update(pairwise(words))
-        counts[f"len:{int(math.log2(1 + chars))}"] += 1
-        counts[f"turns:{min(turns, 5)}"] += 1
+        words, pairs = _terms(messages)
+        counts: Counter[str | tuple[str, ...]] = Counter(words)
+        counts.update(pairs)
         index = self.index
         hits = counts.keys() & index.keys()
         if not hits:
