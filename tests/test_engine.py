@@ -19,6 +19,7 @@ from cascade import (
 )
 from cascade.testing import Script
 from cascade.trace import Attempt
+from tests.verifier_kit import not_idk
 
 pytestmark = pytest.mark.anyio
 
@@ -37,12 +38,7 @@ def _config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
     }
 
 
-def not_idk(ctx: VerifyContext) -> Verdict:
-    ok = "don't know" not in ctx.candidate.text
-    return Verdict(passed=ok, reason="has an answer" if ok else "the model does not know")
 
-
-not_idk.cache_key = "not_idk-v1"  # type: ignore[attr-defined]  # says what it is: cacheable
 
 
 async def test_early_exit_at_the_cheapest_rung(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from tests.loopback import (
     openai_error,
     openai_reply,
 )
+from tests.verifier_kit import not_idk
 
 pytestmark = pytest.mark.anyio
 
@@ -64,10 +65,6 @@ def second_server() -> Iterator[LoopbackServer]:
         yield server
 
 
-def not_idk(ctx: VerifyContext) -> Verdict:
-    """Rejects answers that admit not knowing: the content failure that makes the climb go up."""
-    ok = "don't know" not in ctx.candidate.text
-    return Verdict(passed=ok, reason="has an answer" if ok else "the model does not know")
 
 
 def ladder(tmp_path: Path, small_url: str, big_url: str | None = None, *,

@@ -21,9 +21,9 @@ from cascade.breaker import reset_default_breakers
 from cascade.cache import AnswerCache
 from cascade.engine import Cascade
 from cascade.errors import CascadeError, NoAnswerError
-from cascade.trace import Answer, Verdict
-from cascade.verify import VerifyContext
+from cascade.trace import Answer
 from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_error, openai_reply
+from tests.verifier_kit import not_idk
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -38,9 +38,6 @@ def _fresh_breakers() -> Iterator[None]:
     reset_default_breakers()
 
 
-def not_idk(ctx: VerifyContext) -> Verdict:
-    ok = "don't know" not in ctx.candidate.text
-    return Verdict(passed=ok, reason="has an answer" if ok else "the model does not know")
 
 
 def question(qid: int) -> str:

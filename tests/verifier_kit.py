@@ -8,10 +8,19 @@ from typing import Any
 from cascade.config import RungConfig
 from cascade.messages import Message, Request
 from cascade.providers.base import Completion, ModelCall, TokenLogprob
-from cascade.trace import Attempt
+from cascade.trace import Attempt, Verdict
 from cascade.verify import Candidate, VerifyContext
 
 RUNG = RungConfig(model="small-model", input_usd_per_mtok=1.0, output_usd_per_mtok=2.0)
+
+
+def not_idk(ctx: VerifyContext) -> Verdict:
+    """Rejects answers that admit not knowing: the content failure that makes the climb go up."""
+    ok = "don't know" not in ctx.candidate.text
+    return Verdict(passed=ok, reason="has an answer" if ok else "the model does not know")
+
+
+not_idk.cache_key = "not_idk-v1"  # type: ignore[attr-defined]  # says what it is: cacheable
 
 
 def completion(text: str, *, model: str = "small-model", input_tokens: int = 20,
