@@ -53,6 +53,7 @@ __all__ = [
     "Reservation",
     "SQLiteBudgetStore",
     "budget_exceeded",
+    "budget_key",
     "charged_nano",
     "default_store",
     "open_store",
@@ -120,6 +121,14 @@ class Reservation:
     @property
     def amount_usd(self) -> float:
         return _usd(self.amount_nusd)
+
+
+def budget_key(metadata: Mapping[str, Any] | None, field: str = "budget_key",
+               default: str = "default") -> str:
+    """Whose budget a request draws on: ``metadata["budget_key"]`` (a user, a tenant), else
+    the default key, so a configured cap always applies."""
+    value = (metadata or {}).get(field)
+    return default if value is None or value == "" else str(value)
 
 
 class BudgetStore(Protocol):
@@ -394,8 +403,7 @@ class Budget:
         return self.config.limit_usd is not None
 
     def key_for(self, metadata: Mapping[str, Any] | None) -> str:
-        value = (metadata or {}).get(self.key_field)
-        return self.default_key if value is None or value == "" else str(value)
+        return budget_key(metadata, self.key_field, self.default_key)
 
     def reserve(self, metadata: Mapping[str, Any] | None,
                 amount_usd: float) -> Reservation | None:

@@ -27,7 +27,7 @@ import anyio
 import anyio.lowlevel
 
 from cascade import policy
-from cascade.budget import BudgetStore
+from cascade.budget import BudgetStore, budget_key
 from cascade.cache import AnswerCache
 from cascade.caller import EndpointCaller, endpoints_of
 from cascade.climb import Climb, Money, OnAttempt
@@ -338,7 +338,7 @@ class Cascade:
         money = Money(
             budgets=store.budgets,
             max_cost_usd=(cap if cap is not None else cfg.max_cost_usd),
-            budget_key=_budget_key(request.metadata) if budget.limit_usd is not None else None,
+            budget_key=budget_key(request.metadata) if budget.limit_usd is not None else None,
             limit_usd=budget.limit_usd, period_s=budget.period_s,
         )
         monitor = self._monitor(ladder)
@@ -554,11 +554,6 @@ class Cascade:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def _budget_key(metadata: Mapping[str, Any]) -> str:
-    value = metadata.get("budget_key")
-    return "default" if value is None or value == "" else str(value)
 
 
 def _shadow_money(money: Money) -> Money:
