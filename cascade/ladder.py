@@ -79,15 +79,11 @@ class Ladder:
 
     @functools.cached_property
     def key(self) -> str:
-        """The config's part of every cache key: rungs and verifiers, hashed once."""
-        verifiers = []
-        for vc, v in self.verifiers.values():
-            ident = vc.identity()
-            if vc.name.startswith("<code>"):
-                ident["code"] = _code_identity(v)
-            verifiers.append(ident)
-        return cache_key({"rungs": [r.identity() for r in self.config.rungs],
-                          "verifiers": verifiers})
+        """The config's part of every cache key (its identity, plus the verifiers given as
+        code with their ``cache_key``), hashed once."""
+        code = [_code_identity(v) for vc, v in self.verifiers.values()
+                if vc.name.startswith("<code>")]
+        return cache_key({"config": self.config.identity(), "code": code})
 
     def request_key(self, request: Request) -> str | None:
         """The cache key of ``request`` on this ladder, or None when it must bypass the cache."""
