@@ -106,3 +106,33 @@ def test_two_workers_serve_and_stop_on_sigterm(
     assert 'cascade_requests_total{cache_hit="false",ladder="two",outcome="verified",' \
            'rung="small",verified="true"} 6.0' in metrics
     assert rc in (0, -signal.SIGTERM)
+
+
+def test_worker_connections_get_tcp_nodelay() -> None:
+    """With --workers N uvicorn binds the socket itself (proto 0), and asyncio sets
+    TCP_NODELAY only on accepted sockets marked TCP: without it each response waited out a
+    delayed ACK (about 40 ms a request)."""
+    import asyncio
+    import socket
+
+    import uvicorn
+
+    from cascade.serve.cli import tcp_listener
+
+    async def nodelay_of_accepted(listener: socket.socket) -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            s = writer.get_extra_info("socket")
+            seen.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=listener)
+        _, w = await asyncio.open_connection(*listener.getsockname()[:2])
+        value = await asyncio.wait_for(seen, 5)
+        w.close()
+        server.close()
+        return value
+
+    config = uvicorn.Config("cascade.serve.app:app_factory", host="127.0.0.1", port=free_port())
+    assert asyncio.run(nodelay_of_accepted(tcp_listener(config.bind_socket()))) != 0
