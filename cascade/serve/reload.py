@@ -110,20 +110,27 @@ def signature(files: Sequence[Path]) -> Signature:
     return tuple(out)
 
 
-async def watch(files: Callable[[], Sequence[Path]], interval_s: float,
+async def watch(files: Callable[[], Sequence[Path]], interval_s: Callable[[], float],
                 on_change: Callable[[], Awaitable[object]]) -> None:
     """Call ``on_change`` each time the files' signature changes (and then settles); runs
-    until cancelled. ``files`` is asked again after each change (a reload may name another
-    router file)."""
+    until cancelled. ``files`` and ``interval_s`` are asked again after each change (a reload
+    may name another router file or poll at another pace; an interval of 0 pauses the watch
+    until a SIGHUP reload sets another)."""
     watched = tuple(files())
     seen = signature(watched)
     while True:
-        await anyio.sleep(interval_s)
+        every = interval_s()
+        if every <= 0:
+            await anyio.sleep(1.0)
+            watched = tuple(files())
+            seen = signature(watched)
+            continue
+        await anyio.sleep(every)
         now = signature(watched)
         if now == seen:
             continue
         while True:  # still being written: wait until it holds still
-            await anyio.sleep(min(_SETTLE_S, interval_s))
+            await anyio.sleep(min(_SETTLE_S, every))
             settled = signature(watched)
             if settled == now:
                 break

@@ -219,11 +219,21 @@ class Service:
         self._reloading = anyio.Lock()
         if self.path is None:
             return
+        path = self.path
         if sighup:
-            tg.start_soon(on_sighup, lambda: self.reload("sighup"))
-        if self.server.reload_poll_s > 0:
-            tg.start_soon(watch, lambda: watched_files(self.path or Path(), self.config),
-                          self.server.reload_poll_s, lambda: self.reload("file changed"))
+            tg.start_soon(on_sighup, lambda: self._reload_guarded("sighup"))
+        tg.start_soon(watch, lambda: watched_files(path, self.config),
+                      lambda: self.server.reload_poll_s,
+                      lambda: self._reload_guarded("file changed"))
+
+    async def _reload_guarded(self, trigger: str) -> None:
+        """A reload from a signal or the watch: a bug in it is logged, never the end of the
+        server."""
+        try:
+            await self.reload(trigger)
+        except Exception:
+            log.exception("config reload (%s) failed unexpectedly; the config in use stays",
+                          trigger)
 
     async def reload(self, trigger: str = "api") -> bool:
         """Load the config file again and swap it in; False (the old config still serving,
@@ -255,12 +265,11 @@ class Service:
             return True
 
     async def _retire(self, old: Loaded) -> None:
-        """Close a replaced config once every request that started on it has finished."""
-        try:
-            await old.wait_idle()
-            with anyio.CancelScope(shield=True):
-                await old.aclose(min(5.0, old.server.shutdown_timeout_s))
-        finally:
+        """Close a replaced config once every request that started on it has finished (cut
+        short by shutdown, it stays in ``_retiring`` and :meth:`aclose` closes it)."""
+        await old.wait_idle()
+        with anyio.CancelScope(shield=True):
+            await old.aclose(min(5.0, old.server.shutdown_timeout_s))
             self._retiring.discard(old)
 
     async def aclose(self) -> None:
