@@ -168,6 +168,8 @@ class Service:
         self._provider_factory = provider_factory
         name = parse_server(config).name
         self._retiring: set[Loaded] = set()
+        self._dropped_closed = 0
+        """Audit lines dropped by replaced configs' logs (the counter never goes down)."""
         self.metrics = Metrics(name, audit_dropped=self._audit_dropped)
         self.telemetry = Telemetry(ladder=name, tracer_provider=tracer_provider)
         self._observers: tuple[Observer, ...] = (self.metrics, self.telemetry, *observers)
@@ -181,7 +183,8 @@ class Service:
         return Loaded(config, provider_factory=self._provider_factory, observers=self._observers)
 
     def _audit_dropped(self) -> int:
-        dropped = sum(x.audit.dropped for x in self._retiring if x.audit is not None)
+        dropped = self._dropped_closed + sum(x.audit.dropped for x in self._retiring
+                                             if x.audit is not None)
         live: Loaded | None = getattr(self, "live", None)  # None while the first one loads
         audit = live.audit if live is not None else None
         return dropped + (audit.dropped if audit is not None else 0)
@@ -270,6 +273,7 @@ class Service:
         await old.wait_idle()
         with anyio.CancelScope(shield=True):
             await old.aclose(min(5.0, old.server.shutdown_timeout_s))
+            self._dropped_closed += old.audit.dropped if old.audit is not None else 0
             self._retiring.discard(old)
 
     async def aclose(self) -> None:
