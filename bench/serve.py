@@ -6,7 +6,9 @@ Three measurements, each against a baseline measured in the same run with the sa
 
 * added latency: a one-rung ladder (refusal verifier, cache off) behind ``cascade serve``,
   versus the same request sent straight to the rung's server, interleaved request by request,
-  with the official ``openai`` SDK as the client (target: < 2 ms p50);
+  with the official ``openai`` SDK as the client (target: < 2 ms p50), and where the served
+  request's time goes (from the response's own ``cascade`` trace: the rung's call, the engine
+  around it, and everything outside the engine: HTTP in and out, uvicorn, FastAPI, the service);
 * throughput at 1, 100 and 1,000 concurrent clients against a model that takes ``--delay``
   seconds, for 1 and 2 server workers, versus the model server directly (the client is a plain
   ``httpx`` async client on both sides, so the client's own cost is the same);
@@ -93,11 +95,18 @@ def serving(config: Path, workers: int) -> Iterator[str]:
 
 
 async def added_latency(direct: str, served: str, n: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"direct": [], "served": []}
+    times: dict[str, list[float]] = {"direct": [], "served": [], "engine": [], "rung": []}
     async with openai.AsyncOpenAI(base_url=direct, api_key="x", max_retries=0) as d, \
             openai.AsyncOpenAI(base_url=f"{served}/v1", api_key="x", max_retries=0) as s:
-        calls = {"direct": lambda: bare_create(d),
-                 "served": lambda: bare_create(s, model="cascade")}
+        async def through() -> None:  # the same request as bare_create's, keeping the trace
+            r = await s.chat.completions.create(
+                model="cascade", messages=[{"role": "user", "content": PROMPT}],
+                max_tokens=512, temperature=0.0, timeout=60.0)
+            trace = (r.model_extra or {})["cascade"]
+            times["engine"].append(trace["latency_ms"] / 1000)
+            times["rung"].append(trace["attempts"][0]["latency_ms"] / 1000)
+
+        calls = {"direct": lambda: bare_create(d), "served": through}
         for i in range(n + n // 10):
             order = ["direct", "served"] if i % 2 else ["served", "direct"]
             for k in order:
@@ -105,7 +114,18 @@ async def added_latency(direct: str, served: str, n: int) -> dict[str, list[floa
                 await calls[k]()
                 if i >= n // 10:
                     times[k].append(time.perf_counter() - t0)
+    for k in ("engine", "rung"):  # the warm-up requests' traces
+        del times[k][:n // 10]
     return times
+
+
+def _uvicorn_stack() -> str:
+    """What uvicorn's "auto" picks here (httptools and uvloop come with uvicorn[standard])."""
+    import importlib.util
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11 (no httptools)"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio (no uvloop)"
+    return f"uvicorn http={http}, loop={loop}"
 
 
 async def throughput(url: str, model: str, concurrency: int, total: int) -> float:
@@ -160,7 +180,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 100, 1000])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ns = p.parse_args()
-    print(f"# bench/serve.py on {machine()}")
+    print(f"# bench/serve.py on {machine()}; {_uvicorn_stack()}")
     with tempfile.TemporaryDirectory() as tmp:
         with model_server(delay_s=0.0) as direct:
             config = _config(direct, Path(tmp))
@@ -175,6 +195,14 @@ def main() -> None:
             ["added", "", s.p50 - d.p50, s.p99 - d.p99, s.mean - d.mean]])
         ok = "met" if s.p50 - d.p50 < TARGET_ADDED_P50_MS else "MISSED"
         print(f"target: added p50 < {TARGET_ADDED_P50_MS} ms: {ok}")
+        served, engine, rung = lat["served"], lat["engine"], lat["rung"]
+        print("\n## where a served request's time goes (p50 of per-request differences)")
+        print_table(["part", "p50 ms"], [
+            ["the rung's call (provider SDK, HTTP to the model, verifiers)", stats(rung).p50],
+            ["the engine around it", stats([e - r for e, r in zip(engine, rung, strict=True)]).p50],
+            ["outside the engine (HTTP in/out, uvicorn, FastAPI, service)",
+             stats([t - e for t, e in zip(served, engine, strict=True)]).p50],
+            ["direct call, for comparison", d.p50]])
         t, w = stats(ttfc), stats(whole)
         print("\n## streaming: time to the first content chunk vs the whole response")
         print_table(["", "n", "p50 ms", "p99 ms"], [

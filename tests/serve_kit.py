@@ -1,8 +1,12 @@
-"""Running ``cascade serve``'s app on a free loopback port inside a test (uvicorn in a thread),
-and ladders whose rungs are the loopback model servers of ``tests/loopback.py``."""
+"""Running ``cascade serve``'s app on a free loopback port inside a test (uvicorn in a thread)
+or as a child process, and ladders whose rungs are the loopback model servers of
+``tests/loopback.py``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -10,13 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import uvicorn
 from fastapi import FastAPI
 
 from cascade import CascadeConfig, parse_config
 from tests.loopback import RecordedRequest, Reply, free_port, openai_reply
 
-__all__ = ["echo_handler", "ladder", "serving"]
+__all__ = ["echo_handler", "ladder", "one_rung_toml", "serving", "start_serve", "stop",
+           "wait_ready"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def ladder(tmp_path: Path, base_url: str, *, models: tuple[str, ...] = ("small", "big"),
@@ -74,3 +82,59 @@ def serving(app: FastAPI) -> Iterator[str]:
         thread.join(15)
 
 
+
+
+def one_rung_toml(path: Path, base_url: str, *, model: str = "small", server: str = "",
+                  extra: str = "") -> Path:
+    """Write a one-rung ladder on ``base_url`` as TOML (``server``: the ``[server]`` table's
+    lines; ``extra``: more TOML at the end)."""
+    path.write_text(f'''
+[[rungs]]
+model = "{model}"
+provider = "openai-compatible"
+base_url = "{base_url}"
+timeout_s = 10
+input_usd_per_mtok = 0.1
+output_usd_per_mtok = 0.2
+
+[cache]
+enabled = false
+
+[retry]
+max_attempts = 1
+
+[server]
+{server}
+{extra}
+''')
+    return path
+
+
+def start_serve(config: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """``cascade serve --config CONFIG --port PORT`` as a child process (stderr into
+    ``stderr.txt`` beside the config)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(config.parent / "stderr.txt", "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config",
+                                 str(config), "--port", str(port), *extra], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the service exited before it was ready"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the service did not become ready")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a child service that is still running (the end of a test, passed or not)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

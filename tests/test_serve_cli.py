@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import io
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,9 +13,7 @@ import httpx2 as httpx
 
 from cascade.cli import main
 from tests.loopback import LoopbackServer, free_port
-from tests.serve_kit import echo_handler
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.serve_kit import echo_handler, start_serve, wait_ready
 
 
 def _toml(tmp_path: Path, base_url: str, server: str = "") -> Path:
@@ -42,27 +37,6 @@ max_attempts = 1
     return p
 
 
-def _start(config: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(config.parent / "stderr.txt", "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config",
-                                 str(config), "--port", str(port), *extra], env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=err)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the service exited before it was ready"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the service did not become ready")
-
-
 def test_refuses_a_public_host_without_client_keys(tmp_path: Path) -> None:
     cfg = _toml(tmp_path, "http://127.0.0.1:9/v1")
     err = io.StringIO()
@@ -76,10 +50,10 @@ def test_sigterm_drains_requests_in_flight_then_exits(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "audit.jsonl"
-    proc = _start(_toml(tmp_path, openai_server.base_url, f'[server]\naudit_log = "{log}"\n'),
+    proc = start_serve(_toml(tmp_path, openai_server.base_url, f'[server]\naudit_log = "{log}"\n'),
                   port)
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, proc)
         result: dict[str, httpx.Response] = {}
 
         def slow() -> None:
@@ -113,10 +87,10 @@ def test_two_workers_serve_and_stop_on_sigterm(
     openai_server.script(echo_handler(refuse=()))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start(_toml(tmp_path, openai_server.base_url, '[server]\nname = "two"\n'), port,
+    proc = start_serve(_toml(tmp_path, openai_server.base_url, '[server]\nname = "two"\n'), port,
                   "--workers", "2")
     try:
-        _wait_ready(url, proc, timeout_s=60)
+        wait_ready(url, proc, timeout_s=60)
         codes = [httpx.post(f"{url}/v1/chat/completions", timeout=20, json={
             "model": "two", "messages": [{"role": "user", "content": f"q{i}"}]}).status_code
             for i in range(6)]
@@ -132,3 +106,33 @@ def test_two_workers_serve_and_stop_on_sigterm(
     assert 'cascade_requests_total{cache_hit="false",ladder="two",outcome="verified",' \
            'rung="small",verified="true"} 6.0' in metrics
     assert rc in (0, -signal.SIGTERM)
+
+
+def test_worker_connections_get_tcp_nodelay() -> None:
+    """With --workers N uvicorn binds the socket itself (proto 0), and asyncio sets
+    TCP_NODELAY only on accepted sockets marked TCP: without it each response waited out a
+    delayed ACK (about 40 ms a request)."""
+    import asyncio
+    import socket
+
+    import uvicorn
+
+    from cascade.serve.cli import tcp_listener
+
+    async def nodelay_of_accepted(listener: socket.socket) -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            s = writer.get_extra_info("socket")
+            seen.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=listener)
+        _, w = await asyncio.open_connection(*listener.getsockname()[:2])
+        value = await asyncio.wait_for(seen, 5)
+        w.close()
+        server.close()
+        return value
+
+    config = uvicorn.Config("cascade.serve.app:app_factory", host="127.0.0.1", port=free_port())
+    assert asyncio.run(nodelay_of_accepted(tcp_listener(config.bind_socket()))) != 0

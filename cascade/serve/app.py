@@ -2,7 +2,8 @@
 
 ``create_app(config)`` for code and tests; ``app_factory`` for uvicorn's ``--factory`` import
 string (``cascade serve --workers N`` starts each worker with it, the config path in
-``$CASCADE_SERVE_CONFIG``).
+``$CASCADE_SERVE_CONFIG``). Given a path, the app reloads the file when it changes (and on
+SIGHUP with ``sighup=True``, as ``cascade serve`` asks): see :mod:`cascade.serve.reload`.
 """
 
 from __future__ import annotations
@@ -35,17 +36,23 @@ CONFIG_ENV = "CASCADE_SERVE_CONFIG"
 def create_app(config: CascadeConfig | str | os.PathLike[str], *,
                provider_factory: Callable[[RungConfig], Provider] | None = None,
                tracer_provider: TracerProvider | None = None,
-               observers: Sequence[Observer] = ()) -> FastAPI:
-    """An app serving ``config``'s ladder (validates ``[server]`` now: bad config fails here)."""
-    cfg = config if isinstance(config, CascadeConfig) else load_config(config)
-    service = Service(cfg, provider_factory=provider_factory, tracer_provider=tracer_provider,
-                      observers=observers)
+               observers: Sequence[Observer] = (), sighup: bool = False) -> FastAPI:
+    """An app serving ``config``'s ladder (validates ``[server]`` now: bad config fails here).
+
+    Given a file, the app reloads it when it changes and, with ``sighup``, on SIGHUP (the
+    handler needs the main thread: ``cascade serve`` passes it; an embedding app decides).
+    """
+    path = None if isinstance(config, CascadeConfig) else Path(config)
+    cfg = load_config(path) if path is not None else config
+    assert isinstance(cfg, CascadeConfig)
+    service = Service(cfg, path=path, provider_factory=provider_factory,
+                      tracer_provider=tracer_provider, observers=observers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             async with anyio.create_task_group() as tg:
-                await service.run(tg)
+                await service.run(tg, sighup=sighup)
                 yield
                 # Connections have drained (or timed out): climbs of clients that hung up
                 # are cut now; what they spent is settled by the engine.
@@ -90,4 +97,7 @@ def app_factory() -> FastAPI:
     if not path:
         raise ConfigError(f"set {CONFIG_ENV} to the config file to serve", source="environment",
                           key=CONFIG_ENV)
-    return create_app(Path(path))
+    from cascade.serve.cli import ignore_sighup
+
+    ignore_sighup()  # a worker: until its lifespan takes SIGHUP over (a reload)
+    return create_app(Path(path), sighup=True)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from cascade.serve.config import ClientConfig
 from cascade.serve.errors import APIError, from_exception, parse_body
@@ -152,8 +152,9 @@ async def create_chat_completion(request: Request) -> Response:
         raise
     except Exception as e:
         raise wire_error(e) from None
-    return JSONResponse(completion(answer, service.name).model_dump(mode="json"),
-                        headers=answer_headers(answer))
+    # Serialised once, by pydantic-core (not model → dict → json.dumps).
+    return Response(completion(answer, service.name).model_dump_json(),
+                    media_type="application/json", headers=answer_headers(answer))
 
 
 # ---------------------------------------------------------------- streaming

@@ -19,7 +19,7 @@ from cascade.errors import ConfigError
 __all__ = ["ClientConfig", "ServerConfig", "parse_server"]
 
 _SERVER_KEYS = ("name", "audit_log", "audit_redact", "audit_max_bytes", "audit_backups",
-                "clients", "shutdown_timeout_s")
+                "clients", "shutdown_timeout_s", "reload_poll_s")
 _CLIENT_KEYS = ("name", "key_env", "budget_key", "max_cost_usd", "rate_limit_rpm")
 
 
@@ -55,6 +55,8 @@ class ServerConfig:
     clients: tuple[ClientConfig, ...] = ()
     shutdown_timeout_s: float = 10.0
     """How long SIGTERM waits for requests in flight before cutting them."""
+    reload_poll_s: float = 1.0
+    """How often the config file is checked for a change to reload (0: only on SIGHUP)."""
 
     @property
     def secret_envs(self) -> tuple[str, ...]:
@@ -134,6 +136,12 @@ def parse_server(config: CascadeConfig) -> ServerConfig:
                                   source=source, key=p + k)
     if "shutdown_timeout_s" in raw:
         kw["shutdown_timeout_s"] = _positive(raw, "shutdown_timeout_s", source, p)
+    if "reload_poll_s" in raw:
+        v = float(_get(raw, "reload_poll_s", (int, float), "a number of seconds", source, p))
+        if not 0 <= v < float("inf"):
+            raise ConfigError(f"must be >= 0 (0 turns the file watch off), not {v:g}",
+                              source=source, key=p + "reload_poll_s")
+        kw["reload_poll_s"] = v
     if "clients" in raw:
         items = _get(raw, "clients", list, "a list of [[server.clients]] tables", source, p)
         clients = tuple(_client(c, i, source) for i, c in enumerate(items))

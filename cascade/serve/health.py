@@ -1,5 +1,7 @@
-"""``GET /healthz``: 200 once the service is up, with each endpoint's circuit and the drift
-alarm per rung (a rung whose alarm is up escalates every answer until it clears)."""
+"""``GET /healthz``: 200 once the service is up, with each endpoint's circuit, the drift alarm
+per rung (a rung whose alarm is up escalates every answer until it clears) and the config in
+use with the last reload's outcome (a refused reload still answers 200: the old config serves).
+"""
 
 from __future__ import annotations
 
@@ -26,4 +28,5 @@ async def healthz(request: Request) -> JSONResponse:
         "drift": drift,
         "endpoints": h.get("endpoints", {}),
         "audit_dropped": service.audit.dropped if service.audit is not None else 0,
+        "config": h.get("config", {}),
     })

@@ -102,6 +102,10 @@ class Metrics:
         self.drift_alarm = Gauge("cascade_drift_alarm", "1 while a rung's drift alarm is up "
                                  "(its answers escalate)", ["rung"], registry=r,
                                  multiprocess_mode="mostrecent")
+        self.config_reloads = Counter("cascade_config_reloads",
+                                      "Config reloads (SIGHUP or a changed file) by outcome: "
+                                      "ok, or error (the old config kept serving)", ["outcome"],
+                                      registry=r)
         self._audit_dropped = audit_dropped
         if audit_dropped is not None:
             r.register(_Dropped(audit_dropped))

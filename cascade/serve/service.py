@@ -7,15 +7,23 @@ ladder (the same config object per set of values, so the engine reuses what it b
 The engine tells every observer (metrics, spans, audit log) how each request and each shadow
 check ended. Streams climb in the service's own task group, so a client that hangs up does not
 cancel a climb that is being paid for: its answer is still cached and logged.
+
+A reload (:meth:`Service.reload`: SIGHUP, a changed file, see :mod:`cascade.serve.reload`)
+builds a whole new :class:`Loaded` (engine, clients, audit log) beside the one serving, swaps it
+in for new requests only when it built, and closes the old one after its last request; a file
+that does not load leaves the old config serving and says why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,21 +33,24 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from opentelemetry.trace import TracerProvider
 
 from cascade.audit import AuditLog
-from cascade.config import CascadeConfig, RungConfig
+from cascade.config import CascadeConfig, RungConfig, load_config
 from cascade.engine import Cascade
 from cascade.errors import ConfigError
 from cascade.messages import normalise_messages
 from cascade.observe import Observer
 from cascade.providers.base import Provider
 from cascade.serve.auth import Authenticator
-from cascade.serve.config import ClientConfig, parse_server
+from cascade.serve.config import ClientConfig, ServerConfig, parse_server
 from cascade.serve.errors import APIError
 from cascade.serve.metrics import Metrics
 from cascade.serve.protocol import ChatCompletionRequest
+from cascade.serve.reload import ReloadStatus, now_iso, on_sighup, watch, watched_files
 from cascade.telemetry import Telemetry
 from cascade.trace import Answer, Attempt
 
-__all__ = ["ClimbEvent", "Service"]
+__all__ = ["ClimbEvent", "Loaded", "Service"]
+
+log = logging.getLogger("cascade.serve")
 
 ClimbEvent = tuple[str, Any]
 """``("attempt", Attempt)`` as each rung finishes, then ``("answer", Answer)`` or
@@ -70,51 +81,58 @@ def _adjust(r: RungConfig, cap: int | None, temperature: float | None,
         fallbacks=tuple(_adjust(f, cap, temperature, stop) for f in r.fallbacks))
 
 
-class Service:
-    """One ladder served over HTTP."""
+class Loaded:
+    """One loaded config: its engine, clients, audit log and ladder variants. A request keeps
+    the one it started on to its end, so a reload never changes a climb half-way."""
 
     def __init__(self, config: CascadeConfig, *,
-                 provider_factory: Callable[[RungConfig], Provider] | None = None,
-                 tracer_provider: TracerProvider | None = None,
-                 observers: Sequence[Observer] = ()) -> None:
+                 provider_factory: Callable[[RungConfig], Provider] | None,
+                 observers: Sequence[Observer]) -> None:
         self.config = config
-        self.server = parse_server(config)
-        self.name = self.server.name
-        self.auth = Authenticator(self.server.clients)
-        s = self.server
+        self.server = s = parse_server(config)
+        self.name = s.name
+        self.auth = Authenticator(s.clients)
         self.audit = AuditLog(
             s.audit_log, redact=s.audit_redact, max_bytes=s.audit_max_bytes,
             backups=s.audit_backups, ladder=self.name,
             secret_envs=_secret_envs(config, s.secret_envs)) if s.audit_log else None
-        audit = self.audit
-        self.metrics = Metrics(self.name,
-                               audit_dropped=(lambda: audit.dropped) if audit else None)
-        self.telemetry = Telemetry(ladder=self.name, tracer_provider=tracer_provider)
-        # The engine tells every observer (and the audit log) how each request and each shadow
-        # check ended, errors included.
-        self.cascade = Cascade(config, provider_factory=provider_factory,
-                               observers=[self.metrics, self.telemetry, *observers],
-                               audit_log=self.audit)
+        try:
+            # The engine tells every observer (and the audit log) how each request and each
+            # shadow check ended, errors included.
+            self.cascade = Cascade(config, provider_factory=provider_factory,
+                                   observers=list(observers), audit_log=self.audit)
+        except BaseException:
+            if self.audit is not None:
+                self.audit.close()
+            raise
         self._variants: OrderedDict[tuple[Any, ...], CascadeConfig] = OrderedDict()
-        self._tg: anyio.abc.TaskGroup | None = None
+        self.in_flight = 0
+        self._idle: anyio.Event | None = None
 
-    # ------------------------------------------------------------------ life cycle
+    @contextlib.contextmanager
+    def using(self) -> Iterator[None]:
+        """Count a request in flight on this config (a retired one closes once none is)."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0 and self._idle is not None:
+                self._idle.set()
 
-    async def run(self, tg: anyio.abc.TaskGroup) -> None:
-        """Attach the task group streams climb in (the app's lifespan owns it)."""
-        self._tg = tg
+    async def wait_idle(self) -> None:
+        while self.in_flight:
+            self._idle = anyio.Event()
+            await self._idle.wait()
 
-    async def aclose(self) -> None:
+    async def aclose(self, drain_s: float) -> None:
         """Let shadow checks in flight finish (briefly), close connections, the cache and the
         audit log (the engine owns it and flushes it on close)."""
-        drain = min(5.0, self.server.shutdown_timeout_s)
-        await anyio.to_thread.run_sync(self.cascade.drain_shadows, drain)
+        await anyio.to_thread.run_sync(self.cascade.drain_shadows, drain_s)
         await self.cascade.aclose()
         await anyio.to_thread.run_sync(self.cascade.close)
 
-    # ------------------------------------------------------------------ answering
-
-    def _ladder(self, body: ChatCompletionRequest) -> CascadeConfig | None:
+    def ladder(self, body: ChatCompletionRequest) -> CascadeConfig | None:
         """The ladder with this request's ``max_tokens`` / ``temperature`` / ``stop`` applied
         (None: the configured one). The same object per set of values, so the engine reuses
         what it built for it."""
@@ -133,8 +151,142 @@ class Service:
         self._variants.move_to_end(key)
         return cfg
 
-    def _metadata(self, body: ChatCompletionRequest,
-                  client: ClientConfig | None) -> dict[str, Any]:
+
+class Service:
+    """One ladder served over HTTP; its config can be reloaded while it serves.
+
+    ``config``, ``name``, ``auth``, ``audit`` and ``cascade`` are those of the config in use
+    now (:attr:`live`); a reload swaps in a new :class:`Loaded` for new requests, and the old
+    one is closed once the requests that started on it have finished.
+    """
+
+    def __init__(self, config: CascadeConfig, *, path: str | os.PathLike[str] | None = None,
+                 provider_factory: Callable[[RungConfig], Provider] | None = None,
+                 tracer_provider: TracerProvider | None = None,
+                 observers: Sequence[Observer] = ()) -> None:
+        self.path = Path(path).resolve() if path is not None else None
+        self._provider_factory = provider_factory
+        name = parse_server(config).name
+        self._retiring: set[Loaded] = set()
+        self._dropped_closed = 0
+        """Audit lines dropped by replaced configs' logs (the counter never goes down)."""
+        self.metrics = Metrics(name, audit_dropped=self._audit_dropped)
+        self.telemetry = Telemetry(ladder=name, tracer_provider=tracer_provider)
+        self._observers: tuple[Observer, ...] = (self.metrics, self.telemetry, *observers)
+        self.live = self._load(config)
+        self.status = ReloadStatus(source=str(self.path) if self.path else None,
+                                   loaded_at=now_iso())
+        self._reloading: anyio.Lock | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def _load(self, config: CascadeConfig) -> Loaded:
+        return Loaded(config, provider_factory=self._provider_factory, observers=self._observers)
+
+    def _audit_dropped(self) -> int:
+        dropped = self._dropped_closed + sum(x.audit.dropped for x in self._retiring
+                                             if x.audit is not None)
+        live: Loaded | None = getattr(self, "live", None)  # None while the first one loads
+        audit = live.audit if live is not None else None
+        return dropped + (audit.dropped if audit is not None else 0)
+
+    @property
+    def config(self) -> CascadeConfig:
+        return self.live.config
+
+    @property
+    def server(self) -> ServerConfig:
+        return self.live.server
+
+    @property
+    def name(self) -> str:
+        return self.live.name
+
+    @property
+    def auth(self) -> Authenticator:
+        return self.live.auth
+
+    @property
+    def audit(self) -> AuditLog | None:
+        return self.live.audit
+
+    @property
+    def cascade(self) -> Cascade:
+        return self.live.cascade
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def run(self, tg: anyio.abc.TaskGroup, *, sighup: bool = False) -> None:
+        """Attach the task group streams climb in (the app's lifespan owns it), and start
+        watching the config file (and SIGHUP when ``sighup``)."""
+        self._tg = tg
+        self._reloading = anyio.Lock()
+        if self.path is None:
+            return
+        path = self.path
+        if sighup:
+            tg.start_soon(on_sighup, lambda: self._reload_guarded("sighup"))
+        tg.start_soon(watch, lambda: watched_files(path, self.config),
+                      lambda: self.server.reload_poll_s,
+                      lambda: self._reload_guarded("file changed"))
+
+    async def _reload_guarded(self, trigger: str) -> None:
+        """A reload from a signal or the watch: a bug in it is logged, never the end of the
+        server."""
+        try:
+            await self.reload(trigger)
+        except Exception:
+            log.exception("config reload (%s) failed unexpectedly; the config in use stays",
+                          trigger)
+
+    async def reload(self, trigger: str = "api") -> bool:
+        """Load the config file again and swap it in; False (the old config still serving,
+        the reason in :attr:`status` and the log) when the new one does not load."""
+        if self.path is None:
+            raise RuntimeError("this service was given a config object: there is no file to "
+                               "reload (create_app(PATH) or cascade serve --config PATH)")
+        if self._reloading is None:
+            raise RuntimeError("the service is not running (no lifespan)")
+        path = self.path
+        async with self._reloading:
+            try:
+                new = await anyio.to_thread.run_sync(lambda: self._load(load_config(path)))
+            except Exception as e:
+                self.status.failed(trigger, e)
+                self.metrics.config_reloads.labels("error").inc()
+                log.warning("config reload (%s) refused, the old config keeps serving: %s",
+                            trigger, self.status.last_reload_error)
+                return False
+            old, self.live = self.live, new
+            self.metrics.ladder = self.telemetry.ladder = new.name
+            self.status.succeeded(trigger)
+            self.metrics.config_reloads.labels("ok").inc()
+            log.warning("config reloaded (%s) from %s: ladder %r, %d rung(s)", trigger, path,
+                        new.name, len(new.config.rungs))
+            self._retiring.add(old)
+            assert self._tg is not None
+            self._tg.start_soon(self._retire, old)
+            return True
+
+    async def _retire(self, old: Loaded) -> None:
+        """Close a replaced config once every request that started on it has finished (cut
+        short by shutdown, it stays in ``_retiring`` and :meth:`aclose` closes it)."""
+        await old.wait_idle()
+        with anyio.CancelScope(shield=True):
+            await old.aclose(min(5.0, old.server.shutdown_timeout_s))
+            self._dropped_closed += old.audit.dropped if old.audit is not None else 0
+            self._retiring.discard(old)
+
+    async def aclose(self) -> None:
+        """Close the config in use and any replaced one not closed yet."""
+        for x in (*self._retiring, self.live):
+            await x.aclose(min(5.0, x.server.shutdown_timeout_s))
+        self._retiring.clear()
+
+    # ------------------------------------------------------------------ answering
+
+    @staticmethod
+    def _metadata(body: ChatCompletionRequest, client: ClientConfig | None,
+                  ladder: str) -> dict[str, Any]:
         meta: dict[str, Any] = dict(body.metadata or {})
         for reserved in ("client", "ladder", "request_id"):
             meta.pop(reserved, None)
@@ -143,7 +295,7 @@ class Service:
             meta["client"] = client.name
         if body.user is not None:
             meta["user"] = body.user
-        meta["ladder"] = self.name
+        meta["ladder"] = ladder
         return meta
 
     async def answer(self, body: ChatCompletionRequest, client: ClientConfig | None, *,
@@ -153,15 +305,17 @@ class Service:
             messages = normalise_messages(messages=body.messages)
         except ConfigError as e:
             raise APIError(400, e.detail, param="messages") from None
-        caps = [c for c in (client.max_cost_usd if client else None, self.config.max_cost_usd)
+        live = self.live  # this request's config to its end, whatever a reload swaps in
+        caps = [c for c in (client.max_cost_usd if client else None, live.config.max_cost_usd)
                 if c is not None]
-        gauge = self.metrics.in_flight.labels(self.name)
+        gauge = self.metrics.in_flight.labels(live.name)
         gauge.inc()
         try:
-            return await self.cascade.aanswer(
-                messages=messages, schema=body.output_schema(), config=self._ladder(body),
-                metadata=self._metadata(body, client), max_cost_usd=min(caps) if caps else None,
-                on_attempt=on_attempt)
+            with live.using():
+                return await live.cascade.aanswer(
+                    messages=messages, schema=body.output_schema(), config=live.ladder(body),
+                    metadata=self._metadata(body, client, live.name),
+                    max_cost_usd=min(caps) if caps else None, on_attempt=on_attempt)
         finally:
             gauge.dec()
 
@@ -194,8 +348,8 @@ class Service:
     # ------------------------------------------------------------------ health, feedback
 
     async def health(self) -> Mapping[str, Any]:
-        """Endpoints (circuits, latency) and the drift alarm per rung."""
-        return await self.cascade.ahealth()
+        """Endpoints (circuits, latency), the drift alarm per rung, and the config's reloads."""
+        return {**await self.cascade.ahealth(), "config": self.status.to_dict()}
 
     async def feedback(self, request_id: str, correct: bool, expected: str | None,
                        client: ClientConfig | None) -> None:
