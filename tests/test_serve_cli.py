@@ -13,28 +13,11 @@ import httpx2 as httpx
 
 from cascade.cli import main
 from tests.loopback import LoopbackServer, free_port
-from tests.serve_kit import echo_handler, start_serve, wait_ready
+from tests.serve_kit import echo_handler, one_rung_toml, start_serve, wait_ready
 
 
 def _toml(tmp_path: Path, base_url: str, server: str = "") -> Path:
-    p = tmp_path / "cascade.toml"
-    p.write_text(f'''
-[[rungs]]
-model = "small"
-provider = "openai-compatible"
-base_url = "{base_url}"
-timeout_s = 10
-input_usd_per_mtok = 0.1
-output_usd_per_mtok = 0.2
-
-[cache]
-enabled = false
-
-[retry]
-max_attempts = 1
-{server}
-''')
-    return p
+    return one_rung_toml(tmp_path / "cascade.toml", base_url, server=server)
 
 
 def test_refuses_a_public_host_without_client_keys(tmp_path: Path) -> None:
@@ -50,7 +33,7 @@ def test_sigterm_drains_requests_in_flight_then_exits(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "audit.jsonl"
-    proc = start_serve(_toml(tmp_path, openai_server.base_url, f'[server]\naudit_log = "{log}"\n'),
+    proc = start_serve(_toml(tmp_path, openai_server.base_url, f'audit_log = "{log}"\n'),
                   port)
     try:
         wait_ready(url, proc)
@@ -87,7 +70,7 @@ def test_two_workers_serve_and_stop_on_sigterm(
     openai_server.script(echo_handler(refuse=()))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_serve(_toml(tmp_path, openai_server.base_url, '[server]\nname = "two"\n'), port,
+    proc = start_serve(_toml(tmp_path, openai_server.base_url, 'name = "two"\n'), port,
                   "--workers", "2")
     try:
         wait_ready(url, proc, timeout_s=60)
