@@ -54,11 +54,11 @@ IntArray = npt.NDArray[np.int64]
 
 ROUTE_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 """Candidate ``skip_below`` values, fixed in advance (never fitted to the labels)."""
-_MAX_EARLY = 2
+_MAX_EARLY = 1
 """Route-family chains hold at most this many early rungs. The candidates grow as 10^k, and the
-cheapest passing one is a selection the guard does not cover: with three early rungs the
-qwen/OpenAI pool without confidences lost 1.08 points held out, with two 0.9
-(``bench/router.py quality``)."""
+cheapest passing one is a selection the guard does not cover: without confidences the
+qwen/OpenAI pool lost 1.08 points held out with three early rungs, 0.88 with two, 0.40 with
+one, at a larger saving (57.9% against 51.6%; ``bench/router.py quality``)."""
 _BLOCK = 2048
 
 
