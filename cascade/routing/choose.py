@@ -6,8 +6,8 @@ best single rung, minus z standard errors, with its pseudo-discordant case, must
 minus the allowed drop) on the router's *cross-fitted* scores (each case scored by a model
 fitted without it):
 
-- **route**: a chain of cheap rungs ending at the reference; an early rung is tried only when
-  the router's P(right) reaches its ``skip_below``, and a tried rung's answer is accepted (no
+- **route**: one cheap rung, then the reference; the cheap rung is tried only when the
+  router's P(right) reaches its ``skip_below``, and a tried rung's answer is accepted (no
   verifier decides: this is the family for ladders without a confidence signal);
 - **skip**: the tuner's own recommendation, with a ``skip_below`` on each early rung: a rung
   predicted to fail is not paid for, and the climb goes on as tuned.
@@ -20,7 +20,8 @@ over the tuner's recommendation without a router only when it saves at least ``m
 the reference's cost. Measured (``bench/router.py``, a ladder's five benchmarks pooled): with
 the skip family unfiltered and z at ``delta`` the llama ladder's tuned climb plus router lost
 1.08 points on held-out folds (the tuner alone 0.54); with this guard 0.94. Without
-confidences the qwen/OpenAI pool still loses 1.08 points either way (see the README).
+confidences the qwen/OpenAI pool lost 1.08 points with up to three cheap rungs in a route,
+0.40 with one (see ``_MAX_EARLY`` and the README).
 """
 
 from __future__ import annotations
