@@ -76,7 +76,9 @@ async def _overhead(n: int, warmup: int) -> None:
     msgs = _prompt_2kb(table)
     print(f"prompt: {sum(len(m.content) for m in msgs)} characters")
     fp = FunctionProvider(lambda call: "Paris.")
-    cfg = {"rungs": [{"model": "small"}, {"model": "big"}], "cache": {"enabled": False}}
+    free = {"input_usd_per_mtok": 0, "output_usd_per_mtok": 0}  # unlisted models need a price
+    cfg = {"rungs": [{"model": "small", **free}, {"model": "big", **free}],
+           "cache": {"enabled": False}}
     plain: list[float] = []
     routed: list[float] = []
     route_only: list[float] = []

@@ -31,6 +31,7 @@ from cascade.routing import (
     tune_router,
     write_router,
 )
+from cascade.routing.choose import ROUTE_LEVELS
 from cascade.routing.features import Featurizer, analyze, prompt_messages
 from cascade.routing.model import cross_fit, fit_model
 from cascade.suite import OutcomeTable, load_shared_outcomes, messages_text
@@ -303,6 +304,20 @@ def test_router_is_chosen_where_the_text_tells_and_holds_the_guard() -> None:
     live = np.array([fitted.model.scores(d) for d in _docs(fresh)])
     model_right, _ = simulate_routed(fresh, live, choice.setting)
     assert model_right.mean() >= fresh.correct[:, 1].mean() - 0.03
+
+
+def test_a_route_chain_tries_one_cheap_rung_before_the_reference() -> None:
+    """Two cheap rungs that each get the easy prompts right: a route tries one of them, never
+    both (a second early rung multiplied the candidates tenfold, and the cheapest that passed
+    broke the promise on a shared pool)."""
+    t = _table(400)
+    three = np.concatenate([t.correct[:, :1], t.correct], axis=1)
+    t3 = replace(t, rungs=(RungConfig(model="tiny", input_usd_per_mtok=0.1), *t.rungs),
+                 correct=three, cost=np.tile([1.0, 1.5, 10.0], (t.n, 1)),
+                 scores={"confidence": np.full((t.n, 3), math.nan)})
+    choice = choose_route_setting(t3, fit_router(t3).scores, max_accuracy_drop=0.01)
+    assert choice.on and len(choice.setting.chain) == 2 and choice.setting.chain[-1] == 2
+    assert choice.report["candidates"] == 2 * len(ROUTE_LEVELS)
 
 
 def test_router_is_off_when_the_text_says_nothing() -> None:

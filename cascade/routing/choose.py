@@ -6,8 +6,8 @@ best single rung, minus z standard errors, with its pseudo-discordant case, must
 minus the allowed drop) on the router's *cross-fitted* scores (each case scored by a model
 fitted without it):
 
-- **route**: a chain of cheap rungs ending at the reference; an early rung is tried only when
-  the router's P(right) reaches its ``skip_below``, and a tried rung's answer is accepted (no
+- **route**: one cheap rung, then the reference; the cheap rung is tried only when the
+  router's P(right) reaches its ``skip_below``, and a tried rung's answer is accepted (no
   verifier decides: this is the family for ladders without a confidence signal);
 - **skip**: the tuner's own recommendation, with a ``skip_below`` on each early rung: a rung
   predicted to fail is not paid for, and the climb goes on as tuned.
@@ -20,7 +20,8 @@ over the tuner's recommendation without a router only when it saves at least ``m
 the reference's cost. Measured (``bench/router.py``, a ladder's five benchmarks pooled): with
 the skip family unfiltered and z at ``delta`` the llama ladder's tuned climb plus router lost
 1.08 points on held-out folds (the tuner alone 0.54); with this guard 0.94. Without
-confidences the qwen/OpenAI pool still loses 1.08 points either way (see the README).
+confidences the qwen/OpenAI pool lost 1.08 points with up to three cheap rungs in a route,
+0.40 with one (see ``_MAX_EARLY`` and the README).
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ IntArray = npt.NDArray[np.int64]
 
 ROUTE_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 """Candidate ``skip_below`` values, fixed in advance (never fitted to the labels)."""
-_MAX_EARLY = 3
-"""Route-family chains hold at most this many early rungs (the candidates grow as 10^k)."""
+_MAX_EARLY = 1
+"""Route-family chains hold at most this many early rungs. The candidates grow as 10^k, and the
+cheapest passing one is a selection the guard does not cover: without confidences the
+qwen/OpenAI pool lost 1.08 points held out with three early rungs, 0.88 with two, 0.40 with
+one, at a larger saving (57.9% against 51.6%; ``bench/router.py quality``)."""
 _BLOCK = 2048
 
 
