@@ -6,7 +6,7 @@ These are plain data, serialisable to JSON and back, so a cache hit can return t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = ["Answer", "Attempt", "Status", "Verdict"]
@@ -38,7 +38,9 @@ class Verdict:
     """Not run: a cheaper verifier had already rejected the candidate."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Every field is a scalar: a shallow read, not asdict's recursive deep copy (this runs
+        # for every verdict of every cached, audited or served answer).
+        return {k: getattr(self, k) for k in _VERDICT_FIELDS}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
@@ -77,9 +79,8 @@ class Attempt:
     """Wall-clock time (Unix seconds) the rung started: spans and audit lines are placed by it."""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["verdicts"] = [v.to_dict() for v in self.verdicts]
-        return d
+        return {k: [v.to_dict() for v in self.verdicts] if k == "verdicts" else getattr(self, k)
+                for k in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Attempt:
