@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import anyio
@@ -169,6 +169,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds else "not timed yet"
 
 
-def endpoints_of(config: CascadeConfig) -> Sequence[RungConfig]:
-    """Every endpoint a ladder can call, rungs and fallbacks (for health and probes)."""
-    return [ep for r in config.rungs for ep in (r, *r.fallbacks)]
+def endpoints_of(config: CascadeConfig) -> list[tuple[int, RungConfig, RungConfig]]:
+    """Every endpoint of the ladder in climbing order: (rung index, rung, endpoint), the rung
+    itself first, then its fallbacks (for health and probes)."""
+    return [(i, rung, ep) for i, rung in enumerate(config.rungs) for ep in (rung, *rung.fallbacks)]

@@ -116,16 +116,17 @@ class Climb:
     async def run(self) -> tuple[Attempt, Any] | None:
         """Climb; the accepted (attempt, parsed), or None (see ``candidate`` for the latest)."""
         rungs = self.ladder.config.rungs
-        start, skip = 0, frozenset[int]()
+        routed: set[int] = set()
         router = self.ladder.router
         if router is not None:
             route = router.route(self.request.messages, self.request.metadata)
-            start, skip = min(max(0, route.start), len(rungs) - 1), frozenset(route.skip)
-            for i in range(len(rungs)):
-                if i < start or (i in skip and i != len(rungs) - 1):
-                    await self._routed(i, route.reason)
+            start = min(max(0, route.start), len(rungs) - 1)
+            # The top rung is never routed away: it answers when nothing else may.
+            routed = {i for i in range(len(rungs) - 1) if i < start or i in route.skip}
+            for i in sorted(routed):
+                await self._routed(i, route.reason)
         for i, rung in enumerate(rungs):
-            if i < start or (i in skip and i != len(rungs) - 1):
+            if i in routed:
                 continue
             accepted = await self._rung(i, rung)
             if self.on_attempt is not None:

@@ -12,7 +12,6 @@ to one loop.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import math
 import os
@@ -167,7 +166,9 @@ class Cascade:
     @staticmethod
     def _open_audit(audit_log: Any) -> Any:
         if isinstance(audit_log, (str, os.PathLike)):
-            return importlib.import_module("cascade.audit").AuditLog(audit_log)
+            from cascade.audit import AuditLog  # its writer thread starts only when asked
+
+            return AuditLog(audit_log)
         return audit_log
 
     # ------------------------------------------------------------------ construction
@@ -428,7 +429,7 @@ class Cascade:
             breakers = {}
             log.warning("breaker state unavailable: %s", e)
         latency = self._store.latency.snapshot()
-        for ep in endpoints_of(self.config):
+        for _i, _rung, ep in endpoints_of(self.config):
             endpoints[ep.endpoint] = {"circuit": breakers.get(ep.endpoint, {"state": "closed"}),
                                       **latency.get(ep.endpoint, {})}
         drift: dict[str, Any] = {}

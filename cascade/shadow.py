@@ -76,25 +76,21 @@ class Shadows:
         pol = job.ladder.config.policy
         if pol.shadow_rate <= 0 or self._rng.random() >= pol.shadow_rate:
             return False
-        with self._lock:
-            self._futures = {f for f in self._futures if not f.done()}
-            if len(self._futures) >= max(1, pol.shadow_max_in_flight):
-                self.dropped += 1
-                return False
-            fut = self._loop.submit(lambda: self._run(job))
-            self._futures.add(fut)
-        return True
+        return self._submit(job, None)
 
     def compare(self, job: ShadowJob, top: Attempt) -> bool:
         """Record a comparison the climb made for free: a rung in safe mode (drift alarm)
         escalated, so the top rung answered anyway. This is how the alarm can clear."""
+        return self._submit(job, top)
+
+    def _submit(self, job: ShadowJob, answered: Attempt | None) -> bool:
+        """Start a check on the loop unless ``shadow_max_in_flight`` already run (then drop)."""
         with self._lock:
             self._futures = {f for f in self._futures if not f.done()}
             if len(self._futures) >= max(1, job.ladder.config.policy.shadow_max_in_flight):
                 self.dropped += 1
                 return False
-            fut = self._loop.submit(lambda: self._run(job, top))
-            self._futures.add(fut)
+            self._futures.add(self._loop.submit(lambda: self._run(job, answered)))
         return True
 
     def drain(self, timeout_s: float | None = None) -> bool:

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from cascade.caller import endpoints_of
 from cascade.cli import EXIT_NO_ANSWER, EXIT_OK
 from cascade.errors import CascadeError
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from cascade.config import CascadeConfig, RungConfig
     from cascade.engine import Cascade
 
-__all__ = ["add_arguments", "endpoints", "run"]
+__all__ = ["add_arguments", "run"]
 
 PROBE_PROMPT = "Reply with the single word: ok"
 
@@ -39,12 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --probe: seconds to wait for each endpoint (default 10, "
                              "or the rung's timeout_s when smaller)")
     parser.add_argument("--json", action="store_true", help="print the endpoints as JSON")
-
-
-def endpoints(config: CascadeConfig) -> list[tuple[int, RungConfig, RungConfig]]:
-    """Every endpoint of the ladder in climbing order: (rung index, rung, endpoint), the rung
-    itself first, then its fallbacks."""
-    return [(i, rung, ep) for i, rung in enumerate(config.rungs) for ep in (rung, *rung.fallbacks)]
 
 
 async def _probe(c: Cascade, ep: RungConfig, timeout_s: float) -> dict[str, Any]:
@@ -94,7 +89,7 @@ def _report(config: CascadeConfig, probes: list[dict[str, Any]] | None) -> list[
 
     known = health()["endpoints"]
     rows = []
-    for k, (i, rung, ep) in enumerate(endpoints(config)):
+    for k, (i, rung, ep) in enumerate(endpoints_of(config)):
         seen = known.get(ep.endpoint, {})
         row: dict[str, Any] = {
             "rung": i, "label": rung.label, "role": "primary" if ep is rung else "fallback",
@@ -140,7 +135,7 @@ def run(ns: argparse.Namespace) -> int:
     probes = None
     if ns.probe:
         c = Cascade(config)
-        eps = [ep for _i, _rung, ep in endpoints(config)]
+        eps = [ep for _i, _rung, ep in endpoints_of(config)]
         probes = anyio.run(_probe_all, c, eps, ns.timeout)
     rows = _report(config, probes)
     if ns.json:

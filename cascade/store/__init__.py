@@ -6,9 +6,7 @@ Without a ``[store]`` table everything stays in this process (and this host's di
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
-from typing import cast
 
 from cascade.budget import BudgetStore
 from cascade.cache import AnswerCache
@@ -27,6 +25,7 @@ def open_store(config: CascadeConfig, *, cache: AnswerCache | None = None,
     An explicitly passed ``cache`` / ``budget_store`` (tests, embedding) wins over both.
     """
     if config.store.get("url") and cache is None and budget_store is None:
-        redis = importlib.import_module("cascade.store.redis")  # redis-py loads only when asked
-        return cast(Store, redis.RedisStore.from_config(config))
+        from cascade.store.redis import RedisStore  # redis-py loads only when asked
+
+        return RedisStore.from_config(config)
     return LocalStore(config, cache=cache, budget_store=budget_store, clock=clock)
