@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
 import threading
 import time
 from pathlib import Path
 
 import httpx2 as httpx
+import pytest
 
 from cascade.cli import main
 from tests.loopback import LoopbackServer, free_port
@@ -89,6 +91,55 @@ def test_two_workers_serve_and_stop_on_sigterm(
     assert 'cascade_requests_total{cache_hit="false",ladder="two",outcome="verified",' \
            'rung="small",verified="true"} 6.0' in metrics
     assert rc in (0, -signal.SIGTERM)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone while we looked
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_exit_when_their_supervisor_is_killed(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    openai_server.script(echo_handler(refuse=()))
+    port = free_port()
+    proc = start_serve(_toml(tmp_path, openai_server.base_url, 'name = "two"\n'), port,
+                       "--workers", "2")
+    workers: list[int] = []
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=60)
+        workers += [c for c in _children(proc.pid)
+                   if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 2
+        proc.kill()  # no SIGTERM, no chance to stop them: they must notice for themselves
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(w) for w in workers):
+            assert time.monotonic() < deadline, \
+                f"workers {[w for w in workers if _alive(w)]} outlived their supervisor"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
 
 
 def test_worker_connections_get_tcp_nodelay() -> None:

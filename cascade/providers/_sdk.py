@@ -138,7 +138,12 @@ class SDKProvider(Provider, Generic[ClientT]):
 
     @abstractmethod
     def _endpoint(self, client: ClientT) -> Callable[..., Awaitable[Any]]:
-        """The SDK's create method for one call."""
+        """The SDK's create method for one call (instructor patches it)."""
+
+    def _plain_endpoint(self, client: ClientT) -> Callable[..., Awaitable[Any]]:
+        """The call made when instructor is not in it: the SDK's create unless a kind has a
+        leaner path through the same SDK (its reply is read by :attr:`wire` either way)."""
+        return self._endpoint(client)
 
     @abstractmethod
     def _request(self, call: ModelCall, *, schema: Mapping[str, Any] | None,
@@ -169,11 +174,13 @@ class SDKProvider(Provider, Generic[ClientT]):
         where = Where(provider=self.name, model=call.model)
         if not self._model_checked:
             await self._check_model(client, call.model, where)
-        create = guarded(self._endpoint(client), self.sdk, secret=self._key, where=where,
-                         check=self.wire.check, setting=self._setting_for)
         mode = self.structured_output
+        tools = call.output_type is not None and mode == "tools"
+        endpoint = self._endpoint(client) if tools else self._plain_endpoint(client)
+        create = guarded(endpoint, self.sdk, secret=self._key, where=where,
+                         check=self.wire.check, setting=self._setting_for)
         start = time.perf_counter()
-        if call.output_type is not None and mode == "tools":
+        if tools and call.output_type is not None:
             import instructor
 
             result = await run_instructor(

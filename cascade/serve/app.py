@@ -97,7 +97,8 @@ def app_factory() -> FastAPI:
     if not path:
         raise ConfigError(f"set {CONFIG_ENV} to the config file to serve", source="environment",
                           key=CONFIG_ENV)
-    from cascade.serve.cli import ignore_sighup
+    from cascade.serve.cli import exit_with_parent, ignore_sighup
 
     ignore_sighup()  # a worker: until its lifespan takes SIGHUP over (a reload)
+    exit_with_parent()
     return create_app(Path(path), sighup=True)

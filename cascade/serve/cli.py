@@ -7,7 +7,7 @@ stops accepting connections, lets requests in flight finish for up to
 reloads the config (as does a change of the file, see :mod:`cascade.serve.reload`); with
 ``--workers N`` the parent passes SIGHUP on to every worker and each reloads itself, keeping
 its config when the new file is bad, instead of uvicorn's restart of every worker (whose
-new workers would fail to start on a bad file).
+new workers would fail to start on a bad file); a worker whose parent dies drains and exits.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 from cascade.config import load_config
 from cascade.errors import ConfigError
 
-__all__ = ["add_arguments", "ignore_sighup", "is_loopback", "run", "tcp_listener"]
+__all__ = ["add_arguments", "exit_with_parent", "ignore_sighup", "is_loopback", "run",
+           "tcp_listener"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker processes (default 1); each holds its own ladder")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback host with no client keys configured")
+
+
+_PARENT_ENV = "CASCADE_SERVE_SUPERVISOR_PID"
 
 
 def is_loopback(host: str) -> bool:
@@ -75,6 +79,7 @@ def run(ns: argparse.Namespace) -> int:
         uvicorn.run(create_app(path, sighup=True), **common)
         return 0
     os.environ[CONFIG_ENV] = str(path)
+    os.environ[_PARENT_ENV] = str(os.getpid())
     made = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # every worker's counts, summed into each scrape whichever worker answers it
@@ -92,6 +97,27 @@ def ignore_sighup() -> None:
     """Ignore SIGHUP in this process until an app's lifespan handles it (a reload)."""
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a worker: SIGTERM this process (a graceful drain) once its parent is gone.
+
+    A supervisor killed outright (SIGKILL, OOM) cannot stop its workers, and uvicorn's do not
+    notice: they went on holding the port, the model connections and the audit log's tail.
+    """
+    import threading
+    import time
+
+    # The supervisor's pid as it said it before starting us: a worker still starting when the
+    # supervisor died would otherwise take init for its parent and wait for ever.
+    parent = int(os.environ.get(_PARENT_ENV) or os.getppid())
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="cascade-exit-with-parent", daemon=True).start()
 
 
 def _supervise(config: Any) -> None:
