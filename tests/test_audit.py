@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import openai
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -173,6 +174,33 @@ def test_service_emits_a_request_span_with_a_child_per_rung(
     assert event.attributes["cascade.verdict.passed"] is False
     assert root.start_time is not None and small.start_time is not None
     assert root.start_time <= small.start_time and root.end_time >= big.end_time  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_callers_traceparent_is_the_request_spans_parent(
+        tmp_path: Path, openai_server: LoopbackServer,
+        spans: tuple[TracerProvider, InMemorySpanExporter], stream: bool) -> None:
+    provider, exporter = spans
+    openai_server.script(echo_handler(refuse=()))
+    app = create_app(ladder(tmp_path, openai_server.base_url), tracer_provider=provider)
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        ask = {"model": "cascade", "messages": [{"role": "user", "content": "q"}],
+               "extra_headers": {"traceparent": f"00-{trace_id}-{parent_id}-01"}}
+        if stream:
+            assert "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(stream=True, **ask) if c.choices)
+        else:
+            assert client.chat.completions.create(**ask).choices[0].message.content
+        client.chat.completions.create(model="cascade",  # no header: a trace of its own
+                                       messages=[{"role": "user", "content": "other"}])
+    roots = [s for s in exporter.get_finished_spans() if s.name == "chat cascade"]
+    assert len(roots) == 2
+    joined, alone = roots
+    assert f"{joined.context.trace_id:032x}" == trace_id
+    assert joined.parent is not None and f"{joined.parent.span_id:016x}" == parent_id
+    assert alone.parent is None and f"{alone.context.trace_id:032x}" != trace_id
 
 
 @pytest.mark.anyio

@@ -12,14 +12,17 @@ errors after it come in-band, as ``data: {"error": {...}}``, which the SDKs rais
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 
 from cascade.serve.config import ClientConfig
 from cascade.serve.errors import APIError, from_exception, parse_body
@@ -137,8 +140,28 @@ def completion(answer: Answer, ladder: str) -> ChatCompletionResponse:
         usage=usage_of(answer), cascade=trace_of(answer, ladder))
 
 
+@contextlib.contextmanager
+def _caller_trace(request: Request) -> Iterator[None]:
+    """Continue the caller's trace: with a W3C ``traceparent`` header, the request's span (made
+    by the telemetry observer at the end of the climb, in this task or in the stream's climb
+    task, which copies this context when it starts) is a child of the caller's span."""
+    if "traceparent" not in request.headers:
+        yield
+        return
+    token = otel_context.attach(propagate.extract(request.headers))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 async def create_chat_completion(request: Request) -> Response:
     service: Service = request.app.state.service
+    with _caller_trace(request):
+        return await _create(service, request)
+
+
+async def _create(service: Service, request: Request) -> Response:
     try:
         client = service.auth.client_for(request.headers)
         body = parse_body(await request.body(), ChatCompletionRequest)
