@@ -1,7 +1,7 @@
 """The router: what it adds to a climb, and what it saves on the shared recorded data.
 
     python bench/router.py overhead [--n 3000]
-    python bench/router.py quality [--folds 5] [--seeds 1] [--files mmlu_llama ...]
+    python bench/router.py quality [--folds 5] [--seeds 1] [--delta 0.05] [--files mmlu_llama ...]
 
 ``overhead``: a 2 kB prompt through a two-rung ladder of instant models
 (``cascade.testing.FunctionProvider``), cache off, with and without the router's
@@ -44,12 +44,15 @@ from cascade.routing.choose import RouteSetting
 from cascade.suite import OutcomeTable, load_shared_outcomes
 from cascade.testing import FunctionProvider
 from cascade.tuning.choose import select
+from cascade.tuning.guard import DELTA
 from cascade.tuning.simulate import simulate
 
 SHARED = REPO.parent / "shared" / "data" / "cascades"
 BENCHES = ("mmlu", "medmcqa", "triviaqa", "truthfulqa", "gsm8k")
 CHAINS = ("llama", "qwen_oai")
 DROP = 0.01
+GUARD = {"delta": DELTA}
+"""The guard's delta for tuner and router alike (``--delta``; default: the CLI's)."""
 
 
 # ---------------------------------------------------------------- overhead
@@ -125,9 +128,9 @@ def _judge(train: OutcomeTable, test: OutcomeTable) -> tuple[float, float, float
 def _judge_cases(train: OutcomeTable, test: OutcomeTable) -> tuple[
         int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
     """Per held-out case: right and cost of the tuner alone and with the router."""
-    setting, ref = select(train, max_accuracy_drop=DROP)
+    setting, ref = select(train, max_accuracy_drop=DROP, delta=GUARD["delta"])
     r0, c0, _ = simulate(test, setting)
-    tuning = tune_router(train, max_accuracy_drop=DROP, base=setting)
+    tuning = tune_router(train, max_accuracy_drop=DROP, delta=GUARD["delta"], base=setting)
     if tuning.router is None:
         r1, c1 = r0, c0
     else:
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--seeds", type=int, default=1)
     q.add_argument("--files", nargs="*", default=[f"{b}_{c}" for c in CHAINS for b in BENCHES])
     q.add_argument("--parts", nargs="*", default=["cv", "pooled", "heldout"])
+    q.add_argument("--delta", type=float, default=DELTA,
+                   help=f"the guard's delta, as cascade tune --delta (default {DELTA:g})")
     ns = p.parse_args(argv)
     if not SHARED.is_dir():
         print(f"needs {SHARED}", file=sys.stderr)
@@ -249,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.what == "overhead":
         anyio.run(_overhead, ns.n, ns.warmup)
     else:
+        GUARD["delta"] = ns.delta
         _quality(ns.files, ns.folds, ns.seeds, set(ns.parts))
     return 0
 

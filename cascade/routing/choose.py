@@ -40,10 +40,10 @@ from cascade.suite import OutcomeTable
 from cascade.tuning.candidates import CHEAPER as _CHEAPER
 from cascade.tuning.candidates import reference_rung
 from cascade.tuning.choose import select
+from cascade.tuning.guard import DELTA, z_value
 from cascade.tuning.guard import PSEUDO_GATE as _PSEUDO_GATE
 from cascade.tuning.guard import model_frontier as _frontier_of_model
 from cascade.tuning.guard import paired_bound as _guard
-from cascade.tuning.guard import z_value
 from cascade.tuning.setting import Setting
 from cascade.tuning.simulate import simulate
 
@@ -192,7 +192,7 @@ def _family(table: OutcomeTable, p: FloatArray, chain: tuple[int, ...], keys: tu
 
 
 def choose_route_setting(table: OutcomeTable, scores: FloatArray, *,
-                         max_accuracy_drop: float = 0.01, delta: float = 0.1,
+                         max_accuracy_drop: float = 0.01, delta: float = DELTA,
                          min_gain: float = 0.01, base: Setting | None = None) -> RouteChoice:
     """The cheapest routed setting that passes the tuner's guard on ``scores`` (the router's
     cross-fitted P(right), cases × the table's rungs), or the tuner's own recommendation

@@ -27,6 +27,7 @@ from cascade.routing.features import prompt_messages
 from cascade.routing.model import RouterModel, cross_fit, fit_model
 from cascade.routing.runtime import Router
 from cascade.suite import OutcomeTable
+from cascade.tuning.guard import DELTA
 from cascade.tuning.output import to_config
 from cascade.tuning.setting import Setting
 
@@ -89,7 +90,7 @@ def _config(table: OutcomeTable, choice: RouteChoice) -> CascadeConfig:
     return cfg
 
 
-def tune_router(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = 0.1,
+def tune_router(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float = DELTA,
                 min_gain: float = 0.01, base: Setting | None = None, folds: int = 5,
                 seed: int = 0) -> RouterTuning:
     """Fit the router, choose its setting under the tuner's guard (``base``: the tuner's own
