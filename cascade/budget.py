@@ -38,15 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import anyio.to_thread
-
-from cascade.config import BudgetConfig
 from cascade.errors import BudgetExceeded, BudgetStoreError
 
 __all__ = [
     "MAX_CALL_USD",
     "MAX_NANO",
-    "Budget",
     "BudgetStore",
     "BudgetStoreError",
     "InMemoryBudgetStore",
@@ -381,73 +377,3 @@ def open_store(spec: str | os.PathLike[str] | None = None) -> BudgetStore:
     if spec is None or str(spec) == "memory":
         return default_store()
     return SQLiteBudgetStore(spec)
-
-
-class Budget:
-    """What the engine calls around each rung: reserve its estimate, then settle or release.
-
-    The key comes from the request's metadata (``metadata["budget_key"]``, e.g. a user or
-    tenant id); requests without one are charged to ``default_key``, so a configured cap always
-    applies. With no ``limit_usd`` configured every method is a no-op.
-    """
-
-    def __init__(self, config: BudgetConfig, store: BudgetStore | None = None, *,
-                 key_field: str = "budget_key", default_key: str = "default") -> None:
-        self.config = config
-        self.store = store if store is not None else default_store()
-        self.key_field = key_field
-        self.default_key = default_key
-
-    @property
-    def enabled(self) -> bool:
-        return self.config.limit_usd is not None
-
-    def key_for(self, metadata: Mapping[str, Any] | None) -> str:
-        return budget_key(metadata, self.key_field, self.default_key)
-
-    def reserve(self, metadata: Mapping[str, Any] | None,
-                amount_usd: float) -> Reservation | None:
-        """Reserve a rung's estimated cost; None when no cap is configured."""
-        if self.config.limit_usd is None:
-            return None
-        return self.store.reserve(self.key_for(metadata), amount_usd, self.config.limit_usd,
-                                  self.config.period_s)
-
-    def settle(self, reservation: Reservation | None, actual_usd: float) -> None:
-        if reservation is not None:
-            self.store.settle(reservation, actual_usd)
-
-    def release(self, reservation: Reservation | None) -> None:
-        if reservation is not None:
-            self.store.release(reservation)
-
-    def remaining(self, metadata: Mapping[str, Any] | None) -> float | None:
-        """What the key may still spend in this window (None when uncapped)."""
-        if self.config.limit_usd is None:
-            return None
-        key, period = self.key_for(metadata), self.config.period_s
-        left = self.config.limit_usd - self.store.spent(key, period) - self.store.pending(
-            key, period)
-        return max(0.0, left)
-
-    async def areserve(self, metadata: Mapping[str, Any] | None,
-                       amount_usd: float) -> Reservation | None:
-        """:meth:`reserve` for async callers: a blocking store runs in a worker thread."""
-        if not self.store.blocking:
-            return self.reserve(metadata, amount_usd)
-        return await anyio.to_thread.run_sync(self.reserve, metadata, amount_usd)
-
-    async def asettle(self, reservation: Reservation | None, actual_usd: float) -> None:
-        if reservation is None or not self.store.blocking:
-            self.settle(reservation, actual_usd)
-        else:
-            # Shielded: money already spent must be recorded even if the request is cancelled.
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.settle, reservation, actual_usd)
-
-    async def arelease(self, reservation: Reservation | None) -> None:
-        if reservation is None or not self.store.blocking:
-            self.release(reservation)
-        else:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.release, reservation)

@@ -16,18 +16,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cascade.budget import (
-    Budget,
     BudgetStore,
     BudgetStoreError,
     InMemoryBudgetStore,
     Reservation,
     SQLiteBudgetStore,
+    budget_key,
     default_store,
     open_store,
     window_of,
 )
-from cascade.config import BudgetConfig
 from cascade.errors import BudgetExceeded
+from cascade.store.local import LocalBudgets
 
 
 class Clock:
@@ -147,33 +147,17 @@ def test_open_store() -> None:
     assert open_store("memory") is default_store()
 
 
-def test_budget_glue_uses_metadata_keys() -> None:
+def test_a_requests_budget_key_comes_from_its_metadata() -> None:
     store = InMemoryBudgetStore()
-    budget = Budget(BudgetConfig(limit_usd=1.0, period_s=60), store)
-    assert budget.enabled
-    assert budget.key_for({"budget_key": "user:7"}) == "user:7"
-    assert budget.key_for({}) == "default"
-    assert budget.key_for(None) == "default"
-    res = budget.reserve({"budget_key": "user:7"}, 0.6)
-    assert res is not None and res.key == "user:7"
-    assert budget.remaining({"budget_key": "user:7"}) == pytest.approx(0.4)
+    assert budget_key({"budget_key": "user:7"}) == "user:7"
+    assert budget_key({}) == budget_key(None) == budget_key({"budget_key": ""}) == "default"
+    assert budget_key({"budget_key": 7}) == "7"
+    res = store.reserve(budget_key({"budget_key": "user:7"}), 0.6, 1.0, 60)
+    assert res.key == "user:7"
     with pytest.raises(BudgetExceeded):
-        budget.reserve({"budget_key": "user:7"}, 0.5)
-    budget.settle(res, 0.2)
-    assert budget.remaining({"budget_key": "user:7"}) == pytest.approx(0.8)
-    budget.reserve({}, 1.0)
-    assert store.pending("default", 60) == 1.0
-
-
-def test_budget_without_a_limit_does_nothing() -> None:
-    store = InMemoryBudgetStore()
-    budget = Budget(BudgetConfig(), store)
-    assert not budget.enabled
-    assert budget.reserve({"budget_key": "x"}, 1e9) is None
-    budget.settle(None, 5.0)
-    budget.release(None)
-    assert budget.remaining({}) is None
-    assert store.spent("x", 86400) == 0.0
+        store.reserve("user:7", 0.5, 1.0, 60)
+    store.settle(res, 0.2)
+    assert store.spent("user:7", 60) == pytest.approx(0.2) and store.pending("user:7", 60) == 0
 
 
 # ---------------------------------------------------------------- several processes
@@ -224,22 +208,21 @@ def test_several_processes_share_one_cap(tmp_path: Path) -> None:
 async def test_many_tasks_never_overspend(kind: str, tmp_path: Path) -> None:
     store: BudgetStore = (InMemoryBudgetStore() if kind == "memory"
                           else SQLiteBudgetStore(tmp_path / "b.sqlite3"))
-    budget = Budget(BudgetConfig(limit_usd=1.0, period_s=3600), store)
-    meta = {"budget_key": "shared"}
+    budgets = LocalBudgets(store)  # what the engine reserves and settles through
     outcomes: list[str] = []
 
     async def call(i: int) -> None:
         try:
-            res = await budget.areserve(meta, 0.03)
+            res = await budgets.areserve("shared", 0.03, 1.0, 3600)
         except BudgetExceeded:
             outcomes.append("refused")
             return
         await anyio.lowlevel.checkpoint()
         if i % 5 == 0:
-            await budget.arelease(res)
+            await budgets.arelease(res)
             outcomes.append("released")
         else:
-            await budget.asettle(res, 0.03)
+            await budgets.asettle(res, 0.03)
             outcomes.append("spent")
 
     async with anyio.create_task_group() as tg:
