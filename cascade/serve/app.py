@@ -24,7 +24,7 @@ from cascade.config import CascadeConfig, RungConfig, load_config
 from cascade.errors import ConfigError
 from cascade.observe import Observer
 from cascade.providers.base import Provider
-from cascade.serve import chat, feedback, health, metrics, models
+from cascade.serve import chat, feedback, health, messages_api, metrics, models
 from cascade.serve.errors import APIError, from_exception
 from cascade.serve.service import Service
 
@@ -64,7 +64,7 @@ def create_app(config: CascadeConfig | str | os.PathLike[str], *,
     app = FastAPI(title=f"cascade: {service.name}", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
     app.state.service = service
-    for module in (chat, models, health, metrics, feedback):
+    for module in (chat, messages_api, models, health, metrics, feedback):
         app.include_router(module.router)
 
     @app.exception_handler(APIError)

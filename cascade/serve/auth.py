@@ -46,7 +46,8 @@ class RateLimiter:
 
 
 class Authenticator:
-    """Maps an ``Authorization`` header to a configured client (or None when none are)."""
+    """Maps an ``Authorization: Bearer`` (or Anthropic's ``x-api-key``) header to a configured
+    client (or None when none are)."""
 
     def __init__(self, clients: Sequence[ClientConfig]) -> None:
         self._keys = tuple((c, c.key().encode()) for c in clients)
@@ -58,23 +59,26 @@ class Authenticator:
         return bool(self._keys)
 
     def client_for(self, headers: Mapping[str, str]) -> ClientConfig | None:
-        """The client whose key is the bearer token; raises a 401 ``APIError`` otherwise, and
-        a 429 when that client is over its rate limit."""
+        """The client whose key is the bearer token (else ``x-api-key``); raises a 401
+        ``APIError`` otherwise, and a 429 when that client is over its rate limit."""
         if not self._keys:
             return None
         auth = headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "missing bearer key: send 'Authorization: Bearer <your key>'",
-                           type="invalid_request_error", code="invalid_api_key",
-                           headers=_UNAUTHORISED)
-        given = token.strip().encode()
+        if scheme.lower() == "bearer" and token.strip():
+            given = token.strip().encode()
+        elif headers.get("x-api-key", "").strip():  # what Anthropic's SDKs send
+            given = headers["x-api-key"].strip().encode()
+        else:
+            raise APIError(401, "missing key: send 'Authorization: Bearer <your key>' (or "
+                           "'x-api-key: <your key>')", type="invalid_request_error",
+                           code="invalid_api_key", headers=_UNAUTHORISED)
         found: ClientConfig | None = None
         for client, key in self._keys:
             if hmac.compare_digest(given, key) and found is None:
                 found = client
         if found is None:
-            raise APIError(401, "invalid bearer key", type="invalid_request_error",
+            raise APIError(401, "invalid key", type="invalid_request_error",
                            code="invalid_api_key", headers=_UNAUTHORISED)
         limiter = self._limits.get(found.name)
         if limiter is not None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -40,7 +41,9 @@ from cascade.serve.protocol import (
 from cascade.serve.service import ClimbEvent, Service
 from cascade.trace import Answer, Attempt
 
-__all__ = ["answer_headers", "router", "trace_of", "usage_of"]
+__all__ = ["Render", "answer_headers", "caller_trace", "check_request", "finish_reason",
+           "progress_comment", "refusal_reason", "router", "stream_answer", "trace_of",
+           "usage_of", "wire_error"]
 
 router = APIRouter()
 
@@ -89,7 +92,7 @@ def _chosen(answer: Answer) -> Attempt | None:
                  if a.status == "rejected" and a.text is not None), None)
 
 
-def _finish_reason(answer: Answer) -> str:
+def finish_reason(answer: Answer) -> str:
     a = _chosen(answer)
     return (a.finish_reason if a is not None else None) or "stop"
 
@@ -107,12 +110,12 @@ def wire_error(e: BaseException) -> APIError:
     return api
 
 
-def _refusal(e: APIError) -> str:
+def refusal_reason(e: APIError) -> str:
     return {401: "unauthorised", 404: "unknown_model", 429: "rate_limited"}.get(
         e.status, "bad_request")
 
 
-def _check(body: ChatCompletionRequest, service: Service) -> None:
+def check_request(body: ChatCompletionRequest, service: Service) -> None:
     for name in body.unsupported():
         raise APIError(400, f"unsupported field {name!r}: the cascade service does not "
                        "implement it (remove it from the request)", param=name,
@@ -136,12 +139,12 @@ def completion(answer: Answer, ladder: str) -> ChatCompletionResponse:
     return ChatCompletionResponse(
         id=f"chatcmpl-{answer.request_id}", model=answer.model,
         choices=[Choice(message=ResponseMessage(content=answer.text),
-                        finish_reason=_finish_reason(answer))],
+                        finish_reason=finish_reason(answer))],
         usage=usage_of(answer), cascade=trace_of(answer, ladder))
 
 
 @contextlib.contextmanager
-def _caller_trace(request: Request) -> Iterator[None]:
+def caller_trace(request: Request) -> Iterator[None]:
     """Continue the caller's trace: with a W3C ``traceparent`` header, the request's span (made
     by the telemetry observer at the end of the climb, in this task or in the stream's climb
     task, which copies this context when it starts) is a child of the caller's span."""
@@ -157,7 +160,7 @@ def _caller_trace(request: Request) -> Iterator[None]:
 
 async def create_chat_completion(request: Request) -> Response:
     service: Service = request.app.state.service
-    with _caller_trace(request):
+    with caller_trace(request):
         return await _create(service, request)
 
 
@@ -165,12 +168,13 @@ async def _create(service: Service, request: Request) -> Response:
     try:
         client = service.auth.client_for(request.headers)
         body = parse_body(await request.body(), ChatCompletionRequest)
-        _check(body, service)
+        check_request(body, service)
         if body.stream:
-            return await _stream(service, body, client)
+            return await stream_answer(service, body, client,
+                                       _openai_render(body, service.name))
         answer = await service.answer(body, client)
     except APIError as e:
-        service.metrics.refusal(_refusal(e))
+        service.metrics.refusal(refusal_reason(e))
         raise
     except Exception as e:
         raise wire_error(e) from None
@@ -194,8 +198,26 @@ def _imminent(event: ClimbEvent, service: Service) -> bool:
                                   or value.rung >= len(service.config.rungs) - 1)
 
 
-async def _stream(service: Service, body: ChatCompletionRequest,
-                  client: ClientConfig | None) -> Response:
+@dataclass(frozen=True)
+class Render:
+    """How one wire format writes a streamed answer: its events for the verified answer, an
+    in-band error, and the line that ends the stream (OpenAI's ``[DONE]``; none for
+    Anthropic's, whose last event says so itself)."""
+
+    answer: Callable[[Answer], list[bytes]]
+    error: Callable[[APIError], bytes]
+    done: bytes = b""
+
+
+def _openai_render(body: ChatCompletionRequest, ladder: str) -> Render:
+    return Render(answer=lambda a: _answer_chunks(a, body, ladder),
+                  error=lambda e: _data(e.payload()), done=b"data: [DONE]\n\n")
+
+
+async def stream_answer(service: Service, body: ChatCompletionRequest,
+                        client: ClientConfig | None, render: Render) -> Response:
+    """Climb in the service's task group and stream the verified answer in ``render``'s
+    format; errors before the response starts are raised (the caller's wire format)."""
     events = service.stream(body, client)
     pending: list[ClimbEvent] = []
     try:
@@ -214,7 +236,7 @@ async def _stream(service: Service, body: ChatCompletionRequest,
         raise value if isinstance(value, APIError) else wire_error(value)
     if kind == "answer":
         headers.update(answer_headers(value))
-    return StreamingResponse(_sse(pending, events, body, service.name),
+    return StreamingResponse(_sse(pending, events, render),
                              media_type="text/event-stream", headers=headers)
 
 
@@ -222,7 +244,7 @@ def _data(obj: object) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _progress(a: Attempt) -> bytes:
+def progress_comment(a: Attempt) -> bytes:
     info = {"rung": a.rung, "name": a.name or a.model, "model": a.model, "status": a.status,
             "latency_ms": round(a.latency_ms, 3), "cost_usd": a.cost_usd,
             "verdicts": [{"verifier": v.verifier, "passed": v.passed, "score": v.score}
@@ -236,7 +258,7 @@ def _answer_chunks(answer: Answer, body: ChatCompletionRequest, ladder: str) -> 
     first = ChatCompletionChunk(id=rid, created=created, model=model, choices=[ChunkChoice(
         delta=Delta(role="assistant", content=answer.text))], cascade=trace_of(answer, ladder))
     last = ChatCompletionChunk(id=rid, created=created, model=model, choices=[ChunkChoice(
-        delta=Delta(), finish_reason=_finish_reason(answer))])
+        delta=Delta(), finish_reason=finish_reason(answer))])
     out = []
     for chunk in (first, last):
         d = chunk.model_dump(mode="json", exclude_none=True)
@@ -251,7 +273,7 @@ def _answer_chunks(answer: Answer, body: ChatCompletionRequest, ladder: str) -> 
 
 
 async def _sse(pending: list[ClimbEvent], events: MemoryObjectReceiveStream[ClimbEvent],
-               body: ChatCompletionRequest, ladder: str) -> AsyncIterator[bytes]:
+               render: Render) -> AsyncIterator[bytes]:
     with events:
         queue = list(pending)
         while True:
@@ -265,16 +287,17 @@ async def _sse(pending: list[ClimbEvent], events: MemoryObjectReceiveStream[Clim
                         yield b": keep-alive\n\n"
                         continue
                 except anyio.EndOfStream:
-                    yield _data(APIError(503, "the server shut down before the answer",
-                                         type="server_error").payload())
+                    yield render.error(APIError(503, "the server shut down before the answer",
+                                                type="server_error"))
                     break
             if kind == "attempt":
-                yield _progress(value)
+                yield progress_comment(value)
                 continue
             if kind == "answer":
-                for chunk in _answer_chunks(value, body, ladder):
+                for chunk in render.answer(value):
                     yield chunk
             else:
-                yield _data(wire_error(value).payload())
+                yield render.error(wire_error(value))
             break
-        yield b"data: [DONE]\n\n"
+        if render.done:
+            yield render.done

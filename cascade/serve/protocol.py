@@ -1,4 +1,4 @@
-"""The wire format: OpenAI chat completions, models, errors, and our feedback endpoint.
+"""The wire formats: OpenAI chat completions, Anthropic messages, models, errors, feedback.
 
 One module holds every request and response shape (as vLLM's ``protocol.py`` does), so what
 the service accepts and returns can be read in one place. Requests allow unknown fields only so
@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "AnthropicText",
+    "AnthropicUsage",
     "CascadeTrace",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
@@ -26,6 +28,8 @@ __all__ = [
     "FeedbackRequest",
     "FeedbackResponse",
     "JsonSchemaFormat",
+    "MessagesRequest",
+    "MessagesResponse",
     "ModelCard",
     "ModelList",
     "ResponseFormat",
@@ -99,6 +103,26 @@ class ChatCompletionRequest(BaseModel):
         if rf.json_schema is None:
             return None
         return rf.json_schema.schema_
+
+
+class MessagesRequest(BaseModel):
+    """``POST /v1/messages``, Anthropic's wire format. ``model`` names the ladder."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int = Field(ge=1)
+    """Caps every rung's ``max_tokens`` (required, as in Anthropic's API)."""
+    messages: list[dict[str, Any]]
+    system: str | list[dict[str, Any]] | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+    """Only ``user_id`` (it travels into the answer's metadata as ``user``)."""
+
+    def unsupported(self) -> list[str]:
+        return list(self.model_extra or {})
 
 
 class FeedbackRequest(_Strict):
@@ -179,6 +203,29 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
     cascade: CascadeTrace | None = None
     """Only on the chunk that carries ``finish_reason``."""
+
+
+class AnthropicText(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class AnthropicUsage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class MessagesResponse(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    """The model of the rung whose answer this is."""
+    content: list[AnthropicText]
+    stop_reason: str | None
+    stop_sequence: str | None = None
+    usage: AnthropicUsage
+    cascade: CascadeTrace
 
 
 class ModelCard(BaseModel):

@@ -1,0 +1,145 @@
+"""``POST /v1/messages``: the cascade behind Anthropic's wire format, with the official
+``anthropic`` SDK as the client (sync, async, streaming) and plain httpx for the errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2 as httpx
+import pytest
+
+from cascade.serve import create_app
+from tests.loopback import LoopbackServer
+from tests.serve_kit import echo_handler, ladder, serving
+
+QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
+KEY = "sk-messages-client-0123456789"
+
+
+def _client(url: str, key: str = "none") -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=url, api_key=key, max_retries=0)
+
+
+def test_sync_sdk_gets_the_verified_answer_with_usage_trace_and_headers(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    openai_server.script(echo_handler(refuse=("small",)))
+    with serving(create_app(ladder(tmp_path, openai_server.base_url))) as url:
+        raw = _client(url).messages.with_raw_response.create(
+            model="cascade", max_tokens=64, system="Be brief.",
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Capital of"},
+                                                   {"type": "text", "text": "France?"}]}],
+            stop_sequences=["\n\n"], metadata={"user_id": "u-7"},
+            extra_body={"temperature": 0.2})  # older clients send it; this SDK has no field
+        m = raw.parse()
+    assert m.type == "message" and m.role == "assistant" and m.model == "big"
+    assert [b.type for b in m.content] == ["text"]
+    assert m.content[0].text == "big says: Capital of\n\nFrance?"  # type: ignore[union-attr]
+    assert m.stop_reason == "end_turn"
+    assert (m.usage.input_tokens, m.usage.output_tokens) == (14, 6)  # both rungs' calls
+    trace = (m.model_extra or {})["cascade"]
+    assert trace["verified"] is True
+    assert [a["status"] for a in trace["attempts"]] == ["rejected", "accepted"]
+    assert raw.headers["x-cascade-request-id"] == trace["request_id"]
+    assert m.id == f"msg_{trace['request_id']}" and raw.headers["x-cascade-model"] == "big"
+    sent = openai_server.requests[-1].json  # what the rung was asked: the same request
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert sent["max_tokens"] == 64 and sent["temperature"] == 0.2 and sent["stop"] == ["\n\n"]
+
+
+def test_a_cut_off_answer_stops_for_max_tokens(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    from tests.loopback import openai_reply
+
+    openai_server.script(lambda req: openai_reply("Paris is", model=req.json["model"],
+                                                  finish_reason="length"))
+    cfg = ladder(tmp_path, openai_server.base_url, models=("small",), verifiers=[])
+    with serving(create_app(cfg)) as url:
+        m = _client(url).messages.create(model="cascade", max_tokens=2, messages=QUESTION)
+    assert m.stop_reason == "max_tokens"
+
+
+def test_streaming_sends_anthropics_events_once_the_answer_is_verified(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    openai_server.script(echo_handler(refuse=("small",)))
+    with serving(create_app(ladder(tmp_path, openai_server.base_url))) as url:
+        with _client(url).messages.stream(model="cascade", max_tokens=64,
+                                          messages=QUESTION) as stream:
+            kinds = [e.type for e in stream]
+            final = stream.get_final_message()
+        with httpx.stream("POST", f"{url}/v1/messages", json={
+                "model": "cascade", "max_tokens": 64, "messages": QUESTION,
+                "stream": True}) as r:
+            lines = [x for x in r.iter_lines() if x]
+    assert kinds == ["message_start", "content_block_start", "content_block_delta", "text",
+                     "content_block_stop", "message_delta", "message_stop"]  # "text": the SDK's
+    assert final.content[0].text == "big says: What is the capital of France?"  # type: ignore[union-attr]
+    assert final.model == "big" and final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 6
+    # the climb's progress comes first, as comments every SSE client skips
+    assert lines[0].startswith(": cascade ") and '"status":"rejected"' in lines[0]
+    assert lines[-2:] == ["event: message_stop", 'data: {"type":"message_stop"}']
+
+
+@pytest.mark.anyio
+async def test_async_sdk_and_the_anthropic_key_header(
+        tmp_path: Path, openai_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MSG_CLIENT_KEY", KEY)
+    openai_server.script(echo_handler(refuse=()))
+    cfg = ladder(tmp_path, openai_server.base_url, server={"clients": [
+        {"name": "app", "key_env": "MSG_CLIENT_KEY", "budget_key": "team"}]})
+    with serving(create_app(cfg)) as url:
+        async with anthropic.AsyncAnthropic(base_url=url, api_key=KEY, max_retries=0) as c, \
+                anthropic.AsyncAnthropic(base_url=url, api_key="sk-wrong",
+                                         max_retries=0) as wrong:
+            m = await c.messages.create(model="cascade", max_tokens=32, messages=QUESTION)
+            with pytest.raises(anthropic.AuthenticationError) as ei:
+                await wrong.messages.create(model="cascade", max_tokens=32, messages=QUESTION)
+    assert m.content[0].text == "small says: What is the capital of France?"  # type: ignore[union-attr]
+    assert ei.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    assert KEY not in str(ei.value.body) and "sk-wrong" not in str(ei.value.body)
+
+
+@pytest.mark.parametrize(("body", "status", "kind", "needle"), [
+    ({"max_tokens": 8, "messages": QUESTION, "top_k": 5}, 400, "invalid_request_error",
+     "'top_k'"),
+    ({"max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "data": "x"}}]}]}, 400,
+     "invalid_request_error", "messages[0].content[0]"),
+    ({"max_tokens": 8, "messages": QUESTION, "metadata": {"tenant": "x"}}, 400,
+     "invalid_request_error", "metadata.tenant"),
+    ({"messages": QUESTION}, 400, "invalid_request_error", "max_tokens"),
+    ({"max_tokens": 8, "messages": [{"role": "system", "content": "x"}]}, 400,
+     "invalid_request_error", "messages[0].role"),
+    ({"model": "other", "max_tokens": 8, "messages": QUESTION}, 404, "not_found_error",
+     "'other'"),
+])
+def test_bad_requests_are_anthropic_errors_naming_what_to_fix(
+        tmp_path: Path, openai_server: LoopbackServer, body: dict[str, Any], status: int,
+        kind: str, needle: str) -> None:
+    with serving(create_app(ladder(tmp_path, openai_server.base_url))) as url:
+        r = httpx.post(f"{url}/v1/messages", json={"model": "cascade", **body})
+    assert r.status_code == status
+    err = r.json()
+    assert err["type"] == "error" and err["error"]["type"] == kind
+    assert needle in err["error"]["message"]
+    assert openai_server.requests == []  # nothing was spent
+
+
+def test_budget_refusal_and_no_answer_keep_the_cascades_error_types(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    openai_server.script(echo_handler(refuse=("small", "big")))
+    poor = ladder(tmp_path, openai_server.base_url, models=("small",),
+                  budget={"limit_usd": 1e-12})
+    with serving(create_app(poor)) as url, pytest.raises(anthropic.RateLimitError) as ei:
+        _client(url).messages.create(model="cascade", max_tokens=8, messages=QUESTION)
+    assert ei.value.body["error"]["type"] == "budget_exceeded"  # type: ignore[index]
+    assert ei.value.response.headers["x-should-retry"] == "false"
+    strict = ladder(tmp_path, openai_server.base_url, policy={"on_unverified": "raise"})
+    with serving(create_app(strict)) as url:
+        r = httpx.post(f"{url}/v1/messages", json={"model": "cascade", "max_tokens": 8,
+                                                   "messages": QUESTION})
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "unverified_answer"
+    assert [a["status"] for a in r.json()["error"]["cascade"]["attempts"]] == [
+        "rejected", "rejected"]
