@@ -41,9 +41,9 @@ from cascade.serve.protocol import (
 from cascade.serve.service import ClimbEvent, Service
 from cascade.trace import Answer, Attempt
 
-__all__ = ["Render", "answer_headers", "caller_trace", "check_request", "finish_reason",
-           "progress_comment", "refusal_reason", "router", "stream_answer", "trace_of",
-           "usage_of", "wire_error"]
+__all__ = ["Render", "answer_headers", "answer_request", "caller_trace", "check_request",
+           "finish_reason", "progress_comment", "refusal_reason", "router", "stream_answer",
+           "trace_of", "usage_of", "wire_error"]
 
 router = APIRouter()
 
@@ -161,26 +161,34 @@ def caller_trace(request: Request) -> Iterator[None]:
 async def create_chat_completion(request: Request) -> Response:
     service: Service = request.app.state.service
     with caller_trace(request):
-        return await _create(service, request)
+        return await answer_request(
+            service, request, parse=lambda raw: parse_body(raw, ChatCompletionRequest),
+            render=lambda body: _openai_render(body, service.name),
+            # Serialised once, by pydantic-core (not model → dict → json.dumps).
+            reply=lambda a: completion(a, service.name).model_dump_json())
 
 
-async def _create(service: Service, request: Request) -> Response:
+async def answer_request(service: Service, request: Request, *,
+                         parse: Callable[[bytes], ChatCompletionRequest],
+                         render: Callable[[ChatCompletionRequest], Render],
+                         reply: Callable[[Answer], str]) -> Response:
+    """One wire request, in any format ``parse`` reads and ``reply`` / ``render`` write:
+    authenticate, validate, climb (or stream), and count refusals; errors are raised as
+    :class:`APIError` for the format's endpoint to write."""
     try:
         client = service.auth.client_for(request.headers)
-        body = parse_body(await request.body(), ChatCompletionRequest)
+        body = parse(await request.body())
         check_request(body, service)
         if body.stream:
-            return await stream_answer(service, body, client,
-                                       _openai_render(body, service.name))
+            return await stream_answer(service, body, client, render(body))
         answer = await service.answer(body, client)
     except APIError as e:
         service.metrics.refusal(refusal_reason(e))
         raise
     except Exception as e:
         raise wire_error(e) from None
-    # Serialised once, by pydantic-core (not model → dict → json.dumps).
-    return Response(completion(answer, service.name).model_dump_json(),
-                    media_type="application/json", headers=answer_headers(answer))
+    return Response(reply(answer), media_type="application/json",
+                    headers=answer_headers(answer))
 
 
 # A plain Starlette route: the handler reads and validates its own body, so FastAPI's

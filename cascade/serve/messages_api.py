@@ -26,15 +26,11 @@ from fastapi.responses import JSONResponse, Response
 
 from cascade.serve.chat import (
     Render,
-    answer_headers,
+    answer_request,
     caller_trace,
-    check_request,
     finish_reason,
-    refusal_reason,
-    stream_answer,
     trace_of,
     usage_of,
-    wire_error,
 )
 from cascade.serve.errors import APIError, parse_body
 from cascade.serve.protocol import (
@@ -166,26 +162,12 @@ async def create_message(request: Request) -> Response:
     service: Service = request.app.state.service
     with caller_trace(request):
         try:
-            return await _create(service, request)
+            return await answer_request(
+                service, request, parse=lambda raw: to_chat(parse_body(raw, MessagesRequest)),
+                render=lambda body: _render(service.name),
+                reply=lambda a: _message(a, service.name).model_dump_json())
         except APIError as e:
             return JSONResponse(anthropic_error(e), status_code=e.status, headers=e.headers)
-
-
-async def _create(service: Service, request: Request) -> Response:
-    try:
-        client = service.auth.client_for(request.headers)
-        body = to_chat(parse_body(await request.body(), MessagesRequest))
-        check_request(body, service)
-        if body.stream:
-            return await stream_answer(service, body, client, _render(service.name))
-        answer = await service.answer(body, client)
-    except APIError as e:
-        service.metrics.refusal(refusal_reason(e))
-        raise
-    except Exception as e:
-        raise wire_error(e) from None
-    return Response(_message(answer, service.name).model_dump_json(),
-                    media_type="application/json", headers=answer_headers(answer))
 
 
 router.add_route("/v1/messages", create_message, methods=["POST"])
