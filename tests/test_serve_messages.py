@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,25 @@ def test_budget_refusal_and_no_answer_keep_the_cascades_error_types(
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "unverified_answer"
     assert [a["status"] for a in r.json()["error"]["cascade"]["attempts"]] == [
         "rejected", "rejected"]
+
+
+def test_an_error_after_the_stream_began_is_an_anthropic_error_event(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    openai_server.script(echo_handler(refuse=("small", "big")))
+    strict = ladder(tmp_path, openai_server.base_url, policy={"on_unverified": "raise"})
+    body = {"model": "cascade", "max_tokens": 8, "messages": QUESTION, "stream": True}
+    with serving(create_app(strict)) as url:
+        s = httpx.post(f"{url}/v1/messages", json=body)
+        with pytest.raises(anthropic.APIStatusError) as ei, _client(url).messages.stream(
+                model="cascade", max_tokens=8, messages=QUESTION) as stream:
+            list(stream)
+    # the first rung escalated, so the stream had started: the error comes in-band, as
+    # Anthropic's error event, and no content was ever sent
+    assert s.status_code == 200
+    events = [e for e in s.text.split("\n\n") if e]
+    assert events[0].startswith(": cascade ") and '"status":"rejected"' in events[0]
+    assert events[-1].startswith("event: error\ndata: ")
+    err = json.loads(events[-1].split("data: ", 1)[1])
+    assert err["type"] == "error" and err["error"]["type"] == "unverified_answer"
+    assert not any("content_block" in e for e in events)
+    assert "unverified" in str(ei.value)
