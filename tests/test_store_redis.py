@@ -46,11 +46,11 @@ def _fresh_breakers() -> Iterator[None]:
     reset_default_breakers()
 
 
-def _config(url: str, **store: Any) -> CascadeConfig:
+def _config(url: str, cooldown_s: float = 0.3, **store: Any) -> CascadeConfig:
     return parse_config({
         "rungs": [{"model": "m", "provider": "openai-compatible", "base_url": "http://x/v1",
                     "price": "unknown"}],
-        "breaker": {"failure_threshold": 2, "cooldown_s": 0.3},
+        "breaker": {"failure_threshold": 2, "cooldown_s": cooldown_s},
         "store": {"url": url, "timeout_s": 2.0, **store},
     }, source="cascade.toml")
 
@@ -261,8 +261,18 @@ async def test_a_crashed_workers_reservation_expires_and_late_spend_is_kept(
 # ---------------------------------------------------------------- breakers, latency, counters
 
 
-async def test_a_circuit_opened_by_one_worker_is_open_for_all(
-        workers: list[RedisStore]) -> None:
+async def test_a_circuit_opened_by_one_worker_is_open_for_all(redis: RedisServer) -> None:
+    # A cool-down of a second: the probe's lease lasts as long, and all thirty checks below
+    # must fall inside it even on a loaded machine (at 0.3 s one run in many saw two probes).
+    workers = [RedisStore.from_config(_config(redis.url, cooldown_s=1.0)) for _ in range(3)]
+    try:
+        await _one_probe_cluster_wide(workers)
+    finally:
+        for w in workers:
+            await w.aclose()
+
+
+async def _one_probe_cluster_wide(workers: list[RedisStore]) -> None:
     a, b, c = workers
     fail = ServerError("down", provider="openai", model="m", status_code=503)
     assert await b.breakers.acheck(EP) is False
@@ -273,7 +283,7 @@ async def test_a_circuit_opened_by_one_worker_is_open_for_all(
             await w.breakers.acheck(EP)
     snap = await c.breakers.asnapshot()
     assert snap[EP]["state"] == "open" and snap[EP]["consecutive_failures"] == 2
-    await anyio.sleep(0.35)  # the cool-down
+    await anyio.sleep(1.05)  # the cool-down
     probes: list[bool] = []
     blocked: list[CircuitOpen] = []
 
