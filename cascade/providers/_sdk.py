@@ -175,18 +175,18 @@ class SDKProvider(Provider, Generic[ClientT]):
         if not self._model_checked:
             await self._check_model(client, call.model, where)
         mode = self.structured_output
-        tools = call.output_type is not None and mode == "tools"
-        endpoint = self._endpoint(client) if tools else self._plain_endpoint(client)
+        tools_type = call.output_type if mode == "tools" else None  # instructor's case
+        endpoint = (self._endpoint if tools_type is not None else self._plain_endpoint)(client)
         create = guarded(endpoint, self.sdk, secret=self._key, where=where,
                          check=self.wire.check, setting=self._setting_for)
         start = time.perf_counter()
-        if tools and call.output_type is not None:
+        if tools_type is not None:
             import instructor
 
             result = await run_instructor(
                 create, mode=instructor.Mode.TOOLS,
                 provider=getattr(instructor.Provider, self.instructor_provider),
-                output_type=call.output_type, reasks=call.reasks,
+                output_type=tools_type, reasks=call.reasks,
                 kwargs=self._request(call, schema=None, mode=mode), where=where,
                 secret=self._key,
             )
