@@ -320,6 +320,36 @@ def test_a_route_chain_tries_one_cheap_rung_before_the_reference() -> None:
     assert choice.report["candidates"] == 2 * len(ROUTE_LEVELS)
 
 
+def test_routes_are_guarded_against_every_rung_that_could_be_the_best() -> None:
+    """Two dear rungs equally accurate on different cases: either could be the best on new
+    questions. A route that hands the cheap rung only what it gets right holds against the one
+    it ends at, but loses the other's wins: it must pass against both (as the tuner's settings
+    do), so here the router stays off; with only one dear rung the same route is chosen."""
+    n = 400
+    small = np.arange(n) < 300  # right on the first 300 cases
+    big = np.ones(n, dtype=bool)
+    big[300:312] = False  # wrong on 12 cases the cheap rung also misses
+    huge = np.ones(n, dtype=bool)
+    huge[320:332] = False  # as accurate, wrong on 12 others
+    scores = np.column_stack([np.where(small, 0.99, 0.01), np.full(n, 0.97), np.full(n, 0.97)])
+
+    def table(correct: np.ndarray, costs: list[float]) -> OutcomeTable:
+        r = correct.shape[1]
+        return OutcomeTable(
+            case_ids=tuple(f"c{i}" for i in range(n)),
+            rungs=tuple(RungConfig(model=m) for m in ("small", "big", "huge")[:r]),
+            correct=correct, cost=np.tile(costs, (n, 1)), scores={}, passed={},
+            groups=("",) * n, source="synthetic", prompts=("q",) * n)
+
+    two = choose_route_setting(table(np.column_stack([small, big]), [1.0, 10.0]),
+                               scores[:, :2], max_accuracy_drop=0.01)
+    assert two.on and two.setting.chain == (0, 1)
+    three = choose_route_setting(table(np.column_stack([small, big, huge]), [1.0, 10.0, 30.0]),
+                                 scores, max_accuracy_drop=0.01)
+    assert three.report["rivals"] == ["big", "huge"] and three.report["reference"] == "huge"
+    assert not three.on and three.reason == "no routed setting passed the guard"
+
+
 def test_router_is_off_when_the_text_says_nothing() -> None:
     t = _table(300, signal=False)
     choice = choose_route_setting(t, fit_router(t).scores)

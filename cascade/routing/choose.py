@@ -1,12 +1,13 @@
 """Tuning the router's setting: where a request starts and which rungs it skips, chosen jointly
 with the rungs' confidence thresholds under the tuner's guard, and off when it does not pay.
 
-Two families of candidates, both judged by the tuner's guard (net accuracy change against the
-best single rung, minus z standard errors, with its pseudo-discordant case, must stay above
-minus the allowed drop) on the router's *cross-fitted* scores (each case scored by a model
+Two families of candidates, both judged by the tuner's guard (net accuracy change against
+**every rung that could be the best** on new questions, as :func:`cascade.tuning.guard.
+plausible_best` finds them, minus z standard errors, with its pseudo-discordant case, must stay
+above minus the allowed drop) on the router's *cross-fitted* scores (each case scored by a model
 fitted without it):
 
-- **route**: one cheap rung, then the reference; the cheap rung is tried only when the
+- **route**: one cheap rung, then one of those rivals; the cheap rung is tried only when the
   router's P(right) reaches its ``skip_below``, and a tried rung's answer is accepted (no
   verifier decides: this is the family for ladders without a confidence signal);
 - **skip**: the tuner's own recommendation, with a ``skip_below`` on each early rung: a rung
@@ -40,7 +41,7 @@ from cascade.suite import OutcomeTable
 from cascade.tuning.candidates import CHEAPER as _CHEAPER
 from cascade.tuning.candidates import reference_rung
 from cascade.tuning.choose import select
-from cascade.tuning.guard import DELTA, z_value
+from cascade.tuning.guard import DELTA, plausible_best, rival_z, z_value
 from cascade.tuning.guard import PSEUDO_GATE as _PSEUDO_GATE
 from cascade.tuning.guard import model_frontier as _frontier_of_model
 from cascade.tuning.guard import paired_bound as _guard
@@ -162,32 +163,39 @@ class RouteChoice:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _stats(table: OutcomeTable, right: BoolArray, cost: FloatArray, ref: int
+def _stats(table: OutcomeTable, right: BoolArray, cost: FloatArray, refs: Sequence[int]
            ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    rr = table.correct[:, ref][None]
-    better = (right & ~rr).sum(axis=1).astype(float)
-    worse = (~right & rr).sum(axis=1).astype(float)
+    """Per setting and per rung in ``refs``: cases it gets right that the rung misses
+    (better), the reverse (worse); and the setting's mean cost."""
+    rr = table.correct[:, list(refs)].T[None]  # 1 × rivals × cases
+    better = (right[:, None] & ~rr).sum(axis=2).astype(float)
+    worse = (~right[:, None] & rr).sum(axis=2).astype(float)
     return better, worse, cost.mean(axis=1)
 
 
+_Cand = tuple["RouteSetting", FloatArray, FloatArray, float, float]
+"""(setting, better and worse against each rival, mean cost, the router's expected loss)."""
+
+
 def _family(table: OutcomeTable, p: FloatArray, chain: tuple[int, ...], keys: tuple[str, ...],
-            th_row: FloatArray | None, levels: Sequence[float], ref: int
-            ) -> list[tuple[RouteSetting, float, float, float, float]]:
-    """Every combination of ``levels`` on the early rungs of ``chain``: (setting, better,
-    worse, mean cost, the router's own expected loss against the reference)."""
+            th_row: FloatArray | None, levels: Sequence[float], ref: int,
+            rivals: Sequence[int]) -> list[_Cand]:
+    """Every combination of ``levels`` on the early rungs of ``chain``, with its gains and
+    losses against each of ``rivals``, its mean cost and the router's own expected loss
+    against ``ref``."""
     k1 = len(chain) - 1
     combos = np.array(list(product(levels, repeat=k1)), dtype=float).reshape(-1, k1)
-    out = []
+    out: list[_Cand] = []
     for a in range(0, combos.shape[0], _BLOCK):
         u = combos[a:a + _BLOCK]
         th = None if th_row is None else np.broadcast_to(th_row, (u.shape[0], *th_row.shape))
         right, cost, pexp = _run(table, p, chain, keys, u, th)
-        b, w, c = _stats(table, right, cost, ref)
+        b, w, c = _stats(table, right, cost, rivals)
         loss = (p[:, ref][None] - pexp).mean(axis=1)
         thr = () if th_row is None else tuple(tuple(float(x) for x in r) for r in th_row)
         for g in range(u.shape[0]):
             s = RouteSetting(chain, (*(float(x) for x in u[g]), 0.0), keys, thr)
-            out.append((s, float(b[g]), float(w[g]), float(c[g]), float(loss[g])))
+            out.append((s, b[g], w[g], float(c[g]), float(loss[g])))
     return out
 
 
@@ -201,27 +209,35 @@ def choose_route_setting(table: OutcomeTable, scores: FloatArray, *,
     if scores.shape != table.correct.shape:
         raise ConfigError("router scores must be cases × the table's rungs")
     n = table.n
-    ref = reference_rung(table)
+    looks_best = reference_rung(table)
+    # Which rung is best is uncertain too: guard against every rung that could be (as the
+    # tuner does), and end routes at each of them; the dearest is the reference they save on.
+    rivals = plausible_best(table, looks_best, rival_z(delta, len(table.rungs)))
+    mean_cost = table.cost.mean(axis=0)
+    ref = max(rivals, key=lambda j: (float(mean_cost[j]), j == looks_best))
     if base is None:
         base, _ref = select(table, max_accuracy_drop=max_accuracy_drop, delta=delta)
-    mean_cost = table.cost.mean(axis=0)
     ref_cost = float(mean_cost[ref])
     b_right, b_cost, _ = simulate(table, base)
-    bb, bw, _bc = _stats(table, b_right[None], b_cost[None], ref)
+    bb, bw, _bc = _stats(table, b_right[None], b_cost[None], [looks_best])
     base_cost = float(b_cost.mean())
     z = z_value(delta / 2)  # two families searched: Bonferroni, as the tuner's agreement gate
-    routes: list[tuple[RouteSetting, float, float, float, float]] = []
+    routes: list[_Cand] = []
     order = [int(j) for j in np.argsort(mean_cost, kind="stable")]
-    cheaper = [j for j in order if j != ref and mean_cost[j] <= _CHEAPER * ref_cost]
-    for r in range(1, min(_MAX_EARLY, len(cheaper)) + 1):
-        for sub in combinations(cheaper, r):
-            routes += _family(table, scores, (*sub, ref), (), None, ROUTE_LEVELS, ref)
-    skips: list[tuple[RouteSetting, float, float, float, float]] = []
+    for end in rivals:
+        cheaper = [j for j in order if j != end and mean_cost[j] <= _CHEAPER * float(
+            mean_cost[end])]
+        for r in range(1, min(_MAX_EARLY, len(cheaper)) + 1):
+            for sub in combinations(cheaper, r):
+                routes += _family(table, scores, (*sub, end), (), None, ROUTE_LEVELS, ref,
+                                  rivals)
+    skips: list[_Cand] = []
     if len(base.chain) > 1 and not base.agree:
         th_row = np.array(base.thresholds, dtype=float)
-        skips = _family(table, scores, base.chain, base.keys, th_row, (0.0, *ROUTE_LEVELS), ref)
+        skips = _family(table, scores, base.chain, base.keys, th_row, (0.0, *ROUTE_LEVELS), ref,
+                        rivals)
     n_all = len(routes) + len(skips)
-    cands = []
+    cands: list[_Cand] = []
     for fam in (routes, skips):  # only the router's own frontier per family: its ranking,
         if fam:                  # not the labels', picks what the guard judges
             front = _frontier_of_model(np.array([c[4] for c in fam]),
@@ -231,16 +247,23 @@ def choose_route_setting(table: OutcomeTable, scores: FloatArray, *,
     report: dict[str, Any] = {
         "candidates": n_all, "frontier": len(cands), "z": z,
         "reference": table.rungs[ref].label,
+        "rivals": [table.rungs[j].label for j in rivals],
         "without_router": {"setting": base.describe(table),
-                           "accuracy_change": float((bb[0] - bw[0]) / max(n, 1)),
+                           "accuracy_change": float((bb[0, 0] - bw[0, 0]) / max(n, 1)),
                            "cost_saving": 1 - base_cost / ref_cost if ref_cost > 0 else 0.0},
     }
     if not cands:
         return RouteChoice(base_rs, base, False, "no rung is cheap enough to route to", report)
-    better = np.array([c[1] for c in cands])
+    better = np.array([c[1] for c in cands])  # candidates × rivals
     worse = np.array([c[2] for c in cands])
     cost = np.array([c[3] for c in cands])
-    change, se, lower = _guard(better, worse, n, z, _PSEUDO_GATE)
+    bounds = [_guard(better[:, k], worse[:, k], n, z, _PSEUDO_GATE) for k in range(len(rivals))]
+    lows = np.stack([bd[2] for bd in bounds], axis=1)
+    binding = np.argmin(lows, axis=1)  # the rival whose bound binds, per candidate
+    rows = np.arange(len(cands))
+    change = np.stack([bd[0] for bd in bounds], axis=1)[rows, binding]
+    se = np.stack([bd[1] for bd in bounds], axis=1)[rows, binding]
+    lower = lows[rows, binding]
     ok = lower >= -max_accuracy_drop - 1e-12
     if not ok.any():
         return RouteChoice(base_rs, base, False, "no routed setting passed the guard", report)
