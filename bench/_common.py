@@ -38,7 +38,13 @@ from cascade.config import CascadeConfig, parse_config  # noqa: E402
 from cascade.engine import Cascade  # noqa: E402
 from cascade.providers.base import Completion, ModelCall  # noqa: E402
 from cascade.testing import FunctionProvider, completion  # noqa: E402
-from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_reply  # noqa: E402
+from tests.loopback import (  # noqa: E402
+    LoopbackServer,
+    RecordedRequest,
+    Reply,
+    openai_reply,
+    reap,
+)
 
 __all__ = [
     "ANSWER",
@@ -183,11 +189,7 @@ def model_server(*, delay_s: float = 0.0, mode: ServerMode = "process") -> Itera
     finally:
         assert proc.stdin is not None
         proc.stdin.close()  # the child serves until its stdin closes
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        reap(proc, 10)
 
 
 def add_server_arg(p: argparse.ArgumentParser) -> None:

@@ -21,9 +21,7 @@ The model server and ``cascade serve`` are child processes; the client is this p
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anyio
 import httpx2 as httpx
 import openai
-from _common import PROMPT, REPO, bare_create, machine, model_server, print_table, stats
+from _common import PROMPT, bare_create, machine, model_server, print_table, stats
 
-from tests.loopback import free_port
+from tests.loopback import free_port, reap
+from tests.serve_kit import start_serve, wait_ready
 
 TARGET_ADDED_P50_MS = 2.0
 BODY = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 512}
@@ -67,31 +66,16 @@ enabled = false
 
 @contextmanager
 def serving(config: Path, workers: int) -> Iterator[str]:
+    """``cascade serve`` on ``config`` as the tests start it; stopped with SIGTERM (a drain)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--config",
-                             str(config), "--port", str(port), "--workers", str(workers)],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    proc = start_serve(config, port, "--workers", str(workers))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("cascade serve did not start")
-            time.sleep(0.1)
+        wait_ready(url, proc, timeout_s=60)
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        reap(proc, 20)
 
 
 async def added_latency(direct: str, served: str, n: int) -> dict[str, list[float]]:

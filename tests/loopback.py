@@ -14,6 +14,7 @@ import contextlib
 import json
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections import deque
@@ -34,6 +35,7 @@ __all__ = [
     "openai_error",
     "openai_reply",
     "openai_tool_chat",
+    "reap",
 ]
 
 Kind = Literal["openai", "anthropic"]
@@ -76,6 +78,16 @@ class Reply:
 
 
 Handler = Callable[[RecordedRequest], Reply]
+
+
+def reap(proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for a child that was asked to stop (a signal, its stdin
+    closed), then kill it; it is gone either way when this returns."""
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def free_port() -> int:

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 
 import pytest
 
+from tests.loopback import reap
+
 __all__ = ["RedisServer", "redis_server"]
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -82,11 +84,7 @@ class RedisServer:
         if self.proc is not None:
             self.resume()
             self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            reap(self.proc, 10)
             self.proc = None
         shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -24,7 +24,7 @@ import pytest
 from cascade import Cascade
 from cascade.errors import ClientRequestError, NoAnswerError
 from cascade.providers.local import resolve_model, runtime_available
-from tests.loopback import free_port
+from tests.loopback import free_port, reap
 
 pytestmark = [
     pytest.mark.slow,
@@ -76,11 +76,7 @@ def llama_server() -> Iterator[str]:
             yield base
         finally:
             proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            reap(proc, 10)
 
 
 def ladder(base: str, *, verifiers: list[Any], **rung: Any) -> dict[str, Any]:

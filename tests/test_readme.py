@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_reply
+from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_reply, reap
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -145,11 +145,7 @@ def _server(block: Block, cwd: Path) -> Iterator[None]:
         yield
     finally:
         proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        reap(proc, 15)
         if proc.stdout:
             proc.stdout.close()
 
