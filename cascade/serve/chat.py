@@ -42,8 +42,8 @@ from cascade.serve.service import ClimbEvent, Service
 from cascade.trace import Answer, Attempt
 
 __all__ = ["Render", "answer_headers", "answer_request", "caller_trace", "check_request",
-           "finish_reason", "progress_comment", "refusal_reason", "router", "stream_answer",
-           "trace_of", "usage_of", "wire_error"]
+           "finish_reason", "progress_comment", "refusal_reason", "refuse_unsupported", "router",
+           "stream_answer", "trace_of", "usage_of", "wire_error"]
 
 router = APIRouter()
 
@@ -115,11 +115,16 @@ def refusal_reason(e: APIError) -> str:
         e.status, "bad_request")
 
 
-def check_request(body: ChatCompletionRequest, service: Service) -> None:
-    for name in body.unsupported():
-        raise APIError(400, f"unsupported field {name!r}: the cascade service does not "
-                       "implement it (remove it from the request)", param=name,
+def refuse_unsupported(names: list[str]) -> None:
+    """A 400 naming the first request field the service does not implement (never dropped)."""
+    if names:
+        raise APIError(400, f"unsupported field {names[0]!r}: the cascade service does not "
+                       "implement it (remove it from the request)", param=names[0],
                        code="unsupported_field")
+
+
+def check_request(body: ChatCompletionRequest, service: Service) -> None:
+    refuse_unsupported(body.unsupported())
     if body.n != 1:
         raise APIError(400, f"n must be 1 (one verified answer per request), not {body.n}",
                        param="n")

@@ -29,6 +29,7 @@ from cascade.serve.chat import (
     answer_request,
     caller_trace,
     finish_reason,
+    refuse_unsupported,
     trace_of,
     usage_of,
 )
@@ -89,10 +90,7 @@ def _text(content: object, where: str) -> str:
 
 def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
     """The chat-completions request the service answers for a Messages request."""
-    for name in body.unsupported():
-        raise APIError(400, f"unsupported field {name!r}: the cascade service does not "
-                       "implement it (remove it from the request)", param=name,
-                       code="unsupported_field")
+    refuse_unsupported(body.unsupported())
     meta = dict(body.metadata or {})
     user = meta.pop("user_id", None)
     if meta:
