@@ -39,12 +39,12 @@ import numpy.typing as npt
 from cascade.errors import ConfigError
 from cascade.suite import OutcomeTable
 from cascade.tuning.candidates import CHEAPER as _CHEAPER
-from cascade.tuning.candidates import reference_rung
 from cascade.tuning.choose import select
-from cascade.tuning.guard import DELTA, plausible_best, rival_z, z_value
+from cascade.tuning.guard import DELTA, z_value
 from cascade.tuning.guard import PSEUDO_GATE as _PSEUDO_GATE
 from cascade.tuning.guard import model_frontier as _frontier_of_model
 from cascade.tuning.guard import paired_bound as _guard
+from cascade.tuning.guard import rivals as rival_rungs
 from cascade.tuning.setting import Setting
 from cascade.tuning.simulate import simulate
 
@@ -209,12 +209,10 @@ def choose_route_setting(table: OutcomeTable, scores: FloatArray, *,
     if scores.shape != table.correct.shape:
         raise ConfigError("router scores must be cases × the table's rungs")
     n = table.n
-    looks_best = reference_rung(table)
     # Which rung is best is uncertain too: guard against every rung that could be (as the
     # tuner does), and end routes at each of them; the dearest is the reference they save on.
-    rivals = plausible_best(table, looks_best, rival_z(delta, len(table.rungs)))
+    looks_best, rivals, ref = rival_rungs(table, delta)
     mean_cost = table.cost.mean(axis=0)
-    ref = max(rivals, key=lambda j: (float(mean_cost[j]), j == looks_best))
     if base is None:
         base, _ref = select(table, max_accuracy_drop=max_accuracy_drop, delta=delta)
     ref_cost = float(mean_cost[ref])

@@ -16,10 +16,9 @@ from cascade.tuning.guard import (
     cases_needed,
     model_frontier,
     paired_bound,
-    plausible_best,
-    rival_z,
     z_value,
 )
+from cascade.tuning.guard import rivals as rival_rungs
 from cascade.tuning.loss import LossModel, risk_path
 from cascade.tuning.setting import BoolArray, FloatArray, IntArray, Setting, prune, scoring_keys
 from cascade.tuning.simulate import mesh_stats, outcome_of, simulate, simulate_many
@@ -180,9 +179,7 @@ def guarded_frontier(table: OutcomeTable, *, delta: float, agreement: str = "off
     n = table.n
     mean_cost = table.cost.mean(axis=0)
     z = z_value(delta)
-    looks_best = reference_rung(table)
-    rivals = plausible_best(table, looks_best, rival_z(delta, len(table.rungs)))
-    ref = max(rivals, key=lambda j: (float(mean_cost[j]), j == looks_best))
+    looks_best, rivals, ref = rival_rungs(table, delta)
     keys = scoring_keys(table)
     settings: list[Setting] = []
     cols: list[list[FloatArray]] = []

@@ -20,14 +20,16 @@ for a setting fixed in advance (the choice of the cheapest passing setting is no
 from __future__ import annotations
 
 from statistics import NormalDist
+from typing import NamedTuple
 
 import numpy as np
 
 from cascade.suite.outcomes import OutcomeTable
+from cascade.tuning.candidates import reference_rung
 from cascade.tuning.setting import FloatArray, IntArray
 
-__all__ = ["DELTA", "PSEUDO", "PSEUDO_GATE", "cases_needed", "model_frontier", "paired_bound",
-           "plausible_best", "rival_z", "z_value"]
+__all__ = ["DELTA", "PSEUDO", "PSEUDO_GATE", "Rivals", "cases_needed", "model_frontier",
+           "paired_bound", "plausible_best", "rival_z", "rivals", "z_value"]
 
 DELTA = 0.05
 """The default one-sided level of the guard and of the rival test. Measured on the shared data
@@ -93,6 +95,25 @@ def plausible_best(table: OutcomeTable, ref: int, z: float) -> list[int]:
         if j == ref or float(change[0] + z * se[0]) >= 0.0:
             out.append(int(j))
     return out
+
+
+class Rivals(NamedTuple):
+    """Which rung is best, with its uncertainty: the one that ``looks_best`` on the suite, every
+    rung that could be the best (``rungs``, in cost order) and the dearest of them (``ref``:
+    what savings are counted against, and the fallback)."""
+
+    looks_best: int
+    rungs: list[int]
+    ref: int
+
+
+def rivals(table: OutcomeTable, delta: float) -> Rivals:
+    """The rivals settings are guarded against, at the rival test of level ``delta``."""
+    looks_best = reference_rung(table)
+    rungs = plausible_best(table, looks_best, rival_z(delta, len(table.rungs)))
+    mean_cost = table.cost.mean(axis=0)
+    ref = max(rungs, key=lambda j: (float(mean_cost[j]), j == looks_best))
+    return Rivals(looks_best, rungs, ref)
 
 
 def cases_needed(better: float, worse: float, n: int, z: float, max_drop: float,
