@@ -11,6 +11,7 @@ import pytest
 
 from tests.loopback import LoopbackServer
 from tests.netguard import no_network
+from tests.serve_kit import close_opened
 
 __all__ = ["no_network"]  # an autouse fixture: every test runs under the network guard
 
@@ -53,3 +54,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         f = getattr(utils, name, None)
         if f is not None and not f.closed:
             f.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_opened_clients() -> Iterator[None]:
+    yield
+    close_opened()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """With CASCADE_TEST_GC=1, a full garbage collection after every test, so an unclosed
+    socket fails the test that leaked it instead of a random later one (it triples the run's
+    time, so it is a hunting aid, off by default)."""
+    yield
+    if os.environ.get("CASCADE_TEST_GC") == "1":
+        import gc
+
+        gc.collect()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2 as httpx
 import uvicorn
@@ -21,10 +21,28 @@ from fastapi import FastAPI
 from cascade import CascadeConfig, parse_config
 from tests.loopback import RecordedRequest, Reply, free_port, openai_reply
 
-__all__ = ["echo_handler", "ladder", "one_rung_toml", "serving", "start_serve", "stop",
-           "wait_ready"]
+__all__ = ["close_opened", "echo_handler", "ladder", "one_rung_toml", "opened", "serving",
+           "start_serve", "stop", "wait_ready"]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+
+_C = TypeVar("_C")
+_opened: list[Any] = []
+
+
+def opened(client: _C) -> _C:
+    """An SDK client to be closed when the test ends (``close_opened``, run by conftest). A
+    client left to the garbage collector can drop its socket unclosed, and the ResourceWarning
+    then fails whichever test happens to be running."""
+    _opened.append(client)
+    return client
+
+
+def close_opened() -> None:
+    while _opened:
+        _opened.pop().close()
 
 
 def ladder(tmp_path: Path, base_url: str, *, models: tuple[str, ...] = ("small", "big"),

@@ -184,8 +184,8 @@ def test_a_callers_traceparent_is_the_request_spans_parent(
     openai_server.script(echo_handler(refuse=()))
     app = create_app(ladder(tmp_path, openai_server.base_url), tracer_provider=provider)
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    with serving(app) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    with serving(app) as url, openai.OpenAI(base_url=f"{url}/v1", api_key="x",
+                                            max_retries=0) as client:
         ask = {"model": "cascade", "messages": [{"role": "user", "content": "q"}],
                "extra_headers": {"traceparent": f"00-{trace_id}-{parent_id}-01"}}
         if stream:

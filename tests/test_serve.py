@@ -14,14 +14,14 @@ import pytest
 
 from cascade.serve import create_app
 from tests.loopback import LoopbackServer, openai_error, openai_reply
-from tests.serve_kit import echo_handler, ladder, serving
+from tests.serve_kit import echo_handler, ladder, opened, serving
 
 MESSAGES: Any = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def _client(url: str, **kw: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=kw.pop("api_key", "none"),
-                         max_retries=0, **kw)
+    return opened(openai.OpenAI(base_url=f"{url}/v1", api_key=kw.pop("api_key", "none"),
+                                max_retries=0, **kw))
 
 
 def test_sync_sdk_gets_the_accepting_rungs_answer_with_trace_usage_and_headers(
@@ -237,7 +237,7 @@ def test_no_answer_is_502_and_deadline_504_with_no_sdk_retry(
     app = create_app(ladder(tmp_path, openai_server.base_url))
     with serving(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")  # SDK default retries
-        with pytest.raises(openai.APIStatusError) as ei:
+        with client, pytest.raises(openai.APIStatusError) as ei:
             client.chat.completions.create(model="cascade", messages=MESSAGES)
     assert ei.value.status_code == 502
     assert ei.value.body["type"] == "no_answer"  # type: ignore[index]

@@ -54,11 +54,11 @@ def test_keys_are_required_once_clients_are_configured(
         basic = httpx.post(f"{url}/v1/chat/completions", auth=("u", KEY_A),
                            json={"model": "cascade", "messages": MESSAGES})
         models = httpx.get(f"{url}/v1/models")
-        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY_B, max_retries=0)
-        ok = sdk.chat.completions.create(model="cascade", messages=MESSAGES)
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{url}/v1", api_key="sk-nope",
-                          max_retries=0).models.list()
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=KEY_B, max_retries=0) as sdk:
+            ok = sdk.chat.completions.create(model="cascade", messages=MESSAGES)
+        with pytest.raises(openai.AuthenticationError), openai.OpenAI(
+                base_url=f"{url}/v1", api_key="sk-nope", max_retries=0) as nope:
+            nope.models.list()
         health = httpx.get(f"{url}/healthz")
     for r in (missing, wrong, basic, models):
         assert r.status_code == 401

@@ -13,14 +13,14 @@ import pytest
 
 from cascade.serve import create_app
 from tests.loopback import LoopbackServer
-from tests.serve_kit import echo_handler, ladder, serving
+from tests.serve_kit import echo_handler, ladder, opened, serving
 
 QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
 KEY = "sk-messages-client-0123456789"
 
 
 def _client(url: str, key: str = "none") -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=url, api_key=key, max_retries=0)
+    return opened(anthropic.Anthropic(base_url=url, api_key=key, max_retries=0))
 
 
 def test_sync_sdk_gets_the_verified_answer_with_usage_trace_and_headers(
