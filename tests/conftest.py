@@ -4,6 +4,7 @@ a guard that fails any test opening a connection to anything but this machine.""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,11 @@ __all__ = ["no_network"]  # an autouse fixture: every test runs under the networ
 _SHARED_TIKTOKEN = Path(__file__).resolve().parents[2] / "shared" / "tiktoken"
 if _SHARED_TIKTOKEN.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_SHARED_TIKTOKEN))
+
+
+# Shared-store budget journals (platformdirs' state folder) go to a folder of this run, never
+# the developer's own; worker processes the tests start inherit it.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="cascade-test-state-")
 
 
 @pytest.fixture

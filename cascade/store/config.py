@@ -5,6 +5,7 @@
 url = "redis://127.0.0.1:6379/0"   # or rediss:// for TLS
 password_env = "REDIS_PASSWORD"    # the password comes from this variable, never from the file
 budgets_on_outage = "fail-closed"  # or "fail-open": spend unmetered while Redis is down
+journal_dir = "/var/lib/cascade"   # where settles wait for Redis, surviving a crash
 ```
 """
 
@@ -13,9 +14,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+import platformdirs
 
 from cascade.errors import ConfigError
 
@@ -47,6 +51,10 @@ class StoreConfig:
     cache_secret_env: str | None = None
     """Optional: the cache's HMAC secret from this variable instead of a key in Redis, so an
     entry written by anyone with Redis access but not the secret is refused."""
+    journal_dir: Path = field(default_factory=lambda: Path(
+        platformdirs.user_state_dir("verified-cascade")) / "budget-journal")
+    """Where spend Redis has not acknowledged yet waits on local disk, so a worker that dies
+    during an outage loses none of it: the next process here using the same store records it."""
     source: str = "<config>"
 
     @property
@@ -116,6 +124,8 @@ def parse_store(raw: Mapping[str, Any], *, source: str = "<config>") -> StoreCon
     for k in ("password_env", "cache_secret_env", "key_prefix"):
         if k in raw:
             kw[k] = _str(raw, k, source)
+    if "journal_dir" in raw:
+        kw["journal_dir"] = Path(_str(raw, "journal_dir", source)).expanduser()
     if "budgets_on_outage" in raw:
         v = raw["budgets_on_outage"]
         if v not in OUTAGE_POLICIES:

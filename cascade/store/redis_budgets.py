@@ -8,8 +8,10 @@ reservation expired is still charged.
 
 While Redis is unreachable, ``budgets_on_outage = "fail-closed"`` (the default) refuses metered
 calls with :class:`BudgetStoreError` naming the store; ``"fail-open"`` lets them through with a
-local reservation. Either way a settle that cannot reach Redis is kept in the process and
-replayed as soon as Redis answers again (the settled-id memory makes a replay count once).
+local reservation. Either way a settle that cannot reach Redis is kept, in the process and in
+its journal on local disk (:mod:`cascade.store.journal`), and replayed as soon as Redis answers
+again (the settled-id memory makes a replay count once); what a process that died kept is
+adopted from its journal by the next one.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from cascade.budget import (
 from cascade.errors import BudgetStoreError
 from cascade.store import lua
 from cascade.store.connection import Connection, StoreDown
+from cascade.store.journal import Journal, store_id
 
 __all__ = ["RedisBudgets"]
 
 log = logging.getLogger("cascade")
 _LOCAL = "local:"
 """Prefix of the id of a reservation made without Redis (fail-open)."""
+_ADOPT_EVERY_S = 60.0
+"""How often the journal folder is looked at for settles left by processes that died."""
 
 
 class RedisBudgets:
@@ -48,6 +53,14 @@ class RedisBudgets:
         self._ttl_ms = int(conn.cfg.reservation_ttl_s * 1000)
         self._unsettled: list[tuple[Reservation, int]] = []
         """Settles Redis has not acknowledged yet, replayed when it answers again."""
+        self._journal = Journal(conn.cfg.journal_dir, store_id(conn.cfg.url, self._prefix))
+        self._replaying: list[tuple[Reservation, int]] = []
+        """Settles being replayed now: still in the journal until Redis has them all."""
+        self._adopt_at = 0.0
+
+    def _keep(self, res: Reservation, charged: int) -> None:
+        self._unsettled.append((res, charged))
+        self._journal.write(self._replaying + self._unsettled)
 
     def _keys(self, key: str, period_s: float) -> list[str]:
         # the {hash tag} keeps a key's three structures in one slot of a Redis Cluster
@@ -75,8 +88,8 @@ class RedisBudgets:
         except StoreDown as e:
             # Redis may have run the script before the reply was lost (a timeout): release the
             # id once Redis answers again, so it does not hold money back until it expires.
-            self._unsettled.append((Reservation(id=rid, key=key, period_s=period_s, window=0,
-                                                amount_nusd=amount), 0))
+            self._keep(Reservation(id=rid, key=key, period_s=period_s, window=0,
+                                   amount_nusd=amount), 0)
             if self._conn.cfg.budgets_on_outage == "fail-closed":
                 raise self._down(key, e.reason) from None
             log.warning("budget key %r: shared store down, call let through unmetered "
@@ -97,10 +110,10 @@ class RedisBudgets:
             try:
                 await self._send(res, charged)
             except StoreDown as e:
-                self._unsettled.append((res, charged))
+                self._keep(res, charged)
                 log.warning("budget key %r: could not record $%.6f in the shared store (%s); "
-                            "kept in this process and recorded when it is back", res.key,
-                            charged / 1e9, e.reason)
+                            "kept (in %s too) and recorded when it is back", res.key,
+                            charged / 1e9, e.reason, self._journal.path)
 
     async def _send(self, res: Reservation, charged: int) -> None:
         script = self._conn.script("budget_settle", lua.BUDGET_SETTLE)
@@ -110,17 +123,34 @@ class RedisBudgets:
             keys=self._keys(res.key, res.period_s),
             args=[rid, str(res.window), str(charged), keep_ms], client=c))
 
+    def _adopt(self) -> None:
+        """Take over the journals of processes that died with settles Redis never saw."""
+        self._adopt_at = time.monotonic() + _ADOPT_EVERY_S
+        adopted = self._journal.adopt()
+        safe = True
+        if adopted:
+            self._unsettled.extend(adopted)
+            safe = self._journal.write(self._replaying + self._unsettled)
+        self._journal.forget_adopted(delete=safe)  # orphans go once their entries are safe
+
     async def _replay(self) -> None:
         """Record settles kept while Redis was down (oldest first), stopping at a failure."""
+        if time.monotonic() >= self._adopt_at:
+            self._adopt()
         if not self._unsettled:
             return
         todo, self._unsettled = self._unsettled, []
-        for i, (res, charged) in enumerate(todo):
-            try:
-                await self._send(res, charged)
-            except StoreDown:
-                self._unsettled[:0] = todo[i:]
-                return
+        self._replaying = todo
+        try:
+            for i, (res, charged) in enumerate(todo):
+                try:
+                    await self._send(res, charged)
+                except StoreDown:
+                    self._unsettled[:0] = todo[i:]
+                    return
+        finally:
+            self._replaying = []
+            self._journal.write(self._unsettled)
         log.warning("recorded %d settle(s) kept while the shared store was down", len(todo))
 
     async def asettle(self, reservation: Reservation, actual_usd: float) -> None:
@@ -158,7 +188,9 @@ class RedisBudgets:
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
             await self._replay()
+        self._journal.close()
         if self._unsettled:
-            lost = sum(c for _, c in self._unsettled) / 1e9
-            log.error("closing with %d settle(s) ($%.6f) the shared store never acknowledged; "
-                      "they are not counted against their keys", len(self._unsettled), lost)
+            left = sum(c for _, c in self._unsettled) / 1e9
+            log.error("closing with %d settle(s) ($%.6f) the shared store has not acknowledged; "
+                      "they stay in %s and the next process using this store records them",
+                      len(self._unsettled), left, self._journal.path)

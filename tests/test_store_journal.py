@@ -1,0 +1,158 @@
+"""Spend Redis never acknowledged survives the process that kept it: the budget journal, with a
+real redis-server, a worker process that is SIGKILLed mid-outage, and the next one recording it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from cascade.budget import window_of
+from cascade.config import CascadeConfig, parse_config
+from cascade.errors import ConfigError
+from cascade.store.config import parse_store
+from cascade.store.journal import store_id
+from cascade.store.redis import RedisStore
+from tests.redis_server import RedisServer, redis_server
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+def _config(url: str, journal: Path) -> CascadeConfig:
+    return parse_config({
+        "rungs": [{"model": "m", "input_usd_per_mtok": 0, "output_usd_per_mtok": 0}],
+        "store": {"url": url, "timeout_s": 2.0, "journal_dir": str(journal)},
+    }, source="cascade.toml")
+
+
+def _files(journal: Path) -> list[Path]:
+    return sorted(journal.glob("*.jsonl")) if journal.is_dir() else []
+
+
+async def test_spend_kept_by_a_closed_worker_is_recorded_by_the_next(
+        redis: RedisServer, tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    first = RedisStore.from_config(_config(redis.url, journal))
+    res = await first.budgets.areserve("team", 0.30, 1.0, 3600)
+    redis.kill()
+    await first.budgets.asettle(res, 0.25)  # Redis is gone: kept, in memory and on disk
+    [kept] = _files(journal)
+    entry = json.loads(kept.read_text())
+    assert entry["key"] == "team" and entry["charged_nusd"] == 250_000_000
+    await first.aclose()  # still down: closing keeps the file for whoever comes next
+    assert _files(journal) == [kept]
+
+    redis.start()  # an empty Redis would know nothing of the spend...
+    second = RedisStore.from_config(_config(redis.url, journal))
+    try:
+        assert await second.budgets.aspent("team", 3600) == pytest.approx(0.25)  # ...but this
+        assert _files(journal) == []
+        again = RedisStore.from_config(_config(redis.url, journal))  # counted once, not twice
+        assert await again.budgets.aspent("team", 3600) == pytest.approx(0.25)
+        await again.aclose()
+    finally:
+        await second.aclose()
+
+
+async def test_a_live_workers_journal_is_not_taken_and_damaged_lines_are_skipped(
+        redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    journal = tmp_path / "journal"
+    alive = RedisStore.from_config(_config(redis.url, journal))
+    other = RedisStore.from_config(_config(redis.url, journal))
+    try:
+        res = await alive.budgets.areserve("k", 0.5, 1.0, 3600)
+        redis.kill()
+        await alive.budgets.asettle(res, 0.5)
+        redis.start()
+        # an orphan left by a crash mid-write: one whole line, one cut short
+        orphan = journal / f"{store_id(redis.url, 'cascade')}-1-dead.jsonl"
+        good = {"id": "r-dead", "key": "k", "period_s": 3600.0,
+                "window": window_of(time.time(), 3600),
+                "amount_nusd": 100_000_000, "charged_nusd": 100_000_000}
+        orphan.write_text(json.dumps(good) + '\n{"id": "r-cut", "key": "k", "per')
+        # the other worker adopts the orphan, not the live worker's file (it holds its lock)
+        assert await other.budgets.aspent("k", 3600) == pytest.approx(0.1)
+        assert not orphan.exists() and len(_files(journal)) == 1
+        assert "damaged line" in caplog.text
+        # the live worker records its own kept settle once Redis answers it
+        await anyio.sleep(1.1)  # past the connection's fail-fast second
+        assert await alive.budgets.aspent("k", 3600) == pytest.approx(0.6)
+        assert _files(journal) == []
+    finally:
+        await alive.aclose()
+        await other.aclose()
+
+
+_WORKER = textwrap.dedent("""
+    import os, signal, sys
+    import anyio
+    from cascade.config import parse_config
+    from cascade.store.redis import RedisStore
+
+    async def main() -> None:
+        cfg = parse_config({
+            "rungs": [{"model": "m", "input_usd_per_mtok": 0, "output_usd_per_mtok": 0}],
+            "store": {"url": sys.argv[1], "timeout_s": 2.0, "journal_dir": sys.argv[2]}})
+        store = RedisStore.from_config(cfg)
+        res = await store.budgets.areserve("crash", 0.4, 1.0, 3600)
+        os.kill(int(sys.argv[3]), signal.SIGKILL)  # Redis dies mid-request...
+        await store.budgets.asettle(res, 0.4)      # ...the spend cannot be recorded...
+        os.kill(os.getpid(), signal.SIGKILL)       # ...and the worker dies too
+
+    anyio.run(main)
+""")
+
+
+def _env() -> dict[str, Any]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+async def test_a_worker_killed_during_an_outage_loses_no_spend(
+        redis: RedisServer, tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    assert redis.proc is not None
+    with anyio.fail_after(60):
+        child = await anyio.run_process(
+            [sys.executable, "-c", _WORKER, redis.url, str(journal), str(redis.proc.pid)],
+            env=_env(), check=False)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    redis.proc.wait(10)
+    redis.proc = None
+    assert len(_files(journal)) == 1  # what the dead worker could not record
+
+    redis.start()
+    store = RedisStore.from_config(_config(redis.url, journal))
+    try:
+        assert await store.budgets.aspent("crash", 3600) == pytest.approx(0.4)
+        assert _files(journal) == []
+    finally:
+        await store.aclose()
+
+
+def test_journal_dir_is_a_store_key_with_a_per_user_default(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    url = {"url": "redis://127.0.0.1:6379/0"}
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_store({**url, "journal_dir": "~/j"}).journal_dir == tmp_path / "j"
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert parse_store(url).journal_dir == tmp_path / "state" / "verified-cascade" / \
+        "budget-journal"
+    with pytest.raises(ConfigError, match="non-empty") as info:
+        parse_store({**url, "journal_dir": ""}, source="cascade.toml")
+    assert info.value.key == "store.journal_dir" and info.value.source == "cascade.toml"
