@@ -313,3 +313,29 @@ def test_recorded_case_without_expected_is_unlabelled(tmp_path: Path) -> None:
     assert t.correct[3].tolist() == [False, True]
     assert t.prompts[1] == "1+1?"
     assert t.answers[1] == ("wrong", "2")
+
+
+def test_a_shared_outcomes_file_of_any_name_loads_with_prices_unknown(tmp_path: Path) -> None:
+    """Renamed, or without its ladder file: still the shared format (by content), its models
+    rungs of unknown price ordered by recorded cost, and a tuned file that says so instead of
+    a silent $0 price."""
+    from cascade.config import load_config
+    from cascade.suite import load_outcome_table
+    from cascade.tuning.output import to_toml
+
+    rows = [_row(i, "A", "A", (True, True)) for i in range(3)]
+    f = tmp_path / "traffic-week-48.jsonl"
+    f.write_text("".join(json.dumps({**r, "outcomes": dict(reversed(r["outcomes"].items()))})
+                         + "\n" for r in rows))
+    assert is_shared_outcomes(f)
+    t = load_outcome_table([f])  # no --config: the file is its own ladder
+    assert [r.model for r in t.rungs] == ["s", "l"]  # cheapest first, whatever the key order
+    assert all(r.price == "unknown" for r in t.rungs)
+    assert t.cost[:, 1].tolist() == [0.01] * 3
+    cfg = parse_config({"rungs": [{"model": "l", "price": "unknown"}]})
+    out = tmp_path / "TUNED.toml"
+    out.write_text(to_toml(cfg))
+    assert 'price = "unknown"' in out.read_text() and "usd_per_mtok" not in out.read_text()
+    assert load_config(out).rungs[0].price == "unknown"
+    (tmp_path / "notes.jsonl").write_text('{"id": "x"}\n')
+    assert not is_shared_outcomes(tmp_path / "notes.jsonl")

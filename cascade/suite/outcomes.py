@@ -241,16 +241,38 @@ _FIREWORKS = "https://api.fireworks.ai/inference/v1"
 
 
 def is_shared_outcomes(path: str | os.PathLike[str]) -> bool:
-    """A file in the shared recorded-outcomes format (``<bench>_<chain>_train.jsonl``)."""
+    """A file in the shared recorded-outcomes format: JSON lines whose first object carries
+    ``"outcomes"`` (whatever its name; ``<bench>_<chain>_train.jsonl`` also names its ladder)."""
     p = Path(path)
-    if not p.is_file() or not _SHARED.match(p.name):
+    if not p.is_file():
         return False
     with p.open(encoding="utf-8") as f:
-        first = f.readline()
+        first = f.readline(1 << 20)
     try:
-        return "outcomes" in json.loads(first)
+        obj = json.loads(first)
     except ValueError:
         return False
+    return isinstance(obj, dict) and isinstance(obj.get("outcomes"), dict)
+
+
+def _read_ladder(paths: Sequence[Path], chains: set[str],
+                 models: Sequence[str]) -> Mapping[str, Any]:
+    """The ``ladder-<chain>.json`` beside the files; without one (a file not named after its
+    chain, or no ladder file), the models as rungs of unknown price: the recorded
+    ``cost_usd`` still decides the order and the saving, and the tuned file says so."""
+    if len(chains) > 1:
+        raise ConfigError(f"files come from different ladders {sorted(chains)}; tune one "
+                          "ladder at a time", source=", ".join(map(str, paths)))
+    if chains:
+        ladder_file = paths[0].with_name(f"ladder-{next(iter(chains))}.json")
+        if ladder_file.is_file():
+            try:
+                ladder: Mapping[str, Any] = json.loads(ladder_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot read the ladder: {e}", source=str(ladder_file)
+                                  ) from None
+            return ladder
+    return {"ladder": [{"model": m, "price": "unknown"} for m in models]}
 
 
 def _ladder_rungs(ladder: Mapping[str, Any], logprobs: bool) -> dict[str, RungConfig]:
@@ -264,6 +286,8 @@ def _ladder_rungs(ladder: Mapping[str, Any], logprobs: bool) -> dict[str, RungCo
             kw.update(provider="openai-compatible",
                       base_url=_FIREWORKS if prov == "fireworks" else m.get("base_url"),
                       api_key_env=f"{str(prov).upper()}_API_KEY")
+        if m.get("price") == "unknown":
+            kw["price"] = "unknown"
         out[m["model"]] = RungConfig(
             model=m["model"], input_usd_per_mtok=float(m.get("input_usd_per_mtok", 0.0)),
             output_usd_per_mtok=float(m.get("output_usd_per_mtok", 0.0)), logprobs=logprobs,
@@ -288,30 +312,27 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
     rows: list[tuple[str, dict[str, Any]]] = []
     chains: set[str] = set()
     sources: set[str] = set()
-    for path in paths:
-        p = Path(path)
+    ps = [Path(x) for x in paths]
+    for p in ps:
         m = _SHARED.match(p.name)
-        if m is None:
-            raise ConfigError("not a shared outcomes file (<bench>_<chain>_train.jsonl)",
+        if m is not None:
+            chains.add(m["chain"])
+        elif not is_shared_outcomes(p):
+            raise ConfigError('not a shared outcomes file (JSON lines with "outcomes")',
                               source=str(p))
-        chains.add(m["chain"])
         for _i, obj in read_jsonl(p):
-            rows.append((m["bench"], obj))
+            rows.append((m["bench"] if m is not None else p.stem, obj))
             for o in obj["outcomes"].values():
                 sources.add(str(o.get("confidence_source", "")))
-    if len(chains) != 1:
-        raise ConfigError(f"files come from different ladders {sorted(chains)}; tune one "
-                          "ladder at a time", source=", ".join(map(str, paths)))
-    chain = chains.pop()
-    ladder_file = Path(paths[0]).with_name(f"ladder-{chain}.json")
-    try:
-        ladder = json.loads(ladder_file.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read the ladder: {e.strerror}", source=str(ladder_file)
-                          ) from None
-    logprobs = sources == {"answer_logprob"}
-    by_model = _ladder_rungs(ladder, logprobs)
+    if not rows:
+        raise ConfigError("no cases", source=", ".join(map(str, ps)))
     models = list(rows[0][1]["outcomes"])
+    logprobs = sources == {"answer_logprob"}
+    by_model = _ladder_rungs(_read_ladder(ps, chains, models), logprobs)
+    missing = [x for x in models if x not in by_model]
+    if missing:
+        raise ConfigError(f"the ladder file has no entry for {missing}",
+                          source=str(ps[0].with_name(f"ladder-{next(iter(chains))}.json")))
     n, r = len(rows), len(models)
     correct = np.zeros((n, r), dtype=bool)
     labelled = np.ones(n, dtype=bool)

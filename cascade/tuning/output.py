@@ -99,8 +99,12 @@ def _rung_table(r: RungConfig) -> dict[str, Any]:
     for k in ("base_url", "api_key_env", "max_retries", _DRIFT):
         if getattr(r, k, None) is not None:
             d[k] = getattr(r, k)
-    d.update(input_usd_per_mtok=r.input_usd_per_mtok, output_usd_per_mtok=r.output_usd_per_mtok,
-             max_tokens=r.max_tokens, temperature=r.temperature, timeout_s=r.timeout_s,
+    if r.price == "unknown":  # never a silent $0 that every cap and budget would let pass
+        d["price"] = "unknown"
+    else:
+        d.update(input_usd_per_mtok=r.input_usd_per_mtok,
+                 output_usd_per_mtok=r.output_usd_per_mtok)
+    d.update(max_tokens=r.max_tokens, temperature=r.temperature, timeout_s=r.timeout_s,
              logprobs=r.logprobs)
     if r.verifiers is not None:
         d["verifiers"] = list(r.verifiers)
