@@ -156,3 +156,22 @@ def test_journal_dir_is_a_store_key_with_a_per_user_default(
     with pytest.raises(ConfigError, match="non-empty") as info:
         parse_store({**url, "journal_dir": ""}, source="cascade.toml")
     assert info.value.key == "store.journal_dir" and info.value.source == "cascade.toml"
+
+
+async def test_an_unwritable_journal_keeps_spend_in_memory_and_says_so_once(
+        redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # journal_dir names a file: every write fails
+    store = RedisStore.from_config(_config(redis.url, blocker / "journal"))
+    try:
+        reservations = [await store.budgets.areserve("k", 0.1, 1.0, 3600) for _ in range(3)]
+        redis.kill()
+        for res in reservations:
+            await store.budgets.asettle(res, 0.1)
+        assert store.budgets.unsettled == 3
+        assert caplog.text.count("could not write the budget journal") == 1
+        redis.start()
+        await anyio.sleep(1.1)
+        assert await store.budgets.aspent("k", 3600) == pytest.approx(0.3)  # from memory
+    finally:
+        await store.aclose()

@@ -75,6 +75,7 @@ class Journal:
         self.path = self._path = directory / f"{store}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         self._file: IO[str] | None = None
         self._claimed: list[tuple[Path, IO[str]]] = []
+        self._failing = False
         """Adopted files, still locked so no other process adopts them too."""
 
     def write(self, entries: list[Entry]) -> bool:
@@ -91,9 +92,12 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         except OSError as e:
-            log.error("could not write the budget journal %s (%s): unacknowledged settles are "
-                      "kept in memory only", self._path, e)
+            if not self._failing:  # once per outage of the disk, not once per settle
+                log.error("could not write the budget journal %s (%s): unacknowledged settles "
+                          "are kept in memory only", self._path, e)
+            self._failing = True
             return False
+        self._failing = False
         return True
 
     def adopt(self) -> list[Entry]:
