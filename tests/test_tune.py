@@ -83,6 +83,17 @@ def test_refuses_to_over_promise_when_no_cascade_holds() -> None:
     assert len(res.config.rungs) == 1 and res.config.rungs[0].model == "b"
 
 
+
+def test_a_suite_without_any_confidence_says_so() -> None:
+    """All confidences null (a ladder recorded without them): nothing to threshold, and the
+    note says that, instead of blaming the rungs' prices."""
+    t = _uninformative(600, 2)
+    t = replace(t, scores={"confidence": np.full((t.n, 2), math.nan)})
+    res = tune(t, max_accuracy_drop=0.01, shift=False, bootstrap=50)
+    assert res.report["recommendation"]["rungs"] == ["b"]
+    [note] = [n for n in res.report["notes"] if "No cascade is recommended" in n]
+    assert "records no confidence" in note and "cheap enough" not in note
+
 def _calibrated(n: int, rng: np.random.Generator) -> OutcomeTable:
     """Cheap rung right with probability = its confidence; the top rung right 85% of the time."""
     s = rng.random(n)

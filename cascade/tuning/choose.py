@@ -197,8 +197,11 @@ def guarded_frontier(table: OutcomeTable, *, delta: float, agreement: str = "off
                          np.array([z]), np.array([PSEUDO])])
             ranked += 1
     arr = [np.concatenate([c[k] for c in cols]) if cols else np.zeros(0) for k in range(5)]
-    reason = ("" if settings else "no scoring verifier to tune" if not keys
-              else "no rung is cheap enough to cascade from")
+    reason = ("" if settings else "no rung is cheap enough to cascade from" if keys
+              else "the suite records no confidence or other score (all null), so there is "
+              "no threshold to tune (a router, learned from the prompts, may still pay)"
+              if table.scores
+              else "no scoring verifier to tune")
     return Frontier(ref=ref, looks_best=looks_best, rivals=tuple(rivals), n=n, z=z,
                     settings=settings, cost=arr[0], better=arr[1], worse=arr[2], zs=arr[3],
                     pseudo=arr[4], candidates=ranked, reason=reason)

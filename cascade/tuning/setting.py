@@ -61,7 +61,9 @@ class Setting:
 
 
 def scoring_keys(table: OutcomeTable) -> tuple[str, ...]:
-    return tuple(sorted(table.scores))
+    """The scores a threshold can be tuned on: a column with no value at all (a ladder
+    recorded without confidences, ``"confidence": null``) has nothing to tune."""
+    return tuple(sorted(k for k, v in table.scores.items() if not np.isnan(v).all()))
 
 
 
