@@ -440,7 +440,7 @@ class Cascade:
             except Exception as e:
                 log.warning("drift state unavailable: %s", e)
         return {"endpoints": endpoints, "drift": drift, "shared_store": self._store.shared,
-                "shadow_dropped": self._shadows.dropped}
+                "store": self._store.status(), "shadow_dropped": self._shadows.dropped}
 
     async def afeedback(self, request_id: str, correct: bool, expected: str | None = None,
                         *, client: str | None = None) -> None:

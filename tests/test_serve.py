@@ -305,7 +305,8 @@ def test_healthz_and_metrics(tmp_path: Path, openai_server: LoopbackServer) -> N
     openai_server.script(echo_handler(refuse=("small",)))
     app = create_app(ladder(tmp_path, openai_server.base_url))
     with serving(app) as url:
-        assert httpx.get(f"{url}/healthz").status_code == 200
+        health = httpx.get(f"{url}/healthz")
+        assert health.status_code == 200 and health.json()["store"] == {"shared": False}
         _client(url).chat.completions.create(model="cascade", messages=MESSAGES)
         text = httpx.get(f"{url}/metrics").text
     assert ('cascade_requests_total{cache_hit="false",ladder="cascade",outcome="verified",'

@@ -86,10 +86,15 @@ async def test_redis_down_budgets_fail_closed_naming_the_store(redis: RedisServe
     c = Cascade.from_dict(cfg, provider_factory=lambda rung: provider)
     try:
         assert (await c.aanswer("one", metadata={"budget_key": "t"})).verified
+        assert (await c.ahealth())["store"] == {"shared": True, "url": redis.url,
+                                                 "reachable": True, "unsettled": 0}
         redis.kill()
         with pytest.raises(BudgetStoreError, match=rf"redis://127\.0\.0\.1:{redis.port}/0"):
             await c.aanswer("two", metadata={"budget_key": "t"})
         assert calls == ["one"]  # nothing was called, so nothing was spent unmetered
+        # health says so: Redis unreachable, the refused reservation's release waiting for it
+        assert (await c.ahealth())["store"] == {"shared": True, "url": redis.url,
+                                                 "reachable": False, "unsettled": 1}
     finally:
         await c.aclose()
         await c.store.aclose()

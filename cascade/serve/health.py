@@ -1,6 +1,7 @@
 """``GET /healthz``: 200 once the service is up, with each endpoint's circuit, the drift alarm
-per rung (a rung whose alarm is up escalates every answer until it clears) and the config in
-use with the last reload's outcome (a refused reload still answers 200: the old config serves).
+per rung (a rung whose alarm is up escalates every answer until it clears), the shared store's
+state (reachable, and spend waiting for it), and the config in use with the last reload's
+outcome (a refused reload still answers 200: the old config serves).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ async def healthz(request: Request) -> JSONResponse:
         "drift_alarms": alarms,
         "drift": drift,
         "endpoints": h.get("endpoints", {}),
+        "store": h.get("store", {}),
         "audit_dropped": service.audit.dropped if service.audit is not None else 0,
         "config": h.get("config", {}),
     })

@@ -198,6 +198,9 @@ class LocalStore:
         self.latency = _PROCESS_LATENCY
         self.counters = _PROCESS_COUNTERS
 
+    def status(self) -> dict[str, Any]:
+        return {"shared": False}
+
     async def aclose(self) -> None:
         if self.cache is not None:
             await self.cache.aclose()

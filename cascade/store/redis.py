@@ -350,6 +350,12 @@ class RedisStore:
         except StoreDown:
             return False
 
+    def status(self) -> dict[str, Any]:
+        """Whether the last Redis call worked, and the spend waiting for it (in this process
+        and its journal): a number that should be 0, and alarm if it grows."""
+        return {"shared": True, "url": self.config.display_url, "reachable": not self.conn.down,
+                "unsettled": self.budgets.unsettled}
+
     async def aclose(self) -> None:
         """Record any settles kept during an outage, then give back the connection pool."""
         await self.budgets.aclose()
