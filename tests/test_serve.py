@@ -319,3 +319,4 @@ def test_healthz_and_metrics(tmp_path: Path, openai_server: LoopbackServer) -> N
              if line and not line.startswith("#")}
     assert names and all(n.startswith("cascade_") for n in names)
     assert "France" not in text  # never a prompt
+    assert not any(n.startswith("cascade_store_") for n in names)  # no shared store, no samples

@@ -13,6 +13,7 @@ from cascade.breaker import reset_default_breakers
 from cascade.engine import Cascade
 from cascade.errors import BudgetStoreError
 from cascade.providers.base import Completion, ModelCall
+from cascade.serve.metrics import Metrics
 from cascade.store.redis import RedisStore
 from cascade.testing import FunctionProvider
 from tests.redis_server import RedisServer, redis_server
@@ -93,8 +94,13 @@ async def test_redis_down_budgets_fail_closed_naming_the_store(redis: RedisServe
             await c.aanswer("two", metadata={"budget_key": "t"})
         assert calls == ["one"]  # nothing was called, so nothing was spent unmetered
         # health says so: Redis unreachable, the refused reservation's release waiting for it
-        assert (await c.ahealth())["store"] == {"shared": True, "url": redis.url,
-                                                 "reachable": False, "unsettled": 1}
+        store = (await c.ahealth())["store"]
+        assert store == {"shared": True, "url": redis.url, "reachable": False, "unsettled": 1}
+        metrics = Metrics("cascade")  # what /metrics makes of it
+        metrics.set_store(store)
+        text = metrics.render().decode()
+        assert f'cascade_store_reachable{{store="{redis.url}"}} 0.0' in text
+        assert f'cascade_store_unsettled{{store="{redis.url}"}} 1.0' in text
     finally:
         await c.aclose()
         await c.store.aclose()

@@ -102,6 +102,14 @@ class Metrics:
         self.drift_alarm = Gauge("cascade_drift_alarm", "1 while a rung's drift alarm is up "
                                  "(its answers escalate)", ["rung"], registry=r,
                                  multiprocess_mode="mostrecent")
+        self.store_reachable = Gauge("cascade_store_reachable",
+                                     "1 while the shared store (Redis) answers, 0 while it is "
+                                     "down (the answering worker's view)", ["store"], registry=r,
+                                     multiprocess_mode="mostrecent")
+        self.store_unsettled = Gauge("cascade_store_unsettled",
+                                     "Settles waiting for the shared store, in memory and "
+                                     "journal (the answering worker's)", ["store"], registry=r,
+                                     multiprocess_mode="mostrecent")
         self.config_reloads = Counter("cascade_config_reloads",
                                       "Config reloads (SIGHUP or a changed file) by outcome: "
                                       "ok, or error (the old config kept serving)", ["outcome"],
@@ -167,6 +175,13 @@ class Metrics:
         for rung, state in drift.items():
             self.drift_alarm.labels(rung).set(1 if state.get("alarm") else 0)
 
+    def set_store(self, status: Mapping[str, Any]) -> None:
+        """Only a shared store has these series (labelled with its URL, never a password)."""
+        if status.get("shared"):
+            url = str(status.get("url", ""))
+            self.store_reachable.labels(url).set(1 if status.get("reachable") else 0)
+            self.store_unsettled.labels(url).set(int(status.get("unsettled", 0)))
+
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             merged = CollectorRegistry()
@@ -183,5 +198,7 @@ router = APIRouter()
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     service = request.app.state.service
-    service.metrics.set_drift((await service.health()).get("drift", {}))
+    health = await service.health()
+    service.metrics.set_drift(health.get("drift", {}))
+    service.metrics.set_store(health.get("store", {}))
     return Response(service.metrics.render(), media_type=CONTENT_TYPE)
