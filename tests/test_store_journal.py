@@ -42,7 +42,13 @@ def _config(url: str, journal: Path) -> CascadeConfig:
 
 
 def _files(journal: Path) -> list[Path]:
-    return sorted(journal.glob("*.jsonl")) if journal.is_dir() else []
+    """The journals holding entries; once nothing waits, no file of any kind is left."""
+    if not journal.is_dir():
+        return []
+    data = sorted(journal.glob("*.jsonl"))
+    if not data:
+        assert list(journal.iterdir()) == []  # no lock or temporary file left behind either
+    return data
 
 
 async def test_spend_kept_by_a_closed_worker_is_recorded_by_the_next(
@@ -82,13 +88,15 @@ async def test_a_live_workers_journal_is_not_taken_and_damaged_lines_are_skipped
         redis.start()
         # an orphan left by a crash mid-write: one whole line, one cut short
         orphan = journal / f"{store_id(redis.url, 'cascade')}-1-dead.jsonl"
+        orphan.with_suffix(".lock").write_text("")  # its owner's lock, which nobody holds
         good = {"id": "r-dead", "key": "k", "period_s": 3600.0,
                 "window": window_of(time.time(), 3600),
                 "amount_nusd": 100_000_000, "charged_nusd": 100_000_000}
         orphan.write_text(json.dumps(good) + '\n{"id": "r-cut", "key": "k", "per')
         # the other worker adopts the orphan, not the live worker's file (it holds its lock)
         assert await other.budgets.aspent("k", 3600) == pytest.approx(0.1)
-        assert not orphan.exists() and len(_files(journal)) == 1
+        assert not orphan.exists() and not orphan.with_suffix(".lock").exists()
+        assert len(_files(journal)) == 1
         assert "damaged line" in caplog.text
         # the live worker records its own kept settle once Redis answers it
         await anyio.sleep(1.1)  # past the connection's fail-fast second
@@ -175,3 +183,28 @@ async def test_an_unwritable_journal_keeps_spend_in_memory_and_says_so_once(
         assert await store.budgets.aspent("k", 3600) == pytest.approx(0.3)  # from memory
     finally:
         await store.aclose()
+
+
+def test_journals_of_live_owners_stay_and_of_dead_ones_are_taken_over(tmp_path: Path) -> None:
+    """No Redis needed: the files themselves. A held lock means a live owner; a released one
+    (closed, or its process died) means an orphan, adopted once; a lock file with no data (an
+    owner that died before writing) is only cleaned up."""
+    from cascade.budget import Reservation
+    from cascade.store.journal import Journal
+
+    res = Reservation(id="r1", key="k", period_s=60.0, window=7, amount_nusd=5)
+    owner, other = Journal(tmp_path, "s1"), Journal(tmp_path, "s1")
+    stranger = Journal(tmp_path, "s2")  # another store's journal is never read
+    assert owner.write([(res, 3)])
+    assert other.adopt() == [] and stranger.adopt() == []
+    owner.close()  # as a process that stops while Redis is down: its entries stay
+    (tmp_path / "s1-1-died-early.lock").write_text("")
+    [(got, charged)] = other.adopt()
+    assert got == res and charged == 3
+    assert other.adopt() == []  # held now by the adopter: nobody takes it twice
+    assert other.write([(got, charged)])
+    other.forget_adopted()
+    assert {p.name for p in tmp_path.iterdir()} == {other.path.name,
+                                                     other.path.with_suffix(".lock").name}
+    assert other.write([])  # all acknowledged: nothing is left
+    assert list(tmp_path.iterdir()) == []

@@ -1,13 +1,14 @@
 """Settles Redis has not acknowledged, kept on local disk so a process that dies during an
 outage does not take money already spent with it.
 
-Each process writes its own file, ``<store>-<pid>-<random>.jsonl`` in ``[store] journal_dir``,
-and holds an exclusive ``flock`` on it while it lives; the file exists only while something is
-waiting for Redis. A process that finds a file of the same store whose lock it can take (its
-writer died: the kernel dropped the lock) adopts the entries, copies them into its own file
-first, then deletes the orphan, and replays them with its own. A settle replayed twice counts
-once (Redis remembers settled ids), so a crash between any two of those steps loses nothing
-and double-counts nothing.
+Each process has its own pair of files in ``[store] journal_dir``: ``<store>-<pid>-<random>.lock``,
+on which it holds an exclusive ``flock`` while it lives, and ``<...>.jsonl``, the settles waiting
+for Redis, replaced whole (written beside it, then renamed over it) so a crash never leaves it
+half-written. Both exist only while something waits. A process that finds a lock file of the
+same store whose lock it can take (its owner died: the kernel dropped the lock) adopts the
+entries, writes them into its own file first, then deletes the orphan, and replays them with
+its own. A settle replayed twice counts once (Redis remembers settled ids for two budget
+periods), so a crash between any two of those steps loses nothing and double-counts nothing.
 """
 
 from __future__ import annotations
@@ -72,91 +73,106 @@ class Journal:
     def __init__(self, directory: Path, store: str) -> None:
         self.directory = directory
         self._store = store
-        self.path = self._path = directory / f"{store}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
-        self._file: IO[str] | None = None
-        self._claimed: list[tuple[Path, IO[str]]] = []
+        stem = f"{store}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path = directory / f"{stem}.jsonl"
+        self._lock_path = directory / f"{stem}.lock"
+        self._lock: IO[bytes] | None = None
+        self._claimed: list[tuple[Path, IO[bytes]]] = []
+        """Adopted owners' lock files, still locked so no other process adopts them too."""
         self._failing = False
-        """Adopted files, still locked so no other process adopts them too."""
 
     def write(self, entries: list[Entry]) -> bool:
-        """Make the file hold exactly ``entries`` (none: the file is removed), durably; False
-        (logged) if the disk refused."""
+        """Make the file hold exactly ``entries`` (none: the files are removed), atomically;
+        False (logged once per failure spell) if the disk refused."""
         if not entries:
             self._drop()
             return True
+        tmp = self.path.with_suffix(".tmp")
         try:
-            f = self._open()
-            f.seek(0)
-            f.truncate()
-            f.write(_encode(entries))
-            f.flush()
-            os.fsync(f.fileno())
+            self._hold_lock()
+            with tmp.open("w", encoding="utf-8") as f:
+                f.write(_encode(entries))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
         except OSError as e:
-            if not self._failing:  # once per outage of the disk, not once per settle
+            if not self._failing:
                 log.error("could not write the budget journal %s (%s): unacknowledged settles "
-                          "are kept in memory only", self._path, e)
+                          "are kept in memory only", self.path, e)
             self._failing = True
             return False
         self._failing = False
         return True
 
     def adopt(self) -> list[Entry]:
-        """Entries of this store's files whose writers died. The files stay locked until
+        """Entries of this store's files whose owners died. Their locks stay held until
         :meth:`forget_adopted`, which the caller runs once the entries are in its own file."""
         if fcntl is None or not self.directory.is_dir():
             return []
         found: list[Entry] = []
-        for path in sorted(self.directory.glob(f"{self._store}-*.jsonl")):
-            if path == self._path:
+        for lock_path in sorted(self.directory.glob(f"{self._store}-*.lock")):
+            if lock_path == self._lock_path:
                 continue
             try:
-                f = path.open("r", encoding="utf-8")
+                f = lock_path.open("rb")
             except OSError:
-                continue  # removed meanwhile by its writer or another adopter
+                continue  # removed meanwhile by its owner or another adopter
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if os.fstat(f.fileno()).st_nlink == 0:
-                    raise FileNotFoundError(path)  # emptied and removed just now
-                entries = _decode(f.read(), path)
-            except OSError:  # locked: its writer is alive (or another process adopts it)
+                    raise FileNotFoundError(lock_path)  # its owner just removed it
+            except OSError:  # locked: its owner is alive (or another process adopts it)
+                f.close()
+                continue
+            data = lock_path.with_suffix(".jsonl")
+            try:
+                entries = _decode(data.read_text(encoding="utf-8"), data)
+            except FileNotFoundError:
+                entries = []  # its owner died before writing anything: only the lock is left
+            except OSError:
                 f.close()
                 continue
             found.extend(entries)
-            self._claimed.append((path, f))
-            log.warning("adopted %d unacknowledged settle(s) from %s, left by a process that "
-                        "stopped while the shared store was down", len(entries), path)
+            self._claimed.append((lock_path, f))
+            if entries:
+                log.warning("adopted %d unacknowledged settle(s) from %s, left by a process "
+                            "that stopped while the shared store was down", len(entries), data)
         return found
 
     def forget_adopted(self, *, delete: bool = True) -> None:
         """Delete the adopted files, now that their entries are safe in this one (or, with
         ``delete=False``, only unlock them, for a later try)."""
-        for path, f in self._claimed:
-            if delete:
+        for lock_path, f in self._claimed:
+            if delete:  # the data first: a lock file without data is only an empty orphan
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    lock_path.with_suffix(".jsonl").unlink()
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()
             f.close()
         self._claimed = []
 
     def close(self) -> None:
-        """Release the file (kept if it holds entries, for the next process to adopt)."""
+        """Release the lock (the file stays if it holds entries, for the next process)."""
         self.forget_adopted(delete=False)
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
-    def _open(self) -> IO[str]:
-        if self._file is None:
+    def _hold_lock(self) -> None:
+        while self._lock is None:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-            f = os.fdopen(fd, "r+", encoding="utf-8")
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            f = os.fdopen(fd, "r+b")
             if fcntl is not None:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            self._file = f
-        return self._file
+            if os.fstat(f.fileno()).st_nlink == 0:
+                f.close()  # an adopter took it for an orphan before our lock: make it anew
+                continue
+            self._lock = f
 
     def _drop(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._path.unlink()
+        if self._lock is not None:
+            for path in (self.path, self._lock_path):  # the data first, as forget_adopted
+                with contextlib.suppress(OSError):
+                    path.unlink()
             self.close()
-
