@@ -199,6 +199,7 @@ def test_journals_of_live_owners_stay_and_of_dead_ones_are_taken_over(tmp_path: 
     assert other.adopt() == [] and stranger.adopt() == []
     owner.close()  # as a process that stops while Redis is down: its entries stay
     (tmp_path / "s1-1-died-early.lock").write_text("")
+    (tmp_path / "s1-1-died-early.tmp").write_text('{"id": "half-wr')  # died mid-write
     [(got, charged)] = other.adopt()
     assert got == res and charged == 3
     assert other.adopt() == []  # held now by the adopter: nobody takes it twice

@@ -144,10 +144,10 @@ class Journal:
         ``delete=False``, only unlock them, for a later try)."""
         for lock_path, f in self._claimed:
             if delete:  # the data first: a lock file without data is only an empty orphan
-                with contextlib.suppress(OSError):
-                    lock_path.with_suffix(".jsonl").unlink()
-                with contextlib.suppress(OSError):
-                    lock_path.unlink()
+                for path in (lock_path.with_suffix(".jsonl"), lock_path.with_suffix(".tmp"),
+                             lock_path):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
             f.close()
         self._claimed = []
 
