@@ -1,6 +1,7 @@
 """What ``cascade serve`` adds over calling the rung's server directly.
 
     python bench/serve.py [--n 400] [--delay 0.05] [--concurrency 1 100 1000] [--workers 1 2]
+                          [--rounds 5]
 
 Three measurements, each against a baseline measured in the same run with the same client:
 
@@ -163,6 +164,8 @@ def main() -> None:
     p.add_argument("--delay", type=float, default=0.05, help="model delay for throughput (s)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 100, 1000])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=5,
+                   help="throughput: requests per client (a steady state, not one burst)")
     ns = p.parse_args()
     print(f"# bench/serve.py on {machine()}; {_uvicorn_stack()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,13 +200,13 @@ def main() -> None:
         with model_server(delay_s=ns.delay) as slow:
             config = _config(slow, Path(tmp))
             for c in ns.concurrency:
-                total = max(20, min(1000, c * 2))
+                total = max(20, min(5000, c * ns.rounds))
                 base = anyio.run(throughput, slow, "answer", c, total)
                 rows.append([f"direct, {c} clients", total, base, "1.00×"])
             for workers in ns.workers:
                 with serving(config, workers) as served:
                     for i, c in enumerate(ns.concurrency):
-                        total = max(20, min(1000, c * 2))
+                        total = max(20, min(5000, c * ns.rounds))
                         rps = anyio.run(throughput, f"{served}/v1", "cascade", c, total)
                         base = rows[i][2]
                         rows.append([f"serve --workers {workers}, {c} clients", total, rps,
