@@ -18,7 +18,7 @@ import pytest
 
 from cascade.budget import window_of
 from cascade.config import CascadeConfig, parse_config
-from cascade.errors import ConfigError
+from cascade.errors import BudgetStoreError, ConfigError
 from cascade.store.config import parse_store
 from cascade.store.journal import store_id
 from cascade.store.redis import RedisStore
@@ -209,3 +209,30 @@ def test_journals_of_live_owners_stay_and_of_dead_ones_are_taken_over(tmp_path: 
                                                      other.path.with_suffix(".lock").name}
     assert other.write([])  # all acknowledged: nothing is left
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_long_outage_appends_and_never_rewrites_the_journal(
+        redis: RedisServer, tmp_path: Path) -> None:
+    """Each kept settle is one appended line (a rewrite per settle would be quadratic over a
+    long outage, and every request during it retries the replay): the file is replaced only
+    once Redis has taken some of it."""
+    journal = tmp_path / "journal"
+    store = RedisStore.from_config(_config(redis.url, journal))
+    try:
+        held = [await store.budgets.areserve("k", 0.01, 10.0, 3600) for _ in range(20)]
+        redis.kill()
+        inodes = set()
+        for res in held:
+            await store.budgets.asettle(res, 0.01)
+            with pytest.raises(BudgetStoreError):  # each request retries the replay, fails
+                await store.budgets.areserve("k", 0.01, 10.0, 3600)
+            inodes.add(os.stat(_files(journal)[0]).st_ino)
+        assert len(inodes) == 1  # appended to, never replaced
+        # 20 settles and the 20 refused reservations' releases
+        assert len(_files(journal)[0].read_text().splitlines()) == 40
+        redis.start()
+        await anyio.sleep(1.1)
+        assert await store.budgets.aspent("k", 3600) == pytest.approx(0.2)
+        assert _files(journal) == []
+    finally:
+        await store.aclose()

@@ -3,8 +3,10 @@ outage does not take money already spent with it.
 
 Each process has its own pair of files in ``[store] journal_dir``: ``<store>-<pid>-<random>.lock``,
 on which it holds an exclusive ``flock`` while it lives, and ``<...>.jsonl``, the settles waiting
-for Redis, replaced whole (written beside it, then renamed over it) so a crash never leaves it
-half-written. Both exist only while something waits. A process that finds a lock file of the
+for Redis: each kept settle is one appended line, and after a replay the file is replaced whole
+(written beside it, renamed over it) with what is still waiting. Writes go to the page cache,
+not to the platter (no fsync on the request path): the journal survives the process, not a
+power cut. Both exist only while something waits. A process that finds a lock file of the
 same store whose lock it can take (its owner died: the kernel dropped the lock) adopts the
 entries, writes them into its own file first, then deletes the orphan, and replays them with
 its own. A settle replayed twice counts once (Redis remembers settled ids for two budget
@@ -77,32 +79,52 @@ class Journal:
         self.path = directory / f"{stem}.jsonl"
         self._lock_path = directory / f"{stem}.lock"
         self._lock: IO[bytes] | None = None
+        self._data: IO[str] | None = None
+        """The file opened for appending, while it is this one (a replace makes a new one)."""
         self._claimed: list[tuple[Path, IO[bytes]]] = []
         """Adopted owners' lock files, still locked so no other process adopts them too."""
         self._failing = False
 
+    def append(self, entries: list[Entry]) -> bool:
+        """Add entries at the end of the file: one short write, whatever the file holds (a
+        line cut short by a crash is skipped on adoption). False (logged once per failure
+        spell) if the disk refused."""
+        try:
+            self._hold_lock()
+            if self._data is None:
+                self._data = self.path.open("a", encoding="utf-8")
+            self._data.write(_encode(entries))
+            self._data.flush()
+        except OSError as e:
+            return self._failed(e)
+        self._failing = False
+        return True
+
     def write(self, entries: list[Entry]) -> bool:
-        """Make the file hold exactly ``entries`` (none: the files are removed), atomically;
-        False (logged once per failure spell) if the disk refused."""
+        """Make the file hold exactly ``entries`` (none: the files are removed), replaced whole
+        so a crash leaves the old file or the new one, never half of one."""
         if not entries:
             self._drop()
             return True
         tmp = self.path.with_suffix(".tmp")
         try:
             self._hold_lock()
-            with tmp.open("w", encoding="utf-8") as f:
-                f.write(_encode(entries))
-                f.flush()
-                os.fsync(f.fileno())
+            tmp.write_text(_encode(entries), encoding="utf-8")
+            if self._data is not None:
+                self._data.close()
+                self._data = None
             os.replace(tmp, self.path)
         except OSError as e:
-            if not self._failing:
-                log.error("could not write the budget journal %s (%s): unacknowledged settles "
-                          "are kept in memory only", self.path, e)
-            self._failing = True
-            return False
+            return self._failed(e)
         self._failing = False
         return True
+
+    def _failed(self, e: OSError) -> bool:
+        if not self._failing:
+            log.error("could not write the budget journal %s (%s): unacknowledged settles are "
+                      "kept in memory only", self.path, e)
+        self._failing = True
+        return False
 
     def adopt(self) -> list[Entry]:
         """Entries of this store's files whose owners died. Their locks stay held until
@@ -154,6 +176,9 @@ class Journal:
     def close(self) -> None:
         """Release the lock (the file stays if it holds entries, for the next process)."""
         self.forget_adopted(delete=False)
+        if self._data is not None:
+            self._data.close()
+            self._data = None
         if self._lock is not None:
             self._lock.close()
             self._lock = None

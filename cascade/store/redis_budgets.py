@@ -60,7 +60,7 @@ class RedisBudgets:
 
     def _keep(self, res: Reservation, charged: int) -> None:
         self._unsettled.append((res, charged))
-        self._journal.write(self._replaying + self._unsettled)
+        self._journal.append([(res, charged)])  # O(1): a long outage never rewrites the file
 
     def _keys(self, key: str, period_s: float) -> list[str]:
         # the {hash tag} keeps a key's three structures in one slot of a Redis Cluster
@@ -141,16 +141,19 @@ class RedisBudgets:
             return
         todo, self._unsettled = self._unsettled, []
         self._replaying = todo
+        sent = 0
         try:
-            for i, (res, charged) in enumerate(todo):
+            for res, charged in todo:
                 try:
                     await self._send(res, charged)
                 except StoreDown:
-                    self._unsettled[:0] = todo[i:]
+                    self._unsettled[:0] = todo[sent:]
                     return
+                sent += 1
         finally:
             self._replaying = []
-            self._journal.write(self._unsettled)
+            if sent:  # the file still holds everything otherwise: no rewrite per request
+                self._journal.write(self._unsettled)
         log.warning("recorded %d settle(s) kept while the shared store was down", len(todo))
 
     async def asettle(self, reservation: Reservation, actual_usd: float) -> None:
