@@ -36,18 +36,25 @@ from cascade.tuning import Setting, reference_rung, select, tune  # noqa: E402
 from cascade.tuning.candidates import candidates, rung_chains  # noqa: E402
 from cascade.tuning.guard import DELTA  # noqa: E402
 from cascade.tuning.setting import FloatArray, IntArray  # noqa: E402
+from cascade.tuning.shift import shift_breaks, shift_check  # noqa: E402
 from cascade.tuning.simulate import mesh_stats, simulate  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cascades"
 
 
 def fit(table: OutcomeTable, method: str, *, drop: float, delta: float = DELTA,
-        agreement: str = "off", z_gate: float | None = None) -> tuple[Setting, int]:
+        agreement: str = "off", z_gate: float | None = None,
+        shift_guard: bool = False) -> tuple[Setting, int]:
     """The setting ``method`` (``"ours"`` or ``"grid"``) tunes on ``table``, and the reference
-    rung (the most accurate on ``table``) its promise is measured against."""
+    rung (the most accurate on ``table``) its promise is measured against; with
+    ``shift_guard``, as ``cascade tune --shift-guard`` chooses."""
     if method == "ours":
-        return select(table, max_accuracy_drop=drop, delta=delta, agreement=agreement,
-                      z_gate=z_gate)
+        setting, ref = select(table, max_accuracy_drop=drop, delta=delta, agreement=agreement,
+                              z_gate=z_gate)
+        if shift_guard and setting.chain != (ref,) and shift_breaks(
+                shift_check(table, max_drop=drop, delta=delta, seed=0)):
+            return Setting((ref,)), ref
+        return setting, ref
     return grid_search_baseline(table, max_drop=drop), reference_rung(table)
 
 
@@ -76,7 +83,8 @@ def versus_best(table: OutcomeTable, right: FloatArray, cost: FloatArray,
 
 def held_out(table: OutcomeTable, splits: Split, method: str, *, drop: float,
              delta: float = DELTA, agreement: str = "off", z_gate: float | None = None,
-             weight: FloatArray | None = None) -> tuple[float, float, int, int]:
+             weight: FloatArray | None = None,
+             shift_guard: bool = False) -> tuple[float, float, int, int]:
     """Tune on each split's first part, answer its second: the held-out accuracy change and
     cost saving against the best single rung on all the held-out cases together (see
     :func:`versus_best`), and how many splits chose a cascade and used the agreement gate.
@@ -88,7 +96,7 @@ def held_out(table: OutcomeTable, splits: Split, method: str, *, drop: float,
     cascades = gated = 0
     for tr, te in splits:
         setting, _ref = fit(table.take(tr), method, drop=drop, delta=delta,
-                            agreement=agreement, z_gate=z_gate)
+                            agreement=agreement, z_gate=z_gate, shift_guard=shift_guard)
         cascades += len(setting.chain) > 1
         gated += bool(setting.agree)
         r, c, _ = simulate(table.take(te), setting)

@@ -15,7 +15,7 @@ Printed: held-out accuracy change against the reference (the rung most accurate 
 measured on the held-out cases), cost saving, and whether the promise held, next to the plain
 i.i.d. cross-validation figure of the same file for comparison.
 
-    python bench/tuning_shift.py [--max-accuracy-drop 0.01] [--seeds 3]
+    python bench/tuning_shift.py [--max-accuracy-drop 0.01] [--seeds 3] [--shift-guard]
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead: learning curve and labelling bench, tuned on four benchmarks "
                          "of a ladder and judged on the fifth")
     ap.add_argument("--draws", type=int, default=3, help="with --labels: draws per row")
+    ap.add_argument("--shift-guard", action="store_true",
+                    help="our tuner as `cascade tune --shift-guard` chooses")
     ns = ap.parse_args(argv)
     if not ns.data.is_dir():
         print(f"no shared data at {ns.data}: nothing to benchmark", file=sys.stderr)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         res = {}
         for method in ("ours", "grid"):
             got = [held_out(table, splits_of(s), method, drop=drop, delta=ns.delta,
-                            weight=None if weight_of is None else weight_of(s)) for s in over]
+                            weight=None if weight_of is None else weight_of(s),
+                            shift_guard=ns.shift_guard and method == "ours") for s in over]
             res[method] = (statistics.mean(g[0] for g in got), statistics.mean(g[1] for g in got))
         rows.append((name, shift, res))
 

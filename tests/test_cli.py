@@ -172,3 +172,34 @@ def test_bad_verifier_settings_name_file_and_key(tmp_path: Path, table: str, key
     p.write_text('[[rungs]]\nmodel = "m"\nprice = "unknown"\n\n[[verifiers]]\n' + table + "\n")
     code, _out, err = _run(["answer", "q", "--config", str(p)])
     assert code == 2 and str(p) in err and f"key '{key}'" in err and fragment in err, err
+
+
+def test_tune_shift_guard_writes_the_reference_alone(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`cascade tune --shift-guard` on a shared-format file whose small group D the cheap rung
+    gets confidently wrong: the cascade without the flag, the top rung alone with it."""
+    import tomllib
+
+    import numpy as np
+
+    from tests.test_tune import _grouped
+
+    t = _grouped(3, shifted=True)
+    f = tmp_path / "traffic.jsonl"
+    with f.open("w") as out:
+        for i in range(t.n):
+            out.write(json.dumps({
+                "id": f"c{i}", "reference": {"subject": t.groups[i]},
+                "messages": [{"role": "user", "content": f"question {i}"}],
+                "outcomes": {m: {"text": "x", "correct": bool(t.correct[i, j]),
+                                 "confidence": float(np.nan_to_num(t.scores["confidence"][i, j])),
+                                 "confidence_source": "answer_logprob",
+                                 "cost_usd": float(t.cost[i, j])}
+                             for j, m in enumerate(("cheap", "top"))}}) + "\n")
+    rungs = {}
+    for flag in ([], ["--shift-guard"]):
+        out_toml = tmp_path / f"tuned{len(flag)}.toml"
+        assert main(["tune", str(f), "--router", "off", "--out", str(out_toml), *flag]) == 0
+        rungs[bool(flag)] = [r["model"] for r in tomllib.loads(out_toml.read_text())["rungs"]]
+    assert rungs[False] == ["cheap", "top"] and rungs[True] == ["top"]
+    assert "shift guard refused the cascade" in capsys.readouterr().out

@@ -94,6 +94,37 @@ def test_a_suite_without_any_confidence_says_so() -> None:
     [note] = [n for n in res.report["notes"] if "No cascade is recommended" in n]
     assert "records no confidence" in note and "cheap enough" not in note
 
+
+def _grouped(seed: int, *, shifted: bool) -> OutcomeTable:
+    """Four groups; the cheap rung is right as often as its confidence says, except (when
+    ``shifted``) in the small group D, where it is confidently wrong: the pooled suite hides it,
+    holding D out shows it."""
+    rng = np.random.default_rng(seed)
+    sizes = {"A": 400, "B": 400, "C": 400, "D": 80}
+    s = rng.random(sum(sizes.values()))
+    groups = [g for g, n in sizes.items() for _ in range(n)]
+    in_d = np.array([g == "D" for g in groups])
+    cheap = rng.random(len(s)) < np.where(in_d & shifted, 0.2, s)
+    top = rng.random(len(s)) < 0.9
+    return _table(np.stack([cheap, top], 1), np.tile([0.05, 1.0], (len(s), 1)),
+                  np.stack([s, np.zeros(len(s))], 1), groups=groups)
+
+
+def test_the_shift_guard_refuses_a_cascade_that_breaks_on_a_held_out_group() -> None:
+    shifted = _grouped(3, shifted=True)
+    plain = tune(shifted, bootstrap=50)
+    assert plain.is_cascade and plain.report["shift"]["folds_broken"] >= 1
+    guarded = tune(shifted, bootstrap=50, shift_guard=True)
+    assert not guarded.is_cascade and guarded.setting.chain == (1,)
+    assert guarded.report["shift_guard"] == {"refused_cascade": True}
+    [note] = [n for n in guarded.report["notes"] if "No cascade is recommended" in n]
+    assert "shift guard refused the cascade" in note and "groups held out" in note
+    # a fold's noise alone (no group is different) is no reason to refuse
+    calm = tune(_grouped(3, shifted=False), bootstrap=50, shift_guard=True)
+    assert calm.is_cascade and calm.report["shift_guard"] == {"refused_cascade": False}
+    assert calm.report["shift"]["accuracy_change_worst"] < -0.01  # below the promise...
+    assert calm.report["shift"]["folds_broken"] == 0  # ...but within that fold's error
+
 def _calibrated(n: int, rng: np.random.Generator) -> OutcomeTable:
     """Cheap rung right with probability = its confidence; the top rung right 85% of the time."""
     s = rng.random(n)

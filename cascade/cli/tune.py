@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", action="append", default=[], metavar="FILE",
                         help="labels for unlabelled cases (cascade label's NEEDS.jsonl with "
                              "\"correct\" filled, e.g. by --judge); repeat")
+    parser.add_argument("--shift-guard", action="store_true",
+                        help="recommend the reference rung alone when tuning with some of the "
+                             "suite's groups (benchmarks, subjects, first tags) held out broke "
+                             "the promise on them; off by default (it costs the saving there)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the bootstrap and the shift folds (default 0)")
     parser.add_argument("--router", choices=("auto", "off"), default="auto",
@@ -55,11 +59,14 @@ def run(ns: argparse.Namespace) -> int:
     config = load_config(ns.config) if ns.config else None
     table = apply_labels(load_outcome_table(ns.suites, config), ns.labels)
     result = tune(table, max_accuracy_drop=ns.max_accuracy_drop, max_cost_usd=ns.max_cost_usd,
-                  delta=ns.delta, seed=ns.seed, agreement=ns.agreement)
+                  delta=ns.delta, seed=ns.seed, agreement=ns.agreement,
+                  shift_guard=ns.shift_guard)
     header = (f"Tuned by `cascade tune` on {table.n} cases ({table.source}).\n"
               f"Recommendation: {result.report['recommendation']['describe']}")
     config_out, router_text = result.config, ""
-    if ns.router == "auto" and ns.max_cost_usd is None and table.messages:
+    # a router is not checked under shift: when the shift guard refused the cascade, none
+    refused = result.report.get("shift_guard", {}).get("refused_cascade", False)
+    if ns.router == "auto" and ns.max_cost_usd is None and table.messages and not refused:
         from cascade.routing import router_toml, tune_router, write_router
 
         routed = tune_router(table, max_accuracy_drop=ns.max_accuracy_drop or 0.01,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from cascade.tuning.choose import choose
 from cascade.tuning.setting import IntArray
 from cascade.tuning.simulate import simulate
 
-__all__ = ["group_folds", "shift_check"]
+__all__ = ["group_folds", "shift_breaks", "shift_check"]
 
 
 def group_folds(groups: Sequence[str], folds: int, seed: int) -> IntArray:
@@ -38,6 +39,7 @@ def shift_check(table: OutcomeTable, *, max_drop: float, delta: float, seed: int
     k = min(folds, len(names))
     gi = group_folds(groups, k, seed)
     changes: list[float] = []
+    stderrs: list[float] = []
     savings: list[float] = []
     held: list[bool] = []
     for f in range(k):
@@ -49,7 +51,11 @@ def shift_check(table: OutcomeTable, *, max_drop: float, delta: float, seed: int
         choice, ref, _s, _c = choose(ttr, max_drop=max_drop, delta=delta)
         right, cost, _ = simulate(tte, choice.setting)
         on = tte.is_labelled  # grades are known only there
-        ch = float(right[on].mean() - tte.correct[on, ref].mean())
+        mine, theirs = right[on].astype(bool), tte.correct[on, ref]
+        m = int(on.sum())
+        ch = float(mine.mean() - theirs.mean())
+        discordant = int((mine != theirs).sum())  # the paired standard error, as the guard's
+        stderrs.append(math.sqrt(max(discordant / m - ch * ch, 0.0) / m))
         rc = float(tte.cost[:, ref].mean())
         changes.append(ch)
         savings.append(1 - float(cost.mean()) / rc if rc > 0 else 0.0)
@@ -59,13 +65,24 @@ def shift_check(table: OutcomeTable, *, max_drop: float, delta: float, seed: int
     arr = np.array(changes)
     return {
         "available": True,
-        "by": "benchmark" if groups is top else "group",
+        # "bench/subject" groups split by their benchmark; plain tags are groups
+        "by": "benchmark" if groups is top and any("/" in g for g in table.groups)
+              else "group",
         "folds": len(changes),
         "groups": len(names),
         "accuracy_change_by_fold": [round(x, 4) for x in changes],
+        "accuracy_change_stderr_by_fold": [round(x, 4) for x in stderrs],
+        "folds_broken": sum(c + e < -max_drop for c, e in zip(changes, stderrs, strict=True)),
         "cost_saving_by_fold": [round(x, 4) for x in savings],
         "accuracy_change_mean": float(arr.mean()),
         "accuracy_change_worst": float(arr.min()),
         "promise_held_fraction": float(np.mean(held)),
     }
 
+
+
+def shift_breaks(sh: dict[str, Any]) -> bool:
+    """Whether a :func:`shift_check` says the promise breaks on groups the tuning did not see:
+    on some fold, by more than that fold's own standard error (noise alone is no shift), or it
+    could not be measured at all. ``tune(shift_guard=True)`` then keeps the reference alone."""
+    return not sh.get("available") or bool(sh["folds_broken"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -11,12 +11,12 @@ import numpy as np
 from cascade.config import CascadeConfig
 from cascade.errors import ConfigError
 from cascade.suite.outcomes import OutcomeTable
-from cascade.tuning.choose import choose, choose_budget, dominating_rung
+from cascade.tuning.choose import Choice, choose, choose_budget, dominating_rung
 from cascade.tuning.guard import DELTA
 from cascade.tuning.output import to_config
 from cascade.tuning.report import build_report, cost_frontier, drift_rates
 from cascade.tuning.setting import Setting
-from cascade.tuning.shift import shift_check
+from cascade.tuning.shift import shift_breaks, shift_check
 from cascade.tuning.simulate import simulate
 
 __all__ = ["TuneResult", "tune"]
@@ -40,24 +40,35 @@ class TuneResult:
 def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
          max_cost_usd: float | None = None, delta: float = DELTA, seed: int = 0,
          shift: bool = True, bootstrap: int = 1000,
-         agreement: str = "off") -> TuneResult:
+         agreement: str = "off", shift_guard: bool = False) -> TuneResult:
     """Tune ``table``; see the module docstring for the method.
 
     ``max_accuracy_drop`` (default) asks for the cheapest setting whose net accuracy change,
     less ``z(1 - delta)`` standard errors, stays above minus that drop; ``max_cost_usd``
     instead asks for the most accurate point of the cost frontier whose mean cost per case on
     the suite stays under it (in-sample: the report says so).
+
+    ``shift_guard``: when tuning with some of the suite's groups held out broke the promise on
+    the others (the shift check), recommend the reference rung alone instead of the cascade:
+    for traffic whose mix may move to groups the suite holds few of. It costs the saving
+    wherever the check fails (``bench/tuning_shift.py``).
     """
     if table.n == 0:
         raise ConfigError("the outcome table is empty")
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
+    drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
+    sh: dict[str, Any] | None = None
     if max_cost_usd is not None:
         choice, ref = choose_budget(table, max_cost=max_cost_usd)
     else:
-        drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
         choice, ref, _sel, _cal = choose(table, max_drop=drop, delta=delta,
                                          agreement=agreement)
+        if shift or shift_guard:
+            sh = shift_check(table, max_drop=drop, delta=delta, seed=seed)
+    guarded = choice if sh is None or not shift_guard else _guard_shift(table, choice, ref,
+                                                                         sh, drop)
+    refused, choice = guarded is not choice, guarded
     setting = choice.setting
     notes: list[str] = []
     if not choice.passed:
@@ -76,22 +87,38 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
                           max_accuracy_drop=max_accuracy_drop, max_cost_usd=max_cost_usd,
                           delta=delta, bootstrap=bootstrap)
     report["timing_s"] = round(took, 4)
-    if shift and max_cost_usd is None:
-        drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
-        sh = shift_check(table, max_drop=drop, delta=delta, seed=seed)
+    if sh is not None:
         if sh.get("available"):
             iid = report["expected"]["accuracy_change"]["interval_90"]
             worst = sh["accuracy_change_worst"]
             sh["accuracy_change_interval_90_under_shift"] = [min(iid[0], worst), iid[1]]
-            if worst < -drop:
+            if worst < -drop and not shift_guard:
                 report["notes"].append(
                     f"Under a shift of the question mix ({sh['by']}s held out), the accuracy "
                     f"change reached {worst:+.3f} on one fold: the promise holds for questions "
                     "like the suite's; watch production with a shadow check of the top rung.")
         report["shift"] = sh
+    if shift_guard:
+        report["shift_guard"] = {"refused_cascade": refused}
     frontier = cost_frontier(table)
     report["frontier"] = frontier
     drift = {setting.chain[p]: d["max"] for p, d in drift_rates(table, setting, exit_pos).items()}
     return TuneResult(setting=setting, config=to_config(table, setting, drift=drift),
                       report=report, frontier=frontier)
 
+
+
+def _guard_shift(table: OutcomeTable, choice: Choice, ref: int, sh: dict[str, Any],
+                 drop: float) -> Choice:
+    """The reference alone when the shift check breaks the promise (or cannot run)."""
+    if choice.setting.chain == (ref,) or not shift_breaks(sh):
+        return choice
+    if not sh.get("available"):
+        why = f"the shift guard needs the shift check, and {sh.get('reason')}"
+    else:
+        why = (f"the shift guard refused the cascade: tuned with some {sh['by']}s held out, "
+               f"the accuracy change on them reached {sh['accuracy_change_worst'] * 100:+.1f} "
+               f"pts, more than a standard error beyond the promise (-{drop * 100:g}) on "
+               f"{sh['folds_broken']} of {sh['folds']} folds; without --shift-guard the "
+               f"cascade {choice.setting.describe(table)} is recommended")
+    return replace(choice, setting=Setting((ref,)), passed=False, reason=why)
