@@ -107,7 +107,6 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
                       report=report, frontier=frontier)
 
 
-
 def _guard_shift(table: OutcomeTable, choice: Choice, ref: int, sh: dict[str, Any],
                  drop: float) -> Choice:
     """The reference alone when the shift check breaks the promise (or cannot run)."""
