@@ -115,12 +115,14 @@ def refusal_reason(e: APIError) -> str:
         e.status, "bad_request")
 
 
-def refuse_unsupported(names: list[str]) -> None:
-    """A 400 naming the first request field the service does not implement (never dropped)."""
+def refuse_unsupported(names: list[str], *, at: str = "",
+                       why: str = "the cascade service does not implement it") -> None:
+    """A 400 naming the first request field the service does not implement (never dropped);
+    ``at`` is where the fields sit (``"metadata"``, ``"messages[0]"``; the top level: "")."""
     if names:
-        raise APIError(400, f"unsupported field {names[0]!r}: the cascade service does not "
-                       "implement it (remove it from the request)", param=names[0],
-                       code="unsupported_field")
+        name = f"{at}.{names[0]}" if at else names[0]
+        raise APIError(400, f"unsupported field {name!r}: {why} (remove it from the request)",
+                       param=name, code="unsupported_field")
 
 
 def check_request(body: ChatCompletionRequest, service: Service) -> None:

@@ -78,10 +78,7 @@ def _text(content: object, where: str) -> str:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise APIError(400, f"{at}: only text blocks are supported, not {kind!r}",
                            param=f"{at}.type", code="unsupported_field")
-        extra = sorted(set(block) - _BLOCK_KEYS)
-        if extra:
-            raise APIError(400, f"unsupported field {extra[0]!r} in {at}", param=f"{at}.{extra[0]}",
-                           code="unsupported_field")
+        refuse_unsupported(sorted(set(block) - _BLOCK_KEYS), at=at)
         if not isinstance(block.get("text"), str):
             raise APIError(400, f"{at}.text must be a string", param=f"{at}.text")
         parts.append(block["text"])
@@ -93,18 +90,12 @@ def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
     refuse_unsupported(body.unsupported())
     meta = dict(body.metadata or {})
     user = meta.pop("user_id", None)
-    if meta:
-        name = sorted(meta)[0]
-        raise APIError(400, f"unsupported field 'metadata.{name}' (only user_id)",
-                       param=f"metadata.{name}", code="unsupported_field")
+    refuse_unsupported(sorted(meta), at="metadata", why="only user_id is")
     messages: list[dict[str, Any]] = []
     if body.system is not None:
         messages.append({"role": "system", "content": _text(body.system, "system")})
     for i, m in enumerate(body.messages):
-        extra = sorted(set(m) - {"role", "content"})
-        if extra:
-            raise APIError(400, f"unsupported field {extra[0]!r} in messages[{i}]",
-                           param=f"messages[{i}].{extra[0]}", code="unsupported_field")
+        refuse_unsupported(sorted(set(m) - {"role", "content"}), at=f"messages[{i}]")
         if m.get("role") not in ("user", "assistant"):
             raise APIError(400, f"messages[{i}].role must be 'user' or 'assistant'",
                            param=f"messages[{i}].role")
