@@ -236,3 +236,29 @@ async def test_a_long_outage_appends_and_never_rewrites_the_journal(
         assert _files(journal) == []
     finally:
         await store.aclose()
+
+
+async def test_a_replay_cut_short_by_cancellation_keeps_what_it_had_not_sent(
+        redis: RedisServer, tmp_path: Path) -> None:
+    """A request cancelled while its call replays kept settles (a client hung up, a deadline)
+    must not take the unsent ones with it: they stay, in memory and journal, for the next."""
+    journal = tmp_path / "journal"
+    store = RedisStore.from_config(_config(redis.url, journal))
+    try:
+        held = [await store.budgets.areserve("k", 0.1, 10.0, 3600) for _ in range(3)]
+        redis.kill()
+        for res in held:
+            await store.budgets.asettle(res, 0.1)
+        redis.start()
+        await anyio.sleep(1.1)  # past the connection's fail-fast second
+        redis.pause()  # the replay's first call now hangs...
+        with anyio.move_on_after(0.3):  # ...until the request is cancelled
+            await store.budgets.aspent("k", 3600)
+        redis.resume()
+        assert store.budgets.unsettled == 3
+        assert len(_files(journal)[0].read_text().splitlines()) == 3
+        assert await store.budgets.aspent("k", 3600) == pytest.approx(0.3)
+        assert _files(journal) == []
+    finally:
+        redis.resume()
+        await store.aclose()

@@ -144,13 +144,14 @@ class RedisBudgets:
         sent = 0
         try:
             for res, charged in todo:
-                try:
-                    await self._send(res, charged)
-                except StoreDown:
-                    self._unsettled[:0] = todo[sent:]
-                    return
+                await self._send(res, charged)
                 sent += 1
+        except StoreDown:
+            return
         finally:
+            # what was not sent (Redis failed, or the request was cancelled) waits for the next
+            # try, in front of what was kept meanwhile
+            self._unsettled[:0] = todo[sent:]
             self._replaying = []
             if sent:  # the file still holds everything otherwise: no rewrite per request
                 self._journal.write(self._unsettled)
