@@ -165,11 +165,8 @@ class Journal:
         """Delete the adopted files, now that their entries are safe in this one (or, with
         ``delete=False``, only unlock them, for a later try)."""
         for lock_path, f in self._claimed:
-            if delete:  # the data first: a lock file without data is only an empty orphan
-                for path in (lock_path.with_suffix(".jsonl"), lock_path.with_suffix(".tmp"),
-                             lock_path):
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+            if delete:
+                _remove(lock_path)
             f.close()
         self._claimed = []
 
@@ -197,7 +194,13 @@ class Journal:
 
     def _drop(self) -> None:
         if self._lock is not None:
-            for path in (self.path, self._lock_path):  # the data first, as forget_adopted
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            _remove(self._lock_path)
             self.close()
+
+
+def _remove(lock_path: Path) -> None:
+    """One journal's files, the data first: a lock file left without data by a crash here is
+    only an empty orphan, which the next adopter cleans up."""
+    for path in (lock_path.with_suffix(".jsonl"), lock_path.with_suffix(".tmp"), lock_path):
+        with contextlib.suppress(OSError):
+            path.unlink()
