@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.choose import choose
+from cascade.tuning.guard import paired_bound
 from cascade.tuning.setting import IntArray
 from cascade.tuning.simulate import simulate
 
@@ -52,10 +52,12 @@ def shift_check(table: OutcomeTable, *, max_drop: float, delta: float, seed: int
         right, cost, _ = simulate(tte, choice.setting)
         on = tte.is_labelled  # grades are known only there
         mine, theirs = right[on].astype(bool), tte.correct[on, ref]
-        m = int(on.sum())
-        ch = float(mine.mean() - theirs.mean())
-        discordant = int((mine != theirs).sum())  # the paired standard error, as the guard's
-        stderrs.append(math.sqrt(max(discordant / m - ch * ch, 0.0) / m))
+        # the guard's paired change and standard error, without its pseudo-discordant case
+        change, se, _low = paired_bound(np.array([float((mine & ~theirs).sum())]),
+                                        np.array([float((~mine & theirs).sum())]),
+                                        int(on.sum()), 0.0, pseudo=0.0)
+        ch = float(change[0])
+        stderrs.append(float(se[0]))
         rc = float(tte.cost[:, ref].mean())
         changes.append(ch)
         savings.append(1 - float(cost.mean()) / rc if rc > 0 else 0.0)
