@@ -25,7 +25,8 @@ if _SHARED_TIKTOKEN.is_dir():
 
 # Shared-store budget journals (platformdirs' state folder) go to a folder of this run, never
 # the developer's own; worker processes the tests start inherit it.
-os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="cascade-test-state-")
+_STATE_HOME = tempfile.mkdtemp(prefix="cascade-test-state-")
+os.environ["XDG_STATE_HOME"] = _STATE_HOME
 
 
 @pytest.fixture
@@ -51,9 +52,13 @@ def anthropic_server() -> Iterator[LoopbackServer]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """llama-cpp-python opens /dev/null twice at import and never closes it; close them so the
-    interpreter's exit does not print ResourceWarnings that are not ours."""
+    """Remove this run's state folder. llama-cpp-python opens /dev/null twice at import and
+    never closes it; close them so the interpreter's exit does not print ResourceWarnings that
+    are not ours."""
+    import shutil
     import sys
+
+    shutil.rmtree(_STATE_HOME, ignore_errors=True)
 
     utils = sys.modules.get("llama_cpp._utils")
     for name in ("outnull_file", "errnull_file"):
