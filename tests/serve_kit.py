@@ -26,8 +26,6 @@ __all__ = ["close_opened", "echo_handler", "ladder", "one_rung_toml", "opened", 
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-
 _C = TypeVar("_C")
 _opened: list[Any] = []
 
