@@ -21,6 +21,7 @@ from cascade.prices import lookup_price
 from cascade.settings import (
     DEFAULT_MAX_REPLY_BYTES,
     STRUCTURED_OUTPUTS,
+    TRANSPORTS,
     BreakerConfig,
     BudgetConfig,
     CacheConfig,
@@ -174,6 +175,12 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
             raise ConfigError(f"is {mode!r}; allowed: {', '.join(STRUCTURED_OUTPUTS)}",
                               source=source, key=prefix + "structured_output")
         kw["structured_output"] = mode
+    if "transport" in d:
+        how = _expect(d["transport"], str, "a string", source, prefix + "transport")
+        if how not in TRANSPORTS:
+            raise ConfigError(f"is {how!r}; allowed: {', '.join(TRANSPORTS)}", source=source,
+                              key=prefix + "transport")
+        kw["transport"] = how
     if "max_reply_bytes" in d:
         kw["max_reply_bytes"] = _number(d, "max_reply_bytes", source, prefix, minimum=1024,
                                         integer=True)

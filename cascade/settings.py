@@ -13,6 +13,7 @@ from typing import Any, Literal
 __all__ = [
     "DEFAULT_MAX_REPLY_BYTES",
     "STRUCTURED_OUTPUTS",
+    "TRANSPORTS",
     "BreakerConfig",
     "BudgetConfig",
     "CacheConfig",
@@ -37,6 +38,9 @@ STRUCTURED_OUTPUTS: tuple[str, ...] = (
 )
 """How a rung asks for structured output; the README's compatibility table says who takes which."""
 DEFAULT_MAX_REPLY_BYTES = 8 * 1024 * 1024
+TRANSPORTS: tuple[str, ...] = ("auto", "httpx", "aiohttp")
+"""The HTTP client under a rung's SDK: the SDK's own two (``httpx``, its default, and its
+``aiohttp`` option); ``auto`` picks aiohttp where that is exact (:mod:`cascade.providers._http`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +92,10 @@ class RungConfig:
     check_model: bool = False
     """Before the first call, ask the server's ``/models`` and fail clearly when it does not
     list ``model``: for servers that answer any model name with what they loaded."""
+    transport: str = "auto"
+    """The HTTP client the SDK sends with (one of :data:`TRANSPORTS`). ``auto``: aiohttp on an
+    asyncio loop with no proxy set in the environment (about 0.5 ms less CPU a call), else
+    httpx. It changes no answer, so it is not part of the cache key."""
 
     @property
     def label(self) -> str:

@@ -30,7 +30,7 @@ from cascade.providers._common import (
     resolve_api_key,
     run_instructor,
 )
-from cascade.providers._http import capped_client
+from cascade.providers._http import capped_client, pick_transport
 from cascade.providers.base import Completion, ModelCall, Provider
 
 __all__ = ["SDKProvider", "Wire", "parse_structured", "schema_instruction", "schema_name",
@@ -124,6 +124,9 @@ class SDKProvider(Provider, Generic[ClientT]):
         self._client: ClientT | None = None
         self._key: str | None = None
         self._model_checked = not rung.check_model
+        self.transport: str | None = None
+        """The HTTP client its SDK sends with (``httpx`` or ``aiohttp``), once the first call
+        chose it from the rung's ``transport``."""
 
     # ------------------------------------------------------------ what a subclass says
 
@@ -165,8 +168,9 @@ class SDKProvider(Provider, Generic[ClientT]):
             default_env, dummy = self._key_source()
             self._key = resolve_api_key(self.rung, default_env=default_env, dummy=dummy)
             where = Where(provider=self.name, model=self.rung.model)
-            self._client = self._new_client(
-                self._key, capped_client(self.sdk, self.rung.max_reply_bytes, where))
+            self.transport = pick_transport(self.rung.transport, rung=self.rung.label)
+            self._client = self._new_client(self._key, capped_client(
+                self.sdk, self.rung.max_reply_bytes, where, transport=self.transport))
         return self._client
 
     async def complete(self, call: ModelCall) -> Completion:
