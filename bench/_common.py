@@ -205,11 +205,14 @@ def ladder(base_url: str, *, rungs: int = 1, cache_dir: str | None = None) -> Ca
     """``rungs`` loopback rungs; with two or more, every rung but the last is refused.
 
     ``max_retries = 0`` and no deadline: a benchmark must fail loudly, not retry quietly.
+    ``transport = "httpx"``: the HTTP client of the bare-SDK baseline, so the engine's cost is
+    measured over the same client (``auto`` would take aiohttp, faster by itself).
     """
     models = [f"refuse-{i}" for i in range(rungs - 1)] + ["answer"]
     return parse_config({
         "rungs": [{"model": m, "provider": "openai-compatible", "base_url": base_url,
-                   "max_retries": 0, "price": "unknown"} for m in models],
+                   "max_retries": 0, "price": "unknown", "transport": "httpx"}
+                  for m in models],
         "cache": {"enabled": False} if cache_dir is None else {"directory": cache_dir},
     }, source="<bench>")
 
