@@ -33,8 +33,8 @@ BOTH = pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
 @pytest.fixture(autouse=True)
 def _key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, "sk-transport-test")
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-                "all_proxy"):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+                "https_proxy", "all_proxy", "no_proxy"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -105,7 +105,9 @@ async def test_a_slow_server_is_a_timeout_on_both(openai_server: LoopbackServer,
                         ModelCall(model="m", messages=CALL.messages, timeout_s=0.3))
 
 
-async def test_auto_takes_aiohttp_on_asyncio(openai_server: LoopbackServer) -> None:
+async def test_auto_takes_aiohttp_on_asyncio(openai_server: LoopbackServer,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "example.com")  # exceptions alone are no proxy
     openai_server.queue(openai_reply("4"))
     assert (await _complete(_rung(openai_server.base_url, "auto")))[1] == "aiohttp"
 

@@ -103,7 +103,8 @@ def pick_transport(setting: str, *, rung: str) -> str:
                           f"on {sniffio.current_async_library()}: use 'auto' or 'httpx'",
                           source=f"rung {rung!r}", key="transport")
     if setting == "auto":
-        return "aiohttp" if on_asyncio and not urllib.request.getproxies() else "httpx"
+        proxied = any(scheme != "no" for scheme in urllib.request.getproxies())  # no = NO_PROXY
+        return "aiohttp" if on_asyncio and not proxied else "httpx"
     return setting
 
 
