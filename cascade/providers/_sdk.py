@@ -33,8 +33,8 @@ from cascade.providers._common import (
 from cascade.providers._http import capped_client, pick_transport
 from cascade.providers.base import Completion, ModelCall, Provider
 
-__all__ = ["SDKProvider", "Wire", "parse_structured", "schema_instruction", "schema_name",
-           "schema_of"]
+__all__ = ["SDKProvider", "Wire", "parse_structured", "post_json", "schema_instruction",
+           "schema_name", "schema_of"]
 
 ClientT = TypeVar("ClientT")
 
@@ -106,6 +106,41 @@ class Wire:
     """Input and output tokens of instructor's summed usage, when it kept one."""
 
 
+class _Reply(dict[str, Any]):
+    """A reply read by :func:`post_json`: the JSON object, and the server's request id."""
+
+    _request_id: str | None = None
+
+
+async def post_json(client: Any, path: str, kw: Mapping[str, Any], *,
+                    request_id_header: str) -> object:
+    """The create call through the SDK's own ``post`` (its documented way to send a request
+    as given): the same URL, headers, auth and typed errors, without the work the SDK's
+    create adds around it: openai's per-call transform of the params, both SDKs' typed reply
+    objects (openai 0.4 ms of a 1.2 ms loopback call; anthropic 0.27 of 0.86 ms of CPU). Our
+    bodies are plain JSON already, and the provider's :class:`Wire` checks the reply either
+    way. Returns the JSON value, or the text when the body is not JSON and does not say it is
+    (as the SDKs do)."""
+    body = dict(kw)
+    timeout = body.pop("timeout", None)
+    body.update(body.pop("extra_body", None) or {})
+    response: httpx2.Response = await client.post(
+        path, body=body, cast_to=httpx2.Response,
+        options={"timeout": timeout} if timeout is not None else {})
+    kind = response.headers.get("content-type", "").split(";")[0].strip()
+    try:
+        data = json.loads(response.content)
+    except ValueError:
+        if kind.endswith("json"):
+            raise
+        return response.text
+    if not isinstance(data, dict):
+        return data
+    reply = _Reply(data)
+    reply._request_id = response.headers.get(request_id_header)
+    return reply
+
+
 class SDKProvider(Provider, Generic[ClientT]):
     """One endpoint spoken through a vendor SDK; subclasses fill in the wire format."""
 
@@ -117,6 +152,10 @@ class SDKProvider(Provider, Generic[ClientT]):
     """The name of instructor's ``Provider`` member for this SDK."""
     structured_modes: ClassVar[tuple[str, ...]] = ()
     default_structured: ClassVar[str] = "json_schema"
+    lean_path: ClassVar[str | None] = None
+    """The create call's path for :func:`post_json` (None: the SDK's create itself)."""
+    request_id_header: ClassVar[str] = "x-request-id"
+    """The header carrying the server's request id, kept on the lean call's reply."""
 
     def __init__(self, rung: RungConfig) -> None:
         self.rung = rung
@@ -144,9 +183,18 @@ class SDKProvider(Provider, Generic[ClientT]):
         """The SDK's create method for one call (instructor patches it)."""
 
     def _plain_endpoint(self, client: ClientT) -> Callable[..., Awaitable[Any]]:
-        """The call made when instructor is not in it: the SDK's create unless a kind has a
-        leaner path through the same SDK (its reply is read by :attr:`wire` either way)."""
-        return self._endpoint(client)
+        """The call made when instructor is not in it: :func:`post_json` to
+        :attr:`lean_path` when the kind has one, else the SDK's create (its reply is read by
+        :attr:`wire` either way)."""
+        path = self.lean_path
+        if path is None:
+            return self._endpoint(client)
+        header = self.request_id_header
+
+        async def create(**kw: Any) -> object:
+            return await post_json(client, path, kw, request_id_header=header)
+
+        return create
 
     @abstractmethod
     def _request(self, call: ModelCall, *, schema: Mapping[str, Any] | None,

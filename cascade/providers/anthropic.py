@@ -119,6 +119,8 @@ class AnthropicProvider(SDKProvider[anthropic.AsyncAnthropic]):
     instructor_provider = "ANTHROPIC"
     structured_modes = _MODES
     default_structured = "tools"
+    lean_path = "/v1/messages"
+    request_id_header = "request-id"
 
     def __init__(self, rung: RungConfig) -> None:
         if rung.structured_output not in (None, *_MODES):

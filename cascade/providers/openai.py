@@ -8,7 +8,6 @@ far from the cause.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -169,39 +168,6 @@ def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
     )
 
 
-class _Reply(dict[str, Any]):
-    """A reply read by :func:`_post_chat`: the JSON object, and the server's request id."""
-
-    _request_id: str | None = None
-
-
-async def _post_chat(client: openai.AsyncOpenAI, kw: dict[str, Any]) -> object:
-    """``chat.completions.create`` through the SDK's own ``post`` (its documented way to send
-    a request as given): the same URL, headers, auth and typed errors, without the SDK's
-    per-call transform of the params and construction of typed objects, which cost 0.4 ms of
-    a 1.2 ms loopback call (bench/serve.py). Our body is already plain JSON, and
-    :func:`_read` checks the reply either way. Returns the JSON value, or the text when the
-    body is not JSON and does not say it is (as the SDK does)."""
-    body = dict(kw)
-    timeout = body.pop("timeout", None)
-    body.update(body.pop("extra_body", None) or {})
-    response: httpx2.Response = await client.post(
-        "/chat/completions", body=body, cast_to=httpx2.Response,
-        options={"timeout": timeout} if timeout is not None else {})
-    kind = response.headers.get("content-type", "").split(";")[0].strip()
-    try:
-        data = json.loads(response.content)
-    except ValueError:
-        if kind.endswith("json"):
-            raise
-        return response.text
-    if not isinstance(data, dict):
-        return data
-    reply = _Reply(data)
-    reply._request_id = response.headers.get("x-request-id")
-    return reply
-
-
 class OpenAIProvider(SDKProvider[openai.AsyncOpenAI]):
     """Kinds ``openai`` and ``openai-compatible``; one ``AsyncOpenAI`` client per endpoint."""
 
@@ -210,6 +176,8 @@ class OpenAIProvider(SDKProvider[openai.AsyncOpenAI]):
     instructor_provider = "OPENAI"
     structured_modes = _MODES
     default_structured = "json_schema"
+    lean_path = "/chat/completions"
+    request_id_header = "x-request-id"
 
     def __init__(self, rung: RungConfig) -> None:
         super().__init__(rung)
@@ -224,12 +192,6 @@ class OpenAIProvider(SDKProvider[openai.AsyncOpenAI]):
 
     def _endpoint(self, client: openai.AsyncOpenAI) -> Callable[..., Awaitable[Any]]:
         return client.chat.completions.create
-
-    def _plain_endpoint(self, client: openai.AsyncOpenAI) -> Callable[..., Awaitable[Any]]:
-        async def create(**kw: Any) -> object:
-            return await _post_chat(client, kw)
-
-        return create
 
     def _request(self, call: ModelCall, *, schema: Mapping[str, Any] | None,
                  mode: str) -> dict[str, Any]:
