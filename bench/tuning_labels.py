@@ -38,19 +38,25 @@ class Outcome:
 
     change: float
     saving: float
+    se: float = 0.0
+    """The held-out change's own standard error (paired, over the test cases): a break by less
+    than this is what the test set's noise alone gives."""
     labels: int = 0
     """Labels used: the labelled part plus those asked for."""
     asked: int = 0
     pool: int = 0
 
 
-def judge(test: OutcomeTable, setting: Setting) -> tuple[float, float]:
-    """Held-out accuracy change and saving against the best single rung on ``test``."""
+def judge(test: OutcomeTable, setting: Setting) -> tuple[float, float, float]:
+    """Held-out accuracy change, saving and the change's standard error, against the best
+    single rung on ``test``."""
     right, cost, _ = simulate(test, setting)
     acc = test.correct.mean(axis=0)
     mc = test.cost.mean(axis=0)
     best = int(np.lexsort((mc, -acc))[0])
-    return float(right.mean() - acc[best]), 1.0 - float(cost.mean()) / float(mc[best])
+    diff = right.astype(float) - test.correct[:, best].astype(float)
+    se = float(diff.std(ddof=1) / np.sqrt(test.n)) if test.n > 1 else 0.0
+    return float(right.mean() - acc[best]), 1.0 - float(cost.mean()) / float(mc[best]), se
 
 
 def label_loop(table: OutcomeTable, known: IntArray, pool: IntArray, *, drop: float,
@@ -87,8 +93,8 @@ def learning_curve(table: OutcomeTable, test: OutcomeTable | None, sizes: list[i
         for d in range(draws):
             perm = np.random.default_rng(seed + 1000 * d + n).permutation(table.n)
             st, _ = select(table.take(perm[:n]), max_accuracy_drop=drop, delta=delta)
-            ch, sv = judge(test if test is not None else table.take(perm[n:]), st)
-            res.append(Outcome(ch, sv, labels=n))
+            res.append(Outcome(*judge(test if test is not None else table.take(perm[n:]), st),
+                               labels=n))
         out[n] = res
     return out
 
@@ -116,13 +122,16 @@ def labelling(table: OutcomeTable, test: OutcomeTable | None, n_known: int, n_po
 
 
 def summarise(res: list[Outcome], drop: float) -> str:
-    """held k/n, median saving, worst change, labels (and share of the pool asked)."""
+    """held k/n (and how many breaks were beyond the test set's own standard error), median
+    saving, worst change, labels (and share of the pool asked)."""
     held = sum(r.change >= -drop - 1e-9 for r in res)
+    beyond = sum(r.change + r.se < -drop - 1e-9 for r in res)
     med = statistics.median(r.saving for r in res)
     worst = min(r.change for r in res)
     labels = statistics.median(r.labels for r in res)
     asked = ""
     if any(r.pool for r in res):
         asked = f", asked {statistics.median(r.asked / r.pool for r in res if r.pool):.0%} of pool"
-    return (f"held {held}/{len(res)}  median saving {med * 100:5.1f}%  worst {worst * 100:+.2f} "
-            f"pts  labels {labels:.0f}{asked}")
+    se = statistics.median(r.se for r in res)
+    return (f"held {held}/{len(res)} ({beyond} beyond SE)  median saving {med * 100:5.1f}%  "
+            f"worst {worst * 100:+.2f} pts  SE {se * 100:.2f}  labels {labels:.0f}{asked}")
