@@ -123,6 +123,17 @@ async def test_auto_keeps_httpx_when_a_proxy_is_set(openai_server: LoopbackServe
     assert (done.text, used) == ("4", "httpx")
 
 
+async def test_an_explicit_aiohttp_behind_a_proxy_says_it_goes_around_it(
+        openai_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    openai_server.queue(openai_reply("4"))
+    with caplog.at_level("WARNING", logger="cascade"):
+        done, used = await _complete(_rung(openai_server.base_url, "aiohttp"))
+    assert (done.text, used) == ("4", "aiohttp")
+    assert "ignoring the https proxy" in caplog.text and "'auto' or 'httpx'" in caplog.text
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_auto_takes_httpx_on_trio(openai_server: LoopbackServer) -> None:
     openai_server.queue(openai_reply("4"))

@@ -15,6 +15,7 @@ aiohttp client does not).
 
 from __future__ import annotations
 
+import logging
 import urllib.request
 from types import ModuleType
 from typing import Any, TypedDict
@@ -25,6 +26,8 @@ import sniffio
 from cascade.errors import ConfigError, ReplyTooLarge
 
 __all__ = ["capped_client", "pick_transport"]
+
+log = logging.getLogger("cascade")
 
 _DROP = {"content-encoding", "content-length", "transfer-encoding"}
 
@@ -102,9 +105,13 @@ def pick_transport(setting: str, *, rung: str) -> str:
         raise ConfigError(f"is 'aiohttp', which needs an asyncio event loop and this call runs "
                           f"on {sniffio.current_async_library()}: use 'auto' or 'httpx'",
                           source=f"rung {rung!r}", key="transport")
+    proxies = sorted(k for k in urllib.request.getproxies() if k != "no")  # no = NO_PROXY
     if setting == "auto":
-        proxied = any(scheme != "no" for scheme in urllib.request.getproxies())  # no = NO_PROXY
-        return "aiohttp" if on_asyncio and not proxied else "httpx"
+        return "aiohttp" if on_asyncio and not proxies else "httpx"
+    if setting == "aiohttp" and proxies:
+        log.warning("rung %r: transport = 'aiohttp' sends directly, ignoring the %s proxy set "
+                    "in the environment; use 'auto' or 'httpx' to go through it", rung,
+                    ", ".join(proxies))
     return setting
 
 
