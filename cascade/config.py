@@ -185,18 +185,21 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
         kw["max_reply_bytes"] = _number(d, "max_reply_bytes", source, prefix, minimum=1024,
                                         integer=True)
     rung = replace(inherit, fallbacks=(), **kw) if inherit is not None else RungConfig(**kw)
+    if rung.provider == "openai-compatible" and not rung.base_url:
+        raise ConfigError("is required when provider = 'openai-compatible'", source=source,
+                          key=prefix + "base_url")
+    if rung.base_url and rung.provider in _HTTP_KINDS:
+        _check_url(rung.base_url, source, prefix + "base_url")
+    # Priced before its fallbacks are read: they bill like the rung unless they say otherwise,
+    # and a price from the built-in table is the rung's price too (not a silent $0).
+    rung = _priced(rung, d, source, prefix, inherited=inherit is not None)
     if "fallbacks" in d:
         fbs = _expect(d["fallbacks"], list, "a list of tables", source, prefix + "fallbacks")
         rung = replace(rung, fallbacks=tuple(
             parse_rung(fb, source=source, prefix=f"{prefix}fallbacks[{i}].", inherit=rung)
             for i, fb in enumerate(fbs)
         ))
-    if rung.provider == "openai-compatible" and not rung.base_url:
-        raise ConfigError("is required when provider = 'openai-compatible'", source=source,
-                          key=prefix + "base_url")
-    if rung.base_url and rung.provider in _HTTP_KINDS:
-        _check_url(rung.base_url, source, prefix + "base_url")
-    return _priced(rung, d, source, prefix, inherited=inherit is not None)
+    return rung
 
 
 _FREE_KINDS = ("local",)

@@ -186,6 +186,27 @@ async def test_fallback_endpoint_for_the_same_rung(tmp_path: Path) -> None:
     assert "ServerError" in (ans.attempts[0].error or "")
 
 
+async def test_a_fallback_bills_like_its_rung_whose_price_is_from_the_table(
+        tmp_path: Path) -> None:
+    """A fallback that names no price bills like its rung, also when the rung's price comes
+    from the built-in table (it used to be a silent $0 that budgets let through)."""
+    cfg = _config(tmp_path)
+    cfg["rungs"][0] = {"model": "gpt-4o-mini", "provider": "openai",
+                       "fallbacks": [{"provider": "openai-compatible",
+                                      "base_url": "http://mirror/v1"}]}
+    s = Script({"gpt-4o-mini": [ServerError("down", provider="x", model="gpt-4o-mini"),
+                                ServerError("down", provider="x", model="gpt-4o-mini"),
+                                "Canberra"]})
+    c = Cascade.from_dict(cfg, verifiers=[not_idk], provider_factory=s.factory)
+    rung = c.config.rungs[0]
+    assert [(e.input_usd_per_mtok, e.output_usd_per_mtok) for e in (rung, *rung.fallbacks)] \
+        == [(0.15, 0.6), (0.15, 0.6)]
+    ans = await c.aanswer("Capital?")
+    assert ans.verified and s.count("gpt-4o-mini") == 3  # twice at the rung, once at its mirror
+    assert ans.attempts[0].endpoint == "http://mirror/v1"
+    assert ans.cost_usd == pytest.approx((10 * 0.15 + 1 * 0.6) / 1e6)
+
+
 async def test_every_rung_failing_raises_no_answer_with_trace(tmp_path: Path) -> None:
     err = ServerError("down", provider="x", model="m")
     s = Script({"small": [err], "big": [err]})

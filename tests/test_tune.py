@@ -632,3 +632,42 @@ def test_cases_needed_counts_every_rival() -> None:
     assert need is not None
     bigger = t.take(np.arange(need) % n)  # that many cases at the same rates do earn it
     assert len(select(bigger)[0].chain) > 1
+
+
+def test_tuned_toml_keeps_every_rung_setting_and_its_fallbacks(tmp_path: Path) -> None:
+    """TUNED.toml replaces the ladder a user ran: a setting it dropped (a stop sequence, the
+    structured-output mode a server needs, the transport, a failover endpoint) would change
+    what the tuned ladder does. It writes what the loader would not give back by itself."""
+    from cascade.config import parse_config
+
+    cfg = parse_config({"rungs": [
+        {"model": "gpt-4o-mini", "transport": "httpx", "stop": ["\n\n"], "max_tokens": 64,
+         "structured_output": "json_object", "check_model": True, "max_reply_bytes": 4096,
+         "extra": {"seed": 7, "opts": {"a": [1, 2]}}, "thresholds": {"confidence": 0.8},
+         "verifiers": ["confidence"], "drift_max_disagreement": 0.05,
+         "fallbacks": [
+             {"provider": "openai-compatible", "base_url": "http://127.0.0.1:8000/v1",
+              "timeout_s": 60, "api_key_env": "MIRROR_KEY"},
+             {"model": "other", "price": "unknown", "timeout_s": 5, "transport": "auto"},
+         ]},
+        {"model": "big", "provider": "anthropic", "price": "unknown", "timeout_s": 30,
+         "max_retries": 1, "name": "top"},
+    ], "verifiers": [{"name": "confidence"}]})
+    out = tmp_path / "TUNED.toml"
+    out.write_text(to_toml(cfg))
+    back = load_config(out)
+    assert back.rungs == cfg.rungs
+    assert back.rungs[0].fallbacks[0].input_usd_per_mtok == 0.15  # the rung's, from the table
+    assert "fallbacks" in out.read_text() and 'transport = "httpx"' in out.read_text()
+
+
+def test_a_tuned_rung_keeps_its_fallback_judged_with_the_tuned_thresholds() -> None:
+    from cascade.tuning.output import to_config
+
+    t = _easy(600)
+    mirror = RungConfig(model="a", base_url="http://mirror/v1", input_usd_per_mtok=1.0)
+    t = replace(t, rungs=(replace(t.rungs[0], fallbacks=(mirror,)), t.rungs[1]))
+    cfg = to_config(t, Setting((0, 1), ("confidence",), ((0.7,),)))
+    a = cfg.rungs[0]
+    assert [fb.base_url for fb in a.fallbacks] == ["http://mirror/v1"]
+    assert a.thresholds == a.fallbacks[0].thresholds == {"confidence": 0.7}

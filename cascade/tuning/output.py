@@ -63,7 +63,9 @@ def to_config(table: OutcomeTable, setting: Setting, *,
         kw: dict[str, Any] = {}
         if d is not None and _DRIFT in RungConfig.__dataclass_fields__:
             kw[_DRIFT] = round(d, 6)
-        rungs.append(replace(r, thresholds=th, fallbacks=(), verifiers=own, **kw))
+        # A fallback is the same rung at another endpoint: it is judged as the rung is.
+        fbs = tuple(replace(fb, thresholds=th, verifiers=own, **kw) for fb in r.fallbacks)
+        rungs.append(replace(r, thresholds=th, fallbacks=fbs, verifiers=own, **kw))
     if base is not None:
         return base.replace(rungs=tuple(rungs), verifiers=verifiers)
     return CascadeConfig(rungs=tuple(rungs), verifiers=verifiers, source="<tuned>")
@@ -92,26 +94,42 @@ def _toml_key(k: str) -> str:
     return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
 
 
-def _rung_table(r: RungConfig) -> dict[str, Any]:
-    d: dict[str, Any] = {"model": r.model, "provider": r.provider}
-    if r.name:
-        d["name"] = r.name
-    for k in ("base_url", "api_key_env", "max_retries", _DRIFT):
-        if getattr(r, k, None) is not None:
-            d[k] = getattr(r, k)
+_ALWAYS = ("max_tokens", "temperature", "timeout_s", "logprobs")
+"""Written for every rung even at their defaults: what a reader of TUNED.toml looks for."""
+_PRICE = ("price", "input_usd_per_mtok", "output_usd_per_mtok")
+_DEFAULT_RUNG = RungConfig(model="")
+
+
+def _price_keys(r: RungConfig) -> dict[str, Any]:
     if r.price == "unknown":  # never a silent $0 that every cap and budget would let pass
-        d["price"] = "unknown"
+        return {"price": "unknown"}
+    return {"input_usd_per_mtok": r.input_usd_per_mtok,
+            "output_usd_per_mtok": r.output_usd_per_mtok}
+
+
+def _rung_table(r: RungConfig, parent: RungConfig | None = None) -> dict[str, Any]:
+    """Every setting of ``r`` that the loader would not give it anyway: for a rung, what
+    differs from the defaults; for one of its ``fallbacks`` (``parent`` given), what differs
+    from the rung, since a fallback inherits every key it does not set."""
+    ref = parent or _DEFAULT_RUNG
+    d: dict[str, Any] = {} if parent else {"model": r.model, "provider": r.provider}
+    if parent is None or any(getattr(r, k) != getattr(parent, k) for k in _PRICE):
+        price = _price_keys(r)
     else:
-        d.update(input_usd_per_mtok=r.input_usd_per_mtok,
-                 output_usd_per_mtok=r.output_usd_per_mtok)
-    d.update(max_tokens=r.max_tokens, temperature=r.temperature, timeout_s=r.timeout_s,
-             logprobs=r.logprobs)
-    if r.verifiers is not None:
-        d["verifiers"] = list(r.verifiers)
-    if r.thresholds:
-        d["thresholds"] = dict(r.thresholds)
-    if r.extra:
-        d["extra"] = dict(r.extra)
+        price = {}
+    for f in RungConfig.__dataclass_fields__:
+        value = getattr(r, f)
+        if f in d or f in _PRICE or f == "fallbacks" or value is None:
+            continue
+        if value != getattr(ref, f) or (parent is None and f in _ALWAYS):
+            d[f] = dict(value) if isinstance(value, Mapping) else \
+                list(value) if isinstance(value, tuple) else value
+        if f == "max_retries" or (f == _DRIFT and not price):
+            d.update(price)  # the price where it has always been written: after these
+            price = {}
+    d.update(price)
+    if r.fallbacks:
+        d["fallbacks"] = [_rung_table(fb, r) for fb in r.fallbacks]
     return d
 
 
