@@ -671,3 +671,28 @@ def test_a_tuned_rung_keeps_its_fallback_judged_with_the_tuned_thresholds() -> N
     a = cfg.rungs[0]
     assert [fb.base_url for fb in a.fallbacks] == ["http://mirror/v1"]
     assert a.thresholds == a.fallbacks[0].thresholds == {"confidence": 0.7}
+
+
+def test_tuned_toml_keeps_the_server_and_store_tables(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cascade serve --config TUNED.toml`` must not lose its client keys, audit log or
+    shared budgets to a tuning."""
+    from cascade.config import parse_config
+
+    monkeypatch.setenv("WEB_KEY", "k-web-test")
+
+    server = {"name": "prod", "audit_log": "/var/log/cascade.jsonl",
+              "clients": [{"name": "web", "key_env": "WEB_KEY", "budget_key": "web",
+                           "max_cost_usd": 0.5}]}
+    store = {"url": "redis://127.0.0.1:6379/0", "password_env": "REDIS_PASSWORD",
+             "budgets_on_outage": "fail-open", "journal_dir": "/var/lib/cascade"}
+    cfg = parse_config({"rungs": [{"model": "gpt-4o-mini"}], "server": server, "store": store})
+    out = tmp_path / "TUNED.toml"
+    out.write_text(to_toml(cfg))
+    back = load_config(out)
+    assert (dict(back.server), dict(back.store)) == (server, store)
+    from cascade.serve.config import parse_server
+    from cascade.store.config import parse_store
+
+    assert parse_server(back) == parse_server(cfg)
+    assert parse_store(back.store) == parse_store(cfg.store)

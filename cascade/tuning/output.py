@@ -158,5 +158,13 @@ def to_toml(config: CascadeConfig, *, header: str = "") -> str:
                  if getattr(section, k) != getattr(default, k) and getattr(section, k) is not None}
         if items:
             lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(x)}" for k, x in items.items()]
+    # The service's and the shared store's tables as the user wrote them (their modules
+    # validate them on load): a tuned ladder served from TUNED.toml keeps its client keys,
+    # audit log and shared budgets. ``[router]`` is the tuning's own to write.
+    for name in ("server", "store"):
+        table = getattr(config, name)
+        if table:
+            lines += ["", f"[{name}]"] + [f"{_toml_key(k)} = {_toml_value(x)}"
+                                          for k, x in table.items()]
     return "\n".join(lines).lstrip("\n") + "\n"
 
