@@ -7,10 +7,10 @@ the cap as surely as an endless chunked body does, and long before the request's
 
 Which client is the rung's ``transport``: ``httpx`` (the SDK's default) or the SDK's
 ``aiohttp`` option (``DefaultAioHttpClient``: the same httpx interface over aiohttp's C HTTP
-parser, about 0.5 ms less CPU a call, which is most of what ``cascade serve`` adds to a
-request). ``auto`` takes aiohttp where it is exact: on an asyncio loop (aiohttp has no trio)
-and with no proxy in the environment (httpx honours ``HTTPS_PROXY`` and the like; the SDK's
-aiohttp client does not).
+parser: 0.2-0.4 ms off each request ``cascade serve`` passes on, in bench/serve.py, where the
+outbound call was most of what the service adds). ``auto`` takes aiohttp where it is exact:
+on an asyncio loop (aiohttp has no trio) and with no proxy in the environment (httpx honours
+``HTTPS_PROXY`` and the like; the SDK's aiohttp client does not).
 """
 
 from __future__ import annotations
