@@ -185,6 +185,10 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
         kw["max_reply_bytes"] = _number(d, "max_reply_bytes", source, prefix, minimum=1024,
                                         integer=True)
     rung = replace(inherit, fallbacks=(), **kw) if inherit is not None else RungConfig(**kw)
+    if inherit is not None and "api_key_env" not in d and (
+            rung.provider, rung.base_url) != (inherit.provider, inherit.base_url):
+        # A key belongs to its endpoint: a fallback elsewhere names its own (or sends none).
+        rung = replace(rung, api_key_env=None)
     if rung.provider == "openai-compatible" and not rung.base_url:
         raise ConfigError("is required when provider = 'openai-compatible'", source=source,
                           key=prefix + "base_url")

@@ -21,7 +21,9 @@ from cascade import (
     RungConfig,
     VerifyContext,
 )
+from cascade.config import parse_config
 from cascade.testing import FunctionProvider, Script
+from tests.loopback import LoopbackServer, free_port, openai_reply
 
 pytestmark = pytest.mark.anyio
 
@@ -243,3 +245,36 @@ async def test_a_huge_prompt_is_counted_off_the_event_loop(tmp_path: Path) -> No
         done = True
     assert ans.text == "ok"
     assert during >= 5  # the loop ran other tasks while the prompt was counted
+
+
+async def test_a_fallback_at_another_endpoint_never_gets_the_rungs_key(
+        openai_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fallback inherits what it does not set, but not the key variable when it points
+    elsewhere: the README's own example (an Anthropic rung failing over to a local server)
+    used to send the Anthropic key, in plain HTTP, to whatever listened there."""
+    secret = "sk-ant-FALLBACK-LEAK-0123456789"
+    monkeypatch.setenv("CASCADE_TEST_ANTHROPIC_KEY", secret)
+    openai_server.queue(openai_reply("Canberra"))
+    c = Cascade.from_dict({
+        "rungs": [{"model": "claude-sonnet-4-5", "provider": "anthropic",
+                   "api_key_env": "CASCADE_TEST_ANTHROPIC_KEY",
+                   "base_url": f"http://127.0.0.1:{free_port()}", "max_retries": 0,
+                   "fallbacks": [{"provider": "openai-compatible",
+                                  "base_url": openai_server.base_url}]}],
+        "cache": {"enabled": False}})
+    try:
+        ans = await c.aanswer("Capital of Australia?")
+    finally:
+        await c.aclose()
+    assert ans.text == "Canberra" and ans.attempts[0].endpoint == openai_server.base_url
+    sent = openai_server.requests[0].headers.get("authorization", "")
+    assert secret not in sent and sent  # the local server's dummy key, not the Anthropic one
+    assert c.config.rungs[0].fallbacks[0].api_key_env is None
+
+
+def test_a_fallback_at_the_same_endpoint_keeps_the_key_variable() -> None:
+    cfg = parse_config({"rungs": [{"model": "gpt-4o-mini", "api_key_env": "MY_KEY",
+                                   "fallbacks": [{"model": "gpt-4o-mini-2024-07-18"},
+                                                 {"base_url": "https://eu.example/v1",
+                                                  "api_key_env": "EU_KEY"}]}]})
+    assert [f.api_key_env for f in cfg.rungs[0].fallbacks] == ["MY_KEY", "EU_KEY"]
