@@ -270,6 +270,7 @@ def record_call(attempt: Attempt, result: CallResult) -> None:
         attempt.error = "failed over: " + " | ".join(result.failover_errors)
     attempt.text = completion.text
     attempt.finish_reason = completion.finish_reason
+    attempt.stop_sequence = completion.stop_sequence
     attempt.input_tokens, attempt.output_tokens = completion.input_tokens, completion.output_tokens
     attempt.cost_usd = used.cost_usd(completion.input_tokens, completion.output_tokens)
 

@@ -73,6 +73,8 @@ class Attempt:
     tries: int = 0
     """Model calls made for this rung, retries and failover included."""
     finish_reason: str | None = None
+    stop_sequence: str | None = None
+    """Which of the request's stop sequences ended the answer, when the provider said."""
     note: str | None = None
     """Why the climb went this way here: the router's reason, a load-aware endpoint choice."""
     started_at: float = 0.0

@@ -166,3 +166,63 @@ def test_an_error_after_the_stream_began_is_an_anthropic_error_event(
     assert err["type"] == "error" and err["error"]["type"] == "unverified_answer"
     assert not any("content_block" in e for e in events)
     assert "unverified" in str(ei.value)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_sequence_that_ended_the_answer_is_reported(
+        tmp_path: Path, anthropic_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch,
+        stream: bool) -> None:
+    """Anthropic rungs say which stop sequence ended the answer; the service passes it on as
+    Anthropic's ``stop_reason: "stop_sequence"`` with the sequence, streamed or not."""
+    from cascade.config import parse_config
+    from tests.loopback import Reply, anthropic_message
+
+    monkeypatch.setenv("CASCADE_TEST_MESSAGES_KEY", "sk-ant-test")
+    anthropic_server.script(lambda req: Reply(json={
+        **anthropic_message("Paris", model=req.json["model"], stop_reason="stop_sequence"),
+        "stop_sequence": req.json["stop_sequences"][0]}))
+    cfg = parse_config({"rungs": [{"model": "claude-test", "provider": "anthropic",
+                                   "base_url": anthropic_server.base_url, "price": "unknown",
+                                   "api_key_env": "CASCADE_TEST_MESSAGES_KEY"}],
+                        "cache": {"enabled": False}})
+    with serving(create_app(cfg)) as url:
+        client = _client(url)
+        args: Any = {"model": "cascade", "max_tokens": 64, "messages": QUESTION,
+                     "stop_sequences": ["\n\n", "END"]}
+        if stream:
+            with client.messages.stream(**args) as s:
+                m = s.get_final_message()
+        else:
+            m = client.messages.create(**args)
+    assert (m.stop_reason, m.stop_sequence) == ("stop_sequence", "\n\n")
+    assert anthropic_server.requests[0].json["stop_sequences"] == ["\n\n", "END"]
+
+
+def test_a_vllm_stop_reason_names_the_sequence_and_chat_still_says_stop(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """vLLM puts the stop string that matched in ``choices[0].stop_reason``: the messages
+    endpoint reports it; the chat endpoint's ``finish_reason`` stays OpenAI's ``stop``. A
+    ``stop_reason`` that is not one of the request's sequences (a token id) is not taken."""
+    import openai
+
+    from tests.loopback import Reply, openai_chat
+
+    def handle(req: Any) -> Reply:
+        body = openai_chat("Paris", model=req.json["model"])
+        body["choices"][0]["stop_reason"] = "END" if "END" in req.json.get("stop", []) else 7
+        return Reply(json=body)
+
+    openai_server.script(handle)
+    cfg = ladder(tmp_path, openai_server.base_url, models=("small",), verifiers=[])
+    with serving(create_app(cfg)) as url:
+        m = _client(url).messages.create(model="cascade", max_tokens=64, messages=QUESTION,
+                                         stop_sequences=["END"])
+        other = _client(url).messages.create(model="cascade", max_tokens=64, messages=QUESTION)
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as oc:
+            chat = oc.chat.completions.create(model="cascade", stop=["END"], messages=[
+                {"role": "user", "content": "What is the capital of France?"}])
+    assert (m.stop_reason, m.stop_sequence) == ("stop_sequence", "END")
+    assert (other.stop_reason, other.stop_sequence) == ("end_turn", None)
+    assert chat.choices[0].finish_reason == "stop"
+    trace = (chat.model_extra or {})["cascade"]
+    assert trace["attempts"][0]["stop_sequence"] == "END"

@@ -97,6 +97,8 @@ def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
     text, input_tokens, output_tokens = _read(reply, where)
     model = attr(reply, "model")
     request_id = getattr(reply, "_request_id", None)
+    stopped = attr(reply, "stop_sequence") if attr(reply, "stop_reason") == "stop_sequence" \
+        else None
     return Completion(
         text=text,
         model=model if isinstance(model, str) and model else call.model,
@@ -108,6 +110,7 @@ def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
         parse_error=parse_error,
         latency_ms=(time.perf_counter() - start) * 1000.0,
         provider_request_id=request_id if isinstance(request_id, str) else None,
+        stop_sequence=stopped if isinstance(stopped, str) and stopped else None,
     )
 
 

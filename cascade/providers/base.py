@@ -74,6 +74,9 @@ class Completion:
     """Why structured output did not validate (the candidate is still returned, unparsed)."""
     latency_ms: float = 0.0
     provider_request_id: str | None = None
+    stop_sequence: str | None = None
+    """Which stop sequence ended the answer, when the server says (Anthropic's
+    ``stop_sequence``; vLLM's ``stop_reason``); None when it ended otherwise or did not say."""
 
 
 class Provider(ABC):

@@ -147,6 +147,13 @@ def _usage(usage: object) -> tuple[int, int] | None:
     return (p, c) if p is not None and c is not None else None
 
 
+def _stops(call: ModelCall) -> tuple[str, ...]:
+    """The stop sequences the request was sent with: the rung's and a request's own (which
+    the service passes as ``extra.stop``)."""
+    more = call.extra.get("stop") or ()
+    return (*call.stop, *([more] if isinstance(more, str) else more))
+
+
 def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
                 parsed: Any = None, parse_error: str | None = None) -> Completion:
     text, choice, usage = _read(reply, where)
@@ -154,6 +161,7 @@ def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
     assert tokens is not None  # _read checked them
     model = attr(reply, "model")
     request_id = getattr(reply, "_request_id", None)
+    stopped = attr(choice, "stop_reason")  # vLLM: the stop string that matched (or a token id)
     return Completion(
         text=text,
         model=model if isinstance(model, str) and model else call.model,
@@ -165,6 +173,7 @@ def _completion(reply: object, call: ModelCall, where: Where, start: float, *,
         parse_error=parse_error,
         latency_ms=(time.perf_counter() - start) * 1000.0,
         provider_request_id=request_id if isinstance(request_id, str) else None,
+        stop_sequence=stopped if isinstance(stopped, str) and stopped in _stops(call) else None,
     )
 
 

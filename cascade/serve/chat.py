@@ -43,7 +43,7 @@ from cascade.trace import Answer, Attempt
 
 __all__ = ["Render", "answer_headers", "answer_request", "caller_trace", "check_request",
            "finish_reason", "progress_comment", "refusal_reason", "refuse_unsupported", "router",
-           "stream_answer", "trace_of", "usage_of", "wire_error"]
+           "stop_sequence", "stream_answer", "trace_of", "usage_of", "wire_error"]
 
 router = APIRouter()
 
@@ -95,6 +95,12 @@ def _chosen(answer: Answer) -> Attempt | None:
 def finish_reason(answer: Answer) -> str:
     a = _chosen(answer)
     return (a.finish_reason if a is not None else None) or "stop"
+
+
+def stop_sequence(answer: Answer) -> str | None:
+    """The stop sequence that ended the answer given, when its provider said which."""
+    a = _chosen(answer)
+    return a.stop_sequence if a is not None else None
 
 
 def wire_error(e: BaseException) -> APIError:

@@ -8,12 +8,13 @@ blocks are a 400 naming the block, never dropped. ``cache_control`` on a block i
 ignored (it is a provider-side caching hint; the cascade has its own cache).
 
 The reply is a ``message`` with one text block, ``stop_reason`` ``max_tokens`` when the
-accepting rung was cut off and ``end_turn`` otherwise, ``usage`` summed over every call, and the
-``cascade`` trace; errors are Anthropic's ``{"type": "error", "error": {...}}`` with the same
-statuses as the chat endpoint (budget 429, no answer 502, deadline 504) and the cascade's own
-error types. Streaming sends the verified answer as Anthropic's event sequence
-(``message_start`` … ``message_stop``) once the climb is over, with the same progress comments
-as the chat endpoint while it climbs.
+accepting rung was cut off, ``stop_sequence`` (with the sequence) when one of the request's
+stop sequences ended it and the rung's server said which (Anthropic does, and vLLM), and
+``end_turn`` otherwise, ``usage`` summed over every call, and the ``cascade`` trace; errors are
+Anthropic's ``{"type": "error", "error": {...}}`` with the same statuses as the chat endpoint
+(budget 429, no answer 502, deadline 504) and the cascade's own error types. Streaming sends
+the verified answer as Anthropic's event sequence (``message_start`` … ``message_stop``) once
+the climb is over, with the same progress comments as the chat endpoint while it climbs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cascade.serve.chat import (
     caller_trace,
     finish_reason,
     refuse_unsupported,
+    stop_sequence,
     trace_of,
     usage_of,
 )
@@ -108,6 +110,8 @@ def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
 
 
 def _stop_reason(answer: Answer) -> str:
+    if stop_sequence(answer) is not None:
+        return "stop_sequence"
     return _STOP.get(finish_reason(answer), "end_turn")
 
 
@@ -117,6 +121,7 @@ def _message(answer: Answer, ladder: str, *, streamed: bool = False) -> Messages
         id=f"msg_{answer.request_id}", model=answer.model,
         content=[] if streamed else [AnthropicText(text=answer.text)],
         stop_reason=None if streamed else _stop_reason(answer),
+        stop_sequence=None if streamed else stop_sequence(answer),
         usage=AnthropicUsage(input_tokens=usage.prompt_tokens,
                              output_tokens=0 if streamed else usage.completion_tokens),
         cascade=trace_of(answer, ladder))
@@ -139,7 +144,7 @@ def _render(ladder: str) -> Render:
             _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
             _event("message_delta", {
                 "type": "message_delta",
-                "delta": {"stop_reason": _stop_reason(a), "stop_sequence": None},
+                "delta": {"stop_reason": _stop_reason(a), "stop_sequence": stop_sequence(a)},
                 "usage": {"output_tokens": usage_of(a).completion_tokens}}),
             _event("message_stop", {"type": "message_stop"}),
         ]
