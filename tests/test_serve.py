@@ -283,6 +283,23 @@ def test_request_options_pass_through_to_every_rung(
         assert (q["max_tokens"], q["temperature"], q["stop"]) == (17, 0.4, ["\n\n"])
 
 
+def test_a_requests_stop_sequences_join_the_rungs_own(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """A rung's ``stop`` is sent with every call (an end marker its model needs): a client's
+    own stop sequences are added to it, not put in its place."""
+    from dataclasses import replace
+
+    openai_server.script(echo_handler(refuse=()))
+    cfg = ladder(tmp_path, openai_server.base_url, models=("small",))
+    cfg = replace(cfg, rungs=(replace(cfg.rungs[0], stop=("<|end|>",)),))
+    with serving(create_app(cfg)) as url:
+        _client(url).chat.completions.create(model="cascade", messages=MESSAGES,
+                                             stop=["\n\n", "<|end|>"])
+        _client(url).chat.completions.create(model="cascade", messages=MESSAGES)
+    assert [q.json["stop"] for q in openai_server.requests] == [["<|end|>", "\n\n"],
+                                                                 ["<|end|>"]]
+
+
 def test_json_schema_response_format_adds_the_schema_verifier(
         tmp_path: Path, openai_server: LoopbackServer) -> None:
     openai_server.script(echo_handler(replies={"small": "Paris, of course",

@@ -72,12 +72,12 @@ def _secret_envs(config: CascadeConfig, client_envs: Sequence[str]) -> list[str]
 
 def _adjust(r: RungConfig, cap: int | None, temperature: float | None,
             stop: tuple[str, ...] | None) -> RungConfig:
-    extra = dict(r.extra)
-    if stop is not None:
-        extra["stop_sequences" if r.provider == "anthropic" else "stop"] = list(stop)
+    """The rung for a request's own settings. Its stop sequences join the rung's (which are
+    sent with every call: an end marker a model needs must not be dropped by a client's)."""
     return replace(
         r, max_tokens=min(r.max_tokens, cap) if cap is not None else r.max_tokens,
-        temperature=r.temperature if temperature is None else temperature, extra=extra,
+        temperature=r.temperature if temperature is None else temperature,
+        stop=tuple(dict.fromkeys((*r.stop, *stop))) if stop is not None else r.stop,
         fallbacks=tuple(_adjust(f, cap, temperature, stop) for f in r.fallbacks))
 
 
