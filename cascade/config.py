@@ -196,7 +196,7 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
         _check_url(rung.base_url, source, prefix + "base_url")
     # Priced before its fallbacks are read: they bill like the rung unless they say otherwise,
     # and a price from the built-in table is the rung's price too (not a silent $0).
-    rung = _priced(rung, d, source, prefix, inherited=inherit is not None)
+    rung = _priced(rung, d, source, prefix, parent=inherit)
     if "fallbacks" in d:
         fbs = _expect(d["fallbacks"], list, "a list of tables", source, prefix + "fallbacks")
         rung = replace(rung, fallbacks=tuple(
@@ -211,9 +211,11 @@ _FREE_KINDS = ("local",)
 
 
 def _priced(rung: RungConfig, d: Mapping[str, Any], source: str, prefix: str, *,
-            inherited: bool) -> RungConfig:
+            parent: RungConfig | None) -> RungConfig:
     """One rule: every rung has a price, from its config, the built-in table, or an explicit
-    ``price = "unknown"``. A silent $0 would let every cap and budget pass unnoticed."""
+    ``price = "unknown"``. A silent $0 would let every cap and budget pass unnoticed. A
+    fallback (``parent`` given) bills like its rung unless it says otherwise, or names another
+    model that the table prices."""
     explicit = "input_usd_per_mtok" in d or "output_usd_per_mtok" in d
     if "price" in d:
         if d["price"] != "unknown":
@@ -227,11 +229,12 @@ def _priced(rung: RungConfig, d: Mapping[str, Any], source: str, prefix: str, *,
         return replace(rung, price="unknown", input_usd_per_mtok=0.0, output_usd_per_mtok=0.0)
     if explicit:
         return replace(rung, price=None)
-    if inherited:
-        return rung  # a fallback bills like its rung unless it says otherwise
     price = lookup_price(rung.model)
+    if parent is not None and (rung.model == parent.model or price is None):
+        return rung
     if price is not None:
-        return replace(rung, input_usd_per_mtok=price[0], output_usd_per_mtok=price[1])
+        return replace(rung, price=None, input_usd_per_mtok=price[0],
+                       output_usd_per_mtok=price[1])
     if rung.provider in _FREE_KINDS:
         return rung
     raise ConfigError(

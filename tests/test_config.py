@@ -126,3 +126,19 @@ def test_identity_excludes_secrets_and_labels() -> None:
     assert a.identity() == b.identity()
     c = parse_config({"rungs": [{"model": "gpt-4o", "temperature": 0.5}]})
     assert c.identity() != a.identity()
+
+
+def test_a_fallback_bills_at_its_own_models_table_price() -> None:
+    """A fallback to another model the price table knows must not bill at its rung's (a
+    gpt-4o fallback under gpt-4o-mini was billed 16x too low); one that does not name a model,
+    or names one the table lacks, bills like its rung (as documented)."""
+    cfg = parse_config({"rungs": [
+        {"model": "gpt-4o-mini", "fallbacks": [
+            {"model": "gpt-4o"}, {"model": "my-finetune"},
+            {"provider": "openai-compatible", "base_url": "http://127.0.0.1:8000/v1"},
+            {"model": "gpt-4o", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 4.0}]},
+        {"model": "house", "price": "unknown", "fallbacks": [{"model": "gpt-4o"}]}]})
+    prices = [[(f.input_usd_per_mtok, f.output_usd_per_mtok, f.price) for f in r.fallbacks]
+              for r in cfg.rungs]
+    assert prices == [[(2.5, 10.0, None), (0.15, 0.6, None), (0.15, 0.6, None),
+                       (1.0, 4.0, None)], [(2.5, 10.0, None)]]
