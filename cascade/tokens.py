@@ -148,11 +148,17 @@ def estimate_tokens(messages: Sequence[Message], model: str) -> int:
 
 
 def estimate_cost(rung: RungConfig, messages: Sequence[Message]) -> float:
-    """The most a call to ``rung`` can cost in USD: estimated input plus ``max_tokens`` output.
+    """The most a call to ``rung`` can cost in USD: estimated input plus ``max_tokens`` output,
+    at the dearest of its endpoints (a failover may land on any of its ``fallbacks``, so a cap
+    or a budget reservation made from this estimate holds whichever answers).
 
     Local GGUF models use their own tokenizers, which no tiktoken encoding matches: for them the
     documented character estimate is used directly, with nothing to warn about.
     """
-    tokens = (fallback_tokens(messages) if rung.provider == "local"
-              else estimate_tokens(messages, rung.model))
-    return rung.cost_usd(tokens, rung.max_tokens)
+    return max(_estimate_one(e, messages) for e in (rung, *rung.fallbacks))
+
+
+def _estimate_one(endpoint: RungConfig, messages: Sequence[Message]) -> float:
+    tokens = (fallback_tokens(messages) if endpoint.provider == "local"
+              else estimate_tokens(messages, endpoint.model))
+    return endpoint.cost_usd(tokens, endpoint.max_tokens)

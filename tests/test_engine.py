@@ -9,6 +9,7 @@ import pytest
 
 from cascade import (
     Answer,
+    BudgetExceeded,
     Cascade,
     NoAnswerError,
     ServerError,
@@ -224,6 +225,25 @@ async def test_max_cost_skips_rungs_that_would_exceed(tmp_path: Path) -> None:
     assert not ans.verified and ans.model == "small"
     assert ans.attempts[1].status == "skipped" and "budget" in (ans.attempts[1].error or "")
     assert s.count("big") == 0
+
+
+async def test_a_cap_holds_whichever_endpoint_answers(tmp_path: Path) -> None:
+    """A rung's estimate is its dearest endpoint's: a cap that its own price fits but its
+    fallback's does not skips it, since a failover would pass the cap; a cheaper fallback
+    changes nothing."""
+    cfg = _config(tmp_path)
+    cfg["rungs"][0]["fallbacks"] = [{"model": "small-dear", "input_usd_per_mtok": 10.0,
+                                     "output_usd_per_mtok": 20.0}]
+    s = Script({"small": ["Canberra"], "small-dear": ["Canberra"], "big": ["Canberra"]})
+    c = Cascade.from_dict(cfg, verifiers=[not_idk], provider_factory=s.factory)
+    # small: 512 output tokens x $2/Mtok ~ $0.001; its fallback and big ~ $0.01
+    with pytest.raises(BudgetExceeded, match=r"no rung fits.*\$0\.0103.*\$0\.0103"):
+        await c.aanswer("Capital?", max_cost_usd=0.005, cache=False)
+    assert s.count("small") == s.count("small-dear") == s.count("big") == 0
+    cfg["rungs"][0]["fallbacks"] = [{"model": "small-mirror"}]
+    c = Cascade.from_dict(cfg, verifiers=[not_idk], provider_factory=s.factory)
+    ans = await c.aanswer("Capital?", max_cost_usd=0.005, cache=False)
+    assert ans.verified and ans.model == "small"
 
 
 async def test_answer_many_keeps_order_and_isolates_failures(tmp_path: Path) -> None:

@@ -93,6 +93,12 @@ def test_estimate_cost_prices_input_and_full_output() -> None:
         (9 * 2.5 + 100 * 10.0) / 1e6)
     free = RungConfig(model="local", max_tokens=100)
     assert estimate_cost(free, user("hello world")) == 0.0
+    # a failover may land on any endpoint: the estimate is the dearest one's
+    with_fallbacks = RungConfig(model="gpt-4o-mini", input_usd_per_mtok=0.15,
+                                output_usd_per_mtok=0.6, max_tokens=100,
+                                fallbacks=(rung, free))
+    assert estimate_cost(with_fallbacks, user("hello world")) == estimate_cost(
+        rung, user("hello world"))
 
 
 def test_warm_up_reports_availability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
