@@ -148,8 +148,8 @@ def _usage(usage: object) -> tuple[int, int] | None:
 
 
 def _stops(call: ModelCall) -> tuple[str, ...]:
-    """The stop sequences the request was sent with: the rung's and a request's own (which
-    the service passes as ``extra.stop``)."""
+    """The stop sequences the call was sent with: the rung's (which a served request's own
+    join) and any a config puts in ``extra.stop``."""
     more = call.extra.get("stop") or ()
     return (*call.stop, *([more] if isinstance(more, str) else more))
 
