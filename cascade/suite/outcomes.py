@@ -256,10 +256,11 @@ def is_shared_outcomes(path: str | os.PathLike[str]) -> bool:
 
 
 def _read_ladder(paths: Sequence[Path], chains: set[str],
-                 models: Sequence[str]) -> Mapping[str, Any]:
-    """The ``ladder-<chain>.json`` beside the files; without one (a file not named after its
-    chain, or no ladder file), the models as rungs of unknown price: the recorded
-    ``cost_usd`` still decides the order and the saving, and the tuned file says so."""
+                 models: Sequence[str]) -> tuple[Mapping[str, Any], str]:
+    """The ``ladder-<chain>.json`` beside the files, and where it came from; without one (a
+    file not named after its chain, or no ladder file), the models as rungs of unknown price:
+    the recorded ``cost_usd`` still decides the order and the saving, and the tuned file says
+    so."""
     if len(chains) > 1:
         raise ConfigError(f"files come from different ladders {sorted(chains)}; tune one "
                           "ladder at a time", source=", ".join(map(str, paths)))
@@ -271,8 +272,8 @@ def _read_ladder(paths: Sequence[Path], chains: set[str],
             except (OSError, ValueError) as e:
                 raise ConfigError(f"cannot read the ladder: {e}", source=str(ladder_file)
                                   ) from None
-            return ladder
-    return {"ladder": [{"model": m, "price": "unknown"} for m in models]}
+            return ladder, str(ladder_file)
+    return {"ladder": [{"model": m, "price": "unknown"} for m in models]}, "<recorded models>"
 
 
 def _ladder_rungs(ladder: Mapping[str, Any], logprobs: bool) -> dict[str, RungConfig]:
@@ -328,11 +329,11 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
         raise ConfigError("no cases", source=", ".join(map(str, ps)))
     models = list(rows[0][1]["outcomes"])
     logprobs = sources == {"answer_logprob"}
-    by_model = _ladder_rungs(_read_ladder(ps, chains, models), logprobs)
+    ladder, ladder_source = _read_ladder(ps, chains, models)
+    by_model = _ladder_rungs(ladder, logprobs)
     missing = [x for x in models if x not in by_model]
     if missing:
-        raise ConfigError(f"the ladder file has no entry for {missing}",
-                          source=str(ps[0].with_name(f"ladder-{next(iter(chains))}.json")))
+        raise ConfigError(f"the ladder file has no entry for {missing}", source=ladder_source)
     n, r = len(rows), len(models)
     correct = np.zeros((n, r), dtype=bool)
     labelled = np.ones(n, dtype=bool)
