@@ -114,9 +114,7 @@ def _rung_table(r: RungConfig, parent: RungConfig | None = None) -> dict[str, An
     ref = parent or _DEFAULT_RUNG
     d: dict[str, Any] = {} if parent else {"model": r.model, "provider": r.provider}
     if parent is None or any(getattr(r, k) != getattr(parent, k) for k in _PRICE):
-        price = _price_keys(r)
-    else:
-        price = {}
+        d.update(_price_keys(r))
     for f in RungConfig.__dataclass_fields__:
         value = getattr(r, f)
         if f in d or f in _PRICE or f == "fallbacks" or value is None:
@@ -124,10 +122,6 @@ def _rung_table(r: RungConfig, parent: RungConfig | None = None) -> dict[str, An
         if value != getattr(ref, f) or (parent is None and f in _ALWAYS):
             d[f] = dict(value) if isinstance(value, Mapping) else \
                 list(value) if isinstance(value, tuple) else value
-        if f == "max_retries" or (f == _DRIFT and not price):
-            d.update(price)  # the price where it has always been written: after these
-            price = {}
-    d.update(price)
     if r.fallbacks:
         d["fallbacks"] = [_rung_table(fb, r) for fb in r.fallbacks]
     return d

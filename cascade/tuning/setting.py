@@ -66,7 +66,6 @@ def scoring_keys(table: OutcomeTable) -> tuple[str, ...]:
     return tuple(sorted(k for k, v in table.scores.items() if not np.isnan(v).all()))
 
 
-
 def prune(setting: Setting) -> Setting:
     """Drop early rungs that can never accept: they would only add cost. A rung whose answer
     the next rung's agreement gate compares with is a witness and stays."""

@@ -82,7 +82,6 @@ def shift_check(table: OutcomeTable, *, max_drop: float, delta: float, seed: int
     }
 
 
-
 def shift_breaks(sh: dict[str, Any]) -> bool:
     """Whether a :func:`shift_check` says the promise breaks on groups the tuning did not see:
     on some fold, by more than that fold's own standard error (noise alone is no shift), or it

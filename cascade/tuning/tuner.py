@@ -66,9 +66,10 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
                                          agreement=agreement)
         if shift or shift_guard:
             sh = shift_check(table, max_drop=drop, delta=delta, seed=seed)
-    guarded = choice if sh is None or not shift_guard else _guard_shift(table, choice, ref,
-                                                                         sh, drop)
-    refused, choice = guarded is not choice, guarded
+    refused = False
+    if shift_guard and sh is not None:
+        guarded = _guard_shift(table, choice, ref, sh, drop)
+        refused, choice = guarded is not choice, guarded
     setting = choice.setting
     notes: list[str] = []
     if not choice.passed:
