@@ -93,11 +93,15 @@ def _accepts(table: OutcomeTable, config: CascadeConfig, cols: list[int]
 
 def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
     """Accuracy, mean cost, savings against every single rung, escalation per rung, and each
-    rung's verifier precision/recall, for ``config`` replayed on ``table``. Unlabelled cases
-    have no grade to replay: they are left out (and counted as ``unlabelled_skipped``)."""
+    rung's verifier precision/recall, for ``config`` replayed on ``table``.
+
+    Unlabelled cases have no grade: accuracy, precision and recall leave them out (``cases``
+    counts the graded ones, ``unlabelled_skipped`` the others). Where each case exits and what
+    it costs need no grade, so cost, savings, escalation and the verified rate are over every
+    case (``cases_replayed``), as ``cascade tune`` reports them: TUNED.toml replays its cost.
+    """
+    lab = table.is_labelled
     skipped = table.n - table.n_labelled
-    if skipped:
-        table = table.take(np.nonzero(table.is_labelled)[0])
     cols = _columns(table, config)
     acc = _accepts(table, config, cols)
     k, n = len(cols), table.n
@@ -120,14 +124,16 @@ def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
         forced = np.concatenate([acc[:, :-1], np.ones((n, 1), dtype=bool)], axis=1)
         exit_pos = np.argmax(forced, axis=1)
         cost = np.cumsum(table.cost[:, cols], axis=1)[rows, exit_pos]
-    right = right_k[rows, exit_pos]
+    right = right_k[rows, exit_pos][lab]
+    graded = int(lab.sum())
     verified = acc[rows, exit_pos]
     mean_cost = float(cost.mean()) if n else 0.0
     per_rung = []
     for p, rung in enumerate(config.rungs):
         reached = (exit_pos >= p) & ~skipped_by_router[:, p]
         a = acc[reached, p]
-        r = right_k[reached, p]
+        a_lab = acc[reached & lab, p]
+        r = right_k[reached & lab, p]
         n_reached = int(reached.sum())
         per_rung.append({
             "rung": rung.label,
@@ -135,29 +141,32 @@ def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
             "accepted": int(a.sum()),
             "escalation_rate": (float(1 - a.mean()) if p < k - 1 and n_reached else 0.0),
             "unverified_rate": (float(1 - a.mean()) if p == k - 1 and n_reached else 0.0),
-            "precision": float(r[a].mean()) if a.any() else None,
-            "recall": float(a[r].mean()) if r.any() else None,
-            "rejected_right_rate": float((~a[r]).mean()) if r.any() else None,
-            "accuracy_here": float(r.mean()) if n_reached else None,
+            "precision": float(r[a_lab].mean()) if a_lab.any() else None,
+            "recall": float(a_lab[r].mean()) if r.any() else None,
+            "rejected_right_rate": float((~a_lab[r]).mean()) if r.any() else None,
+            "accuracy_here": float(r.mean()) if r.size else None,
         })
+    accuracy = float(right.mean()) if graded else math.nan
     singles = []
-    for j, r in enumerate(table.rungs):
-        mc = float(table.cost[:, j].mean())
-        singles.append({"rung": r.label, "accuracy": float(table.correct[:, j].mean()),
-                        "mean_cost_usd": mc,
+    for j, rj in enumerate(table.rungs):
+        mc = float(table.cost[:, j].mean()) if n else 0.0
+        aj = float(table.correct[lab, j].mean()) if graded else math.nan
+        singles.append({"rung": rj.label, "accuracy": aj, "mean_cost_usd": mc,
                         "cost_saving": (1 - mean_cost / mc) if mc > 0 else None,
-                        "accuracy_change": float(right.mean() - table.correct[:, j].mean())})
+                        "accuracy_change": accuracy - aj})
     return {
         "source": table.source,
         "config": config.source,
-        "cases": n,
+        "cases": graded,
+        "cases_replayed": n,
         "unlabelled_skipped": skipped,
-        "accuracy": float(right.mean()) if n else math.nan,
+        "accuracy": accuracy,
         "mean_cost_usd": mean_cost,
         "verified_rate": float(verified.mean()) if n else math.nan,
         "rungs": per_rung,
         "vs_single_rungs": singles,
-        "oracle_accuracy": float(table.correct.any(axis=1).mean()) if n else math.nan,
+        "oracle_accuracy": (float(table.correct[lab].any(axis=1).mean()) if graded
+                            else math.nan),
     }
 
 

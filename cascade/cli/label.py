@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from cascade.config import load_config
 from cascade.suite import OutcomeTable, load_outcome_table
 from cascade.tuning.guard import DELTA
 
-__all__ = ["add_arguments", "apply_labels", "run"]
+__all__ = ["add_arguments", "apply_labels", "check_promise", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +45,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="where to write NEEDS.jsonl")
 
 
-def apply_labels(table: OutcomeTable, files: list[str]) -> OutcomeTable:
-    """``table`` with the labels of NEEDS.jsonl-style ``files`` applied."""
+def check_promise(max_drop: float | None, delta: float, max_cost: float | None = None) -> None:
+    """Refuse promise numbers that would bend the guard silently: a delta outside (0, 0.5)
+    was clamped (0.7 or 5 to 0.5, a margin of zero standard errors), a NaN made every bound
+    NaN (nothing passes and the report blames the suite)."""
+    from cascade.errors import ConfigError
+
+    if not (math.isfinite(delta) and 0.0 < delta < 0.5):
+        raise ConfigError(f"--delta must be a level in (0, 0.5), e.g. {DELTA:g}; got {delta}")
+    if max_drop is not None and not (math.isfinite(max_drop) and 0.0 <= max_drop < 1.0):
+        raise ConfigError("--max-accuracy-drop must be an accuracy drop in [0, 1), e.g. 0.01; "
+                          f"got {max_drop}")
+    if max_cost is not None and not (math.isfinite(max_cost) and max_cost >= 0.0):
+        raise ConfigError(f"--max-cost-usd must be a finite cost >= 0; got {max_cost}")
+
+
+def apply_labels(table: OutcomeTable, files: list[str],
+                 sources: dict[str, int] | None = None) -> OutcomeTable:
+    """``table`` with the labels of NEEDS.jsonl-style ``files`` applied; ``sources`` (when
+    given) is filled with how many came from each judge model (``"judge:<model>"``) and how
+    many were given otherwise (``"given"``), so a report can say what its labels rest on."""
     from cascade.errors import ConfigError
     from cascade.tuning.label import read_labels
 
@@ -58,22 +77,41 @@ def apply_labels(table: OutcomeTable, files: list[str]) -> OutcomeTable:
         for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except ValueError as e:
                     raise ConfigError(f"line {i} is not valid JSON: {e}", source=f) from None
-    labels = read_labels(rows)
+                if not isinstance(row, dict):
+                    raise ConfigError(f"line {i} must be a JSON object", source=f)
+                rows.append(row)
+    labels = read_labels(rows, ", ".join(files))
     known = set(table.labels)
+    ids = set(table.case_ids)
+    stray = sorted(cid for cid in labels if cid not in ids)
+    if stray:  # labels kept from a wider or older recording: said, never a silent no-op
+        print(f"cascade: {len(stray)} label(s) name cases the suite does not hold (e.g. "
+              f"{stray[0]!r}); not used", file=sys.stderr)
+        labels = {cid: got for cid, got in labels.items() if cid in ids}
     for cid, got in labels.items():
         if set(got) != known:
             raise ConfigError(f"the label of case {cid!r} must grade every rung "
                               f"({', '.join(sorted(known))})", source=", ".join(files))
+    if sources is not None:
+        for row in rows:
+            if str(row.get("id")) in labels and row.get("correct") is not None:
+                k = (f"judge:{row.get('judge_model') or 'unknown'}"
+                     if row.get("label_source") == "judge" else "given")
+                sources[k] = sources.get(k, 0) + 1
     return table.with_labels(labels)
 
 
 def run(ns: argparse.Namespace) -> int:
     """Find the needed labels (and judge them), write NEEDS.jsonl, print a summary."""
+    from cascade.errors import ConfigError
     from cascade.tuning.label import judge_labels, needed_labels
 
+    if ns.max is not None and ns.max < 0:
+        raise ConfigError(f"--max must be 0 or more, got {ns.max}")
+    check_promise(ns.max_accuracy_drop, ns.delta)
     config = load_config(ns.config) if ns.config else None
     table = apply_labels(load_outcome_table(ns.suites, config), ns.labels)
     needs = needed_labels(table, max_drop=ns.max_accuracy_drop, delta=ns.delta, max_n=ns.max)
@@ -87,8 +125,10 @@ def run(ns: argparse.Namespace) -> int:
             got = res.labels.get(row["id"])
             if got is not None:
                 row.update(correct=got, label_source="judge", judge_model=res.model)
+        cost = (f"${res.cost_usd:.4f}" if res.price_known
+                else "cost unknown (the judge rung's price is \"unknown\")")
         summary += (f"; judged by {res.model}: {len(res.labels)} labelled in {res.calls} "
-                    f"calls, ${res.cost_usd:.4f}")
+                    f"calls, {cost}")
         if res.unjudged:
             summary += f", {len(res.unjudged)} without a clear verdict"
     with Path(ns.out).open("w", encoding="utf-8") as f:

@@ -8,7 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from cascade.cli.label import apply_labels
+from cascade.cli.label import apply_labels, check_promise
 from cascade.config import load_config, parse_config
 from cascade.suite import load_outcome_table
 from cascade.tuning import format_report, to_toml, tune
@@ -56,11 +56,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     """Tune, write TUNED.toml, print the report."""
+    check_promise(ns.max_accuracy_drop, ns.delta, ns.max_cost_usd)
     config = load_config(ns.config) if ns.config else None
-    table = apply_labels(load_outcome_table(ns.suites, config), ns.labels)
+    sources: dict[str, int] = {}
+    table = apply_labels(load_outcome_table(ns.suites, config), ns.labels, sources)
     result = tune(table, max_accuracy_drop=ns.max_accuracy_drop, max_cost_usd=ns.max_cost_usd,
                   delta=ns.delta, seed=ns.seed, agreement=ns.agreement,
                   shift_guard=ns.shift_guard)
+    judged = {k.split(":", 1)[1]: v for k, v in sources.items() if k.startswith("judge:")}
+    if sources:  # labels a judge model gave are said to be the judge's, never passed as given
+        result.report["labels_from_files"] = {"given": sources.get("given", 0),
+                                              "judge": judged}
+        if judged:
+            result.report["notes"].append(
+                f"{sum(judged.values())} of the {table.n_labelled} labels are a judge model's "
+                f"({', '.join(f'{m}: {v}' for m, v in judged.items())}), not checked by "
+                "people: the promise is only as good as the judge.")
     header = (f"Tuned by `cascade tune` on {table.n} cases ({table.source}).\n"
               f"Recommendation: {result.report['recommendation']['describe']}")
     config_out, router_text = result.config, ""
@@ -69,7 +80,8 @@ def run(ns: argparse.Namespace) -> int:
     if ns.router == "auto" and ns.max_cost_usd is None and table.messages and not refused:
         from cascade.routing import router_toml, tune_router, write_router
 
-        routed = tune_router(table, max_accuracy_drop=ns.max_accuracy_drop or 0.01,
+        drop = 0.01 if ns.max_accuracy_drop is None else ns.max_accuracy_drop  # 0 is a promise
+        routed = tune_router(table, max_accuracy_drop=drop,
                              delta=ns.delta, base=result.setting, seed=ns.seed)
         result.report["router"] = {"on": routed.choice.on, "reason": routed.choice.reason,
                                    **routed.choice.report}

@@ -46,7 +46,7 @@ from cascade.tuning.guard import model_frontier as _frontier_of_model
 from cascade.tuning.guard import paired_bound as _guard
 from cascade.tuning.guard import rivals as rival_rungs
 from cascade.tuning.setting import Setting
-from cascade.tuning.simulate import simulate
+from cascade.tuning.simulate import simulate, versus
 
 __all__ = ["ROUTE_LEVELS", "RouteSetting", "choose_route_setting", "simulate_routed"]
 
@@ -109,17 +109,18 @@ class RouteSetting:
 
 def _run(table: OutcomeTable, p: FloatArray, chain: Sequence[int], keys: Sequence[str],
          u: FloatArray, th: FloatArray | None
-         ) -> tuple[BoolArray, FloatArray, FloatArray]:
-    """Right, cost and the router's P(right) of the answer given, (m, n), of ``m`` routed
-    settings of one chain: ``u`` (m, k-1) skip levels, ``th`` (m, k-1, V) confidence
-    thresholds or None (a tried early rung accepts)."""
+         ) -> tuple[BoolArray, FloatArray, FloatArray, IntArray]:
+    """Right, cost, the router's P(right) of the answer given and the table column that gave
+    it, (m, n), of ``m`` routed settings of one chain: ``u`` (m, k-1) skip levels, ``th``
+    (m, k-1, V) confidence thresholds or None (a tried early rung accepts)."""
     ch = list(chain)
     n, k = table.n, len(ch)
     m = u.shape[0]
     if k == 1:
         return (np.broadcast_to(table.correct[:, ch[0]], (m, n)).copy(),
                 np.broadcast_to(table.cost[:, ch[0]], (m, n)).copy(),
-                np.broadcast_to(p[:, ch[0]], (m, n)).copy())
+                np.broadcast_to(p[:, ch[0]], (m, n)).copy(),
+                np.full((m, n), ch[0], dtype=np.int64))
     act = p[None, :, ch[:-1]] >= u[:, None, :]  # (m, n, k-1)
     acc = act.copy()
     if th is not None:
@@ -137,7 +138,7 @@ def _run(table: OutcomeTable, p: FloatArray, chain: Sequence[int], keys: Sequenc
     right = table.correct[:, ch][rows, ex]
     paid = np.cumsum(np.where(act, table.cost[:, ch][None], 0.0), axis=2)
     cost = np.take_along_axis(paid, ex[:, :, None], axis=2)[:, :, 0]
-    return right, cost, p[:, ch][rows, ex]
+    return right, cost, p[:, ch][rows, ex], np.asarray(ch, dtype=np.int64)[ex]
 
 
 def simulate_routed(table: OutcomeTable, scores: FloatArray, setting: RouteSetting
@@ -148,7 +149,7 @@ def simulate_routed(table: OutcomeTable, scores: FloatArray, setting: RouteSetti
     u = np.array([setting.skip_below[:k1]], dtype=float).reshape(1, k1)
     th = (np.array([setting.thresholds], dtype=float).reshape(1, k1, len(setting.keys))
           if setting.keys else None)
-    right, cost, _p = _run(table, scores, setting.chain, setting.keys, u, th)
+    right, cost, _p, _col = _run(table, scores, setting.chain, setting.keys, u, th)
     return right[0], cost[0]
 
 
@@ -163,13 +164,19 @@ class RouteChoice:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _stats(table: OutcomeTable, right: BoolArray, cost: FloatArray, refs: Sequence[int]
+def _stats(table: OutcomeTable, cols: IntArray, cost: FloatArray, refs: Sequence[int]
            ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Per setting and per rung in ``refs``: cases it gets right that the rung misses
-    (better), the reverse (worse); and the setting's mean cost."""
-    rr = table.correct[:, list(refs)].T[None]  # 1 × rivals × cases
-    better = (right[:, None] & ~rr).sum(axis=2).astype(float)
-    worse = (~right[:, None] & rr).sum(axis=2).astype(float)
+    """Per setting and per rung in ``refs``: cases whose answer (from table column ``cols``,
+    settings × cases) is known better than the rung's, possibly worse (as the tuner's guard
+    counts them, :func:`~cascade.tuning.simulate.versus`: an unlabelled answer that differs
+    from the rung's is a loss, never a tie); and the setting's mean cost."""
+    rows = np.arange(table.n)[None, :]
+    better = np.zeros((cols.shape[0], len(refs)))
+    worse = np.zeros((cols.shape[0], len(refs)))
+    for k, c in enumerate(refs):
+        vb, vw = versus(table, int(c))
+        better[:, k] = vb[rows, cols].sum(axis=1)
+        worse[:, k] = vw[rows, cols].sum(axis=1)
     return better, worse, cost.mean(axis=1)
 
 
@@ -189,8 +196,8 @@ def _family(table: OutcomeTable, p: FloatArray, chain: tuple[int, ...], keys: tu
     for a in range(0, combos.shape[0], _BLOCK):
         u = combos[a:a + _BLOCK]
         th = None if th_row is None else np.broadcast_to(th_row, (u.shape[0], *th_row.shape))
-        right, cost, pexp = _run(table, p, chain, keys, u, th)
-        b, w, c = _stats(table, right, cost, rivals)
+        _right, cost, pexp, cols = _run(table, p, chain, keys, u, th)
+        b, w, c = _stats(table, cols, cost, rivals)
         loss = (p[:, ref][None] - pexp).mean(axis=1)
         thr = () if th_row is None else tuple(tuple(float(x) for x in r) for r in th_row)
         for g in range(u.shape[0]):
@@ -216,8 +223,9 @@ def choose_route_setting(table: OutcomeTable, scores: FloatArray, *,
     if base is None:
         base, _ref = select(table, max_accuracy_drop=max_accuracy_drop, delta=delta)
     ref_cost = float(mean_cost[ref])
-    b_right, b_cost, _ = simulate(table, base)
-    bb, bw, _bc = _stats(table, b_right[None], b_cost[None], [looks_best])
+    _b_right, b_cost, b_exit = simulate(table, base)
+    b_cols = np.asarray(base.chain, dtype=np.int64)[b_exit][None]
+    bb, bw, _bc = _stats(table, b_cols, b_cost[None], [looks_best])
     base_cost = float(b_cost.mean())
     z = z_value(delta / 2)  # two families searched: Bonferroni, as the tuner's agreement gate
     routes: list[_Cand] = []

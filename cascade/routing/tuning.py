@@ -24,7 +24,7 @@ from cascade.errors import ConfigError
 from cascade.messages import Message
 from cascade.routing.choose import RouteChoice, choose_route_setting
 from cascade.routing.features import prompt_messages
-from cascade.routing.model import RouterModel, cross_fit, fit_model
+from cascade.routing.model import RouterModel, cross_fit, fit_model, score_many
 from cascade.routing.runtime import Router
 from cascade.suite import OutcomeTable
 from cascade.tuning.guard import DELTA
@@ -58,11 +58,26 @@ class FittedRouter:
 
 
 def fit_router(table: OutcomeTable, *, folds: int = 5, seed: int = 0) -> FittedRouter:
-    """Per rung of ``table``, a calibrated P(its answer is right) from the prompt."""
+    """Per rung of ``table``, a calibrated P(its answer is right) from the prompt.
+
+    Fitted on the labelled cases only: an unlabelled case's ``correct`` is a placeholder
+    (False for every rung), not a grade. Labelled cases get cross-fitted scores; unlabelled
+    ones the score of the model fitted on every labelled case (which never saw them)."""
     docs = _docs(table)
-    model = fit_model(docs, table.correct, table.labels)
-    return FittedRouter(model, cross_fit(docs, table.correct, table.labels, folds=folds,
-                                         seed=seed))
+    lab = np.nonzero(table.is_labelled)[0]
+    if lab.size == 0:
+        raise ConfigError("the router needs labelled cases; none of the suite's is",
+                          source=table.source)
+    ldocs = [docs[int(i)] for i in lab]
+    model = fit_model(ldocs, table.correct[lab], table.labels)
+    if lab.size == table.n:
+        return FittedRouter(model, cross_fit(docs, table.correct, table.labels, folds=folds,
+                                             seed=seed))
+    scores = score_many(model, docs)
+    if lab.size >= 2:  # one labelled case has no fold to be scored out of (no guard passes)
+        scores[lab] = cross_fit(ldocs, table.correct[lab], table.labels, folds=folds,
+                                seed=seed)
+    return FittedRouter(model, scores)
 
 
 @dataclass(frozen=True)

@@ -321,12 +321,24 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
         elif not is_shared_outcomes(p):
             raise ConfigError('not a shared outcomes file (JSON lines with "outcomes")',
                               source=str(p))
-        for _i, obj in read_jsonl(p):
+        for line, obj in read_jsonl(p):
+            outs = obj.get("outcomes")
+            if not isinstance(outs, Mapping) or not all(isinstance(o, Mapping)
+                                                        for o in outs.values()):
+                raise ConfigError(f"line {line}, case {obj.get('id')!r}: \"outcomes\" must be "
+                                  "an object holding one object per model", source=str(p))
             rows.append((m["bench"] if m is not None else p.stem, obj))
-            for o in obj["outcomes"].values():
+            for o in outs.values():
                 sources.add(str(o.get("confidence_source", "")))
     if not rows:
         raise ConfigError("no cases", source=", ".join(map(str, ps)))
+    seen: set[str] = set()
+    for _b, row in rows:  # labels are keyed by id; a file given twice doubled the evidence
+        cid = str(row.get("id"))
+        if cid in seen:
+            raise ConfigError(f"case id {cid!r} repeats (a file given twice, or two cases "
+                              "with one id)", source=", ".join(map(str, ps)))
+        seen.add(cid)
     models = list(rows[0][1]["outcomes"])
     logprobs = sources == {"answer_logprob"}
     ladder, ladder_source = _read_ladder(ps, chains, models)
@@ -342,6 +354,14 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
     texts: list[list[str | None]] = []
     for i, (_b, row) in enumerate(rows):
         texts.append([])
+        for model, o in row["outcomes"].items():
+            if not isinstance(o, Mapping):
+                raise ConfigError(f"case {row.get('id')!r}: the outcome of {model!r} must be an "
+                                  "object", source=str(paths[0]))
+            if o.get("correct") is not None and not isinstance(o["correct"], bool):
+                raise ConfigError(f"case {row.get('id')!r}, model {model!r}: \"correct\" must "
+                                  f"be true, false or null, got {o['correct']!r}",
+                                  source=str(paths[0]))
         grades = [o.get("correct") for o in row["outcomes"].values()]
         if all(g is None for g in grades):
             labelled[i] = False  # recorded, not labelled
@@ -357,9 +377,10 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
             t = o.get("text")
             texts[i].append(t if isinstance(t, str) else None)
             correct[i, j] = bool(o["correct"])
-            cost[i, j] = float(o["cost_usd"])
+            cost[i, j] = _outcome_number(o, "cost_usd", row, model, paths)
             c = o.get("confidence")
-            score[i, j] = float(c) if c is not None else math.nan
+            score[i, j] = (math.nan if c is None else
+                           _outcome_number(o, "confidence", row, model, paths, upper=1.0))
     order = np.argsort(cost.mean(axis=0), kind="stable")
     source = "logprobs" if logprobs else "self_check" if sources == {"self_check"} else "auto"
     verifier = VerifierConfig(name="confidence", id="confidence", settings={"source": source})
@@ -380,6 +401,21 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
         case_normalisers=tuple(_BENCH_NORMALISER.get(b, "normalised") for b, _row in rows),
         labelled=None if labelled.all() else labelled,
     )
+
+
+def _outcome_number(o: Mapping[str, Any], key: str, row: Mapping[str, Any], model: str,
+                    paths: Sequence[str | os.PathLike[str]], *,
+                    upper: float = math.inf) -> float:
+    """A recorded number that must be finite, >= 0 and <= ``upper``: a NaN cost made a rung's
+    mean cost NaN (and the reference rung another one), a negative one made a rung look free,
+    a confidence above 1 passed every threshold; none of them may pass silently."""
+    v = o.get(key)
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and 0.0 <= v <= upper):
+        allowed = "a number in [0, 1] or null" if upper == 1.0 else "a finite number >= 0"
+        raise ConfigError(f"case {row.get('id')!r}, model {model!r}: {key!r} must be "
+                          f"{allowed}, got {v!r}", source=", ".join(map(str, paths)))
+    return float(v)
 
 
 def _messages_of(row: Mapping[str, Any]) -> tuple[Message, ...]:
@@ -423,6 +459,13 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
             correct[i, j] = case.labelled and grade(case, rec.text)
             verdicts = {v.verifier: v for v in rec.verdicts}
             cost[i, j] = rec.cost_usd + sum(v.cost_usd for v in rec.verdicts)
+            bad = [f"verifier {v.verifier!r} score {v.score!r}" for v in rec.verdicts
+                   if v.score is not None and math.isinf(v.score)]
+            if not (math.isfinite(cost[i, j]) and rec.cost_usd >= 0
+                    and all(v.cost_usd >= 0 for v in rec.verdicts)) or bad:
+                what = bad[0] if bad else f"cost {cost[i, j]!r} (must be finite and >= 0)"
+                raise ConfigError(f"the recording of case {case.id!r} × model {rung.model!r} "
+                                  f"holds {what}", source=source or str(store.path))
             for vc in config.verifiers_for(rung):
                 v = verdicts.get(vc.key)
                 own.setdefault(vc.key, np.ones((n, r), dtype=bool))[i, j] = bool(

@@ -70,11 +70,13 @@ def needed_labels(table: OutcomeTable, *, max_drop: float = 0.01, delta: float =
                   agreement: str = "off", max_n: int | None = None) -> list[Need]:
     """The unlabelled cases whose labels could change what :func:`cascade.tuning.tune` would
     recommend, best first (an empty list: no label would change it)."""
+    if max_n is not None and max_n < 0:
+        raise ConfigError(f"--max must be 0 or more, got {max_n}")
     unl = ~table.is_labelled
-    if not unl.any():
+    if not unl.any() or max_n == 0:
         return []
     if not table.is_labelled.any():
-        return _seed_sample(table, max_n or SEED_SAMPLE)
+        return _seed_sample(table, SEED_SAMPLE if max_n is None else max_n)
     current, _ref = select(table, max_accuracy_drop=max_drop, delta=delta, agreement=agreement)
     now = float(simulate(table, current)[1].mean())
     f = guarded_frontier(table, delta=delta, agreement=agreement)
@@ -161,6 +163,9 @@ class JudgeResult:
     model: str
     unjudged: list[str]
     """Cases the judge gave no clear verdict on (left unlabelled)."""
+    price_known: bool = True
+    """False when the judge rung's price is unknown: ``cost_usd`` is then no cost (0), and
+    must not be shown as one."""
 
 
 def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConfig, *,
@@ -223,16 +228,29 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
 
     anyio.run(main)
     return JudgeResult(labels=labels, cost_usd=spent[0], calls=int(spent[1]), model=rung.model,
-                       unjudged=sorted(set(unjudged)))
+                       unjudged=sorted(set(unjudged)), price_known=rung.price != "unknown")
 
 
-def read_labels(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, bool]]:
-    """Labels from NEEDS.jsonl-style rows that carry ``"correct": {rung label: bool}``."""
+def read_labels(rows: Sequence[Mapping[str, Any]], source: str = ""
+                ) -> dict[str, dict[str, bool]]:
+    """Labels from NEEDS.jsonl-style rows that carry ``"correct": {rung label: bool}``.
+
+    A row without ``correct`` (or null) is not labelled yet; any other ``correct`` (a rung left
+    null, a string, one grade for the whole case) is a ConfigError: dropping it silently left
+    a case the user believed labelled unlabelled."""
     out: dict[str, dict[str, bool]] = {}
     for row in rows:
         c = row.get("correct")
-        if isinstance(c, Mapping) and c and all(isinstance(v, bool) for v in c.values()):
-            out[str(row["id"])] = {str(k): bool(v) for k, v in c.items()}
+        if c is None:
+            continue
+        if "id" not in row:
+            raise ConfigError("a label line has no \"id\"", source=source)
+        if not (isinstance(c, Mapping) and c and all(isinstance(v, bool) for v in c.values())):
+            raise ConfigError(f"the label of case {row['id']!r} must be \"correct\": "
+                              f"{{rung: true|false}} for every rung, got {c!r}", source=source)
+        if str(row["id"]) in out:
+            raise ConfigError(f"case {row['id']!r} is labelled twice", source=source)
+        out[str(row["id"])] = {str(k): bool(v) for k, v in c.items()}
     return out
 
 
