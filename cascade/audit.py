@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from cascade.messages import Request
+from cascade.settings import CascadeConfig
 from cascade.trace import Answer, Attempt
 
-__all__ = ["AuditLog", "messages_hash"]
+__all__ = ["AuditLog", "messages_hash", "secret_envs_of"]
 
 log = logging.getLogger("cascade.audit")
 
@@ -48,6 +49,30 @@ def messages_hash(request: Request) -> str:
     raw = json.dumps([m.to_dict() for m in request.messages], sort_keys=True,
                      separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+
+
+def secret_envs_of(config: CascadeConfig) -> list[str]:
+    """The variables holding a ladder's secrets: every endpoint's and verifier's key, the
+    store's password and cache secret (their values are cut from every line)."""
+    names = [e.api_key_env for r in config.rungs for e in (r, *r.fallbacks) if e.api_key_env]
+    names += [env for v in config.verifiers
+              if isinstance(env := v.settings.get("api_key_env"), str)]
+    names += [env for k in ("password_env", "cache_secret_env")
+              if isinstance(env := config.store.get(k), str)]
+    return names
+
+
+def _dumps(line: Any) -> str:
+    return json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every mapping's keys as strings (JSON takes no other keys)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _now() -> str:
@@ -93,13 +118,21 @@ class AuditLog:
 
     @staticmethod
     def _secret_forms(names: Iterable[str]) -> tuple[str, ...]:
+        from cascade.providers._common import secret_forms  # the providers' own list
+
         forms: set[str] = set()
         for name in names:
-            value = os.environ.get(name)
-            if value and len(value) >= 4:  # a 1-3 character "key" would shred every line
-                forms.add(value)
-                forms.add(json.dumps(value)[1:-1])
-                forms.add(json.dumps(value, ensure_ascii=False)[1:-1])
+            raw = os.environ.get(name) or ""
+            # A key file's trailing newline is not part of the key the SDKs send.
+            for value in {raw, raw.strip()}:
+                if len(value) < 4:  # a 1-3 character "key" would shred every line
+                    continue
+                # Every form the providers scrub (raw, repr, JSON, URL-encoded), each as it
+                # reads once the line is JSON itself.
+                for form in secret_forms(value):
+                    forms.add(form)
+                    forms.add(json.dumps(form)[1:-1])
+                    forms.add(json.dumps(form, ensure_ascii=False)[1:-1])
         return tuple(sorted(forms, key=len, reverse=True))
 
     # ------------------------------------------------------------------ observer
@@ -177,7 +210,17 @@ class AuditLog:
             log.warning("audit log %s: dropped %d line(s) so far (%s)", self.path, n, why)
 
     def _encode(self, line: Mapping[str, Any]) -> str:
-        text = json.dumps(line, ensure_ascii=False, default=str, separators=(",", ":"))
+        """One line of JSON, whatever the request carried: keys JSON cannot take become
+        strings, and a line that still cannot be written keeps its type, id and why."""
+        try:
+            text = _dumps(line)
+        except (TypeError, ValueError, RecursionError):
+            try:
+                text = _dumps(_plain(line))
+            except (TypeError, ValueError, RecursionError) as e:
+                text = _dumps({"type": line.get("type"), "request_id": line.get("request_id"),
+                               "timestamp": line.get("timestamp"),
+                               "unencodable": f"{type(e).__name__}: {e}"})
         for s in self._secrets:
             text = text.replace(s, _REDACTED)
         return text + "\n"
@@ -190,18 +233,20 @@ class AuditLog:
                 while len(batch) < 1000:
                     batch.append(self._queue.get_nowait())
             stop = any(item is _STOP for item in batch)
-            lines = [self._encode(item) for item in batch  # type: ignore[arg-type]
-                     if item is not _STOP]
-            with self._lock:
-                missed = self._dropped - self._reported
-                self._reported = self._dropped
-            if missed:
-                lines.append(self._encode({"type": "dropped", "timestamp": _now(),
-                                           "dropped": missed, "dropped_total": self._reported}))
+            lines: list[str] = []
             try:
+                lines = [self._encode(item) for item in batch  # type: ignore[arg-type]
+                         if item is not _STOP]
+                with self._lock:
+                    missed = self._dropped - self._reported
+                    self._reported = self._dropped
+                if missed:
+                    lines.append(self._encode({"type": "dropped", "timestamp": _now(),
+                                               "dropped": missed,
+                                               "dropped_total": self._reported}))
                 if lines:
                     self._write("".join(lines))
-            except OSError:
+            except Exception:  # the writer outlives any one batch: later lines still go out
                 log.exception("audit log %s: could not write %d line(s)", self.path, len(lines))
             finally:
                 for _ in batch:
@@ -210,7 +255,10 @@ class AuditLog:
                 return
 
     def _write(self, data: str) -> None:
-        raw = data.encode()
+        # A lone surrogate (a model's reply may carry "\ud800") can only sit inside a JSON
+        # string here, where backslashreplace writes it as that very JSON escape: the line
+        # stays valid JSON and UTF-8, and the batch is not lost to an encoding error.
+        raw = data.encode("utf-8", "backslashreplace")
         fcntl.flock(self._lockfile, fcntl.LOCK_EX)
         try:
             size = self.path.stat().st_size if self.path.exists() else 0

@@ -84,7 +84,9 @@ def pack_entry(key: str, answer: Answer, secret: bytes) -> dict[str, str]:
     """The stored form of a verified answer: its key, its JSON body and the body's HMAC."""
     if not answer.verified:
         raise ValueError("only verified answers are cached")
-    body = _canonical({**answer.to_dict(), "cache_hit": False})
+    # Not the metadata: it is the request's own (a hit gets its own request's), and
+    # whatever a caller put there (a key JSON cannot encode) must not cost a paid answer.
+    body = _canonical({**answer.to_dict(), "cache_hit": False, "metadata": {}})
     return {"key": key, "mac": _mac(secret, key, body), "answer": body}
 
 

@@ -216,27 +216,34 @@ class Climb:
         finally:
             await money.settle(reservation, actual)
 
-    async def paid(self, call: ModelCall, rung: RungConfig) -> Completion:
-        """A model call outside the rung path (a verifier's, a shadow's): the same cap,
-        budget, retries, breakers and deadline, charged as soon as it returns."""
+    async def charged(self, call: ModelCall, rung: RungConfig) -> tuple[Completion, float]:
+        """A model call outside the rung path (a verifier's): the same cap, budget, retries,
+        breakers and deadline, charged as soon as it returns; with what it cost, priced at the
+        endpoint that answered, since a failover may land on a dearer fallback than ``rung``."""
         money = self.money
-        estimate = await money.estimate(replace(rung, max_tokens=call.max_tokens), call.messages)
+        capped = replace(rung, max_tokens=call.max_tokens, fallbacks=tuple(
+            replace(f, max_tokens=call.max_tokens) for f in rung.fallbacks))
+        estimate = await money.estimate(capped, call.messages)
         skip = money.cap_skip(estimate)
         if skip is not None:
             raise BudgetExceeded(f"a call to {rung.label} would break the cap: {skip.detail}",
                                  spent_usd=money.spent_usd, limit_usd=money.max_cost_usd or 0.0)
-        reservation = await money.hold(estimate)
+        # Counted against the cap before the first await: verifier calls run concurrently
+        # (samples, several paid verifiers), and each must see what the others hold.
         money.reserved_usd += estimate
-        actual = 0.0
         try:
-            result = await self.caller.call(call, rung, self.deadline)
-            actual = rung.cost_usd(result.completion.input_tokens,
-                                   result.completion.output_tokens)
-            return result.completion
+            reservation = await money.hold(estimate)
+            actual = 0.0
+            try:
+                result = await self.caller.call(call, rung, self.deadline)
+                actual = result.endpoint.cost_usd(result.completion.input_tokens,
+                                                  result.completion.output_tokens)
+                return result.completion, actual
+            finally:
+                money.spent_usd += actual
+                await money.settle(reservation, actual)
         finally:
             money.reserved_usd -= estimate
-            money.spent_usd += actual
-            await money.settle(reservation, actual)
 
     async def _verify(self, candidate: Candidate) -> tuple[list[Verdict], Any]:
         bound = self.ladder.bound(candidate.rung_index)
@@ -246,13 +253,11 @@ class Climb:
         prior = [a for a in self.attempts if a.rung != candidate.rung_index
                  and a.status not in ("routed", "skipped")]
 
-        async def caller(call: ModelCall, rung: RungConfig) -> Completion:
-            return await self.paid(call, rung)
 
         def make_ctx(bv: BoundVerifier) -> VerifyContext:
             return VerifyContext(request=self.request, candidate=candidate, attempts=prior,
                                  settings=bv.settings, threshold=bv.threshold,
-                                 _caller=caller, shared=shared)
+                                 _caller=self.charged, shared=shared)
 
         verdicts = await run_verifiers(bound, make_ctx,
                                        short_circuit=self.ladder.config.policy.short_circuit)

@@ -314,10 +314,13 @@ def _section(d: Mapping[str, Any], name: str, cls: type, source: str) -> Any:
             check_size_limit(kw["size_limit_mb"])
         except ConfigError as e:
             raise ConfigError(e.detail, source=source, key=e.key) from None
-    for rate in ("drift_max_disagreement", "drift_alpha"):
-        if cls is PolicyConfig and (kw.get(rate) or 0.0) > 1.0:
-            raise ConfigError(f"must be in [0, 1], got {kw[rate]}", source=source,
-                              key=f"policy.{rate}")
+    if cls is PolicyConfig and (kw.get("drift_max_disagreement") or 0.0) > 1.0:
+        raise ConfigError(f"must be in [0, 1], got {kw['drift_max_disagreement']}",
+                          source=source, key="policy.drift_max_disagreement")
+    if cls is PolicyConfig and "drift_alpha" in kw and not 0.0 < kw["drift_alpha"] < 1.0:
+        # A false-alarm rate of 0 never alarms, and 1 alarms on every check.
+        raise ConfigError(f"must be a rate in (0, 1), e.g. 0.001, got {kw['drift_alpha']}",
+                          source=source, key="policy.drift_alpha")
     if cls is RetryConfig and kw.get("max_attempts", 1) > MAX_ATTEMPTS:
         raise ConfigError(f"must be at most {MAX_ATTEMPTS}, got {kw['max_attempts']}",
                           source=source, key="retry.max_attempts")

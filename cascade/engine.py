@@ -28,7 +28,7 @@ import anyio.lowlevel
 from cascade import policy
 from cascade.budget import BudgetStore, budget_key
 from cascade.cache import AnswerCache
-from cascade.caller import EndpointCaller, endpoints_of
+from cascade.caller import CallResult, EndpointCaller, endpoints_of
 from cascade.climb import Climb, Money, OnAttempt
 from cascade.config import CascadeConfig, RungConfig, check_cap, load_config, parse_config
 from cascade.drift import DriftMonitor
@@ -44,7 +44,7 @@ from cascade.errors import (
 from cascade.ladder import Ladder
 from cascade.messages import Message, Request, normalise_messages
 from cascade.providers import make_provider
-from cascade.providers.base import Completion, ModelCall, Provider
+from cascade.providers.base import ModelCall, Provider
 from cascade.shadow import ShadowJob, Shadows, shadow_stats
 from cascade.store import open_store
 from cascade.store.base import Store
@@ -158,17 +158,19 @@ class Cascade:
         """Called after every answer (``on_answer``) and shadow check (``on_shadow``)."""
         self.audit_log: Any = None
         if audit_log is not None:
-            self.audit_log = self._open_audit(audit_log)
+            self.audit_log = self._open_audit(audit_log, config)
             self.observers.append(self.audit_log)
         self._shadows = Shadows(self._caller, observers=lambda: self.observers,
                                 drift=self._monitor)
 
     @staticmethod
-    def _open_audit(audit_log: Any) -> Any:
+    def _open_audit(audit_log: Any, config: CascadeConfig) -> Any:
         if isinstance(audit_log, (str, os.PathLike)):
-            from cascade.audit import AuditLog  # its writer thread starts only when asked
+            # its writer thread starts only when asked
+            from cascade.audit import AuditLog, secret_envs_of
 
-            return AuditLog(audit_log)
+            # The ladder's keys are cut from its lines, as ``cascade serve``'s log cuts them.
+            return AuditLog(audit_log, secret_envs=secret_envs_of(config))
         return audit_log
 
     # ------------------------------------------------------------------ construction
@@ -229,10 +231,9 @@ class Cascade:
             return None
         m = self._drift.get(ladder.name)
         if m is None:
-            alpha = ladder.config.policy.drift_alpha
             m = self._drift[ladder.name] = DriftMonitor(
                 self._store.counters, ladder=ladder.name, thresholds=ladder.drift_thresholds,
-                alpha=alpha if 0 < alpha < 1 else 0.01)
+                alpha=ladder.config.policy.drift_alpha)
         return m
 
     # ------------------------------------------------------------------ providers
@@ -246,10 +247,11 @@ class Cascade:
                 p = self._providers[key] = self._provider_factory(rung)
             return p
 
-    async def call_model(self, call: ModelCall, rung: RungConfig) -> Completion:
+    async def call_model(self, call: ModelCall, rung: RungConfig) -> CallResult:
         """One model call through this ladder's retries, circuit breakers and failover, with no
-        verification and no cache (``cascade record`` and ``cascade health --probe`` use it)."""
-        return (await self._caller.call(call, rung, None)).completion
+        verification and no cache (``cascade record`` and ``cascade health --probe`` use it):
+        the reply and the endpoint that gave it (a fallback bills at its own price)."""
+        return await self._caller.call(call, rung, None)
 
     # ------------------------------------------------------------------ the request
 
@@ -350,17 +352,17 @@ class Cascade:
                       drift=monitor, on_attempt=on_attempt,
                       clock=self._clock)
         accepted: tuple[Attempt, Any] | None = None
-        deadline_hit = False
-        try:
-            with (contextlib.nullcontext() if timeout is None
-                  else anyio.fail_after(max(0.0, climb.remaining_s() or 0))):
-                accepted = await climb.run()
-        except TimeoutError:
-            deadline_hit = True
-            if climb.attempts and climb.attempts[-1].status == "running":
-                a = climb.attempts[-1]
-                a.status, a.error_type = "error", "DeadlineExceeded"
-                a.error = f"the request's deadline of {timeout:g}s ran out during this rung"
+        # Only this scope's own expiry is the deadline: a TimeoutError raised by the caller's
+        # code (``on_attempt``) is theirs, and propagates like any other error.
+        scope = None if timeout is None else anyio.move_on_after(
+            max(0.0, climb.remaining_s() or 0))
+        with scope or contextlib.nullcontext():
+            accepted = await climb.run()
+        deadline_hit = scope is not None and scope.cancelled_caught
+        if deadline_hit and climb.attempts and climb.attempts[-1].status == "running":
+            a = climb.attempts[-1]
+            a.status, a.error_type = "error", "DeadlineExceeded"
+            a.error = f"the request's deadline of {timeout:g}s ran out during this rung"
 
         chosen = accepted or climb.candidate
         if chosen is None:
@@ -374,11 +376,13 @@ class Cascade:
             outcome = policy.no_answer_outcome(
                 climb.skips, deadline_hit=deadline_hit,
                 any_error=any(a.status == "error" for a in climb.attempts))
+            # The trace travels with each error: a call paid before the deadline cut its
+            # verifiers short is in the audit line's cost and trace.
             if outcome is policy.Outcome.DEADLINE:
-                raise DeadlineExceeded(f"no answer within {timeout:g}s: {msg}")
+                raise DeadlineExceeded(f"no answer within {timeout:g}s: {msg}", empty)
             if outcome is policy.Outcome.BUDGET:
                 raise BudgetExceeded(f"no rung fits the budget: {msg}", key=money.budget_key,
-                                     spent_usd=money.spent_usd)
+                                     spent_usd=money.spent_usd, answer=empty)
             raise NoAnswerError(f"no rung produced an answer: {msg}", empty)
         attempt, parsed = chosen
         answer = Answer(

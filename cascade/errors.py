@@ -160,14 +160,16 @@ class CacheError(CascadeError):
 
 
 class BudgetExceeded(CascadeError):
-    """A spending cap (per request or per key and period) would be exceeded."""
+    """A spending cap (per request or per key and period) would be exceeded; ``answer`` has
+    the trace when a climb had begun (what it paid before the cap stopped it)."""
 
     def __init__(self, message: str, *, key: str | None = None, spent_usd: float = 0.0,
-                 limit_usd: float = 0.0) -> None:
+                 limit_usd: float = 0.0, answer: Answer | None = None) -> None:
         super().__init__(message)
         self.key = key
         self.spent_usd = spent_usd
         self.limit_usd = limit_usd
+        self.answer = answer
 
 
 class BudgetStoreError(CascadeError):
@@ -175,7 +177,12 @@ class BudgetStoreError(CascadeError):
 
 
 class DeadlineExceeded(CascadeError):
-    """The request's overall deadline ran out before a verified answer."""
+    """The request's overall deadline ran out before a verified answer; ``answer`` has the
+    trace (a call paid before the deadline cut its verifiers short is in it)."""
+
+    def __init__(self, message: str, answer: Answer | None = None) -> None:
+        super().__init__(message)
+        self.answer = answer
 
 
 class NoAnswerError(CascadeError):

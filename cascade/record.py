@@ -39,20 +39,22 @@ async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, engin
                       store: RecordingStore, bound: Sequence[BoundVerifier]) -> None:
     call = answer_call(rung, case.messages)
     t0 = time.perf_counter()
-    completion = await engine.call_model(call, rung)
+    result = await engine.call_model(call, rung)
+    completion, answered = result.completion, result.endpoint
     if not completion.latency_ms:
         completion = replace(completion, latency_ms=(time.perf_counter() - t0) * 1000)
-    cost = rung.cost_usd(completion.input_tokens, completion.output_tokens)
+    cost = answered.cost_usd(completion.input_tokens, completion.output_tokens)
 
-    async def caller(vcall: ModelCall, target: RungConfig) -> Completion:
+    async def caller(vcall: ModelCall, target: RungConfig) -> tuple[Completion, float]:
         hit = store.get(vcall)
         if hit is not None:
-            return hit.completion()
-        c = await engine.call_model(vcall, target)
-        store.add(Recording.of(vcall, c, case_id=case.id, kind="verifier",
-                               cost_usd=target.cost_usd(c.input_tokens, c.output_tokens),
-                               endpoint=target.endpoint))
-        return c
+            return hit.completion(), hit.cost_usd
+        r = await engine.call_model(vcall, target)
+        c, cost = r.completion, r.endpoint.cost_usd(r.completion.input_tokens,
+                                                    r.completion.output_tokens)
+        store.add(Recording.of(vcall, c, case_id=case.id, kind="verifier", cost_usd=cost,
+                               endpoint=r.endpoint.endpoint))
+        return c, cost
 
     request = Request(messages=case.messages)
     candidate = Candidate(text=completion.text, rung=rung, rung_index=config.rungs.index(rung),
@@ -65,7 +67,7 @@ async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, engin
     verdicts: list[Verdict] = (await run_verifiers(bound, make_ctx, short_circuit=False)
                                if bound else [])
     store.add(Recording.of(call, completion, case_id=case.id, kind="answer", cost_usd=cost,
-                           endpoint=rung.endpoint, verdicts=verdicts))
+                           endpoint=answered.endpoint, verdicts=verdicts))
 
 
 async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingStore, *,

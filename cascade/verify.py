@@ -65,8 +65,10 @@ class Candidate:
     """Set by a schema verifier (or structured output) when the text parsed."""
 
 
-ModelCaller = Callable[[ModelCall, RungConfig], Awaitable[Completion]]
-"""Makes a model call through the engine (retries, breaker, pricing) for a verifier."""
+ModelCaller = Callable[[ModelCall, RungConfig], Awaitable[tuple[Completion, float]]]
+"""Makes a model call through the engine (retries, breaker, pricing) for a verifier: the reply
+and what it cost at the endpoint that answered (a failover may land on a fallback dearer than
+the rung asked for)."""
 
 
 @dataclass(kw_only=True)
@@ -94,11 +96,10 @@ class VerifyContext:
         """Call ``rung`` (default: the candidate's own rung) and charge it to this verifier."""
         if self._caller is None:
             raise RuntimeError("this VerifyContext has no model caller")
-        target = rung or self.candidate.rung
-        c = await self._caller(call, target)
+        c, cost = await self._caller(call, rung or self.candidate.rung)
         self.input_tokens += c.input_tokens
         self.output_tokens += c.output_tokens
-        self.cost_usd += target.cost_usd(c.input_tokens, c.output_tokens)
+        self.cost_usd += cost
         return c
 
 

@@ -44,8 +44,12 @@ class FakeCaller:
         self.fn = fn
         self.calls: list[tuple[ModelCall, RungConfig]] = []
 
-    async def __call__(self, call: ModelCall, rung: RungConfig) -> Completion:
+    async def __call__(self, call: ModelCall, rung: RungConfig) -> tuple[Completion, float]:
         self.calls.append((call, rung))
+        c = self._reply(call)
+        return c, rung.cost_usd(c.input_tokens, c.output_tokens)
+
+    def _reply(self, call: ModelCall) -> Completion:
         if self.fn is not None:
             return self.fn(call)
         reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from cascade.breaker import CircuitBreakers, breakers_for
@@ -53,8 +54,18 @@ class LocalBudgets:
                        period_s: float) -> Reservation:
         if not self.sync.blocking:
             return self.sync.reserve(key, amount_usd, limit_usd, period_s)
-        return await anyio.to_thread.run_sync(self.sync.reserve, key, amount_usd, limit_usd,
-                                              period_s)
+        # The worker thread reserves even if the request is cancelled meanwhile (a busy file):
+        # take its reservation, then give it back if the request was cancelled, rather than
+        # leave it holding money until its window ends.
+        with anyio.CancelScope(shield=True):
+            res = await anyio.to_thread.run_sync(self.sync.reserve, key, amount_usd,
+                                                 limit_usd, period_s)
+        try:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            await self.arelease(res)
+            raise
+        return res
 
     async def asettle(self, reservation: Reservation, actual_usd: float) -> None:
         if not self.sync.blocking:

@@ -96,6 +96,12 @@ class RedisBudgets:
                         "(budgets_on_outage = fail-open); its spend is recorded later", key)
             return Reservation(id=_LOCAL + uuid.uuid4().hex, key=key, period_s=period_s,
                                window=window_of(time.time(), period_s), amount_nusd=amount)
+        except BaseException:
+            # Cancelled (a deadline, a client gone) with the script sent: the same lost reply,
+            # released at the next replay instead of holding money back until it expires.
+            self._keep(Reservation(id=rid, key=key, period_s=period_s, window=0,
+                                   amount_nusd=amount), 0)
+            raise
         if not int(ok):
             raise budget_exceeded(key, int(spent), int(pending), amount, limit, period_s,
                                   int(now_ms) / 1000)

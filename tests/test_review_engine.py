@@ -1,0 +1,372 @@
+"""Defects found by an adversarial review of the engine, each pinned by a test that failed on the
+code before its fix: money a verifier's failover spent, a request's cap broken by concurrent
+verifier calls, a cancelled shared-budget reservation, the audit log's writer and secrets, the
+deadline's trace, a stray TimeoutError taken for the deadline."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from cascade.breaker import reset_default_breakers
+from cascade.budget import InMemoryBudgetStore, SQLiteBudgetStore
+from cascade.config import parse_config
+from cascade.engine import Cascade
+from cascade.errors import DeadlineExceeded, ServerError
+from cascade.messages import Message, Request
+from cascade.providers.base import Completion, ModelCall
+from cascade.testing import Script
+from cascade.tokens import estimate_cost
+from cascade.trace import Answer, Attempt, Verdict
+from cascade.verify import VerifyContext
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _fresh_breakers() -> Iterator[None]:
+    """Breakers are process-wide: each test starts (and leaves) every circuit closed."""
+    reset_default_breakers()
+    yield
+    reset_default_breakers()
+
+
+def _rung(model: str, price: float, **kw: Any) -> dict[str, Any]:
+    return {"model": model, "provider": "openai-compatible", "base_url": f"http://{model}/v1",
+            "input_usd_per_mtok": price, "output_usd_per_mtok": price, **kw}
+
+
+def _config(tmp_path: Path, rungs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"rungs": rungs, "cache": {"directory": str(tmp_path / "cache")},
+            "retry": {"max_attempts": 1, "base_delay_s": 0.0, "max_delay_s": 0.0}, **extra}
+
+
+class _Recorder:
+    """An observer that keeps what the engine told it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Request, Answer | None, BaseException | None]] = []
+
+    def on_answer(self, request: Request, answer: Answer | None,
+                  error: BaseException | None) -> None:
+        self.seen.append((request, answer, error))
+
+    def on_shadow(self, *args: Any) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- money
+
+
+async def test_a_verifier_call_that_fails_over_is_charged_at_the_endpoint_that_answered(
+        tmp_path: Path) -> None:
+    """A self-check (any ctx.call_model on the candidate's rung) whose primary endpoint fails
+    and whose fallback, a dearer model, answers: the verdict, the answer and the budget must
+    carry the fallback's price, not the primary's (100x too low before)."""
+    rung = _rung("small", 1.0, fallbacks=[_rung("dear", 100.0)])
+    s = Script({"small": ["Canberra", ServerError("down", provider="x", model="small")],
+                "dear": ["yes"]})
+
+    class AsksAgain:
+        name = "again"
+        expensive = True
+
+        async def verify(self, ctx: VerifyContext) -> Verdict:
+            await ctx.call_model(ModelCall(model=ctx.candidate.rung.model,
+                                           messages=ctx.request.messages, max_tokens=8))
+            return Verdict(passed=True, reason="asked again")
+
+    store = InMemoryBudgetStore()
+    cfg = _config(tmp_path, [rung], budget={"limit_usd": 1.0}, cache={"enabled": False})
+    async with Cascade.from_dict(cfg, verifiers=[AsksAgain()], provider_factory=s.factory,
+                                 budget_store=store) as c:
+        ans = await c.aanswer("Capital of Australia?")
+    assert s.count("dear") == 1
+    rung_cost = (10 * 1.0 + 1 * 1.0) / 1e6           # Script: 10 input tokens, 1 per word
+    check_cost = (10 * 100.0 + 1 * 100.0) / 1e6      # answered by the fallback "dear"
+    [verdict] = ans.attempts[0].verdicts
+    assert verdict.cost_usd == pytest.approx(check_cost)
+    assert ans.cost_usd == pytest.approx(rung_cost + check_cost)
+    assert ans.attempts[0].cost_usd == pytest.approx(rung_cost + check_cost)
+    assert store.spent("default", 86400.0) == pytest.approx(rung_cost + check_cost)
+
+
+async def test_concurrent_verifier_calls_never_break_the_requests_cap(tmp_path: Path) -> None:
+    """The agreement verifier's samples call the model concurrently. With a budget store that
+    does I/O (SQLite), each sample awaited its reservation before counting itself against the
+    request's ``max_cost_usd``: all three passed the cap check, and the request overspent it."""
+    rung = _rung("m", 1000.0, max_tokens=50)
+    prompt = "Capital of Australia?"
+    parsed = parse_config(_config(tmp_path, [rung]))
+    one_call = estimate_cost(parsed.rungs[0], [Message("user", prompt)])
+    cap = 2.5 * one_call  # the rung's call and one sample fit; three samples do not
+
+    def reply(call: ModelCall) -> Completion:
+        # Every call costs exactly its estimate: an overspend shows in the money.
+        tokens = round(one_call * 1e6 / 1000.0) - call.max_tokens
+        return Completion(text="Canberra", model=call.model, input_tokens=tokens,
+                          output_tokens=call.max_tokens, finish_reason="stop")
+
+    s = Script({"m": [reply]})
+    cfg = _config(tmp_path, [rung], budget={"limit_usd": 100.0}, cache={"enabled": False},
+                  verifiers=[{"name": "agreement", "mode": "samples", "samples": 3}])
+    store = SQLiteBudgetStore(tmp_path / "budget.sqlite3")
+    async with Cascade.from_dict(cfg, provider_factory=s.factory, budget_store=store) as c:
+        ans = await c.aanswer(prompt, max_cost_usd=cap)
+    assert ans.cost_usd <= cap * (1 + 1e-9)
+    assert s.count("m") == 2  # the rung, and the one sample that fits
+    assert store.pending("default", 86400.0) == 0.0
+
+
+async def test_a_shared_reservation_cancelled_in_flight_is_released(tmp_path: Path) -> None:
+    """A request cancelled (its deadline, a client gone) while its reserve script is on its way
+    to Redis: Redis runs the script, the reply is lost. The reservation held the key's money
+    back until ``reservation_ttl_s`` (10 minutes by default); a lost reply by timeout was
+    already released once Redis answered again, a cancellation must be too."""
+    from cascade.store.redis import RedisStore
+    from tests.redis_server import redis_server
+
+    with redis_server() as server:
+        cfg = parse_config({"rungs": [_rung("m", 1.0)],
+                            "store": {"url": server.url, "timeout_s": 5.0,
+                                      "journal_dir": str(tmp_path / "journal")}})
+        store = RedisStore.from_config(cfg)
+        try:
+            budgets = store.budgets
+            warm = await budgets.areserve("k", 0.1, 1.0, 3600.0)  # connected, scripts loaded
+            await budgets.arelease(warm)
+            server.pause()  # the command is sent, Redis does not run it yet
+            try:
+                with anyio.move_on_after(0.3):
+                    await budgets.areserve("k", 0.5, 1.0, 3600.0)
+                    raise AssertionError("reserved while Redis was paused")
+            finally:
+                server.resume()
+            await anyio.sleep(0.3)  # Redis runs the script it had been sent
+            assert await budgets.apending("k", 3600.0) == 0.0
+            reservation = await budgets.areserve("k", 0.9, 1.0, 3600.0)  # the money is free
+            await budgets.asettle(reservation, 0.9)
+            assert await budgets.aspent("k", 3600.0) == pytest.approx(0.9)
+        finally:
+            await store.aclose()
+
+
+# ---------------------------------------------------------------- the trace of a deadline
+
+
+async def test_a_deadline_after_a_paid_call_keeps_its_trace_and_cost_in_the_audit(
+        tmp_path: Path) -> None:
+    """The deadline cuts a slow verifier short after the model call was paid: the budget is
+    charged, and the audit line (what spend is reconciled from) must say so, with the trace.
+    Before, DeadlineExceeded carried nothing: the line said $0 and had no trace."""
+
+    async def slow_check(ctx: VerifyContext) -> Verdict:
+        await anyio.sleep(5.0)
+        return Verdict(passed=True, reason="took its time")
+
+    s = Script({"m": ["Canberra"]})
+    store = InMemoryBudgetStore()
+    audit = tmp_path / "audit.jsonl"
+    cfg = _config(tmp_path, [_rung("m", 1000.0)], budget={"limit_usd": 1.0})
+    with (Cascade.from_dict(cfg, verifiers=[slow_check], provider_factory=s.factory,
+                            budget_store=store, audit_log=audit) as c,
+          pytest.raises(DeadlineExceeded) as ei):
+        await c.aanswer("Capital of Australia?", timeout_s=0.3)
+    spent = store.spent("default", 86400.0)
+    assert spent == pytest.approx((10 + 1) * 1000.0 / 1e6)
+    traced = getattr(ei.value, "answer", None)
+    assert isinstance(traced, Answer) and traced.cost_usd == pytest.approx(spent)
+    [line] = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert line["error"]["type"] == "DeadlineExceeded"
+    assert line["cost_usd"] == pytest.approx(spent)
+    assert line["trace"]["attempts"][0]["text"] == "Canberra"
+    assert line["trace"]["attempts"][0]["cost_usd"] == pytest.approx(spent)
+
+
+# ---------------------------------------------------------------- odd metadata, the audit log
+
+
+async def test_metadata_json_cannot_encode_loses_neither_the_answer_nor_the_audit_log(
+        tmp_path: Path) -> None:
+    """Metadata travels into the cache entry and the audit line. A key JSON cannot encode (a
+    tuple) made the cache store raise TypeError after the call was paid (the answer lost), and
+    killed the audit log's writer thread: that line and every later one, of every request,
+    never reached the disk."""
+    s = Script({"m": ["Canberra"]})
+    audit = tmp_path / "audit.jsonl"
+    cfg = _config(tmp_path, [_rung("m", 1.0)])
+    with Cascade.from_dict(cfg, provider_factory=s.factory, audit_log=audit) as c:
+        odd = await c.aanswer("Capital of Australia?", metadata={("tenant", 1): "x"})  # type: ignore[dict-item]
+        assert odd.verified and odd.text == "Canberra"
+        assert (await c.aanswer("Capital of Australia?")).cache_hit
+        assert c.audit_log.flush(5.0)
+        await c.aanswer("Capital of France?")
+        assert c.audit_log.flush(5.0)
+    lines = [json.loads(x) for x in audit.read_text().splitlines()]
+    answers = [x for x in lines if x["type"] == "answer"]
+    assert len(answers) == 3
+    assert [x["verified"] for x in answers] == [True, True, True]
+    assert answers[2]["messages"][0]["content"] == "Capital of France?"
+
+
+async def test_a_library_audit_log_cuts_the_ladders_keys_in_every_escaped_form(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Cascade(config, audit_log=PATH)`` opened its log without the ladder's key variables
+    (``cascade serve`` passes them), so nothing was cut: a user verifier's error quoting the
+    key (its own client's URL, say) went to disk raw and URL-encoded."""
+    key = "sk-review+key/with=chars-0123456789"
+    monkeypatch.setenv("REVIEW_TEST_KEY", key)
+    from urllib.parse import quote
+
+    def leaky(ctx: VerifyContext) -> Verdict:
+        raise RuntimeError(f"GET https://checker/?key={quote(key, safe='')} failed; key={key}")
+
+    rungs = [_rung("small", 1.0, api_key_env="REVIEW_TEST_KEY"), _rung("big", 2.0)]
+    rungs[1]["verifiers"] = []  # the top rung accepts: the rejected one stays in the trace
+    s = Script({"small": ["Canberra"], "big": ["Canberra"]})
+    audit = tmp_path / "audit.jsonl"
+    cfg = _config(tmp_path, rungs, cache={"enabled": False})
+    with Cascade.from_dict(cfg, verifiers=[leaky], provider_factory=s.factory,
+                           audit_log=audit) as c:
+        ans = await c.aanswer("Capital of Australia?")
+        assert ans.verified and ans.attempts[0].status == "rejected"
+    text = audit.read_text()
+    assert "verifier crashed" in text
+    assert key not in text and quote(key, safe="") not in text
+    assert json.dumps(key)[1:-1] not in text
+
+
+# ---------------------------------------------------------------- what the deadline is
+
+
+@pytest.mark.parametrize("first", ["Canberra", "error"])
+async def test_a_timeout_error_of_the_callers_own_is_not_taken_for_the_deadline(
+        tmp_path: Path, first: str) -> None:
+    """``on_attempt`` (a stream's writer, say) raising TimeoutError of its own: the engine took
+    any TimeoutError for its deadline, so an accepted answer came back as unverified (and was
+    not cached), or, with nothing answered and no deadline set, a TypeError formatting the
+    missing deadline. The caller's own error must reach the caller, as any other does."""
+    reply: Any = (ServerError("down", provider="x", model="small") if first == "error"
+                  else first)
+    s = Script({"small": [reply], "big": ["Canberra"]})
+
+    def on_attempt(a: Attempt) -> None:
+        raise TimeoutError("the client's socket write timed out")
+
+    cfg = _config(tmp_path, [_rung("small", 1.0), _rung("big", 2.0)])
+    async with Cascade.from_dict(cfg, provider_factory=s.factory) as c:
+        with pytest.raises(TimeoutError, match="socket write"):
+            await c.aanswer("Capital of Australia?", on_attempt=on_attempt)
+
+
+async def test_a_sqlite_reservation_cancelled_in_flight_is_released(tmp_path: Path) -> None:
+    """A request cancelled while its reservation waits on a busy SQLite budget file: the
+    worker thread still reserved once the file was free, and its result was thrown away, so
+    the money stayed held until the window ended (a day by default)."""
+    import sqlite3
+    import threading
+
+    from cascade.store.local import LocalBudgets
+
+    path = tmp_path / "budget.sqlite3"
+    store = SQLiteBudgetStore(path)
+    budgets = LocalBudgets(store)
+    locked, done = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:  # another process holding the write lock for 0.5 s
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        locked.set()
+        done.wait(0.5)
+        blocker.execute("COMMIT")
+        blocker.close()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    locked.wait(5)
+    try:
+        with anyio.move_on_after(0.1):
+            await budgets.areserve("k", 0.5, 1.0, 3600.0)
+    finally:
+        holder.join()
+    assert store.pending("k", 3600.0) == 0.0
+
+
+@pytest.mark.parametrize("alpha", [0, 0.0, 1, 1.0, 2.5])
+def test_a_drift_alpha_outside_zero_one_is_a_config_error_not_replaced(alpha: float) -> None:
+    """``drift_alpha`` 0 never alarms and 1 alarms on every check; the engine used to swap
+    either for 0.01 (ten times the default false-alarm rate) without a word."""
+    from cascade.config import parse_config
+    from cascade.errors import ConfigError
+
+    rung = {"model": "m", "provider": "openai-compatible", "base_url": "http://127.0.0.1:9/v1",
+            "price": "unknown"}
+    with pytest.raises(ConfigError, match="drift_alpha"):
+        parse_config({"rungs": [rung], "policy": {"drift_alpha": alpha}})
+    assert parse_config({"rungs": [rung], "policy": {"drift_alpha": 0.02}}).policy.drift_alpha \
+        == 0.02
+
+
+async def test_cascade_record_bills_a_failed_over_call_at_the_fallback_that_answered(
+        tmp_path: Path) -> None:
+    """``cascade record`` priced every recorded call at its rung's own price and endpoint,
+    also when the rung's primary failed and a dearer fallback answered: the recording (and
+    so every tuning cost built from it) was 100x too low here."""
+    from cascade.record import record
+    from cascade.suite import RecordingStore, answer_call, load_cases
+
+    (tmp_path / "cases.jsonl").write_text(json.dumps(
+        {"id": "q0", "messages": [{"role": "user", "content": "Capital of Australia?"}],
+         "expected": "Canberra"}) + "\n")
+    cfg = parse_config(_config(tmp_path, [_rung("small", 1.0,
+                                                fallbacks=[_rung("dear", 100.0)])]))
+    s = Script({"small": [ServerError("down", provider="x", model="small")],
+                "dear": ["Canberra"]})
+    store = RecordingStore.for_suite(tmp_path)
+    cases = load_cases(tmp_path)
+    counts = await record(cases, cfg, store, factory=s.factory, progress=False)
+    assert counts["recorded"] == 1 and s.count("dear") == 1
+    rec = RecordingStore.for_suite(tmp_path).get(answer_call(cfg.rungs[0], cases[0].messages))
+    assert rec is not None
+    assert rec.cost_usd == pytest.approx((10 * 100.0 + 1 * 100.0) / 1e6)
+    assert rec.endpoint == cfg.rungs[0].fallbacks[0].endpoint
+
+
+async def test_an_answer_with_a_lone_surrogate_loses_no_audit_line(tmp_path: Path) -> None:
+    """A model's reply JSON may carry an unpaired "\\ud800"; encoding the batch to UTF-8
+    failed and the writer dropped every line of it (up to 1,000 requests')."""
+    s = Script({"small": ["Canberra \ud800", "Paris"]})
+    audit = tmp_path / "audit.jsonl"
+    cfg = _config(tmp_path, [_rung("small", 1.0, verifiers=[])], cache={"enabled": False})
+    with Cascade.from_dict(cfg, provider_factory=s.factory, audit_log=audit) as c:
+        await c.aanswer("Capital of Australia?")
+        await c.aanswer("Capital of France?")
+    lines = [json.loads(x) for x in audit.read_text(encoding="utf-8").splitlines()]
+    answers = [x["answer"] for x in lines if x.get("type") == "answer"]
+    assert answers == ["Canberra \ud800", "Paris"]
+
+
+async def test_a_key_variable_ending_in_a_newline_is_still_cut_from_the_audit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key files end in a newline; the key sent (and quoted by errors) is the stripped one."""
+    key = "sk-review-newline-0123456789"
+    monkeypatch.setenv("REVIEW_TEST_KEY", key + "\n")
+
+    def leaky(ctx: VerifyContext) -> Verdict:
+        raise RuntimeError(f"the checker refused key {key}")
+
+    rungs = [_rung("small", 1.0, api_key_env="REVIEW_TEST_KEY"), _rung("big", 2.0)]
+    rungs[1]["verifiers"] = []
+    s = Script({"small": ["Canberra"], "big": ["Canberra"]})
+    audit = tmp_path / "audit.jsonl"
+    cfg = _config(tmp_path, rungs, cache={"enabled": False})
+    with Cascade.from_dict(cfg, verifiers=[leaky], provider_factory=s.factory,
+                           audit_log=audit) as c:
+        await c.aanswer("Capital of Australia?")
+    text = audit.read_text()
+    assert "the checker refused key" in text and key not in text
