@@ -28,25 +28,31 @@ from cascade.serve import chat, feedback, health, messages_api, metrics, models
 from cascade.serve.errors import APIError, from_exception
 from cascade.serve.service import Service
 
-__all__ = ["CONFIG_ENV", "app_factory", "create_app"]
+__all__ = ["CONFIG_ENV", "REQUIRE_CLIENTS_ENV", "app_factory", "create_app"]
 
 CONFIG_ENV = "CASCADE_SERVE_CONFIG"
+REQUIRE_CLIENTS_ENV = "CASCADE_SERVE_REQUIRE_CLIENTS"
+"""Set to 1 by ``cascade serve`` for workers bound beyond loopback without ``--insecure``."""
 
 
 def create_app(config: CascadeConfig | str | os.PathLike[str], *,
                provider_factory: Callable[[RungConfig], Provider] | None = None,
                tracer_provider: TracerProvider | None = None,
-               observers: Sequence[Observer] = (), sighup: bool = False) -> FastAPI:
+               observers: Sequence[Observer] = (), sighup: bool = False,
+               require_clients: bool = False) -> FastAPI:
     """An app serving ``config``'s ladder (validates ``[server]`` now: bad config fails here).
 
     Given a file, the app reloads it when it changes and, with ``sighup``, on SIGHUP (the
     handler needs the main thread: ``cascade serve`` passes it; an embedding app decides).
+    ``require_clients`` (bound beyond loopback) refuses any config, first or reloaded, that
+    has no ``[[server.clients]]``.
     """
     path = None if isinstance(config, CascadeConfig) else Path(config)
     cfg = load_config(path) if path is not None else config
     assert isinstance(cfg, CascadeConfig)
     service = Service(cfg, path=path, provider_factory=provider_factory,
-                      tracer_provider=tracer_provider, observers=observers)
+                      tracer_provider=tracer_provider, observers=observers,
+                      require_clients=require_clients)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,4 +107,5 @@ def app_factory() -> FastAPI:
 
     ignore_sighup()  # a worker: until its lifespan takes SIGHUP over (a reload)
     exit_with_parent()
-    return create_app(Path(path), sighup=True)
+    return create_app(Path(path), sighup=True,
+                      require_clients=os.environ.get(REQUIRE_CLIENTS_ENV) == "1")

@@ -50,7 +50,9 @@ class Authenticator:
     client (or None when none are)."""
 
     def __init__(self, clients: Sequence[ClientConfig]) -> None:
-        self._keys = tuple((c, c.key().encode()) for c in clients)
+        # A bearer token never carries surrounding white space; a key variable read from a
+        # secret file often ends in a newline, which would lock its client out for good.
+        self._keys = tuple((c, c.key().strip().encode()) for c in clients)
         self._limits = {c.name: RateLimiter(c.rate_limit_rpm) for c in clients
                         if c.rate_limit_rpm}
 

@@ -24,9 +24,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
+from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
 
 from cascade.serve.config import ClientConfig
-from cascade.serve.errors import APIError, from_exception, parse_body
+from cascade.serve.errors import APIError, from_exception, parse_body, read_body
 from cascade.serve.protocol import (
     CascadeTrace,
     ChatCompletionChunk,
@@ -43,13 +45,21 @@ from cascade.trace import Answer, Attempt
 
 __all__ = ["Render", "answer_headers", "answer_request", "caller_trace", "check_request",
            "finish_reason", "progress_comment", "refusal_reason", "refuse_unsupported", "router",
-           "stop_sequence", "stream_answer", "trace_of", "usage_of", "wire_error"]
+           "stop_sequence", "stream_answer", "to_json", "trace_of", "usage_of", "wire_error"]
 
 router = APIRouter()
 
 _HEARTBEAT_S = 15.0
 _TRACE_FIELDS_DROPPED = ("text",)
 """Left out of the wire trace: rejected answers belong in the audit log, not the response."""
+_CLIMB_ERRORS = frozenset({"budget_exceeded", "deadline_exceeded", "no_answer",
+                           "unverified_answer", "server_error"})
+"""Error types of a climb that ran (the engine's observers count those): not refusals."""
+_RESERVED_METADATA = ("budget_key", "client", "ladder", "request_id")
+"""Metadata the service sets itself: a request choosing its own ``budget_key`` would escape
+the ``[budget]`` cap it is under."""
+_MESSAGE_KEYS = frozenset({"role", "content"})
+_PART_KEYS = frozenset({"type", "text"})
 
 
 def trace_of(answer: Answer, ladder: str) -> CascadeTrace:
@@ -131,8 +141,30 @@ def refuse_unsupported(names: list[str], *, at: str = "",
                        param=name, code="unsupported_field")
 
 
+def _sent(d: dict[str, object], allowed: frozenset[str]) -> list[str]:
+    """Keys of ``d`` beyond ``allowed`` that carry something (``"refusal": null`` or
+    ``"tool_calls": []``, as an SDK's own reply object dumps them, say nothing)."""
+    return [k for k, v in d.items() if k not in allowed and v is not None and v != []]
+
+
+def _check_messages(messages: list[dict[str, object]]) -> None:
+    """A 400 naming a message key (``name``, ``tool_calls``...) or content-part key the
+    cascade would otherwise drop: the model would answer another question than the one sent."""
+    for i, m in enumerate(messages):
+        refuse_unsupported(_sent(m, _MESSAGE_KEYS), at=f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, dict):
+                    refuse_unsupported(_sent(part, _PART_KEYS), at=f"messages[{i}].content[{j}]")
+
+
 def check_request(body: ChatCompletionRequest, service: Service) -> None:
     refuse_unsupported(body.unsupported())
+    _check_messages(body.messages)
+    refuse_unsupported([k for k in body.metadata or {} if k in _RESERVED_METADATA],
+                       at="metadata", why="the service sets it (the client's key selects the "
+                       "budget)")
     if body.n != 1:
         raise APIError(400, f"n must be 1 (one verified answer per request), not {body.n}",
                        param="n")
@@ -177,31 +209,42 @@ async def create_chat_completion(request: Request) -> Response:
         return await answer_request(
             service, request, parse=lambda raw: parse_body(raw, ChatCompletionRequest),
             render=lambda body: _openai_render(body, service.name),
-            # Serialised once, by pydantic-core (not model → dict → json.dumps).
-            reply=lambda a: completion(a, service.name).model_dump_json())
+            reply=lambda a: completion(a, service.name))
 
 
 async def answer_request(service: Service, request: Request, *,
                          parse: Callable[[bytes], ChatCompletionRequest],
                          render: Callable[[ChatCompletionRequest], Render],
-                         reply: Callable[[Answer], str]) -> Response:
+                         reply: Callable[[Answer], BaseModel]) -> Response:
     """One wire request, in any format ``parse`` reads and ``reply`` / ``render`` write:
     authenticate, validate, climb (or stream), and count refusals; errors are raised as
     :class:`APIError` for the format's endpoint to write."""
     try:
         client = service.auth.client_for(request.headers)
-        body = parse(await request.body())
+        body = parse(await read_body(request, service.server.max_request_bytes))
         check_request(body, service)
         if body.stream:
             return await stream_answer(service, body, client, render(body))
         answer = await service.answer(body, client)
     except APIError as e:
-        service.metrics.refusal(refusal_reason(e))
+        if e.body.type not in _CLIMB_ERRORS and e.status < 500:
+            service.metrics.refusal(refusal_reason(e))
         raise
     except Exception as e:
         raise wire_error(e) from None
-    return Response(reply(answer), media_type="application/json",
+    return Response(to_json(reply(answer)), media_type="application/json",
                     headers=answer_headers(answer))
+
+
+def to_json(model: BaseModel) -> str:
+    """The reply's JSON, serialised once by pydantic-core (not model → dict → json.dumps),
+    except for a text pydantic-core cannot encode (an unpaired surrogate a model server's
+    JSON escape produced): that answer was paid for, so it is sent escaped, as a stream
+    sends it, instead of a 500."""
+    try:
+        return model.model_dump_json()
+    except PydanticSerializationError:
+        return json.dumps(model.model_dump(mode="json"), separators=(",", ":"))
 
 
 # A plain Starlette route: the handler reads and validates its own body, so FastAPI's
@@ -213,9 +256,12 @@ router.add_route("/v1/chat/completions", create_chat_completion, methods=["POST"
 
 
 def _imminent(event: ClimbEvent, service: Service) -> bool:
-    """Whether the answer follows at once (the rung was accepted, or it was the last one)."""
+    """Whether the response should wait for the next event: the answer follows at once (the
+    rung was accepted, or it was the last one), or the rung was skipped unpaid (over the cap,
+    the deadline, an open circuit), which is no escalation: a climb whose every rung is
+    skipped must get the same status (429, 504, 502) streamed or not."""
     kind, value = event
-    return kind == "attempt" and (value.status == "accepted"
+    return kind == "attempt" and (value.status in ("accepted", "skipped")
                                   or value.rung >= len(service.config.rungs) - 1)
 
 

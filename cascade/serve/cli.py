@@ -56,7 +56,7 @@ def is_loopback(host: str) -> bool:
 def run(ns: argparse.Namespace) -> int:
     import uvicorn
 
-    from cascade.serve.app import CONFIG_ENV, create_app
+    from cascade.serve.app import CONFIG_ENV, REQUIRE_CLIENTS_ENV, create_app
     from cascade.serve.config import parse_server
 
     path = Path(ns.config).resolve()
@@ -64,7 +64,8 @@ def run(ns: argparse.Namespace) -> int:
     server = parse_server(config)
     if ns.workers < 1:
         raise ConfigError("must be >= 1", source="command line", key="--workers")
-    if not is_loopback(ns.host) and not server.clients and not ns.insecure:
+    require_clients = not is_loopback(ns.host) and not ns.insecure
+    if require_clients and not server.clients:
         raise ConfigError(
             f"refusing to serve on {ns.host} with no client keys: anyone who can reach the "
             "port could spend the ladder's money. Add [[server.clients]] (name, key_env, "
@@ -76,9 +77,11 @@ def run(ns: argparse.Namespace) -> int:
               "timeout_graceful_shutdown": server.shutdown_timeout_s}
     ignore_sighup()  # until the app's lifespan takes SIGHUP over: not a reason to die
     if ns.workers == 1:
-        uvicorn.run(create_app(path, sighup=True), **common)
+        uvicorn.run(create_app(path, sighup=True, require_clients=require_clients), **common)
         return 0
     os.environ[CONFIG_ENV] = str(path)
+    # a reload in a worker must not drop every key either
+    os.environ[REQUIRE_CLIENTS_ENV] = "1" if require_clients else "0"
     os.environ[_PARENT_ENV] = str(os.getpid())
     made = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

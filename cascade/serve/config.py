@@ -19,7 +19,7 @@ from cascade.errors import ConfigError
 __all__ = ["ClientConfig", "ServerConfig", "parse_server"]
 
 _SERVER_KEYS = ("name", "audit_log", "audit_redact", "audit_max_bytes", "audit_backups",
-                "clients", "shutdown_timeout_s", "reload_poll_s")
+                "clients", "shutdown_timeout_s", "reload_poll_s", "max_request_bytes")
 _CLIENT_KEYS = ("name", "key_env", "budget_key", "max_cost_usd", "rate_limit_rpm")
 
 
@@ -57,6 +57,9 @@ class ServerConfig:
     """How long SIGTERM waits for requests in flight before cutting them."""
     reload_poll_s: float = 1.0
     """How often the config file is checked for a change to reload (0: only on SIGHUP)."""
+    max_request_bytes: int = 16 * 2**20
+    """The largest request body read; over it a request is a 413 (a body is held in memory
+    whole, so without a bound anyone who can reach the port could exhaust it)."""
 
     @property
     def secret_envs(self) -> tuple[str, ...]:
@@ -104,9 +107,9 @@ def _client(raw: Any, i: int, source: str) -> ClientConfig:
     if not name or not key_env:
         raise ConfigError("must not be empty", source=source,
                           key=prefix + ("name" if not name else "key_env"))
-    if not os.environ.get(key_env):
-        raise ConfigError(f"the environment variable {key_env} is not set (it must hold this "
-                          "client's key)", source=source, key=prefix + "key_env")
+    if not os.environ.get(key_env, "").strip():
+        raise ConfigError(f"the environment variable {key_env} is not set or blank (it must "
+                          "hold this client's key)", source=source, key=prefix + "key_env")
     budget_key = (_get(raw, "budget_key", str, "a string", source, prefix)
                   if "budget_key" in raw else name)
     return ClientConfig(name=name, key_env=key_env, budget_key=budget_key,
@@ -128,11 +131,11 @@ def parse_server(config: CascadeConfig) -> ServerConfig:
         kw["audit_log"] = _get(raw, "audit_log", str, "a file path", source, p) or None
     if "audit_redact" in raw:
         kw["audit_redact"] = _get(raw, "audit_redact", bool, "true or false", source, p)
-    for k in ("audit_max_bytes", "audit_backups"):
+    for k in ("audit_max_bytes", "audit_backups", "max_request_bytes"):
         if k in raw:
             kw[k] = _get(raw, k, int, "an integer", source, p)
-            if kw[k] < (1 if k == "audit_max_bytes" else 0):
-                raise ConfigError("must be >= 1" if k == "audit_max_bytes" else "must be >= 0",
+            if kw[k] < (0 if k == "audit_backups" else 1):
+                raise ConfigError("must be >= 0" if k == "audit_backups" else "must be >= 1",
                                   source=source, key=p + k)
     if "shutdown_timeout_s" in raw:
         kw["shutdown_timeout_s"] = _positive(raw, "shutdown_timeout_s", source, p)
@@ -152,7 +155,7 @@ def parse_server(config: CascadeConfig) -> ServerConfig:
                                   f"clients[{seen[c.name]}])", source=source,
                                   key=f"server.clients[{i}].name")
             seen[c.name] = i
-        keys = [c.key() for c in clients]
+        keys = [c.key().strip() for c in clients]
         if len(set(keys)) != len(keys):
             raise ConfigError("two clients share one key (their key_env variables hold the same "
                               "value): each client needs its own", source=source,

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import TypeVar
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
@@ -24,7 +25,7 @@ from cascade.errors import (
 )
 from cascade.serve.protocol import CascadeTrace, ErrorBody, ErrorResponse
 
-__all__ = ["APIError", "from_exception", "parse_body"]
+__all__ = ["APIError", "from_exception", "parse_body", "read_body"]
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -86,3 +87,25 @@ def parse_body(raw: bytes, model: type[_M]) -> _M:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__") or None
         what = f"{loc}: " if loc else ""
         raise APIError(400, f"{what}{err.get('msg', 'invalid')}", param=loc) from None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over {limit} bytes ([server] max_request_bytes)",
+                    code="request_too_large")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes: a declared length over it is refused before
+    anything is read, a chunked body as soon as it grows past it (a 413 either way), so one
+    request cannot make the service hold an unbounded body in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)

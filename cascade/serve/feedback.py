@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from cascade.serve.errors import parse_body
+from cascade.serve.errors import parse_body, read_body
 from cascade.serve.protocol import FeedbackRequest, FeedbackResponse
 from cascade.serve.service import Service
 
@@ -19,6 +19,7 @@ router = APIRouter()
 async def create_feedback(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
     client = service.auth.client_for(request.headers)
-    body = parse_body(await request.body(), FeedbackRequest)
+    body = parse_body(await read_body(request, service.server.max_request_bytes),
+                      FeedbackRequest)
     await service.feedback(body.request_id, body.correct, body.expected, client)
     return JSONResponse(FeedbackResponse(request_id=body.request_id).model_dump(mode="json"))

@@ -159,7 +159,7 @@ async def create_message(request: Request) -> Response:
             return await answer_request(
                 service, request, parse=lambda raw: to_chat(parse_body(raw, MessagesRequest)),
                 render=lambda body: _render(service.name),
-                reply=lambda a: _message(a, service.name).model_dump_json())
+                reply=lambda a: _message(a, service.name))
         except APIError as e:
             return JSONResponse(anthropic_error(e), status_code=e.status, headers=e.headers)
 

@@ -40,7 +40,12 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+_REQUEST = ConfigDict(extra="allow", strict=True)
+"""Unknown fields are kept only to be named in a 400; types are strict, as OpenAI's and
+Anthropic's APIs are: ``"max_tokens": true`` is not a cap of 1, nor ``"stream": "yes"`` true."""
 
 
 # ---------------------------------------------------------------- requests
@@ -66,7 +71,7 @@ class ResponseFormat(_Strict):
 class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions``. ``model`` names the ladder, not a model."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = _REQUEST
 
     model: str
     messages: list[dict[str, Any]]
@@ -108,7 +113,7 @@ class ChatCompletionRequest(BaseModel):
 class MessagesRequest(BaseModel):
     """``POST /v1/messages``, Anthropic's wire format. ``model`` names the ladder."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = _REQUEST
 
     model: str
     max_tokens: int = Field(ge=1)

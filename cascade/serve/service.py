@@ -32,10 +32,10 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry.trace import TracerProvider
 
-from cascade.audit import AuditLog
+from cascade.audit import AuditLog, secret_envs_of
 from cascade.config import CascadeConfig, RungConfig, load_config
 from cascade.engine import Cascade
-from cascade.errors import ConfigError
+from cascade.errors import CascadeError, ConfigError
 from cascade.messages import normalise_messages
 from cascade.observe import Observer
 from cascade.providers.base import Provider
@@ -59,17 +59,6 @@ ClimbEvent = tuple[str, Any]
 _MAX_VARIANTS = 16
 
 
-def _secret_envs(config: CascadeConfig, client_envs: Sequence[str]) -> list[str]:
-    names = list(client_envs)
-    for r in config.rungs:
-        names += [e.api_key_env for e in (r, *r.fallbacks) if e.api_key_env]
-    for v in config.verifiers:
-        env = v.settings.get("api_key_env")
-        if isinstance(env, str):
-            names.append(env)
-    return names
-
-
 def _adjust(r: RungConfig, cap: int | None, temperature: float | None,
             stop: tuple[str, ...] | None) -> RungConfig:
     """The rung for a request's own settings. Its stop sequences join the rung's (which are
@@ -87,15 +76,22 @@ class Loaded:
 
     def __init__(self, config: CascadeConfig, *,
                  provider_factory: Callable[[RungConfig], Provider] | None,
-                 observers: Sequence[Observer]) -> None:
+                 observers: Sequence[Observer], require_clients: bool = False) -> None:
         self.config = config
         self.server = s = parse_server(config)
+        if require_clients and not s.clients:
+            # Bound beyond loopback: a file with no keys (first or reloaded) would hand the
+            # ladder's spending to anyone who can reach the port.
+            raise ConfigError("this service is bound beyond loopback, so it needs client keys "
+                              "(a config with no [[server.clients]] is refused; restart on "
+                              "127.0.0.1 or with --insecure to serve without)",
+                              source=config.source, key="server.clients")
         self.name = s.name
         self.auth = Authenticator(s.clients)
         self.audit = AuditLog(
             s.audit_log, redact=s.audit_redact, max_bytes=s.audit_max_bytes,
             backups=s.audit_backups, ladder=self.name,
-            secret_envs=_secret_envs(config, s.secret_envs)) if s.audit_log else None
+            secret_envs=[*s.secret_envs, *secret_envs_of(config)]) if s.audit_log else None
         try:
             # The engine tells every observer (and the audit log) how each request and each
             # shadow check ended, errors included.
@@ -163,9 +159,11 @@ class Service:
     def __init__(self, config: CascadeConfig, *, path: str | os.PathLike[str] | None = None,
                  provider_factory: Callable[[RungConfig], Provider] | None = None,
                  tracer_provider: TracerProvider | None = None,
-                 observers: Sequence[Observer] = ()) -> None:
+                 observers: Sequence[Observer] = (), require_clients: bool = False) -> None:
         self.path = Path(path).resolve() if path is not None else None
         self._provider_factory = provider_factory
+        self._require_clients = require_clients
+        """Bound beyond loopback without --insecure: every config it loads needs clients."""
         name = parse_server(config).name
         self._retiring: set[Loaded] = set()
         self._dropped_closed = 0
@@ -180,7 +178,8 @@ class Service:
         self._tg: anyio.abc.TaskGroup | None = None
 
     def _load(self, config: CascadeConfig) -> Loaded:
-        return Loaded(config, provider_factory=self._provider_factory, observers=self._observers)
+        return Loaded(config, provider_factory=self._provider_factory, observers=self._observers,
+                      require_clients=self._require_clients)
 
     def _audit_dropped(self) -> int:
         dropped = self._dropped_closed + sum(x.audit.dropped for x in self._retiring
@@ -316,6 +315,19 @@ class Service:
                     messages=messages, schema=body.output_schema(), config=live.ladder(body),
                     metadata=self._metadata(body, client, live.name),
                     max_cost_usd=min(caps) if caps else None, on_attempt=on_attempt)
+        except ConfigError as e:
+            if e.key != "schema":
+                raise
+            # the engine's argument; the client sent it as the response format's schema
+            raise APIError(400, e.detail, param="response_format.json_schema.schema") from None
+        except BaseException as e:
+            if isinstance(e, (Exception, KeyboardInterrupt, GeneratorExit,
+                              anyio.get_cancelled_exc_class())):
+                raise
+            # SystemExit (or the like) from a plugin: one request's failure. Escaping a stream's
+            # climb it would cancel the service's task group, every request and the lifespan.
+            log.error("a plugin raised %s answering a request", type(e).__name__, exc_info=e)
+            raise CascadeError(f"a plugin raised {type(e).__name__}: {e}") from None
         finally:
             gauge.dec()
 
