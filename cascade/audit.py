@@ -32,15 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from cascade.messages import Request
-from cascade.settings import CascadeConfig
+from cascade.secrets import Redactor
 from cascade.trace import Answer, Attempt
 
-__all__ = ["AuditLog", "messages_hash", "secret_envs_of"]
+__all__ = ["AuditLog", "messages_hash"]
 
 log = logging.getLogger("cascade.audit")
 
 _STOP = object()
-_REDACTED = "[redacted]"
 
 
 def messages_hash(request: Request) -> str:
@@ -49,17 +48,6 @@ def messages_hash(request: Request) -> str:
     raw = json.dumps([m.to_dict() for m in request.messages], sort_keys=True,
                      separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
-
-
-def secret_envs_of(config: CascadeConfig) -> list[str]:
-    """The variables holding a ladder's secrets: every endpoint's and verifier's key, the
-    store's password and cache secret (their values are cut from every line)."""
-    names = [e.api_key_env for r in config.rungs for e in (r, *r.fallbacks) if e.api_key_env]
-    names += [env for v in config.verifiers
-              if isinstance(env := v.settings.get("api_key_env"), str)]
-    names += [env for k in ("password_env", "cache_secret_env")
-              if isinstance(env := config.store.get(k), str)]
-    return names
 
 
 def _dumps(line: Any) -> str:
@@ -106,7 +94,7 @@ class AuditLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self.ladder = ladder
-        self._secrets = self._secret_forms(secret_envs)
+        self._redact = Redactor(secret_envs, json_escaped=True)
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._dropped = 0
         self._reported = 0
@@ -115,25 +103,6 @@ class AuditLog:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="cascade-audit", daemon=True)
         self._thread.start()
-
-    @staticmethod
-    def _secret_forms(names: Iterable[str]) -> tuple[str, ...]:
-        from cascade.providers._common import secret_forms  # the providers' own list
-
-        forms: set[str] = set()
-        for name in names:
-            raw = os.environ.get(name) or ""
-            # A key file's trailing newline is not part of the key the SDKs send.
-            for value in {raw, raw.strip()}:
-                if len(value) < 4:  # a 1-3 character "key" would shred every line
-                    continue
-                # Every form the providers scrub (raw, repr, JSON, URL-encoded), each as it
-                # reads once the line is JSON itself.
-                for form in secret_forms(value):
-                    forms.add(form)
-                    forms.add(json.dumps(form)[1:-1])
-                    forms.add(json.dumps(form, ensure_ascii=False)[1:-1])
-        return tuple(sorted(forms, key=len, reverse=True))
 
     # ------------------------------------------------------------------ observer
 
@@ -221,8 +190,7 @@ class AuditLog:
                 text = _dumps({"type": line.get("type"), "request_id": line.get("request_id"),
                                "timestamp": line.get("timestamp"),
                                "unencodable": f"{type(e).__name__}: {e}"})
-        for s in self._secrets:
-            text = text.replace(s, _REDACTED)
+        text = self._redact(text)
         return text + "\n"
 
     def _run(self) -> None:

@@ -30,7 +30,8 @@ from cascade.tokens import estimate_cost
 from cascade.trace import Attempt, Verdict
 from cascade.verify import BoundVerifier, Candidate, Verifier, VerifyContext, run_verifiers
 
-__all__ = ["Climb", "Money", "OnAttempt", "builtin_verifier", "record_call", "record_error"]
+__all__ = ["Climb", "Money", "OnAttempt", "builtin_verifier", "record_call", "record_error",
+           "request_call"]
 
 OnAttempt = Callable[[Attempt], "Awaitable[None] | None"]
 """Called as each rung finishes (accepted, rejected, error, skipped, routed): progress."""
@@ -90,6 +91,15 @@ class Money:
         if reservation is not None:
             with anyio.CancelScope(shield=True):  # spent money is recorded even on cancel
                 await self.budgets.asettle(reservation, actual)
+
+
+
+def request_call(rung: RungConfig, request: Request) -> ModelCall:
+    """The call ``rung`` makes for ``request``: its messages and its structured output (the
+    typed ``output_type``, else the JSON schema). The climb and a shadow check of the top rung
+    send the same call, so a shadow compares like with like."""
+    return rung_call(rung, request.messages, output_type=request.output_type,
+                     json_schema=request.schema if request.output_type is None else None)
 
 
 @dataclass
@@ -171,9 +181,7 @@ class Climb:
             self._skip(attempt, policy.Skip("budget", str(e)))
             return None
         t0 = self.clock()
-        req = self.request
-        call = rung_call(rung, req.messages, output_type=req.output_type,
-                         json_schema=req.schema if req.output_type is None else None)
+        call = request_call(rung, self.request)
         actual = 0.0
         try:
             try:
@@ -259,8 +267,10 @@ class Climb:
                                  settings=bv.settings, threshold=bv.threshold,
                                  _caller=self.charged, shared=shared)
 
+        redact = self.ladder.redact
         verdicts = await run_verifiers(bound, make_ctx,
-                                       short_circuit=self.ladder.config.policy.short_circuit)
+                                       short_circuit=self.ladder.config.policy.short_circuit,
+                                       redact=redact if redact else None)
         return verdicts, shared.get("parsed", candidate.parsed)
 
 

@@ -167,7 +167,8 @@ class Cascade:
     def _open_audit(audit_log: Any, config: CascadeConfig) -> Any:
         if isinstance(audit_log, (str, os.PathLike)):
             # its writer thread starts only when asked
-            from cascade.audit import AuditLog, secret_envs_of
+            from cascade.audit import AuditLog
+            from cascade.secrets import secret_envs_of
 
             # The ladder's keys are cut from its lines, as ``cascade serve``'s log cuts them.
             return AuditLog(audit_log, secret_envs=secret_envs_of(config))

@@ -19,6 +19,7 @@ from cascade.config import CascadeConfig, RungConfig, VerifierConfig
 from cascade.errors import ConfigError
 from cascade.messages import Request
 from cascade.plugins import load_verifier
+from cascade.secrets import Redactor, secret_envs_of
 from cascade.verify import BoundVerifier, Verifier, as_verifier
 
 if TYPE_CHECKING:
@@ -76,6 +77,13 @@ class Ladder:
             for k in getattr(v, "metadata_keys", ()) or ()}))
         """Request metadata the verifiers read (e.g. the judge's ``reference``): in the key."""
         _ = self.router  # a bad or mismatched router file fails here, not on first traffic
+
+    @functools.cached_property
+    def redact(self) -> Redactor:
+        """Cuts the config's secrets (keys, store password) from what its climbs record: a
+        user verifier's error may quote a key (its own client's URL), and verdict reasons go
+        into the trace, the cache entry and the response."""
+        return Redactor(secret_envs_of(self.config))
 
     @functools.cached_property
     def key(self) -> str:

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from cascade.caller import EndpointCaller
-from cascade.climb import Money, builtin_verifier, record_call, record_error
+from cascade.climb import Money, builtin_verifier, record_call, record_error, request_call
 from cascade.config import RungConfig
 from cascade.drift import DriftMonitor
 from cascade.errors import BudgetExceeded, ProviderError
 from cascade.ladder import Ladder
 from cascade.messages import Request
-from cascade.providers.base import Completion, rung_call
+from cascade.providers.base import Completion
 from cascade.syncloop import LoopThread
 from cascade.trace import Attempt
 from cascade.verify import BoundVerifier, Candidate, VerifyContext, run_verifiers
@@ -178,7 +178,7 @@ class Shadows:
             return None
         actual = 0.0
         try:
-            result = await self.caller.call(rung_call(top, job.request.messages), top, None)
+            result = await self.caller.call(request_call(top, job.request), top, None)
             record_call(attempt, result)
             actual = attempt.cost_usd
         except ProviderError as e:

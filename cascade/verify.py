@@ -241,10 +241,12 @@ async def run_verifiers(
     make_ctx: Callable[[BoundVerifier], VerifyContext],
     *,
     short_circuit: bool = True,
+    redact: Callable[[str], str] | None = None,
 ) -> list[Verdict]:
     """Run ``bound`` verifiers: cheap ones concurrently first, then the expensive ones.
 
-    Verdicts come back in configuration order, so traces read the same every time.
+    Verdicts come back in configuration order, so traces read the same every time; with
+    ``redact``, their reasons pass through it (a crashed plugin's error may quote a secret).
     """
     results: dict[int, Verdict] = {}
 
@@ -272,4 +274,8 @@ async def run_verifiers(
             await stage(dear)
     else:
         await stage(cheap + dear)
-    return [results[i] for i in range(len(bound))]
+    verdicts = [results[i] for i in range(len(bound))]
+    if redact is not None:
+        verdicts = [v if (r := redact(v.reason)) == v.reason else replace(v, reason=r)
+                    for v in verdicts]
+    return verdicts

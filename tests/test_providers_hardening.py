@@ -28,9 +28,10 @@ from cascade.errors import (
 )
 from cascade.messages import Message
 from cascade.providers import make_provider
-from cascade.providers._common import scrub, secret_forms
+from cascade.providers._common import scrub
 from cascade.providers.base import ModelCall
 from cascade.retry import call_with_retry, retry_delay
+from cascade.secrets import secret_forms
 from tests.loopback import (
     LoopbackServer,
     RecordedRequest,

@@ -370,3 +370,75 @@ async def test_a_key_variable_ending_in_a_newline_is_still_cut_from_the_audit(
         await c.aanswer("Capital of Australia?")
     text = audit.read_text()
     assert "the checker refused key" in text and key not in text
+
+
+async def test_a_structured_requests_shadow_check_asks_the_top_rung_for_the_same_structure(
+        tmp_path: Path) -> None:
+    """The shadow check sent the top rung the bare messages, without the request's schema: its
+    free-text answer then disagreed with the early rung's JSON on every structured request,
+    and the drift alarm fired on agreement that was there."""
+    from cascade.testing import FunctionProvider
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}},
+              "required": ["city"]}
+    calls: list[ModelCall] = []
+
+    def model(call: ModelCall) -> str:
+        calls.append(call)
+        return '{"city": "Canberra"}' if call.json_schema is not None else "Canberra"
+
+    cfg = _config(tmp_path, [_rung("small", 1.0), _rung("big", 100.0)],
+                  policy={"shadow_rate": 1.0}, cache={"enabled": False})
+    seen = _Recorder()
+    shadows: list[bool | None] = []
+
+    class Shadows:
+        def on_answer(self, *args: Any) -> None:
+            pass
+
+        def on_shadow(self, request: Any, accepted: Any, shadow: Any,
+                      agreed: bool | None) -> None:
+            shadows.append(agreed)
+
+    c = Cascade.from_dict(cfg, provider_factory=FunctionProvider(model).factory,
+                          observers=[seen, Shadows()])
+    try:
+        ans = await c.aanswer("Capital of Australia, as JSON?", schema=schema)
+        assert ans.verified and ans.model == "small"
+        assert c.drain_shadows(10)
+    finally:
+        c.close()
+    top = [x for x in calls if x.model == "big"]
+    assert len(top) == 1 and top[0].json_schema == schema
+    assert shadows == [True]
+
+
+async def test_a_crashed_verifiers_error_quoting_a_key_is_cut_from_the_trace_and_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user verifier whose own client failed with the key in its URL: the crash reason went
+    into the trace (and so the response) and into the cache entry of the rung accepted after
+    it; only the audit log was scrubbed."""
+    from urllib.parse import quote
+
+    key = "sk-review+trace/key=0123456789"
+    monkeypatch.setenv("REVIEW_TEST_KEY", key)
+
+    def leaky(ctx: VerifyContext) -> Verdict:
+        if ctx.candidate.rung.model == "small":
+            raise RuntimeError(f"GET https://checker/?key={quote(key, safe='')} failed: {key!r}")
+        return Verdict(passed=True, reason="ok")
+
+    leaky.cache_key = "leaky-v1"  # type: ignore[attr-defined]
+    rungs = [_rung("small", 1.0, api_key_env="REVIEW_TEST_KEY"), _rung("big", 2.0)]
+    s = Script({"small": ["Canberra"], "big": ["Canberra"]})
+    async with Cascade.from_dict(_config(tmp_path, rungs), verifiers=[leaky],
+                                 provider_factory=s.factory) as c:
+        ans = await c.aanswer("Capital of Australia?")
+        again = await c.aanswer("Capital of Australia?")
+    assert ans.verified and ans.attempts[0].status == "rejected" and again.cache_hit
+    trace = json.dumps(ans.to_dict()) + json.dumps(again.to_dict())
+    assert "verifier crashed" in trace and "[redacted]" in trace
+    stored = "".join(p.read_bytes().decode("latin-1") for p in (tmp_path / "cache").rglob("*")
+                     if p.is_file())
+    for text in (trace, stored):
+        assert key not in text and quote(key, safe="") not in text and repr(key) not in text

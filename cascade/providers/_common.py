@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -32,6 +31,7 @@ from cascade.errors import (
     ServerError,
     TransportError,
 )
+from cascade.secrets import REDACTED, secret_forms
 
 __all__ = [
     "Structured",
@@ -106,27 +106,11 @@ def resolve_api_key(rung: RungConfig, *, default_env: str | None, dummy: str | N
     return key
 
 
-def secret_forms(secret: str) -> set[str]:
-    """``secret`` as it may appear in a message: raw, repr- or ``\\n``-escaped, JSON-escaped,
-    URL-encoded."""
-    forms = {
-        secret,
-        repr(secret)[1:-1],
-        secret.encode("unicode_escape").decode("ascii"),
-        json.dumps(secret)[1:-1],
-        json.dumps(secret, ensure_ascii=False)[1:-1],
-        urllib.parse.quote(secret, safe=""),
-        urllib.parse.quote_plus(secret, safe=""),
-        urllib.parse.quote(secret),
-    }
-    return {f for f in forms if len(f) >= 4}
-
-
 def scrub(text: str, secret: str | None) -> str:
     """Remove ``secret``, in every escaped form, from ``text`` and keep it short for a trace."""
     if secret:
         for form in sorted(secret_forms(secret), key=len, reverse=True):
-            text = text.replace(form, "***")
+            text = text.replace(form, REDACTED)
     text = " ".join(text.split())
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
 

@@ -32,13 +32,14 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry.trace import TracerProvider
 
-from cascade.audit import AuditLog, secret_envs_of
+from cascade.audit import AuditLog
 from cascade.config import CascadeConfig, RungConfig, load_config
 from cascade.engine import Cascade
 from cascade.errors import CascadeError, ConfigError
 from cascade.messages import normalise_messages
 from cascade.observe import Observer
 from cascade.providers.base import Provider
+from cascade.secrets import secret_envs_of
 from cascade.serve.auth import Authenticator
 from cascade.serve.config import ClientConfig, ServerConfig, parse_server
 from cascade.serve.errors import APIError

@@ -1,0 +1,78 @@
+"""Which values are secret, the forms they take in text, and cutting them out.
+
+One place for it, because a key leaks through whatever quotes it: a server's 401 body, a user
+verifier's exception (its own client's URL with ``?key=``), an audit line that JSON-escapes
+the quote again. Providers scrub their own key from their errors; the climb and the audit log
+cut every secret the config names (:func:`secret_envs_of`) with a :class:`Redactor`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.parse
+from collections.abc import Iterable
+
+from cascade.settings import CascadeConfig
+
+__all__ = ["REDACTED", "Redactor", "secret_envs_of", "secret_forms"]
+
+REDACTED = "[redacted]"
+
+
+def secret_forms(secret: str) -> set[str]:
+    """``secret`` as it may appear in a message: raw, repr- or ``\\n``-escaped, JSON-escaped,
+    URL-encoded."""
+    forms = {
+        secret,
+        repr(secret)[1:-1],
+        secret.encode("unicode_escape").decode("ascii"),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        urllib.parse.quote(secret, safe=""),
+        urllib.parse.quote_plus(secret, safe=""),
+        urllib.parse.quote(secret),
+    }
+    return {f for f in forms if len(f) >= 4}
+
+
+def secret_envs_of(config: CascadeConfig) -> list[str]:
+    """The variables holding a ladder's secrets: every endpoint's and verifier's key, the
+    store's password and cache secret."""
+    names = [e.api_key_env for r in config.rungs for e in (r, *r.fallbacks) if e.api_key_env]
+    names += [env for v in config.verifiers
+              if isinstance(env := v.settings.get("api_key_env"), str)]
+    names += [env for k in ("password_env", "cache_secret_env")
+              if isinstance(env := config.store.get(k), str)]
+    return names
+
+
+class Redactor:
+    """Cuts the values of ``envs`` (read once, now) from text, in every form of
+    :func:`secret_forms`; with ``json_escaped``, also as each form reads inside a JSON string
+    (for text that is JSON itself, an audit line)."""
+
+    def __init__(self, envs: Iterable[str], *, json_escaped: bool = False) -> None:
+        forms: set[str] = set()
+        for name in envs:
+            raw = os.environ.get(name) or ""
+            # A key file's trailing newline is not part of the key the SDKs send.
+            for value in {raw, raw.strip()}:
+                if len(value) < 4:  # a 1-3 character "key" would shred every line
+                    continue
+                for form in secret_forms(value):
+                    forms.add(form)
+                    if json_escaped:
+                        forms.add(json.dumps(form)[1:-1])
+                        forms.add(json.dumps(form, ensure_ascii=False)[1:-1])
+        self.forms = tuple(sorted(forms, key=len, reverse=True))
+        """Longest first, so a form holding another is cut whole."""
+
+    def __call__(self, text: str) -> str:
+        for form in self.forms:
+            if form in text:
+                text = text.replace(form, REDACTED)
+        return text
+
+    def __bool__(self) -> bool:
+        return bool(self.forms)
