@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -102,6 +103,40 @@ def _check_url(url: str, source: str, key: str) -> None:
                           source=source, key=key)
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+"""What an environment variable's name looks like; a key pasted in its place does not."""
+_BODY_FIELDS = {
+    "openai": frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "stream",
+                         "n"}),
+    "anthropic": frozenset({"model", "messages", "max_tokens", "stream", "system"}),
+}
+"""Request fields a built-in kind sets from the rung itself. ``extra`` is merged over the
+body, so one of these there would silently replace the rung's value: a larger token limit
+than the cost caps were estimated with, another model than the one priced, a stream the
+provider cannot read."""
+_BODY_FIELDS["openai-compatible"] = _BODY_FIELDS["openai"]
+_VENDOR_ROOT = {"anthropic": "/v1"}
+"""A path the kind's SDK adds itself: a ``base_url`` ending in it doubles it (/v1/v1/...)."""
+
+
+def _check_rung(rung: RungConfig, source: str, prefix: str) -> None:
+    """What a finished rung (or fallback, after inheriting) must not hold: ``extra`` fields
+    that override the rung's own, a base_url whose last segment the SDK adds again."""
+    clash = sorted(set(rung.extra) & _BODY_FIELDS.get(rung.provider, frozenset()))
+    if clash:
+        k = clash[0]
+        raise ConfigError(f"{k!r} is sent from the rung's own settings and cannot be "
+                          f"overridden through extra for provider {rung.provider!r}"
+                          + ("; set the rung's max_tokens" if "tokens" in k else ""),
+                          source=source, key=f"{prefix}extra.{k}")
+    root = _VENDOR_ROOT.get(rung.provider)
+    if rung.base_url and root and urllib.parse.urlsplit(rung.base_url).path.rstrip(
+            "/").endswith(root):
+        raise ConfigError(f"is {rung.base_url!r}: the {rung.provider} SDK adds {root}/... "
+                          f"itself, so drop the trailing {root}", source=source,
+                          key=prefix + "base_url")
+
+
 def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = "rungs[0].",
                inherit: RungConfig | None = None) -> RungConfig:
     """Build a rung from a TOML table, validating every key."""
@@ -121,6 +156,11 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
             kw[k] = _expect(d[k], str, "a string", source, prefix + k)
             if k == "model" and not kw[k].strip():
                 raise ConfigError("must not be empty", source=source, key=prefix + k)
+            if k == "api_key_env" and not _ENV_NAME.fullmatch(kw[k]):
+                # Not shown: what is here instead of a name is most likely the key itself.
+                raise ConfigError("must be the NAME of an environment variable (letters, "
+                                  "digits and _, e.g. OPENAI_API_KEY; no $), never the key; "
+                                  "the value is not shown", source=source, key=prefix + k)
     if "provider" in d:
         p = _expect(d["provider"], str, "a provider name", source, prefix + "provider")
         from cascade.providers import has_provider, known_providers  # they need RungConfig
@@ -184,6 +224,11 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
     if "max_reply_bytes" in d:
         kw["max_reply_bytes"] = _number(d, "max_reply_bytes", source, prefix, minimum=1024,
                                         integer=True)
+    if inherit is not None and kw.get("provider", inherit.provider) != inherit.provider and (
+            "base_url" not in d):
+        # Another kind is another endpoint: the rung's URL speaks the rung's protocol (a vLLM
+        # URL under an `openai` fallback sent it, and OPENAI_API_KEY, to the vLLM host).
+        kw["base_url"] = None
     rung = replace(inherit, fallbacks=(), **kw) if inherit is not None else RungConfig(**kw)
     if inherit is not None and "api_key_env" not in d and (
             rung.provider, rung.base_url) != (inherit.provider, inherit.base_url):
@@ -194,6 +239,7 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
                           key=prefix + "base_url")
     if rung.base_url and rung.provider in _HTTP_KINDS:
         _check_url(rung.base_url, source, prefix + "base_url")
+    _check_rung(rung, source, prefix)
     # Priced before its fallbacks are read: they bill like the rung unless they say otherwise,
     # and a price from the built-in table is the rung's price too (not a silent $0).
     rung = _priced(rung, d, source, prefix, parent=inherit)

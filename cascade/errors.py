@@ -9,8 +9,8 @@ Every error a user can meet is one of these, and each message names what to fix:
     │   ├── TransportError         connection refused/reset, timeout: worth a retry or failover
     │   │   └── ProviderTimeout
     │   ├── RateLimited            HTTP 429 (carries ``retry_after_s``)
-    │   ├── ServerError            HTTP 5xx (carries ``retry_after_s`` for 503/529)
-    │   ├── ClientRequestError     HTTP 4xx other than 429, a rejected request field, a
+    │   ├── ServerError            HTTP 5xx and 409 (carries ``retry_after_s`` for 503/529)
+    │   ├── ClientRequestError     HTTP 4xx other than 409/429, a rejected request field, a
     │   │   │                      redirect loop: retrying will not help
     │   │   └── AuthenticationError
     │   ├── MalformedReply         the reply is not what the wire protocol promises

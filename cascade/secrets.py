@@ -18,6 +18,7 @@ from cascade.settings import CascadeConfig
 __all__ = ["REDACTED", "Redactor", "secret_envs_of", "secret_forms"]
 
 REDACTED = "[redacted]"
+_VENDOR_ENVS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
 def secret_forms(secret: str) -> set[str]:
@@ -39,12 +40,21 @@ def secret_forms(secret: str) -> set[str]:
 def secret_envs_of(config: CascadeConfig) -> list[str]:
     """The variables holding a ladder's secrets: every endpoint's and verifier's key, the
     store's password and cache secret."""
-    names = [e.api_key_env for r in config.rungs for e in (r, *r.fallbacks) if e.api_key_env]
-    names += [env for v in config.verifiers
-              if isinstance(env := v.settings.get("api_key_env"), str)]
+    endpoints = [e for r in config.rungs for e in (r, *r.fallbacks)]
+    names = [e.api_key_env for e in endpoints if e.api_key_env]
+    # A vendor kind with no variable named reads the vendor's default one (sent to the
+    # vendor's own URL only, but a secret wherever it is quoted).
+    names += [_VENDOR_ENVS[e.provider] for e in endpoints
+              if not e.api_key_env and e.provider in _VENDOR_ENVS]
+    for v in config.verifiers:
+        env, kind = v.settings.get("api_key_env"), v.settings.get("provider")
+        if isinstance(env, str):
+            names.append(env)
+        elif isinstance(kind, str) and kind in _VENDOR_ENVS:
+            names.append(_VENDOR_ENVS[kind])
     names += [env for k in ("password_env", "cache_secret_env")
               if isinstance(env := config.store.get(k), str)]
-    return names
+    return list(dict.fromkeys(names))
 
 
 class Redactor:

@@ -442,3 +442,17 @@ async def test_a_crashed_verifiers_error_quoting_a_key_is_cut_from_the_trace_and
                      if p.is_file())
     for text in (trace, stored):
         assert key not in text and quote(key, safe="") not in text and repr(key) not in text
+
+
+def test_a_vendors_default_key_variable_is_a_secret_of_the_config(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``openai`` rung naming no variable sends OPENAI_API_KEY: it must be cut as well."""
+    from cascade.secrets import Redactor, secret_envs_of
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-default-vendor-key-0123")
+    cfg = parse_config({"rungs": [{"model": "gpt-4o-mini", "provider": "openai"}]})
+    assert "OPENAI_API_KEY" in secret_envs_of(cfg)
+    assert Redactor(secret_envs_of(cfg))("key sk-default-vendor-key-0123!") == "key [redacted]!"
+    local = parse_config({"rungs": [{"model": "m", "provider": "openai-compatible",
+                                     "base_url": "http://127.0.0.1:9/v1", "price": "unknown"}]})
+    assert secret_envs_of(local) == []

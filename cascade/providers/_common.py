@@ -45,6 +45,7 @@ __all__ = [
     "run_instructor",
     "scrub",
     "translate_error",
+    "vendor_url",
 ]
 
 _MAX_DETAIL = 300
@@ -87,8 +88,11 @@ def resolve_api_key(rung: RungConfig, *, default_env: str | None, dummy: str | N
     env = rung.api_key_env or default_env
     if env is None:
         if dummy is None:
-            raise AuthenticationError("no api_key_env configured", provider=rung.provider,
-                                      model=rung.model)
+            at = f" for base_url {rung.base_url}" if rung.base_url else ""
+            raise AuthenticationError(
+                f"no api_key_env configured{at}: name the variable holding this endpoint's "
+                "key (a vendor's default variable is sent to the vendor's own URL only)",
+                provider=rung.provider, model=rung.model)
         return dummy
     key = (os.environ.get(env) or "").strip()
     if not key:
@@ -104,6 +108,11 @@ def resolve_api_key(rung: RungConfig, *, default_env: str | None, dummy: str | N
             key="api_key_env",
         )
     return key
+
+
+def vendor_url(base_url: str | None, official: str) -> bool:
+    """Whether ``base_url`` is the vendor's own API (None: the SDK's default, which is)."""
+    return base_url is None or base_url.rstrip("/").lower() == official
 
 
 def scrub(text: str, secret: str | None) -> str:
@@ -163,6 +172,17 @@ _VALIDATION = re.compile(r"validation error|unrecognized request argument|"
                          r"extra (inputs|fields) (are )?not permitted|unknown field", re.I)
 
 
+_CONTEXT = re.compile(r"context length|context window|context_length_exceeded|"
+                      r"context size|prompt is too long|maximum context", re.I)
+"""How OpenAI, Anthropic, vLLM and llama.cpp word a prompt longer than the model takes (they
+name the field ``messages``, which is not a setting to change)."""
+
+
+def _code(body: object) -> object:
+    inner = body.get("error", body) if isinstance(body, Mapping) else None
+    return inner.get("code") if isinstance(inner, Mapping) else None
+
+
 def _rejected_field(body: object, detail: str) -> str | None:
     """The request field a server says it rejected, from an OpenAI ``param`` or a validation
     error's location (llama-cpp-python answers those with HTTP 500)."""
@@ -214,6 +234,13 @@ def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model
             return AuthenticationError(msg, **kw)
         if status == 408:
             return ProviderTimeout(msg, **kw)
+        if status == 409:  # a conflict (OpenAI: a lock timed out); both SDKs retry it
+            return ServerError(msg, retry_after_s=retry_after, **kw)
+        if _CONTEXT.search(raw) or _code(exc.body) == "context_length_exceeded":
+            return ClientRequestError(
+                "the prompt (with max_tokens for the reply) does not fit the model's context "
+                f"window: shorten it, lower the rung's max_tokens, or use a larger model ({msg})",
+                **kw)
         field = _rejected_field(exc.body, raw) if status != 404 else None
         if field is not None and (status < 500 or _VALIDATION.search(raw)):
             fix = setting(field) if setting else "the rung setting that sends it"
@@ -253,9 +280,14 @@ def guarded(create: Callable[..., Awaitable[Any]], sdk: ModuleType, *, secret: s
             err = translate_error(exc, sdk, secret=secret, setting=setting, **where)
             if err is None:
                 raise
-            raise err from None
-        check(reply, where)
-        return reply
+        else:
+            check(reply, where)
+            return reply
+        # Raised outside the handler: ``from None`` only hides ``__context__``, which would
+        # still hold the SDK's exception (its unscrubbed message, its response and request
+        # with the key in a header) for anything that walks the chain.
+        err.__cause__ = err.__context__ = None
+        raise err
 
     return call
 

@@ -16,7 +16,7 @@ import httpx2
 
 from cascade.config import RungConfig
 from cascade.errors import ConfigError, MalformedReply
-from cascade.providers._common import Where, attr, count, normalise_finish
+from cascade.providers._common import Where, attr, count, normalise_finish, vendor_url
 from cascade.providers._sdk import SDKProvider, Wire, schema_instruction, schema_name
 from cascade.providers.base import Completion, ModelCall
 
@@ -24,6 +24,7 @@ __all__ = ["AnthropicProvider"]
 
 
 _MODES = ("json_schema", "tools", "prompt")
+_VENDOR_URL = "https://api.anthropic.com"
 
 
 def _request(call: ModelCall, *, schema: Mapping[str, Any] | None, mode: str) -> dict[str, Any]:
@@ -54,8 +55,19 @@ def _request(call: ModelCall, *, schema: Mapping[str, Any] | None, mode: str) ->
     return kwargs
 
 
+def _input_tokens(usage: object) -> int | None:
+    """All the input the reply was billed for: with prompt caching, ``input_tokens`` leaves
+    out the part read from or written to the cache (billed at 0.1x and 1.25x). Counted at the
+    full rate, the cost is within 20% on a write and above it on a read, never 10x below."""
+    i = count(attr(usage, "input_tokens"))
+    cached = [attr(usage, k) for k in ("cache_creation_input_tokens", "cache_read_input_tokens")]
+    if i is None or any(c is not None and count(c) is None for c in cached):
+        return None
+    return count(i + sum(c for c in cached if isinstance(c, int)))
+
+
 def _usage(total: object) -> tuple[int, int] | None:
-    i, o = count(attr(total, "input_tokens")), count(attr(total, "output_tokens"))
+    i, o = _input_tokens(total), count(attr(total, "output_tokens"))
     return (i, o) if i is not None and o is not None and (i, o) != (0, 0) else None
 
 
@@ -86,7 +98,7 @@ def _read(reply: object, where: Where) -> tuple[str, int, int]:
     if not texts and isinstance(tool_input, dict):
         texts.append(json.dumps(tool_input))  # instructor's tools mode answers in a tool call
     usage = attr(reply, "usage")
-    i, o = count(attr(usage, "input_tokens")), count(attr(usage, "output_tokens"))
+    i, o = _input_tokens(usage), count(attr(usage, "output_tokens"))
     if i is None or o is None:
         raise _bad("usage.input_tokens/output_tokens must be integers in [0, 1e9]", where)
     return "".join(texts), i, o
@@ -133,7 +145,8 @@ class AnthropicProvider(SDKProvider[anthropic.AsyncAnthropic]):
         super().__init__(rung)
 
     def _key_source(self) -> tuple[str | None, str | None]:
-        return "ANTHROPIC_API_KEY", None
+        # Anthropic's key goes to Anthropic; another host's variable must be named.
+        return ("ANTHROPIC_API_KEY" if vendor_url(self.rung.base_url, _VENDOR_URL) else None), None
 
     def _new_client(self, key: str, http_client: httpx2.AsyncClient
                     ) -> anthropic.AsyncAnthropic:

@@ -18,13 +18,14 @@ import openai
 
 from cascade.config import RungConfig
 from cascade.errors import MalformedReply
-from cascade.providers._common import Where, attr, count, normalise_finish
+from cascade.providers._common import Where, attr, count, normalise_finish, vendor_url
 from cascade.providers._sdk import SDKProvider, Wire, schema_instruction, schema_name
 from cascade.providers.base import Completion, ModelCall, TokenLogprob
 
 __all__ = ["OpenAIProvider"]
 
 _DUMMY_KEY = "sk-no-key-required"
+_VENDOR_URL = "https://api.openai.com/v1"
 _MODES = ("json_schema", "json_object_schema", "json_object", "tools", "prompt")
 
 
@@ -193,7 +194,11 @@ class OpenAIProvider(SDKProvider[openai.AsyncOpenAI]):
         self._official = rung.provider == "openai"
 
     def _key_source(self) -> tuple[str | None, str | None]:
-        return ("OPENAI_API_KEY", None) if self._official else (None, _DUMMY_KEY)
+        if not self._official:
+            return None, _DUMMY_KEY
+        # OpenAI's key goes to OpenAI: another host (a fallback's, a proxy's) gets a key only
+        # when the config names its variable.
+        return ("OPENAI_API_KEY" if vendor_url(self.rung.base_url, _VENDOR_URL) else None), None
 
     def _new_client(self, key: str, http_client: httpx2.AsyncClient) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(api_key=key, base_url=self.rung.base_url, max_retries=0,
