@@ -9,7 +9,7 @@ actually spent; nothing paid for leaves the trace.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,7 +24,7 @@ from cascade.errors import BudgetExceeded, ProviderError
 from cascade.ladder import Ladder
 from cascade.messages import Message, Request
 from cascade.plugins import load_verifier
-from cascade.providers.base import Completion, ModelCall, rung_call
+from cascade.providers.base import Completion, ModelCall, rung_call, schema_instruction
 from cascade.store.base import AsyncBudgetStore
 from cascade.tokens import estimate_cost
 from cascade.trace import Attempt, Verdict
@@ -69,9 +69,14 @@ class Money:
         """Whether estimates matter (tiktoken is never loaded without a cap or budget)."""
         return self.max_cost_usd is not None or self.limit_usd is not None
 
-    async def estimate(self, rung: RungConfig, messages: Sequence[Message]) -> float:
+    async def estimate(self, rung: RungConfig, messages: Sequence[Message],
+                       schema: Mapping[str, Any] | None = None) -> float:
+        """The most the call can cost; a request's schema is input too, as a response format
+        or as the prompt's instruction (caps were estimated without it)."""
         if not self.counting:
             return 0.0
+        if schema is not None:
+            messages = [*messages, Message("system", schema_instruction(schema))]
         if sum(len(m.content) for m in messages) > _OFF_LOOP_CHARS:
             return await anyio.to_thread.run_sync(estimate_cost, rung, messages)
         return estimate_cost(rung, messages)
@@ -166,7 +171,7 @@ class Climb:
                           endpoint=rung.base_url or "", status="running", started_at=time.time())
         self.attempts.append(attempt)
         money = self.money
-        estimate = await money.estimate(rung, self.request.messages)
+        estimate = await money.estimate(rung, self.request.messages, self.request.schema)
         gate = (policy.deadline_gate(self.remaining_s(), self.caller.expected_s(rung))
                 or money.cap_skip(estimate))
         if gate is not None:

@@ -167,7 +167,7 @@ class Shadows:
         """The paid part: the top rung's answer, within the request's cap and budget."""
         top = job.ladder.config.rungs[-1]
         money = job.money
-        estimate = await money.estimate(top, job.request.messages)
+        estimate = await money.estimate(top, job.request.messages, job.request.schema)
         if money.cap_skip(estimate) is not None:
             attempt.error, attempt.error_type = "cap: would break the request's cap", "Skipped"
             return None  # a shadow check never breaks the request's cap

@@ -456,3 +456,27 @@ def test_a_vendors_default_key_variable_is_a_secret_of_the_config(
     local = parse_config({"rungs": [{"model": "m", "provider": "openai-compatible",
                                      "base_url": "http://127.0.0.1:9/v1", "price": "unknown"}]})
     assert secret_envs_of(local) == []
+
+
+async def test_a_requests_schema_counts_in_the_cost_estimate_the_cap_is_held_to(
+        tmp_path: Path) -> None:
+    """A JSON schema is input the call pays for (a response format, or the prompt's
+    instruction); the estimate left it out, so a cap that fits the messages alone let a call
+    through that could cost more than the cap."""
+    from cascade.errors import BudgetExceeded
+
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string",
+                                                             "description": "x " * 20}
+                                               for i in range(30)}}
+    prompt = "Capital of Australia?"
+    parsed = parse_config(_config(tmp_path, [_rung("m", 1000.0, max_tokens=16)]))
+    bare = estimate_cost(parsed.rungs[0], [Message("user", prompt)])
+    s = Script({"m": ['{"field_0": "Canberra"}']})
+    async with Cascade.from_dict(_config(tmp_path, [_rung("m", 1000.0, max_tokens=16)],
+                                         cache={"enabled": False}),
+                                 provider_factory=s.factory) as c:
+        with pytest.raises(BudgetExceeded):
+            await c.aanswer(prompt, schema=schema, max_cost_usd=bare * 1.5)
+        assert s.count("m") == 0
+        ok = await c.aanswer(prompt, max_cost_usd=bare * 1.5)  # without the schema it fits
+        assert ok.text

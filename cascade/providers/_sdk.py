@@ -33,7 +33,7 @@ from cascade.providers._common import (
 from cascade.providers._http import capped_client, pick_transport
 from cascade.providers.base import Completion, ModelCall, Provider
 
-__all__ = ["SDKProvider", "Wire", "parse_structured", "post_json", "schema_instruction",
+__all__ = ["SDKProvider", "Wire", "parse_structured", "post_json",
            "schema_name", "schema_of"]
 
 ClientT = TypeVar("ClientT")
@@ -59,12 +59,6 @@ def schema_name(schema: Mapping[str, Any]) -> str:
     title = schema.get("title")
     return (re.sub(r"[^A-Za-z0-9_-]", "_", title if isinstance(title, str) else "")
             or "answer")[:64]
-
-
-def schema_instruction(schema: Mapping[str, Any]) -> str:
-    """The system text that asks for JSON when the schema cannot be sent as a request field."""
-    return ("Answer with a single JSON value and nothing else. It must match this JSON "
-            "Schema:\n" + json.dumps(dict(schema), ensure_ascii=False))
 
 
 def _json_part(text: str) -> str:

@@ -17,8 +17,8 @@ import httpx2
 from cascade.config import RungConfig
 from cascade.errors import ConfigError, MalformedReply
 from cascade.providers._common import Where, attr, count, normalise_finish, vendor_url
-from cascade.providers._sdk import SDKProvider, Wire, schema_instruction, schema_name
-from cascade.providers.base import Completion, ModelCall
+from cascade.providers._sdk import SDKProvider, Wire, schema_name
+from cascade.providers.base import Completion, ModelCall, schema_instruction
 
 __all__ = ["AnthropicProvider"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -10,7 +11,8 @@ from typing import Any
 from cascade.config import RungConfig
 from cascade.messages import Message
 
-__all__ = ["Completion", "ModelCall", "Provider", "TokenLogprob", "rung_call"]
+__all__ = ["Completion", "ModelCall", "Provider", "TokenLogprob", "rung_call",
+           "schema_instruction"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,13 @@ def rung_call(rung: RungConfig, messages: Sequence[Message], *,
         top_logprobs=5 if rung.logprobs else 0, json_schema=json_schema,
         output_type=output_type, stop=rung.stop, extra=dict(rung.extra),
     )
+
+
+def schema_instruction(schema: Mapping[str, Any]) -> str:
+    """The system text that asks for JSON when the schema cannot be sent as a request field
+    (and what the cost estimate counts for a schema sent either way)."""
+    return ("Answer with a single JSON value and nothing else. It must match this JSON "
+            "Schema:\n" + json.dumps(dict(schema), ensure_ascii=False))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,8 +19,8 @@ import openai
 from cascade.config import RungConfig
 from cascade.errors import MalformedReply
 from cascade.providers._common import Where, attr, count, normalise_finish, vendor_url
-from cascade.providers._sdk import SDKProvider, Wire, schema_instruction, schema_name
-from cascade.providers.base import Completion, ModelCall, TokenLogprob
+from cascade.providers._sdk import SDKProvider, Wire, schema_name
+from cascade.providers.base import Completion, ModelCall, TokenLogprob, schema_instruction
 
 __all__ = ["OpenAIProvider"]
 
