@@ -232,10 +232,21 @@ class AuditLog:
             size = self.path.stat().st_size if self.path.exists() else 0
             if size and size + len(raw) > self.max_bytes:
                 self._rotate()
-            with open(self.path, "ab") as f:
+            with open(self.path, "ab+") as f:  # appends wherever it reads
+                if not self._ends_line(f):
+                    # another worker was killed mid-line: close it, or ours is glued onto it
+                    raw = b"\n" + raw
                 f.write(raw)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _ends_line(f: Any) -> bool:
+        """Whether the file is empty or its last byte ends a line."""
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return bool(f.read(1) == b"\n")
 
     def _rotate(self) -> None:
         if self.backups == 0:

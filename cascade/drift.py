@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ log = logging.getLogger("cascade.drift")
 _STEPS = (0.05, 0.1, 0.2, 0.35)
 """Alternatives p_j = D ± step: near ones catch small drifts slowly, far ones large drifts
 fast; covering all of them costs only log(J) in the threshold."""
+_SWAP_TRIES = 50
+"""Compare-and-set attempts per shadow result before it is given up (heavy contention)."""
 _FLOOR = 0.02
 """D is never taken below 2%: a suite that showed no disagreement at all would otherwise
 alarm on the first one."""
@@ -99,7 +102,10 @@ class DriftMonitor:
         return f"drift:{self.ladder}:{rung}"
 
     async def _load(self, rung: str) -> dict[str, Any]:
-        raw = await self.counters.aget_flag(self._key(rung))
+        return self._parse(await self.counters.aget_flag(self._key(rung)))
+
+    @staticmethod
+    def _parse(raw: str | None) -> dict[str, Any]:
         return json.loads(raw) if raw else {"alarm": False, "s": [], "n": 0, "k": 0}
 
     def _state(self, rung: str, st: Mapping[str, Any]) -> DriftState:
@@ -112,25 +118,50 @@ class DriftMonitor:
         if d is None:
             return None
         async with self._lock:  # one update at a time in this process
-            st = await self._load(rung)
-            steps = increments(d, above=not st["alarm"])
-            s = list(st["s"]) if len(st["s"]) == len(steps) else [0.0] * len(steps)
-            s = [max(0.0, x + (up if disagreed else down)) for x, (up, down)
-                 in zip(s, steps, strict=True)]
-            st.update(s=s, n=st["n"] + 1, k=st["k"] + int(disagreed))
-            if max(s) >= self.threshold(rung):
-                alarm = not st["alarm"]
+            key = self._key(rung)
+            for _ in range(_SWAP_TRIES):
+                raw = await self.counters.aget_flag(key)
+                old = self._parse(raw)
+                st = self._update(rung, d, old, disagreed)
+                # compare-and-set: another worker's update in between is retried on, never
+                # overwritten (a lost update would drop samples, or an alarm it raised)
+                if await self._swap(key, raw, json.dumps(st)):
+                    break
+                await anyio.sleep(random.random() * 0.002)  # jitter: no two workers in lockstep
+            else:
+                log.warning("drift state of rung %s of ladder %s changed under %d tries in a "
+                            "row; this shadow check is not counted", rung, self.ladder,
+                            _SWAP_TRIES)
+                old = st = self._parse(await self.counters.aget_flag(key))
+            if bool(st["alarm"]) != bool(old["alarm"]):
+                alarm = bool(st["alarm"])
                 log.warning(
                     "drift alarm %s for rung %s of ladder %s: %d of %d shadow checks "
                     "disagreed with the top rung since the last change, credibly %s the "
                     "tolerated %.3f%s", "raised" if alarm else "cleared", rung, self.ladder,
-                    st["k"], st["n"], "above" if alarm else "below", d,
+                    old["k"] + int(disagreed), old["n"] + 1, "above" if alarm else "below", d,
                     "; its answers escalate (safe mode) until it clears" if alarm else "")
-                st = {"alarm": alarm, "s": [], "n": 0, "k": 0}
-            await self.counters.aset_flag(self._key(rung), json.dumps(st))
             state = self._state(rung, st)
             self._local[rung] = state
             return state
+
+    async def _swap(self, key: str, expected: str | None, value: str) -> bool:
+        swap = getattr(self.counters, "aswap_flag", None)
+        if swap is None:  # a Store written before compare-and-set: last writer wins
+            await self.counters.aset_flag(key, value)
+            return True
+        return bool(await swap(key, expected, value))
+
+    def _update(self, rung: str, d: float, st: Mapping[str, Any],
+                disagreed: bool) -> dict[str, Any]:
+        """The test's state after one more check; pure, so a failed swap just recomputes it."""
+        steps = increments(d, above=not st["alarm"])
+        s = list(st["s"]) if len(st["s"]) == len(steps) else [0.0] * len(steps)
+        s = [max(0.0, x + (up if disagreed else down)) for x, (up, down)
+             in zip(s, steps, strict=True)]
+        if max(s) >= self.threshold(rung):
+            return {"alarm": not st["alarm"], "s": [], "n": 0, "k": 0}
+        return {**st, "s": s, "n": st["n"] + 1, "k": st["k"] + int(disagreed)}
 
     async def refresh(self) -> dict[str, DriftState]:
         """Read every watched rung's state from the store (other workers may have moved it)."""

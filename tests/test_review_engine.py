@@ -480,3 +480,24 @@ async def test_a_requests_schema_counts_in_the_cost_estimate_the_cap_is_held_to(
         assert s.count("m") == 0
         ok = await c.aanswer(prompt, max_cost_usd=bare * 1.5)  # without the schema it fits
         assert ok.text
+
+
+def test_an_audit_line_is_never_glued_onto_a_line_a_killed_worker_left_unfinished(
+        tmp_path: Path) -> None:
+    """Workers share one audit file; one killed mid-write leaves a line without its newline,
+    and the next writer's line was appended right after it, so a reader lost both."""
+    from cascade.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    path.write_text('{"type":"answer","request_id":"cut-sh')  # a worker died here
+    log = AuditLog(path)
+    try:
+        log.on_answer(Request(messages=(Message("user", "q"),)),
+                      Answer(text="a", model="m", verified=True, attempts=[],
+                             cost_usd=0.0, request_id="r2"), None)
+        assert log.flush(10)
+    finally:
+        log.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == '{"type":"answer","request_id":"cut-sh'
+    assert json.loads(lines[1])["request_id"] == "r2"

@@ -93,14 +93,15 @@ async def test_redis_down_budgets_fail_closed_naming_the_store(redis: RedisServe
         with pytest.raises(BudgetStoreError, match=rf"redis://127\.0\.0\.1:{redis.port}/0"):
             await c.aanswer("two", metadata={"budget_key": "t"})
         assert calls == ["one"]  # nothing was called, so nothing was spent unmetered
-        # health says so: Redis unreachable, the refused reservation's release waiting for it
+        # health says so: Redis unreachable; the refused reservation failed fast (the cache
+        # lookup before it had found Redis down), so no release waits for it
         store = (await c.ahealth())["store"]
-        assert store == {"shared": True, "url": redis.url, "reachable": False, "unsettled": 1}
+        assert store == {"shared": True, "url": redis.url, "reachable": False, "unsettled": 0}
         metrics = Metrics("cascade")  # what /metrics makes of it
         metrics.set_store(store)
         text = metrics.render().decode()
         assert f'cascade_store_reachable{{store="{redis.url}"}} 0.0' in text
-        assert f'cascade_store_unsettled{{store="{redis.url}"}} 1.0' in text
+        assert f'cascade_store_unsettled{{store="{redis.url}"}} 0.0' in text
     finally:
         await c.aclose()
         await c.store.aclose()

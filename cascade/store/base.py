@@ -94,6 +94,12 @@ class Counters(Protocol):
 
     async def aget_flag(self, name: str) -> str | None: ...
 
+    async def aswap_flag(self, name: str, expected: str | None, value: str | None) -> bool:
+        """Set (or clear) the flag only if it still holds ``expected``, atomically; False when
+        another writer changed it first. A read-modify-write shared by many workers (the drift
+        test's state) needs it, or concurrent updates overwrite each other."""
+        ...
+
 
 class Store(Protocol):
     """Everything shared between requests, one object per Cascade."""

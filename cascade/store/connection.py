@@ -36,11 +36,16 @@ _RETRY_AFTER_S = 1.0
 
 
 class StoreDown(Exception):
-    """Redis could not be used for one call; ``reason`` says why (never a secret)."""
+    """Redis could not be used for one call; ``reason`` says why (never a secret).
 
-    def __init__(self, reason: str) -> None:
+    ``sent`` is False when the call failed fast, without reaching Redis at all: then nothing
+    it would have changed can have happened there (a caller need not undo it later).
+    """
+
+    def __init__(self, reason: str, *, sent: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.sent = sent
 
 
 class _Pool:
@@ -109,7 +114,7 @@ class Connection:
     async def run(self, fn: Callable[[Redis], Awaitable[_T]]) -> _T:
         """``fn(client)`` within ``timeout_s``, or :class:`StoreDown`."""
         if self._down_reason is not None and time.monotonic() < self._retry_at:
-            raise StoreDown(self._down_reason)
+            raise StoreDown(self._down_reason, sent=False)
         try:
             client = self._pool().client
             with anyio.fail_after(self.cfg.timeout_s):

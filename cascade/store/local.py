@@ -174,6 +174,28 @@ class LocalCounters:
         with self._lock:
             return self._flags.get(name)
 
+    async def aswap_flag(self, name: str, expected: str | None, value: str | None) -> bool:
+        with self._lock:
+            if self._flags.get(name) != expected:
+                return False
+            if value is None:
+                self._flags.pop(name, None)
+            else:
+                self._flags[name] = value
+            return True
+
+    def remember(self, name: str, *, counts: Mapping[str, int] | None = None,
+                 flag: str | None = None, clear_flag: bool = False) -> None:
+        """Overwrite what is known of ``name`` with what the shared store said (a shared
+        store's fallback starts from its last known state, not from nothing)."""
+        with self._lock:
+            if counts is not None:
+                self._counts[name] = dict(counts)
+            if flag is not None:
+                self._flags[name] = flag
+            elif clear_flag:
+                self._flags.pop(name, None)
+
 
 _PROCESS_LATENCY = LocalLatency()
 _PROCESS_COUNTERS = LocalCounters()

@@ -7,7 +7,9 @@ Budget layout, one hash per key and period (``KEYS[1]``), fields per epoch-align
 ``s:<win>`` settled spend, ``p:<win>`` reserved, ``r:<id>`` = ``"<win>:<amount>"`` one live
 reservation, ``cur`` the newest window seen. ``KEYS[2]`` is a sorted set of reservation ids by
 expiry (a crashed worker's reservation stops holding money back); ``KEYS[3]`` remembers settled
-ids for an hour, so a settle replayed after an outage is not charged twice.
+ids for two budget periods plus the reservation TTL (at least an hour), as long as a replayed
+settle could still land in a window being enforced, so one replayed after an outage is not
+charged twice.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = [
     "BUDGET_COUNTS",
     "BUDGET_RESERVE",
     "BUDGET_SETTLE",
+    "FLAG_SWAP",
     "LATENCY_OBSERVE",
 ]
 
@@ -82,9 +85,11 @@ if r then
 end
 -- charged even when the reservation expired meanwhile: spend is never dropped
 if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[1], 's:' .. ARGV[2], ARGV[3]) end
+-- settled ids are remembered while a replay could still be charged to a live window
+local mem = math.max(3600000, tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[3], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 3600000)
-redis.call('PEXPIRE', KEYS[3], 3600000)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - mem)
+redis.call('PEXPIRE', KEYS[3], mem)
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
@@ -143,4 +148,18 @@ else
 end
 return {redis.call('HGET', KEYS[1], 'calls') or '0', redis.call('HGET', KEYS[1], 'failures')
         or '0', redis.call('HGET', KEYS[1], 'mean') or '0'}
+"""
+
+FLAG_SWAP = """
+-- KEYS: the flag. ARGV: has_expected ('1'/'0'), expected, has_value ('1'/'0'), value.
+-- Compare-and-set: 1 when the flag held the expected value (or was absent, as expected) and
+-- now holds the new one (or is gone); 0, changing nothing, when another writer came first.
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if cur ~= ARGV[2] then return 0 end
+elseif cur then
+  return 0
+end
+if ARGV[3] == '1' then redis.call('SET', KEYS[1], ARGV[4]) else redis.call('DEL', KEYS[1]) end
+return 1
 """

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -167,14 +168,16 @@ class RedisBreakers:
 
     async def asnapshot(self) -> dict[str, dict[str, Any]]:
         """Every endpoint with failures on record in Redis (``opened_at`` in Unix seconds)."""
-        pattern = f"{self._prefix}:breaker:*"
+        literal = f"{self._prefix}:breaker:"
+        # glob characters of the prefix match literally: another deployment's keys stay out
+        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", literal) + "*"
 
         async def read(c: Any) -> dict[str, dict[str, Any]]:
             sec, usec = await c.time()
             now = sec + usec / 1e6
             out: dict[str, dict[str, Any]] = {}
             async for k in c.scan_iter(match=pattern, count=500):
-                endpoint = k[len(pattern) - 1:]
+                endpoint = k[len(literal):]
                 h = await c.hgetall(k)
                 if not h:
                     continue
@@ -263,7 +266,8 @@ class RedisLatency:
 
 class RedisCounters:
     """Named counters (hashes of integers) and flags (strings) every worker shares; in this
-    process's memory (:class:`LocalCounters`) while Redis is down."""
+    process's memory (:class:`LocalCounters`) while Redis is down, starting from the last
+    values Redis gave (a drift alarm raised before an outage stays raised through it)."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -282,16 +286,20 @@ class RedisCounters:
             return {k: int(v) for k, v in values.items()}
 
         try:
-            return await self._conn.run(incr)
+            values = await self._conn.run(incr)
         except StoreDown:
             return await self.local.aincr(name, fields)
+        self.local.remember(name, counts=values)
+        return values
 
     async def aget(self, name: str) -> dict[str, int]:
         try:
-            values = await self._conn.run(lambda c: c.hgetall(f"{self._prefix}:counter:{name}"))
+            raw = await self._conn.run(lambda c: c.hgetall(f"{self._prefix}:counter:{name}"))
         except StoreDown:
             return await self.local.aget(name)
-        return {str(k): int(v) for k, v in values.items()}
+        values = {str(k): int(v) for k, v in raw.items()}
+        self.local.remember(name, counts=values)
+        return values
 
     async def aset_flag(self, name: str, value: str | None) -> None:
         key = f"{self._prefix}:flag:{name}"
@@ -301,14 +309,30 @@ class RedisCounters:
             else:
                 await self._conn.run(lambda c: c.set(key, value))
         except StoreDown:
-            await self.local.aset_flag(name, value)
+            pass
+        await self.local.aset_flag(name, value)
 
     async def aget_flag(self, name: str) -> str | None:
         try:
-            value = await self._conn.run(lambda c: c.get(f"{self._prefix}:flag:{name}"))
+            raw = await self._conn.run(lambda c: c.get(f"{self._prefix}:flag:{name}"))
         except StoreDown:
             return await self.local.aget_flag(name)
-        return None if value is None else str(value)
+        value = None if raw is None else str(raw)
+        self.local.remember(name, flag=value, clear_flag=value is None)
+        return value
+
+    async def aswap_flag(self, name: str, expected: str | None, value: str | None) -> bool:
+        script = self._conn.script("flag_swap", lua.FLAG_SWAP)
+        args = ["0" if expected is None else "1", expected or "",
+                "0" if value is None else "1", value or ""]
+        try:
+            ok = bool(int(await self._conn.run(lambda c: script(
+                keys=[f"{self._prefix}:flag:{name}"], args=args, client=c))))
+        except StoreDown:
+            return await self.local.aswap_flag(name, expected, value)
+        if ok:
+            self.local.remember(name, flag=value, clear_flag=value is None)
+        return ok
 
 
 class RedisStore:

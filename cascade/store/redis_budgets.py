@@ -87,9 +87,12 @@ class RedisBudgets:
                 lambda c: script(keys=self._keys(key, period_s), args=args, client=c))
         except StoreDown as e:
             # Redis may have run the script before the reply was lost (a timeout): release the
-            # id once Redis answers again, so it does not hold money back until it expires.
-            self._keep(Reservation(id=rid, key=key, period_s=period_s, window=0,
-                                   amount_nusd=amount), 0)
+            # id once Redis answers again, so it does not hold money back until it expires. A
+            # call that failed fast never reached Redis: keeping it would add a journal line
+            # and an `unsettled` count per refused request for the whole outage.
+            if e.sent:
+                self._keep(Reservation(id=rid, key=key, period_s=period_s, window=0,
+                                       amount_nusd=amount), 0)
             if self._conn.cfg.budgets_on_outage == "fail-closed":
                 raise self._down(key, e.reason) from None
             log.warning("budget key %r: shared store down, call let through unmetered "

@@ -10,12 +10,15 @@ Rules, in the order they apply:
 
 - **What a line is.** ``answer``, ``shadow`` and ``feedback`` lines keyed by ``request_id``;
   other types and extra fields are ignored, a line that is not JSON (a write cut short) is
-  counted and skipped. The trace is read from ``answer`` (a dict) or ``trace``.
+  counted and skipped, but a whole line written right after a cut one (another worker
+  appended to the shared file after one was killed mid-write) is still read. The trace is
+  read from ``answer`` (a dict) or ``trace``.
 - **Redacted lines** (``messages_sha256``, no ``messages``) cannot become cases: counted, skipped.
 - **--since** keeps requests whose answer line is at or after it; their shadow and feedback
   lines come along whenever they were written.
-- **Duplicates merge**: requests with the same messages are one case. Per rung the answer kept
-  is the freshest one seen in a climb, else the top rung's freshest shadow answer.
+- **Duplicates merge**: a line read twice (overlapping copies of rotated logs; an answer line
+  by its request id) counts once; requests with the same messages are one case. Per rung the
+  answer kept is the freshest one seen in a climb, else the top rung's freshest shadow answer.
 - **Cache hits** are traffic (they count for merging and sampling, and feedback on them labels
   the case) but not new observations: their trace is the original climb's, so its answers are
   used only for a prompt with no fresh climb in the logs (the original fell before --since or
@@ -84,6 +87,8 @@ class FromLogStats:
     shadows: int = 0
     feedback: int = 0
     feedback_unmatched: int = 0
+    duplicate_lines: int = 0
+    """Lines read twice (overlapping copies of rotated logs), counted once."""
     unknown_rungs: int = 0
     prompts: int = 0
     cases: int = 0
@@ -210,12 +215,31 @@ def _read_lines(paths: Sequence[str | os.PathLike[str]], secrets: Sequence[str],
                     obj = json.loads(raw)
                 except ValueError:
                     stats.bad_lines += 1
-                    continue
+                    obj = _after_cut(raw)
+                    if obj is None:
+                        continue
                 if isinstance(obj, dict) and isinstance(obj.get("request_id"), str):
                     yield obj
                 elif not isinstance(obj, dict) or obj.get("type") in ("answer", "shadow",
                                                                        "feedback"):
                     stats.bad_lines += 1
+
+
+_LINE_START = '{"type":'
+"""How every audit line begins (the writer's key order, no spaces)."""
+
+
+def _after_cut(raw: str) -> Any:
+    """The whole line that follows a line cut short: workers share one audit file, and after
+    one is killed mid-write the next one's line starts right where the cut one stopped. The
+    leftmost start of a line from which the rest parses is that line (None if there is none)."""
+    i = raw.find(_LINE_START, 1)
+    while i > 0:
+        try:
+            return json.loads(raw[i:])
+        except ValueError:
+            i = raw.find(_LINE_START, i + 1)
+    return None
 
 
 def _trace(line: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -252,6 +276,8 @@ class _Builder:
         self.prompts: dict[str, _Prompt] = {}
         self.of_request: dict[str, tuple[str, str | None]] = {}
         """request id -> (prompt key, the text that request got)."""
+        self.answered: set[str] = set()
+        """Request ids whose answer line was read (a second copy of one is skipped)."""
 
     def _slot(self, a: Attempt) -> tuple[str, RungConfig | None] | None:
         """Which rung an attempt belongs to: the config's rung of that label (else of that
@@ -269,8 +295,12 @@ class _Builder:
 
     def answer(self, line: Mapping[str, Any]) -> None:
         st = self.stats
-        st.requests += 1
         rid = str(line["request_id"])
+        if rid in self.answered:  # the same request in two overlapping copies of a log
+            st.duplicate_lines += 1
+            return
+        self.answered.add(rid)
+        st.requests += 1
         ts = _timestamp(line.get("timestamp"))
         ts = 0.0 if ts is None else ts
         if self.since is not None and ts < self.since:
@@ -381,10 +411,18 @@ def build_suite(paths: Sequence[str | os.PathLike[str]], *, since: float | None 
         raise ConfigError("--sample must be at least 1", key="sample")
     b = _Builder(config, since)
     lines = list(_read_lines(paths, secret_values(config, environ), b.stats))
+    read: set[str] = set()
     for kind in ("answer", "shadow", "feedback"):  # shadows and feedback need their answer
         for line in lines:
-            if line.get("type") == kind:
-                getattr(b, kind)(line)
+            if line.get("type") != kind:
+                continue
+            if kind != "answer":  # an answer line is deduplicated by its request id
+                text = json.dumps(line, sort_keys=True, default=str)
+                if text in read:
+                    b.stats.duplicate_lines += 1
+                    continue
+                read.add(text)
+            getattr(b, kind)(line)
     st = b.stats
     st.prompts = len(b.prompts)
     keys = sorted(b.prompts, key=lambda k: (b.prompts[k].first_ts, k))
