@@ -30,6 +30,7 @@ from cascade.errors import CircuitOpen, ProviderError
 __all__ = [
     "BreakerState",
     "CircuitBreakers",
+    "NoVerdict",
     "breakers_for",
     "circuit_open_error",
     "counts_as_failure",
@@ -37,6 +38,11 @@ __all__ = [
 ]
 
 BreakerState = Literal["closed", "open", "half_open"]
+
+
+class NoVerdict(Exception):
+    """What a call that tells nothing about its endpoint is recorded as (it counts neither
+    way, and frees a probe): e.g. one cut short by the request's own deadline."""
 
 
 def counts_as_failure(err: BaseException | None) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import anyio
 
+from cascade.breaker import NoVerdict
 from cascade.config import CascadeConfig, RungConfig
 from cascade.errors import CircuitOpen, ProviderError, ProviderTimeout
 from cascade.providers.base import Completion, ModelCall, Provider
@@ -54,6 +55,29 @@ class _InFlight:
 
 _IN_FLIGHT = _InFlight()
 
+_REMEASURE_S = 60.0
+"""An equivalent endpoint not tried for this long ranks as untimed once more: its latency is
+known only from calls made to it, so one seen slow would otherwise never be seen to recover."""
+
+_FAIR_CHANCE = 2.0
+"""A call the request's deadline cut below the rung's ``timeout_s`` that then timed out counts
+against the endpoint only if it was given this many times the endpoint's observed mean latency
+(a healthy endpoint answers well within that); with less it was the caller's limit, not the
+endpoint failing, and tells the breaker nothing."""
+
+_LAST_TRIED: dict[str, float] = {}
+"""When (a reading of the caller's clock) each endpoint was last called, in this process."""
+
+
+def equivalent(a: RungConfig, b: RungConfig) -> bool:
+    """Whether two endpoints of a rung are interchangeable: the same model, answering under the
+    same settings, at the same price. Only these may be reordered by load; a dearer fallback,
+    or one asking for other tokens, stays where the config put it."""
+    return (a.identity() | {"provider": "", "base_url": None}
+            == b.identity() | {"provider": "", "base_url": None}
+            and (a.input_usd_per_mtok, a.output_usd_per_mtok, a.price)
+            == (b.input_usd_per_mtok, b.output_usd_per_mtok, b.price))
+
 
 class EndpointCaller:
     """Makes a rung's call through breakers, retries and failover (one per Cascade)."""
@@ -73,29 +97,41 @@ class EndpointCaller:
     def order(self, rung: RungConfig) -> tuple[list[RungConfig], str | None]:
         """The rung's endpoints in the order to try them.
 
-        Fallbacks serving the *same model* are equivalent: among those, the one with fewer
-        requests in flight, then the lower observed latency, goes first. Other fallbacks keep
-        their configured order after them.
+        Fallbacks :func:`equivalent` to the rung are interchangeable: among those, the one
+        with fewer requests in flight, then the lower observed latency, goes first. One not
+        yet timed, or not tried for ``_REMEASURE_S``, ranks as fast: it gets its chance to be
+        measured. Other fallbacks keep their configured order after them.
         """
         eps = [rung, *rung.fallbacks]
-        same = [e for e in eps if e.model == rung.model]
+        same = [e for e in eps if e is rung or equivalent(e, rung)]
         if len(same) < 2:
             return eps, None
+        now = self._clock()
+
+        def latency(e: RungConfig) -> tuple[float | None, bool]:
+            """(the latency it ranks by, whether that is a stale figure set aside)."""
+            lat = self.store.latency.mean_s(e.endpoint)
+            last = _LAST_TRIED.get(e.endpoint)
+            stale = lat is not None and (last is None or not 0.0 <= now - last < _REMEASURE_S)
+            return (None, True) if stale else (lat, False)
 
         def load(e: RungConfig) -> tuple[int, float]:
-            # An endpoint not yet timed ranks as fast: it gets its chance to be measured.
-            lat = self.store.latency.mean_s(e.endpoint)
+            lat = latency(e)[0]
             return (_IN_FLIGHT.counts.get(e.endpoint, 0), 0.0 if lat is None else lat)
 
         ranked = sorted(same, key=load)  # stable: ties keep the configured order
+        rest = [e for e in eps if not any(e is x for x in same)]
         if ranked[0] is rung:
-            return [*ranked, *(e for e in eps if e.model != rung.model)], None
-        n, lat = load(ranked[0])
-        n0, lat0 = load(rung)
+            return [*ranked, *rest], None
+
+        def said(e: RungConfig) -> str:
+            lat, stale = latency(e)
+            timing = "re-measuring" if stale else _ms(lat or 0.0)
+            return f"{_IN_FLIGHT.counts.get(e.endpoint, 0)} in flight, {timing}"
+
         why = (f"load-aware: {ranked[0].base_url or ranked[0].provider} first "
-               f"({n} in flight, {_ms(lat)}) over {rung.base_url or rung.provider} "
-               f"({n0} in flight, {_ms(lat0)})")
-        return [*ranked, *(e for e in eps if e.model != rung.model)], why
+               f"({said(ranked[0])}) over {rung.base_url or rung.provider} ({said(rung)})")
+        return [*ranked, *rest], why
 
     async def call(self, call: ModelCall, rung: RungConfig, deadline: float | None
                    ) -> CallResult:
@@ -126,12 +162,15 @@ class EndpointCaller:
         retry = self.config.retry
         attempts = retry.max_attempts if rung.max_retries is None else rung.max_retries + 1
         latency = self.store.latency
+        cut_to: float | None = None  # what the last try was given, when the deadline cut it
 
         async def once() -> Completion:
+            nonlocal cut_to
             t0 = self._clock()
             timeout = call.timeout_s
             if deadline is not None:
                 timeout = max(0.001, min(timeout, deadline - self._clock()))
+            cut_to = timeout if timeout < call.timeout_s else None
             # The SDK's timeout bounds each read, not the whole call: a server trickling
             # bytes could hold it far longer, so the whole call is bounded here too.
             try:
@@ -145,6 +184,7 @@ class EndpointCaller:
             return c
 
         err: BaseException | None = None
+        _LAST_TRIED[rung.endpoint] = self._clock()
         _IN_FLIGHT.add(rung.endpoint, 1)
         try:
             return await call_with_retry(
@@ -153,6 +193,10 @@ class EndpointCaller:
                 clock=self._clock,
             )
         except ProviderError as e:
+            if isinstance(e, ProviderTimeout) and cut_to is not None and not self._fair(
+                    rung, cut_to):
+                err = NoVerdict(f"cut to {cut_to:g}s by the request's deadline")
+                raise
             await latency.aobserve(rung.endpoint, 0.0, failed=True)
             err = e
             raise
@@ -163,6 +207,11 @@ class EndpointCaller:
             _IN_FLIGHT.add(rung.endpoint, -1)
             with anyio.CancelScope(shield=True):
                 await self.store.breakers.arecord(rung.endpoint, err)
+
+    def _fair(self, rung: RungConfig, given_s: float) -> bool:
+        """Whether ``given_s`` was a fair chance for the endpoint to answer (unknown: yes)."""
+        mean = self.store.latency.mean_s(rung.endpoint)
+        return mean is None or given_s >= _FAIR_CHANCE * mean
 
 
 def _ms(seconds: float) -> str:

@@ -4,7 +4,10 @@ Only ``opentelemetry-api`` is needed: without an SDK the tracer is a no-op. With
 exporter), each request becomes a span ``chat <ladder>`` with one child span per rung attempt
 (``chat <model>``), placed in time by the attempt's ``started_at`` and ``latency_ms``, so the
 spans are built after the answer is final and cost the climb nothing. Verifier verdicts are
-span events named ``cascade.verdict``; cost is the attribute ``cascade.cost_usd``.
+span events named ``cascade.verdict``; cost is the attribute ``cascade.cost_usd``. A rung that
+made no call (routed past, skipped for budget, deadline or cap) is no model-call span, which
+GenAI dashboards would count as a call: it is an event ``cascade.rung_not_called`` on the
+request span.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ __all__ = ["COST_ATTRIBUTE", "Telemetry"]
 
 COST_ATTRIBUTE = "cascade.cost_usd"
 """The span attribute that carries what a request or an attempt cost, in USD."""
+
+_NOT_CALLED = frozenset({"routed", "skipped"})
+"""Attempt statuses of rungs that made no model call."""
 
 
 def _ns(seconds: float) -> int:
@@ -64,11 +70,20 @@ class Telemetry:
         if error is not None:
             span.set_attribute("error.type", type(error).__name__)
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-        if not (isinstance(traced, Answer) and traced.cache_hit):
-            parent = trace.set_span_in_context(span)
-            for a in attempts:
-                self._attempt_span(a, parent=parent)
-        span.end(end_time=_ns(start + latency_s))
+        try:
+            if not (isinstance(traced, Answer) and traced.cache_hit):
+                parent = trace.set_span_in_context(span)
+                for a in attempts:
+                    if a.status in _NOT_CALLED:
+                        span.add_event("cascade.rung_not_called", timestamp=_ns(
+                            a.started_at or start), attributes={
+                            "cascade.rung": a.rung, "cascade.rung.name": a.name or a.model,
+                            "cascade.status": a.status,
+                            "cascade.reason": a.note or a.error or ""})
+                    else:
+                        self._attempt_span(a, parent=parent)
+        finally:  # a request span left open is never exported
+            span.end(end_time=_ns(start + latency_s))
 
     def on_shadow(self, request: Request, accepted: Attempt, shadow: Attempt,
                   agreed: bool | None) -> None:

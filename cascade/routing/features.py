@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
@@ -37,6 +38,14 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 
+def _nfc(text: str) -> str:
+    """The text in Unicode NFC: the same words typed on another system (macOS sends "é" as
+    "e" and a combining accent, which ``\\w`` splits at) give the same tokens and the same
+    system-prompt key. Identity on NFC text (nearly every suite), so files fitted before
+    read it as they were fitted; CPython returns NFC text as it is after a quick check."""
+    return unicodedata.normalize("NFC", text)
+
+
 def _terms(messages: Sequence[Message]) -> tuple[list[str], list[tuple[str, str]]]:
     """One walk over a request: its unigram terms (system words prefixed ``s:``, a length
     bucket, the number of turns) and its bigrams (of the user and assistant turns)."""
@@ -45,8 +54,9 @@ def _terms(messages: Sequence[Message]) -> tuple[list[str], list[tuple[str, str]
     chars = 0
     turns = 0
     for m in messages:
-        chars += len(m.content)
-        found = _WORD.findall(m.content.lower())
+        text = _nfc(m.content)
+        chars += len(text)
+        found = _WORD.findall(text.lower())
         if m.role == "system":
             words.extend(["s:" + w for w in found])
             continue
@@ -62,7 +72,7 @@ def analyze(messages: Sequence[Message]) -> list[str]:
     """The tokens of a request: unigrams and bigrams of the user and assistant turns
     (lower-cased words of two or more characters, as scikit-learn's default pattern), the
     system prompt's words prefixed ``s:``, a length bucket (log2 of the characters) and the
-    number of turns."""
+    number of turns; all of the text in Unicode NFC."""
     words, pairs = _terms(messages)
     return words + [a + " " + b for a, b in pairs]
 
@@ -70,7 +80,7 @@ def analyze(messages: Sequence[Message]) -> list[str]:
 def system_key(messages: Sequence[Message]) -> str:
     """Identifies a request's system prompt (all system turns; "" without one): the kind of
     request it is. The router routes only kinds it saw in the suite."""
-    text = "\n\n".join(m.content for m in messages if m.role == "system")
+    text = _nfc("\n\n".join(m.content for m in messages if m.role == "system"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -100,8 +100,10 @@ def read_model(path: str | os.PathLike[str]) -> RouterModel:
         raise ConfigError(f"the router file is not valid JSON: {e}", source=src) from None
     _need(isinstance(obj, dict) and obj.get("format") == FORMAT,
           f"not a router file (format must be {FORMAT!r})", src)
-    _need(obj.get("version") == VERSION,
-          f"version is {obj.get('version')!r}; this cascade reads version {VERSION}", src)
+    version = obj.get("version")
+    # bool is an int: ``true`` == 1 must not pass for version 1
+    _need(type(version) is int and version == VERSION,
+          f"version is {version!r}; this cascade reads version {VERSION}", src)
     rungs, feats, model = obj.get("rungs"), obj.get("features"), obj.get("model")
     _need(isinstance(rungs, list) and bool(rungs) and all(isinstance(r, str) for r in rungs),
           "'rungs' must be a non-empty list of rung labels", src)
@@ -135,8 +137,11 @@ def read_model(path: str | os.PathLike[str]) -> RouterModel:
         raise ConfigError("router file: model numbers must be numbers", source=src) from None
     _need(bool(np.isfinite(c).all() and np.isfinite(b).all() and np.isfinite(w).all()),
           "model numbers must be finite", src)
+    trained = obj.get("trained_on", 0)
+    _need(type(trained) is int and trained >= 0,
+          f"trained_on is {trained!r}; it must be a count of cases", src)
     return RouterModel(tuple(rungs), Featurizer(vocab, w.tolist()), np.ascontiguousarray(c), b,
-                       frozenset(systems), int(obj.get("trained_on") or 0))
+                       frozenset(systems), trained)
 
 
 def _vectorizer(n: int) -> Any:

@@ -18,7 +18,6 @@ task comes with its own system prompt.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +94,11 @@ def _thresholds(value: Any, n: int, source: str) -> tuple[float, ...]:
         raise ConfigError(f"must be a list of {n} numbers, one per rung of the router file",
                           source=source, key="router.skip_below")
     out = tuple(float(x) for x in value)
-    if any(math.isnan(x) for x in out):
-        raise ConfigError("must not hold NaN", source=source, key="router.skip_below")
+    # A probability threshold outside [0, 1] (TOML's inf, a typo) is met by no score, or by
+    # every one: it silently skips a rung on every request, or never.
+    if not all(0.0 <= x <= 1.0 for x in out):  # False for NaN too
+        raise ConfigError("must hold probabilities from 0 to 1 (no NaN or inf)",
+                          source=source, key="router.skip_below")
     return out
 
 
