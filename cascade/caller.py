@@ -157,8 +157,10 @@ class EndpointCaller:
     async def _call_endpoint(self, call: ModelCall, rung: RungConfig, deadline: float | None
                              ) -> tuple[Completion, int]:
         """One endpoint: breaker check, retries with backoff, breaker and latency bookkeeping."""
-        await self.store.breakers.acheck(rung.endpoint)
+        # The provider first: one that cannot be built (a ConfigError) must not hold the
+        # half-open probe the breaker check may grant, for a whole cool-down.
         provider = self._provider(rung)
+        await self.store.breakers.acheck(rung.endpoint)
         retry = self.config.retry
         attempts = retry.max_attempts if rung.max_retries is None else rung.max_retries + 1
         latency = self.store.latency

@@ -12,6 +12,7 @@ to one loop.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -140,6 +141,13 @@ class Cascade:
         audit_log: Any = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        for obs in observers:
+            for hook in ("on_answer", "on_shadow"):
+                if inspect.iscoroutinefunction(getattr(obs, hook, None)):
+                    # called on the response path, never awaited: it would silently not run
+                    raise ConfigError(f"observer {obs!r}: {hook} must be a plain function "
+                                      "(observers never block: queue slow work elsewhere)",
+                                      source="observers")
         self.config = config
         self._provider_factory = provider_factory or make_provider
         self._providers: dict[tuple[Any, str], Provider] = {}
@@ -219,7 +227,7 @@ class Cascade:
         key = f"{id(cfg)}:{[id(v) for v in verifiers or ()]}"
         ladder = self._ladders.get(key)
         if ladder is None or ladder.config is not cfg:
-            ladder = Ladder(cfg, verifiers)
+            ladder = Ladder(cfg, verifiers, base=self._ladder)
             self._ladders[key] = ladder
             while len(self._ladders) > _LADDERS_KEPT:
                 self._ladders.popitem(last=False)

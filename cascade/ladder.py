@@ -50,9 +50,17 @@ def _code_identity(v: Verifier) -> str | None:
 class Ladder:
     """One config's rungs, verifiers, cache-key part, router and drift thresholds."""
 
-    def __init__(self, config: CascadeConfig, extra_verifiers: Sequence[Any] | None = None
-                 ) -> None:
+    def __init__(self, config: CascadeConfig, extra_verifiers: Sequence[Any] | None = None,
+                 *, base: Ladder | None = None) -> None:
+        """``base``: the ladder this one is a variant of (a request's own ``max_tokens``, say);
+        when both name the same router file for the same rungs, its router, loaded with the
+        config, is shared rather than read again: the file may since have been rewritten by a
+        retune the config has not been reloaded for."""
         self.config = config
+        if (base is not None and config.router and config.router == base.config.router
+                and config.source == base.config.source
+                and [r.label for r in config.rungs] == [r.label for r in base.config.rungs]):
+            self.__dict__["router"] = base.router
         self.verifiers: dict[str, tuple[VerifierConfig, Verifier]] = {}
         for i, vc in enumerate(config.verifiers):
             try:

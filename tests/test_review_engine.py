@@ -501,3 +501,19 @@ def test_an_audit_line_is_never_glued_onto_a_line_a_killed_worker_left_unfinishe
     lines = path.read_text().splitlines()
     assert lines[0] == '{"type":"answer","request_id":"cut-sh'
     assert json.loads(lines[1])["request_id"] == "r2"
+
+
+def test_an_async_observer_is_refused_rather_than_silently_never_run(tmp_path: Path) -> None:
+    """Observers are called, not awaited: an ``async def on_answer`` made a coroutine nobody
+    awaited, so the user's audit or metrics hook never ran, without a word."""
+    from cascade.errors import ConfigError
+
+    class Late:
+        async def on_answer(self, *args: Any) -> None:
+            pass
+
+        def on_shadow(self, *args: Any) -> None:
+            pass
+
+    with pytest.raises(ConfigError, match="on_answer must be a plain function"):
+        Cascade.from_dict(_config(tmp_path, [_rung("m", 1.0)]), observers=[Late()])

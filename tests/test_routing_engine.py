@@ -73,3 +73,21 @@ def test_cascade_eval_replays_the_router_as_the_climb_takes_it(tmp_path: Path) -
     hard = np.array(["Prove" in p or "integral" in p for p in t.prompts])
     assert small["reached"] <= int((~hard).sum()) + 5 < small_plain["reached"]
     assert rep["mean_cost_usd"] < plain["mean_cost_usd"] or rep["accuracy"] > plain["accuracy"]
+
+
+async def test_a_variant_of_the_ladder_shares_the_router_loaded_with_its_config(
+        tmp_path: Path) -> None:
+    """A request with its own ``max_tokens`` (the service's per-request variant) read the
+    router file again: a retune that rewrote it before the config reloaded put the new router
+    under the old thresholds, or failed every such request on a changed file."""
+    from dataclasses import replace
+
+    s = Script({"small": ["an answer"], "big": ["a better answer"]})
+    c = _cascade(tmp_path, s)
+    (tmp_path / "TUNED.router.json").write_text("rewritten by a retune in progress")
+    variant = replace(c.config, rungs=tuple(replace(r, max_tokens=64) for r in c.config.rungs))
+    ans = await c.aanswer(messages=[
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Prove that the series sum 1/n^5 converges and bound its "
+                                    "tail."}], config=variant)
+    assert ans.attempts[0].status == "routed" and ans.model == "big"
