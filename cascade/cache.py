@@ -117,7 +117,7 @@ def _load_secret(directory: Path) -> bytes:
     secret another process created at the same moment)."""
     path = directory / SECRET_FILE
     try:
-        return bytes.fromhex(path.read_text(encoding="ascii").strip())
+        return _secret_of(path.read_text(encoding="ascii"))
     except FileNotFoundError:
         pass
     tmp = directory / f".{SECRET_FILE}.{secrets.token_hex(8)}"
@@ -129,7 +129,19 @@ def _load_secret(directory: Path) -> bytes:
             os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return bytes.fromhex(path.read_text(encoding="ascii").strip())
+    return _secret_of(path.read_text(encoding="ascii"))
+
+
+_SECRET_BYTES = 32
+
+
+def _secret_of(text: str) -> bytes:
+    """The secret a ``cascade-secret`` file holds. An empty or truncated one is refused (a
+    ValueError, read as a damaged secret): as an HMAC key it would let anyone forge entries."""
+    secret = bytes.fromhex(text.strip())
+    if len(secret) < _SECRET_BYTES:
+        raise ValueError(f"{len(secret)} bytes, expected {_SECRET_BYTES}")
+    return secret
 
 
 def check_size_limit(size_limit_mb: float) -> None:

@@ -90,6 +90,15 @@ def _unit(d: Mapping[str, Any], k: str, source: str, prefix: str) -> float:
     return v
 
 
+def _threshold(d: Mapping[str, Any], k: str, source: str, prefix: str) -> float:
+    """A rung's threshold: as :func:`_unit`, or ``inf``, which no score reaches: the rung never
+    accepts and answers only for the next rung's agreement gate (a witness, as ``cascade tune
+    --agreement all`` may write)."""
+    if d[k] == math.inf and not isinstance(d[k], bool):
+        return math.inf
+    return _unit(d, k, source, prefix)
+
+
 _HTTP_KINDS = ("openai", "anthropic", "openai-compatible")
 """Provider kinds whose ``base_url`` is an HTTP URL (replay reads a path there)."""
 MAX_ATTEMPTS = 20
@@ -204,7 +213,7 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
     if "thresholds" in d:
         th = _expect(d["thresholds"], Mapping, "a table of verifier id = number", source,
                      prefix + "thresholds")
-        kw["thresholds"] = {str(k): _unit(th, k, source, f"{prefix}thresholds.")
+        kw["thresholds"] = {str(k): _threshold(th, k, source, f"{prefix}thresholds.")
                             for k in th}
     if "extra" in d:
         kw["extra"] = dict(_expect(d["extra"], Mapping, "a table", source, prefix + "extra"))

@@ -46,7 +46,9 @@ async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, engin
     cost = answered.cost_usd(completion.input_tokens, completion.output_tokens)
 
     async def caller(vcall: ModelCall, target: RungConfig) -> tuple[Completion, float]:
-        hit = store.get(vcall)
+        # exact only: a sampling verifier's call has the case's model and messages, and the
+        # rung's answer must never be taken for one of its samples
+        hit = store.get(vcall, exact=True)
         if hit is not None:
             return hit.completion(), hit.cost_usd
         r = await engine.call_model(vcall, target)

@@ -517,3 +517,27 @@ def test_an_async_observer_is_refused_rather_than_silently_never_run(tmp_path: P
 
     with pytest.raises(ConfigError, match="on_answer must be a plain function"):
         Cascade.from_dict(_config(tmp_path, [_rung("m", 1.0)]), observers=[Late()])
+
+
+async def test_cascade_record_never_takes_the_rungs_answer_for_a_verifiers_sample(
+        tmp_path: Path) -> None:
+    """A sampling verifier asks the rung's model the case's own messages (at another
+    temperature): its lookup in the recordings matched, by model and messages alone, the answer
+    an earlier rung of the same model had recorded (the embedded ladder's two rungs are one
+    model), so that answer was taken for a fresh sample."""
+    from cascade.record import record
+    from cascade.suite import RecordingStore, load_cases
+
+    (tmp_path / "cases.jsonl").write_text(json.dumps(
+        {"id": "q0", "messages": [{"role": "user", "content": "Capital of Australia?"}],
+         "expected": "Canberra"}) + "\n")
+    brief = {**_rung("small", 1.0, max_tokens=8, verifiers=[]), "name": "brief"}
+    sampled = {**_rung("small", 1.0, max_tokens=64, verifiers=["agreement"]), "name": "sampled"}
+    cfg = parse_config({**_config(tmp_path, [brief, sampled]), "verifiers": [
+        {"name": "agreement", "mode": "samples", "samples": 1, "temperature": 0.9}]})
+    s = Script({"small": ["Canberra", "Sydney", "Canberra"]})  # brief, sampled, its sample
+    store = RecordingStore.for_suite(tmp_path)
+    counts = await record(load_cases(tmp_path), cfg, store, factory=s.factory,
+                          concurrency=1, progress=False)
+    assert counts["recorded"] == 2
+    assert s.count("small") == 3  # the sample was really drawn, not read back

@@ -80,14 +80,28 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield i, obj
 
 
+def _check_schema(schema: Any, where: str) -> None:
+    """A json_schema case's schema must be one: an invalid one crashed grading (UnknownType,
+    TypeError) only after every rung had been recorded."""
+    if not isinstance(schema, Mapping):
+        raise ConfigError("grader 'json_schema' needs the schema as 'expected'", source=where,
+                          key="expected")
+    import jsonschema  # type: ignore[import-untyped,unused-ignore]
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ConfigError(f"is not a valid JSON Schema: {e.message}", source=where,
+                          key="expected") from None
+
+
 def parse_case(obj: Mapping[str, Any], where: str) -> Case:
     for k in ("id", "messages"):
         if k not in obj:
             raise ConfigError(f"a case needs {k!r}", source=where)
     grader = check_grader_name(obj.get("grader", "normalised"), where)
-    if grader == "json_schema" and not isinstance(obj.get("expected"), Mapping):
-        raise ConfigError("grader 'json_schema' needs the schema as 'expected'", source=where,
-                          key="expected")
+    if grader == "json_schema":
+        _check_schema(obj.get("expected"), where)
     tags = obj.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise ConfigError("tags must be a list of strings", source=where, key="tags")

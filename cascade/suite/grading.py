@@ -58,6 +58,7 @@ def grade(case: Case, text: str) -> bool:
     g = case.grader
     if g == "json_schema":
         import jsonschema  # type: ignore[import-untyped,unused-ignore]
+        import referencing.exceptions
 
         from cascade.text import JSONExtractError, extract_json
 
@@ -65,7 +66,12 @@ def grade(case: Case, text: str) -> bool:
             value = extract_json(text)
         except JSONExtractError:
             return False
-        return bool(jsonschema.Draft202012Validator(case.expected).is_valid(value))
+        try:
+            return bool(jsonschema.Draft202012Validator(case.expected).is_valid(value))
+        except referencing.exceptions.Unresolvable as e:  # never fetched: a grade is offline
+            raise ConfigError(f"the schema's reference {e.ref!r} cannot be resolved (only "
+                              "references inside the schema are)", source=case.source,
+                              key="expected") from None
     if ":" in g:
         return bool(resolve_grader(case)(text, case))
     if case.expected is None:

@@ -156,7 +156,9 @@ class RecordingStore:
     def remember(self, r: Recording) -> None:
         """Index ``r`` in memory only (merging stores; :meth:`add` also writes it)."""
         self._by_key[r.key] = r
-        if r.loose_key:
+        # Only answers stand in loosely: a sampling verifier's call has the case's own model and
+        # messages, and its sample must never be served as the rung's answer.
+        if r.loose_key and r.kind == "answer":
             self._by_loose.setdefault(r.loose_key, r)
         if r.messages_key and r.case_id:
             self._case_of.setdefault(r.messages_key, r.case_id)
@@ -167,10 +169,13 @@ class RecordingStore:
     def __iter__(self) -> Iterator[Recording]:
         return iter(self._by_key.values())
 
-    def get(self, call: ModelCall) -> Recording | None:
-        """The recording of ``call``: exact match first, else same model and messages."""
+    def get(self, call: ModelCall, *, exact: bool = False) -> Recording | None:
+        """The recording of ``call``: exact match first, else (unless ``exact``) the answer
+        recorded for the same model and messages."""
         r = self._by_key.get(request_hash(call))
-        return r if r is not None else self._by_loose.get(_loose_hash(call.model, call.messages))
+        if r is not None or exact:
+            return r
+        return self._by_loose.get(_loose_hash(call.model, call.messages))
 
     def case_for(self, messages: Sequence[Message]) -> str | None:
         return self._case_of.get(messages_hash(messages))

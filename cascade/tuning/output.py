@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -20,11 +21,6 @@ _DRIFT = "drift_max_disagreement"
 top rung among the answers it accepted, at its upper 90% bound. Written when the config knows
 the key (the engine's drift alarm reads it; ``[policy] drift_max_disagreement`` is the default
 for rungs without one)."""
-
-_WITNESS = 2.0
-"""Written for a threshold of +inf: no verifier score (all are in [0, 1]) reaches it, so the
-rung never accepts and only answers for the next rung's agreement check."""
-
 
 def to_config(table: OutcomeTable, setting: Setting, *,
               drift: Mapping[int, float] | None = None) -> CascadeConfig:
@@ -50,10 +46,10 @@ def to_config(table: OutcomeTable, setting: Setting, *,
         th = dict(r.thresholds)
         if p < k1:
             for k, t in zip(setting.keys, setting.thresholds[p], strict=True):
-                if math.isfinite(t):
+                if math.isfinite(t) or t == math.inf:
+                    # inf: no score reaches it, so the rung never accepts and answers only
+                    # for the next rung's agreement check (TOML writes it as inf)
                     th[k] = t
-                elif t == math.inf:
-                    th[k] = _WITNESS
         own = r.verifiers
         if agree_id:
             ids = tuple(own) if own is not None else tuple(v.key for v in verifiers
@@ -71,17 +67,33 @@ def to_config(table: OutcomeTable, setting: Setting, *,
     return CascadeConfig(rungs=tuple(rungs), verifiers=verifiers, source="<tuned>")
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+"""TOML's bare keys are ASCII: ``str.isalnum`` also passes 'é' and '²', which do not load."""
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""What TOML refuses raw in a comment (and, unescaped, in a string): controls but tab, DEL."""
+
+
+def _toml_string(v: str) -> str:
+    """A TOML basic string. JSON's escapes are TOML's, but JSON leaves DEL raw (TOML refuses
+    it) and writes a lone surrogate that neither UTF-8 nor TOML can hold."""
+    if any("\ud800" <= c <= "\udfff" for c in v):
+        raise ValueError(f"TOML cannot hold the lone surrogate in {v!r}")
+    return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        if math.isinf(v) or math.isnan(v):
-            raise ValueError("TOML cannot hold inf/nan here")
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
+        return _toml_string(v)
     if isinstance(v, Mapping):
         inner = ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items())
         return "{ " + inner + " }" if inner else "{}"
@@ -91,7 +103,14 @@ def _toml_value(v: Any) -> str:
 
 
 def _toml_key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+    return k if _BARE_KEY.fullmatch(k) else _toml_string(k)
+
+
+def _comment(line: str) -> str:
+    """A header line as a TOML comment: it quotes paths and rung labels, which may hold what a
+    comment cannot (a control character, a lone surrogate); those are written escaped."""
+    safe = line.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "# " + _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", safe)
 
 
 _ALWAYS = ("max_tokens", "temperature", "timeout_s", "logprobs")
@@ -113,7 +132,9 @@ def _rung_table(r: RungConfig, parent: RungConfig | None = None) -> dict[str, An
     from the rung, since a fallback inherits every key it does not set."""
     ref = parent or _DEFAULT_RUNG
     d: dict[str, Any] = {} if parent else {"model": r.model, "provider": r.provider}
-    if parent is None or any(getattr(r, k) != getattr(parent, k) for k in _PRICE):
+    # A fallback naming another model is priced from the built-in table unless it says so.
+    if parent is None or r.model != parent.model or any(
+            getattr(r, k) != getattr(parent, k) for k in _PRICE):
         d.update(_price_keys(r))
     for f in RungConfig.__dataclass_fields__:
         value = getattr(r, f)
@@ -122,6 +143,14 @@ def _rung_table(r: RungConfig, parent: RungConfig | None = None) -> dict[str, An
         if value != getattr(ref, f) or (parent is None and f in _ALWAYS):
             d[f] = dict(value) if isinstance(value, Mapping) else \
                 list(value) if isinstance(value, tuple) else value
+    if parent is not None:
+        # What the loader does not inherit: a fallback of another kind gets no URL, and one at
+        # another endpoint no key, unless it names them (even when they equal the rung's).
+        if r.provider != parent.provider and r.base_url is not None:
+            d["base_url"] = r.base_url
+        if r.api_key_env is not None and (r.provider, r.base_url) != (parent.provider,
+                                                                       parent.base_url):
+            d["api_key_env"] = r.api_key_env
     if r.fallbacks:
         d["fallbacks"] = [_rung_table(fb, r) for fb in r.fallbacks]
     return d
@@ -129,7 +158,7 @@ def _rung_table(r: RungConfig, parent: RungConfig | None = None) -> dict[str, An
 
 def to_toml(config: CascadeConfig, *, header: str = "") -> str:
     """Write a config as TOML that :func:`cascade.config.load_config` reads back the same."""
-    lines = [f"# {h}" for h in header.splitlines()]
+    lines = [_comment(h) for h in header.splitlines()]
     if config.max_cost_usd is not None:
         lines.append(f"max_cost_usd = {_toml_value(config.max_cost_usd)}")
     if config.timeout_s is not None:
