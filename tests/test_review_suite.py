@@ -196,3 +196,24 @@ def test_a_loose_match_never_serves_a_verifiers_sample_as_the_answer(tmp_path: P
     assert got is not None and got.kind == "answer" and got.text == "4"
     exact = again.get(sample)
     assert exact is not None and exact.text == "5"
+
+
+def test_a_suite_schema_ref_is_never_fetched(tmp_path: Path) -> None:
+    """Grading a json_schema case used jsonschema's default registry, which opens an unknown
+    ``$ref`` (http, https, file:) with urlopen: a suite file chose a read or a network call."""
+    from cascade.suite import load_cases
+    from cascade.suite.grading import grade
+
+    secret = tmp_path / "outside.json"
+    secret.write_text('{"type": "string"}')
+    (tmp_path / "cases.jsonl").write_text(json.dumps(
+        {"id": "q", "messages": _MSG, "grader": "json_schema",
+         "expected": {"$ref": secret.as_uri()}}) + "\n")
+    [case] = load_cases(tmp_path)
+    import warnings
+
+    # as in production: jsonschema's fetch only warns (a DeprecationWarning, which this test
+    # suite otherwise turns into an error that would hide the fetch)
+    with warnings.catch_warnings(), pytest.raises(ConfigError, match="cannot be resolved"):
+        warnings.simplefilter("ignore", DeprecationWarning)
+        grade(case, '"a string"')  # the file would make it valid: it must not be read

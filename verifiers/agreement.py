@@ -15,8 +15,10 @@
     ``samples`` model calls, charged to the verdict.
 
 Answers are compared after a normaliser: ``exact``, ``normalised`` (case, white space,
-punctuation, articles), ``numeric`` (the answer's number, within ``tolerance``), ``choice`` (a
-multiple-choice letter), or ``package.module:function`` returning a comparable value or None.
+punctuation, articles; signs and operators such as "-5" or "x < 5" still count), ``numeric``
+(the answer's number, within ``tolerance``), ``choice`` (a multiple-choice letter), or
+``package.module:function`` returning a comparable value or None. An empty answer agrees with
+nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from cascade.verify import (
 )
 
 __all__ = ["AgreementVerifier"]
-
 
 class AgreementVerifier:
     """Passes when other answers (an earlier rung's, or fresh samples) agree with the candidate."""
@@ -82,7 +83,7 @@ class AgreementVerifier:
 
     async def verify(self, ctx: VerifyContext) -> Verdict:
         mine = self.normalise(ctx.candidate.text)
-        if mine is None:
+        if mine is None or mine == "":  # nothing to agree on: two blank answers are no evidence
             return Verdict(passed=False, score=0.0, reason="the candidate has no "
                            f"{self.normaliser_name} answer to compare")
         if self.mode == "previous":

@@ -18,7 +18,9 @@ Three sources of a confidence in [0, 1]:
 ``self_check``
     Ask the same model, one token, "Is the proposed answer correct? Answer yes or no." and read
     P(yes) / (P(yes) + P(no)) from the top log-probabilities (yes/no variants and languages
-    pooled). Without log-probabilities (e.g. Anthropic) the text "yes" scores 1 and "no" 0.
+    pooled), provided the token the model chose is yes or no (a reply starting "I" has no
+    P(yes), however its alternatives split). Without log-probabilities (e.g. Anthropic) the
+    text "yes" scores 1 and "no" 0.
     This costs a model call, charged to the verdict.
 
 ``field``
@@ -70,6 +72,10 @@ _YES = {"yes", "y", "true", "correct", "oui", "ja", "si", "sí", "sim", "да", 
 _NO = {"no", "n", "false", "incorrect", "wrong", "non", "nein", "não", "nao", "нет", "否", "不",
        "いいえ"}
 _CONTENT = re.compile(r"\w")
+_SPECIAL = re.compile(r"\s*(?:<\|[^|<>]*\|>|</?s>|<(?:eos|bos|pad|unk|eot)>|\[(?:EOS|PAD)\])\s*",
+                      re.IGNORECASE)
+"""End-of-turn and padding tokens (``<|eot_id|>``, ``</s>``) some servers include: they hold
+letters but no content, and being near-certain they would inflate a mean."""
 _ROUNDING = 1e-6
 """Log-probabilities up to this far above 0 are float rounding of a certain token."""
 
@@ -78,8 +84,9 @@ def impossible_logprob(logprobs: Sequence[TokenLogprob]) -> str | None:
     """Why ``logprobs`` cannot be log-probabilities (NaN, infinite or above 0), else None."""
     for tok in logprobs:
         for token, lp in ((tok.token, tok.logprob), *tok.top.items()):
-            if not isinstance(lp, (int, float)) or math.isnan(lp) or lp > _ROUNDING or (
-                    math.isinf(lp) and lp > 0):
+            # a bool is an int to Python: False would read as a certain token
+            if (isinstance(lp, bool) or not isinstance(lp, (int, float)) or math.isnan(lp)
+                    or lp > _ROUNDING):
                 return (f"malformed logprobs: token {token!r} has log-probability {lp!r} "
                         "(a probability must be in [0, 1])")
     return None
@@ -94,6 +101,11 @@ def yes_probability(logprobs: Sequence[TokenLogprob]) -> float | None:
     for tok in logprobs:
         if not tok.token.strip():
             continue
+        chosen = _norm_token(tok.token)
+        if chosen and chosen not in _YES and chosen not in _NO:
+            # The model chose another word ("I", "Maybe"): renormalising a yes/no sliver of
+            # its top alternatives would turn P(yes) = 1e-5 into a confidence of 1.0.
+            return None
         alternatives = dict(tok.top)
         alternatives.setdefault(tok.token, tok.logprob)
         p_yes = p_no = 0.0
@@ -205,7 +217,8 @@ class ConfidenceVerifier:
                        reason=f"confidence {score:.3f} from {detail}")
 
     def _from_logprobs(self, logprobs: Sequence[TokenLogprob]) -> tuple[float, str]:
-        content = [t.logprob for t in logprobs if _CONTENT.search(t.token)]
+        content = [t.logprob for t in logprobs
+                   if _CONTENT.search(t.token) and not _SPECIAL.fullmatch(t.token)]
         if not content:
             content = [t.logprob for t in logprobs]
         how = self.aggregate

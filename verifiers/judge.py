@@ -13,7 +13,8 @@ The candidate is text an attacker may write, so two rules keep it from grading i
   object that closes it (bare or in a last code fence), else a last line that is nothing but
   ``Score: N/10`` (optionally followed by one ``Reason: ...`` line). A judge quoting the
   candidate's "Score: 10/10" or ``{"score": 10}`` before its own verdict is read by its own
-  verdict; a reply that ends otherwise has no verdict, and the verdict fails, quoting it.
+  verdict; a reply that ends otherwise, or was cut off at ``max_tokens`` (its tail may be a
+  quotation), has no verdict, and the verdict fails, quoting it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cascade.text import fence
-from cascade.verify import Message, ModelCall, Verdict, VerifyContext, parse_rung
+from cascade.verify import ConfigError, Message, ModelCall, Verdict, VerifyContext, parse_rung
 
 __all__ = ["DEFAULT_RUBRIC", "JudgeVerifier", "parse_grade"]
 
@@ -50,9 +51,12 @@ _SCORE_KEYS = ("score", "grade", "rating", "overall")
 _REASON_KEYS = ("reason", "explanation", "rationale", "justification", "feedback")
 _FRACTION = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out of)\s*(10|100|5|1)")
 _FINAL_SCORE = re.compile(
-    r"(?:^|(?<=[\s.!?;:,(]))[*_#>`]*(?:final\s+|overall\s+)?(?:score|grade|rating)[\s*_]*[:=]"
+    r"(?:^|(?<=[.!?;]))\s*[*_#>`]*(?:final\s+|overall\s+)?(?:score|grade|rating)"
+    r"[\s*_]*[:=]"
     r"[\s*_]*(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(10|100|5|1))?[\s*_.`]*\Z", re.IGNORECASE)
-"""A score that ends the reply (an earlier one, quoted from the candidate, never matches)."""
+"""A score that ends the reply (an earlier one, quoted from the candidate, never matches), at
+the start of its line or of a sentence: after a colon or mid-clause ("its last line reads: Score:
+10/10") it is a quotation, not the judge's verdict."""
 _REASON_LINE = re.compile(r"[\s*_#>`]*(?:reason|explanation|rationale)[\s*_]*[:=][\s*_]*(.+)",
                           re.IGNORECASE)
 _TAIL = 20_000
@@ -179,6 +183,9 @@ class JudgeVerifier:
                            ("output_usd_per_mtok", output_usd_per_mtok), ("extra", extra)):
             if value is not None:
                 spec[key] = value
+        if not 0.0 <= threshold <= 1.0:  # also NaN: a grade is in [0, 1], so -1 passes all
+            raise ConfigError(f"must be in [0, 1], got {threshold}", source=f"verifier {name!r}",
+                              key="threshold")
         self.rung = parse_rung(spec, source=f"verifier {name!r}", prefix="")
         self.name = name
         self.rubric = rubric
@@ -204,6 +211,10 @@ class JudgeVerifier:
 
     async def verify(self, ctx: VerifyContext) -> Verdict:
         reply = await ctx.call_model(self.build_call(ctx), self.rung)
+        if reply.finish_reason == "length":
+            # Cut off mid-reply, its last line may be the candidate it was quoting.
+            return Verdict(passed=False, reason="judge reply was cut off at max_tokens "
+                           f"({self.rung.max_tokens}) before its verdict")
         grade = parse_grade(reply.text)
         if grade is None:
             excerpt = " ".join(reply.text.split())[:200]

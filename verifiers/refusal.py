@@ -59,8 +59,15 @@ _PATTERNS: dict[str, tuple[str, ...]] = {
         r"\bit(?:'s not| is not|'d not be| would not be| wouldn't be| isn't) (?:appropriate|"
         r"right|ethical) for me to\b",
         r"\bi(?:'m| am) not comfortable\b",
-        r"\bnot something i (?:can|am able to|'m able to|will) (?:\w+ )?(?:help|assist|do|provide)",
+        r"\bnot something i(?: can|'m able to| am able to| will) (?:\w+ )?"
+        r"(?:help|assist|do|provide)",
         r"\bi(?:'d| would) rather not\b",
+        # bare refusals: the sentence ends at the negation ("Sorry, I can't.")
+        r"\bi\s?(?:can't|cannot|can not|won't|will not)(?: do that| do this)?[.!]*$",
+        r"\bi (?:refuse|decline) to (?:answer|help|assist|respond|provide|do|discuss|engage|"
+        r"comply|share|give|write|create)\b",
+        r"\bi must refuse\b",
+        rf"\bi(?:'m| am) not going to (?:\w+ ){{0,2}}?{_EN_VERB}",
     ),
     "fr": (
         r"\bje ne (?:peux|pourrai|pourrais|saurais|vais) pas (?:\w+ ){0,2}?(?:vous |t'|te |l')?"
@@ -233,9 +240,11 @@ def classify(text: str, finish_reason: str | None = None, *, min_chars: int = 1,
         return Classification(True, "truncated: the model hit max_tokens (finish_reason=length)")
     if finish_reason == "content_filter":
         return Classification(True, "blocked by the provider's content filter")
-    if len(text.strip()) < min_chars:
-        return Classification(True, "empty answer" if not text.strip()
-                              else f"answer shorter than {min_chars} characters")
+    visible = "".join(ch for ch in text if unicodedata.category(ch) != "Cf").strip()
+    if not visible:  # also with min_chars = 0; zero-width spaces and BOMs are not an answer
+        return Classification(True, "empty answer")
+    if len(visible) < min_chars:
+        return Classification(True, f"answer shorter than {min_chars} characters")
     norm = _normalise(text)
     for p in extra:  # user patterns are trusted as they are: anywhere in the text
         m = p.search(norm)

@@ -10,9 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
+import referencing.exceptions
 from pydantic import BaseModel, ValidationError
 
-from cascade.text import JSONExtractError, extract_json, json_path
+from cascade.text import JSONExtractError, extract_json, json_path, json_validator
 from cascade.verify import ConfigError, Verdict, VerifyContext, import_object
 
 __all__ = ["SchemaVerifier"]
@@ -84,6 +85,14 @@ class SchemaVerifier:
         ready = completion.parsed if completion.parsed is not None else ctx.candidate.parsed
         if ready is not None:
             obj: Any = ready
+            if self.model is not None and not isinstance(ready, self.model):
+                # The provider parsed into the request's type (or a dict): this verifier's own
+                # model has not been checked yet.
+                dumped = ready.model_dump(mode="json") if isinstance(ready, BaseModel) else ready
+                try:
+                    obj = self.model.model_validate(dumped)
+                except ValidationError as e:
+                    return Verdict(passed=False, reason=_pydantic_reason(self.model, e))
             if self.schema is not None:  # an explicit schema still applies to structured output
                 data = ready.model_dump(mode="json") if isinstance(ready, BaseModel) else ready
                 failure = self._schema_failure(data, self.schema)
@@ -121,9 +130,12 @@ class SchemaVerifier:
         return None, ctx.request.schema
 
     def _schema_failure(self, data: Any, schema: Mapping[str, Any]) -> str | None:
-        fmt = jsonschema.Draft202012Validator.FORMAT_CHECKER if self.check_formats else None
-        validator = jsonschema.Draft202012Validator(schema, format_checker=fmt)
-        errors = list(validator.iter_errors(data))
+        validator = json_validator(schema, check_formats=self.check_formats)
+        try:
+            errors = list(validator.iter_errors(data))
+        except referencing.exceptions.Unresolvable as e:
+            return (f"schema has a $ref that cannot be resolved locally: {e} (remote and file "
+                    "refs are never fetched)")
         if not errors:
             return None
         best = jsonschema.exceptions.best_match(errors)

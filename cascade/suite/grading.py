@@ -57,17 +57,16 @@ def grade(case: Case, text: str) -> bool:
 
     g = case.grader
     if g == "json_schema":
-        import jsonschema  # type: ignore[import-untyped,unused-ignore]
         import referencing.exceptions
 
-        from cascade.text import JSONExtractError, extract_json
+        from cascade.text import JSONExtractError, extract_json, json_validator
 
         try:
             value = extract_json(text)
         except JSONExtractError:
             return False
         try:
-            return bool(jsonschema.Draft202012Validator(case.expected).is_valid(value))
+            return bool(json_validator(case.expected).is_valid(value))
         except referencing.exceptions.Unresolvable as e:  # never fetched: a grade is offline
             raise ConfigError(f"the schema's reference {e.ref!r} cannot be resolved (only "
                               "references inside the schema are)", source=case.source,
