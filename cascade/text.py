@@ -7,13 +7,14 @@ read answers alike. A leaf module: it imports nothing from the package.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
 import string
 import unicodedata
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 __all__ = [
@@ -252,15 +253,72 @@ def fence(parts: list[tuple[str, str]], extra: str = "") -> tuple[str, str]:
     return tag, sections
 
 
-def json_validator(schema: Mapping[str, Any], *, check_formats: bool = False) -> Any:
-    """A Draft 2020-12 validator of ``schema`` that never leaves the schema: jsonschema's
-    default registry opens an unknown ``$ref`` with ``urlopen`` (http, https, even ``file:``),
-    a network call or a file read on the data path that a request's or a suite's schema would
-    choose. Refs inside the schema and to the meta-schemas resolve; any other raises
-    ``referencing.exceptions.Unresolvable`` when validation reaches it."""
+_REGEX_TIMEOUT_S = 0.05
+"""How long one schema ``pattern`` may search an answer: Python's ``re`` backtracks
+exponentially on patterns such as ``^(\\w+\\s?)*$`` (minutes at 30 characters), holding the
+interpreter lock, so a request's schema could stall every request of the service."""
+
+
+def _search(validator: Any, pattern: str, text: str) -> bool | None:
+    """Whether ``pattern`` matches in ``text`` (None: it ran out of time)."""
+    import regex  # type: ignore[import-untyped,unused-ignore]
+
+    try:
+        return regex.search(pattern, text, timeout=_REGEX_TIMEOUT_S) is not None
+    except TimeoutError:
+        return None
+
+
+def _too_slow(pattern: str) -> Any:
+    from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped,unused-ignore]
+
+    return ValidationError(f"pattern {pattern!r} took over {_REGEX_TIMEOUT_S * 1000:g} ms on "
+                           "the answer (it backtracks): not verified")
+
+
+def _pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Iterator[Any]:
+    from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped,unused-ignore]
+
+    if validator.is_type(instance, "string"):
+        found = _search(validator, patrn, instance)
+        if found is None:
+            yield _too_slow(patrn)
+        elif not found:
+            yield ValidationError(f"{instance!r} does not match {patrn!r}")
+
+
+def _pattern_properties(validator: Any, properties: Mapping[str, Any], instance: Any,
+                        schema: Any) -> Iterator[Any]:
+    if not validator.is_type(instance, "object"):
+        return
+    for patrn, subschema in properties.items():
+        for k, v in instance.items():
+            found = _search(validator, patrn, k)
+            if found is None:
+                yield _too_slow(patrn)
+            elif found:
+                yield from validator.descend(v, subschema, path=k, schema_path=patrn)
+
+
+@functools.cache
+def _validator_class() -> Any:
     import jsonschema  # type: ignore[import-untyped,unused-ignore]
+
+    extend: Any = jsonschema.validators.extend  # untyped in jsonschema
+    return extend(jsonschema.Draft202012Validator, {
+        "pattern": _pattern, "patternProperties": _pattern_properties})
+
+
+def json_validator(schema: Mapping[str, Any], *, check_formats: bool = False) -> Any:
+    """A Draft 2020-12 validator of ``schema`` that never leaves the schema and never stalls:
+    jsonschema's default registry opens an unknown ``$ref`` with ``urlopen`` (http, https,
+    even ``file:``), a network call or a file read on the data path that a request's or a
+    suite's schema would choose, and its ``pattern`` uses ``re`` without a time limit. Refs
+    inside the schema and to the meta-schemas resolve; any other raises
+    ``referencing.exceptions.Unresolvable`` when validation reaches it. A pattern that runs
+    past ``_REGEX_TIMEOUT_S`` is a validation error."""
     import referencing
 
-    cls = jsonschema.Draft202012Validator
+    cls = _validator_class()
     return cls(schema, format_checker=cls.FORMAT_CHECKER if check_formats else None,
                registry=referencing.Registry())

@@ -219,3 +219,33 @@ def test_invisible_only_answers_are_empty(text: str) -> None:
 def test_an_empty_answer_fails_even_with_min_chars_zero() -> None:
     v = RefusalVerifier(min_chars=0).verify(make_ctx(""))
     assert not v.passed and "empty" in v.reason
+
+
+@pytest.mark.parametrize("pattern", [r"^(\w+\s?)*$", r"^(a|aa)+$"])
+@pytest.mark.parametrize("where", ["pattern", "patternProperties"])
+def test_a_backtracking_schema_pattern_fails_the_verdict_instead_of_stalling(
+        pattern: str, where: str) -> None:
+    """``re`` takes minutes on these patterns against 30-40 characters and a "!", holding
+    the interpreter lock: one client's response_format stalled every request of the service.
+    Now the search is bounded (the second pattern runs out of time even so: not verified)."""
+    hostile = "a" * 40 + "!"
+    if where == "pattern":
+        schema: dict[str, Any] = {"type": "string", "pattern": pattern}
+        text = json.dumps(hostile)
+    else:
+        schema = {"type": "object", "patternProperties": {pattern: {"type": "integer"}}}
+        text = json.dumps({hostile: "x"})
+    v = SchemaVerifier().verify(make_ctx(text, schema=schema))
+    if where == "pattern" or "aa" in pattern:
+        assert not v.passed
+    if "aa" in pattern:
+        assert "backtracks" in v.reason
+
+
+def test_schema_patterns_still_match_and_refuse_as_before() -> None:
+    schema = {"type": "string", "pattern": r"^[A-Z][a-z]+$"}
+    assert SchemaVerifier().verify(make_ctx('"Canberra"', schema=schema)).passed
+    assert not SchemaVerifier().verify(make_ctx('"canberra"', schema=schema)).passed
+    props = {"type": "object", "patternProperties": {"^n_": {"type": "integer"}}}
+    assert SchemaVerifier().verify(make_ctx('{"n_a": 1, "b": "x"}', schema=props)).passed
+    assert not SchemaVerifier().verify(make_ctx('{"n_a": "one"}', schema=props)).passed
