@@ -2,11 +2,16 @@
 
 Not ``anyio.from_thread.start_blocking_portal``: its executor thread is joined at interpreter
 exit, so a program that never called ``close()`` would hang there.
+
+Fork-safe: a child forked after the loop started (gunicorn ``--preload``, celery's prefork,
+multiprocessing's ``fork``) inherits the portal but not its thread, so every call there would
+wait for ever; the child starts a loop of its own instead.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -27,12 +32,24 @@ class LoopThread:
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _forget_if_forked(self) -> None:
+        """In a forked child: forget the parent's loop (its thread does not exist here, so a
+        call or a stop there would wait for ever) and a lock a thread may have held at the
+        fork."""
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()
+            self._portal = self._thread = None
+            self._pid = os.getpid()
 
     @property
     def running(self) -> bool:
+        self._forget_if_forked()
         return self._portal is not None
 
     def portal(self) -> anyio.from_thread.BlockingPortal:
+        self._forget_if_forked()
         with self._lock:
             if self._portal is None:
                 ready = threading.Event()
@@ -68,14 +85,17 @@ class LoopThread:
     def stop(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
         """Run ``before()`` on the loop (e.g. closing its connections), then stop it: tasks
         still running there are cancelled."""
+        self._forget_if_forked()
         with self._lock:
             portal, thread = self._portal, self._thread
             self._portal = self._thread = None
         try:
             if portal is not None:
-                if before is not None:
-                    portal.call(before)
-                portal.call(portal.stop, True)
+                try:
+                    if before is not None:
+                        portal.call(before)
+                finally:  # a failing ``before`` must not leave the loop and its thread running
+                    portal.call(portal.stop, True)
         finally:
             if thread is not None:
                 thread.join(10)

@@ -111,7 +111,12 @@ def test_self_check(llama_server: str) -> None:
                     verifiers=[{"name": "confidence", "source": "self_check", "threshold": 0.0}])
     answer = ask(config, "What is 2 + 2? Answer with the number.")
     [verdict] = answer.attempts[0].verdicts
-    assert verdict.score is not None and 0.0 <= verdict.score <= 1.0
+    # SmolLM2-135M may start its reply with another word ("The"): then it said neither yes
+    # nor no, and a sliver of "yes" among its alternatives is no confidence (a failed verdict)
+    if verdict.score is None:
+        assert not verdict.passed and "neither yes nor no" in verdict.reason
+    else:
+        assert 0.0 <= verdict.score <= 1.0
     assert verdict.input_tokens > 0  # the self-check was a second call to the same server
 
 

@@ -476,6 +476,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--verbose", action="store_true", help="llama.cpp's own logging")
     args = p.parse_args(argv)
+    if not args.exit_on_stdin_eof:
+        return _run(args)
+    # Before loading: a parent killed while a large model loads (minutes, gigabytes) must not
+    # leave the load running with nobody to serve.
+    threading.Thread(target=_exit_on_stdin_eof, name="stdin-eof", daemon=True).start()
+    code = 1
+    try:
+        code = _run(args)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        # the watcher thread is blocked reading stdin, which interpreter shutdown cannot
+        # survive (it aborts): leave at once, with the code the run ended with
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Load the model, bind, print the port line and serve until interrupted."""
     try:
         model = LocalModel(args.model, alias=args.alias, n_ctx=args.ctx, n_threads=args.threads,
                            max_tokens=args.max_tokens, verbose=args.verbose)
@@ -483,8 +505,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
         print(f"cascade.providers.local_server: {e}", file=sys.stderr, flush=True)
         return 2
-    if args.exit_on_stdin_eof:
-        threading.Thread(target=_exit_on_stdin_eof, name="stdin-eof", daemon=True).start()
     print(json.dumps({"port": httpd.server_address[1], "model": model.alias,
                       "pid": os.getpid()}), flush=True)
     try:
@@ -493,12 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     finally:
         httpd.server_close()
-    if args.exit_on_stdin_eof:
-        # the watcher thread is blocked reading stdin, which interpreter shutdown cannot survive
-        sys.stdout.flush()
-        os._exit(0)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,14 +20,15 @@ import shutil
 import signal
 import socket
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from cascade.config import load_config
 from cascade.errors import ConfigError
 
-__all__ = ["add_arguments", "exit_with_parent", "ignore_sighup", "is_loopback", "run",
-           "tcp_listener"]
+__all__ = ["add_arguments", "config_path", "exit_with_parent", "forget_workers", "ignore_sighup",
+           "is_loopback", "run", "tcp_listener"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,13 +54,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def config_path(given: str) -> Path:
+    """The config file as given, made absolute but with its symlinks kept: a Kubernetes
+    ConfigMap is ``cascade.toml -> ..data/cascade.toml`` with ``..data`` swapped to a new
+    directory on each update (the old one deleted), so the resolved path would go stale."""
+    return Path(os.path.abspath(os.path.expanduser(given)))
+
+
 def run(ns: argparse.Namespace) -> int:
     import uvicorn
 
     from cascade.serve.app import CONFIG_ENV, REQUIRE_CLIENTS_ENV, create_app
     from cascade.serve.config import parse_server
 
-    path = Path(ns.config).resolve()
+    path = config_path(ns.config)
     config = load_config(path)
     server = parse_server(config)
     if ns.workers < 1:
@@ -133,7 +141,26 @@ def _supervise(config: Any) -> None:
                 if worker.pid is not None and worker.process.is_alive():
                     os.kill(worker.pid, signal.SIGHUP)
 
+        def keep_subprocess_alive(self) -> None:
+            before = {w.pid for w in self.processes}
+            super().keep_subprocess_alive()  # replaces the workers that died or hung
+            forget_workers(before - {w.pid for w in self.processes})
+
     Workers(config, sockets=[tcp_listener(config.bind_socket())]).run()
+
+
+def forget_workers(pids: Iterable[int | None]) -> None:
+    """Drop dead workers' live gauges (``cascade_requests_in_flight``) from the multiprocess
+    directory: a worker killed with requests in flight never counted them down, so the sum
+    every scrape shows would stay up for ever. Their counters stay (counts never go down)."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    from prometheus_client import multiprocess
+
+    for pid in pids:
+        if pid is not None:
+            multiprocess.mark_process_dead(pid, folder)  # type: ignore[no-untyped-call]
 
 
 def tcp_listener(sock: socket.socket) -> socket.socket:

@@ -9,15 +9,14 @@ are summed into each scrape, whichever worker answers it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
 
 from cascade.messages import Request as CascadeRequest
 from cascade.trace import Answer, Attempt
@@ -43,19 +42,6 @@ def outcome_of(answer: Answer | None, error: BaseException | None) -> str:
         return "error"
     assert answer is not None
     return "verified" if answer.verified else "unverified"
-
-
-class _Dropped(Collector):
-    """``cascade_audit_dropped_total`` straight from the audit log's own count."""
-
-    def __init__(self, count: Callable[[], int]) -> None:
-        self._count = count
-
-    def collect(self) -> Iterable[Metric]:
-        c = CounterMetricFamily("cascade_audit_dropped",
-                                "Audit lines dropped because the writer could not keep up")
-        c.add_metric([], self._count())
-        yield c
 
 
 class Metrics:
@@ -115,8 +101,14 @@ class Metrics:
                                       "ok, or error (the old config kept serving)", ["outcome"],
                                       registry=r)
         self._audit_dropped = audit_dropped
-        if audit_dropped is not None:
-            r.register(_Dropped(audit_dropped))
+        self._dropped_seen = 0
+        self._dropped_lock = threading.Lock()  # answers may end on more than one thread
+        # A counter of its own (not read at scrape time), so that with --workers N each
+        # worker's count is in its multiprocess file and every scrape shows their sum.
+        self.audit_dropped = Counter(
+            "cascade_audit_dropped", "Audit lines dropped because the writer could not keep up",
+            registry=r) if audit_dropped is not None else None
+        self._drift_rungs: set[str] = set()
 
     # ------------------------------------------------------------------ observer
 
@@ -138,6 +130,17 @@ class Metrics:
                     self._attempt(a)
         if outcome == "budget_exceeded":
             self.budget_refusals.labels(self.ladder).inc()
+        self.sync_audit_dropped()
+
+    def sync_audit_dropped(self) -> None:
+        """Bring ``cascade_audit_dropped_total`` up to the audit log's own count."""
+        if self._audit_dropped is None or self.audit_dropped is None:
+            return
+        with self._dropped_lock:
+            now = self._audit_dropped()
+            if now > self._dropped_seen:
+                self.audit_dropped.inc(now - self._dropped_seen)
+                self._dropped_seen = now
 
     def _attempt(self, a: Attempt) -> None:
         rung = a.name or a.model
@@ -172,6 +175,14 @@ class Metrics:
             self.budget_refusals.labels(self.ladder).inc()
 
     def set_drift(self, drift: Mapping[str, Mapping[str, Any]]) -> None:
+        """The alarms now; a rung no longer watched (a reload removed it or its threshold)
+        is no longer alarmed, whatever it last showed."""
+        for rung in self._drift_rungs - set(drift):
+            if _multiprocess():
+                self.drift_alarm.labels(rung).set(0)  # its value lives in the worker's file
+            else:
+                self.drift_alarm.remove(rung)
+        self._drift_rungs = set(drift)
         for rung, state in drift.items():
             self.drift_alarm.labels(rung).set(1 if state.get("alarm") else 0)
 
@@ -183,13 +194,16 @@ class Metrics:
             self.store_unsettled.labels(url).set(int(status.get("unsettled", 0)))
 
     def render(self) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        self.sync_audit_dropped()
+        if _multiprocess():
             merged = CollectorRegistry()
             MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
-            if self._audit_dropped is not None:
-                merged.register(_Dropped(self._audit_dropped))
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 router = APIRouter()

@@ -161,7 +161,9 @@ class Service:
                  provider_factory: Callable[[RungConfig], Provider] | None = None,
                  tracer_provider: TracerProvider | None = None,
                  observers: Sequence[Observer] = (), require_clients: bool = False) -> None:
-        self.path = Path(path).resolve() if path is not None else None
+        # Absolute, symlinks kept: a Kubernetes ConfigMap swaps the link on every update, and a
+        # resolved path would go on watching (and loading) the deleted old target.
+        self.path = Path(os.path.abspath(path)) if path is not None else None
         self._provider_factory = provider_factory
         self._require_clients = require_clients
         """Bound beyond loopback without --insecure: every config it loads needs clients."""
