@@ -154,3 +154,21 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def ask(url: str, prompt: str = "hi") -> Any:
+    """One chat completion from ``cascade serve`` at ``url`` through the official SDK."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=20)
+    with client:
+        return client.chat.completions.create(
+            model="cascade", messages=[{"role": "user", "content": prompt}])
+
+
+def config_health(url: str) -> dict[str, Any]:
+    """``/healthz``'s ``config`` part: the file in use and the last reload's outcome."""
+    r = httpx.get(f"{url}/healthz", timeout=5)
+    assert r.status_code == 200
+    config: dict[str, Any] = r.json()["config"]
+    return config

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx2 as httpx
 import openai
@@ -24,7 +23,16 @@ from cascade.serve import create_app
 from cascade.serve.metrics import Metrics
 from cascade.syncloop import LoopThread
 from tests.loopback import LoopbackServer, RecordedRequest, Reply, free_port, openai_reply
-from tests.serve_kit import last_user, one_rung_toml, serving, start_serve, stop, wait_ready
+from tests.serve_kit import (
+    ask,
+    config_health,
+    last_user,
+    one_rung_toml,
+    serving,
+    start_serve,
+    stop,
+    wait_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,18 +45,8 @@ def _handler() -> Callable[[RecordedRequest], Reply]:
     return handle
 
 
-def _ask(url: str, prompt: str = "hi") -> Any:
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=20)
-    with client:
-        return client.chat.completions.create(
-            model="cascade", messages=[{"role": "user", "content": prompt}])
 
 
-def _config_status(url: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/healthz", timeout=5)
-    assert r.status_code == 200
-    config: dict[str, Any] = r.json()["config"]
-    return config
 
 
 def _env() -> dict[str, str]:
@@ -71,7 +69,7 @@ def test_a_kubernetes_configmap_symlink_swap_is_reloaded(
     cfg = tmp_path / "cascade.toml"
     cfg.symlink_to("..data/cascade.toml")
     with serving(create_app(cfg)) as url:
-        assert _ask(url).model == "small"
+        assert ask(url).model == "small"
         v2 = tmp_path / "..2026_01_02"
         v2.mkdir()
         one_rung_toml(v2 / "cascade.toml", openai_server.base_url, model="big", server=fast)
@@ -80,13 +78,13 @@ def test_a_kubernetes_configmap_symlink_swap_is_reloaded(
         shutil.rmtree(v1)
         deadline = time.monotonic() + 20
         while True:
-            h = _config_status(url)
+            h = config_health(url)
             if h["reloads"] or h["last_reload_outcome"] == "error":
                 break
             assert time.monotonic() < deadline, h
             time.sleep(0.05)
         assert h["last_reload_error"] is None and h["reloads"] == 1
-        assert _ask(url).model == "big"
+        assert ask(url).model == "big"
 
 
 def test_cascade_serve_keeps_the_config_path_it_was_given(tmp_path: Path) -> None:
@@ -227,7 +225,7 @@ def test_in_flight_drops_back_when_workers_are_killed_mid_request(
 
 def _ask_quietly(url: str) -> None:
     with contextlib.suppress(openai.APIError):
-        _ask(url, "slow")
+        ask(url, "slow")
 
 
 # ---------------------------------------------------------------- the sync loop

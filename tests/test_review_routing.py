@@ -135,6 +135,16 @@ async def test_a_slow_endpoint_is_measured_again_later() -> None:
 # ---------------------------------------------------------------- breakers and deadlines
 
 
+def _breaker_cascade(url: str, answer: Any, clock: FakeClock) -> Cascade:
+    """One rung at ``url`` answered by ``answer``, a breaker that opens after 2 failures, no
+    retries, in ``clock``'s fake time."""
+    cfg = {"rungs": [{"model": "m", "provider": "openai-compatible", "base_url": url,
+                      "price": "unknown", "timeout_s": 30.0}],
+           "breaker": {"failure_threshold": 2, "cooldown_s": 60.0},
+           "retry": {"max_attempts": 1}, "cache": {"enabled": False}}
+    return Cascade.from_dict(cfg, provider_factory=FunctionProvider(answer).factory, clock=clock)
+
+
 @pytest.mark.anyio
 async def test_calls_cut_short_by_the_requests_deadline_do_not_open_the_circuit() -> None:
     """A healthy endpoint (1 to 1.5 s a call, timeout 30 s) asked by clients with tight
@@ -156,11 +166,7 @@ async def test_calls_cut_short_by_the_requests_deadline_do_not_open_the_circuit(
         clock.advance(need)
         return "Canberra"
 
-    cfg = {"rungs": [{"model": "m", "provider": "openai-compatible", "base_url": a,
-                      "price": "unknown", "timeout_s": 30.0}],
-           "breaker": {"failure_threshold": 2, "cooldown_s": 60.0},
-           "retry": {"max_attempts": 1}, "cache": {"enabled": False}}
-    c = Cascade.from_dict(cfg, provider_factory=FunctionProvider(answer).factory, clock=clock)
+    c = _breaker_cascade(a, answer, clock)
     assert (await c.aanswer("q")).text == "Canberra"  # timed: about 1 s a call
     for _ in range(3):
         with pytest.raises(Exception, match="ProviderTimeout"):
@@ -186,11 +192,7 @@ async def test_a_hung_endpoint_still_opens_its_circuit_under_tight_deadlines() -
         clock.advance(1.0)
         return "Canberra"
 
-    cfg = {"rungs": [{"model": "m", "provider": "openai-compatible", "base_url": a,
-                      "price": "unknown", "timeout_s": 30.0}],
-           "breaker": {"failure_threshold": 2, "cooldown_s": 60.0},
-           "retry": {"max_attempts": 1}, "cache": {"enabled": False}}
-    c = Cascade.from_dict(cfg, provider_factory=FunctionProvider(answer).factory, clock=clock)
+    c = _breaker_cascade(a, answer, clock)
     await c.aanswer("q")
     hung[0] = True
     for _ in range(2):

@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx2 as httpx
 import numpy as np
-import openai
 import pytest
 
 from cascade.config import parse_config
@@ -25,7 +24,16 @@ from cascade.routing.model import fit_model
 from cascade.serve import create_app
 from cascade.serve.config import parse_server
 from tests.loopback import LoopbackServer, RecordedRequest, Reply, free_port, openai_reply
-from tests.serve_kit import last_user, one_rung_toml, serving, start_serve, stop, wait_ready
+from tests.serve_kit import (
+    ask,
+    config_health,
+    last_user,
+    one_rung_toml,
+    serving,
+    start_serve,
+    stop,
+    wait_ready,
+)
 
 
 def _handler(slow_s: float = 1.5) -> Callable[[RecordedRequest], Reply]:
@@ -40,24 +48,14 @@ def _handler(slow_s: float = 1.5) -> Callable[[RecordedRequest], Reply]:
     return handle
 
 
-def _ask(url: str, prompt: str = "hi") -> Any:
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=20)
-    with client:
-        return client.chat.completions.create(
-            model="cascade", messages=[{"role": "user", "content": prompt}])
 
 
-def _health(url: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/healthz", timeout=5)
-    assert r.status_code == 200
-    config: dict[str, Any] = r.json()["config"]
-    return config
 
 
 def _until(url: str, ok: Callable[[dict[str, Any]], bool], timeout_s: float = 20) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
-        h = _health(url)
+        h = config_health(url)
         if ok(h):
             return h
         assert time.monotonic() < deadline, f"/healthz never showed it: {h}"
@@ -87,14 +85,14 @@ def test_sighup_swaps_in_a_new_ladder_and_keeps_it_when_the_next_file_is_bad(
     proc = start_serve(cfg, port)
     try:
         wait_ready(url, proc)
-        assert _health(url)["source"] == str(cfg.resolve())
-        assert _ask(url).model == "small"
+        assert config_health(url)["source"] == str(cfg.resolve())
+        assert ask(url).model == "small"
         one_rung_toml(cfg, openai_server.base_url, model="big", server=no_watch)
-        assert _ask(url).model == "small"  # a written file is not live until SIGHUP
+        assert ask(url).model == "small"  # a written file is not live until SIGHUP
         proc.send_signal(signal.SIGHUP)
         h = _until(url, lambda h: h["reloads"] == 1)
         assert h["last_reload_trigger"] == "sighup" and h["last_reload_error"] is None
-        r = _ask(url, "after")
+        r = ask(url, "after")
         assert (r.model, r.choices[0].message.content) == ("big", "big says: after")
 
         cfg.write_text(cfg.read_text() + "\n[server]\nname = 'twice'\n")  # not valid TOML
@@ -103,7 +101,7 @@ def test_sighup_swaps_in_a_new_ladder_and_keeps_it_when_the_next_file_is_bad(
         assert "not valid TOML" in h["last_reload_error"] and str(cfg.resolve()) in \
             h["last_reload_error"]
         assert h["reloads"] == 1
-        r = _ask(url, "still")
+        r = ask(url, "still")
         assert (r.model, r.choices[0].message.content) == ("big", "big says: still")
         assert proc.poll() is None  # SIGHUP never kills it
         assert _reloads(url) == {"ok": 1.0, "error": 1.0}
@@ -125,7 +123,7 @@ def test_a_request_in_flight_during_a_reload_finishes_on_the_old_ladder(
     try:
         wait_ready(url, proc)
         result: dict[str, Any] = {}
-        slow = threading.Thread(target=lambda: result.update(r=_ask(url, "slow one")))
+        slow = threading.Thread(target=lambda: result.update(r=ask(url, "slow one")))
         slow.start()
         while not openai_server.requests:  # the slow request has reached the model
             time.sleep(0.02)
@@ -133,7 +131,7 @@ def test_a_request_in_flight_during_a_reload_finishes_on_the_old_ladder(
         proc.send_signal(signal.SIGHUP)
         _until(url, lambda h: h["reloads"] == 1)
         assert slow.is_alive()  # the swap happened while it was in flight
-        assert _ask(url, "new one").model == "big"
+        assert ask(url, "new one").model == "big"
         slow.join(20)
         r = result["r"]
         assert (r.model, r.choices[0].message.content) == ("small", "small says: slow one")
@@ -157,14 +155,14 @@ def test_sighup_with_two_workers_reloads_each_worker_itself(
     proc = start_serve(cfg, port, "--workers", "2")
     try:
         wait_ready(url, proc, timeout_s=60)
-        assert _ask(url).model == "small"
+        assert ask(url).model == "small"
         one_rung_toml(cfg, openai_server.base_url, model="big", server="reload_poll_s = 0")
         proc.send_signal(signal.SIGHUP)  # to the parent: it passes it on to each worker
         deadline = time.monotonic() + 30
         while _reloads(url).get("ok", 0) < 2:  # summed over the workers
             assert time.monotonic() < deadline, f"not every worker reloaded: {_reloads(url)}"
             time.sleep(0.1)
-        assert [_ask(url, f"q{i}").model for i in range(8)] == ["big"] * 8
+        assert [ask(url, f"q{i}").model for i in range(8)] == ["big"] * 8
         assert _reloads(url) == {"ok": 2.0}  # each worker once, none restarted
         assert proc.poll() is None
     finally:
@@ -186,32 +184,32 @@ def test_a_changed_file_is_reloaded_and_a_bad_one_keeps_the_old_ladder(
     fast = "reload_poll_s = 0.05"
     one_rung_toml(cfg, openai_server.base_url, model="small", server=fast)
     with serving(create_app(cfg)) as url:
-        assert _ask(url).model == "small"
-        h0 = _health(url)
+        assert ask(url).model == "small"
+        h0 = config_health(url)
         assert h0["reloads"] == 0 and h0["last_reload_outcome"] is None
 
         one_rung_toml(cfg, openai_server.base_url, model="big", server=fast)
         h = _until(url, lambda h: h["reloads"] == 1)
         assert h["last_reload_trigger"] == "file changed" and h["loaded_at"] != h0["loaded_at"]
-        assert _ask(url, "new").choices[0].message.content == "big says: new"
+        assert ask(url, "new").choices[0].message.content == "big says: new"
 
         # a ConfigError: an unknown key, named in the error
         one_rung_toml(cfg, openai_server.base_url, model="other", server=fast + "\nnmae = 'x'")
         h = _until(url, lambda h: h["last_reload_outcome"] == "error")
         assert "server.nmae" in h["last_reload_error"]
-        assert _ask(url).model == "big"
+        assert ask(url).model == "big"
 
         # an unreadable file (gone)
         cfg.unlink()
         h = _until(url, lambda h: "not found" in (h["last_reload_error"] or ""))
-        assert _ask(url).model == "big"
+        assert ask(url).model == "big"
         assert _reloads(url) == {"ok": 1.0, "error": 2.0}
 
         # a good file again: swapped in, the error cleared
         one_rung_toml(cfg, openai_server.base_url, model="small", server=fast)
         h = _until(url, lambda h: h["reloads"] == 2)
         assert h["last_reload_error"] is None and h["last_reload_outcome"] == "ok"
-        assert _ask(url).model == "small"
+        assert ask(url).model == "small"
 
 
 def test_a_router_file_that_does_not_match_the_ladder_is_refused(
@@ -223,13 +221,13 @@ def test_a_router_file_that_does_not_match_the_ladder_is_refused(
     one_rung_toml(cfg, openai_server.base_url, model="small", server="reload_poll_s = 0.05",
                   extra=routed)
     with serving(create_app(cfg)) as url:
-        assert _ask(url).model == "small"
+        assert ask(url).model == "small"
         # only the router file changes (as a retune that forgot the config would leave it)
         _router(tmp_path / "router.json", ("small", "big"))
         h = _until(url, lambda h: h["last_reload_outcome"] == "error")
         assert "do not match" in h["last_reload_error"]
         assert "router.json" in h["last_reload_error"]
-        r = _ask(url, "routed")
+        r = ask(url, "routed")
         assert (r.model, r.choices[0].message.content) == ("small", "small says: routed")
 
 
