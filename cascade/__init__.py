@@ -20,6 +20,7 @@ from cascade.engine import Cascade, health
 from cascade.errors import (
     AuthenticationError,
     BudgetExceeded,
+    BudgetStoreError,
     CacheError,
     CascadeError,
     CircuitOpen,
@@ -48,6 +49,7 @@ __all__ = [
     "Attempt",
     "AuthenticationError",
     "BudgetExceeded",
+    "BudgetStoreError",
     "CacheError",
     "Candidate",
     "Cascade",

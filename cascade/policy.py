@@ -91,8 +91,11 @@ def held_by_drift(verdicts: Sequence[Verdict]) -> bool:
 
 
 def no_answer_outcome(skips: Sequence[Skip], *, deadline_hit: bool, any_error: bool) -> Outcome:
-    """Deadline first; then budget when money (cap or per-key budget) alone stopped every rung."""
-    if deadline_hit:
+    """Deadline first, when it ran out or when, no call having failed, the deadline gate kept
+    rungs from starting (the time left was too short for them: the deadline stopped the climb
+    before it ran out); then budget when money (cap or per-key budget) alone stopped every
+    rung."""
+    if deadline_hit or (not any_error and any(s.kind == "deadline" for s in skips)):
         return Outcome.DEADLINE
     if not any_error and any(s.kind in ("budget", "cap") for s in skips):
         return Outcome.BUDGET

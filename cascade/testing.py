@@ -15,10 +15,21 @@ from cascade.config import RungConfig
 from cascade.errors import ProviderError
 from cascade.providers.base import Completion, ModelCall, Provider
 
-__all__ = ["FakeClock", "FunctionProvider", "Reply", "Script", "ScriptedProvider", "completion"]
+__all__ = ["FakeClock", "FunctionProvider", "Reply", "Script", "ScriptedProvider", "UnscriptedCall",
+           "completion"]
 
 Reply = str | Completion | ProviderError | Callable[[ModelCall], "str | Completion"]
 """A scripted reply: text, a whole Completion, an error to raise, or a function of the call."""
+
+
+class UnscriptedCall(BaseException):
+    """A call to a model the :class:`Script` has no reply for: a bug in the test itself.
+
+    A ``BaseException``, like pytest's own ``fail``: the engine turns any *Exception* a plugin
+    raises into a failed verdict (a judge, a sampling verifier), so an ``AssertionError`` there
+    became a quiet rejection and the climb escalated, passing a test that meant to check the
+    judge. This one escapes every such guard and fails the test where the call was made.
+    """
 
 
 def completion(text: str, call: ModelCall, *, input_tokens: int = 10,
@@ -80,15 +91,27 @@ class ScriptedProvider(Provider):
         self.script.calls.append((call.model, call))
         queue = self.script.replies.get(call.model)
         if not queue:
-            raise AssertionError(f"no scripted reply for {call.model}")
+            raise UnscriptedCall(f"no scripted reply for {call.model}")
         reply = queue.pop(0) if len(queue) > 1 else queue[0]
         if callable(reply) and not isinstance(reply, (Completion, ProviderError)):
             reply = reply(call)
         if isinstance(reply, ProviderError):
-            raise reply
+            raise _fresh(reply)
         if isinstance(reply, str):
             return completion(reply, call)
         return reply
+
+
+def _fresh(err: ProviderError) -> ProviderError:
+    """A copy of a scripted error to raise: the retry loop and failover annotate what they
+    raise (``tries``, notes, ``failover_errors``), and a reply that repeats must not carry the
+    previous call's annotations into the next call's trace."""
+    cls = type(err)
+    copy = cls.__new__(cls, *err.args)
+    copy.__dict__.update(err.__dict__)
+    if hasattr(err, "__notes__"):
+        copy.__notes__ = list(err.__notes__)
+    return copy
 
 
 class FakeClock:

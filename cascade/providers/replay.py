@@ -3,8 +3,11 @@
 A rung with ``provider = "replay"`` reads the recordings named by its ``base_url`` (a
 ``recordings.jsonl`` file or a suite folder holding one), else ``$CASCADE_RECORDINGS``. Calls are
 matched on the model and the whole request (messages and sampling settings), falling back to
-model and messages; a call never recorded is an error naming the case and the model, never a
-silent guess. Grades are not in recordings' replies, so verifiers cannot see them.
+model and messages only for the rung's own answer call (its settings may have changed since
+recording): a verifier's call (a self-consistency sample has the rung's model and the case's
+messages too) is served only by its exact recording, never by the rung's answer. A call never
+recorded is an error naming the case and the model, never a silent guess. Grades are not in
+recordings' replies, so verifiers cannot see them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 
 from cascade.config import RungConfig
 from cascade.errors import ClientRequestError, ConfigError
-from cascade.providers.base import Completion, ModelCall, Provider
+from cascade.providers.base import Completion, ModelCall, Provider, rung_call
 from cascade.suite import RECORDINGS_FILE, RecordingStore
 
 __all__ = ["MissingRecording", "ReplayProvider", "replay_provider"]
@@ -25,15 +28,31 @@ class MissingRecording(ClientRequestError):
 
 
 class ReplayProvider(Provider):
-    """Serves recorded completions by (model, request)."""
+    """Serves recorded completions by (model, request).
+
+    With ``rung`` (the endpoint this provider serves), only a call shaped as that rung's answer
+    may fall back to the loose (model, messages) match; without it, every call may.
+    """
 
     name = "replay"
 
-    def __init__(self, store: RecordingStore) -> None:
+    def __init__(self, store: RecordingStore, rung: RungConfig | None = None) -> None:
         self.store = store
+        self.rung = rung
+
+    def _answer_shaped(self, call: ModelCall) -> bool:
+        """Whether ``call`` is the rung's answer call (the request's structured output and the
+        deadline-cut timeout aside): the only call a recorded answer may stand in for."""
+        if self.rung is None:
+            return True
+        own = rung_call(self.rung, call.messages)
+        return (call.model, call.max_tokens, call.temperature, call.logprobs,
+                call.top_logprobs, tuple(call.stop), dict(call.extra)) == (
+            own.model, own.max_tokens, own.temperature, own.logprobs, own.top_logprobs,
+            tuple(own.stop), dict(own.extra))
 
     async def complete(self, call: ModelCall) -> Completion:
-        rec = self.store.get(call)
+        rec = self.store.get(call, exact=not self._answer_shaped(call))
         if rec is None:
             case = self.store.case_for(call.messages)
             if case is not None:
@@ -69,4 +88,4 @@ def replay_provider(rung: RungConfig) -> Provider:
     if not where:
         raise ConfigError("a replay rung needs base_url = the recordings file or suite folder "
                           "(or $CASCADE_RECORDINGS)", key="base_url")
-    return ReplayProvider(_store_for(Path(where)))
+    return ReplayProvider(_store_for(Path(where)), rung)

@@ -1,0 +1,164 @@
+"""Money, trace, replay and test-double defects from the review of budget/policy/trace/prices/
+replay/testing: each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cascade
+from cascade import Cascade, ServerError
+from cascade.config import RungConfig
+from cascade.errors import BudgetStoreError
+from cascade.messages import Message
+from cascade.providers.base import Completion
+from cascade.suite import Recording, RecordingStore, answer_call
+from cascade.testing import Script
+
+pytestmark = pytest.mark.anyio
+
+MSGS = (Message("user", "Capital of France?"),)
+
+
+# ------------------------------------------------------------------ replay
+
+
+def _answer_only_recordings(tmp_path: Path) -> Path:
+    """A suite recorded before a sampling verifier was configured: only the rung's answer."""
+    store = RecordingStore(tmp_path / "recordings.jsonl")
+    rung = RungConfig(model="m")
+    store.add(Recording.of(answer_call(rung, MSGS),
+                           Completion(text="Paris", model="m", input_tokens=5, output_tokens=1),
+                           case_id="q1", kind="answer", cost_usd=0.0))
+    return tmp_path
+
+
+async def test_replay_never_serves_the_rungs_answer_as_a_verifiers_sample(
+        tmp_path: Path) -> None:
+    """A self-consistency sample (the rung's model and the case's messages, at another
+    temperature) that was never recorded fell through to the loose (model, messages) match and
+    got the rung's own answer back: every sample "agreed", and the replayed climb reported an
+    answer verified that no recorded evidence supports."""
+    where = _answer_only_recordings(tmp_path)
+    c = Cascade.from_dict({
+        "rungs": [{"model": "m", "provider": "replay", "base_url": str(where),
+                   "input_usd_per_mtok": 0.0, "output_usd_per_mtok": 0.0}],
+        "verifiers": [{"name": "agreement", "mode": "samples", "samples": 2}],
+        "cache": {"enabled": False},
+    })
+    async with c:
+        ans = await c.aanswer(messages=[m.to_dict() for m in MSGS])
+    assert ans.text == "Paris"  # the answer itself is still served loosely/exactly
+    [verdict] = ans.attempts[0].verdicts
+    assert not verdict.passed and "no recording" in verdict.reason, verdict
+    assert not ans.verified
+
+
+async def test_replay_still_serves_an_answer_whose_rung_settings_changed(
+        tmp_path: Path) -> None:
+    """The loose match keeps doing its job: a rung whose max_tokens changed since recording
+    still replays its recorded answer."""
+    where = _answer_only_recordings(tmp_path)
+    c = Cascade.from_dict({
+        "rungs": [{"model": "m", "provider": "replay", "base_url": str(where),
+                   "max_tokens": 77, "input_usd_per_mtok": 0.0, "output_usd_per_mtok": 0.0}],
+        "cache": {"enabled": False},
+    })
+    async with c:
+        ans = await c.aanswer(messages=[m.to_dict() for m in MSGS])
+    assert ans.text == "Paris" and ans.verified
+
+
+# ------------------------------------------------------------------ the public names
+
+
+def test_budget_store_error_is_exported() -> None:
+    """README: with a shared store down, "a request on a budget raises BudgetStoreError" (and a
+    SQLite store that cannot be opened raises it too), yet ``cascade.BudgetStoreError`` did not
+    exist: ``except cascade.BudgetStoreError`` was an AttributeError at the worst moment."""
+    assert cascade.BudgetStoreError is BudgetStoreError
+    assert "BudgetStoreError" in cascade.__all__
+
+
+# ------------------------------------------------------------------ cascade.testing
+
+
+def _two_rungs() -> dict[str, Any]:
+    return {
+        "rungs": [{"model": "small", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0},
+                  {"model": "big", "input_usd_per_mtok": 10.0, "output_usd_per_mtok": 20.0}],
+        "retry": {"max_attempts": 1},
+        "cache": {"enabled": False},
+    }
+
+
+async def test_a_scripted_error_is_a_fresh_error_on_every_call() -> None:
+    """Script re-raised the one scripted exception object on every call, and the retry loop
+    adds a note to what it raises: the second request's trace said "gave up after 1 try"
+    twice, the third three times... A test of the trace passed or failed by call order."""
+    script = Script({"small": [ServerError("down", provider="scripted", model="small")],
+                     "big": ["ok"]})
+    c = Cascade.from_dict(_two_rungs(), provider_factory=script.factory)
+    async with c:
+        first = await c.aanswer("q1")
+        second = await c.aanswer("q2")
+    assert first.attempts[0].error == second.attempts[0].error
+    assert (second.attempts[0].error or "").count("gave up") == 1
+
+
+async def test_an_unscripted_call_fails_the_test_even_inside_a_verifier() -> None:
+    """A judge whose model the Script forgot raised AssertionError inside the verifier, which
+    the runner (rightly, for plugins) turns into a failed verdict: the climb escalated, and a
+    test asserting "the judge sent it up" passed without the judge ever answering."""
+    script = Script({"small": ["a"], "big": ["b"]})  # no reply for "judge"
+    cfg = _two_rungs() | {"verifiers": [{"name": "judge", "model": "judge",
+                                         "provider": "openai-compatible",
+                                         "base_url": "http://judge/v1",
+                                         "input_usd_per_mtok": 1.0,
+                                         "output_usd_per_mtok": 1.0}]}
+    c = Cascade.from_dict(cfg, provider_factory=script.factory)
+    async with c:
+        with pytest.raises(BaseException, match="no scripted reply for judge") as e:
+            await c.aanswer("q")  # before: returned big's answer, "escalated by the judge"
+    assert not isinstance(e.value, Exception)  # no plugin guard can swallow it
+    assert type(e.value).__name__ == "UnscriptedCall"
+
+
+# ------------------------------------------------------------------ the policy
+
+
+async def test_rungs_all_skipped_by_the_deadline_gate_are_a_deadline_not_no_answer() -> None:
+    """Every rung's observed latency exceeded the time left, so none was started: the deadline
+    alone stopped the climb, yet the request raised NoAnswerError ("no answer, every rung
+    failed", exit 3) instead of DeadlineExceeded (exit 4), unlike the budget's twin case."""
+    from cascade import DeadlineExceeded, NoAnswerError
+    from cascade.testing import FakeClock
+
+    clock = FakeClock()
+
+    def slow(text: str) -> Any:
+        def reply(call: Any) -> str:
+            clock.advance(5.0)
+            return text
+        return reply
+
+    script = Script({"dl-small": [slow("a")], "dl-big": [slow("b")]})
+    cfg = {"rungs": [{"model": "dl-small", "input_usd_per_mtok": 0.0, "output_usd_per_mtok": 0.0},
+                     {"model": "dl-big", "input_usd_per_mtok": 0.0, "output_usd_per_mtok": 0.0}],
+           "cache": {"enabled": False}}
+
+    async def reject(ctx: Any) -> bool:
+        return False
+
+    c = Cascade.from_dict(cfg, provider_factory=script.factory, clock=clock)
+    async with c:
+        first = await c.aanswer("q", verifiers=[reject])  # both rungs seen taking 5 s
+        assert [a.status for a in first.attempts] == ["rejected", "rejected"]
+        with pytest.raises(DeadlineExceeded) as e:
+            await c.aanswer("q2", verifiers=[reject], timeout_s=1.0)
+    assert not isinstance(e.value, NoAnswerError)
+    assert e.value.answer is not None
+    assert [a.status for a in e.value.answer.attempts] == ["skipped", "skipped"]
+    assert script.count("dl-small") == 1  # nothing was called the second time
