@@ -39,6 +39,15 @@ class CallResult:
     failover_errors: list[str] = field(default_factory=list)
     choice: str | None = None
     """Why this endpoint went first, when the order was load-aware."""
+    failed_usd: float = 0.0
+    """What earlier tries that failed but were billed cost (a malformed 200 is paid for)."""
+
+    @property
+    def cost_usd(self) -> float:
+        """Everything this call cost: the reply, at the endpoint that gave it, and the billed
+        tries that failed before it."""
+        c = self.completion
+        return self.endpoint.cost_usd(c.input_tokens, c.output_tokens) + self.failed_usd
 
 
 class _InFlight:
@@ -138,25 +147,30 @@ class EndpointCaller:
         """Call a rung, failing over to its other endpoints in order."""
         errors: list[str] = []
         tries = 0
+        failed_usd = 0.0  # billed tries that failed, on every endpoint tried
         last: ProviderError | None = None
         endpoints, why = self.order(rung)
         for ep in endpoints:
             try:
                 ep_call = call if ep.model == call.model else replace(call, model=ep.model)
-                c, n = await self._call_endpoint(ep_call, ep, deadline)
-                return CallResult(c, ep, tries + n, errors, why)
+                c, n, wasted = await self._call_endpoint(ep_call, ep, deadline)
+                return CallResult(c, ep, tries + n, errors, why, failed_usd + wasted)
             except ProviderError as e:
                 tries += 0 if isinstance(e, CircuitOpen) else e.tries
+                failed_usd += e.billed_usd
                 errors.append(f"{ep.provider}:{ep.model}: {type(e).__name__}: {short(e)}")
                 last = e
         assert last is not None
         last.tries = tries
+        last.billed_usd = failed_usd
         last.failover_errors = errors  # type: ignore[attr-defined]
         raise last
 
     async def _call_endpoint(self, call: ModelCall, rung: RungConfig, deadline: float | None
-                             ) -> tuple[Completion, int]:
-        """One endpoint: breaker check, retries with backoff, breaker and latency bookkeeping."""
+                             ) -> tuple[Completion, int, float]:
+        """One endpoint: breaker check, retries with backoff, breaker and latency bookkeeping;
+        the reply, the tries, and what the billed tries that failed cost (on an error that
+        gives up, its ``billed_usd``)."""
         # The provider first: one that cannot be built (a ConfigError) must not hold the
         # half-open probe the breaker check may grant, for a whole cool-down.
         provider = self._provider(rung)
@@ -165,9 +179,10 @@ class EndpointCaller:
         attempts = retry.max_attempts if rung.max_retries is None else rung.max_retries + 1
         latency = self.store.latency
         cut_to: float | None = None  # what the last try was given, when the deadline cut it
+        wasted = 0.0  # billed tries that failed (a malformed 200 is paid for)
 
         async def once() -> Completion:
-            nonlocal cut_to
+            nonlocal cut_to, wasted
             t0 = self._clock()
             timeout = call.timeout_s
             if deadline is not None:
@@ -182,6 +197,10 @@ class EndpointCaller:
             except TimeoutError:
                 raise ProviderTimeout(f"no complete reply within {timeout:g}s",
                                       provider=rung.provider, model=call.model) from None
+            except ProviderError as e:
+                if e.billed_tokens is not None:
+                    wasted += rung.cost_usd(*e.billed_tokens)
+                raise
             await latency.aobserve(rung.endpoint, self._clock() - t0)
             return c
 
@@ -189,12 +208,14 @@ class EndpointCaller:
         _LAST_TRIED[rung.endpoint] = self._clock()
         _IN_FLIGHT.add(rung.endpoint, 1)
         try:
-            return await call_with_retry(
+            done, tries = await call_with_retry(
                 once, max_attempts=max(1, attempts), base_delay_s=retry.base_delay_s,
                 max_delay_s=retry.max_delay_s, jitter=retry.jitter, deadline=deadline,
                 clock=self._clock,
             )
+            return done, tries, wasted
         except ProviderError as e:
+            e.billed_usd = wasted
             if isinstance(e, ProviderTimeout) and cut_to is not None and not self._fair(
                     rung, cut_to):
                 err = NoVerdict(f"cut to {cut_to:g}s by the request's deadline")

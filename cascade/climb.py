@@ -194,6 +194,9 @@ class Climb:
             except ProviderError as e:
                 attempt.status = "error"
                 record_error(attempt, e)
+                # billed tries that failed (a malformed 200) were paid for all the same
+                actual = attempt.cost_usd
+                money.spent_usd += actual
                 attempt.latency_ms = (self.clock() - t0) * 1000
                 self.notes.append(f"rung {i} ({rung.label}): {type(e).__name__}")
                 return None
@@ -248,9 +251,12 @@ class Climb:
             reservation = await money.hold(estimate)
             actual = 0.0
             try:
-                result = await self.caller.call(call, rung, self.deadline)
-                actual = result.endpoint.cost_usd(result.completion.input_tokens,
-                                                  result.completion.output_tokens)
+                try:
+                    result = await self.caller.call(call, rung, self.deadline)
+                except ProviderError as e:
+                    actual = e.billed_usd  # billed tries that failed are spent too
+                    raise
+                actual = result.cost_usd
                 return result.completion, actual
             finally:
                 money.spent_usd += actual
@@ -292,7 +298,7 @@ def record_call(attempt: Attempt, result: CallResult) -> None:
     attempt.finish_reason = completion.finish_reason
     attempt.stop_sequence = completion.stop_sequence
     attempt.input_tokens, attempt.output_tokens = completion.input_tokens, completion.output_tokens
-    attempt.cost_usd = used.cost_usd(completion.input_tokens, completion.output_tokens)
+    attempt.cost_usd = result.cost_usd
 
 
 def record_error(attempt: Attempt, e: ProviderError) -> None:
@@ -304,3 +310,4 @@ def record_error(attempt: Attempt, e: ProviderError) -> None:
     if notes:
         attempt.error += " (" + "; ".join(notes) + ")"
     attempt.tries = e.tries
+    attempt.cost_usd = e.billed_usd

@@ -79,6 +79,12 @@ class ProviderError(CascadeError):
     retryable: bool = False
     tries: int = 1
     """Calls made before giving up (set by the retry loop)."""
+    billed_tokens: tuple[int, int] | None = None
+    """(input, output) tokens the server said it billed for this failed call: a 200 whose
+    body breaks the protocol (empty choices, bad logprobs) is paid for all the same."""
+    billed_usd: float = 0.0
+    """What the failed calls behind this error cost, every try and endpoint (set by the
+    caller): spent money the budget and the trace must count although no answer came."""
 
     def __init__(
         self,

@@ -43,7 +43,7 @@ async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, engin
     completion, answered = result.completion, result.endpoint
     if not completion.latency_ms:
         completion = replace(completion, latency_ms=(time.perf_counter() - t0) * 1000)
-    cost = answered.cost_usd(completion.input_tokens, completion.output_tokens)
+    cost = result.cost_usd
 
     async def caller(vcall: ModelCall, target: RungConfig) -> tuple[Completion, float]:
         # exact only: a sampling verifier's call has the case's model and messages, and the
@@ -52,8 +52,7 @@ async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, engin
         if hit is not None:
             return hit.completion(), hit.cost_usd
         r = await engine.call_model(vcall, target)
-        c, cost = r.completion, r.endpoint.cost_usd(r.completion.input_tokens,
-                                                    r.completion.output_tokens)
+        c, cost = r.completion, r.cost_usd
         store.add(Recording.of(vcall, c, case_id=case.id, kind="verifier", cost_usd=cost,
                                endpoint=r.endpoint.endpoint))
         return c, cost

@@ -183,6 +183,7 @@ class Shadows:
             actual = attempt.cost_usd
         except ProviderError as e:
             record_error(attempt, e)
+            actual = attempt.cost_usd  # billed tries that failed
             return None
         finally:
             money.spent_usd += actual

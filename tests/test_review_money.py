@@ -16,6 +16,7 @@ from cascade.messages import Message
 from cascade.providers.base import Completion
 from cascade.suite import Recording, RecordingStore, answer_call
 from cascade.testing import Script
+from tests.loopback import LoopbackServer, Reply, openai_chat, openai_reply
 
 pytestmark = pytest.mark.anyio
 
@@ -162,3 +163,39 @@ async def test_rungs_all_skipped_by_the_deadline_gate_are_a_deadline_not_no_answ
     assert e.value.answer is not None
     assert [a.status for a in e.value.answer.attempts] == ["skipped", "skipped"]
     assert script.count("dl-small") == 1  # nothing was called the second time
+
+
+def _malformed_but_billed() -> Reply:
+    """A 200 that breaks the protocol (no choices) yet says what it billed, as servers do."""
+    body = openai_chat("x", prompt_tokens=1000, completion_tokens=500)
+    body["choices"] = []
+    return Reply(json=body)
+
+
+async def test_a_billed_200_that_breaks_the_protocol_is_charged_on_retry_and_failure(
+        openai_server: LoopbackServer, tmp_path: Path) -> None:
+    """The vendor bills a 200 whose body we reject (empty choices, bad logprobs): it was
+    charged $0, up to once per try, so budgets and the trace under-counted real spend."""
+    from cascade.budget import InMemoryBudgetStore
+    from cascade.errors import NoAnswerError
+
+    replies = [_malformed_but_billed(), openai_reply("Canberra", prompt_tokens=10,
+                                                     completion_tokens=2)]
+    openai_server.script(lambda req: replies.pop(0) if len(replies) > 1 else replies[0])
+    rung = {"model": "m", "provider": "openai-compatible", "base_url": openai_server.base_url,
+            "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0, "verifiers": []}
+    cfg = {"rungs": [rung], "cache": {"enabled": False}, "budget": {"limit_usd": 1.0},
+           "retry": {"max_attempts": 2, "base_delay_s": 0.0, "max_delay_s": 0.0}}
+    store = InMemoryBudgetStore()
+    async with Cascade.from_dict(cfg, budget_store=store) as c:
+        ans = await c.aanswer("Capital of Australia?")
+        assert ans.text == "Canberra" and ans.attempts[0].tries == 2
+        first = (1000 + 500) / 1e6
+        assert ans.cost_usd == pytest.approx(first + 12 / 1e6)
+        assert store.spent("default", 86400.0) == pytest.approx(first + 12 / 1e6)
+        replies[:] = [_malformed_but_billed()]  # every try now: no answer, still paid
+        with pytest.raises(NoAnswerError) as info:
+            await c.aanswer("Capital of France?")
+        assert info.value.answer.cost_usd == pytest.approx(2 * first)
+        assert info.value.answer.attempts[0].cost_usd == pytest.approx(2 * first)
+        assert store.spent("default", 86400.0) == pytest.approx(3 * first + 12 / 1e6)

@@ -37,6 +37,7 @@ __all__ = [
     "Structured",
     "Where",
     "attr",
+    "billed",
     "count",
     "guarded",
     "normalise_finish",
@@ -267,11 +268,26 @@ def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model
     return None
 
 
+def billed(err: MalformedReply, reply: object,
+           usage: Callable[[object], tuple[int, int] | None] | None) -> MalformedReply:
+    """``err`` with the tokens ``reply`` says were billed, when its usage reads (``usage``:
+    the wire's reader of a usage object): a malformed 200 is still paid for."""
+    if usage is not None and err.billed_tokens is None:
+        try:
+            err.billed_tokens = usage(attr(reply, "usage"))
+        except Exception:  # a usage that does not read bills nothing we can know
+            err.billed_tokens = None
+    return err
+
+
 def guarded(create: Callable[..., Awaitable[Any]], sdk: ModuleType, *, secret: str | None,
             where: Where, check: Callable[[Any, Where], object],
-            setting: Callable[[str], str] | None = None) -> Callable[..., Awaitable[Any]]:
+            setting: Callable[[str], str] | None = None,
+            usage: Callable[[object], tuple[int, int] | None] | None = None
+            ) -> Callable[..., Awaitable[Any]]:
     """Wrap an SDK ``create`` so its errors become ours and its reply is checked against the
-    wire protocol before anyone (instructor included) touches it."""
+    wire protocol before anyone (instructor included) touches it; a reply that fails the
+    check carries the tokens its ``usage`` says were billed."""
 
     async def call(**kw: Any) -> Any:
         try:
@@ -281,7 +297,10 @@ def guarded(create: Callable[..., Awaitable[Any]], sdk: ModuleType, *, secret: s
             if err is None:
                 raise
         else:
-            check(reply, where)
+            try:
+                check(reply, where)
+            except MalformedReply as bad:
+                raise billed(bad, reply, usage) from None
             return reply
         # Raised outside the handler: ``from None`` only hides ``__context__``, which would
         # still hold the SDK's exception (its unscrubbed message, its response and request

@@ -23,9 +23,10 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 import httpx2
 
 from cascade.config import RungConfig
-from cascade.errors import ClientRequestError
+from cascade.errors import ClientRequestError, MalformedReply
 from cascade.providers._common import (
     Where,
+    billed,
     guarded,
     resolve_api_key,
     run_instructor,
@@ -224,7 +225,8 @@ class SDKProvider(Provider, Generic[ClientT]):
         tools_type = call.output_type if mode == "tools" else None  # instructor's case
         endpoint = (self._endpoint if tools_type is not None else self._plain_endpoint)(client)
         create = guarded(endpoint, self.sdk, secret=self._key, where=where,
-                         check=self.wire.check, setting=self._setting_for)
+                         check=self.wire.check, setting=self._setting_for,
+                         usage=self.wire.usage)
         start = time.perf_counter()
         if tools_type is not None:
             import instructor
@@ -245,7 +247,10 @@ class SDKProvider(Provider, Generic[ClientT]):
         if call.output_type is not None:
             schema = schema_of(call.output_type)
         reply = await create(**self._request(call, schema=schema, mode=mode))
-        done = self.wire.completion(reply, call, where, start)
+        try:
+            done = self.wire.completion(reply, call, where, start)
+        except MalformedReply as bad:  # e.g. bad logprobs in a billed 200
+            raise billed(bad, reply, self.wire.usage) from None
         if call.output_type is not None:
             parsed, error = parse_structured(done.text, call.output_type, done.finish_reason)
             done = replace(done, parsed=parsed, parse_error=error)
