@@ -34,7 +34,7 @@ from tuning_baseline import grid_search_baseline  # noqa: E402
 from cascade.suite import OutcomeTable, load_shared_outcomes  # noqa: E402
 from cascade.tuning import Setting, reference_rung, select, tune  # noqa: E402
 from cascade.tuning.candidates import candidates, rung_chains  # noqa: E402
-from cascade.tuning.guard import DELTA  # noqa: E402
+from cascade.tuning.guard import DELTA, rivals  # noqa: E402
 from cascade.tuning.setting import FloatArray, IntArray  # noqa: E402
 from cascade.tuning.shift import shift_breaks, shift_check  # noqa: E402
 from cascade.tuning.simulate import mesh_stats, simulate  # noqa: E402
@@ -51,9 +51,10 @@ def fit(table: OutcomeTable, method: str, *, drop: float, delta: float = DELTA,
     if method == "ours":
         setting, ref = select(table, max_accuracy_drop=drop, delta=delta, agreement=agreement,
                               z_gate=z_gate)
-        if shift_guard and setting.chain != (ref,) and shift_breaks(
-                shift_check(table, max_drop=drop, delta=delta, seed=0)):
-            return Setting((ref,)), ref
+        if shift_guard and len(setting.chain) > 1 and shift_breaks(
+                shift_check(table, max_drop=drop, delta=delta, seed=0, agreement=agreement)):
+            fallback = rivals(table, delta).ref  # as tune(): the dearest plausible best alone
+            return Setting((fallback,)), fallback
         return setting, ref
     return grid_search_baseline(table, max_drop=drop), reference_rung(table)
 

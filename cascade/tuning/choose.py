@@ -299,15 +299,38 @@ def choose_budget(table: OutcomeTable, *, max_cost: float) -> tuple[Choice, int]
                    reason="the most accurate setting under the cap"), ref)
 
 
-def dominating_rung(table: OutcomeTable, right: BoolArray, cost: FloatArray) -> int | None:
-    """A single rung at least as accurate and no dearer than the cascade (one strictly)."""
+def dominating_rung(table: OutcomeTable, right: BoolArray, cost: FloatArray,
+                    answered: IntArray | None = None) -> int | None:
+    """A single rung at least as accurate and no dearer than the cascade (one strictly).
+
+    "At least as accurate" is paired and exact: on the labelled cases, from the grades; on an
+    unlabelled case, the rung ties with the cascade only where its answer equals the one the
+    cascade gave (``answered``: per case, the rung whose answer that was) under the case's
+    normaliser, and counts as a loss elsewhere (:func:`~cascade.tuning.simulate.versus`'s
+    rule). Without that rule a rung that matched the cascade on the few labelled cases but
+    differed from it on every unlabelled one replaced a guarded cascade unguarded."""
     lab = table.is_labelled
-    a, c = float(right[lab].mean()), float(cost.mean())
-    acc = rung_accuracy(table)
+    unl = ~lab
+    r = np.asarray(right, dtype=bool)
+    c = float(cost.mean())
+    # per case and rung: its grade is not known to equal the cascade's answer's
+    unknown = np.zeros(table.correct.shape, dtype=bool)
+    if unl.any():
+        unknown[unl] = True
+        if answered is not None:
+            for e in np.unique(answered[unl]):
+                rows = unl & (answered == e)
+                unknown[rows, int(e)] = False
+                same = table.same_answer(int(e))
+                if same is not None:
+                    unknown[rows] &= ~same[rows]
+    cl = table.correct
     mc = table.cost.mean(axis=0)
     best: int | None = None
     for j in range(len(table.rungs)):
-        dominates = acc[j] >= a and mc[j] <= c and (acc[j] > a or mc[j] < c)
+        net = (int(np.sum(lab & cl[:, j] & ~r)) - int(np.sum(lab & ~cl[:, j] & r))
+               - int(unknown[:, j].sum()))
+        dominates = net >= 0 and mc[j] <= c and (net > 0 or mc[j] < c)
         if dominates and (best is None or mc[j] < mc[best]):
             best = j
     return best
@@ -322,8 +345,8 @@ def select(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: float
                                   agreement=agreement, z_gate=z_gate)
     setting = choice.setting
     if len(setting.chain) > 1:
-        right, cost, _ = simulate(table, setting)
-        dom = dominating_rung(table, right, cost)
+        right, cost, ex = simulate(table, setting)
+        dom = dominating_rung(table, right, cost, np.asarray(setting.chain, dtype=np.int64)[ex])
         if dom is not None:
             setting = Setting((dom,))
     return setting, ref

@@ -26,9 +26,11 @@ def group_folds(groups: Sequence[str], folds: int, seed: int) -> IntArray:
 
 
 def shift_check(table: OutcomeTable, *, max_drop: float, delta: float, seed: int,
-           folds: int = 5) -> dict[str, Any]:
+           folds: int = 5, agreement: str = "off") -> dict[str, Any]:
     """Tune on some groups of cases, evaluate on the others: how the promise holds up when the
-    mix of questions changes (subjects, benchmarks, or the first tag of each case)."""
+    mix of questions changes (subjects, benchmarks, or the first tag of each case). Each fold
+    is tuned as :func:`~cascade.tuning.tune` tunes (``agreement`` included), so the section
+    measures the tuner whose recommendation the report shows."""
     top = [g.split("/")[0] for g in table.groups]
     groups = top if len(set(top)) >= 3 else list(table.groups)
     names = sorted(set(groups))
@@ -48,7 +50,8 @@ def shift_check(table: OutcomeTable, *, max_drop: float, delta: float, seed: int
         if int(lab[tr].sum()) < 20 or int(lab[te].sum()) < 5:
             continue
         ttr, tte = table.take(tr), table.take(te)
-        choice, ref, _s, _c = choose(ttr, max_drop=max_drop, delta=delta)
+        choice, ref, _s, _c = choose(ttr, max_drop=max_drop, delta=delta,
+                                     agreement=agreement)
         right, cost, _ = simulate(tte, choice.setting)
         on = tte.is_labelled  # grades are known only there
         mine, theirs = right[on].astype(bool), tte.correct[on, ref]

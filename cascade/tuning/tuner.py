@@ -13,6 +13,7 @@ from cascade.errors import ConfigError
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.choose import Choice, choose, choose_budget, dominating_rung
 from cascade.tuning.guard import DELTA
+from cascade.tuning.guard import rivals as rival_rungs
 from cascade.tuning.output import to_config
 from cascade.tuning.report import build_report, cost_frontier, drift_rates
 from cascade.tuning.setting import Setting
@@ -65,10 +66,11 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
         choice, ref, _sel, _cal = choose(table, max_drop=drop, delta=delta,
                                          agreement=agreement)
         if shift or shift_guard:
-            sh = shift_check(table, max_drop=drop, delta=delta, seed=seed)
+            sh = shift_check(table, max_drop=drop, delta=delta, seed=seed,
+                             agreement=agreement)
     refused = False
     if shift_guard and sh is not None:
-        guarded = _guard_shift(table, choice, ref, sh, drop)
+        guarded, ref = _guard_shift(table, choice, ref, sh, drop, delta)
         refused, choice = guarded is not choice, guarded
     setting = choice.setting
     notes: list[str] = []
@@ -76,7 +78,7 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
         notes.append(f"No cascade is recommended: {choice.reason}. Use "
                      f"{table.rungs[setting.chain[0]].label} alone.")
     right, cost, exit_pos = simulate(table, setting)
-    dom = dominating_rung(table, right, cost)
+    dom = dominating_rung(table, right, cost, np.asarray(setting.chain, dtype=np.int64)[exit_pos])
     if dom is not None and len(setting.chain) > 1:
         notes.append(f"The tuned cascade was dearer and no more accurate than "
                      f"{table.rungs[dom].label} alone on the suite; recommending that rung.")
@@ -109,10 +111,12 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
 
 
 def _guard_shift(table: OutcomeTable, choice: Choice, ref: int, sh: dict[str, Any],
-                 drop: float) -> Choice:
-    """The reference alone when the shift check breaks the promise (or cannot run)."""
-    if choice.setting.chain == (ref,) or not shift_breaks(sh):
-        return choice
+                 drop: float, delta: float) -> tuple[Choice, int]:
+    """The fallback when the shift check breaks the promise (or cannot run): the dearest rung
+    that could be the best, alone, as when nothing passes the guard (the rung a refused cascade
+    ends at may be a cheaper rival, which alone need not pass the guard against the others)."""
+    if len(choice.setting.chain) == 1 or not shift_breaks(sh):
+        return choice, ref
     if not sh.get("available"):
         why = f"the shift guard needs the shift check, and {sh.get('reason')}"
     else:
@@ -121,4 +125,5 @@ def _guard_shift(table: OutcomeTable, choice: Choice, ref: int, sh: dict[str, An
                f"pts, more than a standard error beyond the promise (-{drop * 100:g}) on "
                f"{sh['folds_broken']} of {sh['folds']} folds; without --shift-guard the "
                f"cascade {choice.setting.describe(table)} is recommended")
-    return replace(choice, setting=Setting((ref,)), passed=False, reason=why)
+    fallback = rival_rungs(table, delta).ref
+    return replace(choice, setting=Setting((fallback,)), passed=False, reason=why), fallback
