@@ -44,8 +44,9 @@ from cascade.serve.service import ClimbEvent, Service
 from cascade.trace import Answer, Attempt
 
 __all__ = ["Render", "answer_headers", "answer_request", "caller_trace", "check_request",
-           "finish_reason", "progress_comment", "refusal_reason", "refuse_unsupported", "router",
-           "stop_sequence", "stream_answer", "to_json", "trace_of", "usage_of", "wire_error"]
+           "finish_reason", "progress_comment", "refusal_reason", "refuse_unsupported",
+           "request_id_headers", "router", "stop_sequence", "stream_answer", "to_json",
+           "trace_of", "usage_of", "wire_error"]
 
 router = APIRouter()
 
@@ -86,12 +87,18 @@ def usage_of(answer: Answer) -> Usage:
 
 def answer_headers(answer: Answer) -> dict[str, str]:
     return {
-        "x-cascade-request-id": answer.request_id,
+        **request_id_headers(answer.request_id),
         "x-cascade-verified": "true" if answer.verified else "false",
         "x-cascade-model": answer.model,
         "x-cascade-cost-usd": f"{answer.cost_usd:.10f}".rstrip("0").rstrip(".") or "0",
         "x-cascade-cache-hit": "true" if answer.cache_hit else "false",
     }
+
+
+def request_id_headers(rid: str) -> dict[str, str]:
+    """The request id under our name and the two the SDKs read (``x-request-id``: OpenAI's
+    ``r._request_id`` / ``e.request_id``; ``request-id``: Anthropic's)."""
+    return {"x-cascade-request-id": rid, "x-request-id": rid, "request-id": rid}
 
 
 def _chosen(answer: Answer) -> Attempt | None:
@@ -122,7 +129,7 @@ def wire_error(e: BaseException) -> APIError:
                          else None)
     rid = getattr(traced, "request_id", None) or getattr(e, "request_id", None)
     if isinstance(rid, str) and rid:
-        api.headers["x-cascade-request-id"] = rid
+        api.headers.update(request_id_headers(rid))
     return api
 
 
@@ -165,7 +172,7 @@ def check_request(body: ChatCompletionRequest, service: Service) -> None:
     refuse_unsupported([k for k in body.metadata or {} if k in _RESERVED_METADATA],
                        at="metadata", why="the service sets it (the client's key selects the "
                        "budget)")
-    if body.n != 1:
+    if body.n not in (1, None):
         raise APIError(400, f"n must be 1 (one verified answer per request), not {body.n}",
                        param="n")
     if body.model != service.name:
@@ -203,11 +210,21 @@ def caller_trace(request: Request) -> Iterator[None]:
         otel_context.detach(token)
 
 
+def _parse_chat(raw: bytes) -> ChatCompletionRequest:
+    """The request body; OpenAI's ``developer`` messages (what newer models take instead of
+    ``system``, and the SDK's types offer) are the ladder's system instructions."""
+    body = parse_body(raw, ChatCompletionRequest)
+    for m in body.messages:
+        if isinstance(m, dict) and m.get("role") == "developer":
+            m["role"] = "system"
+    return body
+
+
 async def create_chat_completion(request: Request) -> Response:
     service: Service = request.app.state.service
     with caller_trace(request):
         return await answer_request(
-            service, request, parse=lambda raw: parse_body(raw, ChatCompletionRequest),
+            service, request, parse=_parse_chat,
             render=lambda body: _openai_render(body, service.name),
             reply=lambda a: completion(a, service.name))
 
@@ -329,13 +346,19 @@ def _answer_chunks(answer: Answer, body: ChatCompletionRequest, ladder: str) -> 
     out = []
     for chunk in (first, last):
         d = chunk.model_dump(mode="json", exclude_none=True)
+        # OpenAI's chunk schema: these are sent as null, not left out
+        d["system_fingerprint"] = None
+        for c in d["choices"]:
+            c.setdefault("finish_reason", None)
+            c["logprobs"] = None
         if usage:
             d["usage"] = None  # OpenAI's shape: null on every chunk but the usage chunk
         out.append(_data(d))
     if usage:
-        out.append(_data(ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
-                                             usage=usage_of(answer))
-                         .model_dump(mode="json", exclude_none=True)))
+        out.append(_data({**ChatCompletionChunk(id=rid, created=created, model=model,
+                                                choices=[], usage=usage_of(answer))
+                          .model_dump(mode="json", exclude_none=True),
+                          "system_fingerprint": None}))
     return out
 
 

@@ -4,8 +4,10 @@ A request is translated into the chat-completions request the service already an
 prompt first, text blocks joined; ``max_tokens``, ``temperature``, ``stop_sequences`` and
 ``metadata.user_id`` carried over), so budgets, verifiers, the cache, the audit log and the
 spans are the same for both formats. Only text content is accepted: image, document and tool
-blocks are a 400 naming the block, never dropped. ``cache_control`` on a block is accepted and
-ignored (it is a provider-side caching hint; the cascade has its own cache).
+blocks are a 400 naming the block, never dropped. ``cache_control``, on a block or at the top
+level (the SDK's automatic caching), is accepted and ignored (it is a provider-side caching
+hint; the cascade has its own cache); so is a block key that is null (``citations: None``, as
+the SDK dumps a reply's ``TextBlock``).
 
 The reply is a ``message`` with one text block, ``stop_reason`` ``max_tokens`` when the
 accepting rung was cut off, ``stop_sequence`` (with the sequence) when one of the request's
@@ -80,7 +82,10 @@ def _text(content: object, where: str) -> str:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise APIError(400, f"{at}: only text blocks are supported, not {kind!r}",
                            param=f"{at}.type", code="unsupported_field")
-        refuse_unsupported(sorted(set(block) - _BLOCK_KEYS), at=at)
+        # A null (``citations: None``, as the SDK's ``TextBlock.model_dump()`` writes it) or
+        # empty list says nothing; a key that carries something is refused, never dropped.
+        refuse_unsupported(sorted(k for k in set(block) - _BLOCK_KEYS
+                                  if block[k] is not None and block[k] != []), at=at)
         if not isinstance(block.get("text"), str):
             raise APIError(400, f"{at}.text must be a string", param=f"{at}.text")
         parts.append(block["text"])

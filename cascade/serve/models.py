@@ -15,14 +15,17 @@ router = APIRouter()
 
 
 def _card(service: Service) -> ModelCard:
-    return ModelCard(id=service.name, rungs=[r.label for r in service.config.rungs])
+    return ModelCard(id=service.name, display_name=service.name,
+                     rungs=[r.label for r in service.config.rungs])
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
     service.auth.client_for(request.headers)
-    return JSONResponse(ModelList(data=[_card(service)]).model_dump(mode="json"))
+    card = _card(service)
+    return JSONResponse(ModelList(data=[card], first_id=card.id, last_id=card.id)
+                        .model_dump(mode="json"))
 
 
 @router.get("/v1/models/{model}")

@@ -54,6 +54,9 @@ Anthropic's APIs are: ``"max_tokens": true`` is not a cap of 1, nor ``"stream": 
 class StreamOptions(_Strict):
     include_usage: bool = False
     """Send a last chunk with ``usage`` (summed over every call of the request)."""
+    include_obfuscation: bool | None = None
+    """Accepted and ignored: OpenAI pads its deltas against a token-length side channel; the
+    service sends the whole verified answer in one delta, so there is nothing to pad."""
 
 
 class JsonSchemaFormat(_Strict):
@@ -75,7 +78,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[dict[str, Any]]
-    stream: bool = False
+    stream: bool | None = False
+    """null (the SDK's ``stream=None``) is false, as in OpenAI's API."""
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     """Caps every rung's ``max_tokens``."""
@@ -84,7 +88,8 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     """Replaces every rung's temperature."""
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int | None = 1
+    """Must be 1; null (the SDK's ``n=None``) is 1, as in OpenAI's API."""
     user: str | None = None
     """Travels into the answer's metadata (and the audit log)."""
     metadata: dict[str, str] | None = None
@@ -125,6 +130,9 @@ class MessagesRequest(BaseModel):
     stream: bool = False
     metadata: dict[str, Any] | None = None
     """Only ``user_id`` (it travels into the answer's metadata as ``user``)."""
+    cache_control: dict[str, Any] | None = None
+    """Accepted and ignored, as on a block: a provider-side caching hint (the SDK's automatic
+    prompt caching); the cascade has its own cache."""
 
     def unsupported(self) -> list[str]:
         return list(self.model_extra or {})
@@ -207,7 +215,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     cascade: CascadeTrace | None = None
-    """Only on the chunk that carries ``finish_reason``."""
+    """Only on the first chunk (the one that carries the answer)."""
 
 
 class AnthropicText(BaseModel):
@@ -234,17 +242,31 @@ class MessagesResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """One ladder, in both SDKs' model shapes: OpenAI's (``object``, ``created``,
+    ``owned_by``) and Anthropic's (``type``, ``display_name``, ``created_at``, ``lifecycle``,
+    which its ``ModelInfo`` requires)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "cascade"
+    type: Literal["model"] = "model"
+    display_name: str = ""
+    created_at: str = "1970-01-01T00:00:00Z"
+    """RFC 3339, as Anthropic's API sends it (``created``'s instant)."""
+    lifecycle: Literal["active"] = "active"
     rungs: list[str] = Field(default_factory=list)
     """Our extension: the ladder's rungs, cheapest first."""
 
 
 class ModelList(BaseModel):
+    """OpenAI's list, with Anthropic's page fields (one page: ``has_more`` is false)."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class ErrorBody(BaseModel):
