@@ -416,11 +416,11 @@ class Cascade:
                     self._shadows.compare(ShadowJob(request=request, ladder=ladder,
                                                     accepted=held, money=money), attempt)
         if not answer.verified and cfg.policy.on_unverified == "raise":
+            # the answer given is the latest that came back (the top rung may have errored):
+            # its own verdicts say why it was rejected
             raise UnverifiedAnswerError(
-                f"the top answer ({answer.model}) was rejected: "
-                f"{policy.rejection_reason(climb.attempts[-1].verdicts) if climb.attempts else ''}",
-                answer,
-            )
+                f"the answer given ({answer.model}, rung {attempt.rung}) was rejected: "
+                f"{policy.rejection_reason(attempt.verdicts)}", answer)
         return answer
 
     def _notify(self, request: Request, answer: Answer | None,

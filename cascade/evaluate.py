@@ -88,6 +88,13 @@ def _accepts(table: OutcomeTable, config: CascadeConfig, cols: list[int]
                                       "set one", source=config.source, key="thresholds")
             elif key in table.passed:
                 acc[:, p] &= table.passed[key][:, j]
+            elif p < len(cols) - 1:
+                # Taken as passing everything, it would replay a ladder that exits early where
+                # the real one may escalate.
+                raise ConfigError(f"verifier {key!r} of rung {rung.label!r} was not recorded "
+                                  "with the suite: record it (cascade record --config with "
+                                  "this verifier) or drop it from the config",
+                                  source=config.source, key="verifiers")
     return acc
 
 

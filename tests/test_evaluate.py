@@ -131,3 +131,14 @@ def test_agreement_verifier_is_replayed_against_the_previous_rung_of_the_config(
     with pytest.raises(ConfigError, match="no 'numeric' agreement"):
         evaluate(t, parse_config({"rungs": [{"model": "s", **FREE}, {"model": "l", **FREE}],
                                   "verifiers": [{"name": "agreement", "normaliser": "numeric"}]}))
+
+
+def test_a_verifier_the_suite_never_recorded_is_an_error_not_a_pass() -> None:
+    """A tuned config with a verifier the recording lacks (refusal, say) replayed as if that
+    verifier passed everything: an early rung then exited on cases the real ladder escalates."""
+    cfg = parse_config({
+        "rungs": [{"model": "s", **FREE, "thresholds": {"confidence": 0.5}},
+                  {"model": "l", **FREE}],
+        "verifiers": [{"name": "confidence"}, {"name": "refusal"}]})
+    with pytest.raises(ConfigError, match="'refusal' of rung 's' was not recorded"):
+        evaluate(_table(), cfg)

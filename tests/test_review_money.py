@@ -199,3 +199,21 @@ async def test_a_billed_200_that_breaks_the_protocol_is_charged_on_retry_and_fai
         assert info.value.answer.cost_usd == pytest.approx(2 * first)
         assert info.value.answer.attempts[0].cost_usd == pytest.approx(2 * first)
         assert store.spent("default", 86400.0) == pytest.approx(3 * first + 12 / 1e6)
+
+
+async def test_raise_on_unverified_names_the_rejected_answer_it_gives() -> None:
+    """The top rung errored, so the answer given is the cheap rung's rejected one: the error
+    read "the top answer (small) was rejected: accepted", from the top rung's empty verdicts."""
+    from cascade.errors import UnverifiedAnswerError
+
+    s = Script({"small": ["I can't help with that."],
+                "big": [ServerError("down", provider="x", model="big")]})
+    rungs = [{"model": m, "provider": "openai-compatible", "base_url": f"http://{m}/v1",
+              "price": "unknown"} for m in ("small", "big")]
+    cfg = {"rungs": rungs, "verifiers": [{"name": "refusal"}], "cache": {"enabled": False},
+           "policy": {"on_unverified": "raise"}, "retry": {"max_attempts": 1}}
+    async with Cascade.from_dict(cfg, provider_factory=s.factory) as c:
+        with pytest.raises(UnverifiedAnswerError) as info:
+            await c.aanswer("How do I bake bread?")
+    msg = str(info.value)
+    assert "small, rung 0" in msg and "refus" in msg.lower() and "accepted" not in msg
