@@ -209,7 +209,14 @@ class Climb:
             candidate = Candidate(text=completion.text, rung=result.endpoint, rung_index=i,
                                   completion=completion, parsed=completion.parsed)
             before = money.spent_usd
-            verdicts, parsed = await self._verify(candidate)
+            try:
+                verdicts, parsed = await self._verify(candidate)
+            except BaseException:
+                # Cut short (the deadline, a client gone): the verifier calls that returned
+                # were paid and are in the request's spend; the attempt says so too, so the
+                # trace adds up to what the answer cost.
+                attempt.cost_usd += money.spent_usd - before
+                raise
             verifier_cost = sum(v.cost_usd for v in verdicts)
             # Model calls of verifiers were charged (and settled) as they returned; a plugin
             # may also report a cost of its own in its verdict.

@@ -541,3 +541,35 @@ async def test_cascade_record_never_takes_the_rungs_answer_for_a_verifiers_sampl
                           concurrency=1, progress=False)
     assert counts["recorded"] == 2
     assert s.count("small") == 3  # the sample was really drawn, not read back
+
+
+async def test_a_deadline_during_verification_keeps_the_paid_checks_in_the_attempts_cost(
+        tmp_path: Path) -> None:
+    """A paid check (a model call) returned, then the deadline cut the next one short: the
+    check was in the answer's cost and the budget but not in its attempt, so the trace's
+    attempts summed to less than what the request cost."""
+
+    class AsksThenWaits:
+        name = "asks_then_waits"
+        expensive = True
+        cache_key = "asks-then-waits"
+
+        async def verify(self, ctx: VerifyContext) -> Verdict:
+            await ctx.call_model(ModelCall(model="m", messages=ctx.request.messages,
+                                           max_tokens=4))
+            await anyio.sleep(5.0)
+            return Verdict(passed=True, reason="late")
+
+    s = Script({"m": ["Canberra"]})
+    store = InMemoryBudgetStore()
+    cfg = _config(tmp_path, [_rung("m", 1000.0)], budget={"limit_usd": 1.0})
+    with (Cascade.from_dict(cfg, verifiers=[AsksThenWaits()], provider_factory=s.factory,
+                            budget_store=store) as c,
+          pytest.raises(DeadlineExceeded) as ei):
+        await c.aanswer("Capital of Australia?", timeout_s=0.3)
+    assert s.count("m") == 2  # the answer and the check
+    traced = ei.value.answer
+    assert traced is not None
+    spent = store.spent("default", 86400.0)
+    assert traced.cost_usd == pytest.approx(spent)
+    assert sum(a.cost_usd for a in traced.attempts) == pytest.approx(spent)
