@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 
+from cascade.cli._args import int_in
 from cascade.config import CascadeConfig, RungConfig
 from cascade.defaults import resolve_config
 from cascade.engine import Cascade
@@ -132,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", help="a suite folder (recordings go inside) or JSONL file")
     parser.add_argument("--config", help="the ladder to record (default: $CASCADE_CONFIG, "
                         "./cascade.toml, else the embedded local ladder)")
-    parser.add_argument("--concurrency", type=int, default=4,
+    parser.add_argument("--concurrency", type=int_in(1), default=4,
                         help="model calls in flight at once (default 4)")
     parser.add_argument("--out", help="recordings file (default: SUITE/recordings.jsonl)")
     parser.add_argument("--no-progress", action="store_true",

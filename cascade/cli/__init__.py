@@ -5,10 +5,11 @@ adding a command is one entry in :data:`COMMANDS`. Only the chosen command's mod
 so ``cascade answer`` never loads the tuner's numpy stack. Commands write to ``sys.stdout`` and
 ``sys.stderr``; :func:`main` points those at the streams it is given.
 
-Exit codes: 0 verified answer (or command succeeded); 1 an answer was returned but not verified;
-2 bad usage or configuration; 3 no answer (every rung failed, or a probed endpoint failed);
-4 budget or deadline exceeded; 5 the cache cannot be used; 130 interrupted; 141 standard output
-was closed early (``cascade cache stats | head``).
+Exit codes: 0 verified answer (or command succeeded); 1 an answer was returned but not verified
+(``cascade record``: some calls failed, re-run to fill them in); 2 bad usage or configuration
+(also a file given on the command line that cannot be read or written); 3 no answer (every
+rung failed, or a probed endpoint failed); 4 budget or deadline exceeded; 5 the cache cannot be
+used; 130 interrupted; 141 standard output was closed early (``cascade cache stats | head``).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cascade", parents=[common],
         description="Answer through a ladder of LLMs, climbing only as far as verifiers require.",
-        epilog="Exit codes: 0 ok/verified, 1 unverified answer, 2 usage or config error, "
+        epilog="Exit codes: 0 ok/verified, 1 unverified answer (record: some calls failed), "
+               "2 usage, config or file error, "
                "3 no answer, 4 budget or deadline exceeded, 5 cache unusable, 130 interrupted, "
                "141 output closed early.",
     )
@@ -151,6 +153,22 @@ def _run(args: list[str]) -> int:
     except CascadeError as e:
         err.write(f"cascade: {type(e).__name__}: {e}\n")
         return EXIT_NO_ANSWER
+    except BrokenPipeError:  # main() turns it into 141
+        raise
+    except OSError as e:  # a path given on the command line that cannot be read or written
+        err.write(f"cascade: {_os_error(e)}\n")
+        return EXIT_USAGE
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OS-level failure: the path (when the error names one) and the reason."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return f"{type(e).__name__}: {reason}"
+    where = os.fsdecode(e.filename)
+    if e.filename2 is not None:
+        where += f" -> {os.fsdecode(e.filename2)}"
+    return f"{where}: {reason}"
 
 
 def _silence_stdout() -> None:

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config whose [cache] to use (default: "
                         "$CASCADE_CONFIG, ./cascade.toml, else the embedded local ladder)")
     parser.add_argument("--cache-dir", help="use this cache directory instead of the config's")
-    parser.add_argument("--json", action="store_true", help="with stats: print them as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the stats (or, with clear, what was removed) as JSON")
     parser.add_argument("--force", action="store_true",
                         help="with clear: remove the directory even if the cache is damaged")
 
@@ -52,7 +53,10 @@ def run(ns: argparse.Namespace) -> int:
             # The cache deletes only what it owns: with --force a damaged cache's own files
             # go, and a directory holding anything else is refused either way.
             n = cache.clear(force=ns.force)
-            out.write(f"cleared {n} entries from {cache.directory}\n")
+            if ns.json:
+                out.write(json.dumps({"cleared": n, "directory": str(cache.directory)}) + "\n")
+            else:
+                out.write(f"cleared {n} entries from {cache.directory}\n")
     finally:
         cache.close()
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from typing import Any
 
 from cascade.config import load_config
 from cascade.evaluate import evaluate, format_report
@@ -29,5 +31,18 @@ def run(ns: argparse.Namespace) -> int:
     recorded = load_config(ns.recorded_with) if ns.recorded_with else config
     table = load_outcome_table(ns.suites, recorded)
     rep = evaluate(table, config)
-    print(json.dumps(rep, indent=2) if ns.json else format_report(rep))
+    print(json.dumps(_json_safe(rep), indent=2, allow_nan=False) if ns.json
+          else format_report(rep))
     return 0
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity (an accuracy over no graded case) as ``null``:
+    JSON has no such numbers, and ``NaN`` on standard output breaks every JSON reader."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cascade.caller import endpoints_of
 from cascade.cli import EXIT_NO_ANSWER, EXIT_OK
+from cascade.cli._args import seconds
 from cascade.errors import CascadeError
 
 if TYPE_CHECKING:
@@ -29,18 +30,6 @@ __all__ = ["add_arguments", "run"]
 PROBE_PROMPT = "Reply with the single word: ok"
 
 
-def _seconds(text: str) -> float:
-    """A probe timeout: a number > 0 (NaN broke the deadline with a traceback, and 0 or less
-    failed every endpoint, a health check that could never pass); inf means the rung's own."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``cascade health [--config FILE] [--probe] [--timeout S] [--json]``."""
     parser.add_argument("--config", help="TOML config (default: $CASCADE_CONFIG, ./cascade.toml, "
@@ -48,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", action="store_true",
                         help="call each endpoint once (1 output token, no retries, no "
                              "failover) and report ok, latency and error; exit 3 if any fails")
-    parser.add_argument("--timeout", type=_seconds, default=10.0,
+    parser.add_argument("--timeout", type=seconds, default=10.0,
                         help="with --probe: seconds to wait for each endpoint (default 10, "
                              "or the rung's timeout_s when smaller)")
     parser.add_argument("--json", action="store_true", help="print the endpoints as JSON")

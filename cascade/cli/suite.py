@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from cascade.cli._args import int_in
+
 __all__ = ["add_arguments", "run"]
 
 _GRADERS = ("exact", "normalised", "contains", "numeric", "choice")
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "ISO date/time (UTC unless a zone is given)")
     p.add_argument("--sample", type=int, metavar="N",
                    help="keep N distinct prompts, drawn at random (deterministic with --seed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="seed of --sample (default 0)")
     p.add_argument("--config", help="the ladder that served the traffic: recordings get its "
                                     "rungs' exact call keys (else model + messages keys, which "
                                     "replay and tune also match)")

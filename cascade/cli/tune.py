@@ -8,6 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from cascade.cli._args import int_in
 from cascade.cli.label import apply_labels, check_promise
 from cascade.config import load_config, parse_config
 from cascade.suite import load_outcome_table
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recommend the reference rung alone when tuning with some of the "
                              "suite's groups (benchmarks, subjects, first tags) held out broke "
                              "the promise on them; off by default (it costs the saving there)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=int_in(0), default=0,
                         help="seed of the bootstrap and the shift folds (default 0)")
     parser.add_argument("--router", choices=("auto", "off"), default="auto",
                         help="auto: also learn a pre-generation router from the cases' prompts "

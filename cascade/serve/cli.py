@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cascade.cli._args import int_in
 from cascade.config import load_config
 from cascade.errors import ConfigError
 
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="the ladder's TOML file ([server] table "
                    "for the name, clients and audit log)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int_in(1, 65535), default=8000, help="port (default 8000)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (default 1); each holds its own ladder")
     p.add_argument("--insecure", action="store_true",

@@ -1,0 +1,271 @@
+"""Review of the command line against what the README tells users to run: every flag the README
+names exists, every config key the parsers accept is documented, files named on the command line
+that cannot be read or written are a one-line error (exit 2, no traceback), and ``--json`` is
+strict JSON on standard output."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cascade.cli import COMMANDS, build_parser, main
+from cascade.config import parse_config
+from cascade.settings import (
+    BreakerConfig,
+    BudgetConfig,
+    CacheConfig,
+    PolicyConfig,
+    RetryConfig,
+    RungConfig,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+SUITE = REPO / "fixtures" / "suite"
+UNREADABLE = Path("/proc/self/mem")  # a regular file whose read fails (EIO), even for root
+
+
+def _run(args: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(args, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _one_line_error(code: int, out: str, err: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert out == "", out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cascade: "), err
+
+
+def _audit_log(tmp_path: Path) -> Path:
+    from cascade import Cascade
+    from cascade.testing import FunctionProvider, completion
+
+    log = tmp_path / "audit.jsonl"
+    with Cascade.from_dict(
+        {"rungs": [{"model": "a", "price": "unknown"}], "verifiers": [{"name": "refusal"}],
+         "cache": {"enabled": False}},
+        provider_factory=FunctionProvider(lambda call: completion("Paris.", call)).factory,
+        audit_log=log,
+    ) as c:
+        c.answer("capital of France?")
+    return log
+
+
+# ------------------------------------------------------------------ README against the parser
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every ``cascade ...`` command line of the README's code blocks and inline code."""
+    lines: list[str] = []
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", README, re.MULTILINE | re.DOTALL):
+        joined = block.replace("\\\n", " ")
+        lines += [ln.strip().removeprefix("$ ") for ln in joined.splitlines()]
+    lines += re.findall(r"`(cascade [^`]+)`", README.replace("\n", " "))
+    return [ln.split("#", 1)[0].split() for ln in lines if ln.startswith("cascade ")]
+
+
+def _flags(command: str) -> set[str]:
+    parser = build_parser([command])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sp = sub.choices[command]
+    found = {o for a in sp._actions for o in a.option_strings}
+    for a in sp._actions:  # `suite from-log` has a level of its own
+        if isinstance(a, argparse._SubParsersAction):
+            for p in a.choices.values():
+                found |= {o for b in p._actions for o in b.option_strings}
+    return found
+
+
+def test_every_flag_the_readme_names_exists() -> None:
+    commands = _readme_commands()
+    assert len(commands) > 20
+    for words in commands:
+        if len(words) < 2 or words[1] not in COMMANDS:
+            continue
+        known = _flags(words[1])
+        for w in words[2:]:
+            flag = re.match(r"\[?(--[a-z][a-z-]*)", w)
+            if flag:
+                assert flag.group(1) in known, (words, flag.group(1))
+
+
+def test_every_readme_toml_config_parses() -> None:
+    base = {"rungs": [{"model": "m", "provider": "openai-compatible",
+                       "base_url": "http://127.0.0.1:9/v1", "price": "unknown"}]}
+    blocks = re.findall(r"^```toml\n(.*?)^```", README, re.MULTILINE | re.DOTALL)
+    checked = 0
+    for text in blocks:
+        data = tomllib.loads(text)
+        if "project" in data:  # a package's pyproject.toml, not a config
+            continue
+        cfg = parse_config(data if "rungs" in data else {**base, **data}, source="README")
+        if cfg.store:
+            from cascade.store.config import parse_store
+
+            parse_store(cfg.store, source="README")
+        checked += 1
+    assert checked >= 4
+
+
+def test_every_config_key_the_parsers_accept_is_in_the_readme() -> None:
+    from cascade.routing.runtime import _KEYS as ROUTER_KEYS
+    from cascade.serve.config import _CLIENT_KEYS, _SERVER_KEYS
+    from cascade.store.config import _KEYS as STORE_KEYS
+
+    tables: dict[str, set[str]] = {
+        "rungs": set(RungConfig.__dataclass_fields__),
+        "policy": set(PolicyConfig.__dataclass_fields__),
+        "cache": set(CacheConfig.__dataclass_fields__),
+        "retry": set(RetryConfig.__dataclass_fields__),
+        "budget": set(BudgetConfig.__dataclass_fields__),
+        "breaker": set(BreakerConfig.__dataclass_fields__),
+        "store": set(STORE_KEYS),
+        "server": set(_SERVER_KEYS) | set(_CLIENT_KEYS),
+        "router": set(ROUTER_KEYS),
+    }
+    missing = {t: sorted(k for k in keys if not re.search(rf"\b{k}\b", README))
+               for t, keys in tables.items()}
+    assert not any(missing.values()), missing
+
+
+def test_every_suite_grader_is_in_the_readme() -> None:
+    from cascade.suite.grading import GRADERS
+
+    para = README[README.index("Graders:"):README.index("(called with `(text, case)`)")]
+    assert all(f"`{g}`" in para for g in GRADERS), (GRADERS, para)
+
+
+def test_readme_exit_codes_say_what_record_returns() -> None:
+    para = README[README.index("Exit codes: `0`"):]
+    para = para[:para.index("\n\n")]
+    assert "`cascade record`" in para and "cannot be read or written" in para, para
+
+
+# ------------------------------------------------------------------ files that cannot be used
+
+
+def test_output_paths_that_cannot_be_written_are_one_line_errors(tmp_path: Path) -> None:
+    """`--out` naming a folder, or a path under a missing folder, used to end in a traceback
+    with exit 1 after the work was done."""
+    (tmp_path / "afile").write_text("x")
+    log = _audit_log(tmp_path)
+    cases = [
+        ["label", str(SUITE), "--out", str(tmp_path)],
+        ["label", str(SUITE), "--out", str(tmp_path / "missing" / "needs.jsonl")],
+        ["suite", "from-log", str(log), "--out", str(tmp_path / "afile" / "suite")],
+    ]
+    for args in cases:
+        code, out, err = _run(args)
+        _one_line_error(code, out, err)
+        assert str(tmp_path) in err, err
+
+
+def test_tune_out_into_a_missing_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    code, out, err = _run(["tune", str(SUITE), "--router", "off",
+                           "--out", str(tmp_path / "missing" / "TUNED.toml")])
+    _one_line_error(code, out, err)
+    assert "No such file or directory" in err and "missing" in err, err
+
+
+@pytest.mark.skipif(not UNREADABLE.is_file(), reason="needs Linux /proc")
+@pytest.mark.parametrize("args", [
+    ["tune", str(UNREADABLE), "--out", "never.toml"],
+    ["label", str(UNREADABLE), "--out", "never.jsonl"],
+    ["eval", str(UNREADABLE), "--config", str(REPO / "fixtures" / "never.toml")],
+    ["suite", "from-log", str(UNREADABLE), "--out", "never"],
+], ids=["tune", "label", "eval", "from-log"])
+def test_an_unreadable_input_file_is_a_one_line_error(args: list[str], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    if args[0] == "eval":  # a config that loads, so the suite is what fails
+        cfg = tmp_path / "ladder.toml"
+        cfg.write_text('[[rungs]]\nmodel = "m"\nprovider = "openai-compatible"\n'
+                       'base_url = "http://127.0.0.1:9/v1"\nprice = "unknown"\n')
+        args = [*args[:-1], str(cfg)]
+    code, out, err = _run(args)
+    _one_line_error(code, out, err)
+    assert "Input/output error" in err, err
+    assert not any(tmp_path.glob("never*"))
+
+
+def test_a_closed_stdout_is_still_141_not_a_file_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OSError catch must leave BrokenPipeError to main's 141."""
+    import cascade.cli.cache as cache_cli
+
+    def broken(ns: argparse.Namespace) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cache_cli, "run", broken)
+    code, _out, err = _run(["cache", "stats"])
+    assert code == 141 and err == "", err
+
+
+# ------------------------------------------------------------------ --json is JSON
+
+
+def test_cache_clear_json_prints_json(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    assert _run(["cache", "stats", "--cache-dir", str(cache_dir)])[0] == 0
+    code, out, err = _run(["cache", "clear", "--cache-dir", str(cache_dir), "--json"])
+    assert code == 0, err
+    assert _strict_json(out) == {"cleared": 0, "directory": str(cache_dir)}
+    code, out, _err = _run(["cache", "clear", "--cache-dir", str(cache_dir)])
+    assert code == 0 and out.startswith("cleared 0 entries from "), out
+
+
+def test_eval_json_is_strict_json_when_no_case_is_graded(tmp_path: Path) -> None:
+    """An unlabelled suite has no accuracy: the report said NaN, which no JSON reader takes."""
+    suite = tmp_path / "unlabelled"
+    suite.mkdir()
+    shutil.copy(SUITE / "recordings.jsonl", suite / "recordings.jsonl")
+    with (SUITE / "cases.jsonl").open(encoding="utf-8") as f, \
+            (suite / "cases.jsonl").open("w", encoding="utf-8") as g:
+        for line in f:
+            if line.strip():
+                case = json.loads(line)
+                case.pop("expected", None)
+                case.pop("grader", None)
+                g.write(json.dumps(case) + "\n")
+    from cascade.defaults import default_config
+    from cascade.tuning import to_toml
+
+    ladder = tmp_path / "ladder.toml"
+    ladder.write_text(to_toml(default_config()), encoding="utf-8")
+    code, out, err = _run(["eval", str(suite), "--config", str(ladder), "--json"])
+    assert code == 0, err
+    rep = _strict_json(out)
+    assert rep["accuracy"] is None
+    assert rep["verified_rate"] is not None and math.isfinite(rep["verified_rate"])
+
+
+@pytest.mark.parametrize(("flag", "args"), [
+    ("--port", ["serve", "--config", "x.toml", "--port", "99999"]),  # wrapped round to 34463
+    ("--port", ["serve", "--config", "x.toml", "--port", "-1"]),
+    ("--seed", ["tune", "--seed", "-1", "--out", "T.toml", "suite"]),  # a numpy traceback
+    ("--seed", ["suite", "from-log", "audit.jsonl", "--out", "s", "--seed", "-3"]),
+    ("--concurrency", ["record", "suite", "--concurrency", "0"]),  # quietly taken as 1
+    ("--timeout", ["health", "--probe", "--timeout", "nan"]),
+])
+def test_numbers_out_of_range_are_usage_errors_naming_the_flag(flag: str, args: list[str]
+                                                               ) -> None:
+    code, _out, err = _run(args)
+    assert code == 2 and f"argument {flag}" in err and "Traceback" not in err, err
