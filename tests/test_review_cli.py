@@ -269,3 +269,29 @@ def test_numbers_out_of_range_are_usage_errors_naming_the_flag(flag: str, args: 
                                                                ) -> None:
     code, _out, err = _run(args)
     assert code == 2 and f"argument {flag}" in err and "Traceback" not in err, err
+
+
+def test_answer_json_prints_the_error_object_for_a_budget_refusal_too(tmp_path: Path) -> None:
+    """``cascade answer --json`` printed an error object when no rung answered (exit 3) but
+    nothing on stdout when the cap refused the request (exit 4): one shape for both now."""
+    cfg = tmp_path / "cascade.toml"
+    cfg.write_text('[[rungs]]\nmodel = "m"\nprovider = "openai-compatible"\n'
+                   'base_url = "http://127.0.0.1:9/v1"\ninput_usd_per_mtok = 1000.0\n'
+                   'output_usd_per_mtok = 1000.0\nmax_tokens = 512\n'
+                   f'[cache]\ndirectory = "{tmp_path / "cache"}"\n')
+    code, out, err = _run(["answer", "Capital of Australia?", "--config", str(cfg),
+                           "--max-cost-usd", "0.000001", "--json"])
+    assert code == 4, err
+    doc = json.loads(out)
+    assert doc["error_type"] == "BudgetExceeded" and "cap" in doc["error"].lower()
+
+
+def test_label_checks_its_judge_config_even_when_nothing_needs_a_label(tmp_path: Path) -> None:
+    """A missing --judge file went unnoticed (exit 0) whenever no case needed a label."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "cascades"
+    src = shared / "mmlu_llama_train.jsonl"
+    if not src.is_file():
+        pytest.skip("needs ../shared/data/cascades")
+    code, _out, err = _run(["label", str(src), "--judge", str(tmp_path / "missing.toml"),
+                            "--out", str(tmp_path / "NEEDS.jsonl")])
+    assert code == 2 and "missing.toml" in err, err

@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
-from cascade.cli import EXIT_NO_ANSWER, EXIT_OK, EXIT_UNVERIFIED
+from cascade.cli import EXIT_BUDGET, EXIT_NO_ANSWER, EXIT_OK, EXIT_UNVERIFIED
 from cascade.cli._format import format_climb
 from cascade.engine import CacheMode
-from cascade.errors import NoAnswerError, UnverifiedAnswerError
+from cascade.errors import BudgetExceeded, DeadlineExceeded, NoAnswerError, UnverifiedAnswerError
 
 __all__ = ["add_arguments", "prompt_text", "run"]
 
@@ -81,14 +81,18 @@ def run(ns: argparse.Namespace) -> int:
         else:
             out.write(ans.text + "\n")
             err.write(format_climb(ans) + "\n")
-    except NoAnswerError as e:
+    except (NoAnswerError, BudgetExceeded, DeadlineExceeded) as e:
+        # One shape for every request that got no answer: --json readers get the error and,
+        # when a climb had begun, its trace (what it paid) on stdout.
+        traced = e.answer
         if ns.json:
             out.write(json.dumps({"error": str(e), "error_type": type(e).__name__,
-                                  **e.answer.to_dict()}) + "\n")
+                                  **(traced.to_dict() if traced is not None else {})},
+                                 ensure_ascii=False) + "\n")
         err.write(f"cascade: {e}\n")
-        if not ns.json:
-            err.write(format_climb(e.answer) + "\n")
-        code = EXIT_NO_ANSWER
+        if not ns.json and traced is not None:
+            err.write(format_climb(traced) + "\n")
+        code = EXIT_NO_ANSWER if isinstance(e, NoAnswerError) else EXIT_BUDGET
     finally:
         c.close()
     return code

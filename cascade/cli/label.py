@@ -113,14 +113,15 @@ def run(ns: argparse.Namespace) -> int:
         raise ConfigError(f"--max must be 0 or more, got {ns.max}")
     check_promise(ns.max_accuracy_drop, ns.delta)
     config = load_config(ns.config) if ns.config else None
+    judge = load_config(ns.judge) if ns.judge else None  # a bad --judge fails now, not later
     table = apply_labels(load_outcome_table(ns.suites, config), ns.labels)
     needs = needed_labels(table, max_drop=ns.max_accuracy_drop, delta=ns.delta, max_n=ns.max)
     rows = [n.to_dict(table) for n in needs]
     unlabelled = table.n - table.n_labelled
     summary = (f"{len(rows)} of {unlabelled} unlabelled cases need a label "
                f"({table.n_labelled} of {table.n} labelled)")
-    if ns.judge and needs:
-        res = judge_labels(table, needs, load_config(ns.judge))
+    if judge is not None and needs:
+        res = judge_labels(table, needs, judge)
         for row in rows:
             got = res.labels.get(row["id"])
             if got is not None:
