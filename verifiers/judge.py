@@ -51,13 +51,14 @@ _SCORE_KEYS = ("score", "grade", "rating", "overall")
 _REASON_KEYS = ("reason", "explanation", "rationale", "justification", "feedback")
 _FRACTION = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out of)\s*(10|100|5|1)")
 _FINAL_SCORE = re.compile(
-    r"(?:^|(?<=[.!?;]))\s*[*_#>`]*(?:final\s+|overall\s+)?(?:score|grade|rating)"
+    r"(?:^|(?<=[.!?;]))[\s*_#>`-]*(?:final\s+|overall\s+|total\s+)?(?:score|grade|rating)"
     r"[\s*_]*[:=]"
     r"[\s*_]*(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(10|100|5|1))?[\s*_.`]*\Z", re.IGNORECASE)
 """A score that ends the reply (an earlier one, quoted from the candidate, never matches), at
-the start of its line or of a sentence: after a colon or mid-clause ("its last line reads: Score:
-10/10") it is a quotation, not the judge's verdict."""
-_REASON_LINE = re.compile(r"[\s*_#>`]*(?:reason|explanation|rationale)[\s*_]*[:=][\s*_]*(.+)",
+the start of its line (markdown bullets, headings and quotes allowed) or of a sentence: after a
+colon or mid-clause ("its last line reads: Score: 10/10") it is a quotation, not the judge's
+verdict."""
+_REASON_LINE = re.compile(r"[\s*_#>`-]*(?:reason|explanation|rationale)[\s*_]*[:=][\s*_]*(.+)",
                           re.IGNORECASE)
 _TAIL = 20_000
 """Only the last characters of a reply are searched for its closing JSON object."""
