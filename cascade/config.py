@@ -124,8 +124,10 @@ body, so one of these there would silently replace the rung's value: a larger to
 than the cost caps were estimated with, another model than the one priced, a stream the
 provider cannot read."""
 _BODY_FIELDS["openai-compatible"] = _BODY_FIELDS["openai"]
-_VENDOR_ROOT = {"anthropic": "/v1"}
-"""A path the kind's SDK adds itself: a ``base_url`` ending in it doubles it (/v1/v1/...)."""
+_VENDOR_ROOT = {"anthropic": ("api.anthropic.com", "/v1")}
+"""A path the kind's SDK adds itself: the vendor's own URL ending in it doubles it
+(/v1/v1/..., a 404). Only the vendor's host is refused: a gateway may document a ``.../v1``
+base URL for this SDK and expect the doubled path."""
 
 
 def _check_rung(rung: RungConfig, source: str, prefix: str) -> None:
@@ -138,12 +140,14 @@ def _check_rung(rung: RungConfig, source: str, prefix: str) -> None:
                           f"overridden through extra for provider {rung.provider!r}"
                           + ("; set the rung's max_tokens" if "tokens" in k else ""),
                           source=source, key=f"{prefix}extra.{k}")
-    root = _VENDOR_ROOT.get(rung.provider)
-    if rung.base_url and root and urllib.parse.urlsplit(rung.base_url).path.rstrip(
-            "/").endswith(root):
-        raise ConfigError(f"is {rung.base_url!r}: the {rung.provider} SDK adds {root}/... "
-                          f"itself, so drop the trailing {root}", source=source,
-                          key=prefix + "base_url")
+    vendor = _VENDOR_ROOT.get(rung.provider)
+    if rung.base_url and vendor:
+        host, root = vendor
+        url = urllib.parse.urlsplit(rung.base_url)
+        if (url.hostname or "").lower() == host and url.path.rstrip("/").endswith(root):
+            raise ConfigError(f"is {rung.base_url!r}: the {rung.provider} SDK adds "
+                              f"{root}/... itself, so drop the trailing {root}",
+                              source=source, key=prefix + "base_url")
 
 
 def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = "rungs[0].",

@@ -133,21 +133,29 @@ def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
         cost = np.cumsum(table.cost[:, cols], axis=1)[rows, exit_pos]
     right = right_k[rows, exit_pos][lab]
     graded = int(lab.sum())
-    verified = acc[rows, exit_pos]
+    # The top rung's answers recorded without a verdict (shadow answers from the audit log):
+    # whether they verify is unknown, so they count neither way in the verified figures.
+    top_unknown = (table.unjudged[:, cols[-1]] if table.unjudged is not None
+                   else np.zeros(n, dtype=bool))
+    judged = ~(top_unknown & (exit_pos == k - 1))
+    verified = acc[rows, exit_pos][judged]
     mean_cost = float(cost.mean()) if n else 0.0
     per_rung = []
     for p, rung in enumerate(config.rungs):
         reached = (exit_pos >= p) & ~skipped_by_router[:, p]
+        n_reached = int(reached.sum())
+        if p == k - 1:
+            reached &= ~top_unknown  # acceptance unknown there: left out of the rates
         a = acc[reached, p]
         a_lab = acc[reached & lab, p]
         r = right_k[reached & lab, p]
-        n_reached = int(reached.sum())
         per_rung.append({
             "rung": rung.label,
             "reached": n_reached,
             "accepted": int(a.sum()),
             "escalation_rate": (float(1 - a.mean()) if p < k - 1 and n_reached else 0.0),
-            "unverified_rate": (float(1 - a.mean()) if p == k - 1 and n_reached else 0.0),
+            "unverified_rate": ((float(1 - a.mean()) if a.size else None) if p == k - 1
+                                else 0.0),
             "precision": float(r[a_lab].mean()) if a_lab.any() else None,
             "recall": float(a_lab[r].mean()) if r.any() else None,
             "rejected_right_rate": float((~a_lab[r]).mean()) if r.any() else None,
@@ -169,7 +177,8 @@ def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
         "unlabelled_skipped": skipped,
         "accuracy": accuracy,
         "mean_cost_usd": mean_cost,
-        "verified_rate": float(verified.mean()) if n else math.nan,
+        "verified_rate": float(verified.mean()) if verified.size else math.nan,
+        "verified_unknown": int((~judged).sum()),
         "rungs": per_rung,
         "vs_single_rungs": singles,
         "oracle_accuracy": (float(table.correct[lab].any(axis=1).mean()) if graded

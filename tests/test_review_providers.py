@@ -226,11 +226,17 @@ def test_extra_keeps_the_fields_it_is_for() -> None:
 
 def test_an_anthropic_base_url_ending_in_v1_is_refused() -> None:
     """The Anthropic SDK adds /v1/messages itself: ``base_url = ".../v1"`` (the OpenAI habit)
-    validated and then every call went to /v1/v1/messages, a 404."""
+    validated and then every call went to /v1/v1/messages, a 404. Only Anthropic's own host
+    is refused: a gateway may document a /v1 base URL for this SDK (and route the doubled
+    path)."""
     with pytest.raises(ConfigError) as info:
         parse_config({"rungs": [{"model": "claude-sonnet-4-5", "provider": "anthropic",
-                                 "base_url": "https://proxy.example/v1/"}]})
+                                 "base_url": "https://api.anthropic.com/v1/"}]})
     assert info.value.key == "rungs[0].base_url" and "/v1" in str(info.value)
+    gw = parse_config({"rungs": [{"model": "claude-sonnet-4-5", "provider": "anthropic",
+                                  "api_key_env": "GATEWAY_KEY",
+                                  "base_url": "https://gateway.example/anthropic/v1"}]})
+    assert gw.rungs[0].base_url == "https://gateway.example/anthropic/v1"
 
 
 # ---------------------------------------------------------------- command line

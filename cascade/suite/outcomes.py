@@ -69,6 +69,10 @@ class OutcomeTable:
     verifiers: tuple[VerifierConfig, ...] = ()
     own_passed: Mapping[str, BoolArray] = field(default_factory=dict)
     """Scoring verifiers' own pass/fail (used where no threshold is configured)."""
+    unjudged: BoolArray | None = None
+    """(case, rung): an answer recorded with no verdict at all although the rung has verifiers
+    (the top rung's shadow answer ``suite from-log`` keeps): whether it would verify is
+    unknown, which is not the same as failing (None: every answer was judged)."""
     source: str = ""
     base: CascadeConfig | None = None
     """The config the table was built under (sections other than rungs carry into TUNED.toml)."""
@@ -182,6 +186,7 @@ class OutcomeTable:
             case_normalisers=(tuple(self.case_normalisers[i] for i in ix)
                               if self.case_normalisers else ()),
             labelled=None if self.labelled is None else self.labelled[ix],
+            unjudged=None if self.unjudged is None else self.unjudged[ix],
         )
 
 
@@ -449,6 +454,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
     own: dict[str, BoolArray] = {}
     texts: list[list[str | None]] = [[None] * r for _ in cases]
     missing: list[str] = []
+    unjudged = np.zeros((n, r), dtype=bool)
     for i, case in enumerate(cases):
         for j, rung in enumerate(rungs):
             rec = store.get(answer_call(rung, case.messages))
@@ -456,6 +462,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
                 missing.append(f"case {case.id!r} × model {rung.model!r}")
                 continue
             texts[i][j] = rec.text
+            unjudged[i, j] = not rec.verdicts and bool(config.verifiers_for(rung))
             correct[i, j] = case.labelled and grade(case, rec.text)
             verdicts = {v.verifier: v for v in rec.verdicts}
             cost[i, j] = rec.cost_usd + sum(v.cost_usd for v in rec.verdicts)
@@ -490,6 +497,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
         correct=correct, cost=cost, scores=scoring, passed=flags,
         groups=tuple(c.group for c in cases), verifiers=config.verifiers,
         own_passed={k: v for k, v in own.items() if k in scoring},
+        unjudged=unjudged if unjudged.any() else None,
         source=source, base=config,
         agreement=agreement_arrays(texts) if n and r else {},
         agreement_normaliser=_most_common(GRADER_NORMALISER.get(c.grader, "normalised")
