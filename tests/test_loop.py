@@ -95,8 +95,10 @@ def _server(server: LoopbackServer) -> dict[str, int]:
     return calls
 
 
-def _ladder(tmp_path: Path, base_url: str) -> Path:
-    p = tmp_path / "ladder.toml"
+def loop_ladder(path: Path, base_url: str, *, small_threshold: float = 0.9,
+                cache: bool = True) -> Path:
+    """small → big on ``base_url``, both scored by log-probability confidence, every early
+    answer shadowed; written to ``path``."""
     rungs = "".join(f'''
 [[rungs]]
 model = "{m}"
@@ -105,9 +107,9 @@ base_url = "{base_url}"
 logprobs = true
 input_usd_per_mtok = {i}
 output_usd_per_mtok = {o}
-thresholds = {{ confidence = 0.9 }}
-''' for m, i, o in (("small", 0.1, 0.4), ("big", 5.0, 15.0)))
-    p.write_text(rungs + f'''
+thresholds = {{ confidence = {th} }}
+''' for m, i, o, th in (("small", 0.1, 0.4, small_threshold), ("big", 5.0, 15.0, 0.9)))
+    path.write_text(rungs + f'''
 [[verifiers]]
 name = "confidence"
 source = "logprobs"
@@ -116,9 +118,10 @@ source = "logprobs"
 shadow_rate = 1.0
 
 [cache]
-directory = "{tmp_path / 'cache'}"
+{"" if cache else "enabled = false"}
+directory = "{path.parent / 'cache'}"
 ''')
-    return p
+    return path
 
 
 def _real_audit(path: Path) -> Any:
@@ -131,7 +134,7 @@ def _real_audit(path: Path) -> Any:
 def test_serve_log_from_log_tune(openai_server: LoopbackServer, tmp_path: Path,
                                  make_log: Callable[[Path], Any]) -> None:
     calls = _server(openai_server)
-    ladder = _ladder(tmp_path, openai_server.base_url)
+    ladder = loop_ladder(tmp_path / "ladder.toml", openai_server.base_url)
     log = tmp_path / "audit.jsonl"
     with Cascade(load_config(ladder), audit_log=make_log(log)) as c:
         answers = [c.answer(q) for q in QUESTIONS]

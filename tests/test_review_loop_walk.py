@@ -13,34 +13,13 @@ from cascade.audit import AuditLog
 from cascade.cli import main
 from cascade.config import load_config
 from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_reply
+from tests.test_loop import loop_ladder
 
 QUESTIONS = {f"What is {a} plus {a + 3}?": str(2 * a + 3) for a in range(1, 9)}
 
 
 def _ladder(path: Path, base_url: str, small_threshold: float) -> Path:
-    rungs = "".join(f'''
-[[rungs]]
-model = "{m}"
-provider = "openai-compatible"
-base_url = "{base_url}"
-logprobs = true
-input_usd_per_mtok = {i}
-output_usd_per_mtok = {o}
-thresholds = {{ confidence = {th} }}
-''' for m, i, o, th in (("small", 0.1, 0.4, small_threshold), ("big", 5.0, 15.0, 0.9)))
-    path.write_text(rungs + f'''
-[[verifiers]]
-name = "confidence"
-source = "logprobs"
-
-[policy]
-shadow_rate = 1.0
-
-[cache]
-enabled = false
-directory = "{path.parent / 'cache'}"
-''')
-    return path
+    return loop_ladder(path, base_url, small_threshold=small_threshold, cache=False)
 
 
 def test_eval_of_a_from_log_suite_does_not_call_the_top_rungs_shadow_answers_unverified(
