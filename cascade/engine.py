@@ -430,6 +430,11 @@ class Cascade:
                 obs.on_answer(request, answer, error)
             except Exception as e:  # an observer's bug never costs the answer
                 log.warning("observer %r failed: %s", obs, e)
+            except BaseException as e:  # SystemExit and the like, from an observer: still its bug
+                if isinstance(e, (KeyboardInterrupt, GeneratorExit,
+                                  anyio.get_cancelled_exc_class())):
+                    raise
+                log.error("observer %r raised %s; the answer is kept", obs, type(e).__name__)
 
     # ------------------------------------------------------------------ the loop around it
 

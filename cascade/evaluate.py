@@ -186,10 +186,16 @@ def evaluate(table: OutcomeTable, config: CascadeConfig) -> dict[str, Any]:
     }
 
 
+def _pct1(x: float) -> str:
+    """A rate as ``12.3%``, or ``-`` when there is none (no graded case: NaN)."""
+    return "-" if x is None or math.isnan(x) else f"{x * 100:.1f}%"
+
+
 def format_report(rep: dict[str, Any]) -> str:
     """A short table for people."""
-    lines = [f"cases {rep['cases']}  accuracy {rep['accuracy'] * 100:.1f}%  mean cost "
-             f"${rep['mean_cost_usd']:.3g}  verified {rep['verified_rate'] * 100:.1f}%", "",
+    lines = [f"cases {rep['cases']} graded of {rep['cases_replayed']}  accuracy "
+             f"{_pct1(rep['accuracy'])}  mean cost ${rep['mean_cost_usd']:.3g}  verified "
+             f"{_pct1(rep['verified_rate'])}", "",
              f"{'rung':<28} {'reached':>7} {'accept':>6} {'escal.':>6} {'prec.':>6} "
              f"{'recall':>6}"]
     for r in rep["rungs"]:
@@ -201,6 +207,7 @@ def format_report(rep: dict[str, Any]) -> str:
     lines += ["", f"{'vs single rung':<28} {'accuracy':>8} {'Δacc':>7} {'saving':>7}"]
     for s in rep["vs_single_rungs"]:
         save = "-" if s["cost_saving"] is None else f"{s['cost_saving'] * 100:.0f}%"
-        lines.append(f"{s['rung']:<28} {s['accuracy'] * 100:>7.1f}% "
-                     f"{s['accuracy_change'] * 100:>+6.1f} {save:>7}")
+        change = s["accuracy_change"]
+        lines.append(f"{s['rung']:<28} {_pct1(s['accuracy']):>8} "
+                     f"{'-' if math.isnan(change) else f'{change * 100:+.1f}':>7} {save:>7}")
     return "\n".join(lines)

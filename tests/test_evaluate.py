@@ -142,3 +142,15 @@ def test_a_verifier_the_suite_never_recorded_is_an_error_not_a_pass() -> None:
         "verifiers": [{"name": "confidence"}, {"name": "refusal"}]})
     with pytest.raises(ConfigError, match="'refusal' of rung 's' was not recorded"):
         evaluate(_table(), cfg)
+
+
+def test_the_text_report_of_a_suite_with_no_graded_case_says_so_not_nan() -> None:
+    from cascade.evaluate import format_report
+
+    t = _table()
+    unlabelled = replace(t, labelled=np.zeros(t.n, dtype=bool))
+    cfg = parse_config({"rungs": [{"model": "s", **FREE, "thresholds": {"confidence": 0.5}},
+                                  {"model": "l", **FREE}],
+                        "verifiers": [{"name": "confidence"}]})
+    text = format_report(evaluate(unlabelled, cfg))
+    assert "nan" not in text.lower() and "cases 0 graded of 4" in text

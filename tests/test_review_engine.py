@@ -573,3 +573,22 @@ async def test_a_deadline_during_verification_keeps_the_paid_checks_in_the_attem
     spent = store.spent("default", 86400.0)
     assert traced.cost_usd == pytest.approx(spent)
     assert sum(a.cost_usd for a in traced.attempts) == pytest.approx(spent)
+
+
+async def test_an_observer_raising_system_exit_does_not_replace_the_answer(
+        tmp_path: Path) -> None:
+    """Only ``Exception`` was caught around observers: a ``SystemExit`` from one (a metrics
+    hook calling sys.exit on a full disk, say) replaced a paid, verified answer."""
+
+    class Quits:
+        def on_answer(self, *args: Any) -> None:
+            raise SystemExit(1)
+
+        def on_shadow(self, *args: Any) -> None:
+            pass
+
+    s = Script({"m": ["Canberra"]})
+    cfg = _config(tmp_path, [_rung("m", 1.0, verifiers=[])], cache={"enabled": False})
+    async with Cascade.from_dict(cfg, provider_factory=s.factory, observers=[Quits()]) as c:
+        ans = await c.aanswer("Capital of Australia?")
+    assert ans.verified and ans.text == "Canberra"

@@ -226,3 +226,15 @@ def test_a_vllm_stop_reason_names_the_sequence_and_chat_still_says_stop(
     assert chat.choices[0].finish_reason == "stop"
     trace = (chat.model_extra or {})["cascade"]
     assert trace["attempts"][0]["stop_sequence"] == "END"
+
+
+@pytest.mark.parametrize("system", ["", []])
+def test_an_empty_system_is_no_system_prompt(tmp_path: Path, openai_server: LoopbackServer,
+                                             system: Any) -> None:
+    """``system: ""`` (or ``[]``) reached the rungs as an empty system message."""
+    openai_server.script(echo_handler(refuse=()))
+    cfg = ladder(tmp_path, openai_server.base_url, models=("small",), verifiers=[])
+    with serving(create_app(cfg)) as url:
+        _client(url).messages.create(model="cascade", max_tokens=16, system=system,
+                                     messages=QUESTION)
+    assert [m["role"] for m in openai_server.requests[-1].json["messages"]] == ["user"]

@@ -99,8 +99,9 @@ def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
     user = meta.pop("user_id", None)
     refuse_unsupported(sorted(meta), at="metadata", why="only user_id is")
     messages: list[dict[str, Any]] = []
-    if body.system is not None:
-        messages.append({"role": "system", "content": _text(body.system, "system")})
+    system = _text(body.system, "system") if body.system is not None else ""
+    if system.strip():  # "" or [] is no system prompt, not an empty one sent to the rungs
+        messages.append({"role": "system", "content": system})
     for i, m in enumerate(body.messages):
         refuse_unsupported(sorted(set(m) - {"role", "content"}), at=f"messages[{i}]")
         if m.get("role") not in ("user", "assistant"):
