@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -43,10 +43,10 @@ from cascade.serve.protocol import (
 from cascade.serve.service import ClimbEvent, Service
 from cascade.trace import Answer, Attempt
 
-__all__ = ["Render", "answer_headers", "answer_request", "caller_trace", "check_request",
-           "finish_reason", "progress_comment", "refusal_reason", "refuse_unsupported",
-           "request_id_headers", "router", "stop_sequence", "stream_answer", "to_json",
-           "trace_of", "usage_of", "wire_error"]
+__all__ = ["Render", "answer_headers", "answer_request", "caller_trace", "carried_keys",
+           "check_request", "finish_reason", "progress_comment", "refusal_reason",
+           "refuse_unsupported", "request_id_headers", "router", "stop_sequence",
+           "stream_answer", "to_json", "trace_of", "usage_of", "wire_error"]
 
 router = APIRouter()
 
@@ -148,7 +148,7 @@ def refuse_unsupported(names: list[str], *, at: str = "",
                        param=name, code="unsupported_field")
 
 
-def _sent(d: dict[str, object], allowed: frozenset[str]) -> list[str]:
+def carried_keys(d: Mapping[str, object], allowed: frozenset[str]) -> list[str]:
     """Keys of ``d`` beyond ``allowed`` that carry something (``"refusal": null`` or
     ``"tool_calls": []``, as an SDK's own reply object dumps them, say nothing)."""
     return [k for k, v in d.items() if k not in allowed and v is not None and v != []]
@@ -158,12 +158,13 @@ def _check_messages(messages: list[dict[str, object]]) -> None:
     """A 400 naming a message key (``name``, ``tool_calls``...) or content-part key the
     cascade would otherwise drop: the model would answer another question than the one sent."""
     for i, m in enumerate(messages):
-        refuse_unsupported(_sent(m, _MESSAGE_KEYS), at=f"messages[{i}]")
+        refuse_unsupported(carried_keys(m, _MESSAGE_KEYS), at=f"messages[{i}]")
         content = m.get("content")
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if isinstance(part, dict):
-                    refuse_unsupported(_sent(part, _PART_KEYS), at=f"messages[{i}].content[{j}]")
+                    refuse_unsupported(carried_keys(part, _PART_KEYS),
+                                       at=f"messages[{i}].content[{j}]")
 
 
 def check_request(body: ChatCompletionRequest, service: Service) -> None:

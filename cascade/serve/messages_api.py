@@ -31,6 +31,7 @@ from cascade.serve.chat import (
     Render,
     answer_request,
     caller_trace,
+    carried_keys,
     finish_reason,
     refuse_unsupported,
     stop_sequence,
@@ -57,7 +58,7 @@ _KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           503: "overloaded_error"}
 _OURS = {"budget_exceeded", "no_answer", "deadline_exceeded", "unverified_answer"}
 """The cascade's own error types keep their names (the SDKs choose the exception by status)."""
-_BLOCK_KEYS = {"type", "text", "cache_control"}
+_BLOCK_KEYS = frozenset({"type", "text", "cache_control"})
 _STOP = {"length": "max_tokens", "content_filter": "refusal"}
 
 
@@ -84,8 +85,7 @@ def _text(content: object, where: str) -> str:
                            param=f"{at}.type", code="unsupported_field")
         # A null (``citations: None``, as the SDK's ``TextBlock.model_dump()`` writes it) or
         # empty list says nothing; a key that carries something is refused, never dropped.
-        refuse_unsupported(sorted(k for k in set(block) - _BLOCK_KEYS
-                                  if block[k] is not None and block[k] != []), at=at)
+        refuse_unsupported(sorted(carried_keys(block, _BLOCK_KEYS)), at=at)
         if not isinstance(block.get("text"), str):
             raise APIError(400, f"{at}.text must be a string", param=f"{at}.text")
         parts.append(block["text"])
