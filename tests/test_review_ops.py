@@ -89,7 +89,7 @@ def test_a_kubernetes_configmap_symlink_swap_is_reloaded(
 
 def test_cascade_serve_keeps_the_config_path_it_was_given(tmp_path: Path) -> None:
     """``cascade serve`` must hand the workers the symlink, not the file it points to now."""
-    from cascade.serve.cli import config_path
+    from cascade.serve.reload import config_path
 
     target = tmp_path / "..v1" / "cascade.toml"
     target.parent.mkdir()

@@ -26,6 +26,7 @@ from cascade.observe import Observer
 from cascade.providers.base import Provider
 from cascade.serve import chat, feedback, health, messages_api, metrics, models
 from cascade.serve.errors import APIError, from_exception
+from cascade.serve.reload import config_path
 from cascade.serve.service import Service
 
 __all__ = ["CONFIG_ENV", "REQUIRE_CLIENTS_ENV", "app_factory", "create_app"]
@@ -47,7 +48,7 @@ def create_app(config: CascadeConfig | str | os.PathLike[str], *,
     ``require_clients`` (bound beyond loopback) refuses any config, first or reloaded, that
     has no ``[[server.clients]]``.
     """
-    path = None if isinstance(config, CascadeConfig) else Path(config)
+    path = None if isinstance(config, CascadeConfig) else config_path(config)
     cfg = load_config(path) if path is not None else config
     assert isinstance(cfg, CascadeConfig)
     service = Service(cfg, path=path, provider_factory=provider_factory,

@@ -21,14 +21,13 @@ import signal
 import socket
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from cascade.cli._args import int_in
 from cascade.config import load_config
 from cascade.errors import ConfigError
 
-__all__ = ["add_arguments", "config_path", "exit_with_parent", "forget_workers", "ignore_sighup",
+__all__ = ["add_arguments", "exit_with_parent", "forget_workers", "ignore_sighup",
            "is_loopback", "run", "tcp_listener"]
 
 
@@ -55,18 +54,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def config_path(given: str) -> Path:
-    """The config file as given, made absolute but with its symlinks kept: a Kubernetes
-    ConfigMap is ``cascade.toml -> ..data/cascade.toml`` with ``..data`` swapped to a new
-    directory on each update (the old one deleted), so the resolved path would go stale."""
-    return Path(os.path.abspath(os.path.expanduser(given)))
-
-
 def run(ns: argparse.Namespace) -> int:
     import uvicorn
 
     from cascade.serve.app import CONFIG_ENV, REQUIRE_CLIENTS_ENV, create_app
     from cascade.serve.config import parse_server
+    from cascade.serve.reload import config_path
 
     path = config_path(ns.config)
     config = load_config(path)

@@ -28,8 +28,8 @@ import anyio
 
 from cascade.config import CascadeConfig
 
-__all__ = ["ReloadStatus", "Signature", "describe", "now_iso", "on_sighup", "signature", "watch",
-           "watched_files"]
+__all__ = ["ReloadStatus", "Signature", "config_path", "describe", "now_iso", "on_sighup",
+           "signature", "watch", "watched_files"]
 
 log = logging.getLogger("cascade.serve")
 
@@ -86,6 +86,13 @@ def describe(error: BaseException) -> str:
 
     text = str(error) or type(error).__name__
     return text if isinstance(error, CascadeError) else f"{type(error).__name__}: {text}"
+
+
+def config_path(given: str | os.PathLike[str]) -> Path:
+    """The config file as given, made absolute but with its symlinks kept: a Kubernetes
+    ConfigMap is ``cascade.toml -> ..data/cascade.toml`` with ``..data`` swapped to a new
+    directory on each update (the old one deleted), so the resolved path would go stale."""
+    return Path(os.path.abspath(os.path.expanduser(given)))
 
 
 def watched_files(path: Path, config: CascadeConfig) -> tuple[Path, ...]:

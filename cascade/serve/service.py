@@ -23,7 +23,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -45,7 +44,14 @@ from cascade.serve.config import ClientConfig, ServerConfig, parse_server
 from cascade.serve.errors import APIError
 from cascade.serve.metrics import Metrics
 from cascade.serve.protocol import ChatCompletionRequest
-from cascade.serve.reload import ReloadStatus, now_iso, on_sighup, watch, watched_files
+from cascade.serve.reload import (
+    ReloadStatus,
+    config_path,
+    now_iso,
+    on_sighup,
+    watch,
+    watched_files,
+)
 from cascade.telemetry import Telemetry
 from cascade.trace import Answer, Attempt
 
@@ -161,9 +167,7 @@ class Service:
                  provider_factory: Callable[[RungConfig], Provider] | None = None,
                  tracer_provider: TracerProvider | None = None,
                  observers: Sequence[Observer] = (), require_clients: bool = False) -> None:
-        # Absolute, symlinks kept: a Kubernetes ConfigMap swaps the link on every update, and a
-        # resolved path would go on watching (and loading) the deleted old target.
-        self.path = Path(os.path.abspath(path)) if path is not None else None
+        self.path = config_path(path) if path is not None else None
         self._provider_factory = provider_factory
         self._require_clients = require_clients
         """Bound beyond loopback without --insecure: every config it loads needs clients."""
