@@ -13,12 +13,11 @@ import os
 import urllib.parse
 from collections.abc import Iterable
 
-from cascade.settings import CascadeConfig
+from cascade.settings import VENDOR_KEY_ENVS, CascadeConfig
 
 __all__ = ["REDACTED", "Redactor", "secret_envs_of", "secret_forms"]
 
 REDACTED = "[redacted]"
-_VENDOR_ENVS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
 def secret_forms(secret: str) -> set[str]:
@@ -44,14 +43,14 @@ def secret_envs_of(config: CascadeConfig) -> list[str]:
     names = [e.api_key_env for e in endpoints if e.api_key_env]
     # A vendor kind with no variable named reads the vendor's default one (sent to the
     # vendor's own URL only, but a secret wherever it is quoted).
-    names += [_VENDOR_ENVS[e.provider] for e in endpoints
-              if not e.api_key_env and e.provider in _VENDOR_ENVS]
+    names += [VENDOR_KEY_ENVS[e.provider] for e in endpoints
+              if not e.api_key_env and e.provider in VENDOR_KEY_ENVS]
     for v in config.verifiers:
         env, kind = v.settings.get("api_key_env"), v.settings.get("provider")
         if isinstance(env, str):
             names.append(env)
-        elif isinstance(kind, str) and kind in _VENDOR_ENVS:
-            names.append(_VENDOR_ENVS[kind])
+        elif isinstance(kind, str) and kind in VENDOR_KEY_ENVS:
+            names.append(VENDOR_KEY_ENVS[kind])
     names += [env for k in ("password_env", "cache_secret_env")
               if isinstance(env := config.store.get(k), str)]
     return list(dict.fromkeys(names))

@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_MAX_REPLY_BYTES",
     "STRUCTURED_OUTPUTS",
     "TRANSPORTS",
+    "VENDOR_KEY_ENVS",
     "BreakerConfig",
     "BudgetConfig",
     "CacheConfig",
@@ -38,6 +39,9 @@ STRUCTURED_OUTPUTS: tuple[str, ...] = (
 )
 """How a rung asks for structured output; the README's compatibility table says who takes which."""
 DEFAULT_MAX_REPLY_BYTES = 8 * 1024 * 1024
+VENDOR_KEY_ENVS: dict[str, str] = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+"""The variable a vendor kind reads when its rung names none (and only for the vendor's own
+URL): the providers send it, and the redactor cuts it wherever it is quoted."""
 TRANSPORTS: tuple[str, ...] = ("auto", "httpx", "aiohttp")
 """The HTTP client under a rung's SDK: the SDK's own two (``httpx``, its default, and its
 ``aiohttp`` option); ``auto`` picks aiohttp where that is exact (:mod:`cascade.providers._http`)."""

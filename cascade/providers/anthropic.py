@@ -19,6 +19,7 @@ from cascade.errors import ConfigError, MalformedReply
 from cascade.providers._common import Where, attr, count, normalise_finish, vendor_url
 from cascade.providers._sdk import SDKProvider, Wire, schema_name
 from cascade.providers.base import Completion, ModelCall, schema_instruction
+from cascade.settings import VENDOR_KEY_ENVS
 
 __all__ = ["AnthropicProvider"]
 
@@ -146,7 +147,8 @@ class AnthropicProvider(SDKProvider[anthropic.AsyncAnthropic]):
 
     def _key_source(self) -> tuple[str | None, str | None]:
         # Anthropic's key goes to Anthropic; another host's variable must be named.
-        return ("ANTHROPIC_API_KEY" if vendor_url(self.rung.base_url, _VENDOR_URL) else None), None
+        return (VENDOR_KEY_ENVS["anthropic"] if vendor_url(self.rung.base_url, _VENDOR_URL)
+                else None), None
 
     def _new_client(self, key: str, http_client: httpx2.AsyncClient
                     ) -> anthropic.AsyncAnthropic:

@@ -21,6 +21,7 @@ from cascade.errors import MalformedReply
 from cascade.providers._common import Where, attr, count, normalise_finish, vendor_url
 from cascade.providers._sdk import SDKProvider, Wire, schema_name
 from cascade.providers.base import Completion, ModelCall, TokenLogprob, schema_instruction
+from cascade.settings import VENDOR_KEY_ENVS
 
 __all__ = ["OpenAIProvider"]
 
@@ -198,7 +199,8 @@ class OpenAIProvider(SDKProvider[openai.AsyncOpenAI]):
             return None, _DUMMY_KEY
         # OpenAI's key goes to OpenAI: another host (a fallback's, a proxy's) gets a key only
         # when the config names its variable.
-        return ("OPENAI_API_KEY" if vendor_url(self.rung.base_url, _VENDOR_URL) else None), None
+        return (VENDOR_KEY_ENVS["openai"] if vendor_url(self.rung.base_url, _VENDOR_URL)
+                else None), None
 
     def _new_client(self, key: str, http_client: httpx2.AsyncClient) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(api_key=key, base_url=self.rung.base_url, max_retries=0,
