@@ -165,10 +165,14 @@ class LocalCounters:
 
     async def aset_flag(self, name: str, value: str | None) -> None:
         with self._lock:
-            if value is None:
-                self._flags.pop(name, None)
-            else:
-                self._flags[name] = value
+            self._set_flag(name, value)
+
+    def _set_flag(self, name: str, value: str | None) -> None:
+        """Set the flag, or clear it (None); the caller holds the lock."""
+        if value is None:
+            self._flags.pop(name, None)
+        else:
+            self._flags[name] = value
 
     async def aget_flag(self, name: str) -> str | None:
         with self._lock:
@@ -178,23 +182,19 @@ class LocalCounters:
         with self._lock:
             if self._flags.get(name) != expected:
                 return False
-            if value is None:
-                self._flags.pop(name, None)
-            else:
-                self._flags[name] = value
+            self._set_flag(name, value)
             return True
 
-    def remember(self, name: str, *, counts: Mapping[str, int] | None = None,
-                 flag: str | None = None, clear_flag: bool = False) -> None:
-        """Overwrite what is known of ``name`` with what the shared store said (a shared
-        store's fallback starts from its last known state, not from nothing)."""
+    def remember_counts(self, name: str, counts: Mapping[str, int]) -> None:
+        """Overwrite ``name``'s counts with what the shared store said (a shared store's
+        fallback starts from its last known state, not from nothing)."""
         with self._lock:
-            if counts is not None:
-                self._counts[name] = dict(counts)
-            if flag is not None:
-                self._flags[name] = flag
-            elif clear_flag:
-                self._flags.pop(name, None)
+            self._counts[name] = dict(counts)
+
+    def remember_flag(self, name: str, value: str | None) -> None:
+        """Overwrite the flag with what the shared store said (None: it holds none)."""
+        with self._lock:
+            self._set_flag(name, value)
 
 
 _PROCESS_LATENCY = LocalLatency()

@@ -289,7 +289,7 @@ class RedisCounters:
             values = await self._conn.run(incr)
         except StoreDown:
             return await self.local.aincr(name, fields)
-        self.local.remember(name, counts=values)
+        self.local.remember_counts(name, values)
         return values
 
     async def aget(self, name: str) -> dict[str, int]:
@@ -298,7 +298,7 @@ class RedisCounters:
         except StoreDown:
             return await self.local.aget(name)
         values = {str(k): int(v) for k, v in raw.items()}
-        self.local.remember(name, counts=values)
+        self.local.remember_counts(name, values)
         return values
 
     async def aset_flag(self, name: str, value: str | None) -> None:
@@ -318,7 +318,7 @@ class RedisCounters:
         except StoreDown:
             return await self.local.aget_flag(name)
         value = None if raw is None else str(raw)
-        self.local.remember(name, flag=value, clear_flag=value is None)
+        self.local.remember_flag(name, value)
         return value
 
     async def aswap_flag(self, name: str, expected: str | None, value: str | None) -> bool:
@@ -331,7 +331,7 @@ class RedisCounters:
         except StoreDown:
             return await self.local.aswap_flag(name, expected, value)
         if ok:
-            self.local.remember(name, flag=value, clear_flag=value is None)
+            self.local.remember_flag(name, value)
         return ok
 
 
