@@ -98,7 +98,6 @@ class Money:
                 await self.budgets.asettle(reservation, actual)
 
 
-
 def request_call(rung: RungConfig, request: Request) -> ModelCall:
     """The call ``rung`` makes for ``request``: its messages and its structured output (the
     typed ``output_type``, else the JSON schema). The climb and a shadow check of the top rung
@@ -278,7 +277,6 @@ class Climb:
         shared: dict[str, Any] = {}
         prior = [a for a in self.attempts if a.rung != candidate.rung_index
                  and a.status not in ("routed", "skipped")]
-
 
         def make_ctx(bv: BoundVerifier) -> VerifyContext:
             return VerifyContext(request=self.request, candidate=candidate, attempts=prior,

@@ -274,7 +274,7 @@ exponentially on patterns such as ``^(\\w+\\s?)*$`` (minutes at 30 characters), 
 interpreter lock, so a request's schema could stall every request of the service."""
 
 
-def _search(validator: Any, pattern: str, text: str) -> bool | None:
+def _search(pattern: str, text: str) -> bool | None:
     """Whether ``pattern`` matches in ``text`` (None: it ran out of time)."""
     import regex  # type: ignore[import-untyped,unused-ignore]
 
@@ -295,7 +295,7 @@ def _pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Iterator
     from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped,unused-ignore]
 
     if validator.is_type(instance, "string"):
-        found = _search(validator, patrn, instance)
+        found = _search(patrn, instance)
         if found is None:
             yield _too_slow(patrn)
         elif not found:
@@ -308,7 +308,7 @@ def _pattern_properties(validator: Any, properties: Mapping[str, Any], instance:
         return
     for patrn, subschema in properties.items():
         for k, v in instance.items():
-            found = _search(validator, patrn, k)
+            found = _search(patrn, k)
             if found is None:
                 yield _too_slow(patrn)
             elif found:
