@@ -53,9 +53,17 @@ from cascade.store.local import LocalCache, process_latency
 from cascade.syncloop import LoopThread
 from cascade.trace import Answer, Attempt
 
-__all__ = ["AnswerOptions", "CacheMode", "Cascade", "health"]
+__all__ = ["AnswerOptions", "CacheMode", "Cascade", "health", "propagates"]
 
 log = logging.getLogger("cascade")
+
+
+def propagates(e: BaseException) -> bool:
+    """Whether a ``BaseException`` that is not an ``Exception`` must go on up: an interrupt,
+    a generator closing, or this task's cancellation. Anything else of that kind (a plugin's
+    or an observer's ``SystemExit``) is that one piece's failure, contained where it ran.
+    Call it inside the event loop (it asks anyio for the backend's cancellation class)."""
+    return isinstance(e, (KeyboardInterrupt, GeneratorExit, anyio.get_cancelled_exc_class()))
 
 CacheMode = bool | Literal["refresh"]
 
@@ -431,8 +439,7 @@ class Cascade:
             except Exception as e:  # an observer's bug never costs the answer
                 log.warning("observer %r failed: %s", obs, e)
             except BaseException as e:  # SystemExit and the like, from an observer: still its bug
-                if isinstance(e, (KeyboardInterrupt, GeneratorExit,
-                                  anyio.get_cancelled_exc_class())):
+                if propagates(e):
                     raise
                 log.error("observer %r raised %s; the answer is kept", obs, type(e).__name__)
 

@@ -33,7 +33,7 @@ from opentelemetry.trace import TracerProvider
 
 from cascade.audit import AuditLog
 from cascade.config import CascadeConfig, RungConfig, load_config
-from cascade.engine import Cascade
+from cascade.engine import Cascade, propagates
 from cascade.errors import CascadeError, ConfigError
 from cascade.messages import normalise_messages
 from cascade.observe import Observer
@@ -328,8 +328,7 @@ class Service:
             # the engine's argument; the client sent it as the response format's schema
             raise APIError(400, e.detail, param="response_format.json_schema.schema") from None
         except BaseException as e:
-            if isinstance(e, (Exception, KeyboardInterrupt, GeneratorExit,
-                              anyio.get_cancelled_exc_class())):
+            if isinstance(e, Exception) or propagates(e):
                 raise
             # SystemExit (or the like) from a plugin: one request's failure. Escaping a stream's
             # climb it would cancel the service's task group, every request and the lifespan.
