@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cascade.cli._args import int_in
 from cascade.config import load_config
 from cascade.suite import OutcomeTable, load_outcome_table
 from cascade.tuning.guard import DELTA
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the promise the tuning will be asked for (default 0.01)")
     parser.add_argument("--delta", type=float, default=DELTA,
                         help=f"the guard's one-sided level, as for tune (default {DELTA:g})")
-    parser.add_argument("--max", type=int, default=None, metavar="N",
+    parser.add_argument("--max", type=int_in(0), default=None, metavar="N",
                         help="name at most N cases (the most useful first)")
     parser.add_argument("--labels", action="append", default=[], metavar="FILE",
                         help="labels given so far (NEEDS.jsonl lines with \"correct\"); repeat")
@@ -106,11 +107,8 @@ def apply_labels(table: OutcomeTable, files: list[str],
 
 def run(ns: argparse.Namespace) -> int:
     """Find the needed labels (and judge them), write NEEDS.jsonl, print a summary."""
-    from cascade.errors import ConfigError
     from cascade.tuning.label import judge_labels, needed_labels
 
-    if ns.max is not None and ns.max < 0:
-        raise ConfigError(f"--max must be 0 or more, got {ns.max}")
     check_promise(ns.max_accuracy_drop, ns.delta)
     config = load_config(ns.config) if ns.config else None
     judge = load_config(ns.judge) if ns.judge else None  # a bad --judge fails now, not later

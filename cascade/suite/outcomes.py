@@ -359,10 +359,7 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
     texts: list[list[str | None]] = []
     for i, (_b, row) in enumerate(rows):
         texts.append([])
-        for model, o in row["outcomes"].items():
-            if not isinstance(o, Mapping):
-                raise ConfigError(f"case {row.get('id')!r}: the outcome of {model!r} must be an "
-                                  "object", source=str(paths[0]))
+        for model, o in row["outcomes"].items():  # each an object: checked as it was read
             if o.get("correct") is not None and not isinstance(o["correct"], bool):
                 raise ConfigError(f"case {row.get('id')!r}, model {model!r}: \"correct\" must "
                                   f"be true, false or null, got {o['correct']!r}",
