@@ -142,9 +142,13 @@ class EndpointCaller:
                f"({said(ranked[0])}) over {rung.base_url or rung.provider} ({said(rung)})")
         return [*ranked, *rest], why
 
-    async def call(self, call: ModelCall, rung: RungConfig, deadline: float | None
-                   ) -> CallResult:
-        """Call a rung, failing over to its other endpoints in order."""
+    async def call(self, call: ModelCall, rung: RungConfig, deadline: float | None, *,
+                   unanswered: list[RungConfig] | None = None) -> CallResult:
+        """Call a rung, failing over to its other endpoints in order.
+
+        ``unanswered`` gets the endpoint of every try that went out and never got its reply
+        back (timed out, or cancelled while in flight): the provider may bill such a call,
+        so a budget keeps its estimate (see :class:`cascade.climb.Climb`)."""
         errors: list[str] = []
         tries = 0
         failed_usd = 0.0  # billed tries that failed, on every endpoint tried
@@ -153,7 +157,7 @@ class EndpointCaller:
         for ep in endpoints:
             try:
                 ep_call = call if ep.model == call.model else replace(call, model=ep.model)
-                c, n, wasted = await self._call_endpoint(ep_call, ep, deadline)
+                c, n, wasted = await self._call_endpoint(ep_call, ep, deadline, unanswered)
                 return CallResult(c, ep, tries + n, errors, why, failed_usd + wasted)
             except ProviderError as e:
                 tries += 0 if isinstance(e, CircuitOpen) else e.tries
@@ -166,7 +170,8 @@ class EndpointCaller:
         last.failover_errors = errors  # type: ignore[attr-defined]
         raise last
 
-    async def _call_endpoint(self, call: ModelCall, rung: RungConfig, deadline: float | None
+    async def _call_endpoint(self, call: ModelCall, rung: RungConfig, deadline: float | None,
+                             unanswered: list[RungConfig] | None = None
                              ) -> tuple[Completion, int, float]:
         """One endpoint: breaker check, retries with backoff, breaker and latency bookkeeping;
         the reply, the tries, and what the billed tries that failed cost (on an error that
@@ -195,11 +200,22 @@ class EndpointCaller:
                     c = await provider.complete(
                         call if timeout == call.timeout_s else replace(call, timeout_s=timeout))
             except TimeoutError:
+                if unanswered is not None:
+                    unanswered.append(rung)
                 raise ProviderTimeout(f"no complete reply within {timeout:g}s",
                                       provider=rung.provider, model=call.model) from None
             except ProviderError as e:
                 if e.billed_tokens is not None:
                     wasted += rung.cost_usd(*e.billed_tokens)
+                # A server's own 408 says it never took the request; a timeout here may
+                # have left the model generating (and billing) on the other side.
+                if (unanswered is not None and isinstance(e, ProviderTimeout)
+                        and e.status_code is None):
+                    unanswered.append(rung)
+                raise
+            except anyio.get_cancelled_exc_class():  # the deadline, a client gone
+                if unanswered is not None:
+                    unanswered.append(rung)
                 raise
             await latency.aobserve(rung.endpoint, self._clock() - t0)
             return c

@@ -63,6 +63,8 @@ class Money:
     period_s: float
     spent_usd: float = 0.0
     reserved_usd: float = 0.0
+    kept_usd: float = 0.0
+    """Estimates kept for calls sent without a reply (see :meth:`settle`)."""
 
     @property
     def counting(self) -> bool:
@@ -82,7 +84,8 @@ class Money:
         return estimate_cost(rung, messages)
 
     def cap_skip(self, estimate: float) -> policy.Skip | None:
-        return policy.cap_gate(self.max_cost_usd, self.spent_usd + self.reserved_usd, estimate)
+        return policy.cap_gate(self.max_cost_usd,
+                               self.spent_usd + self.reserved_usd + self.kept_usd, estimate)
 
     async def hold(self, estimate: float) -> Any:
         """Reserve ``estimate`` against the key's budget (raises BudgetExceeded); settle it with
@@ -92,10 +95,25 @@ class Money:
         return await self.budgets.areserve(self.budget_key, estimate, self.limit_usd,
                                            self.period_s)
 
-    async def settle(self, reservation: Any, actual: float) -> None:
+    async def settle(self, reservation: Any, actual: float, *, estimate: float = 0.0,
+                     unanswered: Sequence[RungConfig] = ()) -> float:
+        """Settle ``reservation`` at ``actual``, plus ``estimate`` for each try that went out
+        and never came back (timed out, or cut off by the deadline or a client gone): the
+        provider may bill those, so the budget and the request's cap keep their estimate,
+        the most each can cost. Returns that kept amount; the trace's cost stays what is
+        known to be billed."""
+        kept = estimate * len(unanswered)
+        self.kept_usd += kept
         if reservation is not None:
             with anyio.CancelScope(shield=True):  # spent money is recorded even on cancel
-                await self.budgets.asettle(reservation, actual)
+                await self.budgets.asettle(reservation, actual + kept)
+        return kept
+
+
+def _kept_note(kept: float, unanswered: Sequence[RungConfig]) -> str:
+    n = len(unanswered)
+    return (f"{n} {'try' if n == 1 else 'tries'} sent without a reply: the budget keeps "
+            f"${kept:.6f} (the estimate) in case the provider bills {'it' if n == 1 else 'them'}")
 
 
 def request_call(rung: RungConfig, request: Request) -> ModelCall:
@@ -187,9 +205,11 @@ class Climb:
         t0 = self.clock()
         call = request_call(rung, self.request)
         actual = 0.0
+        unanswered: list[RungConfig] = []
         try:
             try:
-                result = await self.caller.call(call, rung, self.deadline)
+                result = await self.caller.call(call, rung, self.deadline,
+                                                unanswered=unanswered)
             except ProviderError as e:
                 attempt.status = "error"
                 record_error(attempt, e)
@@ -236,7 +256,10 @@ class Climb:
             self.candidate = (attempt, parsed)
             return (attempt, parsed) if ok else None
         finally:
-            await money.settle(reservation, actual)
+            kept = await money.settle(reservation, actual, estimate=estimate,
+                                      unanswered=unanswered)
+            if kept:
+                attempt.note = _kept_note(kept, unanswered)
 
     async def charged(self, call: ModelCall, rung: RungConfig) -> tuple[Completion, float]:
         """A model call outside the rung path (a verifier's): the same cap, budget, retries,
@@ -256,9 +279,11 @@ class Climb:
         try:
             reservation = await money.hold(estimate)
             actual = 0.0
+            unanswered: list[RungConfig] = []
             try:
                 try:
-                    result = await self.caller.call(call, rung, self.deadline)
+                    result = await self.caller.call(call, rung, self.deadline,
+                                                    unanswered=unanswered)
                 except ProviderError as e:
                     actual = e.billed_usd  # billed tries that failed are spent too
                     raise
@@ -266,7 +291,8 @@ class Climb:
                 return result.completion, actual
             finally:
                 money.spent_usd += actual
-                await money.settle(reservation, actual)
+                await money.settle(reservation, actual, estimate=estimate,
+                                   unanswered=unanswered)
         finally:
             money.reserved_usd -= estimate
 

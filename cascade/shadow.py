@@ -177,8 +177,10 @@ class Shadows:
             attempt.error, attempt.error_type = f"budget: {e}", "Skipped"
             return None
         actual = 0.0
+        unanswered: list[RungConfig] = []
         try:
-            result = await self.caller.call(request_call(top, job.request), top, None)
+            result = await self.caller.call(request_call(top, job.request), top, None,
+                                            unanswered=unanswered)
             record_call(attempt, result)
             actual = attempt.cost_usd
         except ProviderError as e:
@@ -187,5 +189,5 @@ class Shadows:
             return None
         finally:
             money.spent_usd += actual
-            await money.settle(reservation, actual)
+            await money.settle(reservation, actual, estimate=estimate, unanswered=unanswered)
         return result.completion, result.endpoint

@@ -586,7 +586,9 @@ async def test_cancel_mid_flight_leaves_no_task_connection_or_reservation(
                                           lambda: in_flight.append(_established_to(port)))
         assert in_flight == [1] and took < 2.0  # cancelled well before the 5 s reply
         assert store.pending("default", 86400.0) == 0.0
-        assert store.spent("default", 86400.0) == 0.0
+        # The call went out and was cut off: the provider may bill it, so the budget keeps
+        # its estimate (small: $0.01), not $0 (see test_review_money.py).
+        assert store.spent("default", 86400.0) == pytest.approx(0.01)
         assert await _eventually(lambda: _established_to(port) == 0)  # the client hung up
         assert await _eventually(lambda: _tasks() - before == set())
 

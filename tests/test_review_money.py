@@ -217,3 +217,76 @@ async def test_raise_on_unverified_names_the_rejected_answer_it_gives() -> None:
             await c.aanswer("How do I bake bread?")
     msg = str(info.value)
     assert "small, rung 0" in msg and "refus" in msg.lower() and "accepted" not in msg
+
+
+# ------------------------------------------------------------------ calls sent, never answered
+
+
+def _slow_priced(url: str, **top: Any) -> dict[str, Any]:
+    """Two rungs on one loopback server; output-only prices so that each call's estimate is
+    exact: small $0.01, big $0.1 (max_tokens 10)."""
+    rungs = [{"model": m, "provider": "openai-compatible", "base_url": url, "max_tokens": 10,
+              "input_usd_per_mtok": 0.0, "output_usd_per_mtok": price, "timeout_s": 5.0,
+              "max_retries": 0}
+             for m, price in (("small", 1000.0), ("big", 10000.0))]
+    return {"rungs": rungs, "cache": {"enabled": False}, "budget": {"limit_usd": 0.05},
+            "verifiers": [{"name": "refusal"}], **top}
+
+
+async def test_a_call_cut_off_by_the_deadline_is_charged_its_estimate(
+        openai_server: LoopbackServer) -> None:
+    """A prompt that keeps the model past the request's deadline was settled at $0: the call
+    had gone out (the provider may bill it), yet the budget never saw it, so a client could
+    spend without limit in requests that all time out. The budget keeps the estimate; the
+    trace's cost stays what is known to be billed, and its note says what was kept."""
+    from cascade.budget import InMemoryBudgetStore
+    from cascade.errors import DeadlineExceeded
+
+    openai_server.script(lambda req: Reply(json=openai_chat("late"), delay_s=3.0))
+    store = InMemoryBudgetStore()
+    async with Cascade.from_dict(_slow_priced(openai_server.base_url),
+                                 budget_store=store) as c:
+        for _ in range(2):
+            with pytest.raises(DeadlineExceeded) as info:
+                await c.aanswer("Tell me a long story.", timeout_s=0.3)
+            [attempt] = info.value.answer.attempts
+            assert attempt.cost_usd == 0.0 and "budget keeps $0.010000" in attempt.note
+        assert store.spent("default", 86400.0) == pytest.approx(0.02)
+        assert store.pending("default", 86400.0) == 0.0
+
+
+async def test_timed_out_tries_are_charged_and_count_against_the_request_cap(
+        openai_server: LoopbackServer) -> None:
+    """A rung whose call timed out (after it was sent) is charged its estimate, and the
+    request's cap counts it: the next rung's $0.1 does not fit a $0.105 cap with $0.01 kept,
+    while a refused connection (never sent) keeps nothing."""
+    from cascade.budget import InMemoryBudgetStore
+
+    def handler(req: Any) -> Reply:
+        if req.json.get("model") == "small":
+            return Reply(json=openai_chat("late"), delay_s=2.0)
+        return Reply(json=openai_chat("Canberra"))
+
+    openai_server.script(handler)
+    cfg = _slow_priced(openai_server.base_url, budget={"limit_usd": 1.0})
+    cfg["rungs"][0]["timeout_s"] = 0.2
+    store = InMemoryBudgetStore()
+    async with Cascade.from_dict(cfg, budget_store=store) as c:
+        ans = await c.aanswer("Capital of Australia?")
+        assert ans.text == "Canberra" and ans.attempts[0].status == "error"
+        assert "budget keeps $0.010000" in ans.attempts[0].note
+        assert ans.cost_usd == pytest.approx(ans.attempts[1].cost_usd)  # known cost only
+        assert store.spent("default", 86400.0) == pytest.approx(0.01 + ans.attempts[1].cost_usd)
+        with pytest.raises(cascade.NoAnswerError) as capped:
+            await c.aanswer("Capital of Australia, again?", max_cost_usd=0.105)
+        assert [a.status for a in capped.value.answer.attempts] == ["error", "skipped"]
+        assert "$0.095000 left of max_cost_usd" in str(capped.value)
+
+    refused = _slow_priced("http://127.0.0.1:9/v1", budget={"limit_usd": 1.0})
+    refused["rungs"] = refused["rungs"][:1]
+    store = InMemoryBudgetStore()
+    async with Cascade.from_dict(refused, budget_store=store) as c:
+        with pytest.raises(cascade.NoAnswerError) as info:
+            await c.aanswer("Capital of Australia?")
+        assert info.value.answer.attempts[0].note is None
+    assert store.spent("default", 86400.0) == 0.0
