@@ -121,7 +121,8 @@ def request_call(rung: RungConfig, request: Request) -> ModelCall:
     typed ``output_type``, else the JSON schema). The climb and a shadow check of the top rung
     send the same call, so a shadow compares like with like."""
     return rung_call(rung, request.messages, output_type=request.output_type,
-                     json_schema=request.schema if request.output_type is None else None)
+                     json_schema=request.schema if request.output_type is None else None,
+                     schema_options=request.schema_options)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from cascade.errors import (
     UnverifiedAnswerError,
 )
 from cascade.ladder import Ladder
-from cascade.messages import Message, Request, normalise_messages
+from cascade.messages import Message, Request, check_schema_options, normalise_messages
 from cascade.providers import make_provider
 from cascade.providers.base import ModelCall, Provider
 from cascade.shadow import ShadowJob, Shadows, shadow_stats
@@ -74,6 +74,7 @@ class AnswerOptions(TypedDict, total=False):
 
     messages: Sequence[Mapping[str, Any] | Message] | None
     schema: Any
+    schema_options: Mapping[str, Any] | None
     config: CascadeConfig | Mapping[str, Any] | str | os.PathLike[str] | None
     verifiers: Sequence[Any] | None
     max_cost_usd: float | None
@@ -278,6 +279,7 @@ class Cascade:
         *,
         messages: Sequence[Mapping[str, Any] | Message] | None = None,
         schema: Any = None,
+        schema_options: Mapping[str, Any] | None = None,
         config: CascadeConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
         verifiers: Sequence[Any] | None = None,
         max_cost_usd: float | None = None,
@@ -298,7 +300,9 @@ class Cascade:
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ConfigError("must be a mapping", source="request", key="metadata")
         request = Request(messages=normalise_messages(prompt, messages), schema=json_schema,
-                          output_type=output_type, metadata=dict(metadata or {}), id=request_id)
+                          output_type=output_type, metadata=dict(metadata or {}), id=request_id,
+                          schema_options=check_schema_options(
+                              schema_options, None if output_type is not None else json_schema))
         cap = _number_arg(max_cost_usd, "max_cost_usd")
         if cap is not None:
             check_cap(ladder.config.rungs, "max_cost_usd")

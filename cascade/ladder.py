@@ -106,13 +106,16 @@ class Ladder:
         if self.uncacheable:
             return None
         meta = {k: request.metadata.get(k) for k in self.metadata_keys}
-        return cache_key({
+        parts: dict[str, Any] = {
             "messages": [m.to_dict() for m in request.messages],
             "schema": request.schema,
             "output_type": qualname(request.output_type) if request.output_type else None,
             "metadata": _jsonable(meta),
             "ladder": self.key,
-        })
+        }
+        if request.schema_options:  # only when set: keys cached before stay the same
+            parts["schema_options"] = dict(request.schema_options)
+        return cache_key(parts)
 
     def bound(self, rung_index: int) -> list[BoundVerifier]:
         """The verifiers of one rung with the settings, threshold and timeout they run under."""

@@ -3,13 +3,14 @@ agree."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cascade.errors import ConfigError
 
-__all__ = ["Message", "Request", "Role", "normalise_messages"]
+__all__ = ["Message", "Request", "Role", "check_schema_options", "normalise_messages"]
 
 Role = Literal["system", "user", "assistant"]
 _ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
@@ -40,6 +41,9 @@ class Request:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     id: str = ""
     """The request id (``Answer.request_id``): audit, shadow and feedback lines join on it."""
+    schema_options: Mapping[str, Any] = field(default_factory=dict)
+    """How ``schema`` is asked for: OpenAI's json_schema ``name``, ``description`` and
+    ``strict`` (see :func:`check_schema_options`)."""
 
     @property
     def system(self) -> str | None:
@@ -122,3 +126,38 @@ def normalise_messages(
 
 def _clean(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SCHEMA_OPTIONS = {"name": str, "description": str, "strict": bool}
+
+
+def check_schema_options(options: Mapping[str, Any] | None, schema: Mapping[str, Any] | None
+                   ) -> dict[str, Any]:
+    """``options`` checked: OpenAI's json_schema ``name`` (1-64 letters, digits, ``_``, ``-``),
+    ``description`` and ``strict``, which a rung sends with the schema where its structured
+    output mode has a place for them (``strict`` asks the server to constrain decoding to the
+    schema; the schema verifier checks the answer either way). They need a JSON schema."""
+    if not options:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ConfigError("must be a mapping", source="request", key="schema_options")
+    if schema is None:
+        raise ConfigError("needs a JSON Schema dict as schema", source="request",
+                          key="schema_options")
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        kind = _SCHEMA_OPTIONS.get(k)
+        if kind is None:
+            raise ConfigError(f"has {k!r}; allowed: name, description, strict",
+                              source="request", key="schema_options")
+        if v is None:
+            continue
+        if type(v) is not kind:
+            raise ConfigError(f"{k} must be a {kind.__name__}", source="request",
+                              key=f"schema_options.{k}")
+        if k == "name" and not _SCHEMA_NAME.fullmatch(str(v)):
+            raise ConfigError("name must be 1 to 64 letters, digits, '_' or '-'",
+                              source="request", key="schema_options.name")
+        out[k] = v
+    return out

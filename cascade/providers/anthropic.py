@@ -43,9 +43,9 @@ def _request(call: ModelCall, *, schema: Mapping[str, Any] | None, mode: str) ->
     if schema is not None and mode == "json_schema":
         kwargs["output_config"] = {"format": {"type": "json_schema", "schema": dict(schema)}}
     elif schema is not None and mode == "tools":
-        name = schema_name(schema)
-        kwargs["tools"] = [{"name": name, "description": "Give the answer.",
-                            "input_schema": dict(schema)}]
+        name = call.schema_options.get("name") or schema_name(schema)
+        kwargs["tools"] = [{"name": name, "description": call.schema_options.get(
+            "description", "Give the answer."), "input_schema": dict(schema)}]
         kwargs["tool_choice"] = {"type": "tool", "name": name}
     if system:
         kwargs["system"] = "\n\n".join(system)

@@ -37,6 +37,8 @@ class ModelCall:
     top_logprobs: int = 0
     json_schema: Mapping[str, Any] | None = None
     """Ask for JSON output matching this schema, where the provider supports it."""
+    schema_options: Mapping[str, Any] = field(default_factory=dict)
+    """The schema's ``name``, ``description`` and ``strict``, where the mode has a place."""
     output_type: type[Any] | None = None
     """A pydantic model: the provider asks for structured output through ``instructor``."""
     reasks: int = 0
@@ -48,13 +50,15 @@ class ModelCall:
 
 def rung_call(rung: RungConfig, messages: Sequence[Message], *,
               json_schema: Mapping[str, Any] | None = None,
-              output_type: type[Any] | None = None) -> ModelCall:
+              output_type: type[Any] | None = None,
+              schema_options: Mapping[str, Any] | None = None) -> ModelCall:
     """The call a rung makes for a request: built in one place, so what the engine sends, what
     ``cascade record`` stores and what a replay looks up are the same call."""
     return ModelCall(
         model=rung.model, messages=tuple(messages), max_tokens=rung.max_tokens,
         temperature=rung.temperature, timeout_s=rung.timeout_s, logprobs=rung.logprobs,
         top_logprobs=5 if rung.logprobs else 0, json_schema=json_schema,
+        schema_options=dict(schema_options or {}) if json_schema is not None else {},
         output_type=output_type, stop=rung.stop, extra=dict(rung.extra),
     )
 

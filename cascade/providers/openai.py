@@ -57,24 +57,27 @@ def _request(call: ModelCall, *, official: bool, schema: Mapping[str, Any] | Non
         if call.top_logprobs:
             kwargs["top_logprobs"] = call.top_logprobs
     if schema is not None:
-        kwargs.update(_structured(schema, mode))
+        kwargs.update(_structured(schema, mode, call.schema_options))
     if call.extra:
         kwargs["extra_body"] = dict(call.extra)
     return kwargs
 
 
-def _structured(schema: Mapping[str, Any], mode: str) -> dict[str, Any]:
-    """The request fields that ask for ``schema`` in ``mode`` (see the README's table)."""
-    name = schema_name(schema)
+def _structured(schema: Mapping[str, Any], mode: str, options: Mapping[str, Any]
+                ) -> dict[str, Any]:
+    """The request fields that ask for ``schema`` in ``mode`` (see the README's table), with
+    the request's ``name``, ``description`` and ``strict`` where the mode has a place."""
+    name = options.get("name") or schema_name(schema)
+    told = {k: options[k] for k in ("description", "strict") if k in options}
     if mode == "json_schema":
-        return {"response_format": {"type": "json_schema",
-                                    "json_schema": {"name": name, "schema": dict(schema)}}}
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": name, **told, "schema": dict(schema)}}}
     if mode == "json_object_schema":  # llama-cpp-python: the schema becomes a grammar
         return {"response_format": {"type": "json_object", "schema": dict(schema)}}
     if mode == "json_object":
         return {"response_format": {"type": "json_object"}}
     if mode == "tools":
-        return {"tools": [{"type": "function", "function": {"name": name,
+        return {"tools": [{"type": "function", "function": {"name": name, **told,
                                                             "parameters": dict(schema)}}],
                 "tool_choice": {"type": "function", "function": {"name": name}}}
     return {}  # prompt: the schema is in the system message only

@@ -114,6 +114,16 @@ class ChatCompletionRequest(BaseModel):
             return None
         return rf.json_schema.schema_
 
+    def schema_options(self) -> dict[str, Any]:
+        """The json_schema's ``name``, ``description`` and ``strict`` that the client sent:
+        the rungs send them on (``strict`` constrains an OpenAI rung's decoding)."""
+        rf = self.response_format
+        if rf is None or rf.json_schema is None:
+            return {}
+        js = rf.json_schema
+        return {k: getattr(js, k) for k in ("name", "description", "strict")
+                if k in js.model_fields_set and getattr(js, k) is not None}
+
 
 class MessagesRequest(BaseModel):
     """``POST /v1/messages``, Anthropic's wire format. ``model`` names the ladder."""

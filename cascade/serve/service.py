@@ -319,14 +319,18 @@ class Service:
         try:
             with live.using():
                 return await live.cascade.aanswer(
-                    messages=messages, schema=body.output_schema(), config=live.ladder(body),
+                    messages=messages, schema=body.output_schema(),
+                    schema_options=body.schema_options(), config=live.ladder(body),
                     metadata=self._metadata(body, client, live.name),
                     max_cost_usd=min(caps) if caps else None, on_attempt=on_attempt)
         except ConfigError as e:
-            if e.key != "schema":
+            if e.key is None or not e.key.startswith("schema"):
                 raise
-            # the engine's argument; the client sent it as the response format's schema
-            raise APIError(400, e.detail, param="response_format.json_schema.schema") from None
+            # the engine's argument; the client sent it inside the response format
+            param = ("response_format.json_schema." + e.key.removeprefix("schema_options.")
+                     if e.key.startswith("schema_options.") else
+                     "response_format.json_schema.schema")
+            raise APIError(400, e.detail, param=param) from None
         except BaseException as e:
             if isinstance(e, Exception) or propagates(e):
                 raise

@@ -41,7 +41,7 @@ def messages_hash(messages: Sequence[Message]) -> str:
 
 def request_hash(call: ModelCall) -> str:
     """Identifies one model call exactly: model, messages and every sampling setting."""
-    return hashlib.sha256(_canonical({
+    parts: dict[str, Any] = {
         "model": call.model,
         "messages": [m.to_dict() for m in call.messages],
         "max_tokens": call.max_tokens,
@@ -51,7 +51,10 @@ def request_hash(call: ModelCall) -> str:
         "json_schema": call.json_schema,
         "stop": list(call.stop),
         "extra": dict(call.extra),
-    }).encode()).hexdigest()
+    }
+    if call.schema_options:  # only when set: the keys of calls recorded before stay the same
+        parts["schema_options"] = dict(call.schema_options)
+    return hashlib.sha256(_canonical(parts).encode()).hexdigest()
 
 
 def _loose_hash(model: str, messages: Sequence[Message]) -> str:

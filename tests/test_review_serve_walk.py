@@ -1,0 +1,90 @@
+"""Found by a black-box walk of ``cascade serve`` against the issue's contract: each test failed
+on the code before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pydantic
+import pytest
+
+from cascade import Cascade
+from cascade.serve import create_app
+from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_reply
+from tests.serve_kit import ladder, opened, serving
+
+QUESTION: Any = [{"role": "user", "content": "Name a city."}]
+
+
+class City(pydantic.BaseModel):
+    name: str
+
+
+def _city_json(req: RecordedRequest) -> Reply:
+    return openai_reply('{"name": "Paris"}', model=req.json["model"])
+
+
+def test_json_schema_strict_name_and_description_reach_the_rung(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """``response_format.json_schema`` carries ``strict``, ``name`` and ``description`` (the
+    openai SDK's ``parse()`` sends strict and the model's name): they were parsed and then
+    dropped, so an OpenAI rung decoded unconstrained and its answers were rejected more."""
+    openai_server.script(_city_json)
+    with serving(create_app(ladder(tmp_path, openai_server.base_url))) as url:
+        client = opened(openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0))
+        parsed = client.chat.completions.parse(model="cascade", messages=QUESTION,
+                                               response_format=City)
+        assert parsed.choices[0].message.parsed == City(name="Paris")
+        sent = openai_server.requests[-1].json["response_format"]
+        assert sent["type"] == "json_schema"
+        assert sent["json_schema"]["name"] == "City" and sent["json_schema"]["strict"] is True
+
+        schema = {"type": "object", "properties": {"name": {"type": "string"}},
+                  "required": ["name"], "additionalProperties": False}
+        client.chat.completions.create(model="cascade", messages=QUESTION, response_format={
+            "type": "json_schema", "json_schema": {"name": "place", "description": "A city.",
+                                                   "schema": schema, "strict": True}})
+        sent = openai_server.requests[-1].json["response_format"]["json_schema"]
+        assert sent == {"name": "place", "description": "A city.", "strict": True,
+                        "schema": schema}
+        r = httpx.post(f"{url}/v1/chat/completions", json={
+            "model": "cascade", "messages": QUESTION, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "no spaces", "schema": schema}}})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "response_format.json_schema.name"
+
+
+@pytest.mark.anyio
+async def test_schema_options_in_the_library_key_the_cache_and_reach_tools_mode(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """The same options from code: ``strict`` changes what the rung is asked, so it is part
+    of the cache key; in ``tools`` mode the function gets the name, description and strict."""
+    openai_server.script(lambda req: openai_reply(
+        '{"name": "Paris"}', model=req.json["model"]))
+    cfg = ladder(tmp_path, openai_server.base_url, models=("m",),
+                 cache={"enabled": True, "directory": str(tmp_path / "cache")})
+    schema = City.model_json_schema()
+    async with Cascade(cfg) as c:
+        a = await c.aanswer(messages=QUESTION, schema=schema, schema_options={"strict": True})
+        b = await c.aanswer(messages=QUESTION, schema=schema)
+        assert a.verified and b.verified and not b.cache_hit
+        assert a.cache_key and b.cache_key and a.cache_key != b.cache_key
+        with pytest.raises(Exception, match="allowed: name, description, strict"):
+            await c.aanswer(messages=QUESTION, schema=schema, schema_options={"strict2": 1})
+        with pytest.raises(Exception, match="needs a JSON Schema"):
+            await c.aanswer(messages=QUESTION, schema_options={"strict": True})
+    rung = {"model": "m", "provider": "openai-compatible", "base_url": openai_server.base_url,
+            "structured_output": "tools", "input_usd_per_mtok": 0.0, "output_usd_per_mtok": 0.0}
+    openai_server.script(lambda req: openai_reply(None, model="m", tool_calls=[
+        {"id": "c1", "type": "function",
+         "function": {"name": "place", "arguments": '{"name": "Paris"}'}}]))
+    async with Cascade.from_dict({"rungs": [rung], "cache": {"enabled": False}}) as c:
+        ans = await c.aanswer(messages=QUESTION, schema=schema, schema_options={
+            "name": "place", "description": "A city.", "strict": True})
+    assert ans.verified, ans.attempts
+    [tool] = openai_server.requests[-1].json["tools"]
+    assert tool["function"]["name"] == "place" and tool["function"]["strict"] is True
+    assert tool["function"]["description"] == "A city."
