@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 import uuid
@@ -99,7 +100,11 @@ class AuditLog:
         self._dropped = 0
         self._reported = 0
         self._lock = threading.Lock()
-        self._lockfile = open(f"{self.path}.lock", "a")  # noqa: SIM115 (held for the lifetime)
+        # A pipe, FIFO or terminal (``/dev/stdout`` for a log shipper) cannot be sized or
+        # seeked: it is appended to as it is, never rotated, and needs no lock file beside it.
+        self._stream = self.path.exists() and not stat.S_ISREG(self.path.stat().st_mode)
+        self._lockfile = None if self._stream else open(  # noqa: SIM115 (held for its lifetime)
+            f"{self.path}.lock", "a")
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="cascade-audit", daemon=True)
         self._thread.start()
@@ -159,7 +164,7 @@ class AuditLog:
 
     @property
     def dropped(self) -> int:
-        """Lines dropped because the queue was full (the disk could not keep up)."""
+        """Lines dropped: the queue was full (the disk could not keep up), or a write failed."""
         return self._dropped
 
     def _put(self, line: Mapping[str, Any]) -> None:
@@ -171,11 +176,12 @@ class AuditLog:
         except queue.Full:
             self._count_drop("the queue is full")
 
-    def _count_drop(self, why: str) -> None:
+    def _count_drop(self, why: str, lines: int = 1) -> None:
         with self._lock:
-            self._dropped += 1
+            before = self._dropped
+            self._dropped += lines
             n = self._dropped
-        if n == 1 or n % 1000 == 0:
+        if before == 0 or n // 1000 > before // 1000:
             log.warning("audit log %s: dropped %d line(s) so far (%s)", self.path, n, why)
 
     def _encode(self, line: Mapping[str, Any]) -> str:
@@ -216,6 +222,7 @@ class AuditLog:
                     self._write("".join(lines))
             except Exception:  # the writer outlives any one batch: later lines still go out
                 log.exception("audit log %s: could not write %d line(s)", self.path, len(lines))
+                self._count_drop("a write failed", len(lines))
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -227,6 +234,10 @@ class AuditLog:
         # string here, where backslashreplace writes it as that very JSON escape: the line
         # stays valid JSON and UTF-8, and the batch is not lost to an encoding error.
         raw = data.encode("utf-8", "backslashreplace")
+        if self._lockfile is None:
+            with open(self.path, "ab") as f:
+                f.write(raw)
+            return
         fcntl.flock(self._lockfile, fcntl.LOCK_EX)
         try:
             size = self.path.stat().st_size if self.path.exists() else 0
@@ -276,7 +287,8 @@ class AuditLog:
         with contextlib.suppress(queue.Full):
             self._queue.put(_STOP, timeout=timeout_s)
         self._thread.join(timeout_s)
-        self._lockfile.close()
+        if self._lockfile is not None:
+            self._lockfile.close()
 
     def __enter__(self) -> AuditLog:
         return self

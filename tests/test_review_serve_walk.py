@@ -3,6 +3,7 @@ on the code before its fix."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,57 @@ async def test_schema_options_in_the_library_key_the_cache_and_reach_tools_mode(
     [tool] = openai_server.requests[-1].json["tools"]
     assert tool["function"]["name"] == "place" and tool["function"]["strict"] is True
     assert tool["function"]["description"] == "A city."
+
+
+# ---------------------------------------------------------------- the audit log
+
+
+def _request(text: str) -> Any:
+    from cascade.messages import Message, Request
+
+    return Request(messages=(Message("user", text),), id=text)
+
+
+def test_an_audit_log_on_a_pipe_gets_every_line(tmp_path: Path) -> None:
+    """``audit_log = "/dev/stdout"`` (a log shipper reads the container's stdout) or a FIFO:
+    the writer opened it "ab+" and seeked, every line failed with "not seekable", and
+    ``dropped`` stayed 0, so the audit was lost without a sign in the metrics."""
+    import os
+    import threading
+
+    from cascade.audit import AuditLog
+
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    log = AuditLog(fifo)
+    for i in range(3):
+        log.on_answer(_request(f"q{i}"), None, RuntimeError("x"))
+    assert log.flush(5.0)
+    log.close()
+    reader.join(5.0)
+    lines = [json.loads(x) for x in b"".join(got).splitlines()]
+    assert [x["request_id"] for x in lines] == ["q0", "q1", "q2"]
+    assert log.dropped == 0 and not (tmp_path / "audit.fifo.lock").exists()
+
+
+def test_an_audit_line_that_cannot_be_written_is_counted_as_dropped(tmp_path: Path) -> None:
+    """A write that fails (the disk full, the file replaced by a directory) only logged a
+    traceback: ``cascade_audit_dropped_total`` said nothing was lost."""
+    from cascade.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    path.mkdir()  # every open for append now fails
+    log.on_answer(_request("q0"), None, RuntimeError("x"))
+    log.on_answer(_request("q1"), None, RuntimeError("x"))
+    assert log.flush(5.0)
+    assert log.dropped == 2
+    path.rmdir()
+    log.on_answer(_request("q2"), None, RuntimeError("x"))
+    log.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["type"] for x in lines] == ["answer", "dropped"]
+    assert lines[1]["dropped"] == 2
