@@ -143,3 +143,37 @@ def test_an_audit_line_that_cannot_be_written_is_counted_as_dropped(tmp_path: Pa
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [x["type"] for x in lines] == ["answer", "dropped"]
     assert lines[1]["dropped"] == 2
+
+
+# ---------------------------------------------------------------- error responses
+
+
+def test_every_error_body_has_openais_four_keys_and_a_failed_climb_says_its_cost(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """OpenAI's error object always carries ``message``, ``type``, ``param`` and ``code``
+    (null where none): ours left out whichever was None. And a climb that failed after paid
+    calls (422 unverified) sent no cost header: only the body's trace said what it cost."""
+    openai_server.script(lambda req: openai_reply("I'm sorry, but I can't help with that.",
+                                                  model=req.json["model"]))
+    cfg = ladder(tmp_path, openai_server.base_url,
+                 policy={"on_unverified": "raise"})
+    with serving(create_app(cfg)) as url:
+        bad = [httpx.post(f"{url}/v1/chat/completions", json=body) for body in (
+            {"model": "cascade", "messages": QUESTION, "n": 2},
+            {"messages": QUESTION},
+            {"model": "cascade", "messages": QUESTION, "max_tokens": True})]
+        bad.append(httpx.post(f"{url}/v1/chat/completions", content=b"{not json"))
+        bad.append(httpx.get(f"{url}/v1/nowhere"))
+        for r in bad:
+            assert r.status_code in (400, 404), r.text
+            assert set(r.json()["error"]) >= {"message", "type", "param", "code"}, r.text
+        refused = httpx.post(f"{url}/v1/chat/completions",
+                             json={"model": "cascade", "messages": QUESTION})
+    assert refused.status_code == 422
+    err = refused.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["param"] is None
+    cost = err["cascade"]["cost_usd"]
+    assert cost > 0
+    assert float(refused.headers["x-cascade-cost-usd"]) == pytest.approx(cost)
+    assert refused.headers["x-cascade-verified"] == "false"
+    assert refused.headers["x-cascade-request-id"] == err["cascade"]["request_id"]

@@ -128,7 +128,9 @@ def wire_error(e: BaseException) -> APIError:
     api = from_exception(e, trace_of(traced, str(ladder)) if isinstance(traced, Answer)
                          else None)
     rid = getattr(traced, "request_id", None) or getattr(e, "request_id", None)
-    if isinstance(rid, str) and rid:
+    if isinstance(traced, Answer):  # what the failed climb cost, as on an answer
+        api.headers.update(answer_headers(traced))
+    elif isinstance(rid, str) and rid:
         api.headers.update(request_id_headers(rid))
     return api
 

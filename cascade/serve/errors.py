@@ -45,7 +45,14 @@ class APIError(Exception):
         self.headers = dict(headers or {})
 
     def payload(self) -> dict[str, object]:
-        return ErrorResponse(error=self.body).model_dump(mode="json", exclude_none=True)
+        """OpenAI's error object always has its four keys (``param`` and ``code`` may be
+        null); our ``cascade`` trace only when there is one."""
+        out = ErrorResponse(error=self.body).model_dump(mode="json", exclude_none=True)
+        error = out["error"]
+        assert isinstance(error, dict)
+        error.setdefault("param", None)
+        error.setdefault("code", None)
+        return out
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.payload(), status_code=self.status, headers=self.headers)
