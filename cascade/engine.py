@@ -41,9 +41,16 @@ from cascade.errors import (
     DeadlineExceeded,
     NoAnswerError,
     UnverifiedAnswerError,
+    UnverifiedWithinBudget,
 )
 from cascade.ladder import Ladder
-from cascade.messages import Message, Request, check_schema_options, normalise_messages
+from cascade.messages import (
+    Message,
+    Request,
+    check_schema_options,
+    normalise_messages,
+    schema_parts,
+)
 from cascade.providers import make_provider
 from cascade.providers.base import ModelCall, Provider
 from cascade.shadow import ShadowJob, Shadows, shadow_stats
@@ -99,26 +106,6 @@ def health() -> dict[str, Any]:
         endpoints.setdefault(ep, {}).setdefault("circuit", {"state": "closed"})
         endpoints[ep].update(lat)
     return {"endpoints": endpoints}
-
-
-def _schema_parts(schema: Any) -> tuple[Mapping[str, Any] | None, type[Any] | None]:
-    if schema is None:
-        return None, None
-    if isinstance(schema, Mapping):
-        import jsonschema
-
-        try:
-            jsonschema.Draft202012Validator.check_schema(schema)
-        except jsonschema.SchemaError as e:  # found before any rung is paid for
-            raise ConfigError(f"is not a valid JSON Schema: {e.message}", source="request",
-                              key="schema") from None
-        return schema, None
-    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
-        return schema.model_json_schema(), schema
-    raise ConfigError(
-        f"schema must be a JSON Schema dict or a pydantic model class, not {schema!r}",
-        source="request", key="schema",
-    )
 
 
 def _number_arg(value: Any, key: str) -> float | None:
@@ -296,7 +283,7 @@ class Cascade:
         t0 = self._clock()
         request_id = uuid.uuid4().hex
         ladder = self._ladder_for(config, verifiers)
-        json_schema, output_type = _schema_parts(schema)
+        json_schema, output_type = schema_parts(schema)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ConfigError("must be a mapping", source="request", key="metadata")
         request = Request(messages=normalise_messages(prompt, messages), schema=json_schema,
@@ -430,9 +417,17 @@ class Cascade:
         if not answer.verified and cfg.policy.on_unverified == "raise":
             # the answer given is the latest that came back (the top rung may have errored):
             # its own verdicts say why it was rejected
-            raise UnverifiedAnswerError(
-                f"the answer given ({answer.model}, rung {attempt.rung}) was rejected: "
-                f"{policy.rejection_reason(attempt.verdicts)}", answer)
+            why = (f"the answer given ({answer.model}, rung {attempt.rung}) was rejected: "
+                   f"{policy.rejection_reason(attempt.verdicts)}")
+            unpaid = [a for a in climb.attempts if a.rung > attempt.rung
+                      and a.status == "skipped" and (a.error or "").startswith("budget:")]
+            if unpaid:
+                raise UnverifiedWithinBudget(
+                    f"{why}; rung {unpaid[0].rung} ({unpaid[0].name or unpaid[0].model}) was "
+                    f"not tried: {unpaid[0].error}", answer, key=money.budget_key,
+                    spent_usd=money.spent_usd,
+                    limit_usd=money.limit_usd or money.max_cost_usd or 0.0)
+            raise UnverifiedAnswerError(why, answer)
         return answer
 
     def _notify(self, request: Request, answer: Answer | None,

@@ -51,6 +51,7 @@ __all__ = [
     "TransportError",
     "UnknownVerifierError",
     "UnverifiedAnswerError",
+    "UnverifiedWithinBudget",
 ]
 
 
@@ -204,4 +205,18 @@ class UnverifiedAnswerError(CascadeError):
 
     def __init__(self, message: str, answer: Answer) -> None:
         super().__init__(message)
+        self.answer = answer
+
+
+class UnverifiedWithinBudget(BudgetExceeded, UnverifiedAnswerError):
+    """Under ``on_unverified = "raise"``: the answer given was rejected and the rungs above it
+    were skipped for the request's cap or the key's budget, so money, not the answers'
+    quality, stopped the climb. Caught as either error; the service answers 429."""
+
+    answer: Answer  # always set: the rejected answer given, with the trace
+
+    def __init__(self, message: str, answer: Answer, *, key: str | None = None,
+                 spent_usd: float = 0.0, limit_usd: float = 0.0) -> None:
+        CascadeError.__init__(self, message)  # both parents' fields, set once here
+        self.key, self.spent_usd, self.limit_usd = key, spent_usd, limit_usd
         self.answer = answer

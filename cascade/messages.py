@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from cascade.errors import ConfigError
 
-__all__ = ["Message", "Request", "Role", "check_schema_options", "normalise_messages"]
+__all__ = ["Message", "Request", "Role", "check_schema_options", "normalise_messages",
+           "schema_parts"]
 
 Role = Literal["system", "user", "assistant"]
 _ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
@@ -161,3 +162,25 @@ def check_schema_options(options: Mapping[str, Any] | None, schema: Mapping[str,
                               source="request", key="schema_options.name")
         out[k] = v
     return out
+
+
+def schema_parts(schema: Any) -> tuple[Mapping[str, Any] | None, type[Any] | None]:
+    """A request's ``schema=`` as (JSON Schema, pydantic type or None), checked before any
+    rung is paid for."""
+    if schema is None:
+        return None, None
+    if isinstance(schema, Mapping):
+        import jsonschema
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as e:  # found before any rung is paid for
+            raise ConfigError(f"is not a valid JSON Schema: {e.message}", source="request",
+                              key="schema") from None
+        return schema, None
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        return schema.model_json_schema(), schema
+    raise ConfigError(
+        f"schema must be a JSON Schema dict or a pydantic model class, not {schema!r}",
+        source="request", key="schema",
+    )

@@ -177,3 +177,41 @@ def test_every_error_body_has_openais_four_keys_and_a_failed_climb_says_its_cost
     assert float(refused.headers["x-cascade-cost-usd"]) == pytest.approx(cost)
     assert refused.headers["x-cascade-verified"] == "false"
     assert refused.headers["x-cascade-request-id"] == err["cascade"]["request_id"]
+
+
+def test_a_climb_stopped_by_money_is_a_429_not_an_unverified_422(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """The cheap rung was rejected and the next one skipped because it would break the cap:
+    the client got 422 ``unverified_answer``, as if the answers' quality had stopped the climb,
+    and ``cascade_budget_refusals_total`` did not move. Under "raise" it is now a 429
+    ``budget_exceeded`` with the trace, and in code the error is caught as either."""
+    from cascade.errors import BudgetExceeded, UnverifiedAnswerError
+
+    openai_server.script(lambda req: openai_reply(
+        "I'm sorry, but I can't help with that." if req.json["model"] == "small" else "Paris",
+        model=req.json["model"], completion_tokens=5))
+    cfg = ladder(tmp_path, openai_server.base_url, policy={"on_unverified": "raise"},
+                 max_cost_usd=0.0002)
+    with serving(create_app(cfg)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions",
+                       json={"model": "cascade", "messages": QUESTION, "max_tokens": 50})
+        metrics = httpx.get(f"{url}/metrics").text
+    assert r.status_code == 429, r.text
+    err = r.json()["error"]
+    assert err["type"] == "budget_exceeded" and "was not tried" in err["message"]
+    assert [a["status"] for a in err["cascade"]["attempts"]] == ["rejected", "skipped"]
+    assert float(r.headers["x-cascade-cost-usd"]) > 0
+    assert any(line.startswith("cascade_budget_refusals_total{") and not line.endswith(" 0.0")
+               for line in metrics.splitlines()), metrics
+
+    async def in_code() -> None:
+        async with Cascade(cfg) as c:
+            for kind in (BudgetExceeded, UnverifiedAnswerError):
+                with pytest.raises(kind) as info:
+                    await c.aanswer(messages=QUESTION, max_cost_usd=0.0015)
+                given = getattr(info.value, "answer", None)
+                assert given is not None and given.text.startswith("I'm sorry")
+
+    import anyio
+
+    anyio.run(in_code)
