@@ -366,6 +366,12 @@ def _section(d: Mapping[str, Any], name: str, cls: type, source: str) -> Any:
     if cls is BudgetConfig and "period_s" in kw and not kw["period_s"] > 0:
         raise ConfigError(f"must be > 0 (the length of a budget window in seconds), got "
                           f"{kw['period_s']}", source=source, key="budget.period_s")
+    if cls is CacheConfig and "key_metadata" in kw:
+        keys = kw["key_metadata"]
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+            raise ConfigError("must be a list of metadata key names, e.g. [\"client\"]",
+                              source=source, key="cache.key_metadata")
+        kw["key_metadata"] = tuple(keys)
     if cls is CacheConfig and "size_limit_mb" in kw:
         from cascade.cache import check_size_limit
 

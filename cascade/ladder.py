@@ -82,8 +82,9 @@ class Ladder:
         """Code verifiers without a ``cache_key``: requests on this ladder bypass the cache."""
         self.metadata_keys = tuple(sorted({
             str(k) for _, v in self.verifiers.values()
-            for k in getattr(v, "metadata_keys", ()) or ()}))
-        """Request metadata the verifiers read (e.g. the judge's ``reference``): in the key."""
+            for k in getattr(v, "metadata_keys", ()) or ()} | set(config.cache.key_metadata)))
+        """Request metadata in the key: what the verifiers read (e.g. the judge's
+        ``reference``) and ``[cache] key_metadata`` (``["client"]``: a cache per client)."""
         _ = self.router  # a bad or mismatched router file fails here, not on first traffic
 
     @functools.cached_property

@@ -193,6 +193,10 @@ class CacheConfig:
     """Default: ``$CASCADE_CACHE_DIR`` or the user cache dir."""
     ttl_s: float | None = None
     size_limit_mb: float = 1024.0
+    key_metadata: tuple[str, ...] = ()
+    """Request metadata keys that also enter the cache key: ``["client"]`` behind ``cascade
+    serve`` keeps each client's verified answers apart (shared by default: one client's hit
+    would tell another that the same question was asked, and when)."""
 
 
 @dataclass(frozen=True, kw_only=True)

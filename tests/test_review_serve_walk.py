@@ -215,3 +215,42 @@ def test_a_climb_stopped_by_money_is_a_429_not_an_unverified_422(
     import anyio
 
     anyio.run(in_code)
+
+
+# ---------------------------------------------------------------- the cache and clients
+
+
+@pytest.mark.parametrize("scope", [None, ["client"]])
+def test_cache_key_metadata_client_keeps_each_clients_answers_apart(
+        tmp_path: Path, openai_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch,
+        scope: list[str] | None) -> None:
+    """The cache is shared across clients: one client's hit told another that the same
+    question had been asked, and when (the original trace). ``[cache] key_metadata =
+    ["client"]`` now keys entries by client; the default stays shared (it saves money)."""
+    monkeypatch.setenv("WALK_KEY_A", "sk-walk-a-0123456789")
+    monkeypatch.setenv("WALK_KEY_B", "sk-walk-b-9876543210")
+    openai_server.script(lambda req: openai_reply("Paris", model=req.json["model"]))
+    cache: dict[str, Any] = {"enabled": True, "directory": str(tmp_path / "cache")}
+    if scope is not None:
+        cache["key_metadata"] = scope
+    cfg = ladder(tmp_path, openai_server.base_url, cache=cache, server={"clients": [
+        {"name": "a", "key_env": "WALK_KEY_A"}, {"name": "b", "key_env": "WALK_KEY_B"}]})
+    with serving(create_app(cfg)) as url:
+        hits = []
+        for key in ("sk-walk-a-0123456789", "sk-walk-b-9876543210", "sk-walk-a-0123456789"):
+            r = httpx.post(f"{url}/v1/chat/completions",
+                           headers={"authorization": f"Bearer {key}"},
+                           json={"model": "cascade", "messages": QUESTION})
+            assert r.status_code == 200, r.text
+            hits.append(r.headers["x-cascade-cache-hit"])
+    assert hits == (["false", "false", "true"] if scope else ["false", "true", "true"])
+
+
+def test_cache_key_metadata_must_be_a_list_of_names(tmp_path: Path) -> None:
+    from cascade import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"cache\.key_metadata"):
+        parse_config({"rungs": [{"model": "m", "provider": "openai-compatible",
+                                 "base_url": "http://127.0.0.1:9/v1", "input_usd_per_mtok": 0,
+                                 "output_usd_per_mtok": 0}],
+                      "cache": {"key_metadata": "client"}}, source="t")
