@@ -53,6 +53,7 @@ from cascade.serve.reload import (
     watched_files,
 )
 from cascade.telemetry import Telemetry
+from cascade.tokens import warm_up
 from cascade.trace import Answer, Attempt
 
 __all__ = ["ClimbEvent", "Loaded", "Service"]
@@ -226,6 +227,12 @@ class Service:
         watching the config file (and SIGHUP when ``sighup``)."""
         self._tg = tg
         self._reloading = anyio.Lock()
+        cfg, clients = self.config, self.server.clients
+        if (cfg.max_cost_usd is not None or cfg.budget.limit_usd is not None
+                or any(c.max_cost_usd is not None for c in clients)):
+            # Costs are estimated with tiktoken: its ~0.6 s load is start-up's, not the
+            # first request's.
+            await anyio.to_thread.run_sync(warm_up, [r.model for r in cfg.rungs])
         if self.path is None:
             return
         path = self.path
