@@ -171,7 +171,8 @@ def test_a_label_for_a_case_the_suite_lacks_is_said_and_not_used(
     a silent no-op: the command says how many it could not use."""
     t, _gold = _letters(300, 3)
     f = _shared(tmp_path, t, np.arange(t.n) >= 100)
-    lab = _labels_file(tmp_path, [{"id": "nope", "correct": {"s": True, "l": True}}])
+    lab = _labels_file(tmp_path, [{"id": "nope", "correct": {"s": True, "l": True}},
+                                  {"id": "q200", "why": "asked, not yet answered"}])
     assert main(["label", str(f), "--labels", str(lab), "--out", str(tmp_path / "N")]) == 0
     assert "1 label(s) name cases the suite does not hold (e.g. 'nope')" in capsys.readouterr().err
 

@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from cascade.config import load_config
+from cascade.cli._suites import load_ladder, load_table
 from cascade.evaluate import evaluate, format_report
 from cascade.suite import load_outcome_table
 
@@ -18,18 +18,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``cascade eval SUITE... --config FILE [--json]``."""
     parser.add_argument("suites", nargs="+", metavar="SUITE",
                         help="recorded suite folders/files, or shared outcome JSONL files")
-    parser.add_argument("--config", required=True, help="the cascade to evaluate (TUNED.toml)")
+    parser.add_argument("--config", required=True,
+                        help="the cascade to evaluate (TUNED.toml; a shared ladder JSON is "
+                             "read as its rungs with no verifier)")
     parser.add_argument("--recorded-with",
                         help="the ladder the suites were recorded with, when --config holds "
-                             "only some of its rungs (default: --config)")
+                             "only some of its rungs (default: --config; for shared outcome "
+                             "files, the ladder beside them): a TOML config or a shared ladder "
+                             "JSON, as tune's --config")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run(ns: argparse.Namespace) -> int:
     """Evaluate and print."""
-    config = load_config(ns.config)
-    recorded = load_config(ns.recorded_with) if ns.recorded_with else config
-    table = load_outcome_table(ns.suites, recorded)
+    config = load_ladder(ns.config)
+    if ns.recorded_with:  # read as tune and label read their --config
+        table = load_table(ns.suites, ns.recorded_with)
+    else:  # shared outcome files keep the ladder beside them
+        table = load_outcome_table(ns.suites, config)
     rep = evaluate(table, config)
     print(json.dumps(_json_safe(rep), indent=2, allow_nan=False) if ns.json
           else format_report(rep))

@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from cascade.cli._args import int_in
-from cascade.config import load_config
-from cascade.suite import OutcomeTable, load_outcome_table
+from cascade.cli._suites import STDOUT, load_ladder, load_table
+from cascade.suite import OutcomeTable
+from cascade.suite.cases import read_jsonl
 from cascade.tuning.guard import DELTA
 
-__all__ = ["add_arguments", "apply_labels", "check_promise", "run"]
+__all__ = ["CONFIG_HELP", "add_arguments", "apply_labels", "check_promise", "run"]
+
+CONFIG_HELP = ("the ladder the suites were recorded with: a TOML config, or a shared ladder "
+               "JSON (ladder-<chain>.json). Not needed for shared outcome files (the ladder "
+               "beside them is used); given with them, a .json replaces that ladder and a TOML "
+               "chooses the rungs (its rungs in its order, matched by model name)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suites", nargs="+", metavar="SUITE",
                         help="recorded suite folders/files, or shared outcome JSONL files, in "
                              "which some cases carry no label")
-    parser.add_argument("--config", help="the ladder the suites were recorded with (not needed "
-                                         "for shared outcome files)")
+    parser.add_argument("--config", help=CONFIG_HELP)
     parser.add_argument("--max-accuracy-drop", type=float, default=0.01,
                         help="the promise the tuning will be asked for (default 0.01)")
     parser.add_argument("--delta", type=float, default=DELTA,
@@ -43,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="grade the needed cases with this config's last rung (a strong "
                              "model); its cost is reported and its verdicts marked as judge "
                              "labels")
-    parser.add_argument("--out", required=True, help="where to write NEEDS.jsonl")
+    parser.add_argument("--out", required=True,
+                        help="where to write NEEDS.jsonl (- for standard output; the summary "
+                             "then goes to standard error)")
 
 
 def check_promise(max_drop: float | None, delta: float, max_cost: float | None = None) -> None:
@@ -70,23 +77,16 @@ def apply_labels(table: OutcomeTable, files: list[str],
     from cascade.tuning.label import read_labels
 
     rows: list[dict[str, Any]] = []
+    ids = set(table.case_ids)
     for f in files:
-        try:
-            text = Path(f).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot read: {e.strerror}", source=f) from None
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise ConfigError(f"line {i} is not valid JSON: {e}", source=f) from None
-                if not isinstance(row, dict):
-                    raise ConfigError(f"line {i} must be a JSON object", source=f)
-                rows.append(row)
+        mine = [row for _i, row in read_jsonl(Path(f))]
+        named = [str(row.get("id")) for row in mine]
+        if mine and not ids.intersection(named):  # the labels of another suite: nothing fits
+            raise ConfigError(f"no line names a case of the suite (e.g. {named[0]!r}): the "
+                              "labels of another suite?", source=f)
+        rows.extend(mine)
     labels = read_labels(rows, ", ".join(files))
     known = set(table.labels)
-    ids = set(table.case_ids)
     stray = sorted(cid for cid in labels if cid not in ids)
     if stray:  # labels kept from a wider or older recording: said, never a silent no-op
         print(f"cascade: {len(stray)} label(s) name cases the suite does not hold (e.g. "
@@ -102,22 +102,41 @@ def apply_labels(table: OutcomeTable, files: list[str],
                 k = (f"judge:{row.get('judge_model') or 'unknown'}"
                      if row.get("label_source") == "judge" else "given")
                 sources[k] = sources.get(k, 0) + 1
+    col = {r.label: j for j, r in enumerate(table.rungs)}
+    row_of = {cid: i for i, cid in enumerate(table.case_ids)}
+    lab = table.is_labelled
+    contra = [cid for cid, got in labels.items() if lab[row_of[cid]] and any(
+        bool(table.correct[row_of[cid], col[k]]) != v for k, v in got.items())]
+    if contra:  # the newest label wins, but replacing a grade is said, never silent
+        print(f"cascade: {len(contra)} label(s) contradict the grade the suite holds (e.g. "
+              f"{contra[0]!r}); the labels given replace it", file=sys.stderr)
     return table.with_labels(labels)
 
 
 def run(ns: argparse.Namespace) -> int:
-    """Find the needed labels (and judge them), write NEEDS.jsonl, print a summary."""
+    """Find the needed labels (and judge them), write NEEDS.jsonl, print a summary; exit 3
+    (a provider failed) when the judge's endpoint failed, after writing what it judged."""
+    from cascade.cli import EXIT_NO_ANSWER
     from cascade.tuning.label import judge_labels, needed_labels
 
     check_promise(ns.max_accuracy_drop, ns.delta)
-    config = load_config(ns.config) if ns.config else None
-    judge = load_config(ns.judge) if ns.judge else None  # a bad --judge fails now, not later
-    table = apply_labels(load_outcome_table(ns.suites, config), ns.labels)
+    judge = load_ladder(ns.judge) if ns.judge else None  # a bad --judge fails now, not later
+    table = apply_labels(load_table(ns.suites, ns.config), ns.labels)
+    to_stdout = ns.out == STDOUT
+    if not to_stdout:  # an unwritable --out fails before the judge is paid, not after
+        Path(ns.out).open("a", encoding="utf-8").close()
     needs = needed_labels(table, max_drop=ns.max_accuracy_drop, delta=ns.delta, max_n=ns.max)
+    total = len(needs)
+    if ns.max is not None:  # the count said is of all the labels needed, not the truncation
+        total = max(total, len(needed_labels(table, max_drop=ns.max_accuracy_drop,
+                                             delta=ns.delta)))
     rows = [n.to_dict(table) for n in needs]
     unlabelled = table.n - table.n_labelled
-    summary = (f"{len(rows)} of {unlabelled} unlabelled cases need a label "
+    summary = (f"{total} of {unlabelled} unlabelled cases need a label "
                f"({table.n_labelled} of {table.n} labelled)")
+    if len(rows) < total:
+        summary += f"; the first {len(rows)} written (--max {ns.max})"
+    failure = ""
     if judge is not None and needs:
         res = judge_labels(table, needs, judge)
         for row in rows:
@@ -130,9 +149,24 @@ def run(ns: argparse.Namespace) -> int:
                     f"calls, {cost}")
         if res.unjudged:
             summary += f", {len(res.unjudged)} without a clear verdict"
-    with Path(ns.out).open("w", encoding="utf-8") as f:
+        if res.error is not None:
+            e = res.error
+            tries = f" (after {e.tries} tries)" if e.tries > 1 else ""
+            failure = (f"cascade: the judge {res.model} at {res.endpoint} failed{tries}: "
+                       f"{type(e).__name__}: {e}; judging stopped, the "
+                       f"{len(rows) - len(res.labels)} cases it did not label are written "
+                       "without a label (run again to judge them)")
+    if to_stdout:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(summary)
-    print(f"wrote {ns.out}", file=sys.stderr)
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(summary, file=sys.stderr)
+    else:
+        with Path(ns.out).open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(summary)
+        print(f"wrote {ns.out}", file=sys.stderr)
+    if failure:
+        print(failure, file=sys.stderr)
+        return EXIT_NO_ANSWER
     return 0

@@ -9,9 +9,9 @@ import tomllib
 from pathlib import Path
 
 from cascade.cli._args import int_in
-from cascade.cli.label import apply_labels, check_promise
-from cascade.config import load_config, parse_config
-from cascade.suite import load_outcome_table
+from cascade.cli._suites import load_table, refuse_stdout
+from cascade.cli.label import CONFIG_HELP, apply_labels, check_promise
+from cascade.config import parse_config
 from cascade.tuning import format_report, to_toml, tune
 from cascade.tuning.guard import DELTA
 from cascade.tuning.plot import plot_frontier
@@ -23,8 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``cascade tune SUITE... [--config FILE] [--max-accuracy-drop X | --max-cost-usd X]``."""
     parser.add_argument("suites", nargs="+", metavar="SUITE",
                         help="recorded suite folders/files, or shared outcome JSONL files")
-    parser.add_argument("--config", help="the ladder the suites were recorded with (not needed "
-                                         "for shared outcome files)")
+    parser.add_argument("--config", help=CONFIG_HELP)
     goal = parser.add_mutually_exclusive_group()
     goal.add_argument("--max-accuracy-drop", type=float, default=None,
                       help="cheapest setting within this accuracy of the best rung (default "
@@ -50,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: also learn a pre-generation router from the cases' prompts "
                              "and keep it only when it saves under the same guard (default); "
                              "off: never")
-    parser.add_argument("--out", required=True, help="where to write TUNED.toml")
+    parser.add_argument("--out", required=True,
+                        help="where to write TUNED.toml (a file: a router is written beside "
+                             "it)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", help="write the frontier as a PNG (needs matplotlib)")
 
@@ -58,9 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     """Tune, write TUNED.toml, print the report."""
     check_promise(ns.max_accuracy_drop, ns.delta, ns.max_cost_usd)
-    config = load_config(ns.config) if ns.config else None
+    refuse_stdout("--out", ns.out, "standard output carries the report, and a router is "
+                  "written to a file beside TUNED.toml")
+    refuse_stdout("--plot", ns.plot, "the frontier is a PNG image")
     sources: dict[str, int] = {}
-    table = apply_labels(load_outcome_table(ns.suites, config), ns.labels, sources)
+    table = apply_labels(load_table(ns.suites, ns.config), ns.labels, sources)
     result = tune(table, max_accuracy_drop=ns.max_accuracy_drop, max_cost_usd=ns.max_cost_usd,
                   delta=ns.delta, seed=ns.seed, agreement=ns.agreement,
                   shift_guard=ns.shift_guard)

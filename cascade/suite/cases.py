@@ -64,11 +64,21 @@ def suite_files(path: Path) -> list[Path]:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line; a byte that is not UTF-8 is a
+    ConfigError naming its line (it was a UnicodeDecodeError traceback). Lines end at ``\n``
+    only: ``str.splitlines`` also broke a line at a U+2028 or U+0085 inside a JSON string."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror}", source=str(path)) from None
-    for i, line in enumerate(lines, 1):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"line {at} is not UTF-8 text (byte 0x{data[e.start]:02x} at "
+                          f"column {col})", source=str(path)) from None
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -39,8 +39,10 @@ __all__ = [
     "OutcomeTable",
     "agreement_arrays",
     "is_shared_outcomes",
+    "ladder_config",
     "load_outcome_table",
     "load_shared_outcomes",
+    "read_ladder_file",
     "table_from_recordings",
 ]
 
@@ -251,13 +253,44 @@ def is_shared_outcomes(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
     if not p.is_file():
         return False
-    with p.open(encoding="utf-8") as f:
+    with p.open("rb") as f:
         first = f.readline(1 << 20)
-    try:
+    try:  # bytes that are not UTF-8 raise here (a ValueError): read_jsonl then names the line
         obj = json.loads(first)
     except ValueError:
         return False
     return isinstance(obj, dict) and isinstance(obj.get("outcomes"), dict)
+
+
+def read_ladder_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
+    """A shared ``ladder-<chain>.json``: ``{"ladder": [{"model": ..., prices, provider}]}``,
+    checked here so a malformed entry is a ConfigError naming the file, not a KeyError."""
+    try:
+        ladder: Any = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(f"cannot read the ladder: {e}", source=str(path)) from None
+    entries = ladder.get("ladder") if isinstance(ladder, Mapping) else None
+    if not (isinstance(entries, list) and entries):
+        raise ConfigError('a ladder file is {"ladder": [{"model": ..., "input_usd_per_mtok": '
+                          '..., "output_usd_per_mtok": ...}, ...]}', source=str(path))
+    for k, m in enumerate(entries):
+        if not (isinstance(m, Mapping) and isinstance(m.get("model"), str) and m["model"]):
+            raise ConfigError(f"entry {k} needs a \"model\" name", source=str(path),
+                              key=f"ladder[{k}]")
+        for price in ("input_usd_per_mtok", "output_usd_per_mtok"):
+            v = m.get(price, 0.0)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{price} must be a finite number >= 0, got {v!r}",
+                                  source=str(path), key=f"ladder[{k}]")
+    return dict(ladder)
+
+
+def ladder_config(path: str | os.PathLike[str], *, logprobs: bool = False) -> CascadeConfig:
+    """A shared ladder JSON as a config (its rungs, no verifiers), so ``--config`` takes the
+    file the README points at as well as a TOML ladder."""
+    rungs = _ladder_rungs(read_ladder_file(path), logprobs)
+    return CascadeConfig(rungs=tuple(rungs.values()), source=str(path))
 
 
 def _read_ladder(paths: Sequence[Path], chains: set[str],
@@ -272,12 +305,7 @@ def _read_ladder(paths: Sequence[Path], chains: set[str],
     if chains:
         ladder_file = paths[0].with_name(f"ladder-{next(iter(chains))}.json")
         if ladder_file.is_file():
-            try:
-                ladder: Mapping[str, Any] = json.loads(ladder_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"cannot read the ladder: {e}", source=str(ladder_file)
-                                  ) from None
-            return ladder, str(ladder_file)
+            return read_ladder_file(ladder_file), str(ladder_file)
     return {"ladder": [{"model": m, "price": "unknown"} for m in models]}, "<recorded models>"
 
 
@@ -309,13 +337,20 @@ def _group_of(bench: str, row: Mapping[str, Any]) -> str:
     return bench
 
 
-def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTable:
+def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]],
+                         config: CascadeConfig | None = None, *,
+                         ladder_file: str | os.PathLike[str] | None = None) -> OutcomeTable:
     """Load files of the shared recorded-outcomes format; all must come from one ladder.
 
-    The ladder is ordered by mean cost over the loaded cases; the score is the recorded
-    confidence, exposed as verifier ``confidence``. Groups are ``benchmark/subject``.
+    The ladder is ``ladder_file`` (a shared ladder JSON), else the ``ladder-<chain>.json``
+    beside the files, ordered by mean cost over the loaded cases. A ``config`` instead chooses
+    the rungs: its rungs in its order, each matched to the file's model of the same name (a
+    model the files do not record is an error), as a recorded suite's ``--config`` does. The
+    score is the recorded confidence, exposed as verifier ``confidence``. Groups are
+    ``benchmark/subject``.
     """
     rows: list[tuple[str, dict[str, Any]]] = []
+    where: list[str] = []
     chains: set[str] = set()
     sources: set[str] = set()
     ps = [Path(x) for x in paths]
@@ -327,30 +362,52 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
             raise ConfigError('not a shared outcomes file (JSON lines with "outcomes")',
                               source=str(p))
         for line, obj in read_jsonl(p):
+            if "id" not in obj:  # labels, NEEDS lines and error messages name cases by id
+                raise ConfigError(f"line {line}: a case needs 'id'", source=str(p))
             outs = obj.get("outcomes")
             if not isinstance(outs, Mapping) or not all(isinstance(o, Mapping)
                                                         for o in outs.values()):
                 raise ConfigError(f"line {line}, case {obj.get('id')!r}: \"outcomes\" must be "
                                   "an object holding one object per model", source=str(p))
             rows.append((m["bench"] if m is not None else p.stem, obj))
+            where.append(f"{p}:{line}")
             for o in outs.values():
                 sources.add(str(o.get("confidence_source", "")))
     if not rows:
         raise ConfigError("no cases", source=", ".join(map(str, ps)))
-    seen: set[str] = set()
-    for _b, row in rows:  # labels are keyed by id; a file given twice doubled the evidence
-        cid = str(row.get("id"))
+    seen: dict[str, str] = {}
+    for (_b, row), at in zip(rows, where, strict=True):  # labels are keyed by id; a file
+        cid = str(row.get("id"))                         # given twice doubled the evidence
         if cid in seen:
-            raise ConfigError(f"case id {cid!r} repeats (a file given twice, or two cases "
-                              "with one id)", source=", ".join(map(str, ps)))
-        seen.add(cid)
-    models = list(rows[0][1]["outcomes"])
+            raise ConfigError(f"case id {cid!r} repeats (first at {seen[cid]}; a file given "
+                              "twice, or two cases with one id)", source=at)
+        seen[cid] = at
     logprobs = sources == {"answer_logprob"}
-    ladder, ladder_source = _read_ladder(ps, chains, models)
-    by_model = _ladder_rungs(ladder, logprobs)
-    missing = [x for x in models if x not in by_model]
-    if missing:
-        raise ConfigError(f"the ladder file has no entry for {missing}", source=ladder_source)
+    recorded = list(rows[0][1]["outcomes"])
+    if config is not None:
+        models = [r.model for r in config.rungs]
+        lacking = [(k, r) for k, r in enumerate(config.rungs) if r.model not in recorded]
+        if lacking:
+            k, bad = lacking[0]
+            raise ConfigError(f"rung {bad.label!r}: model {bad.model!r} is not recorded in "
+                              f"{where[0].rsplit(':', 1)[0]}; recorded: {', '.join(recorded)}",
+                              source=config.source, key=f"rungs[{k}]")
+        # the recorded confidence is the signal: the config's own verifiers and thresholds
+        # do not apply, and an answer_logprob confidence needs the log-probabilities served
+        chosen = tuple(replace(r, verifiers=None, thresholds={},
+                               logprobs=r.logprobs or logprobs) for r in config.rungs)
+    else:
+        models = recorded
+        if ladder_file is not None:
+            ladder, ladder_source = read_ladder_file(ladder_file), str(ladder_file)
+        else:
+            ladder, ladder_source = _read_ladder(ps, chains, models)
+        by_model = _ladder_rungs(ladder, logprobs)
+        missing = [x for x in models if x not in by_model]
+        if missing:
+            raise ConfigError(f"the ladder file has no entry for {missing}",
+                              source=ladder_source)
+        chosen = tuple(by_model[x] for x in models)
     n, r = len(rows), len(models)
     correct = np.zeros((n, r), dtype=bool)
     labelled = np.ones(n, dtype=bool)
@@ -363,33 +420,35 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
             if o.get("correct") is not None and not isinstance(o["correct"], bool):
                 raise ConfigError(f"case {row.get('id')!r}, model {model!r}: \"correct\" must "
                                   f"be true, false or null, got {o['correct']!r}",
-                                  source=str(paths[0]))
+                                  source=where[i])
         grades = [o.get("correct") for o in row["outcomes"].values()]
         if all(g is None for g in grades):
             labelled[i] = False  # recorded, not labelled
         elif any(g is None for g in grades):
             raise ConfigError(f"case {row.get('id')!r} labels some outcomes and not others "
                               "(\"correct\": null in every outcome means not labelled)",
-                              source=str(paths[0]))
+                              source=where[i])
         for j, model in enumerate(models):
             o = row["outcomes"].get(model)
             if o is None:
                 raise ConfigError(f"case {row.get('id')!r} has no outcome for {model!r}",
-                                  source=str(paths[0]))
+                                  source=where[i])
             t = o.get("text")
             texts[i].append(t if isinstance(t, str) else None)
             correct[i, j] = bool(o["correct"])
-            cost[i, j] = _outcome_number(o, "cost_usd", row, model, paths)
+            cost[i, j] = _outcome_number(o, "cost_usd", row, model, [where[i]])
             c = o.get("confidence")
             score[i, j] = (math.nan if c is None else
-                           _outcome_number(o, "confidence", row, model, paths, upper=1.0))
-    order = np.argsort(cost.mean(axis=0), kind="stable")
+                           _outcome_number(o, "confidence", row, model, [where[i]], upper=1.0))
+    # a config's rungs keep its order, as a recorded suite's do (the tuner sorts by cost)
+    order = (np.arange(r) if config is not None
+             else np.argsort(cost.mean(axis=0), kind="stable"))
     source = "logprobs" if logprobs else "self_check" if sources == {"self_check"} else "auto"
     verifier = VerifierConfig(name="confidence", id="confidence", settings={"source": source})
     agree = agreement_arrays(texts)
     return OutcomeTable(
         case_ids=tuple(str(row["id"]) for _b, row in rows),
-        rungs=tuple(by_model[models[j]] for j in order),
+        rungs=tuple(chosen[int(j)] for j in order),
         correct=correct[:, order], cost=cost[:, order],
         scores={"confidence": score[:, order]}, passed={},
         groups=tuple(_group_of(b, row) for b, row in rows),
@@ -402,6 +461,8 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]]) -> OutcomeTabl
         answers=tuple(tuple(t[int(j)] for j in order) for t in texts),
         case_normalisers=tuple(_BENCH_NORMALISER.get(b, "normalised") for b, _row in rows),
         labelled=None if labelled.all() else labelled,
+        # a config's other tables ([server], [policy], ...) go into TUNED.toml as written
+        base=None if config is None else config.replace(rungs=chosen, verifiers=(verifier,)),
     )
 
 

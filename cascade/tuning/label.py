@@ -11,6 +11,7 @@ names those cases, the ones that buy the most saving per label first.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cascade.config import CascadeConfig, RungConfig
-from cascade.errors import ConfigError
+from cascade.errors import ConfigError, ProviderError
 from cascade.messages import Message
 from cascade.providers.base import Provider
 from cascade.suite.outcomes import OutcomeTable
@@ -166,17 +167,29 @@ class JudgeResult:
     price_known: bool = True
     """False when the judge rung's price is unknown: ``cost_usd`` is then no cost (0), and
     must not be shown as one."""
+    error: ProviderError | None = None
+    """The call that failed, when the judge endpoint failed (refused, 401, ...): judging
+    stopped there, and ``labels`` holds the verdicts obtained (and paid for) before it."""
+    endpoint: str = ""
+    """Where the judge was called (its ``base_url``, or the provider's default), for the
+    error message."""
 
 
 def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConfig, *,
                  provider_factory: Callable[[RungConfig], Provider] | None = None,
                  concurrency: int = 8) -> JudgeResult:
     """Grade every rung's answer to each needed case with the judge config's last rung (one
-    call per distinct answer under the suite's normaliser: equal answers share a grade)."""
+    call per distinct answer under the suite's normaliser: equal answers share a grade).
+
+    Each call gets the config's retries. When the endpoint still fails, no new case is started
+    (cases already started finish, so verdicts paid for are kept) and the result carries the
+    first error: it never raises a provider error, which lost every verdict obtained so far.
+    """
     import anyio
 
     from cascade.providers import make_provider
     from cascade.providers.base import rung_call
+    from cascade.retry import call_with_retry
     from cascade.text import NORMALISERS
 
     if not config.rungs:
@@ -186,9 +199,12 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
     rung = config.rungs[-1]
     names = table.case_normalisers or (table.agreement_normaliser or "normalised",) * table.n
     factory = provider_factory or make_provider
+    retry = config.retry
+    attempts = rung.max_retries + 1 if rung.max_retries is not None else retry.max_attempts
     labels: dict[str, dict[str, bool]] = {}
     unjudged: list[str] = []
     spent = [0.0, 0.0]
+    failed: list[ProviderError] = []
 
     async def one(need: Need, provider: Provider, limit: anyio.CapacityLimiter) -> None:
         groups: dict[Any, list[int]] = {}
@@ -198,6 +214,7 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
             key = None if t is None else norm(t)
             groups.setdefault(("none", j) if key is None else key, []).append(j)
         got: dict[str, bool] = {}
+        started = False
         for key, cols in groups.items():
             text = texts[cols[0]]
             if text is None or (isinstance(key, tuple) and key[0] == "none"):
@@ -206,9 +223,22 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
             msgs = (Message("system", _JUDGE_SYSTEM),
                     Message("user", _judge_prompt(table.prompts[need.index], text)))
             async with limit:
-                reply = await provider.complete(rung_call(rung, msgs))
+                if failed and not started:  # the endpoint failed: start no new case
+                    return
+                started = True
+                try:
+                    reply, tries = await call_with_retry(
+                        functools.partial(provider.complete, rung_call(rung, msgs)),
+                        max_attempts=attempts, base_delay_s=retry.base_delay_s,
+                        max_delay_s=retry.max_delay_s, jitter=retry.jitter)
+                except ProviderError as e:
+                    spent[0] += e.billed_usd + (rung.cost_usd(*e.billed_tokens)
+                                                if e.billed_tokens is not None else 0.0)
+                    spent[1] += e.tries
+                    failed.append(e)
+                    return
             spent[0] += rung.cost_usd(reply.input_tokens, reply.output_tokens)
-            spent[1] += 1
+            spent[1] += tries
             v = _verdict(reply.text)
             if v is None:
                 unjudged.append(need.case_id)
@@ -217,7 +247,11 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
         labels[need.case_id] = got
 
     async def main() -> None:
-        provider = factory(rung)
+        try:
+            provider = factory(rung)  # an unset API key may fail here
+        except ProviderError as e:
+            failed.append(e)
+            return
         limit = anyio.CapacityLimiter(concurrency)
         try:
             async with anyio.create_task_group() as tg:
@@ -228,7 +262,9 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
 
     anyio.run(main)
     return JudgeResult(labels=labels, cost_usd=spent[0], calls=int(spent[1]), model=rung.model,
-                       unjudged=sorted(set(unjudged)), price_known=rung.price != "unknown")
+                       unjudged=sorted(set(unjudged)), price_known=rung.price != "unknown",
+                       error=failed[0] if failed else None,
+                       endpoint=rung.base_url or f"the {rung.provider} provider's default URL")
 
 
 def read_labels(rows: Sequence[Mapping[str, Any]], source: str = ""
