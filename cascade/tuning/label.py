@@ -5,7 +5,8 @@ answer differs from the top rung's (a few percent of traffic): an answer equal t
 under the suite's normaliser has its grade whatever the grade is. So recorded traffic needs
 labels only where a cheaper setting's accepted answer disagrees with the answer of a rung that
 could be the best, and only for settings that labels could make pass the guard (their bound,
-with every such disagreement resolved as a tie, clears the promise). :func:`needed_labels`
+with every such disagreement resolved as a tie, or as a gain where the setting's answer is
+another plausible best rung's, clears the promise). :func:`needed_labels`
 names those cases, the ones that buy the most saving per label first.
 """
 
@@ -82,20 +83,30 @@ def needed_labels(table: OutcomeTable, *, max_drop: float = 0.01, delta: float =
     now = float(simulate(table, current)[1].mean())
     f = guarded_frontier(table, delta=delta, agreement=agreement)
     rivals = f.rivals
+    same = {c: m for c in rivals if (m := table.same_answer(c)) is not None}
+    rows = np.arange(table.n)
     plans: list[tuple[float, float, int, list[int], IntArray]] = []
     for g, st in enumerate(f.settings):
         gain = now - float(f.cost[g])
         if gain <= 0:
             continue
         ex = simulate(table, st)[2]
+        col = np.asarray(st.chain, dtype=np.int64)[ex]
         unknown = np.zeros(table.n, dtype=bool)
         reachable = True
         for c in rivals:
             b, w = outcome_of(table, st, c, ex)
             u = w & unl
             unknown |= u
-            # the best labels can do: every disagreement turns out a tie
-            _, _, lo = paired_bound(np.array([float(b.sum())]),
+            # The best labels can do: a disagreement turns out a tie, or a gain where the
+            # setting's answer is another plausible best rung's (it ends at 405b while 70b
+            # is the rival: 405b may well be the one that is right).
+            backed = np.zeros(table.n, dtype=bool)
+            for c2, m in same.items():
+                if c2 != c:
+                    backed |= m[rows, col]
+            won = float((u & backed).sum())
+            _, _, lo = paired_bound(np.array([float(b.sum()) + won]),
                                     np.array([float(w.sum() - u.sum())]), f.n,
                                     float(f.zs[g]), float(f.pseudo[g]))
             reachable &= bool(lo[0] >= -max_drop - 1e-12)
@@ -103,7 +114,6 @@ def needed_labels(table: OutcomeTable, *, max_drop: float = 0.01, delta: float =
             cases = np.nonzero(unknown)[0].tolist()
             plans.append((gain / len(cases), gain, g, cases, ex))
     plans.sort(key=lambda x: (-x[0], x[2]))
-    same = {c: m for c in rivals if (m := table.same_answer(c)) is not None}
     count: dict[int, int] = {}
     for _v, _gain, _g, cases, _ex in plans:
         for i in cases:
