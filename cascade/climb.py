@@ -142,6 +142,8 @@ class Climb:
     """The latest answer that came back (attempt, parsed): returned unverified if none passes."""
     skips: list[policy.Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    route: dict[str, Any] | None = None
+    """The router's decision, for the trace (``Answer.route``)."""
 
     def remaining_s(self) -> float | None:
         return None if self.deadline is None else self.deadline - self.clock()
@@ -156,6 +158,10 @@ class Climb:
             start = min(max(0, route.start), len(rungs) - 1)
             # The top rung is never routed away: it answers when nothing else may.
             routed = {i for i in range(len(rungs) - 1) if i < start or i in route.skip}
+            labels = [r.label for r in rungs]
+            self.route = {"start": start, "skipped": [labels[i] for i in sorted(routed)],
+                          "scores": dict(zip(labels, route.scores, strict=False)),
+                          "reason": route.reason}
             for i in sorted(routed):
                 await self._routed(i, route.reason)
         for i, rung in enumerate(rungs):

@@ -380,7 +380,7 @@ class Cascade:
             msg = "; ".join(reasons) or "every rung failed"
             empty = Answer(text="", model="", verified=False, attempts=climb.attempts,
                            cost_usd=money.spent_usd, latency_ms=(self._clock() - t0) * 1000,
-                           metadata=request.metadata, request_id=request_id)
+                           metadata=request.metadata, request_id=request_id, route=climb.route)
             outcome = policy.no_answer_outcome(
                 climb.skips, deadline_hit=deadline_hit,
                 any_error=any(a.status == "error" for a in climb.attempts))
@@ -398,6 +398,7 @@ class Cascade:
             attempts=climb.attempts, parsed=parsed, cost_usd=money.spent_usd,
             latency_ms=(self._clock() - t0) * 1000, cache_key=key,
             metadata=request.metadata, request_id=request_id, warnings=warnings,
+            route=climb.route,
         )
         if answer.verified and key is not None and store.cache is not None:
             try:

@@ -110,6 +110,9 @@ class Answer:
     """Unique per request (a cache hit gets its own); audit lines and feedback refer to it."""
     warnings: list[str] = field(default_factory=list)
     """Things that went wrong without costing the answer (e.g. the cache store failed)."""
+    route: Mapping[str, Any] | None = None
+    """The router's decision when the ladder has one: ``start`` (rung index), ``skipped``
+    (rung labels), ``scores`` (per rung label, P(its answer is right)) and ``reason``."""
 
     @property
     def input_tokens(self) -> int:
@@ -137,6 +140,7 @@ class Answer:
             "metadata": dict(self.metadata),
             "request_id": self.request_id,
             "warnings": list(self.warnings),
+            "route": None if self.route is None else dict(self.route),
             "attempts": [a.to_dict() for a in self.attempts],
         }
 
@@ -155,6 +159,7 @@ class Answer:
             metadata=d.get("metadata") or {},
             request_id=str(d.get("request_id", "")),
             warnings=list(d.get("warnings") or []),
+            route=d.get("route"),
         )
 
 

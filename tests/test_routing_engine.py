@@ -91,3 +91,29 @@ async def test_a_variant_of_the_ladder_shares_the_router_loaded_with_its_config(
         {"role": "user", "content": "Prove that the series sum 1/n^5 converges and bound its "
                                     "tail."}], config=variant)
     assert ans.attempts[0].status == "routed" and ans.model == "big"
+
+
+async def test_the_routers_decision_and_scores_are_in_the_trace_wherever_it_starts(
+        tmp_path: Path) -> None:
+    """The issue: "its decision and scores are in the trace". A request the router started
+    at rung 0, skipping nothing, left no sign of it (no attempt note, no scores anywhere), and
+    ``route.scores`` never reached the Answer, its JSON, or ``cascade answer``'s text."""
+    from cascade.cli._format import format_climb
+
+    s = Script({"small": ["Lima"], "big": ["a better answer"]})
+    c = _cascade(tmp_path, s)
+    easy = await c.aanswer(messages=[
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is the capital city of Peru?"}])
+    assert easy.route is not None and easy.route["start"] == 0 and easy.route["skipped"] == []
+    assert set(easy.route["scores"]) == {"small", "big"}
+    assert easy.route["reason"].startswith("started at rung 0: router P(rung 0 right) = ")
+    assert easy.to_dict()["route"] == easy.route
+    assert "router: started at rung 0" in format_climb(easy)
+    hard = await c.aanswer(messages=[
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Prove that the series sum 1/n^5 converges and bound its "
+                                    "tail."}])
+    assert hard.route is not None and hard.route["skipped"] == ["small"]
+    assert 0.0 <= hard.route["scores"]["small"] <= 1.0
+    assert "router P(rung 0 right)" in format_climb(hard)  # the routed attempt's note, too

@@ -9,7 +9,7 @@ __all__ = ["format_climb"]
 
 def format_climb(answer: Answer) -> str:
     """A compact, human view of the climb: rungs, verdicts, tokens, cost, latency."""
-    lines = []
+    lines = [f"  router: {answer.route['reason']}"] if answer.route else []
     for a in answer.attempts:
         cost = f"${a.cost_usd:.6f}" if a.cost_usd else "$0"
         label = a.model if a.name in ("", a.model) else f"{a.name} [{a.model}]"
@@ -20,6 +20,8 @@ def format_climb(answer: Answer) -> str:
         lines.append(head)
         if a.error:
             lines.append(f"       ! {a.error}")
+        if a.note:
+            lines.append(f"       · {a.note}")
         for v in a.verdicts:
             mark = "-" if v.skipped else ("✓" if v.passed else "✗")
             score = f" {v.score:.3f}" if v.score is not None else ""

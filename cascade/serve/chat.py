@@ -73,7 +73,8 @@ def trace_of(answer: Answer, ladder: str) -> CascadeTrace:
     return CascadeTrace(request_id=answer.request_id, ladder=ladder, verified=answer.verified,
                         cache_hit=answer.cache_hit, cost_usd=answer.cost_usd,
                         latency_ms=answer.latency_ms, attempts=attempts,
-                        warnings=list(answer.warnings))
+                        warnings=list(answer.warnings),
+                        route=None if answer.route is None else dict(answer.route))
 
 
 def usage_of(answer: Answer) -> Usage:

@@ -178,6 +178,8 @@ class CascadeTrace(BaseModel):
     attempts: list[dict[str, Any]]
     """Every rung tried, with status, tokens, cost, latency and verdicts (not the texts)."""
     warnings: list[str] = Field(default_factory=list)
+    route: dict[str, Any] | None = None
+    """The router's decision (start, skipped, scores, reason) when the ladder has one."""
 
 
 class ResponseMessage(BaseModel):
