@@ -268,3 +268,51 @@ def test_a_service_that_estimates_costs_loads_tiktoken_at_start_up(
     with serving(create_app(cfg)):
         loaded = dict(tokens._encodings)
     assert loaded and all(v is not None for v in loaded.values()), loaded
+
+
+def test_escalations_count_a_climb_going_on_not_the_top_rungs_rejection(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """``cascade_escalations_total`` counted the top rung's rejection (nothing escalates
+    from there) and not a cheap rung's failed call that moved the climb on."""
+    from tests.loopback import openai_error
+
+    def handle(req: RecordedRequest) -> Reply:
+        prompt = req.json["messages"][-1]["content"]
+        if prompt == "fail" and req.json["model"] == "small":
+            return openai_error(400, "bad request")
+        return openai_reply("I'm sorry, but I can't help with that." if prompt == "refuse"
+                            else "Paris", model=req.json["model"])
+
+    openai_server.script(handle)
+    with serving(create_app(ladder(tmp_path, openai_server.base_url))) as url:
+        for prompt in ("refuse", "fail"):
+            r = httpx.post(f"{url}/v1/chat/completions", json={
+                "model": "cascade", "messages": [{"role": "user", "content": prompt}]})
+            assert r.status_code == 200, r.text
+        text = httpx.get(f"{url}/metrics").text
+    counts = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line.startswith("cascade_escalations_total{")}
+    assert counts == {'ladder="cascade",rung="small"': 2.0}, counts
+
+
+def test_the_access_log_never_holds_a_query_string(tmp_path: Path) -> None:
+    """With ``-v`` uvicorn logs each request's path with its query: a client that put its key
+    in the URL (``?key=sk-...``) had it written to the log. The access log's handler now cuts
+    the query (the config every worker applies)."""
+    import io
+    import logging
+    import logging.config
+
+    from cascade.serve.cli import log_config
+
+    cfg = log_config()
+    logging.config.dictConfig(cfg)
+    access = logging.getLogger("uvicorn.access")
+    stream = io.StringIO()
+    [handler] = access.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "POST",
+                "/v1/chat/completions?key=sk-secret-123", "1.1", 401)
+    assert "sk-secret-123" not in stream.getvalue()
+    assert "/v1/chat/completions?..." in stream.getvalue()

@@ -13,6 +13,7 @@ new workers would fail to start on a bad file); a worker whose parent dies drain
 from __future__ import annotations
 
 import argparse
+import copy
 import ipaddress
 import logging
 import os
@@ -75,7 +76,7 @@ def run(ns: argparse.Namespace) -> int:
             key="server.clients")
     verbose = logging.getLogger().isEnabledFor(logging.INFO)
     common = {"host": ns.host, "port": ns.port, "access_log": verbose,
-              "log_level": "info" if verbose else "warning",
+              "log_level": "info" if verbose else "warning", "log_config": log_config(),
               "timeout_graceful_shutdown": server.shutdown_timeout_s}
     ignore_sighup()  # until the app's lifespan takes SIGHUP over: not a reason to die
     if ns.workers == 1:
@@ -96,6 +97,29 @@ def run(ns: argparse.Namespace) -> int:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
     return 0
+
+
+class QueryRedactor(logging.Filter):
+    """Cuts the query string from uvicorn's access log lines: a client that puts its key in
+    the URL (``?key=sk-...``) must not have it written to the log (keys are never logged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) \
+                and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?...", *args[3:])
+        return True
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging config with :class:`QueryRedactor` on the access log (each worker
+    process applies it as it starts)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg.setdefault("filters", {})["no_query"] = {"()": f"{__name__}.QueryRedactor"}
+    cfg["handlers"]["access"]["filters"] = ["no_query"]
+    return cfg
 
 
 def ignore_sighup() -> None:

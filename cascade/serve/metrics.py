@@ -67,7 +67,8 @@ class Metrics:
                                   "Rungs skipped (budget, deadline, open circuit)", lr,
                                   registry=r)
         self.escalations = Counter("cascade_escalations",
-                                   "Rung answers rejected by the verifiers (the climb went on)",
+                                   "Rungs whose answer was rejected or whose call failed, "
+                                   "the climb going on to a later rung",
                                    lr, registry=r)
         self.rung_latency = Histogram("cascade_rung_latency_seconds",
                                       "Rung attempt latency (call and verifiers)", lr,
@@ -126,8 +127,11 @@ class Metrics:
         if isinstance(traced, Answer):
             self.latency.labels(self.ladder, outcome).observe(traced.latency_ms / 1000)
             if not cache_hit:
-                for a in traced.attempts:
-                    self._attempt(a)
+                tried = [i for i, a in enumerate(traced.attempts)
+                         if a.status in ("accepted", "rejected", "error")]
+                for i, a in enumerate(traced.attempts):
+                    # an escalation: the answer was not taken and a later rung was tried
+                    self._attempt(a, escalated=bool(tried) and i < tried[-1])
         if outcome == "budget_exceeded":
             self.budget_refusals.labels(self.ladder).inc()
         self.sync_audit_dropped()
@@ -142,7 +146,7 @@ class Metrics:
                 self.audit_dropped.inc(now - self._dropped_seen)
                 self._dropped_seen = now
 
-    def _attempt(self, a: Attempt) -> None:
+    def _attempt(self, a: Attempt, *, escalated: bool) -> None:
         rung = a.name or a.model
         if a.status == "skipped":
             self.rung_skips.labels(self.ladder, rung).inc()
@@ -155,7 +159,7 @@ class Metrics:
             self.cost.labels(self.ladder, rung).inc(a.cost_usd)
         if a.status == "error":
             self.rung_errors.labels(self.ladder, rung).inc()
-        elif a.status == "rejected":
+        if escalated and a.status in ("rejected", "error"):
             self.escalations.labels(self.ladder, rung).inc()
 
     def on_shadow(self, request: CascadeRequest, accepted: Attempt, shadow: Attempt,
