@@ -62,3 +62,21 @@ def test_label_names_the_disagreements_a_rival_best_rung_could_lose(
                  "--out", str(tmp_path / "TUNED.toml")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["expected"]["cost_saving"]["estimate"] > 0.1, report["recommendation"]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared recorded outcomes not found at {SHARED}")
+def test_the_text_report_says_when_the_shift_guard_cannot_act_or_the_router_was_not_learned(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--shift-guard`` on a suite of fewer than 3 groups did nothing and said so only in
+    ``--json``; and when it refused the cascade, the ``router:`` line was dropped unexplained."""
+    (tmp_path / "ladder-llama.json").write_text((SHARED / "ladder-llama.json").read_text())
+    for name in ("triviaqa_llama_train.jsonl", "mmlu_llama_train.jsonl"):
+        (tmp_path / name).write_text((SHARED / name).read_text())
+    assert main(["tune", str(tmp_path / "triviaqa_llama_train.jsonl"), "--shift-guard",
+                 "--out", str(tmp_path / "T1.toml")]) == 0
+    assert "shift guard: not applied (the cases carry fewer than 3 groups" in \
+        capsys.readouterr().out
+    assert main(["tune", str(tmp_path / "mmlu_llama_train.jsonl"), "--shift-guard",
+                 "--out", str(tmp_path / "T2.toml")]) == 0
+    assert "router: off (not learned: the shift guard refused the cascade)" in \
+        capsys.readouterr().out

@@ -105,6 +105,8 @@ def run(ns: argparse.Namespace) -> int:
         print(json.dumps(result.report, indent=2))
     else:
         print(format_report(result.report))
+        if refused and ns.router == "auto":
+            print("router: off (not learned: the shift guard refused the cascade)")
         if "router" in result.report:
             r = result.report["router"]
             if r["on"]:

@@ -256,6 +256,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(f"  under shift ({sh['folds']} held-out {sh['by']} folds): accuracy change "
                      f"mean {sh['accuracy_change_mean'] * 100:+.1f} pts, worst "
                      f"{sh['accuracy_change_worst'] * 100:+.1f} pts")
+    if sh and not sh.get("available") and report.get("shift_guard") is not None:
+        # asked for, and unable to act: said, not only in --json
+        lines.append(f"  shift guard: not applied ({sh.get('reason', 'no groups to hold out')})")
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
 
