@@ -304,3 +304,22 @@ def test_the_command_reports_what_it_skipped(tmp_path: Path) -> None:
     assert out.getvalue().startswith("4 cases (2 labelled) and 7 recordings from 7 logged")
     assert "skipped 1 redacted" in err.getvalue()
     assert "2 cases have no label: `cascade label" in err.getvalue()
+
+
+def test_feedback_from_another_client_than_the_requests_is_not_a_label(tmp_path: Path) -> None:
+    """``POST /v1/feedback`` takes any request id (a worker cannot know another's requests),
+    so a client that learned another's id could label its traffic. The audit lines name both
+    clients: feedback from another one than the request's is counted and not used."""
+    lines = [_answer("r1", T0, "Capital of France?", [_attempt(0, "small", "Paris", "accepted")]),
+             {**_feedback("r1", T0 + 5, False, "Lyon"), "client": "mallory"},
+             _answer("r2", T0 + 10, "Largest planet?",
+                     [_attempt(0, "small", "Jupiter", "accepted")]),
+             _feedback("r2", T0 + 15, True)]
+    log = _write(tmp_path / "audit.jsonl", lines)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["suite", "from-log", str(log), "--out", str(tmp_path / "s")],
+                out=out, err=err) == 0
+    assert "skipped 1 feedback from another client than the request's" in err.getvalue()
+    cases = _by_question(tmp_path / "s")
+    assert cases["Capital of France?"].expected is None
+    assert cases["Largest planet?"].expected == "Jupiter"

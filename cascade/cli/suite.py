@@ -59,7 +59,8 @@ def run(ns: argparse.Namespace) -> int:
           f"{st.requests} logged requests → {out}")
     skipped = {"redacted (no messages)": st.redacted, "before --since": st.before_since,
                "unreadable lines": st.bad_lines, "feedback without its request":
-               st.feedback_unmatched, "attempts of rungs not in --config": st.unknown_rungs,
+               st.feedback_unmatched, "feedback from another client than the request's":
+               st.feedback_other_client, "attempts of rungs not in --config": st.unknown_rungs,
                "lines read twice (overlapping logs)": st.duplicate_lines}
     for what, n in skipped.items():
         if n:

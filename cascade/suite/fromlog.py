@@ -87,6 +87,9 @@ class FromLogStats:
     shadows: int = 0
     feedback: int = 0
     feedback_unmatched: int = 0
+    feedback_other_client: int = 0
+    """Feedback a client gave on another client's request: not a label (a request id is all
+    it takes to send one)."""
     duplicate_lines: int = 0
     """Lines read twice (overlapping copies of rotated logs), counted once."""
     unknown_rungs: int = 0
@@ -275,6 +278,7 @@ class _Builder:
         self.stats = FromLogStats()
         self.prompts: dict[str, _Prompt] = {}
         self.of_request: dict[str, tuple[str, str | None]] = {}
+        self.client_of: dict[str, Any] = {}
         """request id -> (prompt key, the text that request got)."""
         self.answered: set[str] = set()
         """Request ids whose answer line was read (a second copy of one is skipped)."""
@@ -324,6 +328,7 @@ class _Builder:
         if len(p.request_ids) < _IDS_KEPT:
             p.request_ids.append(rid)
         self.of_request[rid] = (key, _answered_text(line, trace))
+        self.client_of[rid] = line.get("client")
         hit = bool(trace is not None and trace.get("cache_hit"))
         st.cache_hits += hit
         for raw in trace.get("attempts", []) if trace is not None else []:
@@ -353,6 +358,10 @@ class _Builder:
         correct = line.get("correct")
         if where is None or not isinstance(correct, bool):
             self.stats.feedback_unmatched += 1
+            return
+        asker = self.client_of.get(rid)
+        if asker is not None and line.get("client") != asker:
+            self.stats.feedback_other_client += 1
             return
         ts = _timestamp(line.get("timestamp")) or 0.0
         self.prompts[where[0]].feedback.append((ts, correct, line.get("expected"), where[1],
