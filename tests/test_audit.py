@@ -234,3 +234,45 @@ def test_a_drifted_rung_shows_in_metrics_and_healthz(
     assert health["drift_alarms"] == ["small"] and health["drift"]["small"]["alarm"] is True
     del app
     gc.collect()
+
+
+def test_under_a_server_span_of_the_apps_own_the_request_span_nests_in_it(
+        tmp_path: Path, openai_server: LoopbackServer,
+        spans: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    """With FastAPI's instrumentation (or an APM middleware) the request already has a server
+    span, continued from the caller's ``traceparent``; ours attached the caller's context over
+    it, so ``chat cascade`` came out the server span's sibling instead of its child."""
+    from opentelemetry import propagate
+    from opentelemetry import trace as otel_trace
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    provider, exporter = spans
+    tracer = provider.get_tracer("test-server")
+
+    class ServerSpan:  # what an instrumentation middleware does
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            carrier = {k.decode(): v.decode() for k, v in scope["headers"]}
+            with tracer.start_as_current_span("POST", context=propagate.extract(carrier),
+                                              kind=otel_trace.SpanKind.SERVER):
+                await self.app(scope, receive, send)
+
+    openai_server.script(echo_handler(refuse=()))
+    app = create_app(ladder(tmp_path, openai_server.base_url), tracer_provider=provider)
+    app.add_middleware(ServerSpan)
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with serving(app) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json={
+            "model": "cascade", "messages": [{"role": "user", "content": "q"}]},
+            headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+        assert r.status_code == 200
+    done = {s.name: s for s in exporter.get_finished_spans()}
+    server, root = done["POST"], done["chat cascade"]
+    assert server.parent is not None and f"{server.parent.span_id:016x}" == parent_id
+    assert root.parent is not None and root.parent.span_id == server.context.span_id
+    assert f"{root.context.trace_id:032x}" == trace_id

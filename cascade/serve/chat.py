@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
+from opentelemetry import trace as otel_trace
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
 
@@ -204,7 +205,10 @@ def caller_trace(request: Request) -> Iterator[None]:
     """Continue the caller's trace: with a W3C ``traceparent`` header, the request's span (made
     by the telemetry observer at the end of the climb, in this task or in the stream's climb
     task, which copies this context when it starts) is a child of the caller's span."""
-    if "traceparent" not in request.headers:
+    # A server span already current (FastAPI instrumentation, an APM middleware) has read
+    # the header itself: ours nest under it rather than beside it.
+    if "traceparent" not in request.headers or otel_trace.get_current_span(
+            ).get_span_context().is_valid:
         yield
         return
     token = otel_context.attach(propagate.extract(request.headers))
