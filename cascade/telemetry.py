@@ -57,8 +57,9 @@ class Telemetry:
             f"chat {ladder}", kind=SpanKind.INTERNAL, start_time=_ns(start),
             attributes={"gen_ai.operation.name": "chat", "gen_ai.request.model": ladder})
         if isinstance(traced, Answer):
+            if traced.model:  # no answer (an error): no response model, not ""
+                span.set_attribute("gen_ai.response.model", traced.model)
             span.set_attributes({
-                "gen_ai.response.model": traced.model,
                 "gen_ai.usage.input_tokens": traced.input_tokens,
                 "gen_ai.usage.output_tokens": traced.output_tokens,
                 COST_ATTRIBUTE: traced.cost_usd,
@@ -113,6 +114,8 @@ class Telemetry:
                 "cascade.rung.name": a.name or a.model,
                 "cascade.status": a.status,
             })
+        if a.status in ("accepted", "rejected", "shadow"):  # a reply came back
+            span.set_attribute("gen_ai.response.model", a.model)
         for v in a.verdicts:
             attrs: dict[str, str | bool | float] = {
                 "cascade.verifier": v.verifier, "cascade.verdict.passed": v.passed,

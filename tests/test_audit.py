@@ -23,7 +23,7 @@ from cascade.messages import Request, normalise_messages
 from cascade.serve import create_app
 from cascade.telemetry import COST_ATTRIBUTE, Telemetry
 from cascade.testing import Script
-from tests.loopback import LoopbackServer
+from tests.loopback import LoopbackServer, openai_reply
 from tests.serve_kit import echo_handler, ladder, serving
 
 
@@ -276,3 +276,27 @@ def test_under_a_server_span_of_the_apps_own_the_request_span_nests_in_it(
     assert server.parent is not None and f"{server.parent.span_id:016x}" == parent_id
     assert root.parent is not None and root.parent.span_id == server.context.span_id
     assert f"{root.context.trace_id:032x}" == trace_id
+
+
+def test_response_model_is_on_each_answered_attempt_and_never_empty(
+        tmp_path: Path, openai_server: LoopbackServer,
+        spans: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    """GenAI's ``gen_ai.response.model`` was missing on the attempt spans, and ``""`` on a
+    request span whose climb gave no answer."""
+    from tests.loopback import openai_error
+
+    provider, exporter = spans
+    openai_server.script(lambda req: openai_reply("Paris", model=req.json["model"])
+                         if req.json["messages"][-1]["content"] == "ok" else openai_error(500))
+    cfg = ladder(tmp_path, openai_server.base_url, models=("small",), verifiers=[])
+    app = create_app(cfg, tracer_provider=provider)
+    with serving(app) as url:
+        for q in ("ok", "fail"):
+            httpx.post(f"{url}/v1/chat/completions", json={
+                "model": "cascade", "messages": [{"role": "user", "content": q}]})
+    rungs = [s for s in exporter.get_finished_spans() if s.name == "chat small"]
+    roots = [s for s in exporter.get_finished_spans() if s.name == "chat cascade"]
+    assert [dict(s.attributes or {}).get("gen_ai.response.model") for s in rungs] == [
+        "small", None]
+    assert [dict(s.attributes or {}).get("gen_ai.response.model") for s in roots] == [
+        "small", None]
