@@ -316,3 +316,18 @@ def test_the_access_log_never_holds_a_query_string(tmp_path: Path) -> None:
                 "/v1/chat/completions?key=sk-secret-123", "1.1", 401)
     assert "sk-secret-123" not in stream.getvalue()
     assert "/v1/chat/completions?..." in stream.getvalue()
+
+
+def test_time_to_first_token_is_a_metric_of_the_running_service(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """Time to first token was measured only by ``bench/serve.py``: a running service had no
+    figure of it. ``cascade_stream_first_token_seconds`` observes each streamed answer."""
+    openai_server.script(lambda req: openai_reply("Paris", model=req.json["model"]))
+    with serving(create_app(ladder(tmp_path, openai_server.base_url))) as url:
+        client = opened(openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0))
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="cascade", messages=QUESTION, stream=True) if c.choices)
+        assert text == "Paris"
+        client.chat.completions.create(model="cascade", messages=QUESTION)  # not streamed
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'cascade_stream_first_token_seconds_count{ladder="cascade"} 1.0' in metrics, metrics

@@ -310,6 +310,7 @@ async def stream_answer(service: Service, body: ChatCompletionRequest,
                         client: ClientConfig | None, render: Render) -> Response:
     """Climb in the service's task group and stream the verified answer in ``render``'s
     format; errors before the response starts are raised (the caller's wire format)."""
+    t0 = time.perf_counter()
     events = service.stream(body, client)
     pending: list[ClimbEvent] = []
     try:
@@ -328,8 +329,11 @@ async def stream_answer(service: Service, body: ChatCompletionRequest,
         raise value if isinstance(value, APIError) else wire_error(value)
     if kind == "answer":
         headers.update(answer_headers(value))
-    return StreamingResponse(_sse(pending, events, render),
-                             media_type="text/event-stream", headers=headers)
+    first_token = service.metrics.first_token.labels(service.name)
+    return StreamingResponse(
+        _sse(pending, events, render,
+             on_answer=lambda: first_token.observe(time.perf_counter() - t0)),
+        media_type="text/event-stream", headers=headers)
 
 
 def _data(obj: object) -> bytes:
@@ -371,7 +375,8 @@ def _answer_chunks(answer: Answer, body: ChatCompletionRequest, ladder: str) -> 
 
 
 async def _sse(pending: list[ClimbEvent], events: MemoryObjectReceiveStream[ClimbEvent],
-               render: Render) -> AsyncIterator[bytes]:
+               render: Render, on_answer: Callable[[], None] = lambda: None
+               ) -> AsyncIterator[bytes]:
     with events:
         queue = list(pending)
         while True:
@@ -392,7 +397,10 @@ async def _sse(pending: list[ClimbEvent], events: MemoryObjectReceiveStream[Clim
                 yield progress_comment(value)
                 continue
             if kind == "answer":
-                for chunk in render.answer(value):
+                chunks = render.answer(value)
+                yield chunks[0]
+                on_answer()  # time to first token: the first content chunk is out
+                for chunk in chunks[1:]:
                     yield chunk
             else:
                 yield render.error(wire_error(value))

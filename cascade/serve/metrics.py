@@ -57,6 +57,10 @@ class Metrics:
                                 registry=r)
         self.latency = Histogram("cascade_request_latency_seconds", "Request latency",
                                  ["ladder", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.first_token = Histogram(
+            "cascade_stream_first_token_seconds",
+            "Streamed requests: time to the first content chunk (the verified answer's)",
+            ["ladder"], buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("cascade_requests_in_flight", "Requests being answered",
                                ["ladder"], registry=r, multiprocess_mode="livesum")
         self.rung_calls = Counter("cascade_rung_calls", "Rung attempts that called a model",
