@@ -7,7 +7,9 @@ outcomes of one ladder in ``../shared/data/cascades`` (the five-rung ``llama`` c
 default: every ``*_llama_train.jsonl``). Timed on it, best of ``--repeat``:
 
 * ``cascade tune`` end to end (the CLI's ``run``: read the JSONL, tune with the default
-  1,000-sample bootstrap and shift check, write TUNED.toml, print the report);
+  1,000-sample bootstrap and shift check, write TUNED.toml, print the report), with the
+  router (``--router auto``, the default: fitted, cross-fitted and tuned on the prompts) and
+  without it (``--router off``); the difference is what the router costs;
 * ``tune()`` on the loaded table (the same work without reading and writing files);
 * ``select()``, the choice alone (what cross-validation calls per fold);
 * ``needed_labels()`` (what ``cascade label`` computes) with 10% of the cases labelled;
@@ -84,14 +86,19 @@ def main(argv: list[str] | None = None) -> int:
                                                                False))
         cli = argparse.ArgumentParser()
         add_arguments(cli)
-        cli_ns = cli.parse_args([str(suite), "--out", str(Path(d) / "TUNED.toml")])
 
-        def cli_run() -> None:
-            with contextlib.redirect_stdout(io.StringIO()):
-                run(cli_ns)
+        def cli_run(*extra: str) -> Callable[[], None]:
+            cli_ns = cli.parse_args([str(suite), "--out", str(Path(d) / "TUNED.toml"), *extra])
+
+            def go() -> None:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    run(cli_ns)
+            return go
 
         timings = [
-            ("cascade tune (CLI, end to end)", best_of(cli_run, ns.repeat)),
+            ("cascade tune (CLI, end to end), router auto", best_of(cli_run(), ns.repeat)),
+            ("cascade tune (CLI, end to end), --router off",
+             best_of(cli_run("--router", "off"), ns.repeat)),
             ("tune() on the loaded table", best_of(lambda: tune(table), ns.repeat)),
             ("select() (the choice alone)", best_of(lambda: select(table), ns.repeat)),
             ("needed_labels() (cascade label), 10% labelled",

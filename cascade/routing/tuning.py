@@ -24,7 +24,13 @@ from cascade.errors import ConfigError
 from cascade.messages import Message
 from cascade.routing.choose import RouteChoice, choose_route_setting
 from cascade.routing.features import prompt_messages
-from cascade.routing.model import RouterModel, cross_fit, fit_model, score_many
+from cascade.routing.model import (
+    RouterModel,
+    fit_and_cross_fit,
+    fit_model,
+    prompt_groups,
+    score_many,
+)
 from cascade.routing.runtime import Router
 from cascade.suite import OutcomeTable
 from cascade.tuning.guard import DELTA
@@ -61,22 +67,34 @@ def fit_router(table: OutcomeTable, *, folds: int = 5, seed: int = 0) -> FittedR
     """Per rung of ``table``, a calibrated P(its answer is right) from the prompt.
 
     Fitted on the labelled cases only: an unlabelled case's ``correct`` is a placeholder
-    (False for every rung), not a grade. Labelled cases get cross-fitted scores; unlabelled
-    ones the score of the model fitted on every labelled case (which never saw them)."""
+    (False for every rung), not a grade. Labelled cases get cross-fitted scores (copies of a
+    request in one fold); unlabelled ones the score of the model fitted on every labelled case
+    (which never saw them), or, when a labelled case asked the same, that case's."""
     docs = _docs(table)
     lab = np.nonzero(table.is_labelled)[0]
     if lab.size == 0:
         raise ConfigError("the router needs labelled cases; none of the suite's is",
                           source=table.source)
-    ldocs = [docs[int(i)] for i in lab]
-    model = fit_model(ldocs, table.correct[lab], table.labels)
     if lab.size == table.n:
-        return FittedRouter(model, cross_fit(docs, table.correct, table.labels, folds=folds,
-                                             seed=seed))
+        model, scores = fit_and_cross_fit(docs, table.correct, table.labels, folds=folds,
+                                          seed=seed)
+        return FittedRouter(model, scores)
+    ldocs = [docs[int(i)] for i in lab]
+    if lab.size < 2:  # one labelled case has no fold to be scored out of (no guard passes)
+        model = fit_model(ldocs, table.correct[lab], table.labels)
+        return FittedRouter(model, score_many(model, docs))
+    model, oof = fit_and_cross_fit(ldocs, table.correct[lab], table.labels, folds=folds,
+                                   seed=seed)
     scores = score_many(model, docs)
-    if lab.size >= 2:  # one labelled case has no fold to be scored out of (no guard passes)
-        scores[lab] = cross_fit(ldocs, table.correct[lab], table.labels, folds=folds,
-                                seed=seed)
+    scores[lab] = oof
+    # an unlabelled copy of a labelled request: the full model has seen its copy's grade, so
+    # it gets the copy's out-of-fold score
+    groups = prompt_groups(docs)
+    scored = dict(zip(groups[lab].tolist(), lab.tolist(), strict=True))
+    for i in np.nonzero(~table.is_labelled)[0]:
+        j = scored.get(int(groups[i]))
+        if j is not None:
+            scores[i] = scores[j]
     return FittedRouter(model, scores)
 
 
