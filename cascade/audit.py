@@ -105,6 +105,9 @@ class AuditLog:
         self._stream = self.path.exists() and not stat.S_ISREG(self.path.stat().st_mode)
         self._lockfile = None if self._stream else open(  # noqa: SIM115 (held for its lifetime)
             f"{self.path}.lock", "a")
+        self._pipe: Any = None
+        """The stream, opened once by the writer: closing a FIFO after each batch would end
+        its reader's input (EOF), and the next open would block with no reader."""
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="cascade-audit", daemon=True)
         self._thread.start()
@@ -208,6 +211,7 @@ class AuditLog:
                     batch.append(self._queue.get_nowait())
             stop = any(item is _STOP for item in batch)
             lines: list[str] = []
+            missed = 0
             try:
                 lines = [self._encode(item) for item in batch  # type: ignore[arg-type]
                          if item is not _STOP]
@@ -222,7 +226,9 @@ class AuditLog:
                     self._write("".join(lines))
             except Exception:  # the writer outlives any one batch: later lines still go out
                 log.exception("audit log %s: could not write %d line(s)", self.path, len(lines))
-                self._count_drop("a write failed", len(lines))
+                with self._lock:  # the summary line was lost too: the next batch says it
+                    self._reported -= missed
+                self._count_drop("a write failed", len(lines) - (1 if missed else 0))
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -235,8 +241,15 @@ class AuditLog:
         # stays valid JSON and UTF-8, and the batch is not lost to an encoding error.
         raw = data.encode("utf-8", "backslashreplace")
         if self._lockfile is None:
-            with open(self.path, "ab") as f:
-                f.write(raw)
+            if self._pipe is None:
+                self._pipe = open(self.path, "ab", buffering=0)  # noqa: SIM115 (kept open)
+            try:
+                self._pipe.write(raw)
+            except OSError:  # the reader went away: open anew (for the next one) next time
+                with contextlib.suppress(OSError):
+                    self._pipe.close()
+                self._pipe = None
+                raise
             return
         fcntl.flock(self._lockfile, fcntl.LOCK_EX)
         try:
@@ -289,6 +302,9 @@ class AuditLog:
         self._thread.join(timeout_s)
         if self._lockfile is not None:
             self._lockfile.close()
+        if self._pipe is not None and not self._thread.is_alive():
+            with contextlib.suppress(OSError):
+                self._pipe.close()
 
     def __enter__(self) -> AuditLog:
         return self

@@ -196,7 +196,7 @@ class EndpointCaller:
             # The SDK's timeout bounds each read, not the whole call: a server trickling
             # bytes could hold it far longer, so the whole call is bounded here too.
             try:
-                with anyio.fail_after(timeout + 0.05):
+                with anyio.fail_after(timeout + _BACKSTOP_S):
                     c = await provider.complete(
                         call if timeout == call.timeout_s else replace(call, timeout_s=timeout))
             except TimeoutError:
@@ -210,7 +210,7 @@ class EndpointCaller:
                 # A server's own 408 says it never took the request; a timeout here may
                 # have left the model generating (and billing) on the other side.
                 if (unanswered is not None and isinstance(e, ProviderTimeout)
-                        and e.status_code is None):
+                        and e.status_code is None and e.sent):
                     unanswered.append(rung)
                 raise
             except anyio.get_cancelled_exc_class():  # the deadline, a client gone
@@ -251,6 +251,12 @@ class EndpointCaller:
         """Whether ``given_s`` was a fair chance for the endpoint to answer (unknown: yes)."""
         mean = self.store.latency.mean_s(rung.endpoint)
         return mean is None or given_s >= _FAIR_CHANCE * mean
+
+
+_BACKSTOP_S = 0.25
+"""How far past the SDK's own timeout the whole-call bound fires: far enough that the SDK's
+timeouts come first (a connect timeout then says nothing was sent, so nothing is kept for
+it), and the bound only stops a server trickling bytes."""
 
 
 def _ms(seconds: float) -> str:

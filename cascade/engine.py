@@ -332,6 +332,7 @@ class Cascade:
                 warnings.append(f"cache bypassed: {e}")
             if hit is not None:
                 hit.cache_hit = True
+                hit.route = None  # no router ran for this request (the ladder may have none)
                 hit.cost_usd = 0.0
                 hit.latency_ms = (self._clock() - t0) * 1000
                 hit.metadata = request.metadata
@@ -423,11 +424,12 @@ class Cascade:
             unpaid = [a for a in climb.attempts if a.rung > attempt.rung
                       and a.status == "skipped" and (a.error or "").startswith("budget:")]
             if unpaid:
+                capped = any(sk.kind == "cap" for sk in climb.skips)  # else the key's budget
                 raise UnverifiedWithinBudget(
                     f"{why}; rung {unpaid[0].rung} ({unpaid[0].name or unpaid[0].model}) was "
-                    f"not tried: {unpaid[0].error}", answer, key=money.budget_key,
-                    spent_usd=money.spent_usd,
-                    limit_usd=money.limit_usd or money.max_cost_usd or 0.0)
+                    f"not tried: {unpaid[0].error}", answer,
+                    key=None if capped else money.budget_key, spent_usd=money.spent_usd,
+                    limit_usd=(money.max_cost_usd if capped else money.limit_usd) or 0.0)
             raise UnverifiedAnswerError(why, answer)
         return answer
 
@@ -550,6 +552,9 @@ class Cascade:
         for _, p in mine:
             await p.aclose()
         await self._store.aclose()
+        flush = getattr(self.audit_log, "flush", None)
+        if callable(flush):  # `async with Cascade(...)` ends with its lines on disk
+            await anyio.to_thread.run_sync(flush)
 
     def close(self) -> None:
         """Close connections, the shadow checks, the sync loop, the store and the audit log."""
@@ -584,7 +589,8 @@ class Cascade:
 
 def _shadow_money(money: Money) -> Money:
     """The shadow's money: what is left of the request's cap, the same per-key budget."""
-    left = None if money.max_cost_usd is None else max(0.0, money.max_cost_usd - money.spent_usd)
+    left = None if money.max_cost_usd is None else max(
+        0.0, money.max_cost_usd - money.spent_usd - money.kept_usd)
     return Money(budgets=money.budgets, max_cost_usd=left, budget_key=money.budget_key,
                  limit_usd=money.limit_usd, period_s=money.period_s)
 

@@ -26,7 +26,8 @@ Every error a user can meet is one of these, and each message names what to fix:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cascade.trace import Answer
@@ -116,6 +117,10 @@ class TransportError(ProviderError):
 class ProviderTimeout(TransportError):
     """The provider did not answer within the rung's ``timeout_s``."""
 
+    sent: bool = True
+    """False when the connection was never made (a connect or pool timeout): nothing reached
+    the provider, so nothing can be billed."""
+
 
 class RateLimited(ProviderError):
     """HTTP 429. ``retry_after_s`` is the server's ``Retry-After`` when it sent one."""
@@ -199,6 +204,9 @@ class NoAnswerError(CascadeError):
         super().__init__(message)
         self.answer = answer
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled and copied whole (a process pool)
+        return type(self), (str(self), self.answer)
+
 
 class UnverifiedAnswerError(CascadeError):
     """Raised instead of returning ``verified=False`` when ``on_unverified = "raise"``."""
@@ -206,6 +214,9 @@ class UnverifiedAnswerError(CascadeError):
     def __init__(self, message: str, answer: Answer) -> None:
         super().__init__(message)
         self.answer = answer
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.answer)
 
 
 class UnverifiedWithinBudget(BudgetExceeded, UnverifiedAnswerError):
@@ -220,3 +231,7 @@ class UnverifiedWithinBudget(BudgetExceeded, UnverifiedAnswerError):
         CascadeError.__init__(self, message)  # both parents' fields, set once here
         self.key, self.spent_usd, self.limit_usd = key, spent_usd, limit_usd
         self.answer = answer
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (functools.partial(type(self), key=self.key, spent_usd=self.spent_usd,
+                                  limit_usd=self.limit_usd), (str(self), self.answer))

@@ -314,7 +314,11 @@ def test_feedback_from_another_client_than_the_requests_is_not_a_label(tmp_path:
              {**_feedback("r1", T0 + 5, False, "Lyon"), "client": "mallory"},
              _answer("r2", T0 + 10, "Largest planet?",
                      [_attempt(0, "small", "Jupiter", "accepted")]),
-             _feedback("r2", T0 + 15, True)]
+             _feedback("r2", T0 + 15, True),
+             _answer("r3", T0 + 20, "Author of Hamlet?",
+                     [_attempt(0, "small", "Shakespeare", "accepted")]),
+             # the library's Cascade.feedback(request_id, correct) names no client
+             {**_feedback("r3", T0 + 25, True), "client": None}]
     log = _write(tmp_path / "audit.jsonl", lines)
     out, err = io.StringIO(), io.StringIO()
     assert main(["suite", "from-log", str(log), "--out", str(tmp_path / "s")],
@@ -323,3 +327,4 @@ def test_feedback_from_another_client_than_the_requests_is_not_a_label(tmp_path:
     cases = _by_question(tmp_path / "s")
     assert cases["Capital of France?"].expected is None
     assert cases["Largest planet?"].expected == "Jupiter"
+    assert cases["Author of Hamlet?"].expected == "Shakespeare"

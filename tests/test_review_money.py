@@ -290,3 +290,119 @@ async def test_timed_out_tries_are_charged_and_count_against_the_request_cap(
             await c.aanswer("Capital of Australia?")
         assert info.value.answer.attempts[0].note is None
     assert store.spent("default", 86400.0) == 0.0
+
+
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_a_connection_that_never_opened_keeps_nothing(transport: str) -> None:
+    """A connect timeout (the host drops SYNs: a listener whose accept queue is full) sends no
+    request byte, so nothing can be billed; it was kept at the call's estimate like a reply
+    that never came, draining budgets through an outage. The SDK's connect timeout now says
+    so (the whole-call bound gives it room to fire first)."""
+    import contextlib
+    import socket
+
+    import anyio
+
+    from cascade.budget import InMemoryBudgetStore
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(8):  # fill the accept queue: later SYNs are dropped
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    await anyio.sleep(0.2)
+    cfg = _slow_priced(f"http://127.0.0.1:{port}/v1", budget={"limit_usd": 1.0})
+    cfg["rungs"] = [{**cfg["rungs"][0], "timeout_s": 0.5, "transport": transport}]
+    store = InMemoryBudgetStore()
+    try:
+        async with Cascade.from_dict(cfg, budget_store=store) as c:
+            with pytest.raises(cascade.NoAnswerError) as info:
+                await c.aanswer("Capital of Australia?")
+        [attempt] = info.value.answer.attempts
+        assert attempt.error_type == "ProviderTimeout" and "no connection" in (attempt.error or "")
+        assert attempt.note is None
+        assert store.spent("default", 86400.0) == 0.0
+    finally:
+        for s in (*fillers, srv):
+            s.close()
+
+
+def test_a_shadow_check_counts_what_the_cap_keeps_for_an_unanswered_call() -> None:
+    """The cheap rung's call timed out (its estimate kept against the cap) and the next rung
+    was accepted; the shadow check's cap left out the kept estimate, so the top rung was
+    called for a shadow past the request's cap."""
+    import anyio
+
+    from cascade.testing import FunctionProvider, completion
+
+    calls: list[str] = []
+
+    async def fn(call: Any) -> Completion:
+        calls.append(call.model)
+        if call.model == "slow":
+            await anyio.sleep(5)
+        return completion("Paris", call)
+
+    price = {"input_usd_per_mtok": 10.0, "output_usd_per_mtok": 10.0}
+    cfg = {"rungs": [{"model": "slow", "max_tokens": 1000, "timeout_s": 0.3, **price},
+                     {"model": "mid", "max_tokens": 100, **price},
+                     {"model": "top", "max_tokens": 900, **price}],
+           "retry": {"max_attempts": 1, "base_delay_s": 0, "max_delay_s": 0},
+           "policy": {"shadow_rate": 1.0}, "cache": {"enabled": False}}
+    with Cascade.from_dict(cfg, provider_factory=FunctionProvider(fn).factory) as c:
+        a = c.answer(messages=[{"role": "user", "content": "Capital of France?"}],
+                     max_cost_usd=0.0125)
+        c.drain_shadows(10)
+    assert a.model == "mid" and "budget keeps" in (a.attempts[0].note or "")
+    assert calls == ["slow", "mid"], calls  # no shadow: 0.0101 kept + top's 0.009 > 0.0125
+
+
+async def test_unverified_within_budget_names_what_stopped_it_and_round_trips() -> None:
+    """The request's cap stopped the climb, yet the error named the key's $50 budget; and it
+    could not be pickled or copied (a process pool's worker raising it broke the pool)."""
+    import copy
+    import pickle
+
+    from cascade.errors import UnverifiedWithinBudget
+
+    cfg = {"rungs": [{"model": "small", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0},
+                     {"model": "big", "input_usd_per_mtok": 100.0,
+                      "output_usd_per_mtok": 100.0, "max_tokens": 1000}],
+           "verifiers": [{"name": "refusal"}], "policy": {"on_unverified": "raise"},
+           "cache": {"enabled": False}, "budget": {"limit_usd": 50.0, "period_s": 3600}}
+    s = Script({"small": ["I'm sorry, but I can't help with that."], "big": ["Paris"]})
+    async with Cascade.from_dict(cfg, provider_factory=s.factory) as c:
+        with pytest.raises(UnverifiedWithinBudget) as info:
+            await c.aanswer("Capital of France?", max_cost_usd=0.001,
+                            metadata={"budget_key": "team-a"})
+    e = info.value
+    assert e.limit_usd == 0.001 and e.key is None
+    for again in (pickle.loads(pickle.dumps(e)), copy.copy(e)):
+        assert type(again) is UnverifiedWithinBudget and str(again) == str(e)
+        assert again.answer.text == e.answer.text and again.limit_usd == 0.001
+    plain = cascade.UnverifiedAnswerError("rejected", e.answer)
+    assert pickle.loads(pickle.dumps(plain)).answer.text == e.answer.text
+
+
+async def test_leaving_async_with_cascade_leaves_the_audit_lines_on_disk(tmp_path: Path) -> None:
+    """``aclose()`` (what ``async with`` ends with) did not wait for the audit log's writer
+    thread: a script that exits right after it could lose its last lines."""
+    import json
+
+    s = Script({"m": ["Paris"] * 300})
+    cfg = {"rungs": [{"model": "m", "input_usd_per_mtok": 0.0, "output_usd_per_mtok": 0.0}],
+           "cache": {"enabled": False}}
+    path = tmp_path / "audit.jsonl"
+    c = Cascade.from_dict(cfg, provider_factory=s.factory, audit_log=path)
+    async with c:
+        for i in range(300):
+            await c.aanswer(f"Question {i}?")
+    lines = path.read_text().splitlines()  # straight after, no flush of our own
+    assert len(lines) == 300 and json.loads(lines[-1])["type"] == "answer"
+    c.close()

@@ -125,6 +125,35 @@ def test_an_audit_log_on_a_pipe_gets_every_line(tmp_path: Path) -> None:
     assert log.dropped == 0 and not (tmp_path / "audit.fifo.lock").exists()
 
 
+def test_a_fifo_audit_log_stays_open_across_batches(tmp_path: Path) -> None:
+    """Reopened and closed for every batch, the FIFO gave its reader EOF after the first one
+    (a shipper reading to EOF exits), and the next open blocked the writer for good."""
+    import os
+    import subprocess
+    import time
+
+    from cascade.audit import AuditLog
+
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "got.txt"
+    with out.open("wb") as sink:
+        reader = subprocess.Popen(["cat", str(fifo)], stdout=sink)
+        try:
+            log = AuditLog(fifo)
+            log.on_answer(_request("q0"), None, RuntimeError("x"))
+            assert log.flush(5.0)
+            time.sleep(0.3)
+            assert reader.poll() is None, "the reader got EOF after one batch"
+            log.on_answer(_request("q1"), None, RuntimeError("x"))
+            assert log.flush(5.0)
+            log.close()
+            reader.wait(5.0)
+        finally:
+            reader.kill()
+    assert [json.loads(x)["request_id"] for x in out.read_text().splitlines()] == ["q0", "q1"]
+
+
 def test_an_audit_line_that_cannot_be_written_is_counted_as_dropped(tmp_path: Path) -> None:
     """A write that fails (the disk full, the file replaced by a directory) only logged a
     traceback: ``cascade_audit_dropped_total`` said nothing was lost."""
@@ -137,12 +166,15 @@ def test_an_audit_line_that_cannot_be_written_is_counted_as_dropped(tmp_path: Pa
     log.on_answer(_request("q1"), None, RuntimeError("x"))
     assert log.flush(5.0)
     assert log.dropped == 2
+    log.on_answer(_request("q1b"), None, RuntimeError("x"))  # fails with the summary line
+    assert log.flush(5.0)
+    assert log.dropped == 3  # the lost summary is not a dropped line of its own
     path.rmdir()
     log.on_answer(_request("q2"), None, RuntimeError("x"))
     log.close()
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [x["type"] for x in lines] == ["answer", "dropped"]
-    assert lines[1]["dropped"] == 2
+    assert lines[1]["dropped"] == 3
 
 
 # ---------------------------------------------------------------- error responses

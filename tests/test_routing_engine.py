@@ -117,3 +117,23 @@ async def test_the_routers_decision_and_scores_are_in_the_trace_wherever_it_star
     assert hard.route is not None and hard.route["skipped"] == ["small"]
     assert 0.0 <= hard.route["scores"]["small"] <= 1.0
     assert "router P(rung 0 right)" in format_climb(hard)  # the routed attempt's note, too
+
+
+async def test_a_cache_hit_carries_no_route(tmp_path: Path) -> None:
+    """No router runs for a cache hit, and the ladder may have none now (or a retuned one):
+    the hit showed the original request's route as if it had been routed."""
+    s = Script({"small": ["an answer"], "big": ["a better answer"]})
+    tuning = tune_router(_table(300))
+    table = write_router(tuning, tmp_path / "TUNED.toml")
+    table["path"] = str(tmp_path / table["path"])
+    rungs = [{"model": m, "provider": "openai-compatible", "base_url": f"http://{m}/v1",
+              "price": "unknown"} for m in ("small", "big")]
+    cache = {"enabled": True, "directory": str(tmp_path / "cache")}
+    ask = [{"role": "system", "content": "Answer briefly."},
+           {"role": "user", "content": "Prove that the series sum 1/n^5 converges."}]
+    async with Cascade.from_dict({"rungs": rungs, "router": table, "cache": cache},
+                                 provider_factory=s.factory) as c:
+        first = await c.aanswer(messages=ask)
+        hit = await c.aanswer(messages=ask)
+    assert first.route is not None and not first.cache_hit
+    assert hit.cache_hit and hit.route is None

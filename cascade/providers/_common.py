@@ -202,6 +202,23 @@ def _rejected_field(body: object, detail: str) -> str | None:
     return None
 
 
+_NOT_SENT = frozenset({"ConnectTimeout", "PoolTimeout", "ConnectionTimeoutError"})
+"""Timeouts that fire before a request byte is sent: httpx's, and aiohttp's (which the
+aiohttp transport wraps in a plain httpx ``TimeoutException``)."""
+
+
+def _never_sent(exc: BaseException) -> str:
+    """The name of a connect-phase timeout behind ``exc``, or "" (then it may have been sent)."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
+        if seen is None:
+            return ""
+        if type(seen).__name__ in _NOT_SENT:
+            return type(seen).__name__
+    return ""
+
+
 def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model: str,
                     secret: str | None, setting: Callable[[str], str] | None = None
                     ) -> ProviderError | None:
@@ -213,6 +230,11 @@ def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model
     if isinstance(exc, ProviderError):
         return exc
     if isinstance(exc, sdk.APITimeoutError):
+        unsent = _never_sent(exc)
+        if unsent:
+            timeout = ProviderTimeout(f"no connection within the timeout ({unsent})", **kw)
+            timeout.sent = False
+            return timeout
         return ProviderTimeout("the request timed out", **kw)
     if isinstance(exc, sdk.APIConnectionError):
         cause = exc.__cause__ or exc.__context__

@@ -359,8 +359,10 @@ class _Builder:
         if where is None or not isinstance(correct, bool):
             self.stats.feedback_unmatched += 1
             return
-        asker = self.client_of.get(rid)
-        if asker is not None and line.get("client") != asker:
+        # Another client's feedback is not a label; feedback naming no client (the
+        # library's Cascade.feedback) is the application's own, as trusted as its requests.
+        asker, giver = self.client_of.get(rid), line.get("client")
+        if asker is not None and giver is not None and giver != asker:
             self.stats.feedback_other_client += 1
             return
         ts = _timestamp(line.get("timestamp")) or 0.0
