@@ -83,6 +83,14 @@ class Money:
             return await anyio.to_thread.run_sync(estimate_cost, rung, messages)
         return estimate_cost(rung, messages)
 
+    def for_shadow(self) -> Money:
+        """A shadow check's money: what is left of the request's cap (kept estimates
+        counted), the same per-key budget."""
+        left = None if self.max_cost_usd is None else max(
+            0.0, self.max_cost_usd - self.spent_usd - self.kept_usd)
+        return Money(budgets=self.budgets, max_cost_usd=left, budget_key=self.budget_key,
+                     limit_usd=self.limit_usd, period_s=self.period_s)
+
     def cap_skip(self, estimate: float) -> policy.Skip | None:
         return policy.cap_gate(self.max_cost_usd,
                                self.spent_usd + self.reserved_usd + self.kept_usd, estimate)

@@ -410,7 +410,7 @@ class Cascade:
         top = len(cfg.rungs) - 1
         if accepted is not None and attempt.rung < top:
             self._shadows.sample(ShadowJob(request=request, ladder=ladder, accepted=attempt,
-                                           money=_shadow_money(money)))
+                                           money=money.for_shadow()))
         elif accepted is not None and monitor is not None:
             for held in climb.attempts:  # rungs kept from exiting by the drift alarm
                 if held.rung < top and policy.held_by_drift(held.verdicts):
@@ -585,14 +585,6 @@ class Cascade:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def _shadow_money(money: Money) -> Money:
-    """The shadow's money: what is left of the request's cap, the same per-key budget."""
-    left = None if money.max_cost_usd is None else max(
-        0.0, money.max_cost_usd - money.spent_usd - money.kept_usd)
-    return Money(budgets=money.budgets, max_cost_usd=left, budget_key=money.budget_key,
-                 limit_usd=money.limit_usd, period_s=money.period_s)
 
 
 def _really_cancelled() -> bool:
