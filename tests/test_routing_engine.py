@@ -137,3 +137,24 @@ async def test_a_cache_hit_carries_no_route(tmp_path: Path) -> None:
         hit = await c.aanswer(messages=ask)
     assert first.route is not None and not first.cache_hit
     assert hit.cache_hit and hit.route is None
+
+
+def test_a_routed_config_tolerates_what_the_routed_rung_disagreed_on_the_suite() -> None:
+    """``cascade tune`` wrote no ``drift_max_disagreement`` for the rung the router lets
+    accept early ("accepts when tried": no threshold decides it), so after the deploy the
+    drift alarm of that rung could never act. The rate is now measured on the cases the
+    route lets it answer, as the tuner does for its own accepting rungs."""
+    from dataclasses import replace
+
+    from cascade.suite.outcomes import agreement_arrays
+
+    t = _table(300)
+    texts: list[list[str | None]] = [["A" if a else "B", "A" if b else "C"]
+                                     for a, b in t.correct.tolist()]
+    t = replace(t, agreement=agreement_arrays(texts), agreement_normaliser="choice",
+                answers=tuple(tuple(r) for r in texts))
+    tuning = tune_router(t)
+    assert tuning.router is not None, tuning.choice.reason
+    small = tuning.config.rungs[0]
+    assert small.drift_max_disagreement is not None
+    assert 0.0 < small.drift_max_disagreement < 0.5

@@ -91,6 +91,9 @@ def run(ns: argparse.Namespace) -> int:
                                    **routed.choice.report}
         if routed.router is not None:
             config_out = routed.config
+            result.report["router"]["drift_max_disagreement"] = {
+                r.label: r.drift_max_disagreement for r in routed.config.rungs
+                if r.drift_max_disagreement is not None}
             router_text = router_toml(write_router(routed, ns.out))
             routed_as = routed.choice.report.get("with_router", {})
             header = (f"Tuned by `cascade tune` on {table.n} cases ({table.source}).\n"

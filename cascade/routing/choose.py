@@ -142,16 +142,30 @@ def _run(table: OutcomeTable, p: FloatArray, chain: Sequence[int], keys: Sequenc
     return right, cost, p[:, ch][rows, ex], np.asarray(ch, dtype=np.int64)[ex]
 
 
-def simulate_routed(table: OutcomeTable, scores: FloatArray, setting: RouteSetting
-                    ) -> tuple[BoolArray, FloatArray]:
-    """Per case: was the routed cascade's answer right, and what did it cost. ``scores`` are
-    the router's P(right), cases × the table's rungs."""
+def _run_one(table: OutcomeTable, scores: FloatArray, setting: RouteSetting
+             ) -> tuple[BoolArray, FloatArray, IntArray]:
     k1 = len(setting.chain) - 1
     u = np.array([setting.skip_below[:k1]], dtype=float).reshape(1, k1)
     th = (np.array([setting.thresholds], dtype=float).reshape(1, k1, len(setting.keys))
           if setting.keys else None)
-    right, cost, _p, _col = _run(table, scores, setting.chain, setting.keys, u, th)
-    return right[0], cost[0]
+    right, cost, _p, col = _run(table, scores, setting.chain, setting.keys, u, th)
+    return right[0], cost[0], col[0]
+
+
+def simulate_routed(table: OutcomeTable, scores: FloatArray, setting: RouteSetting
+                    ) -> tuple[BoolArray, FloatArray]:
+    """Per case: was the routed cascade's answer right, and what did it cost. ``scores`` are
+    the router's P(right), cases × the table's rungs."""
+    right, cost, _col = _run_one(table, scores, setting)
+    return right, cost
+
+
+def routed_exits(table: OutcomeTable, scores: FloatArray, setting: RouteSetting) -> IntArray:
+    """Per case, the chain position whose answer the routed cascade gives (as
+    :func:`cascade.tuning.simulate.simulate`'s exit positions, for the drift rates)."""
+    col = _run_one(table, scores, setting)[2]
+    where = {int(j): p for p, j in enumerate(setting.chain)}
+    return np.array([where[int(c)] for c in col], dtype=np.int64)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import numpy.typing as npt
 from cascade.config import CascadeConfig
 from cascade.errors import ConfigError
 from cascade.messages import Message
-from cascade.routing.choose import RouteChoice, choose_route_setting
+from cascade.routing.choose import RouteChoice, choose_route_setting, routed_exits
 from cascade.routing.features import prompt_messages
 from cascade.routing.model import (
     RouterModel,
@@ -35,6 +35,7 @@ from cascade.routing.runtime import Router
 from cascade.suite import OutcomeTable
 from cascade.tuning.guard import DELTA
 from cascade.tuning.output import to_config
+from cascade.tuning.report import drift_rates
 from cascade.tuning.setting import Setting
 
 __all__ = ["FittedRouter", "RoutedCases", "RouterTuning", "fit_router", "replay_routes",
@@ -108,9 +109,17 @@ class RouterTuning:
     router: Router | None
 
 
-def _config(table: OutcomeTable, choice: RouteChoice) -> CascadeConfig:
+def _config(table: OutcomeTable, choice: RouteChoice, scores: FloatArray) -> CascadeConfig:
+    """The config the routed climb runs, with each early rung's tolerated disagreement with
+    the top rung (``drift_max_disagreement``) measured on the cases the route lets it answer:
+    without it, the drift alarm of a router-accepted rung never acts."""
     s = choice.setting
-    cfg = to_config(table, s.setting if choice.on else choice.base)
+    if choice.on:
+        exits = routed_exits(table, scores, s)
+        drift = {s.chain[p]: d["max"] for p, d in drift_rates(table, s.setting, exits).items()}
+        cfg = to_config(table, s.setting, drift=drift)
+    else:
+        cfg = to_config(table, choice.base)
     if choice.on and not s.keys:  # tried early rungs accept: no scoring verifier decides
         drop = set(table.scores)
         cfg = cfg.replace(
@@ -131,7 +140,7 @@ def tune_router(table: OutcomeTable, *, max_accuracy_drop: float = 0.01, delta: 
     fitted = fit_router(table, folds=folds, seed=seed)
     choice = choose_route_setting(table, fitted.scores, max_accuracy_drop=max_accuracy_drop,
                                   delta=delta, min_gain=min_gain, base=base)
-    cfg = _config(table, choice)
+    cfg = _config(table, choice, fitted.scores)
     if not choice.on:
         return RouterTuning(choice, cfg, None)
     # unlike the suite: the route family's safe start is the top rung; the skip family's is
