@@ -170,3 +170,22 @@ def test_worker_connections_get_tcp_nodelay() -> None:
 
     config = uvicorn.Config("cascade.serve.app:app_factory", host="127.0.0.1", port=free_port())
     assert asyncio.run(nodelay_of_accepted(tcp_listener(config.bind_socket()))) != 0
+
+
+def test_a_config_the_workers_refuse_exits_2_instead_of_respawning_them(
+        tmp_path: Path) -> None:
+    """With ``--workers 2`` only the parent's checks ran before the workers started: a store
+    setting each worker refused (a reservation TTL below the request timeout) made every
+    worker die at start and the supervisor respawn it, for ever, with a traceback each time.
+    The parent now builds what a worker builds first, and exits 2 naming the key."""
+    import subprocess
+    import sys
+
+    cfg = one_rung_toml(tmp_path / "cascade.toml", "http://127.0.0.1:9/v1")
+    cfg.write_text(cfg.read_text().replace("[[rungs]]", 'timeout_s = 20\n\n[[rungs]]', 1)
+                   + '\n[store]\nurl = "redis://127.0.0.1:9/0"\nreservation_ttl_s = 5\n')
+    done = subprocess.run([sys.executable, "-m", "cascade.cli", "serve", "--config", str(cfg),
+                           "--workers", "2", "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "store.reservation_ttl_s" in done.stderr and "Traceback" not in done.stderr

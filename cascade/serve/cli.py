@@ -82,6 +82,13 @@ def run(ns: argparse.Namespace) -> int:
     if ns.workers == 1:
         uvicorn.run(create_app(path, sighup=True, require_clients=require_clients), **common)
         return 0
+    # Everything a worker checks as it builds its app (the store's settings, client keys,
+    # verifier plugins, the router file), checked once here: a worker that fails to start
+    # is respawned by the supervisor, so a bad config would loop instead of exiting 2.
+    from cascade.serve.service import Loaded
+
+    Loaded(config, provider_factory=None, observers=(),
+           require_clients=require_clients).cascade.close()
     os.environ[CONFIG_ENV] = str(path)
     # a reload in a worker must not drop every key either
     os.environ[REQUIRE_CLIENTS_ENV] = "1" if require_clients else "0"
