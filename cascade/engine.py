@@ -466,8 +466,18 @@ class Cascade:
                 drift = {k: s.to_dict() for k, s in (await monitor.refresh()).items()}
             except Exception as e:
                 log.warning("drift state unavailable: %s", e)
+        await self.asettle_kept()  # a health check nudges an idle process
         return {"endpoints": endpoints, "drift": drift, "shared_store": self._store.shared,
                 "store": self._store.status(), "shadow_dropped": self._shadows.dropped}
+
+    async def asettle_kept(self) -> None:
+        """Record the spend kept while the shared store was down, if it answers now: requests
+        do it as they reserve, but a process without budgeted traffic kept it (and the budget
+        under-counted) until its next one. ``cascade serve`` calls it every few seconds."""
+        try:
+            await self._store.asettle_kept()
+        except Exception as e:
+            log.warning("kept settles not recorded yet: %s", e)
 
     async def afeedback(self, request_id: str, correct: bool, expected: str | None = None,
                         *, client: str | None = None) -> None:

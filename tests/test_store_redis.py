@@ -424,3 +424,31 @@ def test_the_readme_store_example_is_a_valid_config(monkeypatch: pytest.MonkeyPa
     store = RedisStore.from_config(parse_config({"rungs": [FREE_RUNG], **table}))
     assert store.config.url == "redis://10.0.0.5:6379/0"
     assert store.config.budgets_on_outage == "fail-closed"
+
+
+async def test_kept_spend_is_recorded_without_a_request_once_redis_answers(
+        redis: RedisServer) -> None:
+    """A settle kept in the process during an outage was recorded only at its next budgeted
+    request: a worker its clients were not pinned to held it for minutes after Redis came
+    back, the key's spend under-counted meanwhile (another worker spent past the limit) and
+    ``unsettled`` never cleared. ``asettle_kept`` (health checks, and ``cascade serve`` every
+    few seconds) records it."""
+    store = RedisStore.from_config(_config(redis.url))
+    try:
+        res = await store.budgets.areserve("t", 0.1, 1.0, 3600)
+        redis.kill()
+        await store.budgets.asettle(res, 0.1)
+        assert store.budgets.unsettled == 1
+        await store.asettle_kept()  # Redis still down: kept, no error
+        assert store.budgets.unsettled == 1
+        redis.start()
+        await anyio.sleep(1.1)  # past the connection's fail-fast second
+        await store.asettle_kept()
+        assert store.budgets.unsettled == 0
+        other = RedisStore.from_config(_config(redis.url))  # another worker's view
+        try:
+            assert await other.budgets.aspent("t", 3600) == pytest.approx(0.1)
+        finally:
+            await other.aclose()
+    finally:
+        await store.aclose()

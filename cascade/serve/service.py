@@ -78,6 +78,10 @@ def _adjust(r: RungConfig, cap: int | None, temperature: float | None,
         fallbacks=tuple(_adjust(f, cap, temperature, stop) for f in r.fallbacks))
 
 
+SETTLE_KEPT_EVERY_S = 5.0
+"""How often a worker records the spend it kept during a shared-store outage."""
+
+
 class Loaded:
     """One loaded config: its engine, clients, audit log and ladder variants. A request keeps
     the one it started on to its end, so a reload never changes a climb half-way."""
@@ -233,6 +237,7 @@ class Service:
             # Costs are estimated with tiktoken: its ~0.6 s load is start-up's, not the
             # first request's.
             await anyio.to_thread.run_sync(warm_up, [r.model for r in cfg.rungs])
+        tg.start_soon(self._settle_kept)
         if self.path is None:
             return
         path = self.path
@@ -241,6 +246,13 @@ class Service:
         tg.start_soon(watch, lambda: watched_files(path, self.config),
                       lambda: self.server.reload_poll_s,
                       lambda: self._reload_guarded("file changed"))
+
+    async def _settle_kept(self) -> None:
+        """Every few seconds, what this worker kept while Redis was down is recorded once it
+        answers, traffic or not (a worker clients are not pinned to held it for minutes)."""
+        while True:
+            await anyio.sleep(SETTLE_KEPT_EVERY_S)
+            await self.live.cascade.asettle_kept()
 
     async def _reload_guarded(self, trigger: str) -> None:
         """A reload from a signal or the watch: a bug in it is logged, never the end of the

@@ -130,4 +130,10 @@ class Store(Protocol):
         """For health checks: what the store is and whether it works now (no I/O)."""
         ...
 
+    async def asettle_kept(self) -> None:
+        """Record the settles kept while a shared store was down, if it answers now (nothing
+        to do for a local store). Requests do it as they reserve; an idle process needs a
+        nudge, or its kept spend waits and the budget overspends meanwhile."""
+        ...
+
     async def aclose(self) -> None: ...

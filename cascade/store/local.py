@@ -234,6 +234,9 @@ class LocalStore:
     def status(self) -> dict[str, Any]:
         return {"shared": False}
 
+    async def asettle_kept(self) -> None:
+        return None  # nothing is kept: the local budget store is always there
+
     async def aclose(self) -> None:
         if self.cache is not None:
             await self.cache.aclose()

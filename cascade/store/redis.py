@@ -380,6 +380,10 @@ class RedisStore:
         return {"shared": True, "url": self.config.display_url, "reachable": not self.conn.down,
                 "unsettled": self.budgets.unsettled}
 
+    async def asettle_kept(self) -> None:
+        if self.budgets.unsettled:
+            await self.budgets.replay()
+
     async def aclose(self) -> None:
         """Record any settles kept during an outage, then give back the connection pool."""
         await self.budgets.aclose()

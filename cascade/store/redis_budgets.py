@@ -78,7 +78,7 @@ class RedisBudgets:
                        period_s: float) -> Reservation:
         amount, limit = reserve_amounts(amount_usd, limit_usd)
         window_of(0.0, period_s)  # a period <= 0 is a ValueError here, as in the local stores
-        await self._replay()
+        await self.replay()
         rid = uuid.uuid4().hex
         script = self._conn.script("budget_reserve", lua.BUDGET_RESERVE)
         args: list[Any] = [rid, str(amount), str(limit), repr(float(period_s)), self._ttl_ms]
@@ -115,7 +115,7 @@ class RedisBudgets:
         # Shielded: money spent must be recorded even when the request is cancelled; the
         # connection's own timeout still bounds it.
         with anyio.CancelScope(shield=True):
-            await self._replay()
+            await self.replay()
             try:
                 await self._send(res, charged)
             except StoreDown as e:
@@ -142,7 +142,7 @@ class RedisBudgets:
             safe = self._journal.write(self._replaying + self._unsettled)
         self._journal.forget_adopted(delete=safe)  # orphans go once their entries are safe
 
-    async def _replay(self) -> None:
+    async def replay(self) -> None:
         """Record settles kept while Redis was down (oldest first), stopping at a failure."""
         if time.monotonic() >= self._adopt_at:
             self._adopt()
@@ -175,7 +175,7 @@ class RedisBudgets:
         await self._close(reservation, 0)
 
     async def _counts(self, key: str, period_s: float) -> tuple[int, int]:
-        await self._replay()
+        await self.replay()
         script = self._conn.script("budget_counts", lua.BUDGET_COUNTS)
         try:
             spent, pending = await self._conn.run(lambda c: script(
@@ -200,7 +200,7 @@ class RedisBudgets:
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
-            await self._replay()
+            await self.replay()
         self._journal.close()
         if self._unsettled:
             left = sum(c for _, c in self._unsettled) / 1e9
