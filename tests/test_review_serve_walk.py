@@ -363,3 +363,18 @@ def test_time_to_first_token_is_a_metric_of_the_running_service(
         client.chat.completions.create(model="cascade", messages=QUESTION)  # not streamed
         metrics = httpx.get(f"{url}/metrics").text
     assert 'cascade_stream_first_token_seconds_count{ladder="cascade"} 1.0' in metrics, metrics
+
+
+def test_a_budget_store_outage_is_a_503_naming_the_store_not_a_500() -> None:
+    """With Redis down a request on a budget raised ``BudgetStoreError``, which the service
+    answered as a 500 ``server_error``, a status its error table does not list."""
+    from cascade.errors import BudgetStoreError
+    from cascade.serve.errors import from_exception
+
+    e = from_exception(BudgetStoreError("the shared budget store redis://127.0.0.1:9/0 is "
+                                        "unreachable (refused); fail-closed"))
+    assert e.status == 503
+    body = e.payload()["error"]
+    assert isinstance(body, dict) and body["type"] == "service_unavailable"
+    assert body["code"] == "budget_store_unavailable" and "redis://127.0.0.1:9/0" in body["message"]
+    assert e.headers["x-should-retry"] == "false"

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from cascade.errors import (
     BudgetExceeded,
+    BudgetStoreError,
     CascadeError,
     ConfigError,
     DeadlineExceeded,
@@ -68,6 +69,9 @@ def from_exception(e: BaseException, trace: CascadeTrace | None = None) -> APIEr
     if isinstance(e, BudgetExceeded):
         return APIError(429, str(e), type="budget_exceeded", code="budget_exceeded",
                         headers=no_retry, trace=trace)
+    if isinstance(e, BudgetStoreError):  # the shared store is down: budgets fail closed
+        return APIError(503, str(e), type="service_unavailable",
+                        code="budget_store_unavailable", headers=no_retry, trace=trace)
     if isinstance(e, DeadlineExceeded):
         return APIError(504, str(e), type="deadline_exceeded", code="deadline_exceeded",
                         headers=no_retry, trace=trace)
