@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cascade.caller import EndpointCaller
@@ -123,7 +123,11 @@ class Shadows:
         agreed: bool | None = None
         try:
             if answered is not None:  # the climb reached the top rung itself: nothing to pay
-                attempt = answered
+                # A copy: the answer's own attempt is not touched, and its cost and tokens,
+                # counted with the answer, are not counted again as the shadow's.
+                attempt = replace(answered, status="shadow", cost_usd=0.0, input_tokens=0,
+                                  output_tokens=0, verdicts=[],
+                                  note="the climb's own top answer: no call made")
                 completion = Completion(text=answered.text or "", model=answered.model,
                                         input_tokens=answered.input_tokens,
                                         output_tokens=answered.output_tokens)
@@ -140,8 +144,7 @@ class Shadows:
                 completion=completion))
             [verdict] = await run_verifiers([BoundVerifier(id="shadow", verifier=agree)],
                                             lambda bv: ctx)
-            if answered is None:
-                attempt.verdicts = [verdict]
+            attempt.verdicts = [verdict]
             agreed = verdict.passed
             with _STATS_LOCK:
                 st = _STATS.setdefault(cfg.rungs[accepted.rung].endpoint,

@@ -378,3 +378,23 @@ def test_a_budget_store_outage_is_a_503_naming_the_store_not_a_500() -> None:
     assert isinstance(body, dict) and body["type"] == "service_unavailable"
     assert body["code"] == "budget_store_unavailable" and "redis://127.0.0.1:9/0" in body["message"]
     assert e.headers["x-should-retry"] == "false"
+
+
+def test_a_shadow_skipped_for_money_is_not_counted_as_a_check() -> None:
+    """``cascade_shadow_checks_total`` counted shadows skipped over the cap or budget (25 of
+    64 made no top-rung call in a walk), inflating the checks the alarm's rate is read from."""
+    from cascade.messages import Message, Request
+    from cascade.serve.metrics import Metrics
+    from cascade.trace import Attempt
+
+    m = Metrics("lad")
+    req = Request(messages=(Message("user", "q"),))
+    acc = Attempt(rung=0, model="small", provider="x", name="small", status="accepted")
+    skipped = Attempt(rung=1, model="big", provider="x", name="big", status="shadow",
+                      error="budget: over", error_type="Skipped")
+    checked = Attempt(rung=1, model="big", provider="x", name="big", status="shadow")
+    m.on_shadow(req, acc, skipped, None)
+    m.on_shadow(req, acc, checked, False)
+    text = m.render().decode()
+    assert 'cascade_shadow_checks_total{ladder="lad",rung="small"} 1.0' in text
+    assert 'cascade_shadow_disagreements_total{ladder="lad",rung="small"} 1.0' in text

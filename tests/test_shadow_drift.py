@@ -244,3 +244,43 @@ async def test_the_drift_alarm_puts_a_rung_in_safe_mode_and_clears_when_it_recov
     assert not await alarm()
     assert (await c.aanswer("q")).model == "small"
     c.close()
+
+
+async def test_a_free_comparison_leaves_the_answer_alone_and_costs_nothing_again(
+        tmp_path: Path) -> None:
+    """With the alarm up, the climb's own top answer is compared for free: the shadow check
+    took that very Attempt, set its latency to the comparison's and handed it to observers as
+    the shadow, whose cost ``/metrics`` and the audit log then counted a second time."""
+    from cascade.observe import Observer
+
+    seen: list[Attempt] = []
+
+    class Shadows(Observer):
+        def on_shadow(self, request: Any, accepted: Attempt, shadow: Attempt,
+                      agreed: bool | None) -> None:
+            seen.append(shadow)
+
+    def model(call: ModelCall) -> str:
+        return "Sydney" if call.model == "small" else "Canberra"
+
+    cfg = _config(tmp_path, shadow_normaliser="exact", drift_alpha=0.001)
+    cfg["rungs"][0]["drift_max_disagreement"] = 0.01
+    cfg["rungs"][1]["input_usd_per_mtok"] = cfg["rungs"][1]["output_usd_per_mtok"] = 5.0
+    c = Cascade.from_dict(cfg, verifiers=[always], observers=[Shadows()],
+                          provider_factory=FunctionProvider(model).factory)
+    for _ in range(40):
+        await c.aanswer("q")
+        assert c.drain_shadows(10)
+        if (await c.ahealth())["drift"]["small"]["alarm"]:
+            break
+    seen.clear()
+    held = await c.aanswer("q")
+    assert held.model == "big"
+    top = held.attempts[-1]
+    before = (top.latency_ms, top.status, top.cost_usd)
+    assert c.drain_shadows(10)
+    assert (top.latency_ms, top.status, top.cost_usd) == before and top.cost_usd > 0
+    [free] = seen
+    assert free is not top and free.cost_usd == 0.0 and free.status == "shadow"
+    assert free.verdicts and free.verdicts[0].verifier == "shadow"
+    c.close()

@@ -169,6 +169,8 @@ class Metrics:
     def on_shadow(self, request: CascadeRequest, accepted: Attempt, shadow: Attempt,
                   agreed: bool | None) -> None:
         rung = accepted.name or accepted.model
+        if shadow.error_type == "Skipped":  # over the cap or budget: no check was made
+            return
         self.shadows.labels(self.ladder, rung).inc()
         if agreed is False:
             self.shadow_disagreements.labels(self.ladder, rung).inc()
