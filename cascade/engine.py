@@ -474,8 +474,10 @@ class Cascade:
         """Record the spend kept while the shared store was down, if it answers now: requests
         do it as they reserve, but a process without budgeted traffic kept it (and the budget
         under-counted) until its next one. ``cascade serve`` calls it every few seconds."""
+        settle = getattr(self._store, "asettle_kept", None)  # a store of your own may lack it
         try:
-            await self._store.asettle_kept()
+            if settle is not None:
+                await settle()
         except Exception as e:
             log.warning("kept settles not recorded yet: %s", e)
 

@@ -406,3 +406,33 @@ async def test_leaving_async_with_cascade_leaves_the_audit_lines_on_disk(tmp_pat
     lines = path.read_text().splitlines()  # straight after, no flush of our own
     assert len(lines) == 300 and json.loads(lines[-1])["type"] == "answer"
     c.close()
+
+
+async def test_a_store_of_ones_own_without_asettle_kept_is_not_warned_about(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A store written before ``asettle_kept`` joined the protocol has nothing kept to settle:
+    every health check (and ``cascade serve`` every 5 s) logged a warning about it."""
+    import logging
+
+    from cascade.config import parse_config
+    from cascade.store.local import LocalStore
+
+    cfg = parse_config({"rungs": [{"model": "m", "price": "unknown"}],
+                        "cache": {"enabled": False}}, source="<t>")
+
+    class MyStore:  # the protocol as it was
+        def __init__(self) -> None:
+            self._s = LocalStore(cfg)
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "asettle_kept":
+                raise AttributeError(name)
+            return getattr(self._s, name)
+
+    s = Script({"m": ["Paris"]})
+    c = Cascade(cfg, store=MyStore(), provider_factory=s.factory)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="cascade"):
+        assert (await c.aanswer("q")).text == "Paris"
+        await c.ahealth()
+    assert not [r for r in caplog.records if "kept settles" in r.getMessage()]
+    c.close()

@@ -452,3 +452,28 @@ async def test_kept_spend_is_recorded_without_a_request_once_redis_answers(
             await other.aclose()
     finally:
         await store.aclose()
+
+
+async def test_an_idle_store_takes_up_the_journal_a_closed_one_left(
+        redis: RedisServer, tmp_path: Any) -> None:
+    """Spend a store kept during an outage goes to its journal when it closes (a config a
+    reload retired, a worker that died); an idle store's ``asettle_kept`` looked only at its
+    own kept settles, so nobody recorded that spend until a budgeted request came."""
+    cfg = _config(redis.url, journal_dir=str(tmp_path / "journal"))
+    old = RedisStore.from_config(cfg)
+    res = await old.budgets.areserve("k", 0.1, 1.0, 3600)
+    redis.kill()
+    await old.budgets.asettle(res, 0.1)
+    await old.aclose()  # retired during the outage: its kept settle is in the journal
+    live = RedisStore.from_config(cfg)
+    try:
+        redis.start()
+        await anyio.sleep(1.1)
+        await live.asettle_kept()
+        other = RedisStore.from_config(_config(redis.url))
+        try:
+            assert await other.budgets.aspent("k", 3600) == pytest.approx(0.1)
+        finally:
+            await other.aclose()
+    finally:
+        await live.aclose()

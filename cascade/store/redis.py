@@ -381,7 +381,7 @@ class RedisStore:
                 "unsettled": self.budgets.unsettled}
 
     async def asettle_kept(self) -> None:
-        if self.budgets.unsettled:
+        if self.budgets.due:
             await self.budgets.replay()
 
     async def aclose(self) -> None:

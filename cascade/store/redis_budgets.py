@@ -193,6 +193,12 @@ class RedisBudgets:
         return (await self._counts(key, period_s))[1] / 1e9
 
     @property
+    def due(self) -> bool:
+        """Whether :meth:`replay` has work: settles kept here, or a look at the journals of
+        processes that closed or died is due (a retired config's, a crashed worker's)."""
+        return bool(self._unsettled) or time.monotonic() >= self._adopt_at
+
+    @property
     def unsettled(self) -> int:
         """Settles (and releases of reservations whose reply was lost) waiting in this process
         for Redis to come back."""
