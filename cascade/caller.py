@@ -152,6 +152,7 @@ class EndpointCaller:
         errors: list[str] = []
         tries = 0
         failed_usd = 0.0  # billed tries that failed, on every endpoint tried
+        unanswered = [] if unanswered is None else unanswered
         last: ProviderError | None = None
         endpoints, why = self.order(rung)
         for ep in endpoints:
@@ -171,8 +172,7 @@ class EndpointCaller:
         raise last
 
     async def _call_endpoint(self, call: ModelCall, rung: RungConfig, deadline: float | None,
-                             unanswered: list[RungConfig] | None = None
-                             ) -> tuple[Completion, int, float]:
+                             unanswered: list[RungConfig]) -> tuple[Completion, int, float]:
         """One endpoint: breaker check, retries with backoff, breaker and latency bookkeeping;
         the reply, the tries, and what the billed tries that failed cost (on an error that
         gives up, its ``billed_usd``)."""
@@ -200,8 +200,7 @@ class EndpointCaller:
                     c = await provider.complete(
                         call if timeout == call.timeout_s else replace(call, timeout_s=timeout))
             except TimeoutError:
-                if unanswered is not None:
-                    unanswered.append(rung)
+                unanswered.append(rung)
                 raise ProviderTimeout(f"no complete reply within {timeout:g}s",
                                       provider=rung.provider, model=call.model) from None
             except ProviderError as e:
@@ -209,13 +208,11 @@ class EndpointCaller:
                     wasted += rung.cost_usd(*e.billed_tokens)
                 # A server's own 408 says it never took the request; a timeout here may
                 # have left the model generating (and billing) on the other side.
-                if (unanswered is not None and isinstance(e, ProviderTimeout)
-                        and e.status_code is None and e.sent):
+                if isinstance(e, ProviderTimeout) and e.status_code is None and e.sent:
                     unanswered.append(rung)
                 raise
             except anyio.get_cancelled_exc_class():  # the deadline, a client gone
-                if unanswered is not None:
-                    unanswered.append(rung)
+                unanswered.append(rung)
                 raise
             await latency.aobserve(rung.endpoint, self._clock() - t0)
             return c

@@ -148,10 +148,21 @@ class Climb:
     attempts: list[Attempt] = field(default_factory=list)
     candidate: tuple[Attempt, Any] | None = None
     """The latest answer that came back (attempt, parsed): returned unverified if none passes."""
-    skips: list[policy.Skip] = field(default_factory=list)
+    skipped: list[tuple[int, policy.Skip]] = field(default_factory=list)
+    """Each rung not called, by index, and why."""
     notes: list[str] = field(default_factory=list)
     route: dict[str, Any] | None = None
     """The router's decision, for the trace (``Answer.route``)."""
+
+    @property
+    def skips(self) -> list[policy.Skip]:
+        return [skip for _, skip in self.skipped]
+
+    def money_skip(self, above: int) -> tuple[int, policy.Skip] | None:
+        """The first rung above ``above`` that the cap or the key's budget kept from being
+        called, and why (None: money stopped nothing there)."""
+        return next(((i, sk) for i, sk in self.skipped
+                     if i > above and sk.kind in ("cap", "budget")), None)
 
     def remaining_s(self) -> float | None:
         return None if self.deadline is None else self.deadline - self.clock()
@@ -190,12 +201,12 @@ class Climb:
                     endpoint=rung.base_url or "", status="routed", note=reason,
                     started_at=time.time())
         self.attempts.append(a)
-        self.skips.append(policy.Skip("router", reason))
+        self.skipped.append((i, policy.Skip("router", reason)))
 
     def _skip(self, attempt: Attempt, skip: policy.Skip) -> None:
         attempt.status, attempt.error_type = "skipped", "Skipped"
         attempt.error = f"{'budget' if skip.kind == 'cap' else skip.kind}: {skip.detail}"
-        self.skips.append(skip)
+        self.skipped.append((attempt.rung, skip))
 
     async def _rung(self, i: int, rung: RungConfig) -> tuple[Attempt, Any] | None:
         """Try one rung. Returns (attempt, parsed) when its answer is accepted."""

@@ -421,13 +421,13 @@ class Cascade:
             # its own verdicts say why it was rejected
             why = (f"the answer given ({answer.model}, rung {attempt.rung}) was rejected: "
                    f"{policy.rejection_reason(attempt.verdicts)}")
-            unpaid = [a for a in climb.attempts if a.rung > attempt.rung
-                      and a.status == "skipped" and (a.error or "").startswith("budget:")]
-            if unpaid:
-                capped = any(sk.kind == "cap" for sk in climb.skips)  # else the key's budget
+            unpaid = climb.money_skip(attempt.rung)
+            if unpaid is not None:
+                i, skip = unpaid
+                capped = skip.kind == "cap"  # else the key's budget
                 raise UnverifiedWithinBudget(
-                    f"{why}; rung {unpaid[0].rung} ({unpaid[0].name or unpaid[0].model}) was "
-                    f"not tried: {unpaid[0].error}", answer,
+                    f"{why}; rung {i} ({cfg.rungs[i].label}) was not tried: budget: "
+                    f"{skip.detail}", answer,
                     key=None if capped else money.budget_key, spent_usd=money.spent_usd,
                     limit_usd=(money.max_cost_usd if capped else money.limit_usd) or 0.0)
             raise UnverifiedAnswerError(why, answer)

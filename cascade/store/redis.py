@@ -381,8 +381,7 @@ class RedisStore:
                 "unsettled": self.budgets.unsettled}
 
     async def asettle_kept(self) -> None:
-        if self.budgets.due:
-            await self.budgets.replay()
+        await self.budgets.replay()  # returns at once when nothing is kept or due
 
     async def aclose(self) -> None:
         """Record any settles kept during an outage, then give back the connection pool."""

@@ -143,7 +143,8 @@ class RedisBudgets:
         self._journal.forget_adopted(delete=safe)  # orphans go once their entries are safe
 
     async def replay(self) -> None:
-        """Record settles kept while Redis was down (oldest first), stopping at a failure."""
+        """Record settles kept while Redis was down (oldest first), stopping at a failure; also
+        takes up, once a minute, the journals of processes that closed or died."""
         if time.monotonic() >= self._adopt_at:
             self._adopt()
         if not self._unsettled:
@@ -191,12 +192,6 @@ class RedisBudgets:
     async def apending(self, key: str, period_s: float) -> float:
         """Reserved, unsettled spending of ``key`` in the current window."""
         return (await self._counts(key, period_s))[1] / 1e9
-
-    @property
-    def due(self) -> bool:
-        """Whether :meth:`replay` has work: settles kept here, or a look at the journals of
-        processes that closed or died is due (a retired config's, a crashed worker's)."""
-        return bool(self._unsettled) or time.monotonic() >= self._adopt_at
 
     @property
     def unsettled(self) -> int:

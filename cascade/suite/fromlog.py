@@ -277,9 +277,8 @@ class _Builder:
         self.since = since
         self.stats = FromLogStats()
         self.prompts: dict[str, _Prompt] = {}
-        self.of_request: dict[str, tuple[str, str | None]] = {}
-        self.client_of: dict[str, Any] = {}
-        """request id -> (prompt key, the text that request got)."""
+        self.of_request: dict[str, tuple[str, str | None, Any]] = {}
+        """request id -> (prompt key, the text that request got, the client it came from)."""
         self.answered: set[str] = set()
         """Request ids whose answer line was read (a second copy of one is skipped)."""
 
@@ -327,8 +326,7 @@ class _Builder:
         p.requests += 1
         if len(p.request_ids) < _IDS_KEPT:
             p.request_ids.append(rid)
-        self.of_request[rid] = (key, _answered_text(line, trace))
-        self.client_of[rid] = line.get("client")
+        self.of_request[rid] = (key, _answered_text(line, trace), line.get("client"))
         hit = bool(trace is not None and trace.get("cache_hit"))
         st.cache_hits += hit
         for raw in trace.get("attempts", []) if trace is not None else []:
@@ -361,7 +359,7 @@ class _Builder:
             return
         # Another client's feedback is not a label; feedback naming no client (the
         # library's Cascade.feedback) is the application's own, as trusted as its requests.
-        asker, giver = self.client_of.get(rid), line.get("client")
+        asker, giver = where[2], line.get("client")
         if asker is not None and giver is not None and giver != asker:
             self.stats.feedback_other_client += 1
             return
