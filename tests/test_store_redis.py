@@ -426,6 +426,15 @@ def test_the_readme_store_example_is_a_valid_config(monkeypatch: pytest.MonkeyPa
     assert store.config.budgets_on_outage == "fail-closed"
 
 
+async def _spent_seen_elsewhere(url: str, key: str) -> float:
+    """What another worker's store reads as spent on ``key`` (this hour)."""
+    other = RedisStore.from_config(_config(url))
+    try:
+        return await other.budgets.aspent(key, 3600)
+    finally:
+        await other.aclose()
+
+
 async def test_kept_spend_is_recorded_without_a_request_once_redis_answers(
         redis: RedisServer) -> None:
     """A settle kept in the process during an outage was recorded only at its next budgeted
@@ -445,11 +454,7 @@ async def test_kept_spend_is_recorded_without_a_request_once_redis_answers(
         await anyio.sleep(1.1)  # past the connection's fail-fast second
         await store.asettle_kept()
         assert store.budgets.unsettled == 0
-        other = RedisStore.from_config(_config(redis.url))  # another worker's view
-        try:
-            assert await other.budgets.aspent("t", 3600) == pytest.approx(0.1)
-        finally:
-            await other.aclose()
+        assert await _spent_seen_elsewhere(redis.url, "t") == pytest.approx(0.1)
     finally:
         await store.aclose()
 
@@ -470,10 +475,6 @@ async def test_an_idle_store_takes_up_the_journal_a_closed_one_left(
         redis.start()
         await anyio.sleep(1.1)
         await live.asettle_kept()
-        other = RedisStore.from_config(_config(redis.url))
-        try:
-            assert await other.budgets.aspent("k", 3600) == pytest.approx(0.1)
-        finally:
-            await other.aclose()
+        assert await _spent_seen_elsewhere(redis.url, "k") == pytest.approx(0.1)
     finally:
         await live.aclose()
