@@ -47,6 +47,7 @@ from cascade.ladder import Ladder
 from cascade.messages import (
     Message,
     Request,
+    check_request_id,
     check_schema_options,
     normalise_messages,
     schema_parts,
@@ -89,6 +90,7 @@ class AnswerOptions(TypedDict, total=False):
     cache: CacheMode
     metadata: Mapping[str, Any] | None
     on_attempt: OnAttempt | None
+    request_id: str | None
 _LADDERS_KEPT = 16
 
 
@@ -274,14 +276,16 @@ class Cascade:
         cache: CacheMode = True,
         metadata: Mapping[str, Any] | None = None,
         on_attempt: OnAttempt | None = None,
+        request_id: str | None = None,
     ) -> Answer:
         """Answer one request, climbing the ladder only as far as the verifiers require.
 
         ``on_attempt(attempt)`` (sync or async) is called as each rung finishes: the climb's
-        progress, e.g. for a stream.
+        progress, e.g. for a stream. ``request_id`` is the caller's own id for the request
+        (known before the answer, as a stream's headers need it); a new one by default.
         """
         t0 = self._clock()
-        request_id = uuid.uuid4().hex
+        request_id = check_request_id(request_id) or uuid.uuid4().hex
         ladder = self._ladder_for(config, verifiers)
         json_schema, output_type = schema_parts(schema)
         if metadata is not None and not isinstance(metadata, Mapping):

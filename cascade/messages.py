@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from cascade.errors import ConfigError
 
-__all__ = ["Message", "Request", "Role", "check_schema_options", "normalise_messages",
-           "schema_parts"]
+__all__ = ["Message", "Request", "Role", "check_request_id", "check_schema_options",
+           "normalise_messages", "schema_parts"]
 
 Role = Literal["system", "user", "assistant"]
 _ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
@@ -127,6 +127,20 @@ def normalise_messages(
 
 def _clean(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def check_request_id(request_id: str | None) -> str | None:
+    """A caller's own request id (e.g. its upstream ``X-Request-ID``): it goes into response
+    headers, audit lines and feedback joins, so it is kept to 1-128 header-safe characters."""
+    if request_id is None:
+        return None
+    if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
+        raise ConfigError("must be 1 to 128 letters, digits, '.', '_', ':' or '-', starting "
+                          "with a letter or digit", source="request", key="request_id")
+    return request_id
 
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -11,6 +11,7 @@ from cascade import (
     Answer,
     BudgetExceeded,
     Cascade,
+    ConfigError,
     NoAnswerError,
     ServerError,
     UnverifiedAnswerError,
@@ -392,3 +393,20 @@ async def test_shadow_checks_sample_the_top_rung_without_changing_the_answer(
     await quiet.aanswer("Capital of Australia?", cache=False)
     assert quiet.drain_shadows(1)
     assert s.count("big") == n  # shadow_rate defaults to 0
+
+
+async def test_a_callers_request_id_names_the_answer_and_a_bad_one_is_refused_unpaid(
+        tmp_path: Path) -> None:
+    s = Script({"small": ["Canberra", "Canberra"], "big": ["Canberra (big)"]})
+    c = Cascade.from_dict(_config(tmp_path), verifiers=[not_idk], provider_factory=s.factory)
+    ans = await c.aanswer("Capital of Australia?", request_id="upstream-42:a.b_c")
+    assert ans.request_id == "upstream-42:a.b_c"
+    hit = await c.aanswer("Capital of Australia?", request_id="again-1")
+    assert hit.cache_hit and hit.request_id == "again-1"
+    default = await c.aanswer("Capital of Australia?")
+    assert len(default.request_id) == 32 and default.request_id != "again-1"
+    for bad in ("", "x" * 129, "has space", "new\nline", "-leading", 42):
+        with pytest.raises(ConfigError) as ei:
+            await c.aanswer("Capital of New Zealand?", request_id=bad)  # type: ignore[arg-type]
+        assert ei.value.key == "request_id"
+    assert s.count("small") == 1  # nothing paid for the refused ones

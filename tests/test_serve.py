@@ -125,6 +125,7 @@ def test_stream_reports_each_escalation_as_a_comment_before_the_answer(
             "POST", f"{url}/v1/chat/completions",
             json={"model": "cascade", "messages": MESSAGES, "stream": True}) as resp:
         events = [e for e in resp.read().decode().split("\n\n") if e]
+        headers = resp.headers
     progress = [json.loads(e[len(": cascade "):]) for e in events if e.startswith(": cascade ")]
     assert [(p["name"], p["status"]) for p in progress] == [
         ("small", "rejected"), ("mid", "rejected"), ("big", "accepted")]
@@ -133,6 +134,10 @@ def test_stream_reports_each_escalation_as_a_comment_before_the_answer(
     assert first_data > max(i for i, e in enumerate(events) if e.startswith(": cascade "))
     chunk = json.loads(events[first_data][6:])
     assert chunk["model"] == "big" and chunk["cascade"]["verified"] is True
+    # the response started before the answer, and still names the request the trace is of
+    rid = chunk["cascade"]["request_id"]
+    assert headers["x-cascade-request-id"] == headers["x-request-id"] == rid
+    assert chunk["id"] == f"chatcmpl-{rid}"
 
 
 def test_stream_wire_format_ends_with_done_and_carries_the_headers(

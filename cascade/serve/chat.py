@@ -7,7 +7,8 @@ answer for a verified one. While the climb goes on, each finished rung is announ
 comment (``: cascade {"rung": 0, "status": "rejected", ...}``), which OpenAI clients ignore.
 The response starts (status and headers) at the first of: the answer (then the ``x-cascade-*``
 headers and error statuses are the same as without streaming), or a rung that escalated (then
-errors after it come in-band, as ``data: {"error": {...}}``, which the SDKs raise).
+errors after it come in-band, as ``data: {"error": {...}}``, which the SDKs raise); the request
+id headers are sent either way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -311,7 +313,8 @@ async def stream_answer(service: Service, body: ChatCompletionRequest,
     """Climb in the service's task group and stream the verified answer in ``render``'s
     format; errors before the response starts are raised (the caller's wire format)."""
     t0 = time.perf_counter()
-    events = service.stream(body, client)
+    rid = uuid.uuid4().hex
+    events = service.stream(body, client, rid)
     pending: list[ClimbEvent] = []
     try:
         while True:
@@ -323,7 +326,8 @@ async def stream_answer(service: Service, body: ChatCompletionRequest,
         events.close()
         raise APIError(503, "the server is shutting down", type="server_error") from None
     kind, value = pending[-1]
-    headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no",
+               **request_id_headers(rid)}
     if kind == "error":
         events.close()
         raise value if isinstance(value, APIError) else wire_error(value)

@@ -324,7 +324,8 @@ class Service:
         return meta
 
     async def answer(self, body: ChatCompletionRequest, client: ClientConfig | None, *,
-                     on_attempt: Callable[[Attempt], Awaitable[None]] | None = None) -> Answer:
+                     on_attempt: Callable[[Attempt], Awaitable[None]] | None = None,
+                     request_id: str | None = None) -> Answer:
         """Climb for one wire request (the engine tells the observers how it ended)."""
         try:
             messages = normalise_messages(messages=body.messages)
@@ -341,7 +342,8 @@ class Service:
                     messages=messages, schema=body.output_schema(),
                     schema_options=body.schema_options(), config=live.ladder(body),
                     metadata=self._metadata(body, client, live.name),
-                    max_cost_usd=min(caps) if caps else None, on_attempt=on_attempt)
+                    max_cost_usd=min(caps) if caps else None, on_attempt=on_attempt,
+                    request_id=request_id)
         except ConfigError as e:
             if e.key is None or not e.key.startswith("schema"):
                 raise
@@ -360,18 +362,20 @@ class Service:
         finally:
             gauge.dec()
 
-    def stream(self, body: ChatCompletionRequest, client: ClientConfig | None
+    def stream(self, body: ChatCompletionRequest, client: ClientConfig | None, request_id: str
                ) -> MemoryObjectReceiveStream[ClimbEvent]:
-        """Start a climb in the service's task group; its events arrive on the stream."""
+        """Start a climb in the service's task group; its events arrive on the stream. The
+        request id is chosen here: a response that starts before the answer sends it."""
         if self._tg is None:
             raise RuntimeError("the service is not running (no lifespan)")
         send: MemoryObjectSendStream[ClimbEvent]
         send, receive = anyio.create_memory_object_stream[ClimbEvent](math.inf)
-        self._tg.start_soon(self._climb_into, send, body, client)
+        self._tg.start_soon(self._climb_into, send, body, client, request_id)
         return receive
 
     async def _climb_into(self, send: MemoryObjectSendStream[ClimbEvent],
-                          body: ChatCompletionRequest, client: ClientConfig | None) -> None:
+                          body: ChatCompletionRequest, client: ClientConfig | None,
+                          request_id: str) -> None:
         async def progress(a: Attempt) -> None:
             # A client that hung up closed the stream; the climb goes on and is still logged.
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -380,7 +384,8 @@ class Service:
         with send:
             event: ClimbEvent
             try:
-                event = ("answer", await self.answer(body, client, on_attempt=progress))
+                event = ("answer", await self.answer(body, client, on_attempt=progress,
+                                                     request_id=request_id))
             except Exception as e:
                 event = ("error", e)
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
