@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,10 @@ from tests.loopback import (
     free_port,
     openai_error,
     openai_reply,
+    reap,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 LETTERS = "ABCD"
 MODELS = ("s", "m", "l")
 PRICES = {"s": 0.1, "m": 0.3, "l": 1.0}
@@ -204,6 +210,60 @@ def test_a_judge_failing_midway_keeps_the_verdicts_it_gave(tmp_path: Path, suite
              for r in _rows(500, 3, 10**6)}
     assert all(r["correct"] == truth[r["id"]] for r in judged)
     assert f"judged by judge: {len(judged)} labelled" in stdout
+
+
+def test_ctrl_c_while_judging_writes_the_verdicts_paid_for_and_exits_130(
+        tmp_path: Path, suite: Path, openai_server: LoopbackServer) -> None:
+    gold = {f"question {i}?": r["gold"] for i, r in enumerate(_rows(500, 3, 150))}
+    proc: list[subprocess.Popen[bytes]] = []
+    answered = [0]
+
+    def handle(req: RecordedRequest) -> Reply:
+        if answered[0] >= 20:  # then Ctrl-C, with the later calls in flight
+            if answered[0] == 20:
+                answered[0] += 1
+                proc[0].send_signal(signal.SIGINT)
+            return Reply(json=None, delay_s=30)
+        answered[0] += 1
+        body = req.json["messages"][-1]["content"]
+        answer = body.split("=" * 12)[1].strip()
+        return openai_reply("yes" if answer == gold[body.split("\n")[1]] else "no",
+                            model="judge", prompt_tokens=50, completion_tokens=1)
+
+    openai_server.script(handle)
+    out = tmp_path / "NEEDS.jsonl"
+    proc.append(subprocess.Popen(
+        [sys.executable, "-m", "cascade.cli", "label", str(suite), "--judge",
+         str(_judge_toml(tmp_path, openai_server.base_url)), "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE))
+    try:
+        _stdout, err = (b.decode() for b in proc[0].communicate(timeout=25))
+    finally:
+        reap(proc[0], 5)
+    assert proc[0].returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    judged = [r for r in rows if "correct" in r]
+    assert 1 <= len(judged) <= 20 and len(rows) > len(judged)  # the rest, without a label
+    truth = {r["id"]: {m: o["correct"] for m, o in r["outcomes"].items()}
+             for r in _rows(500, 3, 10**6)}
+    assert all(r["correct"] == truth[r["id"]] and r["label_source"] == "judge" for r in judged)
+
+
+def test_a_label_run_that_fails_leaves_no_empty_needs_file(tmp_path: Path, suite: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    judge = tmp_path / "judge.toml"
+    judge.write_text('[[rungs]]\nmodel = "judge"\nprovider = "openai"\n'
+                     'api_key_env = "CASCADE_TEST_UNSET_KEY"\ninput_usd_per_mtok = 2.0\n'
+                     'output_usd_per_mtok = 8.0\n')
+    monkeypatch.delenv("CASCADE_TEST_UNSET_KEY", raising=False)
+    out = tmp_path / "NEEDS.jsonl"
+    code, _stdout, err = _run(["label", str(suite), "--judge", str(judge), "--out", str(out)])
+    assert code != 0, err
+    # an empty NEEDS.jsonl means "no label would change the decision": never left by a failure
+    assert not out.exists() or out.read_text().strip()
 
 
 # ---------------------------------------------------------------- 4. --max in the summary

@@ -17,6 +17,7 @@ from typing import Any
 
 from cascade.cli._args import int_in
 from cascade.cli._suites import STDOUT, load_ladder, load_table
+from cascade.config import CascadeConfig
 from cascade.suite import OutcomeTable
 from cascade.suite.cases import read_jsonl
 from cascade.tuning.guard import DELTA
@@ -115,16 +116,28 @@ def apply_labels(table: OutcomeTable, files: list[str],
 
 def run(ns: argparse.Namespace) -> int:
     """Find the needed labels (and judge them), write NEEDS.jsonl, print a summary; exit 3
-    (a provider failed) when the judge's endpoint failed, after writing what it judged."""
-    from cascade.cli import EXIT_NO_ANSWER
-    from cascade.tuning.label import judge_labels, needed_labels
-
+    (a provider failed) when the judge's endpoint failed, 130 when judging was interrupted,
+    after writing what it judged. A run that fails leaves no empty --out it created."""
     check_promise(ns.max_accuracy_drop, ns.delta)
     judge = load_ladder(ns.judge) if ns.judge else None  # a bad --judge fails now, not later
     table = apply_labels(load_table(ns.suites, ns.config), ns.labels)
-    to_stdout = ns.out == STDOUT
-    if not to_stdout:  # an unwritable --out fails before the judge is paid, not after
-        Path(ns.out).open("a", encoding="utf-8").close()
+    out = None if ns.out == STDOUT else Path(ns.out)
+    made = out is not None and not out.exists()
+    if out is not None:  # an unwritable --out fails before the judge is paid, not after
+        out.open("a", encoding="utf-8").close()
+    try:
+        return _label(ns, table, judge, out)
+    except BaseException:
+        if made and out is not None and out.stat().st_size == 0:
+            out.unlink()  # an empty NEEDS.jsonl would read as "no label would change it"
+        raise
+
+
+def _label(ns: argparse.Namespace, table: OutcomeTable, judge: CascadeConfig | None,
+           out: Path | None) -> int:
+    from cascade.cli import EXIT_INTERRUPTED, EXIT_NO_ANSWER
+    from cascade.tuning.label import judge_labels, needed_labels
+
     needs = needed_labels(table, max_drop=ns.max_accuracy_drop, delta=ns.delta, max_n=ns.max)
     total = len(needs)
     if ns.max is not None:  # the count said is of all the labels needed, not the truncation
@@ -136,7 +149,7 @@ def run(ns: argparse.Namespace) -> int:
                f"({table.n_labelled} of {table.n} labelled)")
     if len(rows) < total:
         summary += f"; the first {len(rows)} written (--max {ns.max})"
-    failure = ""
+    failure, code = "", EXIT_NO_ANSWER
     if judge is not None and needs:
         res = judge_labels(table, needs, judge)
         for row in rows:
@@ -149,24 +162,30 @@ def run(ns: argparse.Namespace) -> int:
                     f"calls, {cost}")
         if res.unjudged:
             summary += f", {len(res.unjudged)} without a clear verdict"
-        if res.error is not None:
+        if res.interrupted is not None:
+            code = EXIT_INTERRUPTED
+            failure = (f"cascade: judging interrupted ({res.interrupted} calls in flight were "
+                       "cut off, not in the cost); the "
+                       f"{len(rows) - len(res.labels)} cases it did not label are written "
+                       "without a label (run again to judge them)")
+        elif res.error is not None:
             e = res.error
             tries = f" (after {e.tries} tries)" if e.tries > 1 else ""
             failure = (f"cascade: the judge {res.model} at {res.endpoint} failed{tries}: "
                        f"{type(e).__name__}: {e}; judging stopped, the "
                        f"{len(rows) - len(res.labels)} cases it did not label are written "
                        "without a label (run again to judge them)")
-    if to_stdout:
+    if out is None:
         for row in rows:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(summary, file=sys.stderr)
     else:
-        with Path(ns.out).open("w", encoding="utf-8") as f:
+        with out.open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(summary)
         print(f"wrote {ns.out}", file=sys.stderr)
     if failure:
         print(failure, file=sys.stderr)
-        return EXIT_NO_ANSWER
+        return code
     return 0

@@ -180,6 +180,9 @@ class JudgeResult:
     error: ProviderError | None = None
     """The call that failed, when the judge endpoint failed (refused, 401, ...): judging
     stopped there, and ``labels`` holds the verdicts obtained (and paid for) before it."""
+    interrupted: int | None = None
+    """When judging was interrupted (Ctrl-C): how many calls were then in flight, sent and cut
+    off, so neither in ``cost_usd`` nor in ``calls``; ``labels`` holds the verdicts before it."""
     endpoint: str = ""
     """Where the judge was called (its ``base_url``, or the provider's default), for the
     error message."""
@@ -215,6 +218,7 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
     unjudged: list[str] = []
     spent = [0.0, 0.0]
     failed: list[ProviderError] = []
+    in_flight = [0]
 
     async def one(need: Need, provider: Provider, limit: anyio.CapacityLimiter) -> None:
         groups: dict[Any, list[int]] = {}
@@ -236,17 +240,20 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
                 if failed and not started:  # the endpoint failed: start no new case
                     return
                 started = True
+                in_flight[0] += 1
                 try:
                     reply, tries = await call_with_retry(
                         functools.partial(provider.complete, rung_call(rung, msgs)),
                         max_attempts=attempts, base_delay_s=retry.base_delay_s,
                         max_delay_s=retry.max_delay_s, jitter=retry.jitter)
                 except ProviderError as e:
+                    in_flight[0] -= 1
                     spent[0] += e.billed_usd + (rung.cost_usd(*e.billed_tokens)
                                                 if e.billed_tokens is not None else 0.0)
                     spent[1] += e.tries
                     failed.append(e)
                     return
+                in_flight[0] -= 1
             spent[0] += rung.cost_usd(reply.input_tokens, reply.output_tokens)
             spent[1] += tries
             v = _verdict(reply.text)
@@ -270,10 +277,14 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
         finally:
             await provider.aclose()
 
-    anyio.run(main)
+    interrupted = None
+    try:
+        anyio.run(main)
+    except KeyboardInterrupt:  # the verdicts paid for so far are still written
+        interrupted = in_flight[0]
     return JudgeResult(labels=labels, cost_usd=spent[0], calls=int(spent[1]), model=rung.model,
                        unjudged=sorted(set(unjudged)), price_known=rung.price != "unknown",
-                       error=failed[0] if failed else None,
+                       error=failed[0] if failed else None, interrupted=interrupted,
                        endpoint=rung.base_url or f"the {rung.provider} provider's default URL")
 
 
