@@ -251,19 +251,42 @@ def test_ctrl_c_while_judging_writes_the_verdicts_paid_for_and_exits_130(
     assert all(r["correct"] == truth[r["id"]] and r["label_source"] == "judge" for r in judged)
 
 
-def test_a_label_run_that_fails_leaves_no_empty_needs_file(tmp_path: Path, suite: Path,
-                                                            monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
-    judge = tmp_path / "judge.toml"
-    judge.write_text('[[rungs]]\nmodel = "judge"\nprovider = "openai"\n'
-                     'api_key_env = "CASCADE_TEST_UNSET_KEY"\ninput_usd_per_mtok = 2.0\n'
-                     'output_usd_per_mtok = 8.0\n')
-    monkeypatch.delenv("CASCADE_TEST_UNSET_KEY", raising=False)
+def test_a_label_run_that_fails_leaves_no_empty_needs_file(tmp_path: Path) -> None:
+    rows = _rows(500, 3, 150)
+    for r in rows:  # outcomes recorded without their texts: nothing a judge can grade
+        for o in r["outcomes"].values():
+            del o["text"]
+    suite = _write(tmp_path, rows)
     out = tmp_path / "NEEDS.jsonl"
-    code, _stdout, err = _run(["label", str(suite), "--judge", str(judge), "--out", str(out)])
-    assert code != 0, err
+    code, _stdout, err = _run(["label", str(suite), "--judge",
+                               str(_judge_toml(tmp_path, f"http://127.0.0.1:{free_port()}/v1")),
+                               "--out", str(out)])
+    assert code == 2 and "no answer texts to judge" in err, err  # not every rung "wrong"
     # an empty NEEDS.jsonl means "no label would change the decision": never left by a failure
-    assert not out.exists() or out.read_text().strip()
+    assert not out.exists()
+
+
+def test_a_case_without_answer_texts_is_not_judged_all_wrong(tmp_path: Path) -> None:
+    from cascade.config import parse_config
+    from cascade.testing import Script
+    from cascade.tuning.label import judge_labels, needed_labels
+
+    rows = _rows(500, 3, 150)
+    for r in rows[150:]:
+        if int(r["id"][1:]) % 2:  # every second unlabelled case recorded without its texts
+            for o in r["outcomes"].values():
+                del o["text"]
+    table = load_shared_outcomes([_write(tmp_path, rows)])
+    needs = needed_labels(table)
+    textless = {n.case_id for n in needs if all(t is None for t in table.answers[n.index])}
+    assert textless and len(textless) < len(needs)
+    judge = parse_config({"rungs": [{"model": "judge", "provider": "openai-compatible",
+                                     "base_url": "http://127.0.0.1:9/v1",
+                                     "price": "unknown"}]})
+    script = Script({"judge": ["yes"]})
+    res = judge_labels(table, needs, judge, provider_factory=script.factory)
+    assert textless <= set(res.unjudged) and not textless & set(res.labels)
+    assert res.labels and all(all(v.values()) for v in res.labels.values())  # the judge's "yes"
 
 
 # ---------------------------------------------------------------- 4. --max in the summary

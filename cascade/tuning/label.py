@@ -207,7 +207,8 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
 
     if not config.rungs:
         raise ConfigError("the judge config has no rung", source=config.source)
-    if not table.answers or not table.prompts:
+    if not table.answers or not table.prompts or all(
+            t is None for n in needs for t in table.answers[n.index]):
         raise ConfigError("the suite carries no answer texts to judge", source=table.source)
     rung = config.rungs[-1]
     names = table.case_normalisers or (table.agreement_normaliser or "normalised",) * table.n
@@ -229,6 +230,9 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
             groups.setdefault(("none", j) if key is None else key, []).append(j)
         got: dict[str, bool] = {}
         started = False
+        if all(t is None for t in texts):  # nothing recorded to judge: not "all wrong"
+            unjudged.append(need.case_id)
+            return
         for key, cols in groups.items():
             text = texts[cols[0]]
             if text is None or (isinstance(key, tuple) and key[0] == "none"):
