@@ -324,8 +324,13 @@ class Climb:
 
     async def _verify(self, candidate: Candidate) -> tuple[list[Verdict], Any]:
         bound = self.ladder.bound(candidate.rung_index)
-        if self.request.schema is not None and not self.ladder.has_verifier("schema"):
-            bound.insert(0, BoundVerifier(id="schema", verifier=builtin_verifier("schema")))
+        if self.request.schema is not None and not any(
+                getattr(bv.verifier, "checks_request_schema", False) for bv in bound):
+            # every rung's answer must match the schema the request asked for, whatever
+            # verifiers this rung has (none bound here, or one with a schema of its own)
+            taken = any(bv.id == "schema" for bv in bound)
+            bound.insert(0, BoundVerifier(id="schema:request" if taken else "schema",
+                                          verifier=builtin_verifier("schema")))
         shared: dict[str, Any] = {}
         prior = [a for a in self.attempts if a.rung != candidate.rung_index
                  and a.status not in ("routed", "skipped")]

@@ -130,9 +130,6 @@ class Ladder:
                                      threshold=cfg.threshold(rung, vc), timeout_s=vc.timeout_s))
         return out
 
-    def has_verifier(self, name: str) -> bool:
-        return any(vc.name == name for vc, _ in self.verifiers.values())
-
     @functools.cached_property
     def router(self) -> Router | None:
         """The tuned router of ``[router]``, loaded once (None when the ladder has none)."""

@@ -73,6 +73,12 @@ class SchemaVerifier:
                                   source=f"verifier {name!r}", key="model")
             self.model = model
 
+    @property
+    def checks_request_schema(self) -> bool:
+        """Whether this checks the request's own schema (it has none of its own): where no
+        bound verifier does, the climb adds one, so no answer escapes the schema asked for."""
+        return self.model is None and self.schema is None
+
     def verify(self, ctx: VerifyContext) -> Verdict:
         completion = ctx.candidate.completion
         # When structured output failed (instructor's parse_error), the text is still judged

@@ -1,0 +1,62 @@
+"""Defects found by a black-box walk of the library API as the README describes it, each pinned
+by a test that failed on the code before its fix: an answer outside the request's schema
+verified (and cached) at a rung with verifiers of its own, ..."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cascade.breaker import reset_default_breakers
+from cascade.engine import Cascade
+from cascade.testing import Script
+
+pytestmark = pytest.mark.anyio
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
+                                            "country": {"type": "string"}},
+          "required": ["name", "country"]}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_breakers() -> Iterator[None]:
+    reset_default_breakers()
+    yield
+    reset_default_breakers()
+
+
+def _rung(model: str, price: float, **kw: Any) -> dict[str, Any]:
+    return {"model": model, "provider": "openai-compatible", "base_url": f"http://{model}/v1",
+            "input_usd_per_mtok": price, "output_usd_per_mtok": price, **kw}
+
+
+def _config(tmp_path: Path, rungs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"rungs": rungs, "cache": {"directory": str(tmp_path / "cache")},
+            "retry": {"max_attempts": 1, "base_delay_s": 0.0, "max_delay_s": 0.0}, **extra}
+
+
+# ---------------------------------------------------------------- the request's schema
+
+
+@pytest.mark.parametrize("schema_verifier", [
+    {"name": "schema"},  # configured, but not bound to the first rung
+    {"name": "schema", "schema": {"type": "object"}},  # bound everywhere, a schema of its own
+])
+async def test_every_rung_checks_the_schema_the_request_asked_for(
+        tmp_path: Path, schema_verifier: dict[str, Any]) -> None:
+    s = Script({"small": ['{"name": 1}'], "big": ['{"name": "Canberra", "country": "AU"}']})
+    first: dict[str, Any] = ({"verifiers": ["refusal"]} if "schema" not in schema_verifier
+                             else {})
+    cfg = _config(tmp_path, [_rung("small", 1.0, **first), _rung("big", 10.0)],
+                  verifiers=[{"name": "refusal"}, schema_verifier])
+    with Cascade.from_dict(cfg, provider_factory=s.factory) as c:
+        a = await c.aanswer("Capital of Australia, as JSON", schema=SCHEMA)
+        again = await c.aanswer("Capital of Australia, as JSON", schema=SCHEMA)
+    assert (a.model, a.verified) == ("big", True)
+    assert a.attempts[0].status == "rejected"
+    failed = [v for v in a.attempts[0].verdicts if not v.passed]
+    assert failed and failed[0].verifier in ("schema", "schema:request")
+    assert again.cache_hit and again.text == a.text  # the rejected answer was never cached
