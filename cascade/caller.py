@@ -15,7 +15,13 @@ import anyio
 
 from cascade.breaker import NoVerdict
 from cascade.config import CascadeConfig, RungConfig
-from cascade.errors import CircuitOpen, ProviderError, ProviderTimeout
+from cascade.errors import (
+    CircuitOpen,
+    MalformedReply,
+    ProviderError,
+    ProviderTimeout,
+    TransportError,
+)
 from cascade.providers.base import Completion, ModelCall, Provider
 from cascade.retry import call_with_retry
 from cascade.store.base import Store
@@ -206,9 +212,11 @@ class EndpointCaller:
             except ProviderError as e:
                 if e.billed_tokens is not None:
                     wasted += rung.cost_usd(*e.billed_tokens)
-                # A server's own 408 says it never took the request; a timeout here may
-                # have left the model generating (and billing) on the other side.
-                if isinstance(e, ProviderTimeout) and e.status_code is None and e.sent:
+                elif isinstance(e, MalformedReply):  # a reply came, its usage did not: the
+                    unanswered.append(rung)  # call is billed all the same, at up to the estimate
+                # A server's own 408 says it never took the request; a timeout or a dropped
+                # connection here may have left the model generating (and billing) there.
+                if isinstance(e, TransportError) and e.status_code is None and e.sent:
                     unanswered.append(rung)
                 raise
             except anyio.get_cancelled_exc_class():  # the deadline, a client gone

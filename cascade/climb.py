@@ -120,8 +120,9 @@ class Money:
 
 def _kept_note(kept: float, unanswered: Sequence[RungConfig]) -> str:
     n = len(unanswered)
-    return (f"{n} {'try' if n == 1 else 'tries'} sent without a reply: the budget keeps "
-            f"${kept:.6f} (the estimate) in case the provider bills {'it' if n == 1 else 'them'}")
+    return (f"{n} {'try' if n == 1 else 'tries'} sent without a reply (or its usage): the "
+            f"budget keeps ${kept:.6f} (the estimate) in case the provider bills "
+            f"{'it' if n == 1 else 'them'}")
 
 
 def request_call(rung: RungConfig, request: Request) -> ModelCall:

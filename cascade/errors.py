@@ -112,14 +112,14 @@ class TransportError(ProviderError):
     """The request or reply did not get through (refused, reset, dropped)."""
 
     retryable = True
+    sent: bool = True
+    """False when the connection was never made (refused, a connect or pool timeout): nothing
+    reached the provider, so nothing can be billed. A connection that dropped after the
+    request went out may have left the model generating, and billing."""
 
 
 class ProviderTimeout(TransportError):
     """The provider did not answer within the rung's ``timeout_s``."""
-
-    sent: bool = True
-    """False when the connection was never made (a connect or pool timeout): nothing reached
-    the provider, so nothing can be billed."""
 
 
 class RateLimited(ProviderError):

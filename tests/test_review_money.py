@@ -333,6 +333,37 @@ async def test_a_connection_that_never_opened_keeps_nothing(transport: str) -> N
             s.close()
 
 
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+@pytest.mark.parametrize("fault", ["reset", "close", "no usage"])
+async def test_a_try_sent_whose_reply_or_usage_never_came_keeps_its_estimate(
+        openai_server: LoopbackServer, transport: str, fault: str) -> None:
+    """The server read the request, then reset the connection mid-reply, closed it without
+    one, or answered 200 without ``usage``: the model may have run (and billed) all the same,
+    yet these tries were settled at $0, unlike a timeout's."""
+    from cascade.budget import InMemoryBudgetStore
+
+    def handler(req: Any) -> Reply:
+        if req.json.get("model") != "small":
+            return Reply(json=openai_chat("Canberra"))
+        if fault == "no usage":
+            body = openai_chat("Canberra")
+            del body["usage"]
+            return Reply(json=body)
+        return Reply(json=openai_chat("Canberra"), fault=fault)  # type: ignore[arg-type]
+
+    openai_server.script(handler)
+    cfg = _slow_priced(openai_server.base_url, budget={"limit_usd": 1.0})
+    for r in cfg["rungs"]:
+        r["transport"] = transport
+    store = InMemoryBudgetStore()
+    async with Cascade.from_dict(cfg, budget_store=store) as c:
+        ans = await c.aanswer("Capital of Australia?")
+    assert ans.model == "big" and ans.attempts[0].status == "error"
+    assert sum(r.json.get("model") == "small" for r in openai_server.requests) == 1
+    assert "budget keeps $0.010000" in (ans.attempts[0].note or "")
+    assert store.spent("default", 86400.0) == pytest.approx(0.01 + ans.attempts[1].cost_usd)
+
+
 def test_a_shadow_check_counts_what_the_cap_keeps_for_an_unanswered_call() -> None:
     """The cheap rung's call timed out (its estimate kept against the cap) and the next rung
     was accepted; the shadow check's cap left out the kept estimate, so the top rung was

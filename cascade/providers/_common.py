@@ -202,13 +202,17 @@ def _rejected_field(body: object, detail: str) -> str | None:
     return None
 
 
-_NOT_SENT = frozenset({"ConnectTimeout", "PoolTimeout", "ConnectionTimeoutError"})
-"""Timeouts that fire before a request byte is sent: httpx's, and aiohttp's (which the
-aiohttp transport wraps in a plain httpx ``TimeoutException``)."""
+_NOT_SENT = frozenset({"ConnectTimeout", "PoolTimeout", "ConnectionTimeoutError", "ConnectError",
+                       "ClientConnectorError", "ConnectionRefusedError", "UnsupportedProtocol",
+                       "ProxyError"})
+"""Failures before a request byte is sent: httpx's connect and pool timeouts and connect
+errors, and aiohttp's (which the SDK's aiohttp transport wraps in httpx's). A read error or a
+server that closed the connection (``ReadError``, ``RemoteProtocolError``) came after it."""
 
 
 def _never_sent(exc: BaseException) -> str:
-    """The name of a connect-phase timeout behind ``exc``, or "" (then it may have been sent)."""
+    """The name of a connect-phase failure behind ``exc``, or "" (then it may have been
+    sent)."""
     seen: BaseException | None = exc
     for _ in range(6):
         seen = seen.__cause__ or seen.__context__ if seen is not None else None
@@ -244,7 +248,9 @@ def translate_error(exc: BaseException, sdk: ModuleType, *, provider: str, model
             return ClientRequestError(f"the server redirects in a loop "
                                       f"({scrub(str(cause), secret)}); check base_url", **kw)
         why = f" ({type(cause).__name__}: {scrub(str(cause), secret)})" if cause else ""
-        return TransportError(f"connection failed{why}", **kw)
+        failed = TransportError(f"connection failed{why}", **kw)
+        failed.sent = not _never_sent(exc)
+        return failed
     if isinstance(exc, sdk.APIStatusError):
         status: int = exc.status_code
         kw["status_code"] = status
