@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from typing import Any
 
 from cascade.errors import ConfigError
 from cascade.prices import lookup_price
+from cascade.secrets import check_env_name
 from cascade.settings import (
     DEFAULT_MAX_REPLY_BYTES,
     STRUCTURED_OUTPUTS,
@@ -112,8 +112,6 @@ def _check_url(url: str, source: str, key: str) -> None:
                           source=source, key=key)
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-"""What an environment variable's name looks like; a key pasted in its place does not."""
 _BODY_FIELDS = {
     "openai": frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "stream",
                          "n"}),
@@ -169,11 +167,8 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
             kw[k] = _expect(d[k], str, "a string", source, prefix + k)
             if k == "model" and not kw[k].strip():
                 raise ConfigError("must not be empty", source=source, key=prefix + k)
-            if k == "api_key_env" and not _ENV_NAME.fullmatch(kw[k]):
-                # Not shown: what is here instead of a name is most likely the key itself.
-                raise ConfigError("must be the NAME of an environment variable (letters, "
-                                  "digits and _, e.g. OPENAI_API_KEY; no $), never the key; "
-                                  "the value is not shown", source=source, key=prefix + k)
+            if k == "api_key_env":
+                check_env_name(kw[k], source=source, key=prefix + k)
     if "provider" in d:
         p = _expect(d["provider"], str, "a provider name", source, prefix + "provider")
         from cascade.providers import has_provider, known_providers  # they need RungConfig

@@ -10,14 +10,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.parse
 from collections.abc import Iterable
 
+from cascade.errors import ConfigError
 from cascade.settings import VENDOR_KEY_ENVS, CascadeConfig
 
-__all__ = ["REDACTED", "Redactor", "secret_envs_of", "secret_forms"]
+__all__ = ["REDACTED", "Redactor", "check_env_name", "secret_envs_of", "secret_forms"]
 
 REDACTED = "[redacted]"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+"""What an environment variable's name looks like; a key pasted in its place does not."""
+
+
+def check_env_name(value: str, *, source: str, key: str) -> str:
+    """``value`` when it is the name of an environment variable (``*_env`` settings): what is
+    there instead is most likely the secret itself, so the error never shows it (it would go
+    to stderr, the log, and ``/healthz``'s reload status)."""
+    if not _ENV_NAME.fullmatch(value):
+        raise ConfigError("must be the NAME of an environment variable (letters, digits and "
+                          "_, e.g. OPENAI_API_KEY; no $), never the key; the value is not "
+                          "shown", source=source, key=key)
+    return value
 
 
 def secret_forms(secret: str) -> set[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from cascade.config import CascadeConfig
 from cascade.errors import ConfigError
+from cascade.secrets import check_env_name
 
 __all__ = ["ClientConfig", "ServerConfig", "parse_server"]
 
@@ -107,6 +108,7 @@ def _client(raw: Any, i: int, source: str) -> ClientConfig:
     if not name or not key_env:
         raise ConfigError("must not be empty", source=source,
                           key=prefix + ("name" if not name else "key_env"))
+    check_env_name(key_env, source=source, key=prefix + "key_env")
     if not os.environ.get(key_env, "").strip():
         raise ConfigError(f"the environment variable {key_env} is not set or blank (it must "
                           "hold this client's key)", source=source, key=prefix + "key_env")

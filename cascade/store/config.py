@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import platformdirs
 
 from cascade.errors import ConfigError
+from cascade.secrets import check_env_name
 
 __all__ = ["OUTAGE_POLICIES", "StoreConfig", "parse_store"]
 
@@ -124,6 +125,8 @@ def parse_store(raw: Mapping[str, Any], *, source: str = "<config>") -> StoreCon
     for k in ("password_env", "cache_secret_env", "key_prefix"):
         if k in raw:
             kw[k] = _str(raw, k, source)
+            if k != "key_prefix":
+                check_env_name(kw[k], source=source, key=f"store.{k}")
     if "journal_dir" in raw:
         kw["journal_dir"] = Path(_str(raw, "journal_dir", source)).expanduser()
     if "budgets_on_outage" in raw:

@@ -1,0 +1,37 @@
+"""Defects found by a black-box walk of the service's operations (reload, workers, audit,
+metrics, client keys), each pinned by a test that failed on the code before its fix: a key
+pasted where a variable's name goes was echoed into errors, the log and ``/healthz``, ..."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cascade.config import parse_config
+from cascade.errors import ConfigError
+from cascade.serve.config import parse_server
+from cascade.store.config import parse_store
+
+PASTED = "sk-proj-PASTEDsecretVALUE0123456789abcdef"
+RUNG = {"model": "m", "provider": "openai-compatible", "base_url": "http://127.0.0.1:9/v1",
+        "price": "unknown"}
+
+
+def _server(clients: list[dict[str, Any]]) -> None:
+    parse_server(parse_config({"rungs": [RUNG], "server": {"clients": clients}}))
+
+
+@pytest.mark.parametrize(("parse", "key"), [
+    (lambda: _server([{"name": "team", "key_env": PASTED}]), "server.clients[0].key_env"),
+    (lambda: parse_store({"url": "redis://127.0.0.1:6379/0", "password_env": PASTED}),
+     "store.password_env"),
+    (lambda: parse_store({"url": "redis://127.0.0.1:6379/0", "cache_secret_env": PASTED}),
+     "store.cache_secret_env"),
+])
+def test_a_key_pasted_where_its_variables_name_goes_is_refused_without_showing_it(
+        parse: Any, key: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse()
+    assert ei.value.key == key and "NAME of an environment variable" in str(ei.value)
+    assert "PASTEDsecret" not in str(ei.value) and "PASTEDsecret" not in repr(ei.value)
