@@ -25,6 +25,7 @@ from cascade.ladder import Ladder
 from cascade.messages import Message, Request
 from cascade.plugins import load_verifier
 from cascade.providers.base import Completion, ModelCall, rung_call, schema_instruction
+from cascade.secrets import mask_credentials
 from cascade.store.base import AsyncBudgetStore
 from cascade.tokens import estimate_cost
 from cascade.trace import Attempt, Verdict
@@ -199,7 +200,7 @@ class Climb:
     async def _routed(self, i: int, reason: str) -> None:
         rung = self.ladder.rung(i)
         a = Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
-                    endpoint=rung.base_url or "", status="routed", note=reason,
+                    endpoint=mask_credentials(rung.base_url or ""), status="routed", note=reason,
                     started_at=time.time())
         self.attempts.append(a)
         self.skipped.append((i, policy.Skip("router", reason)))
@@ -212,7 +213,8 @@ class Climb:
     async def _rung(self, i: int, rung: RungConfig) -> tuple[Attempt, Any] | None:
         """Try one rung. Returns (attempt, parsed) when its answer is accepted."""
         attempt = Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
-                          endpoint=rung.base_url or "", status="running", started_at=time.time())
+                          endpoint=mask_credentials(rung.base_url or ""), status="running",
+                          started_at=time.time())
         self.attempts.append(attempt)
         money = self.money
         estimate = await money.estimate(rung, self.request.messages, self.request.schema)
@@ -352,7 +354,7 @@ def record_call(attempt: Attempt, result: CallResult) -> None:
     """Write a model call's outcome into its attempt: who answered, what, and what it cost."""
     used, completion = result.endpoint, result.completion
     attempt.model, attempt.provider = used.model, used.provider
-    attempt.endpoint = used.base_url or ""
+    attempt.endpoint = mask_credentials(used.base_url or "")
     attempt.tries = result.tries
     attempt.note = result.choice
     if result.failover_errors:

@@ -17,11 +17,23 @@ from collections.abc import Iterable
 from cascade.errors import ConfigError
 from cascade.settings import VENDOR_KEY_ENVS, CascadeConfig
 
-__all__ = ["REDACTED", "Redactor", "check_env_name", "secret_envs_of", "secret_forms"]
+__all__ = ["REDACTED", "Redactor", "check_env_name", "mask_credentials", "secret_envs_of",
+           "secret_forms"]
 
 REDACTED = "[redacted]"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 """What an environment variable's name looks like; a key pasted in its place does not."""
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s|]*@")
+_QUERY_VALUE = re.compile(r"([?&][^=&#\s|]*=)[^&#\s|]*")
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with every URL's user info and query values replaced by ``***``: a
+    ``base_url`` may carry a key (``?api-key=``, ``user:password@``), and traces, audit lines
+    and ``/healthz`` show endpoints."""
+    return _QUERY_VALUE.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
 def check_env_name(value: str, *, source: str, key: str) -> str:

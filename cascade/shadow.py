@@ -25,6 +25,7 @@ from cascade.errors import BudgetExceeded, ProviderError
 from cascade.ladder import Ladder
 from cascade.messages import Request
 from cascade.providers.base import Completion
+from cascade.secrets import mask_credentials
 from cascade.syncloop import LoopThread
 from cascade.trace import Attempt
 from cascade.verify import BoundVerifier, Candidate, VerifyContext, run_verifiers
@@ -118,7 +119,8 @@ class Shadows:
         top = cfg.rungs[top_i]
         accepted = job.accepted
         attempt = Attempt(rung=top_i, model=top.model, provider=top.provider, name=top.label,
-                          endpoint=top.base_url or "", status="shadow", started_at=time.time())
+                          endpoint=mask_credentials(top.base_url or ""), status="shadow",
+                          started_at=time.time())
         t0 = time.monotonic()
         agreed: bool | None = None
         try:

@@ -4,6 +4,8 @@ pasted where a variable's name goes was echoed into errors, the log and ``/healt
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,8 @@ from cascade.config import parse_config
 from cascade.errors import ConfigError
 from cascade.serve.config import parse_server
 from cascade.store.config import parse_store
+
+pytestmark = pytest.mark.anyio
 
 PASTED = "sk-proj-PASTEDsecretVALUE0123456789abcdef"
 RUNG = {"model": "m", "provider": "openai-compatible", "base_url": "http://127.0.0.1:9/v1",
@@ -35,3 +39,21 @@ def test_a_key_pasted_where_its_variables_name_goes_is_refused_without_showing_i
         parse()
     assert ei.value.key == key and "NAME of an environment variable" in str(ei.value)
     assert "PASTEDsecret" not in str(ei.value) and "PASTEDsecret" not in repr(ei.value)
+
+
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:9/v1?api-key=URLSECRET123",
+                                      "http://user:URLSECRET123@127.0.0.1:9/v1"])
+async def test_credentials_in_a_base_url_stay_out_of_traces_and_audit_lines(
+        tmp_path: Path, base_url: str) -> None:
+    from cascade.engine import Cascade
+    from cascade.testing import Script
+
+    s = Script({"m": ["Paris"]})
+    cfg = {"rungs": [{**RUNG, "base_url": base_url}], "cache": {"enabled": False}}
+    log = tmp_path / "audit.jsonl"
+    async with Cascade.from_dict(cfg, provider_factory=s.factory, audit_log=log) as c:
+        ans = await c.aanswer("Capital of France?")
+    assert ans.attempts[0].endpoint.startswith("http://") and "***" in ans.attempts[0].endpoint
+    assert "URLSECRET" not in json.dumps(ans.to_dict())
+    text = log.read_text()
+    assert ans.request_id in text and "URLSECRET" not in text

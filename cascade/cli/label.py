@@ -136,6 +136,7 @@ def run(ns: argparse.Namespace) -> int:
 def _label(ns: argparse.Namespace, table: OutcomeTable, judge: CascadeConfig | None,
            out: Path | None) -> int:
     from cascade.cli import EXIT_INTERRUPTED, EXIT_NO_ANSWER
+    from cascade.secrets import mask_credentials
     from cascade.tuning.label import judge_labels, needed_labels
 
     needs = needed_labels(table, max_drop=ns.max_accuracy_drop, delta=ns.delta, max_n=ns.max)
@@ -171,7 +172,8 @@ def _label(ns: argparse.Namespace, table: OutcomeTable, judge: CascadeConfig | N
         elif res.error is not None:
             e = res.error
             tries = f" (after {e.tries} tries)" if e.tries > 1 else ""
-            failure = (f"cascade: the judge {res.model} at {res.endpoint} failed{tries}: "
+            where = mask_credentials(res.endpoint)
+            failure = (f"cascade: the judge {res.model} at {where} failed{tries}: "
                        f"{type(e).__name__}: {e}; judging stopped, the "
                        f"{len(rows) - len(res.labels)} cases it did not label are written "
                        "without a label (run again to judge them)")

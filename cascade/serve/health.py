@@ -9,27 +9,18 @@ It needs no key (probes have none), so a password or key written into a rung's `
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from cascade.secrets import mask_credentials
 from cascade.serve.service import Service
 
-__all__ = ["mask_credentials", "router"]
+__all__ = ["router"]
 
 router = APIRouter()
-
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s|]*@")
-_QUERY_VALUE = re.compile(r"([?&][^=&#\s|]*=)[^&#\s|]*")
-
-
-def mask_credentials(text: str) -> str:
-    """``text`` with every URL's user info and query values replaced by ``***``."""
-    return _QUERY_VALUE.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
-
 
 def _masked_endpoints(endpoints: Mapping[str, Any]) -> dict[str, Any]:
     return {mask_credentials(k): v for k, v in endpoints.items()}
