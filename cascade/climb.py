@@ -241,14 +241,14 @@ class Climb:
                                                 unanswered=unanswered)
             except ProviderError as e:
                 attempt.status = "error"
-                record_error(attempt, e)
+                record_error(attempt, e, self.ladder.redact)
                 # billed tries that failed (a malformed 200) were paid for all the same
                 actual = attempt.cost_usd
                 money.spent_usd += actual
                 attempt.latency_ms = (self.clock() - t0) * 1000
                 self.notes.append(f"rung {i} ({rung.label}): {type(e).__name__}")
                 return None
-            record_call(attempt, result)
+            record_call(attempt, result, self.ladder.redact)
             # Charged before verifying: if the deadline cuts verification short, the model
             # call has still been paid for.
             actual = attempt.cost_usd
@@ -350,15 +350,17 @@ class Climb:
         return verdicts, shared.get("parsed", candidate.parsed)
 
 
-def record_call(attempt: Attempt, result: CallResult) -> None:
-    """Write a model call's outcome into its attempt: who answered, what, and what it cost."""
+def record_call(attempt: Attempt, result: CallResult,
+                redact: Callable[[str], str] = str) -> None:
+    """Write a model call's outcome into its attempt: who answered, what, and what it cost
+    (``redact`` cuts the config's secrets from the errors of endpoints failed over from)."""
     used, completion = result.endpoint, result.completion
     attempt.model, attempt.provider = used.model, used.provider
     attempt.endpoint = mask_credentials(used.base_url or "")
     attempt.tries = result.tries
     attempt.note = result.choice
     if result.failover_errors:
-        attempt.error = "failed over: " + " | ".join(result.failover_errors)
+        attempt.error = redact("failed over: " + " | ".join(result.failover_errors))
     attempt.text = completion.text
     attempt.finish_reason = completion.finish_reason
     attempt.stop_sequence = completion.stop_sequence
@@ -366,13 +368,16 @@ def record_call(attempt: Attempt, result: CallResult) -> None:
     attempt.cost_usd = result.cost_usd
 
 
-def record_error(attempt: Attempt, e: ProviderError) -> None:
-    """Write why a call failed into its attempt: each endpoint tried, and why retries stopped."""
+def record_error(attempt: Attempt, e: ProviderError,
+                 redact: Callable[[str], str] = str) -> None:
+    """Write why a call failed into its attempt: each endpoint tried, and why retries stopped
+    (``redact`` cuts the config's secrets: a provider plugin's error may quote its key)."""
     attempt.error_type = type(e).__name__
     fo = getattr(e, "failover_errors", [])
-    attempt.error = " | ".join(fo) if len(fo) > 1 else short(e)
+    error = " | ".join(fo) if len(fo) > 1 else short(e)
     notes = getattr(e, "__notes__", None)
     if notes:
-        attempt.error += " (" + "; ".join(notes) + ")"
+        error += " (" + "; ".join(notes) + ")"
+    attempt.error = redact(error)
     attempt.tries = e.tries
     attempt.cost_usd = e.billed_usd

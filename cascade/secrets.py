@@ -84,25 +84,37 @@ def secret_envs_of(config: CascadeConfig) -> list[str]:
 
 
 class Redactor:
-    """Cuts the values of ``envs`` (read once, now) from text, in every form of
-    :func:`secret_forms`; with ``json_escaped``, also as each form reads inside a JSON string
-    (for text that is JSON itself, an audit line)."""
+    """Cuts the values of ``envs`` from text, in every form of :func:`secret_forms`; with
+    ``json_escaped``, also as each form reads inside a JSON string (for text that is JSON
+    itself, an audit line). The variables are read again whenever one changes: keys are read
+    at a provider's first call, so one set after the Cascade was built is a key all the same
+    (and a rotated key's old value is still cut)."""
 
     def __init__(self, envs: Iterable[str], *, json_escaped: bool = False) -> None:
-        forms: set[str] = set()
-        for name in envs:
-            raw = os.environ.get(name) or ""
+        self._names = tuple(envs)
+        self._json = json_escaped
+        self._read: tuple[str | None, ...] | None = None
+        self._values: set[str] = set()
+        self._forms: tuple[str, ...] = ()
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        """Longest first, so a form holding another is cut whole."""
+        now = tuple(os.environ.get(name) for name in self._names)
+        if now != self._read:
+            self._read = now
             # A key file's trailing newline is not part of the key the SDKs send.
-            for value in {raw, raw.strip()}:
-                if len(value) < 4:  # a 1-3 character "key" would shred every line
-                    continue
+            self._values |= {v for raw in now if raw for v in (raw, raw.strip())
+                             if len(v) >= 4}  # a 1-3 character "key" would shred every line
+            forms: set[str] = set()
+            for value in self._values:
                 for form in secret_forms(value):
                     forms.add(form)
-                    if json_escaped:
+                    if self._json:
                         forms.add(json.dumps(form)[1:-1])
                         forms.add(json.dumps(form, ensure_ascii=False)[1:-1])
-        self.forms = tuple(sorted(forms, key=len, reverse=True))
-        """Longest first, so a form holding another is cut whole."""
+            self._forms = tuple(sorted(forms, key=len, reverse=True))
+        return self._forms
 
     def __call__(self, text: str) -> str:
         for form in self.forms:

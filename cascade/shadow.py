@@ -186,10 +186,10 @@ class Shadows:
         try:
             result = await self.caller.call(request_call(top, job.request), top, None,
                                             unanswered=unanswered)
-            record_call(attempt, result)
+            record_call(attempt, result, job.ladder.redact)
             actual = attempt.cost_usd
         except ProviderError as e:
-            record_error(attempt, e)
+            record_error(attempt, e, job.ladder.redact)
             actual = attempt.cost_usd  # billed tries that failed
             return None
         finally:

@@ -4,6 +4,7 @@ verified (and cached) at a rung with verifiers of its own, ..."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,46 @@ async def test_every_rung_checks_the_schema_the_request_asked_for(
     failed = [v for v in a.attempts[0].verdicts if not v.passed]
     assert failed and failed[0].verifier in ("schema", "schema:request")
     assert again.cache_hit and again.text == a.text  # the rejected answer was never cached
+
+
+# ---------------------------------------------------------------- secrets
+
+
+async def test_a_provider_error_quoting_its_key_is_cut_from_trace_cache_and_audit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provider plugin whose error quotes its key (its own URL's ``?key=``): verdict reasons
+    were cut, the attempt's error was not, and a key set after the Cascade was built (keys are
+    read at the first call) was missed by the audit log too."""
+    from cascade.config import RungConfig
+    from cascade.errors import ServerError
+    from cascade.providers.base import Completion, ModelCall, Provider
+
+    key = "sk-live-SECRET-0123456789abcdef"
+    monkeypatch.delenv("WALK_GEN_KEY", raising=False)
+
+    class KeyInUrl(Provider):
+        name = "keyurl"
+
+        def __init__(self, rung: RungConfig) -> None:
+            self.rung = rung
+
+        async def complete(self, call: ModelCall) -> Completion:
+            if call.model == "flaky":
+                raise ServerError(f"HTTP 503 from https://gen.example/v1/flaky?key={key}",
+                                  provider="keyurl", model=call.model)
+            return Completion(text="Canberra", model=call.model, input_tokens=3,
+                              output_tokens=2, finish_reason="stop")
+
+    rungs = [{"model": m, "provider": "openai-compatible", "base_url": "http://gen/v1",
+              "api_key_env": "WALK_GEN_KEY", "price": "unknown"} for m in ("flaky", "good")]
+    log = tmp_path / "audit.jsonl"
+    c = Cascade.from_dict(_config(tmp_path, rungs), provider_factory=KeyInUrl, audit_log=log)
+    monkeypatch.setenv("WALK_GEN_KEY", key)  # after the Cascade was built
+    with c:
+        a = await c.aanswer("Capital of Australia?")
+        hit = await c.aanswer("Capital of Australia?")
+    assert a.model == "good" and a.attempts[0].error_type == "ServerError"
+    assert "[redacted]" in (a.attempts[0].error or "")
+    assert hit.cache_hit
+    for text in (a.attempts[0].error or "", json.dumps(hit.to_dict()), log.read_text()):
+        assert "SECRET-0123456789" not in text
