@@ -370,7 +370,17 @@ class Cascade:
         scope = None if timeout is None else anyio.move_on_after(
             max(0.0, climb.remaining_s() or 0))
         with scope or contextlib.nullcontext():
-            accepted = await climb.run()
+            try:
+                accepted = await climb.run()
+            except anyio.get_cancelled_exc_class() as e:
+                if scope is None or not scope.cancel_called:  # a client gone, a shutdown
+                    for a in climb.attempts:
+                        if a.status == "running":
+                            a.status, a.error_type = "error", "Cancelled"
+                            a.error = "the request was cancelled during this rung"
+                    # the observers (the audit line) get the trace and what it cost
+                    e.answer = self._partial(climb, request, t0)  # type: ignore[attr-defined]
+                raise
         deadline_hit = scope is not None and scope.cancelled_caught
         if deadline_hit and climb.attempts and climb.attempts[-1].status == "running":
             a = climb.attempts[-1]
@@ -383,9 +393,7 @@ class Cascade:
             if deadline_hit:
                 reasons.append(f"deadline of {timeout:g}s reached")
             msg = "; ".join(reasons) or "every rung failed"
-            empty = Answer(text="", model="", verified=False, attempts=climb.attempts,
-                           cost_usd=money.spent_usd, latency_ms=(self._clock() - t0) * 1000,
-                           metadata=request.metadata, request_id=request_id, route=climb.route)
+            empty = self._partial(climb, request, t0)
             outcome = policy.no_answer_outcome(
                 climb.skips, deadline_hit=deadline_hit,
                 any_error=any(a.status == "error" for a in climb.attempts))
@@ -436,6 +444,12 @@ class Cascade:
                     limit_usd=(money.max_cost_usd if capped else money.limit_usd) or 0.0)
             raise UnverifiedAnswerError(why, answer)
         return answer
+
+    def _partial(self, climb: Climb, request: Request, t0: float) -> Answer:
+        """The trace of a climb that ended without an answer, for the error it raises."""
+        return Answer(text="", model="", verified=False, attempts=climb.attempts,
+                      cost_usd=climb.money.spent_usd, latency_ms=(self._clock() - t0) * 1000,
+                      metadata=request.metadata, request_id=request.id, route=climb.route)
 
     def _notify(self, request: Request, answer: Answer | None,
                 error: BaseException | None) -> None:

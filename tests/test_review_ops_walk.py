@@ -4,7 +4,9 @@ pasted where a variable's name goes was echoed into errors, the log and ``/healt
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from cascade.config import parse_config
 from cascade.errors import ConfigError
 from cascade.serve.config import parse_server
 from cascade.store.config import parse_store
+from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_chat
 
 pytestmark = pytest.mark.anyio
 
@@ -57,3 +60,47 @@ async def test_credentials_in_a_base_url_stay_out_of_traces_and_audit_lines(
     assert "URLSECRET" not in json.dumps(ans.to_dict())
     text = log.read_text()
     assert ans.request_id in text and "URLSECRET" not in text
+
+
+async def test_a_climb_cancelled_mid_rung_is_audited_with_its_trace_and_cost(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """A shutdown (or a client gone) cancelling a request whose first rung was paid for and
+    rejected: the audit line said cost 0 with no trace, while the budget had charged it."""
+    import anyio
+
+    from cascade.budget import InMemoryBudgetStore
+    from cascade.engine import Cascade
+
+    big_asked = threading.Event()
+
+    def handler(req: RecordedRequest) -> Reply:
+        if req.json["model"] == "small":
+            return Reply(json=openai_chat("I'm sorry, but I can't help with that."))
+        big_asked.set()
+        return Reply(json=openai_chat("Canberra"), delay_s=10.0)
+
+    openai_server.script(handler)
+    rungs = [{"model": m, "provider": "openai-compatible", "base_url": openai_server.base_url,
+              "input_usd_per_mtok": 0.0, "output_usd_per_mtok": p, "max_tokens": 10,
+              "max_retries": 0} for m, p in (("small", 1000.0), ("big", 10000.0))]
+    cfg = {"rungs": rungs, "cache": {"enabled": False}, "budget": {"limit_usd": 1.0},
+           "verifiers": [{"name": "refusal"}]}
+    log, store = tmp_path / "audit.jsonl", InMemoryBudgetStore()
+    async with Cascade.from_dict(cfg, audit_log=log, budget_store=store) as c:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(c.aanswer, "Capital of Australia?"))
+            with anyio.fail_after(10):
+                while not big_asked.is_set():
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()  # as a shutdown's drain timeout does
+    [line] = [json.loads(x) for x in log.read_text().splitlines()
+              if json.loads(x).get("kind", "request") == "request"]
+    trace = line["trace"]
+
+    assert [(a["model"], a["status"]) for a in trace["attempts"]] == [
+        ("small", "rejected"), ("big", "error")]
+    assert trace["attempts"][1]["error_type"] == "Cancelled"
+    small = trace["attempts"][0]["cost_usd"]
+    assert small > 0 and line["cost_usd"] == pytest.approx(small)
+    # what the budget holds: the rejected call, and the cut-off one at its estimate
+    assert store.spent("default", 86400.0) == pytest.approx(small + 0.1)
