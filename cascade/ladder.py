@@ -68,6 +68,18 @@ class Ladder:
             except ConfigError as e:  # say which file and table, not only which verifier
                 key = f"verifiers[{i}]" + (f".{e.key}" if e.key else "")
                 raise type(e)(e.detail, source=config.source, key=key) from None
+        self.shadow_agreement: Verifier | None = None
+        """What a shadow check compares with (``[policy] shadow_normaliser``), loaded now: a
+        bad normaliser failed only after each shadow check's paid top-rung call."""
+        if config.policy.shadow_rate > 0:
+            try:
+                self.shadow_agreement = load_verifier(VerifierConfig(
+                    name="agreement", settings={"mode": "previous",
+                                                "normaliser": config.policy.shadow_normaliser}),
+                    relative_to=config.source)
+            except ConfigError as e:
+                raise ConfigError(e.detail, source=config.source,
+                                  key="policy.shadow_normaliser") from None
         uncacheable: list[str] = []
         for obj in extra_verifiers or ():
             v = as_verifier(obj)

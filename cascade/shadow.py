@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cascade.caller import EndpointCaller
-from cascade.climb import Money, builtin_verifier, record_call, record_error, request_call
+from cascade.climb import Money, record_call, record_error, request_call
 from cascade.config import RungConfig
 from cascade.drift import DriftMonitor
 from cascade.errors import BudgetExceeded, ProviderError
@@ -139,8 +139,8 @@ class Shadows:
                 if got is None:
                     return
                 completion, endpoint = got
-            agree = builtin_verifier("agreement", mode="previous",
-                                     normaliser=cfg.policy.shadow_normaliser)
+            agree = job.ladder.shadow_agreement
+            assert agree is not None  # loaded with the ladder whenever shadow_rate > 0
             ctx = VerifyContext(request=job.request, attempts=[accepted], candidate=Candidate(
                 text=completion.text, rung=endpoint, rung_index=top_i,
                 completion=completion))

@@ -104,3 +104,21 @@ async def test_a_provider_error_quoting_its_key_is_cut_from_trace_cache_and_audi
     assert hit.cache_hit
     for text in (a.attempts[0].error or "", json.dumps(hit.to_dict()), log.read_text()):
         assert "SECRET-0123456789" not in text
+
+
+# ---------------------------------------------------------------- errors before money
+
+
+def test_a_bad_shadow_normaliser_fails_at_build_not_after_each_paid_shadow_call(
+        tmp_path: Path) -> None:
+    from cascade.errors import ConfigError
+
+    s = Script({"small": ["Canberra"], "big": ["Canberra"]})
+    cfg = _config(tmp_path, [_rung("small", 1.0), _rung("big", 10.0)],
+                  policy={"shadow_rate": 1.0, "shadow_normaliser": "nope"})
+    with pytest.raises(ConfigError) as ei:
+        Cascade.from_dict(cfg, provider_factory=s.factory)
+    assert ei.value.key == "policy.shadow_normaliser" and "nope" in str(ei.value)
+    assert not s.calls
+    cfg["policy"]["shadow_normaliser"] = "exact"
+    Cascade.from_dict(cfg, provider_factory=s.factory).close()  # a good one builds

@@ -86,13 +86,11 @@ async def test_a_climb_cancelled_mid_rung_is_audited_with_its_trace_and_cost(
     cfg = {"rungs": rungs, "cache": {"enabled": False}, "budget": {"limit_usd": 1.0},
            "verifiers": [{"name": "refusal"}]}
     log, store = tmp_path / "audit.jsonl", InMemoryBudgetStore()
-    async with Cascade.from_dict(cfg, audit_log=log, budget_store=store) as c:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(functools.partial(c.aanswer, "Capital of Australia?"))
-            with anyio.fail_after(10):
-                while not big_asked.is_set():
-                    await anyio.sleep(0.01)
-            tg.cancel_scope.cancel()  # as a shutdown's drain timeout does
+    async with (Cascade.from_dict(cfg, audit_log=log, budget_store=store) as c,
+                anyio.create_task_group() as tg):
+        tg.start_soon(functools.partial(c.aanswer, "Capital of Australia?"))
+        assert await anyio.to_thread.run_sync(big_asked.wait, 10)
+        tg.cancel_scope.cancel()  # as a shutdown's drain timeout does
     [line] = [json.loads(x) for x in log.read_text().splitlines()
               if json.loads(x).get("kind", "request") == "request"]
     trace = line["trace"]
