@@ -43,7 +43,7 @@ from cascade.errors import (
     UnverifiedAnswerError,
     UnverifiedWithinBudget,
 )
-from cascade.ladder import Ladder
+from cascade.ladder import Ladder, check_verifier_list
 from cascade.messages import (
     Message,
     Request,
@@ -219,10 +219,14 @@ class Cascade:
             return self._ladder
         if isinstance(config, Mapping):
             config = parse_config(config, source="<config argument>")
-        elif config is not None and not isinstance(config, CascadeConfig):
+        elif isinstance(config, (str, os.PathLike)):
             config = load_config(config)
+        elif config is not None and not isinstance(config, CascadeConfig):
+            raise ConfigError("must be a CascadeConfig, a TOML path or a dict shaped like the "
+                              f"file, not {type(config).__name__}", source="request",
+                              key="config")
         cfg = config or self.config
-        key = f"{id(cfg)}:{[id(v) for v in verifiers or ()]}"
+        key = f"{id(cfg)}:{[id(v) for v in check_verifier_list(verifiers)]}"
         ladder = self._ladders.get(key)
         if ladder is None or ladder.config is not cfg:
             ladder = Ladder(cfg, verifiers, base=self._ladder)
@@ -294,6 +298,9 @@ class Cascade:
                           output_type=output_type, metadata=dict(metadata or {}), id=request_id,
                           schema_options=check_schema_options(
                               schema_options, None if output_type is not None else json_schema))
+        if on_attempt is not None and not callable(on_attempt):
+            raise ConfigError(f"must be a function, not {type(on_attempt).__name__}",
+                              source="request", key="on_attempt")
         cap = _number_arg(max_cost_usd, "max_cost_usd")
         if cap is not None:
             check_cap(ladder.config.rungs, "max_cost_usd")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from cascade.verify import BoundVerifier, Verifier, as_verifier
 if TYPE_CHECKING:
     from cascade.routing import Router
 
-__all__ = ["Ladder", "qualname"]
+__all__ = ["Ladder", "check_verifier_list", "qualname"]
 
 
 def qualname(obj: Any) -> str:
@@ -43,8 +43,18 @@ def _code_identity(v: Verifier) -> str | None:
     nothing outside the object can tell them apart; so a verifier given as code caches only
     when it says what it is. Without one, requests that use it bypass the cache.
     """
-    key = getattr(v, "cache_key", None) or getattr(getattr(v, "fn", None), "cache_key", None)
+    key = getattr(v, "cache_key", None)
     return f"{qualname(v)}:{key}" if isinstance(key, str) and key else None
+
+
+def check_verifier_list(verifiers: object) -> Sequence[Any]:
+    """A ``verifiers=`` argument checked to be a list (one verifier, or a name, is not)."""
+    if verifiers is None:
+        return ()
+    if isinstance(verifiers, (str, bytes, Mapping)) or not isinstance(verifiers, Sequence):
+        raise ConfigError("must be a list of verifier objects or functions, not "
+                          f"{type(verifiers).__name__}", source="request", key="verifiers")
+    return verifiers
 
 
 class Ladder:
@@ -81,8 +91,11 @@ class Ladder:
                 raise ConfigError(e.detail, source=config.source,
                                   key="policy.shadow_normaliser") from None
         uncacheable: list[str] = []
-        for obj in extra_verifiers or ():
-            v = as_verifier(obj)
+        for obj in check_verifier_list(extra_verifiers):
+            try:
+                v = as_verifier(obj)
+            except TypeError as e:
+                raise ConfigError(str(e), source="request", key="verifiers") from None
             vc = VerifierConfig(name=f"<code>:{v.name}", id=v.name)
             if vc.key in self.verifiers:
                 raise ConfigError(f"two verifiers named {v.name!r}; give one another name",

@@ -104,9 +104,8 @@ def normalise_messages(
         raise ConfigError("messages must be a list of {role, content} objects", source="request")
     out: list[Message] = []
     for i, m in enumerate(messages):
-        if isinstance(m, Message):
-            out.append(Message(m.role, _clean(m.content)))
-            continue
+        if isinstance(m, Message):  # checked as a dict is: the dataclass does not check
+            m = {"role": m.role, "content": m.content}
         if not isinstance(m, Mapping):
             raise ConfigError(
                 f"messages[{i}] must be an object with 'role' and 'content'", source="request"

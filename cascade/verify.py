@@ -124,6 +124,10 @@ class FunctionVerifier:
         self.fn = fn
         self.name: str = name or str(getattr(fn, "__name__", "function"))
         self.expensive = expensive
+        # what the function declares of itself is the verifier's: the metadata it reads
+        # (the cache key's part) and its cache_key
+        self.metadata_keys: tuple[str, ...] = tuple(getattr(fn, "metadata_keys", ()) or ())
+        self.cache_key: str | None = getattr(fn, "cache_key", None)
 
     async def verify(self, ctx: VerifyContext) -> Verdict:
         result = await _call(self.fn, ctx)

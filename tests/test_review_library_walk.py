@@ -13,6 +13,7 @@ import pytest
 
 from cascade.breaker import reset_default_breakers
 from cascade.engine import Cascade
+from cascade.messages import Message
 from cascade.testing import Script
 
 pytestmark = pytest.mark.anyio
@@ -122,3 +123,76 @@ def test_a_bad_shadow_normaliser_fails_at_build_not_after_each_paid_shadow_call(
     assert not s.calls
     cfg["policy"]["shadow_normaliser"] = "exact"
     Cascade.from_dict(cfg, provider_factory=s.factory).close()  # a good one builds
+
+
+# ---------------------------------------------------------------- the cache key
+
+
+async def test_a_function_verifiers_metadata_keys_enter_the_cache_key(tmp_path: Path) -> None:
+    """A plain function declaring ``metadata_keys`` (as the class form does): the declaration
+    was read off the wrapper, not the function, so a request with another ``expected`` got
+    the first request's answer from the cache, one its own verifier rejects."""
+    from cascade.trace import Verdict
+    from cascade.verify import VerifyContext
+
+    def matches_expected(ctx: VerifyContext) -> Verdict:
+        want = str(ctx.request.metadata.get("expected", ""))
+        return Verdict(passed=want.lower() in ctx.candidate.text.lower(), reason=want)
+
+    matches_expected.metadata_keys = ("expected",)  # type: ignore[attr-defined]
+    matches_expected.cache_key = "v1"  # type: ignore[attr-defined]
+    s = Script({"small": ["Sydney"], "big": ["Canberra"]})
+    cfg = _config(tmp_path, [_rung("small", 1.0), _rung("big", 10.0)])
+    with Cascade.from_dict(cfg, provider_factory=s.factory) as c:
+        a = await c.aanswer("Capital of Australia?", verifiers=[matches_expected],
+                            metadata={"expected": "Sydney"})
+        b = await c.aanswer("Capital of Australia?", verifiers=[matches_expected],
+                            metadata={"expected": "Canberra"})
+        again = await c.aanswer("Capital of Australia?", verifiers=[matches_expected],
+                                metadata={"expected": "Sydney"})
+    assert (a.text, a.cache_hit) == ("Sydney", False)
+    assert (b.text, b.cache_hit, b.verified) == ("Canberra", False, True)
+    assert again.cache_hit and again.text == "Sydney"
+
+
+@pytest.mark.parametrize("bad", [5, "refusal", [5], [None]])
+async def test_verifiers_that_are_not_verifiers_are_a_config_error_before_any_call(
+        tmp_path: Path, bad: Any) -> None:
+    from cascade.errors import ConfigError
+
+    s = Script({"small": ["Canberra"], "big": ["Canberra"]})
+    with Cascade.from_dict(_config(tmp_path, [_rung("small", 1.0), _rung("big", 10.0)]),
+                           provider_factory=s.factory) as c:
+        with pytest.raises(ConfigError) as ei:
+            await c.aanswer("Capital of Australia?", verifiers=bad)
+        assert ei.value.key == "verifiers"
+        with pytest.raises(ConfigError):
+            Cascade.from_dict(_config(tmp_path, [_rung("small", 1.0)]), verifiers=bad)
+    assert not s.calls
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"on_attempt": "print"}, "on_attempt"),
+    ({"on_attempt": 5}, "on_attempt"),
+    ({"config": 5}, "config"),
+    ({"messages": [Message("user", 123)]}, None),  # type: ignore[arg-type]
+    ({"messages": [Message("tool", "x"), Message("user", "hi")]}, None),  # type: ignore[arg-type]
+])
+async def test_bad_per_call_values_are_config_errors_before_any_model_is_called(
+        tmp_path: Path, kwargs: dict[str, Any], key: str | None) -> None:
+    """``on_attempt="print"`` was called after the first (paid) rung, losing its answer;
+    ``config=5`` and a ``Message`` of the wrong role or content type were a TypeError or
+    reached the model."""
+    from cascade.errors import ConfigError
+
+    s = Script({"small": ["Canberra"], "big": ["Canberra"]})
+    prompt = None if "messages" in kwargs else "Capital of Australia?"
+    with Cascade.from_dict(_config(tmp_path, [_rung("small", 1.0), _rung("big", 10.0)]),
+                           provider_factory=s.factory) as c:
+        with pytest.raises(ConfigError) as ei:
+            await c.aanswer(prompt, **kwargs)
+        with pytest.raises(ConfigError):
+            c.answer(prompt, **kwargs)  # the sync twin alike
+    if key is not None:
+        assert ei.value.key == key
+    assert not s.calls
