@@ -14,11 +14,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypedDict, Unpack
@@ -44,14 +42,7 @@ from cascade.errors import (
     UnverifiedWithinBudget,
 )
 from cascade.ladder import Ladder, check_verifier_list
-from cascade.messages import (
-    Message,
-    Request,
-    check_request_id,
-    check_schema_options,
-    normalise_messages,
-    schema_parts,
-)
+from cascade.messages import Message, Request, make_request, number_arg
 from cascade.providers import make_provider
 from cascade.providers.base import ModelCall, Provider
 from cascade.shadow import ShadowJob, Shadows, shadow_stats
@@ -108,19 +99,6 @@ def health() -> dict[str, Any]:
         endpoints.setdefault(ep, {}).setdefault("circuit", {"state": "closed"})
         endpoints[ep].update(lat)
     return {"endpoints": endpoints}
-
-
-def _number_arg(value: Any, key: str) -> float | None:
-    """A per-call ``max_cost_usd`` / ``timeout_s``: None, or a finite non-negative number."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"must be a number, not {type(value).__name__}", source="request",
-                          key=key)
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"must be a finite number >= 0, got {value}", source="request",
-                          key=key)
-    return float(value)
 
 
 class Cascade:
@@ -289,22 +267,17 @@ class Cascade:
         (known before the answer, as a stream's headers need it); a new one by default.
         """
         t0 = self._clock()
-        request_id = check_request_id(request_id) or uuid.uuid4().hex
         ladder = self._ladder_for(config, verifiers)
-        json_schema, output_type = schema_parts(schema)
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise ConfigError("must be a mapping", source="request", key="metadata")
-        request = Request(messages=normalise_messages(prompt, messages), schema=json_schema,
-                          output_type=output_type, metadata=dict(metadata or {}), id=request_id,
-                          schema_options=check_schema_options(
-                              schema_options, None if output_type is not None else json_schema))
+        request = make_request(prompt, messages, schema=schema, schema_options=schema_options,
+                               metadata=metadata, request_id=request_id)
+        request_id = request.id
         if on_attempt is not None and not callable(on_attempt):
             raise ConfigError(f"must be a function, not {type(on_attempt).__name__}",
                               source="request", key="on_attempt")
-        cap = _number_arg(max_cost_usd, "max_cost_usd")
+        cap = number_arg(max_cost_usd, "max_cost_usd")
         if cap is not None:
             check_cap(ladder.config.rungs, "max_cost_usd")
-        timeout = _number_arg(timeout_s, "timeout_s")
+        timeout = number_arg(timeout_s, "timeout_s")
         if cache not in (True, False, "refresh") or not isinstance(cache, (bool, str)):
             raise ConfigError("cache must be True, False or 'refresh'", source="request",
                               key="cache")

@@ -3,7 +3,9 @@ agree."""
 
 from __future__ import annotations
 
+import math
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -11,7 +13,7 @@ from typing import Any, Literal
 from cascade.errors import ConfigError
 
 __all__ = ["Message", "Request", "Role", "check_request_id", "check_schema_options",
-           "normalise_messages", "schema_parts"]
+           "make_request", "normalise_messages", "number_arg", "schema_parts"]
 
 Role = Literal["system", "user", "assistant"]
 _ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
@@ -197,3 +199,30 @@ def schema_parts(schema: Any) -> tuple[Mapping[str, Any] | None, type[Any] | Non
         f"schema must be a JSON Schema dict or a pydantic model class, not {schema!r}",
         source="request", key="schema",
     )
+
+
+def make_request(prompt: str | None, messages: Sequence[Mapping[str, Any] | Message] | None, *,
+                 schema: Any, schema_options: Mapping[str, Any] | None,
+                 metadata: Mapping[str, Any] | None, request_id: str | None) -> Request:
+    """A request's arguments checked and normalised, before any rung is paid for."""
+    json_schema, output_type = schema_parts(schema)
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise ConfigError("must be a mapping", source="request", key="metadata")
+    return Request(messages=normalise_messages(prompt, messages), schema=json_schema,
+                   output_type=output_type, metadata=dict(metadata or {}),
+                   id=check_request_id(request_id) or uuid.uuid4().hex,
+                   schema_options=check_schema_options(
+                       schema_options, None if output_type is not None else json_schema))
+
+
+def number_arg(value: Any, key: str) -> float | None:
+    """A per-call ``max_cost_usd`` / ``timeout_s``: None, or a finite non-negative number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"must be a number, not {type(value).__name__}", source="request",
+                          key=key)
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"must be a finite number >= 0, got {value}", source="request",
+                          key=key)
+    return float(value)
