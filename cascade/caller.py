@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import anyio
 
 from cascade.breaker import NoVerdict
-from cascade.config import CascadeConfig, RungConfig
+from cascade.config import CascadeConfig, RetryConfig, RungConfig
 from cascade.errors import (
     CircuitOpen,
     MalformedReply,
@@ -149,8 +149,11 @@ class EndpointCaller:
         return [*ranked, *rest], why
 
     async def call(self, call: ModelCall, rung: RungConfig, deadline: float | None, *,
-                   unanswered: list[RungConfig] | None = None) -> CallResult:
-        """Call a rung, failing over to its other endpoints in order.
+                   unanswered: list[RungConfig] | None = None,
+                   retry: RetryConfig | None = None) -> CallResult:
+        """Call a rung, failing over to its other endpoints in order, with ``retry`` (the
+        request's ladder's ``[retry]``: a per-call ``config=`` has its own; the Cascade's by
+        default).
 
         ``unanswered`` gets the endpoint of every try that went out and never got its reply
         back (timed out, or cancelled while in flight): the provider may bill such a call,
@@ -164,7 +167,8 @@ class EndpointCaller:
         for ep in endpoints:
             try:
                 ep_call = call if ep.model == call.model else replace(call, model=ep.model)
-                c, n, wasted = await self._call_endpoint(ep_call, ep, deadline, unanswered)
+                c, n, wasted = await self._call_endpoint(ep_call, ep, deadline, unanswered,
+                                                         retry or self.config.retry)
                 return CallResult(c, ep, tries + n, errors, why, failed_usd + wasted)
             except ProviderError as e:
                 tries += 0 if isinstance(e, CircuitOpen) else e.tries
@@ -178,7 +182,8 @@ class EndpointCaller:
         raise last
 
     async def _call_endpoint(self, call: ModelCall, rung: RungConfig, deadline: float | None,
-                             unanswered: list[RungConfig]) -> tuple[Completion, int, float]:
+                             unanswered: list[RungConfig], retry: RetryConfig
+                             ) -> tuple[Completion, int, float]:
         """One endpoint: breaker check, retries with backoff, breaker and latency bookkeeping;
         the reply, the tries, and what the billed tries that failed cost (on an error that
         gives up, its ``billed_usd``)."""
@@ -186,7 +191,6 @@ class EndpointCaller:
         # half-open probe the breaker check may grant, for a whole cool-down.
         provider = self._provider(rung)
         await self.store.breakers.acheck(rung.endpoint)
-        retry = self.config.retry
         attempts = retry.max_attempts if rung.max_retries is None else rung.max_retries + 1
         latency = self.store.latency
         cut_to: float | None = None  # what the last try was given, when the deadline cut it

@@ -238,7 +238,8 @@ class Climb:
         try:
             try:
                 result = await self.caller.call(call, rung, self.deadline,
-                                                unanswered=unanswered)
+                                                unanswered=unanswered,
+                                                retry=self.ladder.config.retry)
             except ProviderError as e:
                 attempt.status = "error"
                 record_error(attempt, e, self.ladder.redact)
@@ -312,7 +313,8 @@ class Climb:
             try:
                 try:
                     result = await self.caller.call(call, rung, self.deadline,
-                                                    unanswered=unanswered)
+                                                    unanswered=unanswered,
+                                                    retry=self.ladder.config.retry)
                 except ProviderError as e:
                     actual = e.billed_usd  # billed tries that failed are spent too
                     raise

@@ -185,7 +185,8 @@ class Shadows:
         unanswered: list[RungConfig] = []
         try:
             result = await self.caller.call(request_call(top, job.request), top, None,
-                                            unanswered=unanswered)
+                                            unanswered=unanswered,
+                                            retry=job.ladder.config.retry)
             record_call(attempt, result, job.ladder.redact)
             actual = attempt.cost_usd
         except ProviderError as e:

@@ -13,6 +13,7 @@ import pytest
 
 from cascade.breaker import reset_default_breakers
 from cascade.engine import Cascade
+from cascade.errors import NoAnswerError
 from cascade.messages import Message
 from cascade.testing import Script
 
@@ -196,3 +197,26 @@ async def test_bad_per_call_values_are_config_errors_before_any_model_is_called(
     if key is not None:
         assert ei.value.key == key
     assert not s.calls
+
+
+# ---------------------------------------------------------------- a per-call config
+
+
+@pytest.mark.parametrize(("base", "per_call", "tries"), [(1, 4, 4), (4, 1, 1)])
+async def test_a_per_call_configs_retry_is_the_one_used(tmp_path: Path, base: int,
+                                                        per_call: int, tries: int) -> None:
+    """``config=`` is another ladder for this call, yet its ``[retry]`` was ignored for the
+    Cascade's own."""
+    from cascade.errors import ServerError
+
+    s = Script({"only": [ServerError("HTTP 503", status_code=503)]})
+
+    def cfg(attempts: int) -> dict[str, Any]:
+        d = _config(tmp_path, [_rung("only", 1.0)])
+        d["retry"] = {"max_attempts": attempts, "base_delay_s": 0.0, "max_delay_s": 0.0}
+        return d
+
+    with (Cascade.from_dict(cfg(base), provider_factory=s.factory) as c,
+          pytest.raises(NoAnswerError)):
+        await c.aanswer("Capital of Australia?", config=cfg(per_call))
+    assert s.count("only") == tries
