@@ -12,6 +12,7 @@ to one loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -49,7 +50,7 @@ from cascade.shadow import ShadowJob, Shadows, shadow_stats
 from cascade.store import open_store
 from cascade.store.base import Store
 from cascade.store.local import LocalCache, process_latency
-from cascade.syncloop import LoopThread
+from cascade.syncloop import LoopThread, at_loop_end
 from cascade.trace import Answer, Attempt
 
 __all__ = ["AnswerOptions", "CacheMode", "Cascade", "health", "propagates"]
@@ -128,6 +129,7 @@ class Cascade:
         self._provider_factory = provider_factory or make_provider
         self._providers: dict[tuple[Any, str], Provider] = {}
         self._providers_lock = threading.Lock()
+        self._loop_watchers: dict[Any, object] = {}
         self._store = store if store is not None else open_store(
             config, cache=cache, budget_store=budget_store, clock=clock)
         # One clock for deadlines, latency and (when injected) the breakers: tests run in
@@ -228,13 +230,28 @@ class Cascade:
     # ------------------------------------------------------------------ providers
 
     def _provider(self, rung: RungConfig) -> Provider:
-        # SDK clients hold connection pools bound to one event loop: one provider per loop.
-        key = (anyio.lowlevel.current_token(), rung.endpoint + "|" + (rung.api_key_env or ""))
+        # SDK clients hold connection pools bound to one event loop: one provider per loop,
+        # closed when that loop ends (a program calling asyncio.run again and again).
+        here = anyio.lowlevel.current_token()
+        key = (here, rung.endpoint + "|" + (rung.api_key_env or ""))
         with self._providers_lock:
             p = self._providers.get(key)
             if p is None:
                 p = self._providers[key] = self._provider_factory(rung)
+                if here not in self._loop_watchers:
+                    self._loop_watchers[here] = at_loop_end(
+                        functools.partial(self._close_providers, here))
             return p
+
+    async def _close_providers(self, loop: Any) -> None:
+        """Close the providers of ``loop`` (the current one) and forget them."""
+        with self._providers_lock:
+            mine = [(k, p) for k, p in self._providers.items() if k[0] == loop]
+            for k, _ in mine:
+                del self._providers[k]
+            self._loop_watchers.pop(loop, None)
+        for _, p in mine:
+            await p.aclose()
 
     async def call_model(self, call: ModelCall, rung: RungConfig) -> CallResult:
         """One model call through this ladder's retries, circuit breakers and failover, with no
@@ -554,13 +571,7 @@ class Cascade:
     async def aclose(self) -> None:
         """Close this event loop's connections, providers' and the store's (the Cascade may
         be used again: both reconnect on demand)."""
-        with self._providers_lock:
-            here = anyio.lowlevel.current_token()
-            mine = [(k, p) for k, p in self._providers.items() if k[0] == here]
-            for k, _ in mine:
-                del self._providers[k]
-        for _, p in mine:
-            await p.aclose()
+        await self._close_providers(anyio.lowlevel.current_token())
         await self._store.aclose()
         flush = getattr(self.audit_log, "flush", None)
         if callable(flush):  # `async with Cascade(...)` ends with its lines on disk

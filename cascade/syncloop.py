@@ -11,17 +11,37 @@ wait for ever; the child starts a loop of its own instead.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
 import anyio
 import anyio.from_thread
 
-__all__ = ["LoopThread"]
+__all__ = ["LoopThread", "at_loop_end"]
 
 T = TypeVar("T")
+
+
+def at_loop_end(close: Callable[[], Awaitable[None]]) -> AsyncGenerator[None, None]:
+    """Run ``close()`` on the current event loop as it ends: ``asyncio.run``, ``anyio.run`` and
+    ``trio.run`` finalize the async generators still open then, on the loop, so one started
+    here and left suspended is told. Clients bound to a loop (SDK connection pools) are closed
+    on it instead of leaking a socket per ``asyncio.run``. Keep the returned generator
+    referenced: loops hold theirs weakly."""
+    async def watch() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await close()
+
+    agen = watch()
+    step = agen.asend(None)  # the loop's first-iteration hook registers it now
+    with contextlib.suppress(StopIteration):
+        step.send(None)  # up to the yield, no await on the way: done synchronously
+    return agen
 
 
 class LoopThread:

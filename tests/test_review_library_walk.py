@@ -220,3 +220,44 @@ async def test_a_per_call_configs_retry_is_the_one_used(tmp_path: Path, base: in
           pytest.raises(NoAnswerError)):
         await c.aanswer("Capital of Australia?", config=cfg(per_call))
     assert s.count("only") == tries
+
+
+# ---------------------------------------------------------------- resources
+
+
+@pytest.mark.parametrize("run", ["asyncio", "anyio"])
+def test_providers_of_an_event_loop_that_ended_are_closed_with_it(tmp_path: Path,
+                                                                   run: str) -> None:
+    """``asyncio.run(cascade.aanswer(...))`` again and again (a script, a sync view): each run
+    left an SDK client and its open connection behind, for the life of the Cascade."""
+    import asyncio
+
+    import anyio
+
+    from cascade.config import RungConfig
+    from cascade.testing import ScriptedProvider
+
+    s = Script({"small": ["Canberra"]})
+    closed: list[int] = []
+
+    class Counted(ScriptedProvider):
+        async def aclose(self) -> None:
+            closed.append(1)
+
+    def factory(rung: RungConfig) -> Counted:
+        return Counted(s, rung)
+
+    cfg = _config(tmp_path, [_rung("small", 1.0)])
+    cfg["cache"] = {"enabled": False}
+    c = Cascade.from_dict(cfg, provider_factory=factory)
+    for _ in range(5):
+        if run == "asyncio":
+            asyncio.run(c.aanswer("Capital of Australia?"))
+        else:
+            anyio.run(c.aanswer, "Capital of Australia?")
+    assert s.count("small") == 5
+    assert len(closed) == 5 and not c._providers  # each closed as its loop ended
+    c.answer("Capital of Australia?")  # the sync API's own loop keeps its provider
+    assert len(c._providers) == 1
+    c.close()
+    assert len(closed) == 6 and not c._providers
