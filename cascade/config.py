@@ -18,7 +18,7 @@ from typing import Any
 
 from cascade.errors import ConfigError
 from cascade.prices import lookup_price
-from cascade.secrets import check_env_name
+from cascade.secrets import check_env_name, mask_credentials
 from cascade.settings import (
     DEFAULT_MAX_REPLY_BYTES,
     STRUCTURED_OUTPUTS,
@@ -106,10 +106,19 @@ MAX_ATTEMPTS = 20
 
 
 def _check_url(url: str, source: str, key: str) -> None:
+    """An http(s) URL with no credentials in it. A query string or user info is where a key
+    gets pasted, and neither works: the SDKs append the API path after the query, and send
+    their own Authorization header beside user info. Errors show the URL masked."""
     parts = urllib.parse.urlsplit(url)
+    shown = mask_credentials(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"is {url!r}, not an http(s) URL; e.g. http://127.0.0.1:8000/v1",
+        raise ConfigError(f"is {shown!r}, not an http(s) URL; e.g. http://127.0.0.1:8000/v1",
                           source=source, key=key)
+    if parts.query or "@" in parts.netloc:
+        what = "a query string" if parts.query else "user info (user:password@)"
+        raise ConfigError(f"is {shown!r}, with {what}, which the SDKs do not send as given "
+                          "(the API path is appended to the URL); name the key's variable in "
+                          "api_key_env instead", source=source, key=key)
 
 
 _BODY_FIELDS = {

@@ -46,17 +46,36 @@ def test_a_key_pasted_where_its_variables_name_goes_is_refused_without_showing_i
 
 @pytest.mark.parametrize("base_url", ["http://127.0.0.1:9/v1?api-key=URLSECRET123",
                                       "http://user:URLSECRET123@127.0.0.1:9/v1"])
-async def test_credentials_in_a_base_url_stay_out_of_traces_and_audit_lines(
-        tmp_path: Path, base_url: str) -> None:
+def test_credentials_in_an_http_base_url_are_refused_without_showing_them(base_url: str
+                                                                           ) -> None:
+    """The SDKs append the path after a query (``/v1?api-key=K/chat/completions``) and fail
+    on user info beside their own Authorization header; the key was also shown in traces."""
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"rungs": [{**RUNG, "base_url": base_url}]})
+    assert ei.value.key == "rungs[0].base_url" and "api_key_env" in str(ei.value)
+    assert "URLSECRET" not in str(ei.value)
+    with pytest.raises(ConfigError) as fb:
+        parse_config({"rungs": [{**RUNG, "fallbacks": [{"base_url": base_url}]}]})
+    assert "URLSECRET" not in str(fb.value)
+
+
+async def test_credentials_in_a_plugin_providers_base_url_stay_out_of_traces_and_audit_lines(
+        tmp_path: Path) -> None:
+    """A provider kind of one's own may take any ``base_url``; what the trace and the audit
+    log show of it is masked, as ``/healthz`` masks it."""
     from cascade.engine import Cascade
+    from cascade.providers import register_provider
     from cascade.testing import Script
 
     s = Script({"m": ["Paris"]})
-    cfg = {"rungs": [{**RUNG, "base_url": base_url}], "cache": {"enabled": False}}
+    register_provider("walk-ops-keyed", s.factory)
+    cfg = {"rungs": [{"model": "m", "provider": "walk-ops-keyed", "price": "unknown",
+                      "base_url": "https://gen.example/v1?key=URLSECRET123"}],
+           "cache": {"enabled": False}}
     log = tmp_path / "audit.jsonl"
-    async with Cascade.from_dict(cfg, provider_factory=s.factory, audit_log=log) as c:
+    async with Cascade.from_dict(cfg, audit_log=log) as c:
         ans = await c.aanswer("Capital of France?")
-    assert ans.attempts[0].endpoint.startswith("http://") and "***" in ans.attempts[0].endpoint
+    assert ans.attempts[0].endpoint == "https://gen.example/v1?key=***"
     assert "URLSECRET" not in json.dumps(ans.to_dict())
     text = log.read_text()
     assert ans.request_id in text and "URLSECRET" not in text
