@@ -121,3 +121,37 @@ async def test_a_climb_cancelled_mid_rung_is_audited_with_its_trace_and_cost(
     assert small > 0 and line["cost_usd"] == pytest.approx(small)
     # what the budget holds: the rejected call, and the cut-off one at its estimate
     assert store.spent("default", 86400.0) == pytest.approx(small + 0.1)
+
+
+def test_refusals_on_every_endpoint_are_counted(tmp_path: Path,
+                                                openai_server: LoopbackServer,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cascade_refused_requests_total`` (auth, rate limit, bad input) counted only the chat
+    endpoints: a bad key on ``/v1/models`` or ``/v1/feedback`` was never seen."""
+    import httpx2 as httpx
+
+    from cascade.serve import create_app
+    from tests.serve_kit import echo_handler, ladder, serving
+
+    monkeypatch.setenv("WALK_CLIENT_KEY", "sk-walk-client-0123456789")
+    openai_server.script(echo_handler(refuse=()))
+    cfg = ladder(tmp_path, openai_server.base_url, server={
+        "clients": [{"name": "app", "key_env": "WALK_CLIENT_KEY"}],
+        "audit_log": str(tmp_path / "audit.jsonl")})
+    good = {"authorization": "Bearer sk-walk-client-0123456789"}
+    with serving(create_app(cfg)) as url:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models/cascade", headers={
+            "authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{url}/v1/models/other", headers=good).status_code == 404
+        assert httpx.post(f"{url}/v1/feedback", json={"request_id": "x", "correct": True}
+                          ).status_code == 401
+        assert httpx.post(f"{url}/v1/feedback", headers=good,
+                          json={"correct": "maybe"}).status_code == 400
+        assert httpx.post(f"{url}/v1/feedback", headers=good,
+                          json={"request_id": "x", "correct": True}).status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+    counts = {line.split('outcome="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+              for line in metrics.splitlines()
+              if line.startswith("cascade_refused_requests_total{")}
+    assert counts == {"unauthorised": 3.0, "unknown_model": 1.0, "bad_request": 1.0}, counts

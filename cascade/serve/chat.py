@@ -31,7 +31,13 @@ from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
 
 from cascade.serve.config import ClientConfig
-from cascade.serve.errors import APIError, from_exception, parse_body, read_body
+from cascade.serve.errors import (
+    APIError,
+    counting_refusals,
+    from_exception,
+    parse_body,
+    read_body,
+)
 from cascade.serve.protocol import (
     CascadeTrace,
     ChatCompletionChunk,
@@ -47,7 +53,7 @@ from cascade.serve.service import ClimbEvent, Service
 from cascade.trace import Answer, Attempt
 
 __all__ = ["Render", "answer_headers", "answer_request", "caller_trace", "carried_keys",
-           "check_request", "finish_reason", "progress_comment", "refusal_reason",
+           "check_request", "finish_reason", "progress_comment",
            "refuse_unsupported", "request_id_headers", "router", "stop_sequence",
            "stream_answer", "to_json", "trace_of", "usage_of", "wire_error"]
 
@@ -56,9 +62,6 @@ router = APIRouter()
 _HEARTBEAT_S = 15.0
 _TRACE_FIELDS_DROPPED = ("text",)
 """Left out of the wire trace: rejected answers belong in the audit log, not the response."""
-_CLIMB_ERRORS = frozenset({"budget_exceeded", "deadline_exceeded", "no_answer",
-                           "unverified_answer", "server_error"})
-"""Error types of a climb that ran (the engine's observers count those): not refusals."""
 _RESERVED_METADATA = ("budget_key", "client", "ladder", "request_id")
 """Metadata the service sets itself: a request choosing its own ``budget_key`` would escape
 the ``[budget]`` cap it is under."""
@@ -137,11 +140,6 @@ def wire_error(e: BaseException) -> APIError:
     elif isinstance(rid, str) and rid:
         api.headers.update(request_id_headers(rid))
     return api
-
-
-def refusal_reason(e: APIError) -> str:
-    return {401: "unauthorised", 404: "unknown_model", 429: "rate_limited"}.get(
-        e.status, "bad_request")
 
 
 def refuse_unsupported(names: list[str], *, at: str = "",
@@ -247,15 +245,14 @@ async def answer_request(service: Service, request: Request, *,
     authenticate, validate, climb (or stream), and count refusals; errors are raised as
     :class:`APIError` for the format's endpoint to write."""
     try:
-        client = service.auth.client_for(request.headers)
-        body = parse(await read_body(request, service.server.max_request_bytes))
-        check_request(body, service)
-        if body.stream:
-            return await stream_answer(service, body, client, render(body))
-        answer = await service.answer(body, client)
-    except APIError as e:
-        if e.body.type not in _CLIMB_ERRORS and e.status < 500:
-            service.metrics.refusal(refusal_reason(e))
+        with counting_refusals(service.metrics.refusal):
+            client = service.auth.client_for(request.headers)
+            body = parse(await read_body(request, service.server.max_request_bytes))
+            check_request(body, service)
+            if body.stream:
+                return await stream_answer(service, body, client, render(body))
+            answer = await service.answer(body, client)
+    except APIError:
         raise
     except Exception as e:
         raise wire_error(e) from None

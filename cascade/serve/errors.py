@@ -7,8 +7,9 @@ retried and failed over inside, and an SDK retrying a no-answer would pay for th
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
 from fastapi import Request
@@ -26,11 +27,33 @@ from cascade.errors import (
 )
 from cascade.serve.protocol import CascadeTrace, ErrorBody, ErrorResponse
 
-__all__ = ["APIError", "from_exception", "parse_body", "read_body"]
+__all__ = ["APIError", "counting_refusals", "from_exception", "parse_body", "read_body",
+           "refusal_reason"]
 
 _M = TypeVar("_M", bound=BaseModel)
 
 log = logging.getLogger("cascade.serve")
+
+_CLIMB_ERRORS = frozenset({"budget_exceeded", "deadline_exceeded", "no_answer",
+                           "unverified_answer", "server_error"})
+"""Error types of a climb that ran (the engine's observers count those): not refusals."""
+
+
+def refusal_reason(e: APIError) -> str:
+    return {401: "unauthorised", 404: "unknown_model", 429: "rate_limited"}.get(
+        e.status, "bad_request")
+
+
+@contextlib.contextmanager
+def counting_refusals(count: Callable[[str], None]) -> Iterator[None]:
+    """Counts (``count(reason)``: ``cascade_refused_requests_total``) a request any endpoint
+    turns away before a climb: a bad key, a rate limit, bad input."""
+    try:
+        yield
+    except APIError as e:
+        if e.body.type not in _CLIMB_ERRORS and e.status < 500:
+            count(refusal_reason(e))
+        raise
 
 
 class APIError(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from cascade.serve.errors import APIError
+from cascade.serve.errors import APIError, counting_refusals
 from cascade.serve.protocol import ModelCard, ModelList
 from cascade.serve.service import Service
 
@@ -22,7 +22,8 @@ def _card(service: Service) -> ModelCard:
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
-    service.auth.client_for(request.headers)
+    with counting_refusals(service.metrics.refusal):
+        service.auth.client_for(request.headers)
     card = _card(service)
     return JSONResponse(ModelList(data=[card], first_id=card.id, last_id=card.id)
                         .model_dump(mode="json"))
@@ -31,8 +32,9 @@ async def list_models(request: Request) -> JSONResponse:
 @router.get("/v1/models/{model}")
 async def get_model(model: str, request: Request) -> JSONResponse:
     service: Service = request.app.state.service
-    service.auth.client_for(request.headers)
-    if model != service.name:
-        raise APIError(404, f"the model {model!r} does not exist", param="model",
-                       code="model_not_found")
+    with counting_refusals(service.metrics.refusal):
+        service.auth.client_for(request.headers)
+        if model != service.name:
+            raise APIError(404, f"the model {model!r} does not exist", param="model",
+                           code="model_not_found")
     return JSONResponse(_card(service).model_dump(mode="json"))
