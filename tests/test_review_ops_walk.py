@@ -155,3 +155,53 @@ def test_refusals_on_every_endpoint_are_counted(tmp_path: Path,
               for line in metrics.splitlines()
               if line.startswith("cascade_refused_requests_total{")}
     assert counts == {"unauthorised": 3.0, "unknown_model": 1.0, "bad_request": 1.0}, counts
+
+
+def test_a_request_cut_by_the_drain_timeout_is_a_503_with_its_cost_not_a_bare_500(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """SIGTERM while a request waits on a slow model past ``shutdown_timeout_s``: uvicorn's
+    own answer was a plain-text 500, which the SDKs retry (paying again), and the audit line
+    had no trace and cost 0."""
+    import signal
+    import time
+
+    import httpx2 as httpx
+
+    from tests.loopback import free_port
+    from tests.serve_kit import echo_handler, one_rung_toml, start_serve, wait_ready
+
+    openai_server.script(echo_handler(refuse=(), delay_s=8.0))
+    port, log = free_port(), tmp_path / "audit.jsonl"
+    url = f"http://127.0.0.1:{port}"
+    cfg = one_rung_toml(tmp_path / "cascade.toml", openai_server.base_url,
+                        server=f'audit_log = "{log}"\nshutdown_timeout_s = 0.5\n')
+    proc = start_serve(cfg, port)
+    result: dict[str, httpx.Response] = {}
+    try:
+        wait_ready(url, proc)
+
+        def slow() -> None:
+            result["r"] = httpx.post(f"{url}/v1/chat/completions", timeout=20, json={
+                "model": "cascade", "messages": [{"role": "user", "content": "slow one"}]})
+
+        t = threading.Thread(target=slow)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not openai_server.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        t.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    r = result["r"]
+    assert r.status_code == 503, r.text
+    assert r.headers["x-should-retry"] == "false"
+    err = r.json()["error"]
+    assert err["code"] == "server_shutting_down"
+    assert [a["status"] for a in err["cascade"]["attempts"]] == ["error"]
+    rid = r.headers["x-cascade-request-id"]
+    [line] = [json.loads(x) for x in log.read_text().splitlines() if rid in x]
+    assert line["trace"]["attempts"][0]["error_type"] == "Cancelled"
