@@ -68,6 +68,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_breakers() -> Iterator[None]:
+    """Breakers are process-wide: each test starts (and leaves) every circuit closed."""
+    from cascade.breaker import reset_default_breakers
+
+    reset_default_breakers()
+    yield
+    reset_default_breakers()
+
+
+@pytest.fixture(autouse=True)
 def _close_opened_clients() -> Iterator[None]:
     yield
     close_opened()

@@ -20,7 +20,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cascade.breaker import reset_default_breakers
 from cascade.budget import InMemoryBudgetStore
 from cascade.engine import Cascade, health
 from cascade.errors import BudgetExceeded, CascadeError, DeadlineExceeded, NoAnswerError
@@ -42,12 +41,6 @@ pytestmark = pytest.mark.anyio
 Handler = Callable[[RecordedRequest], Reply]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_breakers() -> Iterator[None]:
-    """Breakers are process-wide: each test starts (and leaves) every circuit closed."""
-    reset_default_breakers()
-    yield
-    reset_default_breakers()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,14 +10,12 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import diskcache
 import pytest
 
-from cascade.breaker import reset_default_breakers
 from cascade.cache import AnswerCache
 from cascade.engine import Cascade
 from cascade.errors import CascadeError, NoAnswerError
@@ -31,11 +29,6 @@ N = 1000
 _QID = re.compile(r"item (\d+)\b")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_breakers() -> Iterator[None]:
-    reset_default_breakers()
-    yield
-    reset_default_breakers()
 
 
 

@@ -6,14 +6,12 @@ deadline's trace, a stray TimeoutError taken for the deadline."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from cascade.breaker import reset_default_breakers
 from cascade.budget import InMemoryBudgetStore, SQLiteBudgetStore
 from cascade.config import parse_config
 from cascade.engine import Cascade
@@ -24,26 +22,12 @@ from cascade.testing import Script
 from cascade.tokens import estimate_cost
 from cascade.trace import Answer, Attempt, Verdict
 from cascade.verify import VerifyContext
+from tests.engine_kit import config as _config
+from tests.engine_kit import rung as _rung
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(autouse=True)
-def _fresh_breakers() -> Iterator[None]:
-    """Breakers are process-wide: each test starts (and leaves) every circuit closed."""
-    reset_default_breakers()
-    yield
-    reset_default_breakers()
-
-
-def _rung(model: str, price: float, **kw: Any) -> dict[str, Any]:
-    return {"model": model, "provider": "openai-compatible", "base_url": f"http://{model}/v1",
-            "input_usd_per_mtok": price, "output_usd_per_mtok": price, **kw}
-
-
-def _config(tmp_path: Path, rungs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"rungs": rungs, "cache": {"directory": str(tmp_path / "cache")},
-            "retry": {"max_attempts": 1, "base_delay_s": 0.0, "max_delay_s": 0.0}, **extra}
 
 
 class _Recorder:

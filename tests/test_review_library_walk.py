@@ -5,17 +5,17 @@ verified (and cached) at a rung with verifiers of its own, ..."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cascade.breaker import reset_default_breakers
 from cascade.engine import Cascade
 from cascade.errors import NoAnswerError
 from cascade.messages import Message
 from cascade.testing import Script
+from tests.engine_kit import config as _config
+from tests.engine_kit import rung as _rung
 
 pytestmark = pytest.mark.anyio
 
@@ -24,21 +24,6 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
           "required": ["name", "country"]}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_breakers() -> Iterator[None]:
-    reset_default_breakers()
-    yield
-    reset_default_breakers()
-
-
-def _rung(model: str, price: float, **kw: Any) -> dict[str, Any]:
-    return {"model": model, "provider": "openai-compatible", "base_url": f"http://{model}/v1",
-            "input_usd_per_mtok": price, "output_usd_per_mtok": price, **kw}
-
-
-def _config(tmp_path: Path, rungs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"rungs": rungs, "cache": {"directory": str(tmp_path / "cache")},
-            "retry": {"max_attempts": 1, "base_delay_s": 0.0, "max_delay_s": 0.0}, **extra}
 
 
 # ---------------------------------------------------------------- the request's schema

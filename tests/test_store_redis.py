@@ -12,7 +12,6 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from cascade.breaker import reset_default_breakers
 from cascade.cache import cache_key
 from cascade.config import CascadeConfig, parse_config
 from cascade.errors import (
@@ -39,11 +38,6 @@ def redis() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(autouse=True)
-def _fresh_breakers() -> Iterator[None]:
-    reset_default_breakers()
-    yield
-    reset_default_breakers()
 
 
 def _config(url: str, cooldown_s: float = 0.3, **store: Any) -> CascadeConfig:
