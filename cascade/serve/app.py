@@ -4,10 +4,17 @@
 string (``cascade serve --workers N`` starts each worker with it, the config path in
 ``$CASCADE_SERVE_CONFIG``). Given a path, the app reloads the file when it changes (and on
 SIGHUP with ``sighup=True``, as ``cascade serve`` asks): see :mod:`cascade.serve.reload`.
+
+A worker of ``--workers N`` that starts while the file does not load (one respawned after a
+worker died, the file gone bad since it last loaded) serves the last config that loaded, as
+its siblings do: the supervisor keeps that file's text in ``$CASCADE_SERVE_LAST_GOOD``. The
+worker logs a warning, and ``/healthz`` shows the file's error as a refused reload's; the next
+good reload swaps the file in.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -26,14 +33,20 @@ from cascade.observe import Observer
 from cascade.providers.base import Provider
 from cascade.serve import chat, feedback, health, messages_api, metrics, models
 from cascade.serve.errors import APIError, from_exception
-from cascade.serve.reload import config_path
+from cascade.serve.reload import config_path, describe, parse_text
 from cascade.serve.service import Service
 
-__all__ = ["CONFIG_ENV", "REQUIRE_CLIENTS_ENV", "app_factory", "create_app"]
+__all__ = ["CONFIG_ENV", "LAST_GOOD_ENV", "REQUIRE_CLIENTS_ENV", "app_factory", "create_app"]
+
+log = logging.getLogger("cascade.serve")
 
 CONFIG_ENV = "CASCADE_SERVE_CONFIG"
 REQUIRE_CLIENTS_ENV = "CASCADE_SERVE_REQUIRE_CLIENTS"
 """Set to 1 by ``cascade serve`` for workers bound beyond loopback without ``--insecure``."""
+LAST_GOOD_ENV = "CASCADE_SERVE_LAST_GOOD"
+"""Set by ``cascade serve --workers N``: a private file holding the text of the config file as
+it was when it last loaded in the supervisor (at start, then each SIGHUP or change that
+loaded), for a worker that starts while the file is bad."""
 
 
 def create_app(config: CascadeConfig | str | os.PathLike[str], *,
@@ -54,6 +67,10 @@ def create_app(config: CascadeConfig | str | os.PathLike[str], *,
     service = Service(cfg, path=path, provider_factory=provider_factory,
                       tracer_provider=tracer_provider, observers=observers,
                       require_clients=require_clients)
+    return _app(service, sighup=sighup)
+
+
+def _app(service: Service, *, sighup: bool) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,5 +125,22 @@ def app_factory() -> FastAPI:
 
     ignore_sighup()  # a worker: until its lifespan takes SIGHUP over (a reload)
     exit_with_parent()
-    return create_app(Path(path), sighup=True,
-                      require_clients=os.environ.get(REQUIRE_CLIENTS_ENV) == "1")
+    source = config_path(path)
+    require_clients = os.environ.get(REQUIRE_CLIENTS_ENV) == "1"
+    try:
+        return create_app(source, sighup=True, require_clients=require_clients)
+    except Exception as error:
+        last_good = os.environ.get(LAST_GOOD_ENV)
+        if not last_good:
+            raise
+        # The file went bad after it last loaded (its siblings refused it and serve on): dying
+        # here would only have the supervisor start another worker that dies the same way.
+        # Parsed as the file itself (its relative paths are the file's); if this fails too,
+        # the error says so after the file's.
+        config = parse_text(Path(last_good).read_text(encoding="utf-8"), source)
+        service = Service(config, path=source, require_clients=require_clients)
+        service.status.failed("worker start", error)
+        service.metrics.config_reloads.labels("error").inc()
+        log.warning("worker start: %s does not load, this worker serves the last config that "
+                    "loaded, as the others do, until a reload: %s", source, describe(error))
+        return _app(service, sighup=True)

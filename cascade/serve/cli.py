@@ -8,11 +8,16 @@ reloads the config (as does a change of the file, see :mod:`cascade.serve.reload
 ``--workers N`` the parent passes SIGHUP on to every worker and each reloads itself, keeping
 its config when the new file is bad, instead of uvicorn's restart of every worker (whose
 new workers would fail to start on a bad file); a worker whose parent dies drains and exits.
+The parent keeps the text of the file as it last loaded (:class:`LastGood`), so a worker
+that starts while the file is bad (one respawned after it died) serves that config, as its
+siblings do, instead of dying at start and being respawned for ever; a worker that still
+dies at start is respawned after a growing delay.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ipaddress
 import logging
@@ -21,15 +26,19 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from cascade.cli._args import int_in
-from cascade.config import load_config
+from cascade.config import CascadeConfig
 from cascade.errors import ConfigError
 
-__all__ = ["add_arguments", "exit_with_parent", "forget_workers", "ignore_sighup",
+__all__ = ["LastGood", "add_arguments", "exit_with_parent", "forget_workers", "ignore_sighup",
            "is_loopback", "run", "tcp_listener"]
+
+log = logging.getLogger("cascade.serve")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,12 +67,12 @@ def is_loopback(host: str) -> bool:
 def run(ns: argparse.Namespace) -> int:
     import uvicorn
 
-    from cascade.serve.app import CONFIG_ENV, REQUIRE_CLIENTS_ENV, create_app
+    from cascade.serve.app import CONFIG_ENV, LAST_GOOD_ENV, REQUIRE_CLIENTS_ENV, create_app
     from cascade.serve.config import parse_server
-    from cascade.serve.reload import config_path
+    from cascade.serve.reload import config_path, read_config
 
     path = config_path(ns.config)
-    config = load_config(path)
+    config, text = read_config(path)
     server = parse_server(config)
     if ns.workers < 1:
         raise ConfigError("must be >= 1", source="command line", key="--workers")
@@ -85,10 +94,7 @@ def run(ns: argparse.Namespace) -> int:
     # Everything a worker checks as it builds its app (the store's settings, client keys,
     # verifier plugins, the router file), checked once here: a worker that fails to start
     # is respawned by the supervisor, so a bad config would loop instead of exiting 2.
-    from cascade.serve.service import Loaded
-
-    Loaded(config, provider_factory=None, observers=(),
-           require_clients=require_clients).cascade.close()
+    check(config, require_clients)
     os.environ[CONFIG_ENV] = str(path)
     # a reload in a worker must not drop every key either
     os.environ[REQUIRE_CLIENTS_ENV] = "1" if require_clients else "0"
@@ -97,13 +103,116 @@ def run(ns: argparse.Namespace) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # every worker's counts, summed into each scrape whichever worker answers it
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cascade-prom-")
+    last_good = LastGood(path, config, text, require_clients)
     try:
+        os.environ[LAST_GOOD_ENV] = str(last_good.file)
         _supervise(uvicorn.Config("cascade.serve.app:app_factory", factory=True,
-                                  workers=ns.workers, **common))
+                                  workers=ns.workers, **common), last_good)
     finally:
+        last_good.close()
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
     return 0
+
+
+def check(config: CascadeConfig, require_clients: bool) -> None:
+    """Build what a worker builds from ``config`` (then close it): raises what it would."""
+    from cascade.serve.service import Loaded
+
+    Loaded(config, provider_factory=None, observers=(),
+           require_clients=require_clients).cascade.close()
+
+
+class LastGood:
+    """In the supervisor of ``--workers N``: the config file's text as it last loaded (at
+    start, then on each SIGHUP or change of the file that loads, checked as at start), which
+    a worker starting while the file is bad serves instead (``$CASCADE_SERVE_LAST_GOOD``, see
+    :func:`cascade.serve.app.app_factory`). A copy of the config file (key variables' names,
+    perhaps a URL's credentials), so a 0600 file in a 0700 folder, removed at exit. The file is
+    followed as the workers' watch does (``[server] reload_poll_s``; 0: SIGHUP only)."""
+
+    def __init__(self, path: Path, config: CascadeConfig, text: str,
+                 require_clients: bool) -> None:
+        from cascade.serve.reload import signature, watched_files
+
+        self.path, self._require_clients = path, require_clients
+        self._use(config)
+        self._folder = Path(tempfile.mkdtemp(prefix="cascade-serve-"))  # mode 0700
+        self.file = self._folder / "last-good.toml"
+        self._write(text)
+        self._seen = self._pending = signature(watched_files(path, config))
+        self._next_look = 0.0
+
+    def _use(self, config: CascadeConfig) -> None:
+        from cascade.serve.config import parse_server
+
+        self.config, self._every = config, parse_server(config).reload_poll_s
+
+    def _write(self, text: str) -> None:
+        new = self._folder / "last-good.toml.new"
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(new, self.file)  # a worker reading it sees the old text or the new
+
+    def refresh(self) -> bool:
+        """Read the file again; keep it when it loads (False: the last good text stays)."""
+        from cascade.serve.reload import read_config, signature, watched_files
+
+        before = watched_files(self.path, self.config)
+        seen = signature(before)  # taken first: a change made while it loads is a new one
+        try:
+            config, text = read_config(self.path)
+            check(config, self._require_clients)
+            self._write(text)
+        except Exception as e:
+            # each worker refuses it too, and logs why; this only keeps what it had
+            log.debug("the supervisor keeps the last config that loaded: %s", e)
+            ok = False
+        else:
+            self._use(config)
+            ok = True
+        after = watched_files(self.path, self.config)
+        self._seen = self._pending = seen if after == before else signature(after)
+        return ok
+
+    def follow(self) -> None:
+        """Called often (each supervisor tick): refresh once the files changed and then held
+        still until the next look."""
+        from cascade.serve.reload import signature, watched_files
+
+        every, now = self._every, time.monotonic()
+        if now < self._next_look:
+            return
+        self._next_look = now + (every if every > 0 else 1.0)
+        files = watched_files(self.path, self.config)
+        if every <= 0:  # watch off: SIGHUP only (what changed meanwhile is not a change)
+            self._seen = self._pending = signature(files)
+            return
+        current = signature(files)
+        if current == self._seen:
+            self._pending = current
+        elif current != self._pending:
+            self._pending = current  # changed, or still being written: look again
+        else:
+            self.refresh()
+
+    def close(self) -> None:
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    @staticmethod
+    def discard(file: str | None) -> None:
+        """Remove the last-good file (and its folder) of a supervisor that was killed, as its
+        workers go: nobody else will. Only a file this class makes."""
+        p = Path(file) if file else None
+        if p is None or p.name != "last-good.toml" or not p.parent.name.startswith(
+                "cascade-serve-"):
+            return
+        for f in (p, p.with_name(p.name + ".new")):
+            with contextlib.suppress(OSError):
+                f.unlink()
+        with contextlib.suppress(OSError):
+            p.parent.rmdir()
 
 
 class QueryRedactor(logging.Filter):
@@ -140,9 +249,9 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
 
     A supervisor killed outright (SIGKILL, OOM) cannot stop its workers, and uvicorn's do not
     notice: they went on holding the port, the model connections and the audit log's tail.
+    Nor can it remove its :class:`LastGood` file: the workers do, as they go.
     """
     import threading
-    import time
 
     # The supervisor's pid as it said it before starting us: a worker still starting when the
     # supervisor died would otherwise take init for its parent and wait for ever.
@@ -151,25 +260,80 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
+        from cascade.serve.app import LAST_GOOD_ENV
+
+        LastGood.discard(os.environ.get(LAST_GOOD_ENV))
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="cascade-exit-with-parent", daemon=True).start()
 
 
-def _supervise(config: Any) -> None:
-    """uvicorn's multi-process supervisor, except that SIGHUP is passed on to the workers."""
+RESPAWN_DELAYS_S = (0.0, 5.0, 10.0, 20.0, 40.0, 60.0)
+"""How long the supervisor waits to replace a worker, by how many of that slot's workers in a
+row exited with an error within ``QUICK_DEATH_S`` of their start (the last delay repeats); a
+worker killed by a signal is replaced at once."""
+QUICK_DEATH_S = 10.0
+
+
+def _supervise(config: Any, last_good: LastGood) -> None:
+    """uvicorn's multi-process supervisor, except that SIGHUP is passed on to the workers (and
+    refreshes ``last_good``), the config file is followed for ``last_good``, and a worker that
+    keeps dying at start is respawned after a growing delay, not about once a second."""
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
     class Workers(Multiprocess):
+        def __init__(self, config: Any, sockets: list[socket.socket]) -> None:
+            super().__init__(config, sockets)
+            self.born: dict[int | None, float] = {}
+            """When each live worker was first seen."""
+            self.strikes: dict[int, int] = {}
+            """Per slot: how many of its workers in a row died soon after they started."""
+            self.due: dict[int, float] = {}
+            """Per slot whose worker died: when its replacement may start."""
+
         def handle_hup(self) -> None:
             for worker in self.processes:
                 if worker.pid is not None and worker.process.is_alive():
                     os.kill(worker.pid, signal.SIGHUP)
+            last_good.refresh()
 
         def keep_subprocess_alive(self) -> None:
-            before = {w.pid for w in self.processes}
-            super().keep_subprocess_alive()  # replaces the workers that died or hung
-            forget_workers(before - {w.pid for w in self.processes})
+            last_good.follow()
+            now = time.monotonic()
+            workers = self.processes
+            held = {i for i, w in enumerate(workers) if self._held(i, w, now)}
+            # uvicorn replaces the dead (and hung) workers it is shown
+            self.processes = [w for i, w in enumerate(workers) if i not in held]
+            try:
+                super().keep_subprocess_alive()
+            finally:
+                shown = iter(self.processes)
+                self.processes = [w if i in held else next(shown) for i, w in enumerate(workers)]
+            for i, (old, new) in enumerate(zip(workers, self.processes, strict=True)):
+                if new is not old:
+                    self.due.pop(i, None)
+            self.born = {w.pid: self.born.get(w.pid, now) for w in self.processes
+                         if w.process.exitcode is None}
+            forget_workers({w.pid for w in workers} - {w.pid for w in self.processes})
+
+        def _held(self, slot: int, worker: Any, now: float) -> bool:
+            """Whether the dead ``worker``'s replacement must wait (never a live worker's)."""
+            code = worker.process.exitcode
+            if code in (None, STARTUP_FAILURE):  # alive, or uvicorn's to handle
+                return False
+            if slot not in self.due:  # found dead just now
+                started = self.born.get(worker.pid)
+                # an error (its app did not build, say), not a signal (SIGKILL, an OOM kill)
+                failed = code > 0 and started is not None and now - started < QUICK_DEATH_S
+                n = self.strikes[slot] = self.strikes.get(slot, 0) + 1 if failed else 0
+                wait = RESPAWN_DELAYS_S[min(n, len(RESPAWN_DELAYS_S) - 1)]
+                self.due[slot] = now + wait
+                if wait:
+                    log.warning("worker [%s] exited with code %d %.0f s after it started (%d "
+                                "in a row): its replacement starts in %.0f s", worker.pid, code,
+                                now - (started or now), n, wait)
+            return now < self.due[slot]
 
     Workers(config, sockets=[tcp_listener(config.bind_socket())]).run()
 

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import threading
+import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,10 +27,11 @@ from typing import Any
 
 import anyio
 
-from cascade.config import CascadeConfig
+from cascade.config import CascadeConfig, load_config, parse_config
+from cascade.errors import ConfigError
 
 __all__ = ["ReloadStatus", "Signature", "config_path", "describe", "now_iso", "on_sighup",
-           "signature", "watch", "watched_files"]
+           "parse_text", "read_config", "signature", "watch", "watched_files"]
 
 log = logging.getLogger("cascade.serve")
 
@@ -55,7 +57,9 @@ class ReloadStatus:
     """Reloads that swapped a new config in."""
     last_reload_at: str | None = None
     last_reload_trigger: str | None = None
-    """``"sighup"``, ``"file changed"`` or ``"api"`` (a call of ``Service.reload``)."""
+    """``"sighup"``, ``"file changed"``, ``"api"`` (a call of ``Service.reload``), or
+    ``"worker start"``: a worker (re)started by ``cascade serve --workers N`` found the file
+    bad and serves the last config that loaded, as its siblings do."""
     last_reload_outcome: str | None = None
     """``"ok"`` or ``"error"`` (the old config kept serving)."""
     last_reload_error: str | None = None
@@ -93,6 +97,27 @@ def config_path(given: str | os.PathLike[str]) -> Path:
     ConfigMap is ``cascade.toml -> ..data/cascade.toml`` with ``..data`` swapped to a new
     directory on each update (the old one deleted), so the resolved path would go stale."""
     return Path(os.path.abspath(os.path.expanduser(given)))
+
+
+def read_config(path: Path) -> tuple[CascadeConfig, str]:
+    """``load_config(path)``, and the text it was parsed from (what ``cascade serve --workers
+    N`` keeps of the last file that loaded)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        load_config(path)  # raises the error it words for an unreadable file
+        raise  # readable again a moment later: still this read's error
+    return parse_text(text, path), text
+
+
+def parse_text(text: str, source: Path) -> CascadeConfig:
+    """A config file's text, parsed as if read from ``source`` (relative paths in it, and its
+    errors, are the file's)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML: {e}", source=str(source)) from None
+    return parse_config(data, source=str(source))
 
 
 def watched_files(path: Path, config: CascadeConfig) -> tuple[Path, ...]:
