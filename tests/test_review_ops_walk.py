@@ -205,3 +205,54 @@ def test_a_request_cut_by_the_drain_timeout_is_a_503_with_its_cost_not_a_bare_50
     rid = r.headers["x-cascade-request-id"]
     [line] = [json.loads(x) for x in log.read_text().splitlines() if rid in x]
     assert line["trace"]["attempts"][0]["error_type"] == "Cancelled"
+
+
+def test_a_request_in_flight_across_a_rename_is_counted_under_its_own_ladder(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """Requests finish on the config they started on, but their metrics were labelled with the
+    ladder name a reload had swapped in meanwhile."""
+    import signal
+    import time
+
+    import httpx2 as httpx
+
+    from tests.loopback import free_port
+    from tests.serve_kit import (
+        ask,
+        config_health,
+        echo_handler,
+        one_rung_toml,
+        start_serve,
+        stop,
+        wait_ready,
+    )
+
+    openai_server.script(echo_handler(refuse=(), delay_s=1.5))
+    cfg, port = tmp_path / "cascade.toml", free_port()
+    url = f"http://127.0.0.1:{port}"
+    one_rung_toml(cfg, openai_server.base_url, server="reload_poll_s = 0")
+    proc = start_serve(cfg, port)
+    try:
+        wait_ready(url, proc)
+        result: dict[str, Any] = {}
+        slow = threading.Thread(target=lambda: result.update(r=ask(url, "slow one")))
+        slow.start()
+        deadline = time.monotonic() + 10
+        while not openai_server.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        one_rung_toml(cfg, openai_server.base_url, server='reload_poll_s = 0\nname = "renamed"')
+        proc.send_signal(signal.SIGHUP)
+        while config_health(url)["reloads"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        slow.join(20)
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    finally:
+        stop(proc)
+    assert result["r"].choices[0].message.content == "small says: slow one"
+    served = [line for line in metrics.splitlines()
+              if line.startswith("cascade_requests_total{")]
+    assert len(served) == 1 and 'ladder="cascade"' in served[0], served
+    assert not [line for line in metrics.splitlines()
+                if 'ladder="renamed"' in line and not line.startswith("cascade_in_flight")
+                and not line.endswith(" 0.0") and "_created" not in line], metrics

@@ -333,6 +333,8 @@ async def stream_answer(service: Service, body: ChatCompletionRequest,
     format; errors before the response starts are raised (the caller's wire format)."""
     t0 = time.perf_counter()
     rid = uuid.uuid4().hex
+    # the ladder this request is served by, whatever a reload renames while it climbs
+    first_token = service.metrics.first_token.labels(service.name)
     events = service.stream(body, client, rid)
     pending: list[ClimbEvent] = []
     try:
@@ -352,7 +354,6 @@ async def stream_answer(service: Service, body: ChatCompletionRequest,
         raise value if isinstance(value, APIError) else wire_error(value)
     if kind == "answer":
         headers.update(answer_headers(value))
-    first_token = service.metrics.first_token.labels(service.name)
     return StreamingResponse(
         _sse(pending, events, render,
              on_answer=lambda: first_token.observe(time.perf_counter() - t0)),

@@ -120,24 +120,25 @@ class Metrics:
     def on_answer(self, request: CascadeRequest, answer: Answer | None,
                   error: BaseException | None) -> None:
         traced = answer if answer is not None else getattr(error, "answer", None)
+        ladder = self._ladder_of(request)
         outcome = outcome_of(answer, error)
         accepted = ""
         if answer is not None:
             accepted = next((a.name or a.model for a in reversed(answer.attempts)
                              if a.status == "accepted"), "")
         cache_hit = isinstance(traced, Answer) and traced.cache_hit
-        self.requests.labels(self.ladder, accepted, str(answer is not None and answer.verified)
+        self.requests.labels(ladder, accepted, str(answer is not None and answer.verified)
                              .lower(), str(cache_hit).lower(), outcome).inc()
         if isinstance(traced, Answer):
-            self.latency.labels(self.ladder, outcome).observe(traced.latency_ms / 1000)
+            self.latency.labels(ladder, outcome).observe(traced.latency_ms / 1000)
             if not cache_hit:
                 tried = [i for i, a in enumerate(traced.attempts)
                          if a.status in ("accepted", "rejected", "error")]
                 for i, a in enumerate(traced.attempts):
                     # an escalation: the answer was not taken and a later rung was tried
-                    self._attempt(a, escalated=bool(tried) and i < tried[-1])
+                    self._attempt(a, ladder, escalated=bool(tried) and i < tried[-1])
         if outcome == "budget_exceeded":
-            self.budget_refusals.labels(self.ladder).inc()
+            self.budget_refusals.labels(ladder).inc()
         self.sync_audit_dropped()
 
     def sync_audit_dropped(self) -> None:
@@ -150,32 +151,38 @@ class Metrics:
                 self.audit_dropped.inc(now - self._dropped_seen)
                 self._dropped_seen = now
 
-    def _attempt(self, a: Attempt, *, escalated: bool) -> None:
+    def _attempt(self, a: Attempt, ladder: str, *, escalated: bool) -> None:
         rung = a.name or a.model
         if a.status == "skipped":
-            self.rung_skips.labels(self.ladder, rung).inc()
+            self.rung_skips.labels(ladder, rung).inc()
             return
         if a.status == "shadow":
             return  # counted by on_shadow
-        self.rung_calls.labels(self.ladder, rung).inc()
-        self.rung_latency.labels(self.ladder, rung).observe(a.latency_ms / 1000)
+        self.rung_calls.labels(ladder, rung).inc()
+        self.rung_latency.labels(ladder, rung).observe(a.latency_ms / 1000)
         if a.cost_usd:
-            self.cost.labels(self.ladder, rung).inc(a.cost_usd)
+            self.cost.labels(ladder, rung).inc(a.cost_usd)
         if a.status == "error":
-            self.rung_errors.labels(self.ladder, rung).inc()
+            self.rung_errors.labels(ladder, rung).inc()
         if escalated and a.status in ("rejected", "error"):
-            self.escalations.labels(self.ladder, rung).inc()
+            self.escalations.labels(ladder, rung).inc()
 
     def on_shadow(self, request: CascadeRequest, accepted: Attempt, shadow: Attempt,
                   agreed: bool | None) -> None:
-        rung = accepted.name or accepted.model
+        rung, ladder = accepted.name or accepted.model, self._ladder_of(request)
         if shadow.error_type == "Skipped":  # over the cap or budget: no check was made
             return
-        self.shadows.labels(self.ladder, rung).inc()
+        self.shadows.labels(ladder, rung).inc()
         if agreed is False:
-            self.shadow_disagreements.labels(self.ladder, rung).inc()
+            self.shadow_disagreements.labels(ladder, rung).inc()
         if shadow.cost_usd:
-            self.cost.labels(self.ladder, shadow.name or shadow.model).inc(shadow.cost_usd)
+            self.cost.labels(ladder, shadow.name or shadow.model).inc(shadow.cost_usd)
+
+    def _ladder_of(self, request: CascadeRequest) -> str:
+        """The ladder the request was served by (the service puts it in the metadata): one
+        in flight across a reload that renamed the ladder is counted under its own name."""
+        name = request.metadata.get("ladder")
+        return name if isinstance(name, str) and name else self.ladder
 
     def refusal(self, outcome: str) -> None:
         """A request turned away before the climb (``unauthorised``, ``rate_limited``,
