@@ -264,6 +264,10 @@ def test_eval_json_is_strict_json_when_no_case_is_graded(tmp_path: Path) -> None
     ("--seed", ["suite", "from-log", "audit.jsonl", "--out", "s", "--seed", "-3"]),
     ("--concurrency", ["record", "suite", "--concurrency", "0"]),  # quietly taken as 1
     ("--timeout", ["health", "--probe", "--timeout", "nan"]),
+    ("--max-cost-usd", ["answer", "x", "--max-cost-usd", "-1"]),  # a config error, no flag
+    ("--max-cost-usd", ["answer", "x", "--max-cost-usd", "inf"]),
+    ("--timeout", ["answer", "x", "--timeout", "nan"]),
+    ("--timeout", ["answer", "x", "--timeout", "0"]),
 ])
 def test_numbers_out_of_range_are_usage_errors_naming_the_flag(flag: str, args: list[str]
                                                                ) -> None:

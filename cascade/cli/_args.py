@@ -4,9 +4,10 @@ the flag's rule, never a traceback later or a value silently bent into range."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
-__all__ = ["int_in", "seconds"]
+__all__ = ["finite", "int_in", "seconds"]
 
 
 def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -36,3 +37,21 @@ def seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
     return value
+
+
+def finite(what: str, *, zero: bool = False) -> Callable[[str], float]:
+    """A finite number > 0 (>= 0 with ``zero``): argparse's ``float`` takes ``nan``, ``inf``
+    and ``-1``, which then failed as a configuration error naming no flag."""
+    rule = ">= 0" if zero else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {what}, a finite number {rule}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse

@@ -7,6 +7,7 @@ import json
 import sys
 
 from cascade.cli import EXIT_BUDGET, EXIT_NO_ANSWER, EXIT_OK, EXIT_UNVERIFIED
+from cascade.cli._args import finite
 from cascade.cli._format import format_climb
 from cascade.engine import CacheMode
 from cascade.errors import BudgetExceeded, DeadlineExceeded, NoAnswerError, UnverifiedAnswerError
@@ -51,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh", action="store_true",
                         help="skip the cache lookup, store anew")
     parser.add_argument("--cache-dir", help="override the cache directory")
-    parser.add_argument("--max-cost-usd", type=float, default=None,
+    parser.add_argument("--max-cost-usd", type=finite("dollars", zero=True), default=None,
                         help="per-request spending cap")
-    parser.add_argument("--timeout", type=float, default=None,
+    parser.add_argument("--timeout", type=finite("seconds"), default=None,
                         help="overall deadline in seconds")
 
 
