@@ -102,6 +102,8 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
 
         bar = tqdm(total=len(todo), file=sys.stderr, unit="call", desc="recording")
     errors: list[str] = []
+    fatal: list[Exception] = []  # not one call's failure (a bad key setting, an unwritable file)
+    scope = anyio.CancelScope()
 
     async def one(case: Case, rung: RungConfig) -> None:
         async with limiter:
@@ -112,19 +114,25 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
             except ProviderError as e:
                 counts["failed"] += 1
                 errors.append(f"case {case.id!r} × {rung.label}: {e}")
+            except Exception as e:  # every other call would fail alike: stop, say it once
+                fatal.append(e)
+                scope.cancel()
             if bar is not None:
                 bar.update(1)
 
     try:
-        async with anyio.create_task_group() as tg:
-            for case, rung in todo:
-                tg.start_soon(one, case, rung)
+        with scope:
+            async with anyio.create_task_group() as tg:
+                for case, rung in todo:
+                    tg.start_soon(one, case, rung)
     finally:
         if bar is not None:
             bar.close()
         await engine.aclose()
     for e in errors[:10]:
         print(f"cascade record: {e}", file=sys.stderr)
+    if fatal:
+        raise fatal[0]  # as itself, not inside an ExceptionGroup: the CLI words it (exit 2)
     return counts
 
 
@@ -145,6 +153,7 @@ def run(ns: argparse.Namespace) -> int:
     config = resolve_config(ns.config)
     cases = load_cases(ns.suite)
     store = RecordingStore(ns.out) if ns.out else RecordingStore.for_suite(Path(ns.suite))
+    store.check_writable()  # before any call is paid for, not at its first recording
     counts = anyio.run(lambda: record(cases, config, store, concurrency=ns.concurrency,
                                       progress=not ns.no_progress))
     print(f"recorded {counts['recorded']}, already there {counts['skipped']}, "

@@ -299,3 +299,43 @@ def test_label_checks_its_judge_config_even_when_nothing_needs_a_label(tmp_path:
     code, _out, err = _run(["label", str(src), "--judge", str(tmp_path / "missing.toml"),
                             "--out", str(tmp_path / "NEEDS.jsonl")])
     assert code == 2 and "missing.toml" in err, err
+
+
+def _one_case_suite(tmp_path: Path) -> Path:
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "cases.jsonl").write_text('{"id": "q1", "messages": [{"role": "user", '
+                                      '"content": "Capital of France?"}]}\n')
+    return suite
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_record_to_an_unwritable_out_is_a_usage_error_before_any_call(
+        tmp_path: Path, where: str, openai_server: Any) -> None:
+    """``record --out`` a folder (or a path under a file) made every call, paid, then died in
+    an ExceptionGroup traceback (exit 1) at the first write."""
+    cfg = tmp_path / "cascade.toml"
+    cfg.write_text(f'[[rungs]]\nmodel = "m"\nprovider = "openai-compatible"\n'
+                   f'base_url = "{openai_server.base_url}"\nprice = "unknown"\n')
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path if where == "a folder" else tmp_path / "afile" / "rec.jsonl"
+    code, _out, err = _run(["record", str(_one_case_suite(tmp_path)), "--config", str(cfg),
+                            "--out", str(out), "--no-progress"])
+    assert code == 2, err
+    assert "Traceback" not in err and "ExceptionGroup" not in err
+    assert str(out if where == "a folder" else out.parent) in err
+    assert openai_server.requests == []
+
+
+def test_record_with_a_bad_key_setting_is_one_config_error_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WALK_RECORD_KEY", "sk-abc\x01def")
+    cfg = tmp_path / "cascade.toml"
+    cfg.write_text('[[rungs]]\nmodel = "m"\nprovider = "openai-compatible"\n'
+                   'base_url = "http://127.0.0.1:9/v1"\napi_key_env = "WALK_RECORD_KEY"\n'
+                   'price = "unknown"\n')
+    code, _out, err = _run(["record", str(_one_case_suite(tmp_path)), "--config", str(cfg),
+                            "--out", str(tmp_path / "rec.jsonl"), "--no-progress"])
+    assert code == 2, err  # a configuration error, not 1 ("some calls failed, re-run")
+    assert "Traceback" not in err and "ExceptionGroup" not in err
+    assert "WALK_RECORD_KEY" in err and "sk-abc" not in err

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cascade.config import RungConfig
 from cascade.messages import Message
@@ -186,8 +186,18 @@ class RecordingStore:
     def add(self, r: Recording) -> None:
         self.remember(r)
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
+            with self._append() as f:
                 f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+
+    def check_writable(self) -> None:
+        """Raise the OSError a first :meth:`add` would (a folder, a path under a file)."""
+        if self.path is not None:
+            with self._append():
+                pass
+
+    def _append(self) -> IO[str]:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self.path.open("a", encoding="utf-8")
 
 
