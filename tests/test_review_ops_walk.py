@@ -157,8 +157,9 @@ def test_refusals_on_every_endpoint_are_counted(tmp_path: Path,
     assert counts == {"unauthorised": 3.0, "unknown_model": 1.0, "bad_request": 1.0}, counts
 
 
+@pytest.mark.parametrize("wire", ["chat", "messages"])
 def test_a_request_cut_by_the_drain_timeout_is_a_503_with_its_cost_not_a_bare_500(
-        tmp_path: Path, openai_server: LoopbackServer) -> None:
+        tmp_path: Path, openai_server: LoopbackServer, wire: str) -> None:
     """SIGTERM while a request waits on a slow model past ``shutdown_timeout_s``: uvicorn's
     own answer was a plain-text 500, which the SDKs retry (paying again), and the audit line
     had no trace and cost 0."""
@@ -181,8 +182,10 @@ def test_a_request_cut_by_the_drain_timeout_is_a_503_with_its_cost_not_a_bare_50
         wait_ready(url, proc)
 
         def slow() -> None:
-            result["r"] = httpx.post(f"{url}/v1/chat/completions", timeout=20, json={
-                "model": "cascade", "messages": [{"role": "user", "content": "slow one"}]})
+            result["r"] = httpx.post(
+                f"{url}/v1/{'chat/completions' if wire == 'chat' else 'messages'}", timeout=20,
+                json={"model": "cascade", "max_tokens": 100,
+                      "messages": [{"role": "user", "content": "slow one"}]})
 
         t = threading.Thread(target=slow)
         t.start()
@@ -199,9 +202,12 @@ def test_a_request_cut_by_the_drain_timeout_is_a_503_with_its_cost_not_a_bare_50
     r = result["r"]
     assert r.status_code == 503, r.text
     assert r.headers["x-should-retry"] == "false"
-    err = r.json()["error"]
-    assert err["code"] == "server_shutting_down"
-    assert [a["status"] for a in err["cascade"]["attempts"]] == ["error"]
+    body = r.json()
+    if wire == "messages":  # Anthropic's error shape on its endpoint
+        assert body["type"] == "error" and "shut down" in body["error"]["message"], body
+    else:
+        assert body["error"]["code"] == "server_shutting_down"
+    assert [a["status"] for a in body["error"]["cascade"]["attempts"]] == ["error"]
     rid = r.headers["x-cascade-request-id"]
     [line] = [json.loads(x) for x in log.read_text().splitlines() if rid in x]
     assert line["trace"]["attempts"][0]["error_type"] == "Cancelled"

@@ -259,7 +259,7 @@ async def answer_request(service: Service, request: Request, *,
     except anyio.get_cancelled_exc_class() as e:
         if _SHUTDOWN_CANCEL not in str(e):
             raise
-        return _cut_by_shutdown(e, service.name).response()
+        raise _cut_by_shutdown(e, service.name) from None  # in the endpoint's wire format
     return Response(to_json(reply(answer)), media_type="application/json",
                     headers=answer_headers(answer))
 
