@@ -290,6 +290,10 @@ class Climb:
                                       unanswered=unanswered)
             if kept:
                 attempt.note = _kept_note(kept, unanswered)
+            if attempt.status == "running":  # cut off (the deadline, a client gone, a
+                # shutdown): what went out is in the trace as it is in the budget
+                attempt.tries = max(attempt.tries, len(unanswered))
+                attempt.latency_ms = (self.clock() - t0) * 1000
 
     async def charged(self, call: ModelCall, rung: RungConfig) -> tuple[Completion, float]:
         """A model call outside the rung path (a verifier's): the same cap, budget, retries,

@@ -251,6 +251,8 @@ async def test_a_call_cut_off_by_the_deadline_is_charged_its_estimate(
                 await c.aanswer("Tell me a long story.", timeout_s=0.3)
             [attempt] = info.value.answer.attempts
             assert attempt.cost_usd == 0.0 and "budget keeps $0.010000" in attempt.note
+            # the try went out: the trace says so, as the budget does (it said 0 tries, 0 ms)
+            assert attempt.tries == 1 and attempt.latency_ms >= 250
         assert store.spent("default", 86400.0) == pytest.approx(0.02)
         assert store.pending("default", 86400.0) == 0.0
 
