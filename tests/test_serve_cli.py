@@ -189,3 +189,22 @@ def test_a_config_the_workers_refuse_exits_2_instead_of_respawning_them(
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "store.reservation_ttl_s" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_a_usage_error_not_no_answer(tmp_path: Path, workers: str) -> None:
+    """uvicorn exits 3 when it cannot bind, which is our "no answer" code (README: health
+    checks rely on the codes)."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        proc = start_serve(_toml(tmp_path, "http://127.0.0.1:9/v1"), port, "--workers", workers)
+        rc = proc.wait(timeout=60)
+    finally:
+        taken.close()
+    assert rc == 2
+    assert "could not start" in (tmp_path / "stderr.txt").read_text()

@@ -7,7 +7,8 @@ so ``cascade answer`` never loads the tuner's numpy stack. Commands write to ``s
 
 Exit codes: 0 verified answer (or command succeeded); 1 an answer was returned but not verified
 (``cascade record``: some calls failed, re-run to fill them in); 2 bad usage or configuration
-(also a file given on the command line that cannot be read or written); 3 no answer (every
+(also a file given on the command line that cannot be read or written, an address ``cascade
+serve`` cannot listen on); 3 no answer (every
 rung failed, or a probed endpoint failed); 4 budget or deadline exceeded; 5 the cache cannot be
 used; 130 interrupted; 141 standard output was closed early (``cascade cache stats | head``).
 """

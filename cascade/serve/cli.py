@@ -25,9 +25,10 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,8 @@ def run(ns: argparse.Namespace) -> int:
               "timeout_graceful_shutdown": server.shutdown_timeout_s}
     ignore_sighup()  # until the app's lifespan takes SIGHUP over: not a reason to die
     if ns.workers == 1:
-        uvicorn.run(create_app(path, sighup=True, require_clients=require_clients), **common)
-        return 0
+        app = create_app(path, sighup=True, require_clients=require_clients)
+        return _serving(lambda: uvicorn.run(app, **common))
     # Everything a worker checks as it builds its app (the store's settings, client keys,
     # verifier plugins, the router file), checked once here: a worker that fails to start
     # is respawned by the supervisor, so a bad config would loop instead of exiting 2.
@@ -106,12 +107,30 @@ def run(ns: argparse.Namespace) -> int:
     last_good = LastGood(path, config, text, require_clients)
     try:
         os.environ[LAST_GOOD_ENV] = str(last_good.file)
-        _supervise(uvicorn.Config("cascade.serve.app:app_factory", factory=True,
-                                  workers=ns.workers, **common), last_good)
+        return _serving(lambda: _supervise(uvicorn.Config(
+            "cascade.serve.app:app_factory", factory=True, workers=ns.workers, **common),
+            last_good))
     finally:
         last_good.close()
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+
+
+def _serving(serve: Callable[[], None]) -> int:
+    """Run the server until it stops: 0, or 2 (a usage error) when it could not start (the
+    port taken, an address not on this machine: uvicorn's log line says which), for which
+    uvicorn exits 3, our code for "no answer"."""
+    from uvicorn.config import STARTUP_FAILURE
+
+    from cascade.cli import EXIT_USAGE
+
+    try:
+        serve()
+    except SystemExit as e:
+        if e.code != STARTUP_FAILURE:
+            raise
+        print("cascade: the server could not start (see the error above)", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
