@@ -123,6 +123,9 @@ def normalise_messages(
         out.append(Message(role, _clean(_content_text(m["content"], i))))  # type: ignore[arg-type]
     if not any(m.role == "user" for m in out):
         raise ConfigError("messages must contain at least one user turn", source="request")
+    if not any(m.role == "user" and m.content.strip() for m in out):  # paid for nothing
+        raise ConfigError("messages must contain a user turn with text (every user turn is "
+                          "empty)", source="request")
     return tuple(out)
 
 

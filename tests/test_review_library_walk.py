@@ -246,3 +246,22 @@ def test_providers_of_an_event_loop_that_ended_are_closed_with_it(tmp_path: Path
     assert len(c._providers) == 1
     c.close()
     assert len(closed) == 6 and not c._providers
+
+
+@pytest.mark.parametrize("content", ["", "   ", []])
+async def test_messages_whose_user_turns_are_all_empty_are_refused_unpaid(
+        tmp_path: Path, content: Any) -> None:
+    """``prompt=""`` was refused, the same empty question as messages was sent to every rung
+    (the service let it through too, paid)."""
+    from cascade.errors import ConfigError
+
+    s = Script({"small": ["Canberra"]})
+    with Cascade.from_dict(_config(tmp_path, [_rung("small", 1.0)]),
+                           provider_factory=s.factory) as c:
+        with pytest.raises(ConfigError, match="user turn with text"):
+            await c.aanswer(messages=[{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": content}])
+        ok = await c.aanswer(messages=[{"role": "user", "content": ""},
+                                       {"role": "assistant", "content": "?"},
+                                       {"role": "user", "content": "Capital of Australia?"}])
+    assert ok.text == "Canberra" and s.count("small") == 1
