@@ -106,19 +106,18 @@ MAX_ATTEMPTS = 20
 
 
 def _check_url(url: str, source: str, key: str) -> None:
-    """An http(s) URL with no credentials in it. A query string or user info is where a key
-    gets pasted, and neither works: the SDKs append the API path after the query, and send
-    their own Authorization header beside user info. Errors show the URL masked."""
+    """An http(s) URL without a query string: that is where a key gets pasted, and it never
+    works (the SDKs append the API path after the query). User info (a basic-auth proxy's)
+    is allowed; traces show it masked, as errors show the URL."""
     parts = urllib.parse.urlsplit(url)
     shown = mask_credentials(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"is {shown!r}, not an http(s) URL; e.g. http://127.0.0.1:8000/v1",
                           source=source, key=key)
-    if parts.query or "@" in parts.netloc:
-        what = "a query string" if parts.query else "user info (user:password@)"
-        raise ConfigError(f"is {shown!r}, with {what}, which the SDKs do not send as given "
-                          "(the API path is appended to the URL); name the key's variable in "
-                          "api_key_env instead", source=source, key=key)
+    if parts.query:
+        raise ConfigError(f"is {shown!r}, with a query string, which the SDKs do not send as "
+                          "given (the API path is appended after it); a key goes in the "
+                          "variable api_key_env names", source=source, key=key)
 
 
 _BODY_FIELDS = {

@@ -109,8 +109,8 @@ def test_healthz_does_not_show_credentials_in_an_endpoint_url(
     key in its query string."""
     openai_server.script(_handler())
     base = openai_server.base_url.replace("http://", "http://proxyuser:s3cr3t-pw@")
-    cfg = one_rung_toml(tmp_path / "cascade.toml", base + "?api-key=s3cr3t-q",
-                        server="reload_poll_s = 0")
+    # (a key in the query string is refused at load: the SDKs append the path after it)
+    cfg = one_rung_toml(tmp_path / "cascade.toml", base, server="reload_poll_s = 0")
     with serving(create_app(cfg)) as url:
         r = httpx.get(f"{url}/healthz", timeout=5)
     assert r.status_code == 200
