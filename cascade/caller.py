@@ -29,6 +29,18 @@ from cascade.store.base import Store
 __all__ = ["CallResult", "EndpointCaller", "short"]
 
 
+def _maybe_billed(e: ProviderError) -> bool:
+    """Whether a failed try with no usage may still be billed: it went out, and either no
+    reply came (a timeout or a connection dropped after the send; a server's own 408 says it
+    never took the request) or a 2xx came without its usage (or too large to read)."""
+    if not e.sent:
+        return False
+    if isinstance(e, TransportError):
+        return e.status_code is None
+    return isinstance(e, MalformedReply) and (e.status_code is None
+                                              or 200 <= e.status_code < 300)
+
+
 def short(e: BaseException, limit: int = 300) -> str:
     """An error's text, cut to one line's worth for traces."""
     s = str(e)
@@ -216,12 +228,8 @@ class EndpointCaller:
             except ProviderError as e:
                 if e.billed_tokens is not None:
                     wasted += rung.cost_usd(*e.billed_tokens)
-                elif isinstance(e, MalformedReply):  # a reply came, its usage did not: the
-                    unanswered.append(rung)  # call is billed all the same, at up to the estimate
-                # A server's own 408 says it never took the request; a timeout or a dropped
-                # connection here may have left the model generating (and billing) there.
-                if isinstance(e, TransportError) and e.status_code is None and e.sent:
-                    unanswered.append(rung)
+                elif _maybe_billed(e):
+                    unanswered.append(rung)  # kept at up to the estimate
                 raise
             except anyio.get_cancelled_exc_class():  # the deadline, a client gone
                 unanswered.append(rung)

@@ -50,7 +50,7 @@ from cascade.shadow import ShadowJob, Shadows, shadow_stats
 from cascade.store import open_store
 from cascade.store.base import Store
 from cascade.store.local import LocalCache, process_latency
-from cascade.syncloop import LoopThread, at_loop_end
+from cascade.syncloop import LoopEnd, LoopThread
 from cascade.trace import Answer, Attempt
 
 __all__ = ["AnswerOptions", "CacheMode", "Cascade", "health", "propagates"]
@@ -129,7 +129,7 @@ class Cascade:
         self._provider_factory = provider_factory or make_provider
         self._providers: dict[tuple[Any, str], Provider] = {}
         self._providers_lock = threading.Lock()
-        self._loop_watchers: dict[Any, object] = {}
+        self._loop_watchers: dict[Any, LoopEnd] = {}
         self._store = store if store is not None else open_store(
             config, cache=cache, budget_store=budget_store, clock=clock)
         # One clock for deadlines, latency and (when injected) the breakers: tests run in
@@ -239,7 +239,7 @@ class Cascade:
             if p is None:
                 p = self._providers[key] = self._provider_factory(rung)
                 if here not in self._loop_watchers:
-                    self._loop_watchers[here] = at_loop_end(
+                    self._loop_watchers[here] = LoopEnd(
                         functools.partial(self._close_providers, here))
             return p
 
@@ -249,7 +249,9 @@ class Cascade:
             mine = [(k, p) for k, p in self._providers.items() if k[0] == loop]
             for k, _ in mine:
                 del self._providers[k]
-            self._loop_watchers.pop(loop, None)
+            watcher = self._loop_watchers.pop(loop, None)
+            if watcher is not None:  # closed now: not again when the loop ends
+                watcher.disarm()
         for _, p in mine:
             await p.aclose()
 

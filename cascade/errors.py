@@ -87,6 +87,10 @@ class ProviderError(CascadeError):
     billed_usd: float = 0.0
     """What the failed calls behind this error cost, every try and endpoint (set by the
     caller): spent money the budget and the trace must count although no answer came."""
+    sent: bool = True
+    """False when the model call itself never went out (a refused connection, a connect or
+    pool timeout, ``check_model``'s ``/models`` lookup failing first): nothing can be billed.
+    A call that went out and got no usable reply may still be billed."""
 
     def __init__(
         self,
@@ -112,10 +116,6 @@ class TransportError(ProviderError):
     """The request or reply did not get through (refused, reset, dropped)."""
 
     retryable = True
-    sent: bool = True
-    """False when the connection was never made (refused, a connect or pool timeout): nothing
-    reached the provider, so nothing can be billed. A connection that dropped after the
-    request went out may have left the model generating, and billing."""
 
 
 class ProviderTimeout(TransportError):

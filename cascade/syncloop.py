@@ -20,28 +20,36 @@ from typing import TypeVar
 import anyio
 import anyio.from_thread
 
-__all__ = ["LoopThread", "at_loop_end"]
+__all__ = ["LoopEnd", "LoopThread"]
 
 T = TypeVar("T")
 
 
-def at_loop_end(close: Callable[[], Awaitable[None]]) -> AsyncGenerator[None, None]:
-    """Run ``close()`` on the current event loop as it ends: ``asyncio.run``, ``anyio.run`` and
-    ``trio.run`` finalize the async generators still open then, on the loop, so one started
-    here and left suspended is told. Clients bound to a loop (SDK connection pools) are closed
-    on it instead of leaking a socket per ``asyncio.run``. Keep the returned generator
-    referenced: loops hold theirs weakly."""
-    async def watch() -> AsyncGenerator[None, None]:
+class LoopEnd:
+    """Runs ``close()`` on the current event loop as it ends: ``asyncio.run``, ``anyio.run``
+    and ``trio.run`` finalize the async generators still open then, on the loop, so one
+    started here and left suspended is told. Clients bound to a loop (SDK connection pools)
+    are closed on it instead of leaking a socket per ``asyncio.run``. Keep this object
+    referenced (loops hold their generators weakly); :meth:`disarm` when closed otherwise,
+    or the generator's own finalization would run ``close()`` again later."""
+
+    def __init__(self, close: Callable[[], Awaitable[None]]) -> None:
+        self._close: Callable[[], Awaitable[None]] | None = close
+        self._agen = self._watch()
+        step = self._agen.asend(None)  # the loop's first-iteration hook registers it now
+        with contextlib.suppress(StopIteration):
+            step.send(None)  # up to the yield, no await on the way: done synchronously
+
+    async def _watch(self) -> AsyncGenerator[None, None]:
         try:
             yield
         finally:
-            await close()
+            close, self._close = self._close, None
+            if close is not None:
+                await close()
 
-    agen = watch()
-    step = agen.asend(None)  # the loop's first-iteration hook registers it now
-    with contextlib.suppress(StopIteration):
-        step.send(None)  # up to the yield, no await on the way: done synchronously
-    return agen
+    def disarm(self) -> None:
+        self._close = None
 
 
 class LoopThread:

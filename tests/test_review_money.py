@@ -366,6 +366,54 @@ async def test_a_try_sent_whose_reply_or_usage_never_came_keeps_its_estimate(
     assert store.spent("default", 86400.0) == pytest.approx(0.01 + ans.attempts[1].cost_usd)
 
 
+@pytest.mark.parametrize("case", ["503 too large", "check_model"])
+async def test_tries_never_sent_or_never_billed_keep_nothing(
+        openai_server: LoopbackServer, case: str) -> None:
+    """The kept-estimate rule over-reached: a 503 whose body passed ``max_reply_bytes`` (a
+    ReplyTooLarge, a MalformedReply, but no model ran), and a ``check_model`` lookup that
+    failed before the chat request went out, each kept the estimate."""
+    from cascade.budget import InMemoryBudgetStore
+
+    def handler(req: Any) -> Reply:
+        if req.path.endswith("/models"):
+            return Reply(body=b"{not json", content_type="application/json")
+        if case == "503 too large" and req.json.get("model") == "small":
+            return Reply(status=503, body=b"x" * 5000, content_type="text/html")
+        return Reply(json=openai_chat("Canberra"))
+
+    openai_server.script(handler)
+    cfg = _slow_priced(openai_server.base_url, budget={"limit_usd": 1.0})
+    cfg["rungs"][0].update({"max_reply_bytes": 1024} if case == "503 too large"
+                           else {"check_model": True})
+    store = InMemoryBudgetStore()
+    async with Cascade.from_dict(cfg, budget_store=store) as c:
+        ans = await c.aanswer("Capital of Australia?")
+    assert ans.model == "big" and ans.attempts[0].status == "error"
+    assert ans.attempts[0].note is None
+    assert store.spent("default", 86400.0) == pytest.approx(ans.attempts[1].cost_usd)
+
+
+async def test_requests_started_while_aclose_runs_get_open_clients(
+        openai_server: LoopbackServer) -> None:
+    """``aclose()`` dropped the loop's closer, whose finalization then closed the loop's
+    providers once more a tick later: requests started meanwhile failed on a closed client
+    (and kept an estimate for a call never sent)."""
+    import asyncio
+
+    openai_server.script(lambda req: Reply(json=openai_chat("Canberra"), delay_s=0.1))
+    c = Cascade.from_dict(_slow_priced(openai_server.base_url, budget={"limit_usd": 1.0}))
+    await c.aanswer("warm up")
+
+    async def during() -> Any:
+        await asyncio.sleep(0)
+        return await c.aanswer("Capital of Australia?")
+
+    got = await asyncio.gather(c.aclose(), *(during() for _ in range(3)),
+                               return_exceptions=True)
+    await c.aclose()
+    assert [getattr(a, "text", a) for a in got[1:]] == ["Canberra"] * 3
+
+
 def test_a_shadow_check_counts_what_the_cap_keeps_for_an_unanswered_call() -> None:
     """The cheap rung's call timed out (its estimate kept against the cap) and the next rung
     was accepted; the shadow check's cap left out the kept estimate, so the top rung was

@@ -220,6 +220,8 @@ def _never_sent(exc: BaseException) -> str:
             return ""
         if type(seen).__name__ in _NOT_SENT:
             return type(seen).__name__
+        if isinstance(seen, RuntimeError) and "client has been closed" in str(seen):
+            return "a closed client"  # httpx's: closed before the request was sent
     return ""
 
 

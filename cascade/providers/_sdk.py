@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 import httpx2
 
 from cascade.config import RungConfig
-from cascade.errors import ClientRequestError, MalformedReply
+from cascade.errors import ClientRequestError, MalformedReply, ProviderError
 from cascade.providers._common import (
     Where,
     billed,
@@ -220,7 +220,11 @@ class SDKProvider(Provider, Generic[ClientT]):
         client = self._get_client()
         where = Where(provider=self.name, model=call.model)
         if not self._model_checked:
-            await self._check_model(client, call.model, where)
+            try:
+                await self._check_model(client, call.model, where)
+            except ProviderError as e:
+                e.sent = False  # the model call itself never went out: nothing to bill
+                raise
         mode = self.structured_output
         tools_type = call.output_type if mode == "tools" else None  # instructor's case
         endpoint = (self._endpoint if tools_type is not None else self._plain_endpoint)(client)
