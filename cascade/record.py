@@ -77,6 +77,7 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
                  progress: bool = True) -> dict[str, int]:
     """Record what is missing; returns counts of ``recorded``, ``skipped`` and ``failed``."""
     from cascade.plugins import load_verifier
+    from cascade.secrets import Redactor, secret_envs_of
 
     if factory is None:
         from cascade.providers import make_provider
@@ -102,6 +103,7 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
 
         bar = tqdm(total=len(todo), file=sys.stderr, unit="call", desc="recording")
     errors: list[str] = []
+    cut = Redactor(secret_envs_of(config))  # a provider plugin's error may quote its key
     fatal: list[Exception] = []  # not one call's failure (a bad key setting, an unwritable file)
     scope = anyio.CancelScope()
 
@@ -113,7 +115,7 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
                 counts["recorded"] += 1
             except ProviderError as e:
                 counts["failed"] += 1
-                errors.append(f"case {case.id!r} × {rung.label}: {e}")
+                errors.append(cut(f"case {case.id!r} × {rung.label}: {e}"))
             except Exception as e:  # every other call would fail alike: stop, say it once
                 fatal.append(e)
                 scope.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import urllib.parse
 from collections.abc import Iterable
 
@@ -36,11 +37,17 @@ def mask_credentials(text: str) -> str:
     return _QUERY_VALUE.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
+_LOOSE_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+"""Names with ``.`` or ``-`` (Kubernetes allows them): a key can look like one too, so such a
+name passes only when the variable is set."""
+
+
 def check_env_name(value: str, *, source: str, key: str) -> str:
     """``value`` when it is the name of an environment variable (``*_env`` settings): what is
     there instead is most likely the secret itself, so the error never shows it (it would go
     to stderr, the log, and ``/healthz``'s reload status)."""
-    if not _ENV_NAME.fullmatch(value):
+    if not _ENV_NAME.fullmatch(value) and not (_LOOSE_ENV_NAME.fullmatch(value)
+                                               and value in os.environ):
         raise ConfigError("must be the NAME of an environment variable (letters, digits and "
                           "_, e.g. OPENAI_API_KEY; no $), never the key; the value is not "
                           "shown", source=source, key=key)
@@ -93,28 +100,31 @@ class Redactor:
     def __init__(self, envs: Iterable[str], *, json_escaped: bool = False) -> None:
         self._names = tuple(envs)
         self._json = json_escaped
+        self._lock = threading.Lock()  # the audit writer, the loop and shadow threads share it
         self._read: tuple[str | None, ...] | None = None
-        self._values: set[str] = set()
+        self._values: frozenset[str] = frozenset()
         self._forms: tuple[str, ...] = ()
 
     @property
     def forms(self) -> tuple[str, ...]:
         """Longest first, so a form holding another is cut whole."""
         now = tuple(os.environ.get(name) for name in self._names)
-        if now != self._read:
-            self._read = now
-            # A key file's trailing newline is not part of the key the SDKs send.
-            self._values |= {v for raw in now if raw for v in (raw, raw.strip())
-                             if len(v) >= 4}  # a 1-3 character "key" would shred every line
-            forms: set[str] = set()
-            for value in self._values:
-                for form in secret_forms(value):
-                    forms.add(form)
-                    if self._json:
-                        forms.add(json.dumps(form)[1:-1])
-                        forms.add(json.dumps(form, ensure_ascii=False)[1:-1])
-            self._forms = tuple(sorted(forms, key=len, reverse=True))
-        return self._forms
+        with self._lock:  # read and rebuilt together: no thread sees the new values unmet
+            if now != self._read:
+                # A key file's trailing newline is not part of the key the SDKs send; a 1-3
+                # character "key" would shred every line.
+                values = self._values | {v for raw in now if raw for v in (raw, raw.strip())
+                                         if len(v) >= 4}
+                forms: set[str] = set()
+                for value in values:
+                    for form in secret_forms(value):
+                        forms.add(form)
+                        if self._json:
+                            forms.add(json.dumps(form)[1:-1])
+                            forms.add(json.dumps(form, ensure_ascii=False)[1:-1])
+                self._values, self._read = values, now
+                self._forms = tuple(sorted(forms, key=len, reverse=True))
+            return self._forms
 
     def __call__(self, text: str) -> str:
         for form in self.forms:

@@ -411,3 +411,51 @@ def test_out_dash_is_standard_output_for_label_and_refused_by_tune(
     code, _out, err = _run(["tune", str(suite), "--out", "-"])
     assert code == 2 and "--out -" in err
     assert not (tmp_path / "-").exists()
+
+
+def test_judging_no_needs_is_an_empty_result_not_an_error(tmp_path: Path, suite: Path) -> None:
+    from cascade.config import parse_config
+    from cascade.testing import Script
+    from cascade.tuning.label import judge_labels
+
+    table = load_shared_outcomes([suite])
+    judge = parse_config({"rungs": [{"model": "judge", "provider": "openai-compatible",
+                                     "base_url": "http://127.0.0.1:9/v1",
+                                     "price": "unknown"}]})
+    script = Script({"judge": ["yes"]})
+    res = judge_labels(table, [], judge, provider_factory=script.factory)
+    assert res.labels == {} and res.calls == 0 and not script.calls
+
+
+def test_record_cuts_the_configs_keys_from_the_call_errors_it_prints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provider plugin whose error quotes its key: the trace cut it, ``cascade record``'s
+    stderr summary did not."""
+    from cascade.config import RungConfig
+    from cascade.errors import ServerError
+    from cascade.providers import register_provider
+    from cascade.providers.base import Completion, ModelCall, Provider
+
+    key = "sk-record-walk-0123456789"
+    monkeypatch.setenv("WALK_REC_KEY", key)
+
+    class Quoting(Provider):
+        name = "walk-quoting"
+
+        def __init__(self, rung: RungConfig) -> None:
+            self.rung = rung
+
+        async def complete(self, call: ModelCall) -> Completion:
+            raise ServerError(f"HTTP 503 from https://gen.example/v1?key={key}")
+
+    register_provider("walk-quoting", Quoting)
+    cfg = tmp_path / "cascade.toml"
+    cfg.write_text('[[rungs]]\nmodel = "m"\nprovider = "walk-quoting"\n'
+                   'api_key_env = "WALK_REC_KEY"\nprice = "unknown"\nmax_retries = 0\n')
+    cases = tmp_path / "suite"
+    cases.mkdir()
+    (cases / "cases.jsonl").write_text(
+        '{"id": "q1", "messages": [{"role": "user", "content": "hi"}]}\n')
+    code, _out, err = _run(["record", str(cases), "--config", str(cfg), "--no-progress"])
+    assert code == 1 and "HTTP 503" in err, err
+    assert "record-walk" not in err

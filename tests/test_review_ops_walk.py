@@ -273,3 +273,16 @@ def test_a_request_in_flight_across_a_rename_is_counted_under_its_own_ladder(
     assert not [line for line in metrics.splitlines()
                 if 'ladder="renamed"' in line and not line.startswith("cascade_in_flight")
                 and not line.endswith(" 0.0") and "_created" not in line], metrics
+
+
+def test_a_set_variable_whose_name_has_a_dot_or_dash_is_still_a_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kubernetes allows ``.`` and ``-`` in variable names; such a name that is set is taken
+    (a pasted key is never one), one that is not set is refused without being shown."""
+    monkeypatch.setenv("team-a.key", "sk-team-a-0123456789")
+    [client] = parse_server(parse_config({"rungs": [RUNG], "server": {"clients": [
+        {"name": "team", "key_env": "team-a.key"}]}})).clients
+    assert client.key_env == "team-a.key"
+    with pytest.raises(ConfigError) as ei:
+        _server([{"name": "team", "key_env": "team-b.key"}])
+    assert "team-b.key" not in str(ei.value)

@@ -56,8 +56,11 @@ async def _probe(c: Cascade, ep: RungConfig, timeout_s: float) -> dict[str, Any]
     try:
         await c.call_model(call, alone)
     except CascadeError as e:
+        from cascade.secrets import Redactor, secret_envs_of
+
+        cut = Redactor(secret_envs_of(c.config))  # a provider plugin's error may quote its key
         return {"ok": False, "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
-                "error": f"{type(e).__name__}: {e}"}
+                "error": cut(f"{type(e).__name__}: {e}")}
     return {"ok": True, "latency_ms": round((time.perf_counter() - t0) * 1000, 3), "error": None}
 
 

@@ -137,7 +137,7 @@ def _label(ns: argparse.Namespace, table: OutcomeTable, judge: CascadeConfig | N
            out: Path | None) -> int:
     from cascade.cli import EXIT_INTERRUPTED, EXIT_NO_ANSWER
     from cascade.secrets import mask_credentials
-    from cascade.tuning.label import judge_labels, needed_labels
+    from cascade.tuning.label import JudgingInterrupted, judge_labels, needed_labels
 
     needs = needed_labels(table, max_drop=ns.max_accuracy_drop, delta=ns.delta, max_n=ns.max)
     total = len(needs)
@@ -152,7 +152,10 @@ def _label(ns: argparse.Namespace, table: OutcomeTable, judge: CascadeConfig | N
         summary += f"; the first {len(rows)} written (--max {ns.max})"
     failure, code = "", EXIT_NO_ANSWER
     if judge is not None and needs:
-        res = judge_labels(table, needs, judge)
+        try:
+            res = judge_labels(table, needs, judge)
+        except JudgingInterrupted as stopped:  # the verdicts paid for are written, exit 130
+            res = stopped.result
         for row in rows:
             got = res.labels.get(row["id"])
             if got is not None:

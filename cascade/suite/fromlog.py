@@ -65,7 +65,7 @@ __all__ = ["CASES_FILE", "FromLogStats", "LogSuite", "build_suite", "parse_since
 CASES_FILE = "cases.jsonl"
 _REDACTED = "[redacted]"
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)$", re.IGNORECASE)
-_ENGINE_VERDICTS = frozenset({"drift", "shadow", "schema"})
+_ENGINE_VERDICTS = frozenset({"drift", "shadow", "schema", "schema:request"})
 _IDS_KEPT = 50
 """Request ids kept per case (a popular prompt would otherwise carry thousands)."""
 

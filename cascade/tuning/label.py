@@ -29,7 +29,8 @@ from cascade.tuning.guard import DELTA, paired_bound
 from cascade.tuning.setting import IntArray
 from cascade.tuning.simulate import outcome_of, simulate
 
-__all__ = ["JudgeResult", "Need", "judge_labels", "needed_labels", "read_labels"]
+__all__ = ["JudgeResult", "JudgingInterrupted", "Need", "judge_labels", "needed_labels",
+           "read_labels"]
 
 SEED_SAMPLE = 300
 """With no labelled case at all, ``cascade label`` asks for this many (spread over the suite):
@@ -207,8 +208,8 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
 
     if not config.rungs:
         raise ConfigError("the judge config has no rung", source=config.source)
-    if not table.answers or not table.prompts or all(
-            t is None for n in needs for t in table.answers[n.index]):
+    if not table.answers or not table.prompts or (needs and all(
+            t is None for n in needs for t in table.answers[n.index])):
         raise ConfigError("the suite carries no answer texts to judge", source=table.source)
     rung = config.rungs[-1]
     names = table.case_normalisers or (table.agreement_normaliser or "normalised",) * table.n
@@ -281,15 +282,27 @@ def judge_labels(table: OutcomeTable, needs: Sequence[Need], config: CascadeConf
         finally:
             await provider.aclose()
 
-    interrupted = None
+    def result(interrupted: int | None = None) -> JudgeResult:
+        return JudgeResult(
+            labels=labels, cost_usd=spent[0], calls=int(spent[1]), model=rung.model,
+            unjudged=sorted(set(unjudged)), price_known=rung.price != "unknown",
+            error=failed[0] if failed else None, interrupted=interrupted,
+            endpoint=rung.base_url or f"the {rung.provider} provider's default URL")
+
     try:
         anyio.run(main)
-    except KeyboardInterrupt:  # the verdicts paid for so far are still written
-        interrupted = in_flight[0]
-    return JudgeResult(labels=labels, cost_usd=spent[0], calls=int(spent[1]), model=rung.model,
-                       unjudged=sorted(set(unjudged)), price_known=rung.price != "unknown",
-                       error=failed[0] if failed else None, interrupted=interrupted,
-                       endpoint=rung.base_url or f"the {rung.provider} provider's default URL")
+    except KeyboardInterrupt:  # still an interrupt, carrying the verdicts paid for so far
+        raise JudgingInterrupted(result(in_flight[0])) from None
+    return result()
+
+
+class JudgingInterrupted(KeyboardInterrupt):
+    """Ctrl-C while :func:`judge_labels` ran: ``result`` holds the verdicts obtained (and paid
+    for) before it, ``result.interrupted`` the calls then in flight."""
+
+    def __init__(self, result: JudgeResult) -> None:
+        super().__init__()
+        self.result = result
 
 
 def read_labels(rows: Sequence[Mapping[str, Any]], source: str = ""
