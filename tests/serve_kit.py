@@ -172,3 +172,20 @@ def config_health(url: str) -> dict[str, Any]:
     assert r.status_code == 200
     config: dict[str, Any] = r.json()["config"]
     return config
+
+
+def workers_of(pid: int) -> set[int]:
+    """The live uvicorn workers (multiprocessing spawn children) of ``pid``; a zombie has no
+    command line, so a worker killed but not yet reaped is not one."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmd:
+            out.add(int(d.name))
+    return out

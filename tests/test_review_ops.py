@@ -32,6 +32,7 @@ from tests.serve_kit import (
     start_serve,
     stop,
     wait_ready,
+    workers_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,22 +162,6 @@ def test_a_drift_alarm_of_a_rung_no_longer_watched_goes_down() -> None:
     assert not _sample(m.render().decode(), 'cascade_drift_alarm{rung="small"}')
 
 
-def _workers_of(pid: int) -> list[int]:
-    """The uvicorn worker processes (multiprocessing spawn children) of ``pid``."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (d / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and b"spawn_main" in cmd:
-            out.append(int(d.name))
-    return out
-
-
 def _in_flight(url: str) -> float | None:
     """The summed gauge (0 when no worker has one), None while no worker answers."""
     try:
@@ -209,7 +194,7 @@ def test_in_flight_drops_back_when_workers_are_killed_mid_request(
         while _in_flight(url) != 2:
             assert time.monotonic() < deadline, _in_flight(url)
             time.sleep(0.1)
-        workers = _workers_of(proc.pid)
+        workers = workers_of(proc.pid)
         assert len(workers) == 2
         for w in workers:
             os.kill(w, signal.SIGKILL)
@@ -218,7 +203,7 @@ def test_in_flight_drops_back_when_workers_are_killed_mid_request(
             assert proc.poll() is None
             assert time.monotonic() < deadline, f"in flight stays at {_in_flight(url)}"
             time.sleep(0.2)
-        assert sorted(_workers_of(proc.pid)) != sorted(workers)
+        assert sorted(workers_of(proc.pid)) != sorted(workers)
     finally:
         stop(proc)
 

@@ -24,7 +24,14 @@ import pytest
 from cascade.messages import Message
 from cascade.routing.model import fit_model
 from tests.loopback import LoopbackServer, free_port, reap
-from tests.serve_kit import echo_handler, one_rung_toml, start_serve, stop, wait_ready
+from tests.serve_kit import (
+    echo_handler,
+    one_rung_toml,
+    start_serve,
+    stop,
+    wait_ready,
+    workers_of,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 
@@ -38,23 +45,6 @@ _ROUTED = '[router]\npath = "router.json"\nskip_below = [0.0]\n'
 def _router(path: Path) -> None:
     docs = [(Message(role="user", content=f"question number {i}"),) for i in range(6)]
     fit_model(docs, np.ones((6, 1), dtype=bool), ("r",)).save(path)
-
-
-def _workers_of(pid: int) -> set[int]:
-    """The live uvicorn workers (multiprocessing spawn children) of ``pid``; a zombie has no
-    command line, so a worker killed but not yet reaped is not one."""
-    out = set()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (d / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and b"spawn_main" in cmd:
-            out.add(int(d.name))
-    return out
 
 
 def _last_good(worker: int) -> Path:
@@ -121,13 +111,13 @@ def _respawned(proc: subprocess.Popen[bytes], url: str, victim: int,
                watch_s: float) -> tuple[dict[str, Any], set[int]]:
     """SIGKILL ``victim``; wait for the ``/healthz`` of its replacement (trigger "worker
     start"), watching for at least ``watch_s`` seconds. Returns it and the workers started."""
-    before = _workers_of(proc.pid)
+    before = workers_of(proc.pid)
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
     started: set[int] = set()
     seen: dict[str, Any] | None = None
     while time.monotonic() - killed < 15:
-        started |= _workers_of(proc.pid) - before
+        started |= workers_of(proc.pid) - before
         h = _health(url)
         if h is not None and h["config"]["last_reload_trigger"] == "worker start":
             seen = h
@@ -172,7 +162,7 @@ def test_a_worker_respawned_while_the_file_is_bad_serves_the_last_good_config(
         # the operator writes a bad file and sends SIGHUP: both workers refuse it
         _write(cfg, base, "big", bad=True)
         _hup_until(proc, url, lambda: _reloads(url).get("error", 0) >= 2)
-        workers = _workers_of(proc.pid)
+        workers = workers_of(proc.pid)
         assert len(workers) == 2
         errors = _reloads(url)["error"]
 
@@ -204,7 +194,7 @@ def test_a_worker_respawned_while_the_file_is_bad_serves_the_last_good_config(
         assert _models(url, 8) == ["big"] * 8
 
         # the supervisor keeps the last file that loaded, privately, for the next respawn
-        kept = _last_good(min(_workers_of(proc.pid)))
+        kept = _last_good(min(workers_of(proc.pid)))
         assert stat.S_IMODE(kept.stat().st_mode) == 0o600
         assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
         assert kept.read_text() == cfg.read_text()
@@ -226,7 +216,7 @@ def test_a_worker_respawned_while_the_file_is_bad_serves_the_last_good_config(
             time.sleep(0.05)
         time.sleep(0.5)  # the supervisor's own look at it
         assert '"huge"' in kept.read_text() and _BAD not in kept.read_text()
-        h, _ = _respawned(proc, url, max(_workers_of(proc.pid)), watch_s=0)
+        h, _ = _respawned(proc, url, max(workers_of(proc.pid)), watch_s=0)
         assert "cache.bogus_key" in h["config"]["last_reload_error"]
         assert _models(url, 6) == ["huge"] * 6
 
@@ -253,7 +243,7 @@ def test_a_worker_that_cannot_start_even_on_the_last_good_config_is_respawned_sl
     try:
         wait_ready(url, proc, timeout_s=60)
         _hup_until(proc, url, lambda: _reloads(url).get("ok", 0) >= 2)  # both workers up
-        workers = _workers_of(proc.pid)
+        workers = workers_of(proc.pid)
         shutil.rmtree(tmp_path / "logs")
         (tmp_path / "logs").write_text("")  # no folder for the audit log any more
         before = workers
@@ -261,7 +251,7 @@ def test_a_worker_that_cannot_start_even_on_the_last_good_config_is_respawned_sl
         killed = time.monotonic()
         started: set[int] = set()
         while time.monotonic() - killed < 4:
-            started |= _workers_of(proc.pid) - before
+            started |= workers_of(proc.pid) - before
             time.sleep(0.1)
         log = err.read_text()
         assert len(started) == 1, f"{len(started)} workers started in 4 s"
@@ -273,7 +263,7 @@ def test_a_worker_that_cannot_start_even_on_the_last_good_config_is_respawned_sl
         assert proc.poll() is None
 
         # a supervisor killed outright cannot remove its last good config: its workers do
-        kept = _last_good(max(_workers_of(proc.pid)))
+        kept = _last_good(max(workers_of(proc.pid)))
         assert kept.is_file()
         proc.kill()
         proc.wait()
