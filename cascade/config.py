@@ -389,9 +389,16 @@ def _section(d: Mapping[str, Any], name: str, cls: type, source: str) -> Any:
         # A false-alarm rate of 0 never alarms, and 1 alarms on every check.
         raise ConfigError(f"must be a rate in (0, 1), e.g. 0.001, got {kw['drift_alpha']}",
                           source=source, key="policy.drift_alpha")
-    if cls is RetryConfig and kw.get("max_attempts", 1) > MAX_ATTEMPTS:
-        raise ConfigError(f"must be at most {MAX_ATTEMPTS}, got {kw['max_attempts']}",
-                          source=source, key="retry.max_attempts")
+    if cls is RetryConfig and not 1 <= kw.get("max_attempts", 1) <= MAX_ATTEMPTS:
+        raise ConfigError(f"must be from 1 (the first try) to {MAX_ATTEMPTS}, got "
+                          f"{kw['max_attempts']}", source=source, key="retry.max_attempts")
+    if cls is RetryConfig and kw.get("jitter", 0.0) > 1.0:  # a fraction of each delay
+        raise ConfigError(f"must be in [0, 1], got {kw['jitter']}", source=source,
+                          key="retry.jitter")
+    if cls is BreakerConfig and kw.get("failure_threshold", 1) < 1:
+        raise ConfigError(f"must be >= 1 (failures in a row that open a circuit), got "
+                          f"{kw['failure_threshold']}", source=source,
+                          key="breaker.failure_threshold")
     if cls is PolicyConfig and kw.get("shadow_rate", 0.0) > 1.0:
         raise ConfigError(f"must be in [0, 1], got {kw['shadow_rate']}", source=source,
                           key="policy.shadow_rate")
@@ -431,8 +438,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Cascad
                                   key=f"rungs[{i}].verifiers")
     kw: dict[str, Any] = {}
     for k in ("max_cost_usd", "timeout_s"):
-        if data.get(k) is not None:
-            kw[k] = _number(data, k, source, "")
+        if data.get(k) is not None:  # a deadline of 0 would fail every request
+            kw[k] = _number(data, k, source, "", minimum=0.001 if k == "timeout_s" else 0.0)
     budget = _section(data, "budget", BudgetConfig, source)
     if "max_cost_usd" in kw:
         check_cap(rungs, "max_cost_usd", source=source)

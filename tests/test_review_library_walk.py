@@ -265,3 +265,24 @@ async def test_messages_whose_user_turns_are_all_empty_are_refused_unpaid(
                                        {"role": "assistant", "content": "?"},
                                        {"role": "user", "content": "Capital of Australia?"}])
     assert ok.text == "Canberra" and s.count("small") == 1
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("retry", "max_attempts", 0), ("retry", "jitter", 2.0),
+    ("breaker", "failure_threshold", 0), (None, "timeout_s", 0),
+])
+def test_settings_that_could_only_misbehave_are_refused(
+        tmp_path: Path, section: str | None, key: str, value: Any) -> None:
+    """``max_attempts = 0`` and ``jitter = 2`` were clamped silently, ``failure_threshold =
+    0`` opened every circuit at once, and ``timeout_s = 0`` failed every request."""
+    from cascade.config import parse_config
+    from cascade.errors import ConfigError
+
+    cfg = _config(tmp_path, [_rung("small", 1.0)])
+    if section is None:
+        cfg[key] = value
+    else:
+        cfg[section] = {**cfg.get(section, {}), key: value}
+    with pytest.raises(ConfigError) as ei:
+        parse_config(cfg)
+    assert ei.value.key == (f"{section}.{key}" if section else key)
