@@ -238,3 +238,16 @@ def test_an_empty_system_is_no_system_prompt(tmp_path: Path, openai_server: Loop
         _client(url).messages.create(model="cascade", max_tokens=16, system=system,
                                      messages=QUESTION)
     assert [m["role"] for m in openai_server.requests[-1].json["messages"]] == ["user"]
+
+
+def test_a_user_id_that_is_not_a_string_is_a_400_naming_it(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """``metadata.user_id: 42`` was turned into "42" rather than refused as the wrong type."""
+    openai_server.script(echo_handler(refuse=()))
+    with serving(create_app(ladder(tmp_path, openai_server.base_url))) as url:
+        r = httpx.post(f"{url}/v1/messages", json={
+            "model": "cascade", "max_tokens": 50, "metadata": {"user_id": 42},
+            "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400, r.text
+    assert r.json()["type"] == "error" and "metadata.user_id" in r.json()["error"]["message"]
+    assert openai_server.requests == []

@@ -98,6 +98,9 @@ def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
     meta = dict(body.metadata or {})
     user = meta.pop("user_id", None)
     refuse_unsupported(sorted(meta), at="metadata", why="only user_id is")
+    if user is not None and not isinstance(user, str):  # Anthropic's is a string
+        raise APIError(400, f"metadata.user_id must be a string, not {type(user).__name__}",
+                       param="metadata.user_id")
     messages: list[dict[str, Any]] = []
     system = _text(body.system, "system") if body.system is not None else ""
     if system.strip():  # "" or [] is no system prompt, not an empty one sent to the rungs
