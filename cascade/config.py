@@ -255,6 +255,10 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
                           key=prefix + "base_url")
     if rung.base_url and rung.provider in _HTTP_KINDS:
         _check_url(rung.base_url, source, prefix + "base_url")
+        if rung.transport == "aiohttp" and "@" in urllib.parse.urlsplit(rung.base_url).netloc:
+            raise ConfigError("is 'aiohttp', which refuses the user info in base_url beside "
+                              "the SDK's Authorization header (every call would fail): use "
+                              "'auto' or 'httpx'", source=source, key=prefix + "transport")
     _check_rung(rung, source, prefix)
     # Priced before its fallbacks are read: they bill like the rung unless they say otherwise,
     # and a price from the built-in table is the rung's price too (not a silent $0).

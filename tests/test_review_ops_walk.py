@@ -14,6 +14,7 @@ import pytest
 
 from cascade.config import parse_config
 from cascade.errors import ConfigError
+from cascade.messages import Message
 from cascade.serve.config import parse_server
 from cascade.store.config import parse_store
 from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_chat
@@ -286,3 +287,32 @@ def test_a_set_variable_whose_name_has_a_dot_or_dash_is_still_a_name(
     with pytest.raises(ConfigError) as ei:
         _server([{"name": "team", "key_env": "team-b.key"}])
     assert "team-b.key" not in str(ei.value)
+
+
+def test_a_basic_auth_base_url_is_sent_by_the_transport_that_can(
+        openai_server: LoopbackServer) -> None:
+    """aiohttp (``auto``'s choice on asyncio) refused user info beside the SDK's Authorization
+    header on every call; ``auto`` now takes httpx for such a URL, and an explicit
+    ``transport = "aiohttp"`` is refused at load."""
+    import asyncio
+
+    from cascade.config import RungConfig
+    from cascade.providers import make_provider
+    from cascade.providers.base import rung_call
+
+    openai_server.script(lambda req: Reply(json=openai_chat("Paris", model="m")))
+    base = openai_server.base_url.replace("http://", "http://proxyuser:pw@")
+    cfg = parse_config({"rungs": [{**RUNG, "base_url": base}]})
+
+    async def call(rung: RungConfig) -> str:
+        p = make_provider(rung)
+        try:
+            return (await p.complete(rung_call(rung, (Message("user", "hi"),)))).text
+        finally:
+            await p.aclose()
+
+    assert asyncio.run(call(cfg.rungs[0])) == "Paris"
+    assert openai_server.requests[-1].headers["authorization"].startswith("Basic ")
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"rungs": [{**RUNG, "base_url": base, "transport": "aiohttp"}]})
+    assert ei.value.key == "rungs[0].transport" and "pw@" not in str(ei.value)

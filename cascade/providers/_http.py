@@ -16,6 +16,7 @@ on an asyncio loop (aiohttp has no trio) and with no proxy in the environment (h
 from __future__ import annotations
 
 import logging
+import urllib.parse
 import urllib.request
 from types import ModuleType
 from typing import Any, TypedDict
@@ -98,16 +99,19 @@ def _not_a_timeout(e: httpx2.TimeoutException) -> httpx2.TransportError | None:
     return kind(str(cause) or type(cause).__name__, request=request)
 
 
-def pick_transport(setting: str, *, rung: str) -> str:
-    """``httpx`` or ``aiohttp`` for a client made now, in the running event loop."""
+def pick_transport(setting: str, *, rung: str, base_url: str | None = None) -> str:
+    """``httpx`` or ``aiohttp`` for a client made now, in the running event loop. A
+    ``base_url`` with user info (a basic-auth proxy's) needs httpx: aiohttp refuses it beside
+    the SDK's Authorization header, on every call (the config refuses that pair)."""
     on_asyncio = sniffio.current_async_library() == "asyncio"
+    userinfo = bool(base_url) and "@" in urllib.parse.urlsplit(base_url or "").netloc
     if setting == "aiohttp" and not on_asyncio:
         raise ConfigError(f"is 'aiohttp', which needs an asyncio event loop and this call runs "
                           f"on {sniffio.current_async_library()}: use 'auto' or 'httpx'",
                           source=f"rung {rung!r}", key="transport")
     proxies = sorted(k for k in urllib.request.getproxies() if k != "no")  # no = NO_PROXY
     if setting == "auto":
-        return "aiohttp" if on_asyncio and not proxies else "httpx"
+        return "aiohttp" if on_asyncio and not proxies and not userinfo else "httpx"
     if setting == "aiohttp" and proxies:
         log.warning("rung %r: transport = 'aiohttp' sends directly, ignoring the %s proxy set "
                     "in the environment; use 'auto' or 'httpx' to go through it", rung,

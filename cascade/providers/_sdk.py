@@ -211,7 +211,8 @@ class SDKProvider(Provider, Generic[ClientT]):
             default_env, dummy = self._key_source()
             self._key = resolve_api_key(self.rung, default_env=default_env, dummy=dummy)
             where = Where(provider=self.name, model=self.rung.model)
-            self.transport = pick_transport(self.rung.transport, rung=self.rung.label)
+            self.transport = pick_transport(self.rung.transport, rung=self.rung.label,
+                                            base_url=self.rung.base_url)
             self._client = self._new_client(self._key, capped_client(
                 self.sdk, self.rung.max_reply_bytes, where, transport=self.transport))
         return self._client
