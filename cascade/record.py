@@ -36,15 +36,30 @@ __all__ = ["add_arguments", "record", "run"]
 ProviderFactory = Callable[[RungConfig], Provider]
 
 
+def missing_verdicts(rec: Recording, rung: RungConfig, config: CascadeConfig) -> set[str]:
+    """The rung's verifiers with no verdict in an answer's recording that has others (added
+    since). One recorded with none at all (a shadow answer ``suite from-log`` kept, without
+    the log-probabilities to judge it by) is left unjudged, not judged blind."""
+    if not rec.verdicts:
+        return set()
+    return {vc.key for vc in config.verifiers_for(rung)} - {v.verifier for v in rec.verdicts}
+
+
 async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, engine: Cascade,
                       store: RecordingStore, bound: Sequence[BoundVerifier]) -> None:
     call = answer_call(rung, case.messages)
-    t0 = time.perf_counter()
-    result = await engine.call_model(call, rung)
-    completion, answered = result.completion, result.endpoint
-    if not completion.latency_ms:
-        completion = replace(completion, latency_ms=(time.perf_counter() - t0) * 1000)
-    cost = result.cost_usd
+    kept = store.get(call)
+    if kept is not None:  # answered already: only the verifiers added since are run
+        completion, cost, endpoint = kept.completion(), kept.cost_usd, kept.endpoint
+        have = {v.verifier for v in kept.verdicts}
+        bound = [bv for bv in bound if bv.id not in have]
+    else:
+        t0 = time.perf_counter()
+        result = await engine.call_model(call, rung)
+        completion, endpoint = result.completion, result.endpoint.endpoint
+        if not completion.latency_ms:
+            completion = replace(completion, latency_ms=(time.perf_counter() - t0) * 1000)
+        cost = result.cost_usd
 
     async def caller(vcall: ModelCall, target: RungConfig) -> tuple[Completion, float]:
         # exact only: a sampling verifier's call has the case's model and messages, and the
@@ -68,8 +83,10 @@ async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, engin
 
     verdicts: list[Verdict] = (await run_verifiers(bound, make_ctx, short_circuit=False)
                                if bound else [])
+    if kept is not None:
+        verdicts = [*kept.verdicts, *verdicts]
     store.add(Recording.of(call, completion, case_id=case.id, kind="answer", cost_usd=cost,
-                           endpoint=answered.endpoint, verdicts=verdicts))
+                           endpoint=endpoint, verdicts=verdicts))
 
 
 async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingStore, *,
@@ -93,8 +110,12 @@ async def record(cases: Sequence[Case], config: CascadeConfig, store: RecordingS
                           threshold=None, timeout_s=vc.timeout_s)
             for vc in config.verifiers_for(rung)
         ]
-    todo = [(c, r) for c in cases for r in config.rungs
-            if store.get(answer_call(r, c.messages)) is None]
+    def needed(case: Case, rung: RungConfig) -> bool:
+        """Never answered, or answered before some of the rung's verifiers were configured."""
+        rec = store.get(answer_call(rung, case.messages))
+        return rec is None or bool(missing_verdicts(rec, rung, config))
+
+    todo = [(c, r) for c in cases for r in config.rungs if needed(c, r)]
     counts = {"recorded": 0, "skipped": len(cases) * len(config.rungs) - len(todo), "failed": 0}
     limiter = anyio.CapacityLimiter(max(1, concurrency))
     bar: Any = None

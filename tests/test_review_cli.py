@@ -339,3 +339,36 @@ def test_record_with_a_bad_key_setting_is_one_config_error_not_a_traceback(
     assert code == 2, err  # a configuration error, not 1 ("some calls failed, re-run")
     assert "Traceback" not in err and "ExceptionGroup" not in err
     assert "WALK_RECORD_KEY" in err and "sk-abc" not in err
+
+
+def test_a_verifier_added_after_recording_is_filled_in_not_read_as_rejecting(
+        tmp_path: Path) -> None:
+    """A verifier configured after the suite was recorded had no verdict, read as a rejection
+    of every answer: tune said no rung was cheap enough, eval said 0% verified, and
+    ``cascade record`` said everything was already there."""
+    import anyio
+
+    from cascade.errors import ConfigError
+    from cascade.record import record
+    from cascade.suite import RecordingStore, load_cases
+    from cascade.suite.outcomes import table_from_recordings
+    from cascade.testing import Script
+
+    suite = _one_case_suite(tmp_path)
+    cases = load_cases(suite)
+    rung = {"model": "m", "provider": "openai-compatible", "base_url": "http://m/v1",
+            "price": "unknown"}
+    before = parse_config({"rungs": [rung], "verifiers": [{"name": "refusal"}]})
+    after = parse_config({"rungs": [rung], "verifiers": [{"name": "refusal"},
+                                                         {"name": "schema"}]})
+    script = Script({"m": ['{"city": "Paris"}']})
+    store = RecordingStore.for_suite(suite)
+    anyio.run(lambda: record(cases, before, store, factory=script.factory, progress=False))
+    assert script.count("m") == 1
+    with pytest.raises(ConfigError, match=r"verifier 'schema'.*record"):
+        table_from_recordings(cases, RecordingStore.for_suite(suite), after)
+    counts = anyio.run(lambda: record(cases, after, RecordingStore.for_suite(suite),
+                                      factory=script.factory, progress=False))
+    assert counts["recorded"] == 1 and script.count("m") == 1  # no new model call
+    table = table_from_recordings(cases, RecordingStore.for_suite(suite), after)
+    assert bool(table.passed["schema"][0, 0]) and bool(table.passed["refusal"][0, 0])

@@ -512,6 +512,7 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
     own: dict[str, BoolArray] = {}
     texts: list[list[str | None]] = [[None] * r for _ in cases]
     missing: list[str] = []
+    unverified: list[str] = []  # verifiers configured after the answer was recorded
     unjudged = np.zeros((n, r), dtype=bool)
     for i, case in enumerate(cases):
         for j, rung in enumerate(rungs):
@@ -533,6 +534,9 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
                                   f"holds {what}", source=source or str(store.path))
             for vc in config.verifiers_for(rung):
                 v = verdicts.get(vc.key)
+                if v is None and rec.verdicts:
+                    unverified.append(f"verifier {vc.key!r} on case {case.id!r} × model "
+                                      f"{rung.model!r}")
                 own.setdefault(vc.key, np.ones((n, r), dtype=bool))[i, j] = bool(
                     v is not None and v.passed)
                 if v is not None and v.score is not None:
@@ -547,6 +551,11 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConfigError(f"no recording for {missing[0]}{more}; run `cascade record` first",
                           source=source or str(store.path))
+    if unverified:  # read as a rejection, it made every answer of that rung look refused
+        more = f" (and {len(unverified) - 1} more)" if len(unverified) > 1 else ""
+        raise ConfigError(f"no recorded verdict of {unverified[0]}{more}: the verifier was "
+                          "configured after the suite was recorded; run `cascade record` again "
+                          "(it runs only the missing verifiers)", source=source or str(store.path))
     for k in list(flags):
         if k in scoring:  # a verifier that scored some rungs is a scoring verifier throughout
             del flags[k]
