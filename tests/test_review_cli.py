@@ -372,3 +372,33 @@ def test_a_verifier_added_after_recording_is_filled_in_not_read_as_rejecting(
     assert counts["recorded"] == 1 and script.count("m") == 1  # no new model call
     table = table_from_recordings(cases, RecordingStore.for_suite(suite), after)
     assert bool(table.passed["schema"][0, 0]) and bool(table.passed["refusal"][0, 0])
+
+
+def test_a_price_changed_after_recording_is_the_price_tune_and_eval_report(
+        tmp_path: Path) -> None:
+    """tune and eval priced each answer at the recorded cost while TUNED.toml carried the new
+    prices: a saving of 82.7% reported, about -175% paid (the walk's measurement)."""
+    import anyio
+
+    from cascade.record import record
+    from cascade.suite import RecordingStore, load_cases
+    from cascade.suite.outcomes import table_from_recordings
+    from cascade.testing import Script
+
+    suite = _one_case_suite(tmp_path)
+    cases = load_cases(suite)
+
+    def ladder(price: float) -> Any:
+        return parse_config({"rungs": [{"model": "m", "provider": "openai-compatible",
+                                        "base_url": "http://m/v1", "input_usd_per_mtok": price,
+                                        "output_usd_per_mtok": price}]})
+
+    script = Script({"m": ["Paris"]})
+    anyio.run(lambda: record(cases, ladder(1.0), RecordingStore.for_suite(suite),
+                             factory=script.factory, progress=False))
+    store = RecordingStore.for_suite(suite)
+    [rec] = list(store)
+    old = table_from_recordings(cases, store, ladder(1.0)).cost[0, 0]
+    new = table_from_recordings(cases, store, ladder(50.0)).cost[0, 0]
+    assert old == pytest.approx(rec.cost_usd) and old > 0
+    assert new == pytest.approx(50 * old)

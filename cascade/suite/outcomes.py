@@ -524,7 +524,13 @@ Rungs keep the config's order (the tuner sorts candidates by cost itself).
             unjudged[i, j] = not rec.verdicts and bool(config.verifiers_for(rung))
             correct[i, j] = case.labelled and grade(case, rec.text)
             verdicts = {v.verifier: v for v in rec.verdicts}
-            cost[i, j] = rec.cost_usd + sum(v.cost_usd for v in rec.verdicts)
+            # Priced at the config's prices (what TUNED.toml will pay), from the recorded
+            # tokens, unless a fallback answered (it bills at its own price) or the price is
+            # unknown: a price changed since recording was reported at the old one.
+            answer_cost = (rung.cost_usd(rec.input_tokens, rec.output_tokens)
+                           if rung.price_known and rec.endpoint in ("", rung.endpoint)
+                           else rec.cost_usd)
+            cost[i, j] = answer_cost + sum(v.cost_usd for v in rec.verdicts)
             bad = [f"verifier {v.verifier!r} score {v.score!r}" for v in rec.verdicts
                    if v.score is not None and math.isinf(v.score)]
             if not (math.isfinite(cost[i, j]) and rec.cost_usd >= 0
