@@ -402,3 +402,18 @@ def test_a_price_changed_after_recording_is_the_price_tune_and_eval_report(
     new = table_from_recordings(cases, store, ladder(50.0)).cost[0, 0]
     assert old == pytest.approx(rec.cost_usd) and old > 0
     assert new == pytest.approx(50 * old)
+
+
+def test_a_suite_given_twice_is_refused_not_counted_twice(tmp_path: Path) -> None:
+    """``cascade tune A B`` with B a copy of A took 400 cases for 200, shrank the guard's
+    standard error and recommended a more aggressive setting."""
+    from cascade.errors import ConfigError
+    from cascade.suite.outcomes import load_outcome_table
+
+    a = _one_case_suite(tmp_path)
+    b = tmp_path / "copy"
+    shutil.copytree(a, b)
+    cfg = parse_config({"rungs": [{"model": "m", "provider": "openai-compatible",
+                                   "base_url": "http://m/v1", "price": "unknown"}]})
+    with pytest.raises(ConfigError, match="repeats"):
+        load_outcome_table([a, b], cfg)

@@ -597,9 +597,16 @@ def load_outcome_table(paths: Iterable[str | os.PathLike[str]],
 
         config = resolve_config()  # the ladder `cascade record` used when given no --config
     cases: list[Case] = []
+    seen: dict[str, str] = {}
     recs = RecordingStore()
     for p in ps:
-        cases.extend(load_cases(p))
+        for case in load_cases(p):  # each suite checks its own; across suites, here
+            if case.id in seen:
+                raise ConfigError(f"case id {case.id!r} repeats (first at {seen[case.id]}; a "
+                                  "suite given twice, or two cases with one id)",
+                                  source=case.source)
+            seen[case.id] = case.source
+            cases.append(case)
         for rec in RecordingStore.for_suite(p):
             recs.remember(rec)
     return table_from_recordings(cases, recs, config, source=", ".join(map(str, ps)))
