@@ -417,3 +417,20 @@ def test_a_suite_given_twice_is_refused_not_counted_twice(tmp_path: Path) -> Non
                                    "base_url": "http://m/v1", "price": "unknown"}]})
     with pytest.raises(ConfigError, match="repeats"):
         load_outcome_table([a, b], cfg)
+
+
+def test_a_suite_grader_beside_the_suite_is_found(tmp_path: Path) -> None:
+    """The README's ``my_graders:shouty`` was importable only through PYTHONPATH: the suite's
+    folder was never searched, as a config's is for its verifiers."""
+    from cascade.suite import grade, load_cases
+
+    suite = tmp_path / "graded"
+    suite.mkdir()
+    (suite / "walk26_graders.py").write_text(
+        "import cascade\n\n\n@cascade.grader\ndef shouty(text, case):\n"
+        "    return text.isupper()\n")
+    (suite / "cases.jsonl").write_text(json.dumps({
+        "id": "q1", "messages": [{"role": "user", "content": "shout"}], "expected": "x",
+        "grader": "walk26_graders:shouty"}) + "\n")
+    [case] = load_cases(suite)
+    assert grade(case, "HELLO") and not grade(case, "hello")

@@ -38,10 +38,13 @@ def check_grader_name(grader: Any, where: str) -> str:
 
 def resolve_grader(case: Case) -> Callable[[str, Case], Any]:
     """The function a case's dotted-path grader names. The one place a suite names code."""
-    from cascade.dotted import import_object
+    from cascade.dotted import config_folder, import_object
 
+    # the suite file's folder is searched, as a config's is for its verifiers
+    suite_file = case.source.rpartition(":")[0] or case.source
     try:
-        fn = import_object(case.grader, kind="grader", source=case.source, key="grader")
+        fn = import_object(case.grader, kind="grader", search=config_folder(suite_file),
+                           source=case.source, key="grader")
     except ImportError as e:
         raise ConfigError(f"grader {case.grader!r} cannot be imported: {e}", source=case.source,
                           key="grader") from None
