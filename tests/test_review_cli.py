@@ -434,3 +434,20 @@ def test_a_suite_grader_beside_the_suite_is_found(tmp_path: Path) -> None:
         "grader": "walk26_graders:shouty"}) + "\n")
     [case] = load_cases(suite)
     assert grade(case, "HELLO") and not grade(case, "hello")
+
+
+@pytest.mark.parametrize("typo", ["expectd", "grade"])
+def test_a_misspelt_case_key_is_refused_naming_file_and_line(tmp_path: Path,
+                                                             typo: str) -> None:
+    """``"expectd"`` silently left the case unlabelled and ``"grade"`` silently took the
+    default grader."""
+    from cascade.errors import ConfigError
+    from cascade.suite import load_cases
+
+    f = tmp_path / "cases.jsonl"
+    f.write_text(json.dumps({"id": "q1", "messages": [{"role": "user", "content": "1+1?"}],
+                             "expected": "2"}) + "\n" + json.dumps({
+        "id": "q2", "messages": [{"role": "user", "content": "2+2?"}], typo: "4"}) + "\n")
+    with pytest.raises(ConfigError) as ei:
+        load_cases(f)
+    assert ei.value.key == typo and f"{f}:2" in str(ei.value)

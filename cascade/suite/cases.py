@@ -105,10 +105,17 @@ def _check_schema(schema: Any, where: str) -> None:
                           key="expected") from None
 
 
+_CASE_KEYS = ("id", "messages", "expected", "grader", "tags", "metadata")
+
+
 def parse_case(obj: Mapping[str, Any], where: str) -> Case:
     for k in ("id", "messages"):
         if k not in obj:
             raise ConfigError(f"a case needs {k!r}", source=where)
+    unknown = sorted(set(obj) - set(_CASE_KEYS))
+    if unknown:  # "expectd" left the case unlabelled, "grade" took the default grader
+        raise ConfigError(f"unknown key {unknown[0]!r}; a case has {', '.join(_CASE_KEYS)} "
+                          "(anything else goes in metadata)", source=where, key=unknown[0])
     grader = check_grader_name(obj.get("grader", "normalised"), where)
     if grader == "json_schema":
         _check_schema(obj.get("expected"), where)
