@@ -451,3 +451,41 @@ def test_a_misspelt_case_key_is_refused_naming_file_and_line(tmp_path: Path,
     with pytest.raises(ConfigError) as ei:
         load_cases(f)
     assert ei.value.key == typo and f"{f}:2" in str(ei.value)
+
+
+def test_tune_out_elsewhere_warns_when_a_verifier_beside_the_config_would_not_load(
+        tmp_path: Path) -> None:
+    """TUNED.toml written to another folder named a verifier module that sat beside the
+    original config: replay passed, and the file failed to load where it was."""
+    import anyio
+
+    from cascade.config import load_config
+    from cascade.record import record
+    from cascade.suite import RecordingStore, load_cases
+    from cascade.testing import Script
+
+    here = tmp_path / "ladder"
+    here.mkdir()
+    (here / "walk26_checks.py").write_text(
+        "import cascade\n\n\n@cascade.verifier\ndef says_paris(ctx):\n"
+        "    return 'Paris' in ctx.candidate.text\n")
+    cfg = here / "cascade.toml"
+    cfg.write_text('[[rungs]]\nmodel = "m"\nprovider = "openai-compatible"\n'
+                   'base_url = "http://m/v1"\nprice = "unknown"\n\n'
+                   '[[verifiers]]\nname = "walk26_checks:says_paris"\n')
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "cases.jsonl").write_text("".join(json.dumps({
+        "id": f"q{i}", "messages": [{"role": "user", "content": f"Capital of France ({i})?"}],
+        "expected": "Paris"}) + "\n" for i in range(3)))
+    script = Script({"m": ["Paris"]})
+    anyio.run(lambda: record(load_cases(suite), load_config(cfg), RecordingStore.for_suite(suite),
+                             factory=script.factory, progress=False))
+    beside, away = here / "TUNED.toml", tmp_path / "elsewhere" / "TUNED.toml"
+    away.parent.mkdir()
+    code, _out, err = _run(["tune", str(suite), "--config", str(cfg), "--router", "off",
+                            "--out", str(beside)])
+    assert code == 0 and "warning" not in err, err
+    code, _out, err = _run(["tune", str(suite), "--config", str(cfg), "--router", "off",
+                            "--out", str(away)])
+    assert code == 0 and "warning" in err and "walk26_checks:says_paris" in err, err

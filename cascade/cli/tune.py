@@ -11,7 +11,7 @@ from pathlib import Path
 from cascade.cli._args import int_in
 from cascade.cli._suites import load_table, refuse_stdout
 from cascade.cli.label import CONFIG_HELP, apply_labels, check_promise
-from cascade.config import parse_config
+from cascade.config import CascadeConfig, parse_config
 from cascade.tuning import format_report, to_toml, tune
 from cascade.tuning.guard import DELTA
 from cascade.tuning.plot import plot_frontier
@@ -54,6 +54,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", help="write the frontier as a PNG (needs matplotlib)")
+
+
+def _warn_unreachable_verifiers(written: CascadeConfig, base: CascadeConfig | None,
+                                out: str) -> None:
+    """Say so when a verifier's module sits beside the original config but TUNED.toml was
+    written to another folder: a config's folder is where its modules are looked for, so the
+    file would fail to load where it is (replay builds no verifier, so nothing else shows it)."""
+    from cascade.dotted import config_folder
+
+    here = config_folder(base.source) if base is not None else None
+    there = config_folder(out)
+    if here is None or there is None or here == there:
+        return
+    for vc in written.verifiers:
+        top = vc.name.partition(":")[0].split(".")[0]
+        if ":" in vc.name and any((here / f).exists() for f in (f"{top}.py", top)) and not any(
+                (there / f).exists() for f in (f"{top}.py", top)):
+            print(f"cascade: warning: {out} names verifier {vc.name!r}, whose module {top!r} "
+                  f"is beside {base.source if base else ''}, not beside it: write TUNED.toml "
+                  "there, or copy the module beside it", file=sys.stderr)
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -99,8 +119,9 @@ def run(ns: argparse.Namespace) -> int:
             header = (f"Tuned by `cascade tune` on {table.n} cases ({table.source}).\n"
                       f"Recommendation (with the router): {routed_as.get('setting', '')}")
     text = to_toml(config_out, header=header) + router_text
-    parse_config(tomllib.loads(text), source=ns.out)  # never write what won't load
+    written = parse_config(tomllib.loads(text), source=ns.out)  # never write what won't load
     Path(ns.out).write_text(text, encoding="utf-8")
+    _warn_unreachable_verifiers(written, table.base, ns.out)
     if ns.plot and not plot_frontier(result.frontier, result.report, ns.plot):
         print("cascade: --plot needs matplotlib (pip install 'verified-cascade[plot]'); "
               "skipped", file=sys.stderr)
