@@ -394,8 +394,8 @@ def _section(d: Mapping[str, Any], name: str, cls: type, source: str) -> Any:
         raise ConfigError(f"must be a rate in (0, 1), e.g. 0.001, got {kw['drift_alpha']}",
                           source=source, key="policy.drift_alpha")
     if cls is RetryConfig and not 1 <= kw.get("max_attempts", 1) <= MAX_ATTEMPTS:
-        raise ConfigError(f"must be from 1 (the first try) to {MAX_ATTEMPTS}, got "
-                          f"{kw['max_attempts']}", source=source, key="retry.max_attempts")
+        raise ConfigError(f"must be at least 1 (the first try) and at most {MAX_ATTEMPTS}, "
+                          f"got {kw['max_attempts']}", source=source, key="retry.max_attempts")
     if cls is RetryConfig and kw.get("jitter", 0.0) > 1.0:  # a fraction of each delay
         raise ConfigError(f"must be in [0, 1], got {kw['jitter']}", source=source,
                           key="retry.jitter")

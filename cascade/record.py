@@ -48,7 +48,9 @@ def missing_verdicts(rec: Recording, rung: RungConfig, config: CascadeConfig) ->
 async def _record_one(case: Case, rung: RungConfig, config: CascadeConfig, engine: Cascade,
                       store: RecordingStore, bound: Sequence[BoundVerifier]) -> None:
     call = answer_call(rung, case.messages)
-    kept = store.get(call)
+    # exact only: another rung of the same model has the same messages, and its answer is
+    # not this rung's
+    kept = store.get(call, exact=True)
     if kept is not None:  # answered already: only the verifiers added since are run
         completion, cost, endpoint = kept.completion(), kept.cost_usd, kept.endpoint
         have = {v.verifier for v in kept.verdicts}
