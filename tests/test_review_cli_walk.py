@@ -484,3 +484,14 @@ def test_the_accuracy_change_interval_is_of_the_estimate_it_stands_beside(
     lo, hi = change["interval_90"]
     assert lo < change["estimate"] < hi
     assert abs((lo + hi) / 2 - change["estimate"]) < 0.25 * (hi - lo)
+
+
+def test_a_labels_line_with_expected_instead_of_correct_is_refused(tmp_path: Path,
+                                                                   suite: Path) -> None:
+    """A person filling NEEDS.jsonl with ``"expected": "B"`` (a suite case's key) had the line
+    skipped as "not labelled yet", silently."""
+    labels = tmp_path / "NEEDS.jsonl"
+    labels.write_text(json.dumps({"id": "q200", "expected": "B"}) + "\n")
+    code, _out, err = _run(["tune", str(suite), "--labels", str(labels), "--router", "off",
+                            "--out", str(tmp_path / "TUNED.toml")])
+    assert code == 2 and "q200" in err and '"correct"' in err, err

@@ -315,6 +315,10 @@ def read_labels(rows: Sequence[Mapping[str, Any]], source: str = ""
     out: dict[str, dict[str, bool]] = {}
     for row in rows:
         c = row.get("correct")
+        if c is None and row.get("expected") is not None:  # a suite case's key, not a label's
+            raise ConfigError(f"the line of case {row.get('id')!r} gives \"expected\"; a label "
+                              "is \"correct\": {rung: true|false} for every rung (an expected "
+                              "answer goes in the suite's case)", source=source)
         if c is None:
             continue
         if "id" not in row:
