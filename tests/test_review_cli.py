@@ -489,3 +489,27 @@ def test_tune_out_elsewhere_warns_when_a_verifier_beside_the_config_would_not_lo
     code, _out, err = _run(["tune", str(suite), "--config", str(cfg), "--router", "off",
                             "--out", str(away)])
     assert code == 0 and "warning" in err and "walk26_checks:says_paris" in err, err
+
+
+@pytest.mark.parametrize(("grader", "expected"), [("numeric", "forty"), ("choice", 12),
+                                                  ("numeric", ["7", "seven"]),
+                                                  ("choice", ["B", ["C"]])])
+def test_an_expected_the_grader_can_never_match_is_refused(tmp_path: Path, grader: str,
+                                                           expected: Any) -> None:
+    """``"forty"`` under ``numeric`` graded every rung's answer wrong, silently."""
+    from cascade.errors import ConfigError
+    from cascade.suite import grade, load_cases
+
+    f = tmp_path / "cases.jsonl"
+    f.write_text(json.dumps({"id": "q1", "messages": [{"role": "user", "content": "?"}],
+                             "expected": expected, "grader": grader}) + "\n")
+    with pytest.raises(ConfigError) as ei:
+        load_cases(f)
+    assert ei.value.key == "expected" and f"{f}:1" in str(ei.value)
+    ok = tmp_path / "ok.jsonl"  # what these graders read is still taken
+    ok.write_text(json.dumps({"id": "n", "messages": [{"role": "user", "content": "?"}],
+                              "expected": ["1,234", 42], "grader": "numeric"}) + "\n" +
+                  json.dumps({"id": "c", "messages": [{"role": "user", "content": "?"}],
+                              "expected": "(c)", "grader": "choice"}) + "\n")
+    n, c = load_cases(ok)
+    assert grade(n, "It is 1234.") and grade(c, "C")

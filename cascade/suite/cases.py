@@ -108,6 +108,21 @@ def _check_schema(schema: Any, where: str) -> None:
 _CASE_KEYS = ("id", "messages", "expected", "grader", "tags", "metadata")
 
 
+def _check_gradable(expected: Any, grader: str, where: str) -> None:
+    """An ``expected`` the grader can read: ``"forty"`` under ``numeric`` (or ``12`` under
+    ``choice``) graded every answer wrong, silently."""
+    from cascade.text import NORMALISERS
+
+    norm = NORMALISERS[grader]
+    for exp in expected if isinstance(expected, list) else [expected]:
+        number = grader == "numeric" and isinstance(exp, (int, float)) and not isinstance(
+            exp, bool)
+        if not number and (isinstance(exp, (list, dict)) or norm(str(exp)) is None):
+            what = "a number" if grader == "numeric" else "an option letter (A, B, ...)"
+            raise ConfigError(f"expected {exp!r} is not {what}, so the {grader} grader "
+                              "could never match it", source=where, key="expected")
+
+
 def parse_case(obj: Mapping[str, Any], where: str) -> Case:
     for k in ("id", "messages"):
         if k not in obj:
@@ -119,6 +134,8 @@ def parse_case(obj: Mapping[str, Any], where: str) -> Case:
     grader = check_grader_name(obj.get("grader", "normalised"), where)
     if grader == "json_schema":
         _check_schema(obj.get("expected"), where)
+    if grader in ("numeric", "choice") and obj.get("expected") is not None:
+        _check_gradable(obj["expected"], grader, where)
     tags = obj.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise ConfigError("tags must be a list of strings", source=where, key="tags")
