@@ -28,11 +28,11 @@ from cascade.providers.base import Completion, ModelCall, rung_call, schema_inst
 from cascade.secrets import mask_credentials
 from cascade.store.base import AsyncBudgetStore
 from cascade.tokens import estimate_cost
-from cascade.trace import Attempt, Verdict
+from cascade.trace import Attempt, Status, Verdict
 from cascade.verify import BoundVerifier, Candidate, Verifier, VerifyContext, run_verifiers
 
-__all__ = ["Climb", "Money", "OnAttempt", "builtin_verifier", "record_call", "record_error",
-           "request_call"]
+__all__ = ["Climb", "Money", "OnAttempt", "builtin_verifier", "new_attempt", "record_call",
+           "record_error", "request_call"]
 
 OnAttempt = Callable[[Attempt], "Awaitable[None] | None"]
 """Called as each rung finishes (accepted, rejected, error, skipped, routed): progress."""
@@ -126,6 +126,14 @@ def _kept_note(kept: float, unanswered: Sequence[RungConfig]) -> str:
             f"{'it' if n == 1 else 'them'}")
 
 
+def new_attempt(i: int, rung: RungConfig, status: Status, note: str | None = None) -> Attempt:
+    """The attempt of rung ``i`` starting now; its endpoint is shown masked (a ``base_url``
+    may carry a proxy's credentials, and traces go to clients and the audit log)."""
+    return Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
+                   endpoint=mask_credentials(rung.base_url or ""), status=status, note=note,
+                   started_at=time.time())
+
+
 def request_call(rung: RungConfig, request: Request) -> ModelCall:
     """The call ``rung`` makes for ``request``: its messages and its structured output (the
     typed ``output_type``, else the JSON schema). The climb and a shadow check of the top rung
@@ -166,6 +174,13 @@ class Climb:
         return next(((i, sk) for i, sk in self.skipped
                      if i > above and sk.kind in ("cap", "budget")), None)
 
+    def cut_off(self, error_type: str, why: str) -> None:
+        """Mark the rung in flight when the climb was stopped from outside (the deadline, a
+        client gone, a shutdown) as failed for that reason."""
+        for a in self.attempts:
+            if a.status == "running":
+                a.status, a.error_type, a.error = "error", error_type, why
+
     def remaining_s(self) -> float | None:
         return None if self.deadline is None else self.deadline - self.clock()
 
@@ -199,10 +214,7 @@ class Climb:
 
     async def _routed(self, i: int, reason: str) -> None:
         rung = self.ladder.rung(i)
-        a = Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
-                    endpoint=mask_credentials(rung.base_url or ""), status="routed", note=reason,
-                    started_at=time.time())
-        self.attempts.append(a)
+        self.attempts.append(new_attempt(i, rung, "routed", note=reason))
         self.skipped.append((i, policy.Skip("router", reason)))
 
     def _skip(self, attempt: Attempt, skip: policy.Skip) -> None:
@@ -212,9 +224,7 @@ class Climb:
 
     async def _rung(self, i: int, rung: RungConfig) -> tuple[Attempt, Any] | None:
         """Try one rung. Returns (attempt, parsed) when its answer is accepted."""
-        attempt = Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
-                          endpoint=mask_credentials(rung.base_url or ""), status="running",
-                          started_at=time.time())
+        attempt = new_attempt(i, rung, "running")
         self.attempts.append(attempt)
         money = self.money
         estimate = await money.estimate(rung, self.request.messages, self.request.schema)

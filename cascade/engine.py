@@ -373,18 +373,14 @@ class Cascade:
                 accepted = await climb.run()
             except anyio.get_cancelled_exc_class() as e:
                 if scope is None or not scope.cancel_called:  # a client gone, a shutdown
-                    for a in climb.attempts:
-                        if a.status == "running":
-                            a.status, a.error_type = "error", "Cancelled"
-                            a.error = "the request was cancelled during this rung"
+                    climb.cut_off("Cancelled", "the request was cancelled during this rung")
                     # the observers (the audit line) get the trace and what it cost
                     e.answer = self._partial(climb, request, t0)  # type: ignore[attr-defined]
                 raise
         deadline_hit = scope is not None and scope.cancelled_caught
-        if deadline_hit and climb.attempts and climb.attempts[-1].status == "running":
-            a = climb.attempts[-1]
-            a.status, a.error_type = "error", "DeadlineExceeded"
-            a.error = f"the request's deadline of {timeout:g}s ran out during this rung"
+        if deadline_hit:
+            climb.cut_off("DeadlineExceeded",
+                          f"the request's deadline of {timeout:g}s ran out during this rung")
 
         chosen = accepted or climb.candidate
         if chosen is None:

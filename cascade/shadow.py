@@ -18,14 +18,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cascade.caller import EndpointCaller
-from cascade.climb import Money, record_call, record_error, request_call
+from cascade.climb import Money, new_attempt, record_call, record_error, request_call
 from cascade.config import RungConfig
 from cascade.drift import DriftMonitor
 from cascade.errors import BudgetExceeded, ProviderError
 from cascade.ladder import Ladder
 from cascade.messages import Request
 from cascade.providers.base import Completion
-from cascade.secrets import mask_credentials
 from cascade.syncloop import LoopThread
 from cascade.trace import Attempt
 from cascade.verify import BoundVerifier, Candidate, VerifyContext, run_verifiers
@@ -118,9 +117,7 @@ class Shadows:
         top_i = len(cfg.rungs) - 1
         top = cfg.rungs[top_i]
         accepted = job.accepted
-        attempt = Attempt(rung=top_i, model=top.model, provider=top.provider, name=top.label,
-                          endpoint=mask_credentials(top.base_url or ""), status="shadow",
-                          started_at=time.time())
+        attempt = new_attempt(top_i, top, "shadow")
         t0 = time.monotonic()
         agreed: bool | None = None
         try:
