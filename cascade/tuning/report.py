@@ -23,37 +23,35 @@ def _interval(samples: FloatArray) -> list[float]:
     return [float(lo), float(hi)]
 
 
+def _resampled_means(rng: np.random.Generator, b: int, *arrays: FloatArray | BoolArray
+                     ) -> list[FloatArray]:
+    """The means of ``b`` bootstrap resamples of the cases, one array of them per input (the
+    same resampled cases for every input), drawn in chunks to bound the index matrix."""
+    n = arrays[0].size
+    chunk = max(1, min(b, 4_000_000 // max(n, 1)))
+    out: list[list[FloatArray]] = [[] for _ in arrays]
+    for start in range(0, b, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, b - start), n))
+        for means, x in zip(out, arrays, strict=True):
+            means.append(x[idx].mean(1))
+    return [np.concatenate(means) for means in out]
+
+
 def _bootstrap_stats(right: BoolArray, cost: FloatArray, ref_right: BoolArray,
                      ref_cost: FloatArray, rng: np.random.Generator, b: int = 1000
                      ) -> dict[str, list[float]]:
-    n = right.size
-    chunk = max(1, min(b, 4_000_000 // max(n, 1)))
-    acc, cst, dacc, save = [], [], [], []
-    for start in range(0, b, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, b - start), n))
-        a = right[idx].mean(1)
-        c = cost[idx].mean(1)
-        ra = ref_right[idx].mean(1)
-        rc = ref_cost[idx].mean(1)
-        acc.append(a)
-        cst.append(c)
-        dacc.append(a - ra)
-        save.append(1 - c / np.where(rc > 0, rc, np.nan))
+    a, c, ra, rc = _resampled_means(rng, b, right, cost, ref_right, ref_cost)
     return {
-        "accuracy": _interval(np.concatenate(acc)),
-        "mean_cost_usd": _interval(np.concatenate(cst)),
-        "accuracy_change": _interval(np.concatenate(dacc)),
-        "cost_saving": _interval(np.nan_to_num(np.concatenate(save))),
+        "accuracy": _interval(a),
+        "mean_cost_usd": _interval(c),
+        "accuracy_change": _interval(a - ra),
+        "cost_saving": _interval(np.nan_to_num(1 - c / np.where(rc > 0, rc, np.nan))),
     }
 
 
 def _mean_interval(x: FloatArray, rng: np.random.Generator, b: int = 1000) -> list[float]:
     """The bootstrap 90% interval of ``x``'s mean."""
-    n = x.size
-    chunk = max(1, min(b, 4_000_000 // max(n, 1)))
-    means = [x[rng.integers(0, n, size=(min(chunk, b - start), n))].mean(1)
-             for start in range(0, b, chunk)]
-    return _interval(np.concatenate(means)) if n else [0.0, 0.0]
+    return _interval(_resampled_means(rng, b, x)[0]) if x.size else [0.0, 0.0]
 
 
 def _pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
