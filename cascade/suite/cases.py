@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ from cascade.errors import ConfigError
 from cascade.messages import Message, normalise_messages
 from cascade.suite.grading import check_grader_name
 
-__all__ = ["RECORDINGS_FILE", "Case", "load_cases", "parse_case", "read_jsonl", "suite_files"]
+__all__ = ["RECORDINGS_FILE", "Case", "load_cases", "parse_case", "read_jsonl", "suite_files",
+           "unique_cases"]
 
 RECORDINGS_FILE = "recordings.jsonl"
 
@@ -148,19 +149,25 @@ def parse_case(obj: Mapping[str, Any], where: str) -> Case:
                 source=where)
 
 
+def unique_cases(cases: Iterable[Case], hint: str = "") -> list[Case]:
+    """``cases`` as a list, refusing an id seen before (labels and recordings are keyed by
+    id: a repeat would count one case's evidence twice)."""
+    out: list[Case] = []
+    seen: dict[str, str] = {}
+    for case in cases:
+        if case.id in seen:
+            raise ConfigError(f"case id {case.id!r} repeats (first at {seen[case.id]}{hint})",
+                              source=case.source)
+        seen[case.id] = case.source
+        out.append(case)
+    return out
+
+
 def load_cases(path: str | os.PathLike[str]) -> list[Case]:
     """Read a suite: every ``*.jsonl`` of a folder (but the recordings) or one file."""
     p = Path(path)
-    cases: list[Case] = []
-    seen: dict[str, str] = {}
-    for f in suite_files(p):
-        for i, obj in read_jsonl(f):
-            case = parse_case(obj, f"{f}:{i}")
-            if case.id in seen:
-                raise ConfigError(f"case id {case.id!r} repeats (first at {seen[case.id]})",
-                                  source=f"{f}:{i}")
-            seen[case.id] = case.source
-            cases.append(case)
+    cases = unique_cases(parse_case(obj, f"{f}:{i}") for f in suite_files(p)
+                         for i, obj in read_jsonl(f))
     if not cases:
         raise ConfigError("the suite holds no cases", source=str(p))
     return cases

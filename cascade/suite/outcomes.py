@@ -30,7 +30,7 @@ import numpy.typing as npt
 from cascade.config import CascadeConfig, RungConfig, VerifierConfig
 from cascade.errors import ConfigError
 from cascade.messages import Message, normalise_messages
-from cascade.suite.cases import Case, load_cases, read_jsonl
+from cascade.suite.cases import Case, load_cases, read_jsonl, unique_cases
 from cascade.suite.grading import GRADER_NORMALISER, grade
 from cascade.suite.recordings import RecordingStore, answer_call
 
@@ -596,17 +596,10 @@ def load_outcome_table(paths: Iterable[str | os.PathLike[str]],
         from cascade.defaults import resolve_config
 
         config = resolve_config()  # the ladder `cascade record` used when given no --config
-    cases: list[Case] = []
-    seen: dict[str, str] = {}
+    cases = unique_cases((c for p in ps for c in load_cases(p)),  # across the suites too
+                         "; a suite given twice, or two cases with one id")
     recs = RecordingStore()
     for p in ps:
-        for case in load_cases(p):  # each suite checks its own; across suites, here
-            if case.id in seen:
-                raise ConfigError(f"case id {case.id!r} repeats (first at {seen[case.id]}; a "
-                                  "suite given twice, or two cases with one id)",
-                                  source=case.source)
-            seen[case.id] = case.source
-            cases.append(case)
         for rec in RecordingStore.for_suite(p):
             recs.remember(rec)
     return table_from_recordings(cases, recs, config, source=", ".join(map(str, ps)))
