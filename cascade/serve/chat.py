@@ -34,6 +34,7 @@ from cascade.serve.config import ClientConfig
 from cascade.serve.errors import (
     APIError,
     counting_refusals,
+    cut_by_shutdown,
     from_exception,
     parse_body,
     read_body,
@@ -257,29 +258,11 @@ async def answer_request(service: Service, request: Request, *,
     except Exception as e:
         raise wire_error(e) from None
     except anyio.get_cancelled_exc_class() as e:
-        if _SHUTDOWN_CANCEL not in str(e):
+        if not cut_by_shutdown(e):
             raise
-        raise _cut_by_shutdown(e, service.name) from None  # in the endpoint's wire format
+        raise wire_error(e) from None  # a 503 in the endpoint's wire format, with the trace
     return Response(to_json(reply(answer)), media_type="application/json",
                     headers=answer_headers(answer))
-
-
-_SHUTDOWN_CANCEL = "timeout graceful shutdown exceeded"
-"""What uvicorn's cancel of the requests still running at the end of its drain says."""
-
-
-def _cut_by_shutdown(e: BaseException, ladder: str) -> APIError:
-    """The response to a request the server's drain timeout cut off: a 503 with the trace and
-    what the climb cost, instead of uvicorn's bare 500, which the SDKs retry (paying the
-    climb again); uvicorn does not wait for the task, so answering here is all it does."""
-    traced = getattr(e, "answer", None)
-    api = APIError(503, "the server shut down before the answer (what the climb cost so far "
-                   "is in x-cascade-cost-usd)", type="server_error", code="server_shutting_down",
-                   headers={"x-should-retry": "false"},
-                   trace=trace_of(traced, ladder) if isinstance(traced, Answer) else None)
-    if isinstance(traced, Answer):
-        api.headers.update(answer_headers(traced))
-    return api
 
 
 def to_json(model: BaseModel) -> str:

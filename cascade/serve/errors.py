@@ -7,6 +7,7 @@ retried and failed over inside, and an SDK retrying a no-answer would pay for th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -27,8 +28,8 @@ from cascade.errors import (
 )
 from cascade.serve.protocol import CascadeTrace, ErrorBody, ErrorResponse
 
-__all__ = ["APIError", "counting_refusals", "from_exception", "parse_body", "read_body",
-           "refusal_reason"]
+__all__ = ["APIError", "counting_refusals", "cut_by_shutdown", "from_exception", "parse_body",
+           "read_body", "refusal_reason"]
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -82,11 +83,25 @@ class APIError(Exception):
         return JSONResponse(self.payload(), status_code=self.status, headers=self.headers)
 
 
+_SHUTDOWN_CANCEL = "timeout graceful shutdown exceeded"
+"""What uvicorn's cancel of the requests still running at the end of its drain says."""
+
+
+def cut_by_shutdown(e: BaseException) -> bool:
+    """Whether ``e`` is uvicorn cancelling a request its drain timeout ran out on (uvicorn
+    does not wait for the task, so the request can still answer, and should)."""
+    return isinstance(e, asyncio.CancelledError) and _SHUTDOWN_CANCEL in str(e)
+
+
 def from_exception(e: BaseException, trace: CascadeTrace | None = None) -> APIError:
     """The wire error for anything the climb raised."""
     no_retry = {"x-should-retry": "false"}
     if isinstance(e, APIError):
         return e
+    if cut_by_shutdown(e):  # not uvicorn's bare 500, which the SDKs retry, paying again
+        return APIError(503, "the server shut down before the answer (what the climb cost so "
+                        "far is in x-cascade-cost-usd)", type="server_error",
+                        code="server_shutting_down", headers=no_retry, trace=trace)
     if isinstance(e, ConfigError):
         return APIError(400, e.detail, param=e.key)
     if isinstance(e, BudgetExceeded):
