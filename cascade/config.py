@@ -18,7 +18,7 @@ from typing import Any
 
 from cascade.errors import ConfigError
 from cascade.prices import lookup_price
-from cascade.secrets import check_env_name, mask_credentials
+from cascade.secrets import check_env_name, has_userinfo, mask_credentials
 from cascade.settings import (
     DEFAULT_MAX_REPLY_BYTES,
     STRUCTURED_OUTPUTS,
@@ -255,7 +255,7 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
                           key=prefix + "base_url")
     if rung.base_url and rung.provider in _HTTP_KINDS:
         _check_url(rung.base_url, source, prefix + "base_url")
-        if rung.transport == "aiohttp" and "@" in urllib.parse.urlsplit(rung.base_url).netloc:
+        if rung.transport == "aiohttp" and has_userinfo(rung.base_url):
             raise ConfigError("is 'aiohttp', which refuses the user info in base_url beside "
                               "the SDK's Authorization header (every call would fail): use "
                               "'auto' or 'httpx'", source=source, key=prefix + "transport")

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from cascade.errors import ConfigError
 from cascade.settings import VENDOR_KEY_ENVS, CascadeConfig
 
-__all__ = ["REDACTED", "Redactor", "check_env_name", "mask_credentials", "secret_envs_of",
-           "secret_forms"]
+__all__ = ["REDACTED", "Redactor", "check_env_name", "has_userinfo", "mask_credentials",
+           "secret_envs_of", "secret_forms"]
 
 REDACTED = "[redacted]"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -28,6 +28,11 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s|]*@")
 _QUERY_VALUE = re.compile(r"([?&][^=&#\s|]*=)[^&#\s|]*")
+
+
+def has_userinfo(url: str) -> bool:
+    """Whether ``url`` carries ``user:password@`` (a basic-auth proxy's credentials)."""
+    return "@" in urllib.parse.urlsplit(url).netloc
 
 
 def mask_credentials(text: str) -> str:

@@ -16,7 +16,6 @@ on an asyncio loop (aiohttp has no trio) and with no proxy in the environment (h
 from __future__ import annotations
 
 import logging
-import urllib.parse
 import urllib.request
 from types import ModuleType
 from typing import Any, TypedDict
@@ -25,6 +24,7 @@ import httpx2
 import sniffio
 
 from cascade.errors import ConfigError, ReplyTooLarge
+from cascade.secrets import has_userinfo
 
 __all__ = ["capped_client", "pick_transport"]
 
@@ -104,7 +104,7 @@ def pick_transport(setting: str, *, rung: str, base_url: str | None = None) -> s
     ``base_url`` with user info (a basic-auth proxy's) needs httpx: aiohttp refuses it beside
     the SDK's Authorization header, on every call (the config refuses that pair)."""
     on_asyncio = sniffio.current_async_library() == "asyncio"
-    userinfo = bool(base_url) and "@" in urllib.parse.urlsplit(base_url or "").netloc
+    userinfo = bool(base_url) and has_userinfo(base_url or "")
     if setting == "aiohttp" and not on_asyncio:
         raise ConfigError(f"is 'aiohttp', which needs an asyncio event loop and this call runs "
                           f"on {sniffio.current_async_library()}: use 'auto' or 'httpx'",
