@@ -12,14 +12,17 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import numpy as np
 import pytest
+from starlette.applications import Starlette
 
 from cascade.messages import Message
 from cascade.routing.model import fit_model
@@ -277,3 +280,38 @@ def test_a_worker_that_cannot_start_even_on_the_last_good_config_is_respawned_sl
             time.sleep(0.1)
     finally:
         stop(proc)
+
+
+@asynccontextmanager
+async def _lifespan_fails(app: Starlette) -> AsyncIterator[None]:
+    raise RuntimeError("the lifespan of this app always fails")
+    yield  # pragma: no cover
+
+
+lifespan_fails = Starlette(lifespan=_lifespan_fails)
+"""An app whose workers all fail before serving, imported by the supervisor's workers."""
+
+
+def test_a_supervisor_whose_workers_fail_to_start_exits_2_as_one_worker_does(
+        tmp_path: Path) -> None:
+    """A worker whose lifespan fails exits with uvicorn's start-up failure code; uvicorn then
+    stops the other workers and returns as it does after a SIGTERM. ``--workers 1`` exits 2
+    (could not start) for it; the supervisor exited 0, as if all had gone well."""
+    script = tmp_path / "supervise.py"
+    script.write_text(f"""
+import sys, uvicorn
+from cascade.serve.cli import _serving, _supervise
+class NoFile:
+    def refresh(self): pass
+    def follow(self): pass
+if __name__ == "__main__":  # the workers are spawned: they import this file
+    config = uvicorn.Config("tests.test_serve_respawn:lifespan_fails", host="127.0.0.1",
+                            port={free_port()}, workers=2, lifespan="on", log_level="warning")
+    sys.exit(_serving(lambda: _supervise(config, NoFile())))
+""")
+    root = str(Path(__file__).parent.parent)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": root})
+    assert "the lifespan of this app always fails" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "the server could not start" in proc.stderr

@@ -354,7 +354,12 @@ def _supervise(config: Any, last_good: LastGood) -> None:
                                 now - (started or now), n, wait)
             return now < self.due[slot]
 
-    Workers(config, sockets=[tcp_listener(config.bind_socket())]).run()
+    workers = Workers(config, sockets=[tcp_listener(config.bind_socket())])
+    workers.run()
+    if any(w.process.exitcode == STARTUP_FAILURE for w in workers.processes):
+        # uvicorn stops every worker when one fails before serving (its lifespan raised) and
+        # returns as from a SIGTERM; exit as ``--workers 1`` does, not 0
+        raise SystemExit(STARTUP_FAILURE)
 
 
 def forget_workers(pids: Iterable[int | None]) -> None:
