@@ -112,6 +112,30 @@ def test_rate_limit_is_a_429_with_retry_after(
     assert other.status_code == 200
 
 
+def test_the_rate_limit_counts_answers_not_model_listings_or_feedback(
+        tmp_path: Path, openai_server: LoopbackServer, keys: None) -> None:
+    """A client that lists the models at start and sends feedback on each answer got a third
+    of the answers a minute it was given: every endpoint took from its bucket."""
+    openai_server.script(echo_handler(refuse=()))
+    cfg = ladder(tmp_path, openai_server.base_url,
+                 server={"clients": _clients(rate_limit_rpm=2),
+                         "audit_log": str(tmp_path / "audit.jsonl")})
+    auth = {"authorization": f"Bearer {KEY_A}"}
+    with serving(create_app(cfg)) as url:
+        codes = []
+        for _ in range(2):
+            assert httpx.get(f"{url}/v1/models", headers=auth).status_code == 200
+            answer = _post(url, KEY_A)
+            codes.append(answer.status_code)
+            feedback = httpx.post(f"{url}/v1/feedback", headers=auth, json={
+                "request_id": answer.headers["x-cascade-request-id"], "correct": True})
+            assert feedback.status_code == 200
+        codes.append(_post(url, KEY_A).status_code)
+        wrong = httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer wrong"})
+    assert codes == [200, 200, 429]
+    assert wrong.status_code == 401  # the key is still checked
+
+
 @pytest.mark.parametrize(("server", "key", "fragment"), [
     ({"nmae": "x"}, "server.nmae", "unknown key"),
     ({"name": 3}, "server.name", "must be a string"),

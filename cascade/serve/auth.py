@@ -60,9 +60,14 @@ class Authenticator:
     def required(self) -> bool:
         return bool(self._keys)
 
-    def client_for(self, headers: Mapping[str, str]) -> ClientConfig | None:
+    def client_for(self, headers: Mapping[str, str], *,
+                   answers: bool = True) -> ClientConfig | None:
         """The client whose key is the bearer token (else ``x-api-key``); raises a 401
-        ``APIError`` otherwise, and a 429 when that client is over its rate limit."""
+        ``APIError`` otherwise, and a 429 when that client is over its rate limit.
+
+        The limit counts answers only: ``answers=False`` (``/v1/models``, ``/v1/feedback``,
+        which cost nothing) checks the key without taking from it, so a client that sends
+        feedback on each answer still gets the answers per minute it was given."""
         if not self._keys:
             return None
         auth = headers.get("authorization", "")
@@ -82,7 +87,7 @@ class Authenticator:
         if found is None:
             raise APIError(401, "invalid key", type="invalid_request_error",
                            code="invalid_api_key", headers=_UNAUTHORISED)
-        limiter = self._limits.get(found.name)
+        limiter = self._limits.get(found.name) if answers else None
         if limiter is not None:
             wait = limiter.take()
             if wait > 0:
