@@ -80,7 +80,7 @@ def test_each_client_draws_on_its_own_budget_and_cap(
     cfg = ladder(tmp_path, openai_server.base_url, models=("small",),
                  server={"clients": clients}, budget={"limit_usd": 0.0011})
     with serving(create_app(cfg)) as url:
-        codes = []
+        codes: list[int] = []
         while 429 not in codes and len(codes) < 30:
             codes.append(_post(url, KEY_A).status_code)
         refused = _post(url, KEY_A)
