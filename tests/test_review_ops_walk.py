@@ -225,6 +225,78 @@ def test_a_request_cut_by_the_drain_timeout_is_a_503_with_its_cost_not_a_bare_50
     assert line["trace"]["attempts"][0]["error_type"] == "Cancelled"
 
 
+def test_a_stream_cut_by_the_drain_timeout_ends_with_an_error_event_not_a_broken_read(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """A stream already begun (its first rung escalated) when ``shutdown_timeout_s`` runs out
+    on the slow second rung: the connection was closed mid-body, and the SDK raised a bare
+    transport error (``incomplete chunked read``), which reads as a network fault to retry."""
+    import signal
+    import time
+
+    import openai
+
+    from tests.loopback import free_port
+    from tests.serve_kit import echo_handler, start_serve, wait_ready
+
+    slow = echo_handler(refuse=("small",), delay_s=8.0)
+    fast = echo_handler(refuse=("small",))
+    openai_server.script(lambda req: (slow if req.json["model"] == "big" else fast)(req))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cfg = tmp_path / "cascade.toml"
+    cfg.write_text("".join(f"""
+[[rungs]]
+model = "{m}"
+provider = "openai-compatible"
+base_url = "{openai_server.base_url}"
+timeout_s = 20
+input_usd_per_mtok = 0.1
+output_usd_per_mtok = 0.2
+""" for m in ("small", "big")) + """
+[[verifiers]]
+name = "refusal"
+
+[cache]
+enabled = false
+
+[server]
+shutdown_timeout_s = 0.5
+""")
+    proc = start_serve(cfg, port)
+    seen: dict[str, Any] = {}
+    try:
+        wait_ready(url, proc)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        def read() -> None:
+            try:
+                for chunk in client.chat.completions.create(
+                        model="cascade", stream=True,
+                        messages=[{"role": "user", "content": "slow one"}]):
+                    seen.setdefault("chunks", []).append(chunk)
+            except Exception as e:
+                seen["error"] = e
+
+        t = threading.Thread(target=read)
+        t.start()
+        deadline = time.monotonic() + 10
+        while len(openai_server.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # the stream has begun: rung 0's progress comment went out
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        t.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    error = seen.get("error")
+    assert isinstance(error, openai.APIError), repr(error)
+    assert not isinstance(error, openai.APIConnectionError)
+    assert "shut down before the answer" in error.message
+    assert "chunks" not in seen  # no text of the refused rung, nor any other
+
+
 def test_a_request_in_flight_across_a_rename_is_counted_under_its_own_ladder(
         tmp_path: Path, openai_server: LoopbackServer) -> None:
     """Requests finish on the config they started on, but their metrics were labelled with the

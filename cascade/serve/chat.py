@@ -381,6 +381,10 @@ def _answer_chunks(answer: Answer, body: ChatCompletionRequest, ladder: str) -> 
     return out
 
 
+_SHUT_DOWN = APIError(503, "the server shut down before the answer (what the climb cost is in "
+                      "its audit line)", type="server_error", code="server_shutting_down")
+
+
 async def _sse(pending: list[ClimbEvent], events: MemoryObjectReceiveStream[ClimbEvent],
                render: Render, on_answer: Callable[[], None] = lambda: None
                ) -> AsyncIterator[bytes]:
@@ -397,9 +401,18 @@ async def _sse(pending: list[ClimbEvent], events: MemoryObjectReceiveStream[Clim
                         yield b": keep-alive\n\n"
                         continue
                 except anyio.EndOfStream:
-                    yield render.error(APIError(503, "the server shut down before the answer",
-                                                type="server_error"))
+                    yield render.error(_SHUT_DOWN)
                     break
+                except anyio.get_cancelled_exc_class():
+                    # uvicorn's drain timeout cut the response (or the client left: then no
+                    # one reads this). Said in-band, as the 503 of a response not yet begun
+                    # says it: an SDK sees an error it does not retry, not a broken read. The
+                    # writes do not wait (uvicorn's send only waits on a full socket buffer),
+                    # so the cancellation is re-raised after them.
+                    yield render.error(_SHUT_DOWN)
+                    if render.done:
+                        yield render.done
+                    raise
             if kind == "attempt":
                 yield progress_comment(value)
                 continue
