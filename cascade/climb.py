@@ -378,6 +378,7 @@ def record_call(attempt: Attempt, result: CallResult,
     if result.failover_errors:
         attempt.error = redact("failed over: " + " | ".join(result.failover_errors))
     attempt.text = completion.text
+    attempt.response_model = completion.model or None
     attempt.finish_reason = completion.finish_reason
     attempt.stop_sequence = completion.stop_sequence
     attempt.input_tokens, attempt.output_tokens = completion.input_tokens, completion.output_tokens

@@ -7,17 +7,20 @@ spans are built after the answer is final and cost the climb nothing. Verifier v
 span events named ``cascade.verdict``; cost is the attribute ``cascade.cost_usd``. A rung that
 made no call (routed past, skipped for budget, deadline or cap) is no model-call span, which
 GenAI dashboards would count as a call: it is an event ``cascade.rung_not_called`` on the
-request span.
+request span. A shadow check's span (status ``shadow``), built when it finishes, is a child of
+its request's span.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 
 from cascade.messages import Request
 from cascade.trace import Answer, Attempt
@@ -29,6 +32,8 @@ COST_ATTRIBUTE = "cascade.cost_usd"
 
 _NOT_CALLED = frozenset({"routed", "skipped"})
 """Attempt statuses of rungs that made no model call."""
+_RECENT_SPANS = 4096
+"""Request spans remembered for their shadow checks (a check that finds none is a root)."""
 
 
 def _ns(seconds: float) -> int:
@@ -43,36 +48,49 @@ class Telemetry:
                  tracer_provider: trace.TracerProvider | None = None) -> None:
         self.ladder = ladder
         self._tracer = trace.get_tracer("cascade", tracer_provider=tracer_provider)
+        self._recent: OrderedDict[str, SpanContext] = OrderedDict()
+        self._lock = threading.Lock()
 
     def on_answer(self, request: Request, answer: Answer | None,
                   error: BaseException | None) -> None:
         traced = answer if answer is not None else getattr(error, "answer", None)
         attempts: Sequence[Attempt] = traced.attempts if isinstance(traced, Answer) else ()
         latency_s = (traced.latency_ms / 1000) if isinstance(traced, Answer) else 0.0
-        starts = [a.started_at for a in attempts if a.started_at]
-        start = min(starts) if starts and not (traced and traced.cache_hit) \
-            else time.time() - latency_s
+        # Called as the answer is final: the request span ends now and began ``latency``
+        # ago (building providers, the cache lookup and routing come before the first rung).
+        end = time.time()
+        cache_hit = isinstance(traced, Answer) and traced.cache_hit
+        calls = [] if cache_hit else [a for a in attempts if a.status not in _NOT_CALLED]
+        start = min([end - latency_s, *(a.started_at for a in calls if a.started_at)])
+        end = max([end, *(a.started_at + a.latency_ms / 1000 for a in calls if a.started_at)])
         ladder = str(request.metadata.get("ladder", self.ladder))
         span = self._tracer.start_span(
             f"chat {ladder}", kind=SpanKind.INTERNAL, start_time=_ns(start),
             attributes={"gen_ai.operation.name": "chat", "gen_ai.request.model": ladder})
+        # a request refused before any call still joins its 429 and its audit line
+        rid = request.id or (traced.request_id if isinstance(traced, Answer) else "") or str(
+            getattr(error, "request_id", None) or "")
+        if rid:
+            span.set_attribute("cascade.request_id", rid)
+        span.set_attributes({COST_ATTRIBUTE: 0.0, "cascade.verified": False})
         if isinstance(traced, Answer):
             if traced.model:  # no answer (an error): no response model, not ""
-                span.set_attribute("gen_ai.response.model", traced.model)
+                accepted = next((a for a in attempts if a.status == "accepted"), None)
+                span.set_attribute("gen_ai.response.model", (
+                    accepted.response_model if accepted is not None else None) or traced.model)
             span.set_attributes({
+                # every call made for it, paid verifiers too: what the wire's usage says
                 "gen_ai.usage.input_tokens": traced.input_tokens,
                 "gen_ai.usage.output_tokens": traced.output_tokens,
                 COST_ATTRIBUTE: traced.cost_usd,
                 "cascade.verified": answer is not None and answer.verified,
                 "cascade.cache_hit": traced.cache_hit,
-                "cascade.request_id": traced.request_id or str(
-                    getattr(error, "request_id", "")),
             })
         if error is not None:
             span.set_attribute("error.type", type(error).__name__)
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         try:
-            if not (isinstance(traced, Answer) and traced.cache_hit):
+            if not cache_hit:
                 parent = trace.set_span_in_context(span)
                 for a in attempts:
                     if a.status in _NOT_CALLED:
@@ -84,15 +102,28 @@ class Telemetry:
                     else:
                         self._attempt_span(a, parent=parent)
         finally:  # a request span left open is never exported
-            span.end(end_time=_ns(start + latency_s))
+            span.end(end_time=_ns(end))
+            if rid:
+                self._remember(rid, span.get_span_context())
+
+    def _remember(self, request_id: str, context: SpanContext) -> None:
+        """Keep the request span's context a while, for its shadow check (which finishes
+        later, on another thread) to be its child; the oldest are dropped past a bound."""
+        with self._lock:
+            self._recent[request_id] = context
+            while len(self._recent) > _RECENT_SPANS:
+                self._recent.popitem(last=False)
 
     def on_shadow(self, request: Request, accepted: Attempt, shadow: Attempt,
                   agreed: bool | None) -> None:
-        span = self._attempt_span(shadow, parent=None, end=False)
+        with self._lock:
+            context = self._recent.pop(request.id, None) if request.id else None
+        parent = None if context is None else trace.set_span_in_context(
+            NonRecordingSpan(context))
+        span = self._attempt_span(shadow, parent=parent, end=False)
         span.set_attribute("cascade.shadow.of_rung", accepted.name or accepted.model)
-        rid = request.metadata.get("request_id")
-        if isinstance(rid, str):
-            span.set_attribute("cascade.request_id", rid)
+        if request.id:
+            span.set_attribute("cascade.request_id", request.id)
         if agreed is not None:
             span.set_attribute("cascade.shadow.agreed", agreed)
         span.end(end_time=_ns((shadow.started_at or time.time()) + shadow.latency_ms / 1000))
@@ -115,7 +146,7 @@ class Telemetry:
                 "cascade.status": a.status,
             })
         if a.status in ("accepted", "rejected", "shadow"):  # a reply came back
-            span.set_attribute("gen_ai.response.model", a.model)
+            span.set_attribute("gen_ai.response.model", a.response_model or a.model)
         for v in a.verdicts:
             attrs: dict[str, str | bool | float] = {
                 "cascade.verifier": v.verifier, "cascade.verdict.passed": v.passed,

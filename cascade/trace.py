@@ -79,6 +79,8 @@ class Attempt:
     """Why the climb went this way here: the router's reason, a load-aware endpoint choice."""
     started_at: float = 0.0
     """Wall-clock time (Unix seconds) the rung started: spans and audit lines are placed by it."""
+    response_model: str | None = None
+    """The model the server said answered (e.g. a dated snapshot of ``model``), when it said."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: [v.to_dict() for v in self.verdicts] if k == "verdicts" else getattr(self, k)
@@ -116,11 +118,20 @@ class Answer:
 
     @property
     def input_tokens(self) -> int:
-        return sum(a.input_tokens for a in self.attempts)
+        """Input tokens of every call made for this request: each rung's and each paid
+        verifier's (a judge); 0 on a cache hit, which called nothing."""
+        if self.cache_hit:
+            return 0
+        return sum(a.input_tokens + sum(v.input_tokens for v in a.verdicts)
+                   for a in self.attempts)
 
     @property
     def output_tokens(self) -> int:
-        return sum(a.output_tokens for a in self.attempts)
+        """Output tokens, counted as :attr:`input_tokens` are."""
+        if self.cache_hit:
+            return 0
+        return sum(a.output_tokens + sum(v.output_tokens for v in a.verdicts)
+                   for a in self.attempts)
 
     def to_dict(self) -> dict[str, Any]:
         parsed = self.parsed

@@ -86,10 +86,7 @@ def trace_of(answer: Answer, ladder: str) -> CascadeTrace:
 
 def usage_of(answer: Answer) -> Usage:
     """Tokens of every call made for this request: rungs, verifiers, shadow; none on a hit."""
-    if answer.cache_hit:
-        return Usage()
-    p = sum(a.input_tokens + sum(v.input_tokens for v in a.verdicts) for a in answer.attempts)
-    c = sum(a.output_tokens + sum(v.output_tokens for v in a.verdicts) for a in answer.attempts)
+    p, c = answer.input_tokens, answer.output_tokens
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
