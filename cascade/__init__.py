@@ -6,6 +6,7 @@ with no config, the embedded local ladder. For repeated use, build a :class:`Cas
 
 from __future__ import annotations
 
+import atexit as _atexit
 import threading as _threading
 from collections.abc import Mapping as _Mapping
 from collections.abc import Sequence as _Sequence
@@ -101,6 +102,9 @@ def _default_cascade() -> Cascade:
     with _default_lock:
         if _default is None:
             _default = Cascade.default()
+            # nothing else closes it: its connections (aiohttp's sessions) would be left for
+            # the interpreter's exit, which warns "Unclosed client session" on stderr
+            _atexit.register(_default.close)
         return _default
 
 

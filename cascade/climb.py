@@ -298,8 +298,9 @@ class Climb:
         finally:
             kept = await money.settle(reservation, actual, estimate=estimate,
                                       unanswered=unanswered)
-            if kept:
-                attempt.note = _kept_note(kept, unanswered)
+            if kept:  # beside the load-aware choice's note, if any, not over it
+                attempt.note = "; ".join(
+                    n for n in (attempt.note, _kept_note(kept, unanswered)) if n)
             if attempt.status == "running":  # cut off (the deadline, a client gone, a
                 # shutdown): what went out is in the trace as it is in the budget
                 attempt.tries = max(attempt.tries, len(unanswered))

@@ -1,0 +1,77 @@
+"""The reliability layer as a user configures it, from a black-box walk of the README's
+"Providers" and "Reliability": notes in the trace that must not overwrite each other, and the
+module-level ``cascade.answer`` leaving nothing unclosed at exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cascade import Cascade, parse_config
+from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_reply
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_kept_estimate_note_goes_beside_the_load_aware_choices_not_over_it(
+        tmp_path: Path) -> None:
+    """README: the trace's note says when the order of endpoints changed and why, and what a
+    try that got no reply kept. With both in one attempt only the second was left."""
+
+    def first(req: RecordedRequest) -> Reply:
+        return openai_reply("A", model=req.json["model"])
+
+    def late(req: RecordedRequest) -> Reply:
+        return openai_reply("B late", model=req.json["model"], delay_s=2.0)
+
+    with LoopbackServer("openai") as a, LoopbackServer("openai") as b:
+        a.script(first)
+        b.script(late)
+        rung = {"model": "m", "provider": "openai-compatible", "base_url": a.base_url,
+                "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0, "timeout_s": 0.5,
+                "fallbacks": [{"base_url": b.base_url}]}
+        cfg = parse_config({"rungs": [rung], "verifiers": [], "cache": {"enabled": False},
+                            "retry": {"max_attempts": 1},
+                            "budget": {"limit_usd": 5, "period_s": 86400}},
+                           source=str(tmp_path / "cascade.toml"))
+        with Cascade(cfg) as c:
+            c.answer("warm A", cache=False)  # A has a latency, B none: B is tried first
+            answer = c.answer("q", cache=False, metadata={"budget_key": "k"})
+    [attempt] = answer.attempts
+    assert attempt.text == "A" and b.requests  # B timed out, then A answered
+    note = attempt.note or ""
+    assert "sent without a reply" in note, note  # what the timed-out try kept
+    assert note.startswith(f"load-aware: {b.base_url} first"), note  # and why the order changed
+
+
+@pytest.mark.parametrize("how", ["env", "config"])
+def test_the_module_level_answer_closes_its_connections_at_exit(
+        tmp_path: Path, openai_server: LoopbackServer, how: str) -> None:
+    """README's one-liner ``cascade.answer(...)`` in a script left aiohttp's sessions for the
+    interpreter's exit: "Unclosed client session" on stderr of every such script."""
+    openai_server.script(lambda req: openai_reply("Paris", model=req.json["model"]))
+    cfg = tmp_path / "cascade.toml"
+    cfg.write_text(f"""
+[[rungs]]
+model = "small"
+provider = "openai-compatible"
+base_url = "{openai_server.base_url}"
+input_usd_per_mtok = 1
+output_usd_per_mtok = 2
+
+[cache]
+enabled = false
+""")
+    call = 'cascade.answer("hi").text' if how == "env" else (
+        f'cascade.answer("hi", config={str(cfg)!r}).text')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CASCADE_CONFIG": str(cfg)}
+    done = subprocess.run([sys.executable, "-W", "default", "-c",
+                           f"import cascade; print({call})"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Paris"
+    assert "Unclosed" not in done.stderr, done.stderr
