@@ -202,25 +202,58 @@ def _rejected_field(body: object, detail: str) -> str | None:
     return None
 
 
-_NOT_SENT = frozenset({"ConnectTimeout", "PoolTimeout", "ConnectionTimeoutError", "ConnectError",
-                       "ClientConnectorError", "ConnectionRefusedError", "UnsupportedProtocol",
-                       "ProxyError"})
-"""Failures before a request byte is sent: httpx's connect and pool timeouts and connect
-errors, and aiohttp's (which the SDK's aiohttp transport wraps in httpx's). A read error or a
-server that closed the connection (``ReadError``, ``RemoteProtocolError``) came after it."""
+_NOT_SENT = frozenset({"ConnectTimeout", "PoolTimeout", "ConnectError", "UnsupportedProtocol",
+                       "ProxyError", "ConnectionRefusedError"})
+"""Failures before a request byte is sent, by httpx (connect and pool timeouts, connect
+errors) or the socket (a refused connection). A read error or a server that closed the
+connection (``ReadError``, ``RemoteProtocolError``) came after it."""
+
+_AIOHTTP_NOT_SENT = frozenset({"ClientConnectorError", "ConnectionTimeoutError",
+                               "ServerFingerprintMismatch", "ClientHttpProxyError", "InvalidURL",
+                               "NonHttpUrlClientError"})
+"""aiohttp's failures before a request byte is sent, matched with their subclasses: connect
+(refused, DNS, TLS, proxy), connect timeout, certificate pin, proxy CONNECT refused, bad URL.
+Every other aiohttp error (``ServerDisconnectedError``, ``ClientPayloadError``, a
+``ClientOSError`` reset mid-read, a read timeout) came after the request was written. The
+SDKs' aiohttp clients wrap these in httpx classes that do not say which (Anthropic's calls any
+``ClientConnectionError`` a ``ConnectError``, OpenAI's a ``ConnectTimeout``), so the aiohttp
+error decides."""
+
+
+def _is_aiohttp(cls: type) -> bool:
+    """Whether ``cls`` is aiohttp's own (not a package named like it, such as aiohttp_retry)."""
+    return cls.__module__ == "aiohttp" or cls.__module__.startswith("aiohttp.")
+
+
+def _aiohttp_never_sent(exc: BaseException) -> str:
+    """The name of ``exc``'s connect-phase class, when it is one of :data:`_AIOHTTP_NOT_SENT`
+    (``ClientConnectorError`` subclasses ``ClientOSError``, so match by ancestry), or ""."""
+    for cls in type(exc).__mro__:
+        if _is_aiohttp(cls) and cls.__name__ in _AIOHTTP_NOT_SENT:
+            return type(exc).__name__
+    return ""
 
 
 def _never_sent(exc: BaseException) -> str:
     """The name of a connect-phase failure behind ``exc``, or "" (then it may have been
-    sent)."""
-    seen: BaseException | None = exc
-    for _ in range(6):
-        seen = seen.__cause__ or seen.__context__ if seen is not None else None
-        if seen is None:
-            return ""
-        if type(seen).__name__ in _NOT_SENT:
-            return type(seen).__name__
-        if isinstance(seen, RuntimeError) and "client has been closed" in str(seen):
+    sent). An aiohttp error in the chain decides: the httpx class it was wrapped in can claim
+    a connect error for a server that hung up after reading the request."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc.__cause__ or exc.__context__
+    while seen is not None and len(chain) < 6 and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for i, link in enumerate(chain):
+        if _is_aiohttp(type(link)):
+            if not _aiohttp_never_sent(link):
+                return ""
+            # the httpx wrapper's name, as the httpx client would give it (ConnectTimeout)
+            return next((type(w).__name__ for w in chain[:i] if type(w).__name__ in _NOT_SENT),
+                        type(link).__name__)
+    for link in chain:
+        if type(link).__name__ in _NOT_SENT:
+            return type(link).__name__
+        if isinstance(link, RuntimeError) and "client has been closed" in str(link):
             return "a closed client"  # httpx's: closed before the request was sent
     return ""
 

@@ -48,7 +48,7 @@ class _CapReads:
                    **kw: Any) -> httpx2.Response:
         try:
             return await self._read(request, stream, **kw)
-        except httpx2.TimeoutException as e:
+        except (httpx2.TimeoutException, httpx2.ConnectError) as e:
             honest = _not_a_timeout(e)
             if honest is None:
                 raise
@@ -77,11 +77,14 @@ class _CapReads:
                                history=response.history)
 
 
-def _not_a_timeout(e: httpx2.TimeoutException) -> httpx2.TransportError | None:
-    """What a lost aiohttp connection really was. The SDK's aiohttp client maps every
-    ``aiohttp.ClientConnectionError`` to httpx's ``ConnectTimeout``, so a refused connection or
-    a server that hung up would read "the request timed out"; httpx itself says ConnectError
-    or RemoteProtocolError, and so do we."""
+def _not_a_timeout(e: httpx2.TimeoutException | httpx2.ConnectError
+                   ) -> httpx2.TransportError | None:
+    """What a lost aiohttp connection really was. The SDKs' aiohttp clients map every
+    ``aiohttp.ClientConnectionError`` to one httpx class (OpenAI's to ``ConnectTimeout``,
+    Anthropic's to ``ConnectError``), so a refused connection would read "the request timed
+    out" and a server that hung up after reading the request "connection failed
+    (ConnectError)"; httpx itself says ConnectError or RemoteProtocolError, and so do we.
+    (Whether the request went out is read from the aiohttp error itself, in ``_common``.)"""
     cause = e.__cause__
     if cause is None or not type(cause).__module__.startswith("aiohttp"):
         return None
@@ -90,8 +93,10 @@ def _not_a_timeout(e: httpx2.TimeoutException) -> httpx2.TransportError | None:
     if not isinstance(cause, aiohttp.ClientConnectionError) or isinstance(
             cause, aiohttp.ServerTimeoutError):
         return None
-    kind = httpx2.ConnectError if isinstance(cause, aiohttp.ClientConnectorError) \
-        else httpx2.RemoteProtocolError
+    connect = isinstance(cause, aiohttp.ClientConnectorError)
+    if connect and isinstance(e, httpx2.ConnectError):
+        return None  # already what it was
+    kind = httpx2.ConnectError if connect else httpx2.RemoteProtocolError
     try:
         request: httpx2.Request | None = e.request
     except RuntimeError:  # raised outside a request's context: none to name
