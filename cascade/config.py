@@ -21,6 +21,7 @@ from cascade.prices import lookup_price
 from cascade.secrets import check_env_name, has_userinfo, mask_credentials
 from cascade.settings import (
     DEFAULT_MAX_REPLY_BYTES,
+    STRUCTURED_BY_KIND,
     STRUCTURED_OUTPUTS,
     TRANSPORTS,
     BreakerConfig,
@@ -156,9 +157,38 @@ def _check_rung(rung: RungConfig, source: str, prefix: str) -> None:
                               source=source, key=prefix + "base_url")
 
 
+def _check_kind(rung: RungConfig, d: Mapping[str, Any], source: str, prefix: str, *,
+                inherited: bool) -> None:
+    """What the rung's provider would refuse when built: at its first call, mid-request for a
+    fallback (a bare error, no failover). A fallback is checked after inheriting, so a value
+    valid for its rung's kind but not its own is named here, with the fix."""
+    def whence(k: str) -> str:
+        return (f" (inherited from the rung: set this fallback's own {k})"
+                if inherited and k not in d else "")
+
+    allowed = STRUCTURED_BY_KIND.get(rung.provider)
+    mode = rung.structured_output
+    if allowed is not None and mode is not None and mode not in allowed:
+        raise ConfigError(f"is {mode!r}{whence('structured_output')}, "
+                          f"which the {rung.provider} provider cannot send; allowed for "
+                          f"{rung.provider}: {', '.join(allowed)}", source=source,
+                          key=prefix + "structured_output")
+    if rung.provider == "local" and inherited and "model" not in d:
+        # A vendor rung's model name (gpt-4o-mini) is no local model. Only here: the local
+        # provider's module imports the OpenAI SDK (most of a second).
+        from cascade.providers.local import check_model_name
+
+        try:
+            check_model_name(rung.model)
+        except ConfigError as e:
+            raise ConfigError(e.detail + whence("model"), source=source,
+                              key=prefix + "model") from None
+
+
 def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = "rungs[0].",
                inherit: RungConfig | None = None) -> RungConfig:
-    """Build a rung from a TOML table, validating every key."""
+    """Build a rung from a TOML table, validating every key; with ``inherit``, one of that
+    rung's fallbacks, validated after inheriting as a rung of its own kind."""
     _expect(d, Mapping, "a table", source, prefix.rstrip("."))
     unknown = set(d) - _RUNG_KEYS
     if unknown:
@@ -166,6 +196,10 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
             f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_RUNG_KEYS)}",
             source=source, key=prefix + sorted(unknown)[0],
         )
+    if inherit is not None and "fallbacks" in d:
+        # Failover walks the rung's own list only: these would be validated, then never tried.
+        raise ConfigError("fallbacks do not nest: list every endpoint in the rung's own "
+                          "fallbacks", source=source, key=prefix + "fallbacks")
     if inherit is None and "model" not in d:
         raise ConfigError("is required (the model name to call)", source=source,
                           key=prefix + "model")
@@ -260,6 +294,7 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
                               "the SDK's Authorization header (every call would fail): use "
                               "'auto' or 'httpx'", source=source, key=prefix + "transport")
     _check_rung(rung, source, prefix)
+    _check_kind(rung, d, source, prefix, inherited=inherit is not None)
     # Priced before its fallbacks are read: they bill like the rung unless they say otherwise,
     # and a price from the built-in table is the rung's price too (not a silent $0).
     rung = _priced(rung, d, source, prefix, parent=inherit)
@@ -274,6 +309,26 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
 
 _FREE_KINDS = ("local",)
 """Provider kinds whose price is known to be zero: the model runs on this machine."""
+_PRICE_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok")
+
+
+def _half_priced(rung: RungConfig, given: str, source: str, prefix: str, *,
+                 parent: RungConfig | None) -> RungConfig:
+    """One price given: the other is the built-in table's for the model (a fallback of its
+    rung's own model keeps the rung's, as it inherits both). Anything else would be a silent
+    $0 on half the tokens, so the other must be given too."""
+    missing = _PRICE_KEYS[1 - _PRICE_KEYS.index(given)]
+    if parent is not None and rung.model == parent.model and parent.price_known:
+        return replace(rung, price=None)  # the other inherited with the rest of the rung
+    price = lookup_price(rung.model)
+    if price is not None:
+        other: dict[str, Any] = {missing: price[_PRICE_KEYS.index(missing)]}
+        return replace(rung, price=None, **other)
+    why = " and its rung's price is unknown" if parent is not None and (
+        rung.model == parent.model) else ""
+    raise ConfigError(f"is required with {given}: model {rung.model!r} is not in the built-in "
+                      f"price table (cascade/prices.py){why}, so nothing else gives it; set "
+                      "both (0 for a free endpoint)", source=source, key=prefix + missing)
 
 
 def _priced(rung: RungConfig, d: Mapping[str, Any], source: str, prefix: str, *,
@@ -281,8 +336,9 @@ def _priced(rung: RungConfig, d: Mapping[str, Any], source: str, prefix: str, *,
     """One rule: every rung has a price, from its config, the built-in table, or an explicit
     ``price = "unknown"``. A silent $0 would let every cap and budget pass unnoticed. A
     fallback (``parent`` given) bills like its rung unless it says otherwise, or names another
-    model that the table prices."""
-    explicit = "input_usd_per_mtok" in d or "output_usd_per_mtok" in d
+    model that the table prices. One price alone: see :func:`_half_priced`."""
+    given = [k for k in _PRICE_KEYS if k in d]
+    explicit = bool(given)
     if "price" in d:
         if d["price"] != "unknown":
             raise ConfigError(f"is {d['price']!r}; the only value is \"unknown\" (give a known "
@@ -293,6 +349,8 @@ def _priced(rung: RungConfig, d: Mapping[str, Any], source: str, prefix: str, *,
                               "output_usd_per_mtok given; keep one", source=source,
                               key=prefix + "price")
         return replace(rung, price="unknown", input_usd_per_mtok=0.0, output_usd_per_mtok=0.0)
+    if len(given) == 1:
+        return _half_priced(rung, given[0], source, prefix, parent=parent)
     if explicit:
         return replace(rung, price=None)
     price = lookup_price(rung.model)

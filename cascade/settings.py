@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 __all__ = [
     "DEFAULT_MAX_REPLY_BYTES",
+    "STRUCTURED_BY_KIND",
     "STRUCTURED_OUTPUTS",
     "TRANSPORTS",
     "VENDOR_KEY_ENVS",
@@ -38,6 +39,13 @@ STRUCTURED_OUTPUTS: tuple[str, ...] = (
     "json_schema", "json_object_schema", "json_object", "tools", "prompt",
 )
 """How a rung asks for structured output; the README's compatibility table says who takes which."""
+STRUCTURED_BY_KIND: Mapping[str, tuple[str, ...]] = {
+    "anthropic": ("json_schema", "tools", "prompt"),
+}
+"""The built-in kinds that take only some of :data:`STRUCTURED_OUTPUTS` (the messages API has
+no ``json_object``); their providers' ``structured_modes`` are these. Config refuses the others
+at load, a fallback's inherited mode too, rather than the provider at the first call
+(mid-request, for a fallback). Every other kind takes them all."""
 DEFAULT_MAX_REPLY_BYTES = 8 * 1024 * 1024
 VENDOR_KEY_ENVS: dict[str, str] = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 """The variable a vendor kind reads when its rung names none (and only for the vendor's own

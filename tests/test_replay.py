@@ -94,8 +94,9 @@ async def test_record_fills_only_what_is_missing_then_replays(tmp_path: Path) ->
     (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(
         {"id": f"q{i}", "messages": [{"role": "user", "content": f"q{i}"}], "expected": "x"})
         for i in range(3)) + "\n")
-    cfg = parse_config({"rungs": [{"model": "s", "input_usd_per_mtok": 1.0},
-                                  {"model": "l", "input_usd_per_mtok": 10.0}]})
+    cfg = parse_config({"rungs": [
+        {"model": "s", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 0.0},
+        {"model": "l", "input_usd_per_mtok": 10.0, "output_usd_per_mtok": 0.0}]})
     echo = _Echo()
     store = RecordingStore.for_suite(tmp_path)
     cases = load_cases(tmp_path)

@@ -220,7 +220,8 @@ def test_well_typed_toml_values_still_load() -> None:
     load_verifier(VerifierConfig(name="refusal", settings={"extra_patterns": ["nope"],
                                                            "min_chars": 3}))
     load_verifier(VerifierConfig(name="judge", settings={"model": "m", "extra": {"seed": 1},
-                                                         "input_usd_per_mtok": 0}))
+                                                         "input_usd_per_mtok": 0,
+                                                         "output_usd_per_mtok": 0}))
 
 
 def test_a_bad_setting_fails_before_any_model_call_is_paid() -> None:

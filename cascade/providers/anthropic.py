@@ -19,12 +19,12 @@ from cascade.errors import ConfigError, MalformedReply
 from cascade.providers._common import Where, attr, count, normalise_finish, vendor_url
 from cascade.providers._sdk import SDKProvider, Wire, schema_name
 from cascade.providers.base import Completion, ModelCall, schema_instruction
-from cascade.settings import VENDOR_KEY_ENVS
+from cascade.settings import STRUCTURED_BY_KIND, VENDOR_KEY_ENVS
 
 __all__ = ["AnthropicProvider"]
 
 
-_MODES = ("json_schema", "tools", "prompt")
+_MODES = STRUCTURED_BY_KIND["anthropic"]
 _VENDOR_URL = "https://api.anthropic.com"
 
 

@@ -21,13 +21,13 @@ from cascade.errors import MalformedReply
 from cascade.providers._common import Where, attr, count, normalise_finish, vendor_url
 from cascade.providers._sdk import SDKProvider, Wire, schema_name
 from cascade.providers.base import Completion, ModelCall, TokenLogprob, schema_instruction
-from cascade.settings import VENDOR_KEY_ENVS
+from cascade.settings import STRUCTURED_OUTPUTS, VENDOR_KEY_ENVS
 
 __all__ = ["OpenAIProvider"]
 
 _DUMMY_KEY = "sk-no-key-required"
 _VENDOR_URL = "https://api.openai.com/v1"
-_MODES = ("json_schema", "json_object_schema", "json_object", "tools", "prompt")
+_MODES = STRUCTURED_OUTPUTS
 
 
 _REASONING = re.compile(r"^(o\d+(-|$)|gpt-5(?!-chat))")

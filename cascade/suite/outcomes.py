@@ -277,8 +277,14 @@ def read_ladder_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
         if not (isinstance(m, Mapping) and isinstance(m.get("model"), str) and m["model"]):
             raise ConfigError(f"entry {k} needs a \"model\" name", source=str(path),
                               key=f"ladder[{k}]")
+        if m.get("price") == "unknown":
+            continue
         for price in ("input_usd_per_mtok", "output_usd_per_mtok"):
-            v = m.get(price, 0.0)
+            if price not in m:  # a silent $0 would make the rung look free to the tuner
+                raise ConfigError(f"entry {k} ({m['model']}) has no {price}: give both prices "
+                                  '(0 for a free model), or "price": "unknown"',
+                                  source=str(path), key=f"ladder[{k}].{price}")
+            v = m[price]
             if not (isinstance(v, (int, float)) and not isinstance(v, bool)
                     and math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{price} must be a finite number >= 0, got {v!r}",
