@@ -9,6 +9,7 @@ cut every secret the config names (:func:`secret_envs_of`) with a :class:`Redact
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -18,8 +19,8 @@ from collections.abc import Iterable
 from cascade.errors import ConfigError
 from cascade.settings import VENDOR_KEY_ENVS, CascadeConfig
 
-__all__ = ["REDACTED", "Redactor", "check_env_name", "has_userinfo", "mask_credentials",
-           "secret_envs_of", "secret_forms"]
+__all__ = ["REDACTED", "CredentialFilter", "Redactor", "check_env_name", "has_userinfo",
+           "mask_credentials", "mask_http_logs", "secret_envs_of", "secret_forms"]
 
 REDACTED = "[redacted]"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -40,6 +41,38 @@ def mask_credentials(text: str) -> str:
     ``base_url`` may carry a key (``?api-key=``, ``user:password@``), and traces, audit lines
     and ``/healthz`` show endpoints."""
     return _QUERY_VALUE.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+class CredentialFilter(logging.Filter):
+    """Masks URL credentials (:func:`mask_credentials`) in log records: the HTTP clients log
+    each request's URL, and a basic-auth proxy's ``user:password@`` is in it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "@" in message or "=" in message:
+            masked = mask_credentials(message)
+            if masked != message:
+                record.msg, record.args = masked, None
+        return True
+
+
+_HTTP_LOGGERS = ("httpx", "httpx2", "httpcore.http11", "httpcore2.http11", "httpcore.connection",
+                 "httpcore2.connection", "httpcore.proxy", "httpcore2.proxy",
+                 "openai._base_client", "anthropic._base_client")
+"""The loggers that write a request's URL (a filter on a logger sees only its own records)."""
+_http_masked = False
+_http_lock = threading.Lock()
+
+
+def mask_http_logs() -> None:
+    """Put :class:`CredentialFilter` on the HTTP clients' loggers, once per process: called
+    as a client is made for a ``base_url`` with user info."""
+    global _http_masked
+    with _http_lock:
+        if not _http_masked:
+            for name in _HTTP_LOGGERS:
+                logging.getLogger(name).addFilter(CredentialFilter())
+            _http_masked = True
 
 
 _LOOSE_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")

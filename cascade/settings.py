@@ -6,6 +6,8 @@ validated it; code may also build them directly.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -115,8 +117,10 @@ class RungConfig:
 
     @property
     def endpoint(self) -> str:
-        """Identifies the endpoint for circuit breaking: provider, base URL and model."""
-        return f"{self.provider}|{self.base_url or ''}|{self.model}"
+        """Identifies the endpoint (breakers, latency, health, metrics, recordings): provider,
+        base URL and model. Credentials in the URL are never part of it: it is shown and
+        stored in many places (see :func:`_shown_url`)."""
+        return f"{self.provider}|{_shown_url(self.base_url or '')}|{self.model}"
 
     @property
     def price_known(self) -> bool:
@@ -273,3 +277,15 @@ class CascadeConfig:
 
     def replace(self, **changes: Any) -> CascadeConfig:
         return replace(self, **changes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shown_url(base_url: str) -> str:
+    """``base_url`` with its credentials (``user:password@``) masked, and a digest of the real
+    URL after it, so two endpoints that differ only in their credentials stay two."""
+    from cascade.secrets import mask_credentials  # secrets reads this module's settings
+
+    shown = mask_credentials(base_url)
+    if shown == base_url:
+        return base_url
+    return f"{shown}#{hashlib.sha256(base_url.encode()).hexdigest()[:12]}"

@@ -75,3 +75,81 @@ enabled = false
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "Paris"
     assert "Unclosed" not in done.stderr, done.stderr
+
+
+_PASSWORD = "hunter2pass"
+
+
+def _proxied(server: LoopbackServer) -> str:
+    """``server``'s URL as behind a basic-auth proxy: credentials in the URL."""
+    return server.base_url.replace("http://", f"http://proxyuser:{_PASSWORD}@")
+
+
+def test_an_open_circuit_never_shows_a_proxys_password(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The circuit-open error named the endpoint by its raw ``base_url``: the password went
+    into the trace, the audit line and the raised error (and the HTTP clients' log lines said
+    it too); traces show endpoints masked everywhere else."""
+    import json
+    import logging
+
+    from cascade import NoAnswerError
+    from cascade import health as cascade_health
+
+    def down(req: RecordedRequest) -> Reply:
+        return Reply(status=503, json={"error": {"message": "down", "type": "server_error"}})
+
+    audit = tmp_path / "audit.jsonl"
+    caplog.set_level(logging.DEBUG)
+    with LoopbackServer("openai") as s:
+        s.script(down)
+        cfg = parse_config({"rungs": [{"model": "m", "provider": "openai-compatible",
+                                       "base_url": _proxied(s), "price": "unknown"}],
+                            "verifiers": [], "cache": {"enabled": False},
+                            "retry": {"max_attempts": 1},
+                            "breaker": {"failure_threshold": 1, "cooldown_s": 30}},
+                           source=str(tmp_path / "cascade.toml"))
+        errors = []
+        with Cascade(cfg, audit_log=audit) as c:
+            for q in ("q1", "q2"):
+                with pytest.raises(NoAnswerError) as ei:
+                    c.answer(q, cache=False)
+                errors.append(ei.value)
+        health = cascade_health()
+    assert "circuit open" in str(errors[1].answer.attempts[0].error)
+    shown = [str(e) for e in errors] + [json.dumps(e.answer.to_dict()) for e in errors]
+    shown += [audit.read_text(), json.dumps(health)]
+    shown += [r.getMessage() for r in caplog.records]
+    assert all(_PASSWORD not in text for text in shown)
+
+
+def test_endpoints_differing_only_in_their_credentials_stay_two() -> None:
+    """With the credentials masked out of an endpoint's key, two proxies' users would share
+    one circuit (and one latency record)."""
+    from cascade.config import RungConfig
+
+    a, b = (RungConfig(model="m", provider="openai-compatible",
+                       base_url=f"http://{user}:pw@127.0.0.1:9/v1") for user in ("ann", "bob"))
+    assert a.endpoint != b.endpoint
+    assert "pw" not in a.endpoint and "ann" not in a.endpoint
+
+
+def test_cascade_health_probe_never_prints_a_proxys_password(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    openai_server.script(lambda req: openai_reply("ok", model=req.json["model"]))
+    cfg = tmp_path / "cascade.toml"
+    cfg.write_text(f"""
+[[rungs]]
+model = "m"
+provider = "openai-compatible"
+base_url = "{_proxied(openai_server)}"
+price = "unknown"
+""")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (["health", "--probe"], ["health", "--probe", "--json"],
+                 ["answer", "hi", "-v", "--no-cache"]):
+        done = subprocess.run([sys.executable, "-m", "cascade.cli", *args, "--config", str(cfg)],
+                              capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        assert done.returncode == 0, (args, done.stderr)
+        assert "127.0.0.1" in done.stdout + done.stderr  # it still says which endpoint
+        assert _PASSWORD not in done.stdout + done.stderr, args

@@ -32,6 +32,7 @@ from cascade.errors import (
     ConfigError,
     DeadlineExceeded,
 )
+from cascade.secrets import CredentialFilter
 
 __all__ = [
     "COMMANDS",
@@ -135,6 +136,8 @@ def _run(args: list[str]) -> int:
     verbose = bool(getattr(ns, "verbose", False))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # -v: no URL's credentials on stderr
+        handler.addFilter(CredentialFilter())
     if not verbose:
         # instructor logs each failed validation at ERROR; here that is a routine rejection,
         # already in the trace with its reason.

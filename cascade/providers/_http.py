@@ -24,7 +24,7 @@ import httpx2
 import sniffio
 
 from cascade.errors import ConfigError, ReplyTooLarge
-from cascade.secrets import has_userinfo
+from cascade.secrets import has_userinfo, mask_http_logs
 
 __all__ = ["capped_client", "pick_transport"]
 
@@ -110,6 +110,8 @@ def pick_transport(setting: str, *, rung: str, base_url: str | None = None) -> s
     the SDK's Authorization header, on every call (the config refuses that pair)."""
     on_asyncio = sniffio.current_async_library() == "asyncio"
     userinfo = bool(base_url) and has_userinfo(base_url or "")
+    if userinfo:
+        mask_http_logs()  # httpx logs each request's URL, password and all
     if setting == "aiohttp" and not on_asyncio:
         raise ConfigError(f"is 'aiohttp', which needs an asyncio event loop and this call runs "
                           f"on {sniffio.current_async_library()}: use 'auto' or 'httpx'",
