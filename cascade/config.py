@@ -293,6 +293,13 @@ def parse_rung(d: Mapping[str, Any], *, source: str = "<config>", prefix: str = 
             raise ConfigError("is 'aiohttp', which refuses the user info in base_url beside "
                               "the SDK's Authorization header (every call would fail): use "
                               "'auto' or 'httpx'", source=source, key=prefix + "transport")
+        if rung.api_key_env and has_userinfo(rung.base_url):
+            # the HTTP client sends the user info as Basic auth, over the SDK's bearer key
+            raise ConfigError(f"is {rung.api_key_env!r}, but base_url carries user:password@, "
+                              "which is sent as HTTP Basic auth in place of the key's "
+                              "'Authorization: Bearer': the key would never be sent. Keep "
+                              "one (a proxy that adds the key itself needs no api_key_env)",
+                              source=source, key=prefix + "api_key_env")
     _check_rung(rung, source, prefix)
     _check_kind(rung, d, source, prefix, inherited=inherit is not None)
     # Priced before its fallbacks are read: they bill like the rung unless they say otherwise,

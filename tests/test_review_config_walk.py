@@ -179,3 +179,15 @@ def test_a_shared_ladder_file_without_a_price_is_refused_not_free(tmp_path: Path
     assert ei.value.key == "ladder[1].output_usd_per_mtok" and "dear" in str(ei.value)
     path.write_text(json.dumps({"ladder": [{"model": "cheap", "price": "unknown"}]}))
     assert read_ladder_file(path)["ladder"][0]["model"] == "cheap"
+
+
+def test_an_api_key_beside_a_proxys_user_info_is_refused_not_silently_dropped() -> None:
+    """httpx sends ``user:password@`` as Basic auth, which replaces the SDK's bearer header:
+    the key in ``api_key_env`` was never sent, and nothing said so."""
+    rung = {"model": "m", "provider": "openai-compatible", "price": "unknown",
+            "base_url": "http://proxyuser:pw@127.0.0.1:9/v1"}
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"rungs": [{**rung, "api_key_env": "SOME_KEY"}]})
+    assert ei.value.key == "rungs[0].api_key_env" and "never be sent" in str(ei.value)
+    assert "pw" not in str(ei.value)
+    assert parse_config({"rungs": [rung]}).rungs[0].api_key_env is None
