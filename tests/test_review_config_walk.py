@@ -168,7 +168,7 @@ def test_fallbacks_inside_a_fallback_are_refused(tmp_path: Path) -> None:
 def test_a_shared_ladder_file_without_a_price_is_refused_not_free(tmp_path: Path) -> None:
     """A ``ladder-<chain>.json`` entry without ``output_usd_per_mtok`` read it as 0: the tuner
     then saw that rung's output as free and its saving as larger than it is."""
-    from cascade.suite.outcomes import read_ladder_file
+    from cascade.suite.ladder_file import read_ladder_file
 
     path = tmp_path / "ladder-mine.json"
     path.write_text(json.dumps({"ladder": [

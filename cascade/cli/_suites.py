@@ -33,7 +33,7 @@ def is_ladder_json(path: str) -> bool:
 def load_ladder(path: str) -> CascadeConfig:
     """``--config``/``--recorded-with``/``--judge``: a TOML config or a shared ladder JSON."""
     if is_ladder_json(path):
-        from cascade.suite.outcomes import ladder_config
+        from cascade.suite.ladder_file import ladder_config
 
         return ladder_config(path)
     return load_config(path)
@@ -42,12 +42,8 @@ def load_ladder(path: str) -> CascadeConfig:
 def load_table(suites: Sequence[str], ladder: str | None) -> OutcomeTable:
     """The suites as one table under the ladder ``--config`` names (None: recorded suites
     under the default config, shared files under the ladder beside them)."""
-    from cascade.suite.outcomes import (
-        is_shared_outcomes,
-        ladder_config,
-        load_outcome_table,
-        load_shared_outcomes,
-    )
+    from cascade.suite.ladder_file import ladder_config
+    from cascade.suite.outcomes import is_shared_outcomes, load_outcome_table, load_shared_outcomes
 
     if ladder is None:
         return load_outcome_table(suites)

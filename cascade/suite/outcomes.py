@@ -32,6 +32,7 @@ from cascade.errors import ConfigError
 from cascade.messages import Message, normalise_messages
 from cascade.suite.cases import Case, load_cases, read_jsonl, unique_cases
 from cascade.suite.grading import GRADER_NORMALISER, grade
+from cascade.suite.ladder_file import ladder_rungs, read_ladder, read_ladder_file
 from cascade.suite.recordings import RecordingStore, answer_call
 
 __all__ = [
@@ -39,10 +40,8 @@ __all__ = [
     "OutcomeTable",
     "agreement_arrays",
     "is_shared_outcomes",
-    "ladder_config",
     "load_outcome_table",
     "load_shared_outcomes",
-    "read_ladder_file",
     "table_from_recordings",
 ]
 
@@ -244,7 +243,6 @@ def _most_common(names: Iterable[str]) -> str | None:
 
 
 _SHARED = re.compile(r"^(?P<bench>[a-z0-9]+)_(?P<chain>.+)_(?:train|test|val)\.jsonl$")
-_FIREWORKS = "https://api.fireworks.ai/inference/v1"
 
 
 def is_shared_outcomes(path: str | os.PathLike[str]) -> bool:
@@ -260,79 +258,6 @@ def is_shared_outcomes(path: str | os.PathLike[str]) -> bool:
     except ValueError:
         return False
     return isinstance(obj, dict) and isinstance(obj.get("outcomes"), dict)
-
-
-def read_ladder_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
-    """A shared ``ladder-<chain>.json``: ``{"ladder": [{"model": ..., prices, provider}]}``,
-    checked here so a malformed entry is a ConfigError naming the file, not a KeyError."""
-    try:
-        ladder: Any = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        raise ConfigError(f"cannot read the ladder: {e}", source=str(path)) from None
-    entries = ladder.get("ladder") if isinstance(ladder, Mapping) else None
-    if not (isinstance(entries, list) and entries):
-        raise ConfigError('a ladder file is {"ladder": [{"model": ..., "input_usd_per_mtok": '
-                          '..., "output_usd_per_mtok": ...}, ...]}', source=str(path))
-    for k, m in enumerate(entries):
-        if not (isinstance(m, Mapping) and isinstance(m.get("model"), str) and m["model"]):
-            raise ConfigError(f"entry {k} needs a \"model\" name", source=str(path),
-                              key=f"ladder[{k}]")
-        if m.get("price") == "unknown":
-            continue
-        for price in ("input_usd_per_mtok", "output_usd_per_mtok"):
-            if price not in m:  # a silent $0 would make the rung look free to the tuner
-                raise ConfigError(f"entry {k} ({m['model']}) has no {price}: give both prices "
-                                  '(0 for a free model), or "price": "unknown"',
-                                  source=str(path), key=f"ladder[{k}].{price}")
-            v = m[price]
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and math.isfinite(v) and v >= 0):
-                raise ConfigError(f"{price} must be a finite number >= 0, got {v!r}",
-                                  source=str(path), key=f"ladder[{k}]")
-    return dict(ladder)
-
-
-def ladder_config(path: str | os.PathLike[str], *, logprobs: bool = False) -> CascadeConfig:
-    """A shared ladder JSON as a config (its rungs, no verifiers), so ``--config`` takes the
-    file the README points at as well as a TOML ladder."""
-    rungs = _ladder_rungs(read_ladder_file(path), logprobs)
-    return CascadeConfig(rungs=tuple(rungs.values()), source=str(path))
-
-
-def _read_ladder(paths: Sequence[Path], chains: set[str],
-                 models: Sequence[str]) -> tuple[Mapping[str, Any], str]:
-    """The ``ladder-<chain>.json`` beside the files, and where it came from; without one (a
-    file not named after its chain, or no ladder file), the models as rungs of unknown price:
-    the recorded ``cost_usd`` still decides the order and the saving, and the tuned file says
-    so."""
-    if len(chains) > 1:
-        raise ConfigError(f"files come from different ladders {sorted(chains)}; tune one "
-                          "ladder at a time", source=", ".join(map(str, paths)))
-    if chains:
-        ladder_file = paths[0].with_name(f"ladder-{next(iter(chains))}.json")
-        if ladder_file.is_file():
-            return read_ladder_file(ladder_file), str(ladder_file)
-    return {"ladder": [{"model": m, "price": "unknown"} for m in models]}, "<recorded models>"
-
-
-def _ladder_rungs(ladder: Mapping[str, Any], logprobs: bool) -> dict[str, RungConfig]:
-    out: dict[str, RungConfig] = {}
-    for m in ladder["ladder"]:
-        prov = m.get("provider", "openai")
-        kw: dict[str, Any] = {}
-        if prov in ("openai", "anthropic"):
-            kw["provider"] = prov
-        else:
-            kw.update(provider="openai-compatible",
-                      base_url=_FIREWORKS if prov == "fireworks" else m.get("base_url"),
-                      api_key_env=f"{str(prov).upper()}_API_KEY")
-        if m.get("price") == "unknown":
-            kw["price"] = "unknown"
-        out[m["model"]] = RungConfig(
-            model=m["model"], input_usd_per_mtok=float(m.get("input_usd_per_mtok", 0.0)),
-            output_usd_per_mtok=float(m.get("output_usd_per_mtok", 0.0)), logprobs=logprobs,
-            **kw)
-    return out
 
 
 def _group_of(bench: str, row: Mapping[str, Any]) -> str:
@@ -407,8 +332,8 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]],
         if ladder_file is not None:
             ladder, ladder_source = read_ladder_file(ladder_file), str(ladder_file)
         else:
-            ladder, ladder_source = _read_ladder(ps, chains, models)
-        by_model = _ladder_rungs(ladder, logprobs)
+            ladder, ladder_source = read_ladder(ps, chains, models)
+        by_model = ladder_rungs(ladder, logprobs)
         missing = [x for x in models if x not in by_model]
         if missing:
             raise ConfigError(f"the ladder file has no entry for {missing}",
