@@ -17,6 +17,7 @@ from cascade.breaker import NoVerdict
 from cascade.config import CascadeConfig, RetryConfig, RungConfig
 from cascade.errors import (
     CircuitOpen,
+    ConfigError,
     MalformedReply,
     ProviderError,
     ProviderTimeout,
@@ -187,6 +188,15 @@ class EndpointCaller:
                 failed_usd += e.billed_usd
                 errors.append(f"{ep.provider}:{ep.model}: {type(e).__name__}: {short(e)}")
                 last = e
+            except ConfigError as e:
+                if not errors:  # the first endpoint tried: nothing paid yet, the user's to fix
+                    raise
+                # A fallback that cannot be built (its key variable holds a control
+                # character, say) mid-failover: an endpoint that failed, not the end of the
+                # request, which would lose what the endpoints before it billed.
+                errors.append(f"{ep.provider}:{ep.model}: ConfigError: {short(e)}")
+                last = ProviderError(f"this fallback cannot be built: {e.detail}",
+                                     provider=ep.provider, model=ep.model)
         assert last is not None
         last.tries = tries
         last.billed_usd = failed_usd

@@ -153,3 +153,40 @@ price = "unknown"
         assert done.returncode == 0, (args, done.stderr)
         assert "127.0.0.1" in done.stdout + done.stderr  # it still says which endpoint
         assert _PASSWORD not in done.stdout + done.stderr, args
+
+
+def test_a_fallback_that_cannot_be_built_mid_failover_keeps_what_was_billed(
+        tmp_path: Path, openai_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The primary's 200 broke the protocol but was billed; its fallback's key variable holds
+    a control character, a ConfigError raised as it is first built. That error ended the
+    request: the next rung was never tried, and the budget kept $0 of the billed reply."""
+    from cascade.budget import InMemoryBudgetStore
+    from tests.loopback import openai_chat
+
+    def handle(req: RecordedRequest) -> Reply:
+        if req.json["model"] == "big":
+            return openai_reply("Canberra", model="big", prompt_tokens=10, completion_tokens=2)
+        body = openai_chat("x", prompt_tokens=1000, completion_tokens=500)
+        body["choices"] = []  # no answer, still billed
+        return Reply(json=body)
+
+    monkeypatch.setenv("BROKEN_FALLBACK_KEY", "sk-with-a\x07bell")
+    openai_server.script(handle)
+    priced = {"provider": "openai-compatible", "base_url": openai_server.base_url,
+              "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0, "max_retries": 0}
+    cfg = {"rungs": [{**priced, "model": "small", "fallbacks": [
+                          {"base_url": openai_server.base_url.replace("127.0.0.1", "localhost"),
+                           "api_key_env": "BROKEN_FALLBACK_KEY"}]},
+                     {**priced, "model": "big"}],
+           "verifiers": [], "cache": {"enabled": False}, "budget": {"limit_usd": 1.0}}
+    store = InMemoryBudgetStore()
+    with Cascade.from_dict(cfg, budget_store=store) as c:
+        answer = c.answer("Capital of Australia?")
+    billed = (1000 + 500) / 1e6
+    assert answer.text == "Canberra" and answer.model == "big"
+    small = answer.attempts[0]
+    assert small.status == "error" and "ConfigError" in (small.error or "")
+    assert "bell" not in (small.error or "")
+    assert small.cost_usd == pytest.approx(billed)
+    assert answer.cost_usd == pytest.approx(billed + 12 / 1e6)
+    assert store.spent("default", 86400.0) == pytest.approx(billed + 12 / 1e6)
