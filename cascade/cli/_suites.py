@@ -64,3 +64,16 @@ def refuse_stdout(flag: str, value: str | None, why: str) -> None:
     if value == STDOUT:
         raise ConfigError(f"{flag} - (standard output) is not supported here: {why}; give a "
                           "file path")
+
+
+def check_out_path(flag: str, value: str | None) -> None:
+    """A file the command writes at its end: refuse now a path that cannot be one (a folder,
+    a folder that does not exist), before the work (a tune of 10,000 cases takes seconds)."""
+    if value is None:
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {value} is a folder; give a file path")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} {value}: the folder {path.parent} does not exist (No such "
+                          "file or directory)")

@@ -20,7 +20,7 @@ from cascade.cli._suites import STDOUT, load_ladder, load_table
 from cascade.config import CascadeConfig
 from cascade.suite import OutcomeTable
 from cascade.suite.cases import read_jsonl
-from cascade.tuning.guard import DELTA
+from cascade.tuning.guard import DELTA, MAX_DROP
 
 __all__ = ["CONFIG_HELP", "add_arguments", "apply_labels", "check_promise", "run"]
 
@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recorded suite folders/files, or shared outcome JSONL files, in "
                              "which some cases carry no label")
     parser.add_argument("--config", help=CONFIG_HELP)
-    parser.add_argument("--max-accuracy-drop", type=float, default=0.01,
-                        help="the promise the tuning will be asked for (default 0.01)")
+    parser.add_argument("--max-accuracy-drop", type=float, default=MAX_DROP,
+                        help=f"the promise the tuning will be asked for (default {MAX_DROP})")
     parser.add_argument("--delta", type=float, default=DELTA,
                         help=f"the guard's one-sided level, as for tune (default {DELTA:g})")
     parser.add_argument("--max", type=int_in(0), default=None, metavar="N",

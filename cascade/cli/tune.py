@@ -9,11 +9,11 @@ import tomllib
 from pathlib import Path
 
 from cascade.cli._args import int_in
-from cascade.cli._suites import load_table, refuse_stdout
+from cascade.cli._suites import check_out_path, load_table, refuse_stdout
 from cascade.cli.label import CONFIG_HELP, apply_labels, check_promise
 from cascade.config import CascadeConfig, parse_config
 from cascade.tuning import format_report, to_toml, tune
-from cascade.tuning.guard import DELTA
+from cascade.tuning.guard import DELTA, MAX_DROP
 from cascade.tuning.plot import plot_frontier
 
 __all__ = ["add_arguments", "run"]
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     goal = parser.add_mutually_exclusive_group()
     goal.add_argument("--max-accuracy-drop", type=float, default=None,
                       help="cheapest setting within this accuracy of the best rung (default "
-                           "0.01)")
+                           f"{MAX_DROP})")
     goal.add_argument("--max-cost-usd", type=float, default=None,
                       help="most accurate setting under this mean cost per case")
     parser.add_argument("--delta", type=float, default=DELTA,
@@ -82,6 +82,8 @@ def run(ns: argparse.Namespace) -> int:
     refuse_stdout("--out", ns.out, "standard output carries the report, and a router is "
                   "written to a file beside TUNED.toml")
     refuse_stdout("--plot", ns.plot, "the frontier is a PNG image")
+    check_out_path("--out", ns.out)
+    check_out_path("--plot", ns.plot)
     sources: dict[str, int] = {}
     table = apply_labels(load_table(ns.suites, ns.config), ns.labels, sources)
     result = tune(table, max_accuracy_drop=ns.max_accuracy_drop, max_cost_usd=ns.max_cost_usd,
@@ -104,7 +106,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.router == "auto" and ns.max_cost_usd is None and table.messages and not refused:
         from cascade.routing import router_toml, tune_router, write_router
 
-        drop = 0.01 if ns.max_accuracy_drop is None else ns.max_accuracy_drop  # 0 is a promise
+        drop = MAX_DROP if ns.max_accuracy_drop is None else ns.max_accuracy_drop  # 0: a promise
         routed = tune_router(table, max_accuracy_drop=drop,
                              delta=ns.delta, base=result.setting, seed=ns.seed)
         result.report["router"] = {"on": routed.choice.on, "reason": routed.choice.reason,

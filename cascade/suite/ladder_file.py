@@ -5,8 +5,10 @@ so ``--config`` takes the file the README points at as well as a TOML ladder).""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,26 @@ from typing import Any
 from cascade.config import CascadeConfig, RungConfig
 from cascade.errors import ConfigError
 
-__all__ = ["ladder_config", "ladder_rungs", "read_ladder", "read_ladder_file"]
+__all__ = ["UNKNOWN_HOST", "ladder_config", "ladder_rungs", "read_ladder", "read_ladder_file"]
 
-_FIREWORKS = "https://api.fireworks.ai/inference/v1"
+log = logging.getLogger("cascade.suite")
+
+_HOSTS = {
+    "fireworks": "https://api.fireworks.ai/inference/v1",
+    "together": "https://api.together.xyz/v1",
+    "groq": "https://api.groq.com/openai/v1",
+    "deepinfra": "https://api.deepinfra.com/v1/openai",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "mistral": "https://api.mistral.ai/v1",
+    "deepseek": "https://api.deepseek.com/v1",
+    "xai": "https://api.x.ai/v1",
+    "cerebras": "https://api.cerebras.ai/v1",
+}
+"""OpenAI-compatible hosts a ladder file may name as ``provider`` without a ``base_url``."""
+UNKNOWN_HOST = "http://127.0.0.1:8000/v1"
+"""Where a rung of a provider this table lacks (and no ``base_url``) is written to call: the
+tuning replays recorded answers and needs none, but TUNED.toml must load; a warning and
+``cascade health --probe`` say to set it."""
 
 
 def read_ladder_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
@@ -69,6 +88,11 @@ def read_ladder(paths: Sequence[Path], chains: set[str],
         ladder_file = paths[0].with_name(f"ladder-{next(iter(chains))}.json")
         if ladder_file.is_file():
             return read_ladder_file(ladder_file), str(ladder_file)
+    looked = (f"no {paths[0].with_name(f'ladder-{next(iter(chains))}.json')}" if chains else
+              f"{paths[0].name} is not named <bench>_<chain>_train.jsonl")
+    log.warning("%s: the rungs are the recorded models at unknown prices, in the order of "
+                "their recorded cost (give --config, or a ladder file, for prices and "
+                "providers)", looked)
     return {"ladder": [{"model": m, "price": "unknown"} for m in models]}, "<recorded models>"
 
 
@@ -80,9 +104,16 @@ def ladder_rungs(ladder: Mapping[str, Any], logprobs: bool) -> dict[str, RungCon
         if prov in ("openai", "anthropic"):
             kw["provider"] = prov
         else:
-            kw.update(provider="openai-compatible",
-                      base_url=_FIREWORKS if prov == "fireworks" else m.get("base_url"),
-                      api_key_env=f"{str(prov).upper()}_API_KEY")
+            name = str(prov).lower()
+            url = m.get("base_url") or _HOSTS.get(name)
+            if not isinstance(url, str) or not url:
+                log.warning("ladder entry %r: provider %r is no host this project knows and the "
+                            "entry has no base_url; its rung is written to call %s: set "
+                            "base_url in the tuned file before serving it", m["model"], prov,
+                            UNKNOWN_HOST)
+                url = UNKNOWN_HOST
+            kw.update(provider="openai-compatible", base_url=url,
+                      api_key_env=re.sub(r"[^A-Z0-9_]", "_", name.upper()) + "_API_KEY")
         if m.get("price") == "unknown":
             kw["price"] = "unknown"
         out[m["model"]] = RungConfig(

@@ -242,7 +242,20 @@ def _most_common(names: Iterable[str]) -> str | None:
     return max(counts, key=lambda k: counts[k]) if counts else None
 
 
-_SHARED = re.compile(r"^(?P<bench>[a-z0-9]+)_(?P<chain>.+)_(?:train|test|val)\.jsonl$")
+_SHARED = re.compile(r"^(?P<stem>.+?)_(?:train|test|val)\.jsonl$")
+
+
+def _bench_chain(p: Path) -> tuple[str, str] | None:
+    """``<bench>_<chain>_train.jsonl``'s two names. Either may hold ``_`` (``qwen_oai``,
+    ``hella_swag``): the split is the first whose ``ladder-<chain>.json`` is beside the file,
+    else the first ``_`` (the benchmark one word)."""
+    m = _SHARED.match(p.name)
+    if m is None or "_" not in m["stem"]:
+        return None
+    stem = m["stem"]
+    splits = [(stem[:i], stem[i + 1:]) for i, ch in enumerate(stem) if ch == "_"]
+    return next(((b, c) for b, c in splits if p.with_name(f"ladder-{c}.json").is_file()),
+                splits[0])
 
 
 def is_shared_outcomes(path: str | os.PathLike[str]) -> bool:
@@ -286,9 +299,9 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]],
     sources: set[str] = set()
     ps = [Path(x) for x in paths]
     for p in ps:
-        m = _SHARED.match(p.name)
-        if m is not None:
-            chains.add(m["chain"])
+        named = _bench_chain(p)
+        if named is not None:
+            chains.add(named[1])
         elif not is_shared_outcomes(p):
             raise ConfigError('not a shared outcomes file (JSON lines with "outcomes")',
                               source=str(p))
@@ -300,7 +313,7 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]],
                                                         for o in outs.values()):
                 raise ConfigError(f"line {line}, case {obj.get('id')!r}: \"outcomes\" must be "
                                   "an object holding one object per model", source=str(p))
-            rows.append((m["bench"] if m is not None else p.stem, obj))
+            rows.append((named[0] if named is not None else p.stem, obj))
             where.append(f"{p}:{line}")
             for o in outs.values():
                 sources.add(str(o.get("confidence_source", "")))
@@ -314,7 +327,10 @@ def load_shared_outcomes(paths: Sequence[str | os.PathLike[str]],
                               "twice, or two cases with one id)", source=at)
         seen[cid] = at
     logprobs = sources == {"answer_logprob"}
-    recorded = list(rows[0][1]["outcomes"])
+    # every model any case records, in order of first sight: one missing from the first case
+    # (and only there) would otherwise vanish from the ladder, top rung and all, silently;
+    # a case that lacks one is an error below
+    recorded = list(dict.fromkeys(m for _b, row in rows for m in row["outcomes"]))
     if config is not None:
         models = [r.model for r in config.rungs]
         lacking = [(k, r) for k, r in enumerate(config.rungs) if r.model not in recorded]

@@ -232,6 +232,13 @@ def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str
     change, se, lower, against = f.bounds(table, floor=-max_drop - 1e-12)
     ok: BoolArray = lower >= -max_drop - 1e-12
     ref_cost = float(table.cost[:, f.ref].mean())
+    if not ok.any() and not (f.cost < ref_cost).any():  # free rungs, or priced alike
+        return (Choice(setting=Setting((f.ref,)), passed=False, tested=len(f.settings),
+                       candidates=f.candidates,
+                       reason=f"no setting costs less than {table.rungs[f.ref].label} alone on "
+                              f"the suite (${ref_cost:.3g}/case): nothing to save",
+                       rivals=f.rivals, looks_best=f.looks_best),
+                f.ref, every, none)
     if not ok.any():
         need = [_cases_needed_all(table, f, g, max_drop)
                 for g in range(len(f.settings)) if f.cost[g] < ref_cost]

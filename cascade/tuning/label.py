@@ -25,7 +25,7 @@ from cascade.messages import Message
 from cascade.providers.base import Provider
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.choose import guarded_frontier, select
-from cascade.tuning.guard import DELTA, paired_bound
+from cascade.tuning.guard import DELTA, MAX_DROP, paired_bound
 from cascade.tuning.setting import IntArray
 from cascade.tuning.simulate import outcome_of, simulate
 
@@ -69,7 +69,7 @@ def _seed_sample(table: OutcomeTable, n: int) -> list[Need]:
             for i in idx]
 
 
-def needed_labels(table: OutcomeTable, *, max_drop: float = 0.01, delta: float = DELTA,
+def needed_labels(table: OutcomeTable, *, max_drop: float = MAX_DROP, delta: float = DELTA,
                   agreement: str = "off", max_n: int | None = None) -> list[Need]:
     """The unlabelled cases whose labels could change what :func:`cascade.tuning.tune` would
     recommend, best first (an empty list: no label would change it)."""

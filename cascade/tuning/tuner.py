@@ -12,7 +12,7 @@ from cascade.config import CascadeConfig
 from cascade.errors import ConfigError
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.choose import Choice, choose, choose_budget, dominating_rung
-from cascade.tuning.guard import DELTA
+from cascade.tuning.guard import DELTA, MAX_DROP
 from cascade.tuning.guard import rivals as rival_rungs
 from cascade.tuning.output import to_config
 from cascade.tuning.report import build_report, cost_frontier, drift_rates
@@ -38,7 +38,7 @@ class TuneResult:
 
 
 
-def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
+def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = MAX_DROP,
          max_cost_usd: float | None = None, delta: float = DELTA, seed: int = 0,
          shift: bool = True, bootstrap: int = 1000,
          agreement: str = "off", shift_guard: bool = False) -> TuneResult:
@@ -58,7 +58,7 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
         raise ConfigError("the outcome table is empty")
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    drop = 0.01 if max_accuracy_drop is None else max_accuracy_drop
+    drop = MAX_DROP if max_accuracy_drop is None else max_accuracy_drop
     sh: dict[str, Any] | None = None
     if max_cost_usd is not None:
         choice, ref = choose_budget(table, max_cost=max_cost_usd)
@@ -87,7 +87,7 @@ def tune(table: OutcomeTable, *, max_accuracy_drop: float | None = 0.01,
     took = time.perf_counter() - t0
 
     report = build_report(table, setting, ref, right, cost, exit_pos, choice, rng, notes,
-                          max_accuracy_drop=max_accuracy_drop, max_cost_usd=max_cost_usd,
+                          max_accuracy_drop=drop, max_cost_usd=max_cost_usd,
                           delta=delta, bootstrap=bootstrap)
     report["timing_s"] = round(took, 4)
     if sh is not None:
