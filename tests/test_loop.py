@@ -35,8 +35,6 @@ class BriefAudit:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._ids: dict[int, str] = {}
-        self._waiting: dict[int, list[dict[str, Any]]] = {}
 
     def _write(self, line: dict[str, Any]) -> None:
         with self._lock, self.path.open("a", encoding="utf-8") as f:
@@ -50,24 +48,16 @@ class BriefAudit:
                      "messages": [m.to_dict() for m in request.messages],
                      "answer": answer.to_dict(), "cost_usd": answer.cost_usd,
                      "latency_ms": answer.latency_ms})
-        with self._lock:
-            self._ids[id(request)] = answer.request_id
-            early = self._waiting.pop(id(request), [])
-        for line in early:
-            self._write({**line, "request_id": answer.request_id})
 
     def on_shadow(self, request: Request, accepted: Attempt, shadow: Attempt,
                   agreed: bool | None) -> None:
-        # The engine hands observers the request, not its id: the id is the answer's, joined
-        # by the request object (the shadow may finish before the answer line is written).
-        line = {"type": "shadow", "timestamp": time.time(), "accepted": accepted.to_dict(),
-                "shadow": shadow.to_dict(), "agreed": agreed}
-        with self._lock:
-            rid = self._ids.get(id(request))
-            if rid is None:
-                self._waiting.setdefault(id(request), []).append(line)
-                return
-        self._write({**line, "request_id": rid})
+        # Joined by the request's id. (Joining by ``id(request)`` until the answer line was
+        # written, as this did, broke when a freed request's id() was reused: a shadow line
+        # then carried another request's id, once in a CI run.)
+        assert request.id
+        self._write({"type": "shadow", "request_id": request.id, "timestamp": time.time(),
+                     "accepted": accepted.to_dict(), "shadow": shadow.to_dict(),
+                     "agreed": agreed})
 
     def feedback(self, request_id: str, correct: bool, expected: str | None = None,
                  client: str | None = None) -> None:
