@@ -169,19 +169,44 @@ def test_refusals_on_every_endpoint_are_counted(tmp_path: Path,
     assert counts == {"unauthorised": 3.0, "unknown_model": 1.0, "bad_request": 1.0}, counts
 
 
+def _sigterm_during(proc: Any, url: str, model: LoopbackServer, run: Any, *,
+                    requests: int = 1, settle_s: float = 0.0) -> None:
+    """Once ``cascade serve`` is ready, run ``run`` in a thread and SIGTERM the service when
+    the model server has seen ``requests`` calls (and ``settle_s`` more); wait for both. A
+    service that outlives that is killed."""
+    import signal
+    import time
+
+    from tests.serve_kit import wait_ready
+
+    try:
+        wait_ready(url, proc)
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.monotonic() + 10
+        while len(model.requests) < requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(settle_s)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        t.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("wire", ["chat", "messages"])
 def test_a_request_cut_by_the_drain_timeout_is_a_503_with_its_cost_not_a_bare_500(
         tmp_path: Path, openai_server: LoopbackServer, wire: str) -> None:
     """SIGTERM while a request waits on a slow model past ``shutdown_timeout_s``: uvicorn's
     own answer was a plain-text 500, which the SDKs retry (paying again), and the audit line
     had no trace and cost 0."""
-    import signal
-    import time
 
     import httpx2 as httpx
 
     from tests.loopback import free_port
-    from tests.serve_kit import echo_handler, one_rung_toml, start_serve, wait_ready
+    from tests.serve_kit import echo_handler, one_rung_toml, start_serve
 
     openai_server.script(echo_handler(refuse=(), delay_s=8.0))
     port, log = free_port(), tmp_path / "audit.jsonl"
@@ -190,27 +215,14 @@ def test_a_request_cut_by_the_drain_timeout_is_a_503_with_its_cost_not_a_bare_50
                         server=f'audit_log = "{log}"\nshutdown_timeout_s = 0.5\n')
     proc = start_serve(cfg, port)
     result: dict[str, httpx.Response] = {}
-    try:
-        wait_ready(url, proc)
 
-        def slow() -> None:
-            result["r"] = httpx.post(
-                f"{url}/v1/{'chat/completions' if wire == 'chat' else 'messages'}", timeout=20,
-                json={"model": "cascade", "max_tokens": 100,
-                      "messages": [{"role": "user", "content": "slow one"}]})
+    def slow() -> None:
+        result["r"] = httpx.post(
+            f"{url}/v1/{'chat/completions' if wire == 'chat' else 'messages'}", timeout=20,
+            json={"model": "cascade", "max_tokens": 100,
+                  "messages": [{"role": "user", "content": "slow one"}]})
 
-        t = threading.Thread(target=slow)
-        t.start()
-        deadline = time.monotonic() + 10
-        while not openai_server.requests and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
-        t.join(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _sigterm_during(proc, url, openai_server, slow)
     r = result["r"]
     assert r.status_code == 503, r.text
     assert r.headers["x-should-retry"] == "false"
@@ -230,13 +242,11 @@ def test_a_stream_cut_by_the_drain_timeout_ends_with_an_error_event_not_a_broken
     """A stream already begun (its first rung escalated) when ``shutdown_timeout_s`` runs out
     on the slow second rung: the connection was closed mid-body, and the SDK raised a bare
     transport error (``incomplete chunked read``), which reads as a network fault to retry."""
-    import signal
-    import time
 
     import openai
 
     from tests.loopback import free_port
-    from tests.serve_kit import echo_handler, start_serve, wait_ready
+    from tests.serve_kit import echo_handler, start_serve
 
     slow = echo_handler(refuse=("small",), delay_s=8.0)
     fast = echo_handler(refuse=("small",))
@@ -264,32 +274,19 @@ shutdown_timeout_s = 0.5
 """)
     proc = start_serve(cfg, port)
     seen: dict[str, Any] = {}
-    try:
-        wait_ready(url, proc)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
-        def read() -> None:
-            try:
-                for chunk in client.chat.completions.create(
-                        model="cascade", stream=True,
-                        messages=[{"role": "user", "content": "slow one"}]):
-                    seen.setdefault("chunks", []).append(chunk)
-            except Exception as e:
-                seen["error"] = e
+    def read() -> None:
+        try:
+            for chunk in client.chat.completions.create(
+                    model="cascade", stream=True,
+                    messages=[{"role": "user", "content": "slow one"}]):
+                seen.setdefault("chunks", []).append(chunk)
+        except Exception as e:
+            seen["error"] = e
 
-        t = threading.Thread(target=read)
-        t.start()
-        deadline = time.monotonic() + 10
-        while len(openai_server.requests) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)  # the stream has begun: rung 0's progress comment went out
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
-        t.join(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # the stream has begun once rung 1 is called: rung 0's progress comment went out
+    _sigterm_during(proc, url, openai_server, read, requests=2, settle_s=0.2)
     error = seen.get("error")
     assert isinstance(error, openai.APIError), repr(error)
     assert not isinstance(error, openai.APIConnectionError)

@@ -13,6 +13,7 @@ import pytest
 
 from cascade import Cascade, parse_config
 from tests.loopback import LoopbackServer, RecordedRequest, Reply, openai_reply
+from tests.serve_kit import one_rung_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,18 +55,7 @@ def test_the_module_level_answer_closes_its_connections_at_exit(
     """README's one-liner ``cascade.answer(...)`` in a script left aiohttp's sessions for the
     interpreter's exit: "Unclosed client session" on stderr of every such script."""
     openai_server.script(lambda req: openai_reply("Paris", model=req.json["model"]))
-    cfg = tmp_path / "cascade.toml"
-    cfg.write_text(f"""
-[[rungs]]
-model = "small"
-provider = "openai-compatible"
-base_url = "{openai_server.base_url}"
-input_usd_per_mtok = 1
-output_usd_per_mtok = 2
-
-[cache]
-enabled = false
-""")
+    cfg = one_rung_toml(tmp_path / "cascade.toml", openai_server.base_url)
     call = 'cascade.answer("hi").text' if how == "env" else (
         f'cascade.answer("hi", config={str(cfg)!r}).text')
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CASCADE_CONFIG": str(cfg)}
@@ -137,14 +127,7 @@ def test_endpoints_differing_only_in_their_credentials_stay_two() -> None:
 def test_cascade_health_probe_never_prints_a_proxys_password(
         tmp_path: Path, openai_server: LoopbackServer) -> None:
     openai_server.script(lambda req: openai_reply("ok", model=req.json["model"]))
-    cfg = tmp_path / "cascade.toml"
-    cfg.write_text(f"""
-[[rungs]]
-model = "m"
-provider = "openai-compatible"
-base_url = "{_proxied(openai_server)}"
-price = "unknown"
-""")
+    cfg = one_rung_toml(tmp_path / "cascade.toml", _proxied(openai_server), model="m")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for args in (["health", "--probe"], ["health", "--probe", "--json"],
                  ["answer", "hi", "-v", "--no-cache"]):
