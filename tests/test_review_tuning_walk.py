@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,19 @@ def test_a_ladder_where_nothing_can_save_says_so(tmp_path: Path) -> None:
                           "--out", str(tmp_path / "T.toml"))
     assert code == 0, err
     assert "nothing to save" in out and "guarded accuracy change" not in out
+
+
+def test_a_long_ladders_chains_try_at_most_max_early_rungs_first() -> None:
+    """The candidate chains grew as 2^rungs: a 12-rung ladder took over 3 minutes and 1.3 GB to
+    tune. Ladders of up to 8 rungs keep every subset."""
+    from cascade.tuning.candidates import ALL_SUBSETS_UP_TO, MAX_EARLY, rung_chains
+
+    for k in (6, ALL_SUBSETS_UP_TO + 1, 12):
+        cost = np.array([2.0 ** j for j in range(k)])
+        chains = rung_chains(range(k), k - 1, cost)
+        assert all(c[-1] == k - 1 for c in chains)
+        if k - 1 <= ALL_SUBSETS_UP_TO:
+            assert len(chains) == 2 ** (k - 1)
+        else:
+            assert max(len(c) for c in chains) == MAX_EARLY + 1
+            assert len(chains) == sum(math.comb(k - 1, r) for r in range(MAX_EARLY + 1))

@@ -12,7 +12,8 @@ from cascade.errors import ConfigError
 from cascade.suite.outcomes import OutcomeTable
 from cascade.tuning.setting import BoolArray, FloatArray
 
-__all__ = ["CHEAPER", "candidates", "mesh", "reference_rung", "rung_chains"]
+__all__ = ["ALL_SUBSETS_UP_TO", "CHEAPER", "MAX_EARLY", "candidates", "mesh", "reference_rung",
+           "rung_chains"]
 
 CHEAPER = 0.5
 _LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
@@ -42,12 +43,23 @@ def reference_rung(table: OutcomeTable) -> int:
     return int(np.lexsort((table.cost.mean(axis=0), -rung_accuracy(table)))[0])
 
 
+MAX_EARLY = 4
+"""On a ladder with more than :data:`ALL_SUBSETS_UP_TO` rungs cheaper than the reference, the
+most rungs a cascade tries before it: the subsets grow as 2^rungs (a 12-rung ladder took over
+3 minutes and 1.3 GB to tune), and a long climb rarely saves more than a short one."""
+ALL_SUBSETS_UP_TO = 7
+"""Rungs cheaper than the reference up to which every subset is a candidate chain (ladders of
+up to 8 rungs: both shared ladders and the issues' 6-rung one are searched in full)."""
+
+
 def rung_chains(order: Sequence[int], ref: int, mean_cost: FloatArray) -> list[tuple[int, ...]]:
     """Every subset of the rungs clearly cheaper than the reference (at most half its mean cost:
-    a rung nearly as dear cannot save much), in cost order, ending at the reference."""
+    a rung nearly as dear cannot save much), in cost order, ending at the reference; of at
+    most :data:`MAX_EARLY` of them on a long ladder."""
     cheaper = [j for j in order if j != ref and mean_cost[j] <= CHEAPER * mean_cost[ref]]
+    longest = len(cheaper) if len(cheaper) <= ALL_SUBSETS_UP_TO else MAX_EARLY
     out: list[tuple[int, ...]] = []
-    for r in range(len(cheaper) + 1):
+    for r in range(longest + 1):
         for sub in combinations(cheaper, r):
             out.append((*sub, ref))
     return out
