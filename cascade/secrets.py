@@ -27,7 +27,10 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 """What an environment variable's name looks like; a key pasted in its place does not."""
 
 
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s|]*@")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s|]*@")
+"""User info in a URL inside text, to its last ``@`` (a password may hold one); not across
+``|``, which separates an endpoint's URL from its model (``claude-x@20240620``)."""
+_ONE_URL = re.compile(r"(?i)[a-z][a-z0-9+.-]*://\S*")
 _QUERY_VALUE = re.compile(r"([?&][^=&#\s|]*=)[^&#\s|]*")
 
 
@@ -40,6 +43,11 @@ def mask_credentials(text: str) -> str:
     """``text`` with every URL's user info and query values replaced by ``***``: a
     ``base_url`` may carry a key (``?api-key=``, ``user:password@``), and traces, audit lines
     and ``/healthz`` show endpoints."""
+    if _ONE_URL.fullmatch(text):  # a URL alone (a base_url): its user info may hold | too
+        parts = urllib.parse.urlsplit(text)
+        if "@" in parts.netloc:
+            text = urllib.parse.urlunsplit(parts._replace(
+                netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
     return _QUERY_VALUE.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
@@ -48,7 +56,10 @@ class CredentialFilter(logging.Filter):
     each request's URL, and a basic-auth proxy's ``user:password@`` is in it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad log call: logging's own handler reports it, not a raise here
+            return True
         if "@" in message or "=" in message:
             masked = mask_credentials(message)
             if masked != message:

@@ -137,7 +137,8 @@ def _run(args: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:  # -v: no URL's credentials on stderr
-        handler.addFilter(CredentialFilter())
+        if not any(isinstance(f, CredentialFilter) for f in handler.filters):
+            handler.addFilter(CredentialFilter())
     if not verbose:
         # instructor logs each failed validation at ERROR; here that is a routine rejection,
         # already in the trace with its reason.
