@@ -7,6 +7,7 @@ with no config, the embedded local ladder. For repeated use, build a :class:`Cas
 from __future__ import annotations
 
 import atexit as _atexit
+import os as _os
 import threading as _threading
 from collections.abc import Mapping as _Mapping
 from collections.abc import Sequence as _Sequence
@@ -104,8 +105,16 @@ def _default_cascade() -> Cascade:
             _default = Cascade.default()
             # nothing else closes it: its connections (aiohttp's sessions) would be left for
             # the interpreter's exit, which warns "Unclosed client session" on stderr
-            _atexit.register(_default.close)
+            _atexit.register(_close_default, _os.getpid())
         return _default
+
+
+def _close_default(pid: int) -> None:
+    """At exit, in the process that made the default Cascade only: a forked child (a
+    pre-fork server's worker) shares its connections' sockets and event-loop registrations,
+    and closing them there broke the parent's next call."""
+    if _os.getpid() == pid and _default is not None:
+        _default.close()
 
 
 def answer(prompt: str | None = None, **options: _Unpack[_AnswerOptions]) -> Answer:

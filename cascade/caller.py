@@ -189,8 +189,10 @@ class EndpointCaller:
                 errors.append(f"{ep.provider}:{ep.model}: {type(e).__name__}: {short(e)}")
                 last = e
             except ConfigError as e:
-                if not errors:  # the first endpoint tried: nothing paid yet, the user's to fix
-                    raise
+                if ep is rung and not errors:  # the rung's own, first: nothing paid, the
+                    raise                        # user's to fix
+                # (A fallback ordered first by latency, untimed as it never answers, is not
+                # the rung's own: raising would end every request before the rung is tried.)
                 # A fallback that cannot be built (its key variable holds a control
                 # character, say) mid-failover: an endpoint that failed, not the end of the
                 # request, which would lose what the endpoints before it billed.

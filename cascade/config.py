@@ -325,6 +325,9 @@ def _half_priced(rung: RungConfig, given: str, source: str, prefix: str, *,
     rung's own model keeps the rung's, as it inherits both). Anything else would be a silent
     $0 on half the tokens, so the other must be given too."""
     missing = _PRICE_KEYS[1 - _PRICE_KEYS.index(given)]
+    if rung.provider in _FREE_KINDS:  # known to cost nothing: the other is 0 too
+        free: dict[str, Any] = {missing: 0.0}
+        return replace(rung, price=None, **free)
     if parent is not None and rung.model == parent.model and parent.price_known:
         return replace(rung, price=None)  # the other inherited with the rest of the rung
     price = lookup_price(rung.model)

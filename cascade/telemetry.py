@@ -32,6 +32,8 @@ COST_ATTRIBUTE = "cascade.cost_usd"
 
 _NOT_CALLED = frozenset({"routed", "skipped"})
 """Attempt statuses of rungs that made no model call."""
+_Shadow = tuple[Request, Attempt, Attempt, "bool | None"]
+"""A shadow check's ``on_shadow`` arguments, kept until its request's span exists."""
 _RECENT_SPANS = 4096
 """Request spans remembered for their shadow checks (a check that finds none is a root)."""
 
@@ -49,6 +51,7 @@ class Telemetry:
         self.ladder = ladder
         self._tracer = trace.get_tracer("cascade", tracer_provider=tracer_provider)
         self._recent: OrderedDict[str, SpanContext] = OrderedDict()
+        self._early: dict[str, list[_Shadow]] = {}
         self._lock = threading.Lock()
 
     def on_answer(self, request: Request, answer: Answer | None,
@@ -104,20 +107,36 @@ class Telemetry:
         finally:  # a request span left open is never exported
             span.end(end_time=_ns(end))
             if rid:
-                self._remember(rid, span.get_span_context())
+                for early in self._remember(rid, span.get_span_context()):
+                    self._shadow_span(*early)
 
-    def _remember(self, request_id: str, context: SpanContext) -> None:
-        """Keep the request span's context a while, for its shadow check (which finishes
-        later, on another thread) to be its child; the oldest are dropped past a bound."""
+    def _remember(self, request_id: str, context: SpanContext) -> list[_Shadow]:
+        """Keep the request span's context a while, for its shadow checks (which finish later,
+        on another thread) to be its children; the oldest are dropped past a bound. Returns the
+        checks that finished before it (a fast top rung, or a drift comparison with no call),
+        to be built now."""
         with self._lock:
             self._recent[request_id] = context
             while len(self._recent) > _RECENT_SPANS:
                 self._recent.popitem(last=False)
+            return self._early.pop(request_id, [])
 
     def on_shadow(self, request: Request, accepted: Attempt, shadow: Attempt,
                   agreed: bool | None) -> None:
         with self._lock:
-            context = self._recent.pop(request.id, None) if request.id else None
+            if request.id and request.id not in self._recent:
+                # before its request's span: built with it (on_answer always follows)
+                self._early.setdefault(request.id, []).append((request, accepted, shadow,
+                                                               agreed))
+                while len(self._early) > _RECENT_SPANS:
+                    self._early.pop(next(iter(self._early)))
+                return
+        self._shadow_span(request, accepted, shadow, agreed)
+
+    def _shadow_span(self, request: Request, accepted: Attempt, shadow: Attempt,
+                     agreed: bool | None) -> None:
+        with self._lock:
+            context = self._recent.get(request.id) if request.id else None
         parent = None if context is None else trace.set_span_in_context(
             NonRecordingSpan(context))
         span = self._attempt_span(shadow, parent=parent, end=False)

@@ -191,3 +191,25 @@ def test_an_api_key_beside_a_proxys_user_info_is_refused_not_silently_dropped() 
     assert ei.value.key == "rungs[0].api_key_env" and "never be sent" in str(ei.value)
     assert "pw" not in str(ei.value)
     assert parse_config({"rungs": [rung]}).rungs[0].api_key_env is None
+
+
+def test_a_local_rung_with_one_price_loads_free() -> None:
+    """A local rung is known to cost nothing: one price given (0) made the other "required"."""
+    [rung] = parse_config({"rungs": [{"provider": "local", "model": "smollm2-135m",
+                                      "output_usd_per_mtok": 0}]}).rungs
+    assert (rung.input_usd_per_mtok, rung.output_usd_per_mtok) == (0.0, 0.0)
+
+
+def test_a_ladder_file_entry_behind_a_basic_auth_proxy_gets_no_key_variable(
+        tmp_path: Path) -> None:
+    """Its user info is the credential (sent as Basic auth, in place of a bearer key): the
+    tuned file named a key variable beside it, which the loader refuses."""
+    from cascade.suite.ladder_file import ladder_rungs
+
+    entry = {"model": "m", "provider": "vllm", "base_url": "http://u:pw@127.0.0.1:9/v1",
+             "input_usd_per_mtok": 1, "output_usd_per_mtok": 1}
+    [rung] = ladder_rungs({"ladder": [entry]}, logprobs=False).values()
+    assert rung.api_key_env is None
+    [plain] = ladder_rungs({"ladder": [{**entry, "base_url": "http://127.0.0.1:9/v1"}]},
+                           logprobs=False).values()
+    assert plain.api_key_env == "VLLM_API_KEY"

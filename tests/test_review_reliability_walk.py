@@ -113,15 +113,19 @@ def test_an_open_circuit_never_shows_a_proxys_password(
     assert all(_PASSWORD not in text for text in shown)
 
 
-def test_endpoints_differing_only_in_their_credentials_stay_two() -> None:
-    """With the credentials masked out of an endpoint's key, two proxies' users would share
-    one circuit (and one latency record)."""
+@pytest.mark.parametrize("password", ["pw", "pa|ss", "p@ss", "p%40ss"])
+def test_an_endpoint_key_carries_no_password_nor_anything_to_test_guesses_on(
+        password: str) -> None:
+    """The key is shown by ``/healthz`` without a client key. A digest of the real URL beside
+    the masked one let anyone test password guesses offline; a password with ``|`` or ``@``
+    was shown, whole or in part (and ``|`` split the key in five)."""
     from cascade.config import RungConfig
 
     a, b = (RungConfig(model="m", provider="openai-compatible",
-                       base_url=f"http://{user}:pw@127.0.0.1:9/v1") for user in ("ann", "bob"))
-    assert a.endpoint != b.endpoint
-    assert "pw" not in a.endpoint and "ann" not in a.endpoint
+                       base_url=f"http://{user}:{password}@127.0.0.1:9/v1")
+            for user in ("ann", "bob"))
+    assert a.endpoint == b.endpoint == "openai-compatible|http://***@127.0.0.1:9/v1|m"
+    assert a.endpoint.count("|") == 2
 
 
 def test_cascade_health_probe_never_prints_a_proxys_password(
@@ -173,3 +177,41 @@ def test_a_fallback_that_cannot_be_built_mid_failover_keeps_what_was_billed(
     assert small.cost_usd == pytest.approx(billed)
     assert answer.cost_usd == pytest.approx(billed + 12 / 1e6)
     assert store.spent("default", 86400.0) == pytest.approx(billed + 12 / 1e6)
+
+
+def test_a_broken_fallback_ordered_first_by_latency_never_stops_the_rung(
+        tmp_path: Path, openai_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An equivalent fallback is never timed (it cannot be built, so it never answers), so
+    the load-aware order put it first once the rung had a latency: its ConfigError then ended
+    every request, and the working rung was never called again."""
+    monkeypatch.setenv("BROKEN_FALLBACK_KEY", "line1\nline2")
+    openai_server.script(lambda req: openai_reply("ok", model=req.json["model"]))
+    rung = {"model": "m", "provider": "openai-compatible", "base_url": openai_server.base_url,
+            "price": "unknown", "max_retries": 0,
+            "fallbacks": [{"base_url": openai_server.base_url.replace("127.0.0.1", "localhost"),
+                           "api_key_env": "BROKEN_FALLBACK_KEY"}]}
+    cfg = {"rungs": [rung], "verifiers": [], "cache": {"enabled": False}}
+    with Cascade.from_dict(cfg) as c:
+        answers = [c.answer(f"q{i}") for i in range(3)]
+    assert [a.text for a in answers] == ["ok"] * 3
+    assert all(a.attempts[0].endpoint == openai_server.base_url for a in answers)
+    assert "ConfigError" in (answers[2].attempts[0].error or "")  # the fallback said why
+
+
+def test_the_clis_credential_filter_never_raises_and_is_put_on_once() -> None:
+    """A log call with a bad format raised at the call site (the filter formats it), and
+    each in-process ``main`` put one more filter on the same handler."""
+    import io
+    import logging
+
+    from cascade.cli import main
+    from cascade.secrets import CredentialFilter
+
+    for _ in range(3):  # gets past the logging set-up, then fails: no such suite
+        assert main(["tune", "no-such-suite.jsonl", "--out", "never.toml"],
+                    out=io.StringIO(), err=io.StringIO()) == 2
+    root = logging.getLogger().handlers
+    assert root and all(sum(isinstance(f, CredentialFilter) for f in h.filters) == 1
+                        for h in root)
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "%s %s", ("one",), None)
+    assert CredentialFilter().filter(record) is True

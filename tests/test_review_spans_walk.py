@@ -165,3 +165,27 @@ def test_a_rung_spans_response_model_is_the_one_the_server_named(
     assert done["chat small"]["gen_ai.request.model"] == "small"
     assert done["chat small"]["gen_ai.response.model"] == "small-2024-07-18"
     assert done["chat cascade"]["gen_ai.response.model"] == "small-2024-07-18"
+
+
+def test_a_shadow_check_that_finishes_before_its_requests_span_is_still_its_child(
+        spans: Spans) -> None:
+    """The shadow is sampled inside the climb, the request's span is built after it, by the
+    observers: a fast top rung (or a drift comparison, which makes no call) finished first,
+    found no parent, and became the root of a trace of its own (16 of 20 in a review's run)."""
+    provider, exporter = spans
+    telemetry = Telemetry(tracer_provider=provider)
+    request = Request(messages=normalise_messages("q"), id="r-early")
+    accepted = Attempt(rung=0, model="small", provider="openai-compatible", status="accepted",
+                       text="hi", started_at=1.0, latency_ms=5.0)
+    shadow = Attempt(rung=1, model="big", provider="openai-compatible", status="shadow",
+                     text="hi", started_at=1.001, latency_ms=3.0)
+    telemetry.on_shadow(request, accepted, shadow, True)
+    assert not exporter.get_finished_spans()  # kept until its request's span exists
+    answer = Answer(text="hi", model="small", verified=True, attempts=[accepted],
+                    latency_ms=6.0, request_id="r-early")
+    telemetry.on_answer(request, answer, None)
+    done = exporter.get_finished_spans()
+    [root] = [s for s in done if s.name == "chat cascade"]
+    [check] = [s for s in done if _attrs(s).get("cascade.status") == "shadow"]
+    assert check.parent is not None and check.parent.span_id == root.context.span_id
+    assert _attrs(check)["cascade.shadow.agreed"] is True

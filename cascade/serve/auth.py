@@ -53,21 +53,22 @@ class Authenticator:
         # A bearer token never carries surrounding white space; a key variable read from a
         # secret file often ends in a newline, which would lock its client out for good.
         self._keys = tuple((c, c.key().strip().encode()) for c in clients)
-        self._limits = {c.name: RateLimiter(c.rate_limit_rpm) for c in clients
-                        if c.rate_limit_rpm}
+        self._limits = {(c.name, bucket): RateLimiter(c.rate_limit_rpm) for c in clients
+                        for bucket in ("answers", "feedback") if c.rate_limit_rpm}
 
     @property
     def required(self) -> bool:
         return bool(self._keys)
 
     def client_for(self, headers: Mapping[str, str], *,
-                   answers: bool = True) -> ClientConfig | None:
+                   bucket: str | None = "answers") -> ClientConfig | None:
         """The client whose key is the bearer token (else ``x-api-key``); raises a 401
         ``APIError`` otherwise, and a 429 when that client is over its rate limit.
 
-        The limit counts answers only: ``answers=False`` (``/v1/models``, ``/v1/feedback``,
-        which cost nothing) checks the key without taking from it, so a client that sends
-        feedback on each answer still gets the answers per minute it was given."""
+        Each ``bucket`` has the client's ``rate_limit_rpm`` of its own: ``"answers"`` (the
+        model endpoints) and ``"feedback"`` (each a line in the audit log, which a flood would
+        rotate away), so a client that sends feedback on each answer still gets the answers
+        per minute it was given. ``None`` (``/v1/models``) checks the key only."""
         if not self._keys:
             return None
         auth = headers.get("authorization", "")
@@ -87,7 +88,7 @@ class Authenticator:
         if found is None:
             raise APIError(401, "invalid key", type="invalid_request_error",
                            code="invalid_api_key", headers=_UNAUTHORISED)
-        limiter = self._limits.get(found.name) if answers else None
+        limiter = self._limits.get((found.name, bucket or ""))
         if limiter is not None:
             wait = limiter.take()
             if wait > 0:

@@ -20,7 +20,7 @@ router = APIRouter()
 async def create_feedback(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
     with counting_refusals(service.metrics.refusal):
-        client = service.auth.client_for(request.headers, answers=False)
+        client = service.auth.client_for(request.headers, bucket="feedback")
         body = parse_body(await read_body(request, service.server.max_request_bytes),
                           FeedbackRequest)
     try:

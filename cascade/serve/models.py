@@ -23,7 +23,7 @@ def _card(service: Service) -> ModelCard:
 async def list_models(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
     with counting_refusals(service.metrics.refusal):
-        service.auth.client_for(request.headers, answers=False)
+        service.auth.client_for(request.headers, bucket=None)
     card = _card(service)
     return JSONResponse(ModelList(data=[card], first_id=card.id, last_id=card.id)
                         .model_dump(mode="json"))
@@ -33,7 +33,7 @@ async def list_models(request: Request) -> JSONResponse:
 async def get_model(model: str, request: Request) -> JSONResponse:
     service: Service = request.app.state.service
     with counting_refusals(service.metrics.refusal):
-        service.auth.client_for(request.headers, answers=False)
+        service.auth.client_for(request.headers, bucket=None)
         if model != service.name:
             raise APIError(404, f"the model {model!r} does not exist", param="model",
                            code="model_not_found")

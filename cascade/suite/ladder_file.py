@@ -15,6 +15,7 @@ from typing import Any
 
 from cascade.config import CascadeConfig, RungConfig
 from cascade.errors import ConfigError
+from cascade.secrets import has_userinfo
 
 __all__ = ["UNKNOWN_HOST", "ladder_config", "ladder_rungs", "read_ladder", "read_ladder_file"]
 
@@ -112,8 +113,9 @@ def ladder_rungs(ladder: Mapping[str, Any], logprobs: bool) -> dict[str, RungCon
                             "base_url in the tuned file before serving it", m["model"], prov,
                             UNKNOWN_HOST)
                 url = UNKNOWN_HOST
-            kw.update(provider="openai-compatible", base_url=url,
-                      api_key_env=re.sub(r"[^A-Z0-9_]", "_", name.upper()) + "_API_KEY")
+            kw.update(provider="openai-compatible", base_url=url)
+            if not has_userinfo(url):  # else its user info is the credential (Basic auth)
+                kw["api_key_env"] = re.sub(r"[^A-Z0-9_]", "_", name.upper()) + "_API_KEY"
         if m.get("price") == "unknown":
             kw["price"] = "unknown"
         out[m["model"]] = RungConfig(
