@@ -361,7 +361,12 @@ def test_tune_router_writes_a_file_and_table_the_loader_reads(tmp_path: Path) ->
     tuning = tune_router(t)
     assert tuning.router is not None
     assert [r.label for r in tuning.config.rungs] == ["small", "big"]
-    assert tuning.config.verifiers == ()  # a tried rung accepts: no confidence to threshold
+    # a tried rung accepts: no confidence to threshold there; the top rung keeps its own,
+    # which decide whether its answer is verified
+    small, big = tuning.config.rungs
+    assert small.verifiers == () and not small.thresholds
+    assert big.verifiers is None or "confidence" in big.verifiers
+    assert [v.key for v in tuning.config.verifiers] == ["confidence"]
     table = write_router(tuning, tmp_path / "TUNED.toml")
     parsed = tomllib.loads(router_toml(table))["router"]
     assert parsed["path"] == "TUNED.router.json"

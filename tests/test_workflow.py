@@ -3,6 +3,7 @@ then the tuned config answers live."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -140,6 +141,47 @@ def test_shipped_local_recordings_tune_and_eval_offline(tmp_path: Path,
     single = {r["rung"]: r["accuracy"] for r in ev["vs_single_rungs"]}
     assert ev["accuracy"] >= max(single.values()) - 0.05
     assert 0.0 < ev["accuracy"] < 1.0  # a 135M model: right sometimes, not always
+
+
+def test_a_routed_tuned_file_keeps_the_top_rungs_verifiers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the router on and its route accepting a tried early rung, the tuner dropped the
+    scoring verifiers from every rung, the top one too: its answers were then "verified" on
+    the refusal check alone (a walk's eval: 87.9% verified, 33% of the top rung's right).
+    The top rung's verifiers decide "verified", which the tuner never chooses."""
+    import tomllib
+
+    from cascade.defaults import default_config
+
+    monkeypatch.delenv("CASCADE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tuned = tmp_path / "TUNED.toml"
+    out = io.StringIO()
+    assert main(["tune", str(SUITE), "--max-accuracy-drop", "0.05", "--out", str(tuned)],
+                out=out, err=io.StringIO()) == 0
+    assert "router: on" in out.getvalue()  # the case this pins
+    written = tomllib.loads(tuned.read_text())
+    top, default_top = written["rungs"][-1], default_config().rungs[-1]
+    want = set(default_top.verifiers or (v.key for v in default_config().verifiers))
+    assert set(top["verifiers"]) == want
+    assert want <= {v["name"] for v in written["verifiers"]}
+    assert "confidence" not in written["rungs"][0]["verifiers"]  # the routed rung accepts
+
+
+def test_eval_without_config_replays_the_default_ladder_as_the_readme_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: "the replay is `cascade eval fixtures/local_eval`", and --config defaults to
+    $CASCADE_CONFIG, ./cascade.toml, then the embedded ladder; eval required it."""
+    monkeypatch.delenv("CASCADE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    assert main(["eval", str(SUITE.parent / "local_eval"), "--json"], out=out,
+                err=io.StringIO()) == 0
+    ev = json.loads(out.getvalue())
+    assert ev["cases"] == 144
+    accepted = sum(r["accepted"] for r in ev["rungs"])
+    right = sum(round(r["accepted"] * r["precision"]) for r in ev["rungs"])
+    assert (right, accepted) == (26, 28)  # the README's replay figure
 
 
 def test_the_default_ladder_on_its_recorded_held_out_questions() -> None:

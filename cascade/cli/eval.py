@@ -15,12 +15,13 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``cascade eval SUITE... --config FILE [--json]``."""
+    """``cascade eval SUITE... [--config FILE] [--json]``."""
     parser.add_argument("suites", nargs="+", metavar="SUITE",
                         help="recorded suite folders/files, or shared outcome JSONL files")
-    parser.add_argument("--config", required=True,
+    parser.add_argument("--config",
                         help="the cascade to evaluate (TUNED.toml; a shared ladder JSON is "
-                             "read as its rungs with no verifier)")
+                             "read as its rungs with no verifier; default: $CASCADE_CONFIG, "
+                             "./cascade.toml, else the embedded local ladder)")
     parser.add_argument("--recorded-with",
                         help="the ladder the suites were recorded with, when --config holds "
                              "only some of its rungs (default: --config; for shared outcome "
@@ -31,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     """Evaluate and print."""
-    config = load_ladder(ns.config)
+    if ns.config is None:  # as every command's --config defaults
+        from cascade.defaults import resolve_config
+
+        config = resolve_config()
+    else:
+        config = load_ladder(ns.config)
     if ns.recorded_with:  # read as tune and label read their --config
         table = load_table(ns.suites, ns.recorded_with)
     else:  # shared outcome files keep the ladder beside them

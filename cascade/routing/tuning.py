@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cascade.config import CascadeConfig
+from cascade.config import CascadeConfig, RungConfig
 from cascade.errors import ConfigError
 from cascade.messages import Message
 from cascade.routing.choose import RouteChoice, choose_route_setting, routed_exits
@@ -121,14 +121,23 @@ def _config(table: OutcomeTable, choice: RouteChoice, scores: FloatArray) -> Cas
     else:
         cfg = to_config(table, choice.base)
     if choice.on and not s.keys:  # tried early rungs accept: no scoring verifier decides
+        # there. The top rung keeps its own: they decide whether its answer is verified,
+        # which the tuner never chooses (it answers whatever they say).
         drop = set(table.scores)
+        every = tuple(v.key for v in cfg.verifiers)
+        top = cfg.rungs[-1]
+        kept = set(top.verifiers if top.verifiers is not None else every)
+
+        def early(r: RungConfig) -> RungConfig:
+            ids = tuple(x for x in (r.verifiers if r.verifiers is not None else every)
+                        if x not in drop)
+            th = {k: t for k, t in r.thresholds.items() if k not in drop}
+            return replace(r, thresholds=th, verifiers=ids, fallbacks=tuple(
+                replace(fb, thresholds=th, verifiers=ids) for fb in r.fallbacks))
+
         cfg = cfg.replace(
-            verifiers=tuple(v for v in cfg.verifiers if v.key not in drop),
-            rungs=tuple(replace(r, thresholds={k: t for k, t in r.thresholds.items()
-                                               if k not in drop},
-                                verifiers=None if r.verifiers is None else tuple(
-                                    x for x in r.verifiers if x not in drop))
-                        for r in cfg.rungs))
+            verifiers=tuple(v for v in cfg.verifiers if v.key not in drop or v.key in kept),
+            rungs=(*(early(r) for r in cfg.rungs[:-1]), top))
     return cfg
 
 
