@@ -415,14 +415,17 @@ class Cascade:
                 log.warning("a verified answer was not cached: %s", e)
                 answer.warnings.append(f"not cached: {e}")
         top = len(cfg.rungs) - 1
+        # rungs the drift alarm kept from exiting: compared with the top rung's answer, free
+        # when the climb has one (accepted or not), else on the accepted rung's shadow check
+        held = tuple(a for a in climb.attempts if monitor is not None and a.rung < top
+                     and policy.held_by_drift(a.verdicts))
         if accepted is not None and attempt.rung < top:
             self._shadows.sample(ShadowJob(request=request, ladder=ladder, accepted=attempt,
-                                           money=money.for_shadow()))
-        elif accepted is not None and monitor is not None:
-            for held in climb.attempts:  # rungs kept from exiting by the drift alarm
-                if held.rung < top and policy.held_by_drift(held.verdicts):
-                    self._shadows.compare(ShadowJob(request=request, ladder=ladder,
-                                                    accepted=held, money=money), attempt)
+                                           money=money.for_shadow(), held=held))
+        elif held and attempt.rung == top and attempt.text is not None:
+            for h in held:
+                self._shadows.compare(ShadowJob(request=request, ladder=ladder,
+                                                accepted=h, money=money), attempt)
         if not answer.verified and cfg.policy.on_unverified == "raise":
             # the answer given is the latest that came back (the top rung may have errored):
             # its own verdicts say why it was rejected

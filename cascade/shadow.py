@@ -9,6 +9,7 @@ escalate. A shadow that fails or times out changes nothing but its own record.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import random
 import threading
@@ -53,6 +54,9 @@ class ShadowJob:
     accepted: Attempt
     money: Money
     """The request's money: its cap's remainder and its per-key budget."""
+    held: tuple[Attempt, ...] = ()
+    """Rungs the drift alarm kept from exiting on this request, compared with the same top
+    answer too (their alarm clears only on such comparisons)."""
 
 
 class Shadows:
@@ -153,6 +157,10 @@ class Shadows:
             monitor = self._drift(job.ladder)
             if monitor is not None:
                 await monitor.record(cfg.rungs[accepted.rung].label, not agreed)
+                for held in job.held:  # free: the top answer is in hand
+                    [hv] = await run_verifiers([BoundVerifier(id="shadow", verifier=agree)],
+                                               functools.partial(_held_ctx, ctx, held))
+                    await monitor.record(cfg.rungs[held.rung].label, not hv.passed)
         except Exception as e:  # a shadow's failure never reaches the answer
             log.warning("shadow check failed: %s: %s", type(e).__name__, e)
             attempt.error = attempt.error or f"{type(e).__name__}: {e}"
@@ -194,3 +202,9 @@ class Shadows:
             money.spent_usd += actual
             await money.settle(reservation, actual, estimate=estimate, unanswered=unanswered)
         return result.completion, result.endpoint
+
+
+def _held_ctx(ctx: VerifyContext, held: Attempt, _bv: BoundVerifier) -> VerifyContext:
+    """The shadow check's context with ``held`` (a rung the drift alarm kept) in place of the
+    accepted rung: its answer against the same top answer."""
+    return VerifyContext(request=ctx.request, attempts=[held], candidate=ctx.candidate)

@@ -284,3 +284,48 @@ async def test_a_free_comparison_leaves_the_answer_alone_and_costs_nothing_again
     assert free is not top and free.cost_usd == 0.0 and free.status == "shadow"
     assert free.verdicts and free.verdicts[0].verifier == "shadow"
     c.close()
+
+
+@pytest.mark.parametrize("where", ["a middle rung accepts", "the top rung rejects"])
+async def test_a_held_rung_clears_when_the_climb_ends_below_the_top_or_the_top_rejects(
+        tmp_path: Path, where: str) -> None:
+    """The free comparison was made only when the top rung itself accepted: with a middle rung
+    accepting the held rung's escalations (or the top rung rejecting), the held rung got no
+    samples at all, and its alarm stayed up for good (300 agreeing requests, 0 samples)."""
+    mode = {"small": "Sydney"}
+    top_rejects = where == "the top rung rejects"
+
+    def model(call: ModelCall) -> str:
+        return mode["small"] if call.model == "small" else "Canberra"
+
+    def accept(ctx: VerifyContext) -> bool:  # the top rung's answers rejected, in one case
+        return not (top_rejects and ctx.candidate.rung_index == 1)  # big, after small
+
+    accept.cache_key = f"accept-{where}"  # type: ignore[attr-defined]
+    cfg = _config(tmp_path, shadow_normaliser="exact", drift_alpha=0.001)
+    mid = {**cfg["rungs"][0], "model": "mid", "base_url": "http://mid/v1",
+           "input_usd_per_mtok": 10.0, "output_usd_per_mtok": 20.0}
+    cfg["rungs"] = [cfg["rungs"][0], mid, cfg["rungs"][1]]
+    if top_rejects:
+        cfg["rungs"].pop(1)  # small, then big: nothing between them
+    cfg["rungs"][0]["drift_max_disagreement"] = 0.2
+    c = Cascade.from_dict(cfg, verifiers=[accept],
+                          provider_factory=FunctionProvider(model).factory)
+
+    async def state() -> dict[str, Any]:
+        return dict((await c.ahealth())["drift"]["small"])
+
+    for _ in range(40):
+        await c.aanswer("q")
+        assert c.drain_shadows(10)
+        if (await state())["alarm"]:
+            break
+    assert (await state())["alarm"]
+    mode["small"] = "Canberra"  # recovered
+    for _ in range(300):
+        await c.aanswer("q")
+        assert c.drain_shadows(10)
+        if not (await state())["alarm"]:
+            break
+    assert not (await state())["alarm"], await state()
+    c.close()
