@@ -176,3 +176,16 @@ def test_a_long_ladders_chains_try_at_most_max_early_rungs_first() -> None:
         else:
             assert max(len(c) for c in chains) == MAX_EARLY + 1
             assert len(chains) == sum(math.comb(k - 1, r) for r in range(MAX_EARLY + 1))
+
+
+def test_no_figures_against_a_rung_that_only_ties_the_reference() -> None:
+    """On a tie the cheaper rung "looks best": the report said "best single rung: big
+    (100.0%)", then "against small (the suite's most accurate rung, 100.0%): -42.9 pts"."""
+    from typing import cast
+
+    from cascade.tuning.report import _against_most_accurate
+
+    unused = cast(Any, None)
+    tie, mean_cost = np.array([1.0, 1.0]), np.array([0.001, 0.1])
+    assert _against_most_accurate(unused, unused, 1, unused, unused, 0, tie,
+                                  mean_cost) is None

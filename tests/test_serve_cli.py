@@ -87,6 +87,8 @@ def test_two_workers_serve_and_stop_on_sigterm(
             proc.kill()
             proc.wait()
     assert codes == [200] * 6
+    # no [store]: each worker keeps its own breakers and drift alarm, and the log says so
+    assert "--workers 2 with no [store]" in (tmp_path / "stderr.txt").read_text()
     # every worker's counts in one scrape (multiprocess mode), whichever worker answered
     assert 'cascade_requests_total{cache_hit="false",ladder="two",outcome="verified",' \
            'rung="small",verified="true"} 6.0' in metrics

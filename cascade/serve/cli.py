@@ -96,6 +96,7 @@ def run(ns: argparse.Namespace) -> int:
     # verifier plugins, the router file), checked once here: a worker that fails to start
     # is respawned by the supervisor, so a bad config would loop instead of exiting 2.
     check(config, require_clients)
+    _warn_unshared(config, ns.workers)
     os.environ[CONFIG_ENV] = str(path)
     # a reload in a worker must not drop every key either
     os.environ[REQUIRE_CLIENTS_ENV] = "1" if require_clients else "0"
@@ -132,6 +133,17 @@ def _serving(serve: Callable[[], None]) -> int:
         print("cascade: the server could not start (see the error above)", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _warn_unshared(config: CascadeConfig, workers: int) -> None:
+    """Without ``[store]`` each of the workers keeps its own budgets, breakers and drift
+    alarm: a budget then holds ``workers`` times over. Said at start, once."""
+    if config.store:
+        return
+    capped = config.budget.limit_usd is not None
+    log.warning("--workers %d with no [store]: each worker keeps its own %sbreakers and drift "
+                "alarm; name a Redis in [store] to share them", workers,
+                f"budgets (so [budget] limit_usd holds {workers} times over), " if capped else "")
 
 
 def check(config: CascadeConfig, require_clients: bool) -> None:

@@ -207,8 +207,8 @@ def _against_most_accurate(table: OutcomeTable, setting: Setting, ref: int, cost
     """The change and saving against the suite's most accurate rung, when the reference (the
     rung the setting ends at, one that could be the best) is another: the figures above are
     against the reference, which may flatter them (a cheaper, less accurate rung)."""
-    if looks_best < 0 or looks_best == ref:
-        return None
+    if looks_best < 0 or looks_best == ref or not acc[looks_best] > acc[ref]:
+        return None  # a tie (the cheaper rung "looks best") says nothing the line above doesn't
     better, worse = outcome_of(table, setting, looks_best, exit_pos)
     return {"rung": table.rungs[looks_best].label, "accuracy": float(acc[looks_best]),
             "accuracy_change": float((better.astype(float) - worse).mean()),
