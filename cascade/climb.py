@@ -20,7 +20,7 @@ from cascade import policy
 from cascade.caller import CallResult, EndpointCaller, short
 from cascade.config import RungConfig, VerifierConfig
 from cascade.drift import DriftMonitor
-from cascade.errors import BudgetExceeded, ProviderError
+from cascade.errors import BudgetExceeded, ConfigError, EndpointConfigError, ProviderError
 from cascade.ladder import Ladder
 from cascade.messages import Message, Request
 from cascade.plugins import load_verifier
@@ -250,6 +250,13 @@ class Climb:
                 result = await self.caller.call(call, rung, self.deadline,
                                                 unanswered=unanswered,
                                                 retry=self.ladder.config.retry)
+            except EndpointConfigError:
+                raise
+            except ConfigError as e:  # the rung's own endpoint cannot be built: named as a key
+                # of the ladder's file, and the server's fault, not the request's
+                raise EndpointConfigError(
+                    e.detail, source=self.ladder.config.source or e.source,
+                    key=f"rungs[{i}].{e.key}" if e.key else f"rungs[{i}]") from e
             except ProviderError as e:
                 attempt.status = "error"
                 record_error(attempt, e, self.ladder.redact)

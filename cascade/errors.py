@@ -42,6 +42,7 @@ __all__ = [
     "ClientRequestError",
     "ConfigError",
     "DeadlineExceeded",
+    "EndpointConfigError",
     "MalformedReply",
     "NoAnswerError",
     "ProviderError",
@@ -69,6 +70,12 @@ class ConfigError(CascadeError, ValueError):
         self.detail = message
         self.source = source
         self.key = key
+
+
+class EndpointConfigError(ConfigError):
+    """A rung's endpoint could not be built from the config as a request climbed (its local
+    model file is missing, its key variable holds a control character): the server's
+    configuration to fix, not the request's (a service answers 500, not 400)."""
 
 
 class UnknownVerifierError(ConfigError):

@@ -215,3 +215,31 @@ def test_the_clis_credential_filter_never_raises_and_is_put_on_once() -> None:
                         for h in root)
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "%s %s", ("one",), None)
     assert CredentialFilter().filter(record) is True
+
+
+def test_a_rung_that_cannot_be_built_is_the_services_fault_named_by_its_key(
+        tmp_path: Path) -> None:
+    """A local rung whose model file is missing: every request was a 400 with param "model",
+    counted as the client's bad request, and the CLI's error named neither the file nor the
+    rung ("key 'model': model file not found")."""
+    import httpx2 as httpx
+
+    from cascade.errors import EndpointConfigError
+    from cascade.serve import create_app
+    from tests.serve_kit import serving
+
+    missing = tmp_path / "missing.gguf"
+    cfg = tmp_path / "cascade.toml"
+    cfg.write_text(f'[[rungs]]\nprovider = "local"\nmodel = "{missing}"\n\n'
+                   "[cache]\nenabled = false\n")
+    with Cascade.from_file(cfg) as c, pytest.raises(EndpointConfigError) as ei:
+        c.answer("hi")
+    assert ei.value.key == "rungs[0].model" and ei.value.source == str(cfg)
+    with serving(create_app(cfg)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json={
+            "model": "cascade", "messages": [{"role": "user", "content": "hi"}]})
+        metrics = httpx.get(f"{url}/metrics").text
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["code"] == "server_config_error"
+    assert "rungs[0].model" in r.json()["error"]["message"]
+    assert 'outcome="config_error"' in metrics and 'outcome="bad_request"' not in metrics

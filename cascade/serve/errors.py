@@ -23,6 +23,7 @@ from cascade.errors import (
     CascadeError,
     ConfigError,
     DeadlineExceeded,
+    EndpointConfigError,
     NoAnswerError,
     UnverifiedAnswerError,
 )
@@ -102,6 +103,10 @@ def from_exception(e: BaseException, trace: CascadeTrace | None = None) -> APIEr
         return APIError(503, "the server shut down before the answer (what the climb cost so "
                         "far is in x-cascade-cost-usd)", type="server_error",
                         code="server_shutting_down", headers=no_retry, trace=trace)
+    if isinstance(e, EndpointConfigError):  # the server's config: not the client's to fix
+        return APIError(500, f"the service's config cannot serve this: {e}",
+                        type="server_error", code="server_config_error", headers=no_retry,
+                        trace=trace)
     if isinstance(e, ConfigError):
         return APIError(400, e.detail, param=e.key)
     if isinstance(e, BudgetExceeded):

@@ -29,7 +29,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _OUTCOMES = {
     "BudgetExceeded": "budget_exceeded", "DeadlineExceeded": "deadline_exceeded",
     "NoAnswerError": "no_answer", "UnverifiedAnswerError": "unverified",
-    "ConfigError": "bad_request",
+    "EndpointConfigError": "config_error", "ConfigError": "bad_request",
 }
 
 
