@@ -385,3 +385,32 @@ def test_a_basic_auth_base_url_is_sent_by_the_transport_that_can(
     with pytest.raises(ConfigError) as ei:
         parse_config({"rungs": [{**RUNG, "base_url": base, "transport": "aiohttp"}]})
     assert ei.value.key == "rungs[0].transport" and "pw@" not in str(ei.value)
+
+
+def test_a_failed_shadow_check_is_not_counted_as_a_check(
+        tmp_path: Path, openai_server: LoopbackServer) -> None:
+    """README: a shadow that fails changes nothing but its own record. It was counted in
+    ``cascade_shadow_checks_total``, so disagreements over checks read low."""
+    import httpx2 as httpx
+
+    from cascade.serve import create_app
+    from tests.loopback import openai_error, openai_reply
+    from tests.serve_kit import ladder, serving
+
+    def handle(req: RecordedRequest) -> Reply:
+        if req.json["model"] == "big":
+            return openai_error(500, "down", type="server_error")
+        return openai_reply("fine", model="small")
+
+    openai_server.script(handle)
+    app = create_app(ladder(tmp_path, openai_server.base_url, policy={"shadow_rate": 1.0}))
+    with serving(app) as url:
+        for i in range(3):
+            assert httpx.post(f"{url}/v1/chat/completions", json={
+                "model": "cascade", "messages": [{"role": "user", "content": f"q{i}"}]}
+                ).status_code == 200
+        assert app.state.service.cascade.drain_shadows(10)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert any(r.json["model"] == "big" for r in openai_server.requests)  # the checks ran
+    assert not [line for line in metrics.splitlines()
+                if line.startswith("cascade_shadow_checks_total{")], metrics

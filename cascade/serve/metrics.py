@@ -172,7 +172,8 @@ class Metrics:
         rung, ladder = accepted.name or accepted.model, self._ladder_of(request)
         if shadow.error_type == "Skipped":  # over the cap or budget: no check was made
             return
-        self.shadows.labels(ladder, rung).inc()
+        if agreed is not None:  # a check that failed compared nothing: not in the ratio
+            self.shadows.labels(ladder, rung).inc()
         if agreed is False:
             self.shadow_disagreements.labels(ladder, rung).inc()
         if shadow.cost_usd:
