@@ -189,13 +189,13 @@ class EndpointCaller:
                 errors.append(f"{ep.provider}:{ep.model}: {type(e).__name__}: {short(e)}")
                 last = e
             except ConfigError as e:
-                if ep is rung and not errors:  # the rung's own, first: nothing paid, the
-                    raise                        # user's to fix
-                # (A fallback ordered first by latency, untimed as it never answers, is not
-                # the rung's own: raising would end every request before the rung is tried.)
-                # A fallback that cannot be built (its key variable holds a control
-                # character, say) mid-failover: an endpoint that failed, not the end of the
-                # request, which would lose what the endpoints before it billed.
+                # The rung's own endpoint, tried first, cannot be built: nothing was paid, and
+                # it is the user's to fix. A fallback that cannot be built (its key variable
+                # holds a control character, say) is one more failed endpoint: raising would
+                # lose what the endpoints before it billed, and one the load-aware order put
+                # first (never timed, as it never answers) would end every request.
+                if ep is rung and not errors:
+                    raise
                 errors.append(f"{ep.provider}:{ep.model}: ConfigError: {short(e)}")
                 last = ProviderError(f"this fallback cannot be built: {e.detail}",
                                      provider=ep.provider, model=ep.model)

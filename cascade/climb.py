@@ -25,7 +25,6 @@ from cascade.ladder import Ladder
 from cascade.messages import Message, Request
 from cascade.plugins import load_verifier
 from cascade.providers.base import Completion, ModelCall, rung_call, schema_instruction
-from cascade.secrets import mask_credentials
 from cascade.store.base import AsyncBudgetStore
 from cascade.tokens import estimate_cost
 from cascade.trace import Attempt, Status, Verdict
@@ -130,8 +129,7 @@ def new_attempt(i: int, rung: RungConfig, status: Status, note: str | None = Non
     """The attempt of rung ``i`` starting now; its endpoint is shown masked (a ``base_url``
     may carry a proxy's credentials, and traces go to clients and the audit log)."""
     return Attempt(rung=i, model=rung.model, provider=rung.provider, name=rung.label,
-                   endpoint=mask_credentials(rung.base_url or ""), status=status, note=note,
-                   started_at=time.time())
+                   endpoint=rung.shown_url, status=status, note=note, started_at=time.time())
 
 
 def request_call(rung: RungConfig, request: Request) -> ModelCall:
@@ -380,7 +378,7 @@ def record_call(attempt: Attempt, result: CallResult,
     (``redact`` cuts the config's secrets from the errors of endpoints failed over from)."""
     used, completion = result.endpoint, result.completion
     attempt.model, attempt.provider = used.model, used.provider
-    attempt.endpoint = mask_credentials(used.base_url or "")
+    attempt.endpoint = used.shown_url
     attempt.tries = result.tries
     attempt.note = result.choice
     if result.failover_errors:

@@ -417,8 +417,8 @@ class Cascade:
         top = len(cfg.rungs) - 1
         # rungs the drift alarm kept from exiting: compared with the top rung's answer, free
         # when the climb has one (accepted or not), else on the accepted rung's shadow check
-        held = tuple(a for a in climb.attempts if monitor is not None and a.rung < top
-                     and policy.held_by_drift(a.verdicts))
+        held = () if monitor is None else tuple(
+            a for a in climb.attempts if a.rung < top and policy.held_by_drift(a.verdicts))
         if accepted is not None and attempt.rung < top:
             self._shadows.sample(ShadowJob(request=request, ladder=ladder, accepted=attempt,
                                            money=money.for_shadow(), held=held))

@@ -119,7 +119,13 @@ class RungConfig:
         """Identifies the endpoint (breakers, latency, health, metrics, recordings): provider,
         base URL and model. Credentials in the URL are never part of it: it is shown and
         stored in many places (see :func:`_shown_url`)."""
-        return f"{self.provider}|{_shown_url(self.base_url or '')}|{self.model}"
+        return f"{self.provider}|{self.shown_url}|{self.model}"
+
+    @property
+    def shown_url(self) -> str:
+        """``base_url`` as traces, health output and endpoint keys show it: credentials
+        (``user:password@``, query values) masked; "" for the provider's default URL."""
+        return _shown_url(self.base_url or "")
 
     @property
     def price_known(self) -> bool:

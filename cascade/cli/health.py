@@ -20,7 +20,6 @@ from cascade.caller import endpoints_of
 from cascade.cli import EXIT_NO_ANSWER, EXIT_OK
 from cascade.cli._args import seconds
 from cascade.errors import CascadeError
-from cascade.secrets import mask_credentials
 
 if TYPE_CHECKING:
     from cascade.config import CascadeConfig, RungConfig
@@ -99,7 +98,7 @@ def _report(config: CascadeConfig, probes: list[dict[str, Any]] | None) -> list[
         row: dict[str, Any] = {
             "rung": i, "label": rung.label, "role": "primary" if ep is rung else "fallback",
             "provider": ep.provider, "model": ep.model,
-            "base_url": mask_credentials(ep.base_url) if ep.base_url else ep.base_url,
+            "base_url": ep.shown_url if ep.base_url else ep.base_url,
             "endpoint": ep.endpoint,
             "fallbacks": [fb.endpoint for fb in rung.fallbacks] if ep is rung else [],
             "circuit": seen.get("circuit", {"state": "closed"}),

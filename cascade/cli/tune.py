@@ -106,7 +106,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.router == "auto" and ns.max_cost_usd is None and table.messages and not refused:
         from cascade.routing import router_toml, tune_router, write_router
 
-        drop = MAX_DROP if ns.max_accuracy_drop is None else ns.max_accuracy_drop  # 0: a promise
+        drop = result.report["objective"]["max_accuracy_drop"]  # the promise tune was held to
         routed = tune_router(table, max_accuracy_drop=drop,
                              delta=ns.delta, base=result.setting, seed=ns.seed)
         result.report["router"] = {"on": routed.choice.on, "reason": routed.choice.reason,

@@ -40,6 +40,7 @@ __all__ = [
     "billed",
     "count",
     "guarded",
+    "is_aiohttp",
     "normalise_finish",
     "parse_retry_after",
     "resolve_api_key",
@@ -220,7 +221,7 @@ SDKs' aiohttp clients wrap these in httpx classes that do not say which (Anthrop
 error decides."""
 
 
-def _is_aiohttp(cls: type) -> bool:
+def is_aiohttp(cls: type) -> bool:
     """Whether ``cls`` is aiohttp's own (not a package named like it, such as aiohttp_retry)."""
     return cls.__module__ == "aiohttp" or cls.__module__.startswith("aiohttp.")
 
@@ -229,7 +230,7 @@ def _aiohttp_never_sent(exc: BaseException) -> str:
     """The name of ``exc``'s connect-phase class, when it is one of :data:`_AIOHTTP_NOT_SENT`
     (``ClientConnectorError`` subclasses ``ClientOSError``, so match by ancestry), or ""."""
     for cls in type(exc).__mro__:
-        if _is_aiohttp(cls) and cls.__name__ in _AIOHTTP_NOT_SENT:
+        if is_aiohttp(cls) and cls.__name__ in _AIOHTTP_NOT_SENT:
             return type(exc).__name__
     return ""
 
@@ -244,7 +245,7 @@ def _never_sent(exc: BaseException) -> str:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     for i, link in enumerate(chain):
-        if _is_aiohttp(type(link)):
+        if is_aiohttp(type(link)):
             if not _aiohttp_never_sent(link):
                 return ""
             # the httpx wrapper's name, as the httpx client would give it (ConnectTimeout)

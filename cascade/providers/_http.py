@@ -24,6 +24,7 @@ import httpx2
 import sniffio
 
 from cascade.errors import ConfigError, ReplyTooLarge
+from cascade.providers._common import is_aiohttp
 from cascade.secrets import has_userinfo, mask_http_logs
 
 __all__ = ["capped_client", "pick_transport"]
@@ -86,7 +87,7 @@ def _not_a_timeout(e: httpx2.TimeoutException | httpx2.ConnectError
     (ConnectError)"; httpx itself says ConnectError or RemoteProtocolError, and so do we.
     (Whether the request went out is read from the aiohttp error itself, in ``_common``.)"""
     cause = e.__cause__
-    if cause is None or not type(cause).__module__.startswith("aiohttp"):
+    if cause is None or not is_aiohttp(type(cause)):
         return None
     import aiohttp
 

@@ -232,13 +232,6 @@ def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str
     change, se, lower, against = f.bounds(table, floor=-max_drop - 1e-12)
     ok: BoolArray = lower >= -max_drop - 1e-12
     ref_cost = float(table.cost[:, f.ref].mean())
-    if not ok.any() and not (f.cost < ref_cost).any():  # free rungs, or priced alike
-        return (Choice(setting=Setting((f.ref,)), passed=False, tested=len(f.settings),
-                       candidates=f.candidates,
-                       reason=f"no setting costs less than {table.rungs[f.ref].label} alone on "
-                              f"the suite (${ref_cost:.3g}/case): nothing to save",
-                       rivals=f.rivals, looks_best=f.looks_best),
-                f.ref, every, none)
     if not ok.any():
         need = [_cases_needed_all(table, f, g, max_drop)
                 for g in range(len(f.settings)) if f.cost[g] < ref_cost]
@@ -246,11 +239,13 @@ def choose(table: OutcomeTable, *, max_drop: float, delta: float, agreement: str
         more = (f"; the most promising setting would need about {needed:,} cases like these "
                 "(labelled, or unlabelled answers that agree with the reference) to pass"
                 if needed is not None else "")
+        why = (f"no cascade setting kept the guarded accuracy change (estimate - {f.z:.2f} "
+               f"standard errors) above -{max_drop:g} on {f.n} cases{more}"
+               if (f.cost < ref_cost).any() else  # free rungs, or priced alike
+               f"no setting costs less than {table.rungs[f.ref].label} alone on the suite "
+               f"(${ref_cost:.3g}/case): nothing to save")
         return (Choice(setting=Setting((f.ref,)), passed=False, tested=len(f.settings),
-                       candidates=f.candidates, cases_needed=needed,
-                       reason=f"no cascade setting kept the guarded accuracy change (estimate "
-                              f"- {f.z:.2f} standard errors) above -{max_drop:g} on "
-                              f"{f.n} cases{more}",
+                       candidates=f.candidates, cases_needed=needed, reason=why,
                        rivals=f.rivals, looks_best=f.looks_best),
                 f.ref, every, none)
     g = int(np.lexsort((-lower, np.where(ok, f.cost, math.inf)))[0])
